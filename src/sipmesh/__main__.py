@@ -1,0 +1,3 @@
+from sipmesh.cli.main import main
+
+raise SystemExit(main())

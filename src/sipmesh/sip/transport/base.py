@@ -1,0 +1,117 @@
+"""Transport-layer addressing and the Via rules of RFC 3261 §18 and RFC 3581."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from sipmesh.sip.headers import Via
+from sipmesh.sip.message import Request, Response
+from sipmesh.sip.uri import SipURI
+
+RELIABLE = frozenset({"TCP", "TLS"})
+DEFAULT_PORTS = {"UDP": 5060, "TCP": 5060, "TLS": 5061}
+# RFC 3261 §18.1.1: a request within 200 bytes of a 1500-byte MTU goes over TCP.
+UDP_SIZE_THRESHOLD = 1300
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """Where a message came from or goes to: transport plus remote IP and port."""
+
+    transport: str
+    host: str
+    port: int
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport in RELIABLE
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport.lower()}:{host}:{self.port}"
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def stamp_received(request: Request, source: Flow) -> None:
+    """Server side of §18.2.1 and RFC 3581: record the real source in the top Via."""
+    value = request.headers.get("Via")
+    if value is None:
+        return
+    via = request.via
+    changed = False
+    if via.host != source.host:
+        via.params["received"] = source.host
+        changed = True
+    if "rport" in via.params and via.params["rport"] is None:
+        via.params["rport"] = str(source.port)
+        via.params.setdefault("received", source.host)
+        changed = True
+    if changed:
+        vias = request.headers.get_all("Via")
+        request.headers.remove("Via")
+        request.headers.add("Via", str(via))
+        for rest in vias[1:]:
+            request.headers.add("Via", rest)
+
+
+def response_target(response: Response, arrived_on: Flow | None = None) -> Flow:
+    """Where to send a response (§18.2.2, RFC 3581 §4), from its top Via."""
+    via = response.via
+    transport = via.transport.upper()
+    if transport in RELIABLE and arrived_on is not None and arrived_on.transport == transport:
+        return arrived_on
+    host = via.received or via.host
+    if via.rport is not None:
+        port = via.rport
+    else:
+        port = via.port or DEFAULT_PORTS.get(transport, 5060)
+    return Flow(transport, host, port)
+
+
+def uri_target(uri: SipURI, default_transport: str = "UDP") -> tuple[str, str, int]:
+    """Transport, host and port to reach a SIP URI (RFC 3263 without NAPTR/SRV)."""
+    maddr = uri.params.get("maddr")
+    host = maddr or uri.host
+    if uri.secure:
+        transport = "TLS"
+    else:
+        transport = (uri.transport or default_transport).upper()
+    port = uri.port or DEFAULT_PORTS.get(transport, 5060)
+    return transport, host, port
+
+
+async def resolve(host: str, port: int) -> str:
+    """A hostname to one IP address (IPv4 preferred), IP addresses unchanged."""
+    if is_ip(host):
+        return host
+    import asyncio
+
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"cannot resolve {host}")
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return str(infos[0][4][0])
+
+
+def local_address_towards(remote_host: str) -> str:
+    """The local IP the kernel would use to reach `remote_host` (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in remote_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((remote_host, 9))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+
+
+def make_via(transport: str, host: str, port: int, branch: str) -> Via:
+    return Via(transport=transport, host=host, port=port, params={"branch": branch, "rport": None})
