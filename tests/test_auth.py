@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-try:
-    import sipmesh.sip.auth  # noqa: F401
-except ImportError:  # not installed: fall back to the src layout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from sipmesh.sip.auth import (
     AuthError, AuthOutcome, DigestClient, DigestServer, NonceManager, NonceState,
