@@ -57,7 +57,7 @@ class Dialog:
         routes = list(reversed(response.addresses("Record-Route")))
         local = request.from_
         return cls(call_id=request.call_id, local_tag=local.tag or "", remote_tag=to.tag,
-                   local_uri=local, remote_uri=_without_tag(to), remote_target=target,
+                   local_uri=_without_tag(local), remote_uri=_without_tag(to), remote_target=target,
                    route_set=routes, local_seq=request.cseq[0],
                    secure=isinstance(request.uri, SipURI) and request.uri.secure,
                    state=DialogState.CONFIRMED if response.status < 300 and response.status >= 200
@@ -108,9 +108,10 @@ class Dialog:
         first = self.route_set[0].uri
         if isinstance(first, SipURI) and first.lr:
             return self.remote_target, list(self.route_set)
-        strict_uri = first.copy(params={k: v for k, v in first.params.items()
-                                        if k not in ("method", "maddr", "ttl", "transport", "lr")}) \
-            if isinstance(first, SipURI) else first
+        # Strip what a Request-URI may not carry (§19.1.1 table 1): the method parameter
+        # and URI headers; maddr, ttl and transport stay (the strict router needs them).
+        strict_uri = first.copy(params={k: v for k, v in first.params.items() if k != "method"},
+                                headers={}) if isinstance(first, SipURI) else first
         return strict_uri, self.route_set[1:] + [Address(self.remote_target)]
 
     def next_hop(self) -> URI:
@@ -126,7 +127,7 @@ class Dialog:
         number = request.cseq[0]
         if request.method in ("ACK", "CANCEL"):
             return True
-        if self.remote_seq is not None and number <= self.remote_seq:
+        if self.remote_seq is not None and number < self.remote_seq:
             return False
         self.remote_seq = number
         return True

@@ -219,10 +219,12 @@ class TransactionLayer:
     def _receive_cancel(self, cancel: Request, flow: Flow, key: tuple) -> None:
         handle = self._new_server(cancel, flow, key, notify=False)
         invite = self._server.get(invite_key_for_cancel(cancel))
-        if invite is None or invite[1].final_sent:
+        if invite is None:
             handle.reply(481)
             return
-        handle.reply(200)
+        handle.reply(200)  # §9.2: a matched CANCEL gets 200 even when it is too late to act
+        if invite[1].final_sent:
+            return
         invite[1].cancelled = True
         self.tu.on_cancel(invite[1])
 
@@ -278,8 +280,10 @@ class TransactionLayer:
             else self._server
         key = client_key(machine.request) if table is self._client else server_key(machine.request)
         entry = table.get(key)
-        if isinstance(machine, ServerInviteTransaction):
-            self._server.pop(machine.ack_key, None)
+        if isinstance(machine, ServerInviteTransaction) and machine.ack_key != key:
+            alias = self._server.get(machine.ack_key)
+            if alias is not None and alias[0] is machine:
+                del self._server[machine.ack_key]
         if entry is not None and entry[0] is machine:
             del table[key]
             if isinstance(entry[1], ClientTransaction):
@@ -325,7 +329,19 @@ class TransactionLayer:
         if machine is not None and id(machine) in self._flows:
             self._run(machine, machine.transport_error(self.now()))
 
+    def give_up(self, handle: ClientTransaction, after: float) -> None:
+        """End `handle`'s transaction with a 408 unless a final response arrives within
+        `after` seconds (§9.1: a CANCELled INVITE whose peer never answers)."""
+        def expire() -> None:
+            entry = self._client.get(client_key(handle.request))
+            if entry is not None and entry[1] is handle and not handle.final.done():
+                self._forget(entry[0])
+        self._loop.call_later(after, expire)
+
     async def close(self) -> None:
+        """Stop every timer and end every client transaction (waiters see a 408)."""
+        for machine, _ in list(self._client.values()):
+            self._forget(machine)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()

@@ -1,0 +1,620 @@
+"""The user agent core on loopback: our UA on both sides (UDP, TCP, TLS, IPv6 once), and
+scripted raw-socket peers where a test must control exactly what goes on the wire.
+
+Timers are short (T1 = 10 ms, see tests/peers/helpers.FAST): Timer B is 0.64 s, a 2xx is
+retransmitted for 0.64 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import socket
+import ssl
+import time
+
+import pytest
+
+from sipmesh.sip.auth import DigestServer, NonceManager, compute_ha1, parse_auth_params
+from sipmesh.sip.message import Request, Response, make_response
+from sipmesh.sip.uri import parse_sip_uri
+from sipmesh.sip.useragent import ALLOW, CallFailed
+from tests.peers.helpers import (FAST, Callee, RawPeer, eventually, is_request, is_response,
+                                 no_errors_logged, raw_request, sdp, start_ua)
+
+__all__ = ["no_errors_logged"]  # an autouse fixture: fail tests that log errors
+
+# -- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def make_ua():
+    started = []
+
+    async def _make(user: str, **kwargs):
+        ua = await start_ua(user, **kwargs)
+        started.append(ua)
+        return ua
+
+    yield _make
+    for ua in reversed(started):
+        await ua.stop()
+
+
+@pytest.fixture
+async def raw():
+    peers: list[RawPeer] = []
+
+    async def _open(host: str = "127.0.0.1") -> RawPeer:
+        peer = await RawPeer.open(host)
+        peers.append(peer)
+        return peer
+
+    yield _open
+    for peer in peers:
+        peer.close()
+
+
+@pytest.fixture(scope="session")
+def tls_contexts(tmp_path_factory):
+    """(server, client) SSL contexts for a self-signed certificate naming 127.0.0.1 and ::1."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sipmesh test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.IPAddress(ipaddress.ip_address("::1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    directory = tmp_path_factory.mktemp("tls")
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_path, key_path)
+    client = ssl.create_default_context(cafile=str(cert_path))
+    return server, client
+
+
+def transport_config(transport: str, tls_contexts) -> dict:
+    if transport != "TLS":
+        return {"transport": transport}
+    server, client = tls_contexts
+    return {"transport": "TLS", "transports": ("UDP", "TCP", "TLS"), "tls_context": server,
+            "tls_client_context": client}
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def target(ua, transport: str = "UDP") -> str:
+    return str(ua.contact(transport).uri)
+
+
+async def established(callee: Callee, index: int = 0):
+    await eventually(lambda: len(callee.calls) > index, what="the callee's Call")
+    return callee.calls[index]
+
+
+# -- call set-up and teardown -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["UDP", "TCP", "TLS"])
+async def test_call_set_up_and_caller_hangs_up(make_ua, tls_contexts, transport):
+    callee = Callee()
+    config = transport_config(transport, tls_contexts)
+    bob = await make_ua("bob", on_invite=callee, **config)
+    alice = await make_ua("alice", **config)
+    progress: list[Response] = []
+    call = await alice.invite(target(bob, transport), sdp("alice"), on_progress=progress.append)
+    assert [r.status for r in progress] == [180]
+    assert call.outgoing and call.remote_sdp == callee.answer and call.local_sdp == sdp("alice")
+    theirs = await established(callee)
+    assert callee.incoming[0].txn.flow.transport == transport
+    assert callee.incoming[0].request.via.transport == transport
+    assert not theirs.outgoing and theirs.remote_sdp == sdp("alice")
+    assert theirs.call_id == call.call_id
+    assert (theirs.dialog.local_tag, theirs.dialog.remote_tag) == \
+        (call.dialog.remote_tag, call.dialog.local_tag)
+    assert call.dialog.remote_target == parse_sip_uri(target(bob, transport)) or \
+        str(call.dialog.remote_target) == target(bob, transport)
+    assert call in alice.calls and theirs in bob.calls
+
+    await call.bye()
+    assert call.ended.result() == "local BYE"
+    assert await asyncio.wait_for(theirs.ended, 2) == "remote BYE"
+    assert alice.calls == [] and bob.calls == []
+
+
+@pytest.mark.parametrize("transport", ["UDP", "TCP"])
+async def test_callee_hangs_up(make_ua, tls_contexts, transport):
+    callee = Callee()
+    bob = await make_ua("bob", on_invite=callee, transport=transport)
+    alice = await make_ua("alice", transport=transport)
+    call = await alice.invite(target(bob, transport), sdp("alice"))
+    theirs = await established(callee)
+    await theirs.bye()
+    assert await asyncio.wait_for(call.ended, 2) == "remote BYE"
+    assert callee.ended == ["local BYE"] or await eventually(lambda: callee.ended == ["local BYE"])
+    assert alice.calls == [] and bob.calls == []
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_call_over_ipv6_loopback(make_ua):
+    callee = Callee()
+    bob = await make_ua("bob", on_invite=callee, host="::1")
+    alice = await make_ua("alice", host="::1")
+    assert "[::1]" in str(alice.contact())
+    call = await alice.invite(target(bob), sdp("alice", "::1"))
+    theirs = await established(callee)
+    incoming = callee.incoming[0]
+    assert incoming.txn.flow.host == "::1" and incoming.request.via.host == "::1"
+    assert incoming.request.contacts[0].uri.host == "::1"
+    await theirs.bye()
+    assert await asyncio.wait_for(call.ended, 2) == "remote BYE"
+
+
+# -- failures -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [486, 404, 603])
+async def test_rejection_surfaces_as_call_failed_with_the_status(make_ua, status):
+    callee = Callee(mode="reject", status=status)
+    bob = await make_ua("bob", on_invite=callee)
+    alice = await make_ua("alice")
+    with pytest.raises(CallFailed) as failed:
+        await alice.invite(target(bob), sdp("alice"))
+    assert failed.value.status == status
+    assert failed.value.response is not None and failed.value.response.status == status
+    assert failed.value.response.to.tag == callee.incoming[0].local_tag
+    assert alice.calls == [] and bob.calls == []
+
+
+async def test_ua_without_invite_handler_answers_480(make_ua):
+    bob = await make_ua("bob")
+    alice = await make_ua("alice")
+    with pytest.raises(CallFailed) as failed:
+        await alice.invite(target(bob), sdp("alice"))
+    assert failed.value.status == 480
+    assert failed.value.response.to.tag  # §8.2.6.2: the UAS adds a To tag
+
+
+async def test_cancel_while_ringing(make_ua):
+    callee = Callee(mode="ring")
+    bob = await make_ua("bob", on_invite=callee)
+    alice = await make_ua("alice")
+    progress: list[Response] = []
+    started = time.monotonic()
+    with pytest.raises(CallFailed) as failed:
+        await alice.invite(target(bob), sdp("alice"), on_progress=progress.append, timeout=0.3)
+    assert failed.value.status == 487 and failed.value.response.status == 487
+    assert 0.25 < time.monotonic() - started < 3
+    assert [r.status for r in progress] == [180]
+    incoming = callee.incoming[0]
+    assert incoming.cancelled.is_set()
+    await eventually(lambda: callee.failures, what="accept() to fail")
+    assert callee.failures[0].status == 487  # accepting after the CANCEL is refused
+    assert callee.calls == [] and bob.calls == [] and alice.calls == []
+
+
+async def test_cancelling_the_inviting_task_sends_cancel(make_ua):
+    callee = Callee(mode="ring")
+    bob = await make_ua("bob", on_invite=callee)
+    alice = await make_ua("alice")
+    progress: list[Response] = []
+    task = asyncio.ensure_future(alice.invite(target(bob), sdp("alice"),
+                                              on_progress=progress.append))
+    await eventually(lambda: progress, what="180 Ringing")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(lambda: callee.incoming[0].cancelled.is_set(), what="the CANCEL")
+    assert callee.calls == []
+
+
+async def test_no_answer_is_408_from_timer_b(make_ua, raw):
+    alice = await make_ua("alice")
+    hole = await raw()  # receives, never answers
+    started = time.monotonic()
+    with pytest.raises(CallFailed) as failed:
+        await alice.invite(f"sip:nobody@{hole.hostport}", sdp("alice"), timeout=0.1)
+    elapsed = time.monotonic() - started
+    assert failed.value.status == 408
+    assert 64 * FAST.t1 * 0.9 < elapsed < 3  # Timer B; no CANCEL without a provisional (§9.1)
+    invites = [m for _, m in hole.log if isinstance(m, Request) and m.method == "INVITE"]
+    assert len(invites) >= 5  # Timer A: retransmitted with doubling intervals
+    assert len({m.via.branch for m in invites}) == 1
+    assert not [m for _, m in hole.log if isinstance(m, Request) and m.method == "CANCEL"]
+
+
+# -- the 2xx/ACK handshake, scripted ----------------------------------------------------
+
+
+def ack_for(ok: Response, peer: RawPeer, uri: str, call_id: str) -> bytes:
+    return raw_request("ACK", str(ok.contacts[0].uri), peer, call_id=call_id, cseq=ok.cseq[0],
+                       to=uri, to_tag=ok.to.tag, contact=False)
+
+
+async def test_uas_retransmits_2xx_until_ack_then_gives_up_and_sends_bye(make_ua, raw):
+    callee = Callee()
+    bob = await make_ua("bob", on_invite=callee)
+    peer, sent_by = await raw(), await raw()
+    uri = f"sip:bob@127.0.0.1:{bob.config.listen_port}"
+    bob_addr = ("127.0.0.1", bob.config.listen_port)
+    # Via names another port and asks for rport: every response must come to the source.
+    peer.send(raw_request("INVITE", uri, peer, call_id="lost-ack", via_port=sent_by.port,
+                          body=sdp("raw")), bob_addr)
+    bye, addr = await peer.expect(is_request("BYE"), timeout=5, what="BYE")
+    peer.send(make_response(bye, 200), addr)
+    oks = [(t, m) for t, m in peer.log if isinstance(m, Response) and m.status == 200]
+    assert len(oks) >= 6, [m for _, m in peer.log]
+    assert len({m.to.tag for _, m in oks}) == 1 and all(m.body == callee.answer for _, m in oks)
+    span = oks[-1][0] - oks[0][0]
+    assert 64 * FAST.t1 * 0.5 < span < 64 * FAST.t1 * 2
+    assert oks[0][1].via.rport == peer.port and oks[0][1].via.received == "127.0.0.1"
+    # the BYE belongs to the dialog of the 200 and goes to our Contact
+    assert bye.uri == parse_sip_uri(f"sip:raw@127.0.0.1:{peer.port}") or \
+        str(bye.uri) == f"sip:raw@127.0.0.1:{peer.port}"
+    assert bye.from_.tag == oks[0][1].to.tag and bye.to.tag == "rawtag"
+    await eventually(lambda: callee.failures, what="accept() to give up")
+    assert callee.failures[0].status == 408 and callee.calls == []
+    assert sent_by.log == []
+
+
+async def test_uas_stops_retransmitting_2xx_once_acked(make_ua, raw):
+    callee = Callee()
+    bob = await make_ua("bob", on_invite=callee)
+    peer = await raw()
+    uri = f"sip:bob@127.0.0.1:{bob.config.listen_port}"
+    bob_addr = ("127.0.0.1", bob.config.listen_port)
+    peer.send(raw_request("INVITE", uri, peer, call_id="late-ack", body=sdp("raw")), bob_addr)
+    ok, _ = await peer.expect(is_response(200))
+    await peer.expect(is_response(200), what="a retransmitted 200")  # the first ACK was "lost"
+    peer.send(ack_for(ok, peer, uri, "late-ack"), bob_addr)
+    theirs = await established(callee)
+    await asyncio.sleep(0.15)
+    count = sum(1 for _, m in peer.log if isinstance(m, Response) and m.status == 200)
+    await asyncio.sleep(0.3)
+    assert sum(1 for _, m in peer.log if isinstance(m, Response) and m.status == 200) == count
+    assert not theirs.ended.done()
+    peer.send(raw_request("BYE", str(ok.contacts[0].uri), peer, call_id="late-ack", cseq=2,
+                          to=uri, to_tag=ok.to.tag), bob_addr)
+    await peer.expect(is_response(200, "BYE"))
+    assert await asyncio.wait_for(theirs.ended, 1) == "remote BYE"
+
+
+def answer(invite: Request, peer: RawPeer, tag: str, status: int = 200) -> Response:
+    ok = make_response(invite, status, to_tag=tag)
+    ok.headers.add("Contact", f"<sip:raw@{peer.hostport}>")
+    ok.headers.add("Content-Type", "application/sdp")
+    ok.body = sdp("raw")
+    return ok
+
+
+async def test_uac_resends_its_ack_for_a_retransmitted_2xx(make_ua, raw):
+    alice = await make_ua("alice")
+    peer = await raw()
+    task = asyncio.ensure_future(alice.invite(f"sip:raw@{peer.hostport}", sdp("alice")))
+    invite, addr = await peer.expect(is_request("INVITE"))
+    assert "rport" in invite.via.params and invite.via.params["rport"] is None  # RFC 3581
+    assert invite.via.port == alice.config.listen_port
+    assert invite.contacts[0].uri.port == alice.config.listen_port
+    ok = answer(invite, peer, "uas1")
+    peer.send(ok, addr)
+    call = await asyncio.wait_for(task, 2)
+    ack1, _ = await peer.expect(is_request("ACK"))
+    assert ack1.cseq == (invite.cseq[0], "ACK") and ack1.to.tag == "uas1"
+    assert ack1.via.branch != invite.via.branch  # the ACK for a 2xx is a transaction of its own
+    assert str(ack1.uri) == f"sip:raw@{peer.hostport}"
+    peer.send(ok, addr)  # while the INVITE transaction lives (Timer M)
+    ack2, _ = await peer.expect(is_request("ACK"), what="a second ACK")
+    assert ack2.to_bytes() == ack1.to_bytes()
+    await asyncio.sleep(64 * FAST.t1 + 0.2)  # the transaction is gone: a stray 2xx now
+    peer.send(ok, addr)
+    ack3, _ = await peer.expect(is_request("ACK"), what="a third ACK")
+    assert ack3.to_bytes() == ack1.to_bytes()
+    bye_task = asyncio.ensure_future(call.bye())
+    bye, addr = await peer.expect(is_request("BYE"))
+    assert bye.cseq == (invite.cseq[0] + 1, "BYE") and bye.to.tag == "uas1"
+    peer.send(make_response(bye, 200), addr)
+    await asyncio.wait_for(bye_task, 2)
+
+
+async def test_second_2xx_from_a_fork_is_acked_and_hung_up(make_ua, raw):
+    alice = await make_ua("alice")
+    peer = await raw()
+    task = asyncio.ensure_future(alice.invite(f"sip:raw@{peer.hostport}", sdp("alice")))
+    invite, addr = await peer.expect(is_request("INVITE"))
+    peer.send(answer(invite, peer, "forkA"), addr)
+    peer.send(answer(invite, peer, "forkB"), addr)
+    call = await asyncio.wait_for(task, 2)
+    assert call.dialog.remote_tag == "forkA"
+    bye, addr = await peer.expect(is_request("BYE"), what="a BYE for the second fork")
+    assert bye.to.tag == "forkB"
+    peer.send(make_response(bye, 200), addr)
+    acks = {m.to.tag for _, m in peer.log if isinstance(m, Request) and m.method == "ACK"}
+    assert acks == {"forkA", "forkB"}
+    assert not call.ended.done() and alice.calls == [call]
+
+
+# -- in-dialog requests -----------------------------------------------------------------
+
+
+async def test_reinvite_is_answered_with_the_same_sdp_from_either_side(make_ua):
+    callee = Callee()
+    bob = await make_ua("bob", on_invite=callee)
+    alice = await make_ua("alice")
+    call = await alice.invite(target(bob), sdp("alice"))
+    theirs = await established(callee)
+    response = await call.reinvite()
+    assert response.status == 200 and response.body == callee.answer
+    assert response.cseq == (2, "INVITE") and call.remote_sdp == callee.answer
+    assert theirs.local_sdp == callee.answer and theirs.remote_sdp == sdp("alice")
+    response = await theirs.reinvite()
+    assert response.status == 200 and response.body == sdp("alice")
+    # both 2xx were ACKed: nobody gives up and hangs up after 64*T1
+    await asyncio.sleep(64 * FAST.t1 + 0.2)
+    assert not call.ended.done() and not theirs.ended.done()
+    await call.bye()
+    assert await asyncio.wait_for(theirs.ended, 2) == "remote BYE"
+
+
+async def test_in_dialog_options_and_out_of_order_cseq(make_ua):
+    callee = Callee()
+    bob = await make_ua("bob", on_invite=callee)
+    alice = await make_ua("alice")
+    call = await alice.invite(target(bob), sdp("alice"))
+    await established(callee)
+    response = await call.request("OPTIONS")
+    assert response.status == 200 and "INVITE" in (response.headers.get("Allow") or "")
+    assert response.cseq == (2, "OPTIONS")
+    call.dialog.local_seq = 0  # the next request goes out with CSeq 1 < 2 (§12.2.2)
+    response = await call.request("OPTIONS")
+    assert response.cseq == (1, "OPTIONS") and response.status == 500
+    assert not call.ended.done()
+    await call.bye()
+
+
+async def test_bye_for_an_unknown_dialog_is_481(make_ua, raw):
+    bob = await make_ua("bob")
+    peer = await raw()
+    uri = f"sip:bob@127.0.0.1:{bob.config.listen_port}"
+    addr = ("127.0.0.1", bob.config.listen_port)
+    peer.send(raw_request("BYE", uri, peer, call_id="nosuch", cseq=2, to_tag="nosuchtag"), addr)
+    response, _ = await peer.expect(is_response(481))
+    assert response.to.tag == "nosuchtag"
+    peer.send(raw_request("BYE", uri, peer, call_id="nosuch2", cseq=2), addr)  # no To tag
+    response, _ = await peer.expect(is_response(481))
+    assert response.to.tag
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "INVITE"])
+async def test_require_of_an_unknown_extension_is_420(make_ua, raw, method):
+    callee = Callee()
+    bob = await make_ua("bob", on_invite=callee)
+    peer = await raw()
+    uri = f"sip:bob@127.0.0.1:{bob.config.listen_port}"
+    addr = ("127.0.0.1", bob.config.listen_port)
+    peer.send(raw_request(method, uri, peer, call_id=f"require-{method}", extra="Require: foo",
+                          body=sdp("raw") if method == "INVITE" else b""), addr)
+    response, _ = await peer.expect(is_response(420))
+    assert response.headers.get("Unsupported") == "foo"
+    assert callee.incoming == []
+    if method == "INVITE":
+        peer.send(raw_request("ACK", uri, peer, call_id="require-INVITE", to_tag=response.to.tag,
+                              branch=response.via.branch, contact=False), addr)
+
+
+@pytest.mark.parametrize("uri", ["tel:+15551234", "soap.beep://192.0.2.103:3002"])
+async def test_request_uri_of_an_unsupported_scheme_is_416(make_ua, raw, uri):
+    bob = await make_ua("bob")
+    peer = await raw()
+    peer.send(raw_request("OPTIONS", uri, peer, call_id="scheme", to=target(bob)),
+              ("127.0.0.1", bob.config.listen_port))
+    response, _ = await peer.expect(is_response(416))
+    assert response.to.tag
+
+
+async def test_options_out_of_dialog_is_200_with_allow(make_ua, raw):
+    bob = await make_ua("bob")
+    alice = await make_ua("alice")
+    request = alice._new_request("OPTIONS", parse_sip_uri(target(bob)))
+    response = await alice.request(request)
+    assert response.status == 200
+    assert {m.strip() for m in (response.headers.get("Allow") or "").split(",")} == \
+        {m.strip() for m in ALLOW.split(",")}
+    assert response.to.tag
+    # and to a scripted peer: the answer goes back with our Via untouched apart from rport
+    peer = await raw()
+    peer.send(raw_request("OPTIONS", target(bob), peer, call_id="options-raw"),
+              ("127.0.0.1", bob.config.listen_port))
+    response, _ = await peer.expect(is_response(200))
+    assert "INVITE" in (response.headers.get("Allow") or "")
+
+
+# -- digest authentication against a scripted server ------------------------------------
+
+
+class DigestPeer:
+    """A scripted registrar/proxy on a RawPeer: challenges REGISTER or INVITE with `status`
+    (401 or 407), checks the answer with sipmesh's DigestServer, answers 200, or to wrong
+    credentials `on_bad` (403, or the challenge again as Kamailio does)."""
+
+    def __init__(self, peer: RawPeer, status: int, algorithm: str, password: str = "secret",
+                 realm: str = "sipmesh.test", on_bad: int = 403) -> None:
+        self.peer = peer
+        self.status = status
+        self.on_bad = on_bad
+        self.password = password
+        self.realm = realm
+        self.server = DigestServer(realm, NonceManager(), algorithms=(algorithm,))
+        self.requests: list[Request] = []
+        self.task = asyncio.ensure_future(self.run())
+
+    @property
+    def credentials_header(self) -> str:
+        return "Authorization" if self.status == 401 else "Proxy-Authorization"
+
+    def ha1(self, username: str, realm: str, algorithm: str) -> str | None:
+        if username != "alice":
+            return None
+        return compute_ha1(username, realm, self.password, algorithm)
+
+    async def run(self) -> None:
+        while True:
+            message, _, addr = await self.peer.inbox.get()
+            if not isinstance(message, Request):
+                continue
+            self.requests.append(message)
+            if message.method == "ACK":
+                continue
+            if message.method in ("BYE", "CANCEL"):
+                self.peer.send(make_response(message, 200), addr)
+                continue
+            credentials = message.headers.get(self.credentials_header)
+            good = credentials is not None and \
+                self.server.verify(credentials, message.method, self.ha1, message.body).ok
+            if credentials is None or (not good and self.on_bad == self.status):
+                response = make_response(message, self.status, to_tag="challenger")
+                name = "WWW-Authenticate" if self.status == 401 else "Proxy-Authenticate"
+                for challenge in self.server.challenges():
+                    response.headers.add(name, challenge)
+            elif good:
+                response = make_response(message, 200, to_tag="uas")
+                response.headers.add("Contact", f"<sip:uas@{self.peer.hostport}>")
+                if message.method == "INVITE":
+                    response.headers.add("Content-Type", "application/sdp")
+                    response.body = sdp("uas")
+            else:
+                response = make_response(message, self.on_bad, to_tag="uas")
+            self.peer.send(response, addr)
+
+    def of(self, method: str) -> list[Request]:
+        return [r for r in self.requests if r.method == method]
+
+    def close(self) -> None:
+        self.task.cancel()
+
+
+@pytest.mark.parametrize("algorithm", ["MD5", "SHA-256"])
+async def test_register_answers_a_401_challenge(make_ua, raw, algorithm):
+    server = DigestPeer(await raw(), 401, algorithm)
+    try:
+        alice = await make_ua("alice", domain=server.peer.hostport, password="secret")
+        response = await alice.register(expires=600)
+        assert response.status == 200
+        first, second = server.of("REGISTER")
+        assert first.call_id == second.call_id and first.from_.tag == second.from_.tag
+        assert (first.cseq[0] + 1, "REGISTER") == second.cseq
+        assert first.headers.get("Authorization") is None
+        _, params = parse_auth_params(second.headers.get("Authorization") or "")
+        assert params["username"] == "alice" and params["realm"] == "sipmesh.test"
+        assert params.get("algorithm", "MD5") == algorithm and params["qop"] == "auth"
+        assert second.headers.get("Expires") == "600"
+        assert second.contacts[0].uri.port == alice.config.listen_port
+        response = await alice.register(expires=0)  # the registration's CSeq keeps counting
+        assert response.status == 200
+        assert [r.cseq[0] for r in server.of("REGISTER")] == [1, 2, 3, 4]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("on_bad", [401, 403])
+async def test_register_with_a_wrong_password_returns_the_failure(make_ua, raw, on_bad):
+    server = DigestPeer(await raw(), 401, "MD5", on_bad=on_bad)
+    try:
+        alice = await make_ua("alice", domain=server.peer.hostport, password="wrong")
+        response = await alice.register()
+        assert response.status == on_bad
+        assert len(server.of("REGISTER")) == 2  # one answer to the challenge, no loop
+    finally:
+        server.close()
+
+
+async def test_invite_answers_a_407_and_acks_with_the_credentials(make_ua, raw):
+    server = DigestPeer(await raw(), 407, "SHA-256")
+    try:
+        alice = await make_ua("alice", domain=server.peer.hostport, password="secret")
+        call = await alice.invite(f"sip:bob@{server.peer.hostport}", sdp("alice"))
+        assert call.remote_sdp == sdp("uas")
+        first, second = server.of("INVITE")
+        assert first.call_id == second.call_id and first.from_.tag == second.from_.tag
+        assert second.cseq == (2, "INVITE") and second.via.branch != first.via.branch
+        await eventually(lambda: len(server.of("ACK")) == 2)  # the 407's ACK and the 200's
+        ack_407, ack_200 = server.of("ACK")
+        assert ack_407.via.branch == first.via.branch and ack_407.to.tag == "challenger"
+        assert ack_200.cseq == (2, "ACK") and ack_200.to.tag == "uas"
+        credentials = second.headers.get("Proxy-Authorization")
+        assert credentials and ack_200.headers.get("Proxy-Authorization") == credentials
+        await call.bye()
+        (bye,) = server.of("BYE")
+        assert bye.cseq == (3, "BYE")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("on_bad", [407, 403])
+async def test_invite_with_a_wrong_password_fails_with_the_status(make_ua, raw, on_bad):
+    server = DigestPeer(await raw(), 407, "MD5", on_bad=on_bad)
+    try:
+        alice = await make_ua("alice", domain=server.peer.hostport, password="wrong")
+        with pytest.raises(CallFailed) as failed:
+            await alice.invite(f"sip:bob@{server.peer.hostport}", sdp("alice"))
+        assert failed.value.status == on_bad
+        assert len(server.of("INVITE")) == 2
+    finally:
+        server.close()
+
+
+# -- transport selection and RFC 3581 -----------------------------------------------------
+
+
+async def test_large_udp_request_goes_over_tcp(make_ua):
+    callee = Callee()
+    bob = await make_ua("bob", on_invite=callee)
+    alice = await make_ua("alice")
+    big = sdp("alice", extra="".join(f"a=x-filler:{i:03d} {'x' * 60}\r\n" for i in range(25)))
+    assert len(big) > 1300
+    call = await alice.invite(target(bob, "UDP"), big)  # the URI says UDP
+    incoming = callee.incoming[0]
+    assert incoming.txn.flow.transport == "TCP" and incoming.request.via.transport == "TCP"
+    assert incoming.sdp == big
+    theirs = await established(callee)
+    await call.bye()
+    assert await asyncio.wait_for(theirs.ended, 2) == "remote BYE"
+
+
+async def test_responses_honour_rport_and_otherwise_the_via_port(make_ua, raw):
+    bob = await make_ua("bob")
+    peer, sent_by = await raw(), await raw()
+    uri = f"sip:bob@127.0.0.1:{bob.config.listen_port}"
+    addr = ("127.0.0.1", bob.config.listen_port)
+    peer.send(raw_request("OPTIONS", uri, peer, call_id="rport-1", via_port=sent_by.port), addr)
+    response, _ = await peer.expect(is_response(200))
+    assert response.via.rport == peer.port and response.via.received == "127.0.0.1"
+    assert response.via.port == sent_by.port
+    # without rport the response goes to the sent-by port (§18.2.2)
+    peer.send(raw_request("OPTIONS", uri, peer, call_id="rport-2", via_port=sent_by.port,
+                          rport=False), addr)
+    response, _ = await sent_by.expect(is_response(200))
+    assert "rport" not in response.via.params
+    await asyncio.sleep(0.05)
+    assert [m.call_id for _, m in peer.log] == ["rport-1"]
