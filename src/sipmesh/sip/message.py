@@ -2,18 +2,25 @@
 
 Header values are kept as text; typed views (Via, Address, CSeq) are parsed on
 demand through the accessors. The body is always bytes.
+
+`parse_message` checks what any element must check before acting on a message
+(start line, framing, the mandatory header fields of §8.1.1 and their syntax) and
+raises `ParseError` for anything else it meets; nothing else escapes it. When the
+start line is recognisable the error carries `partial`, the message as far as it
+could be parsed, so that a transport can answer a broken request (400, 505, 513).
 """
 
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.headers import (LIST_HEADERS, TOKEN, Address, Via, canonical_name,
-                                 parse_address, parse_cseq, parse_via, split_list)
-from sipmesh.sip.uri import URI, parse_uri
+from sipmesh.sip.headers import (_CANONICAL, LIST_HEADERS, Address, Via, canonical_name,
+                                 header_key, parse_address, parse_cseq, parse_via, split_list)
+from sipmesh.sip.uri import URI, SipURI, parse_uri
 
 SIP_VERSION = "SIP/2.0"
 REASONS = {
@@ -34,12 +41,19 @@ REASONS = {
     513: "Message Too Large", 600: "Busy Everywhere", 603: "Decline",
     604: "Does Not Exist Anywhere", 606: "Not Acceptable",
 }
-_MANDATORY = ("Via", "From", "To", "Call-ID", "CSeq")
+# Methods of RFC 3261 and its extensions: a CSeq mismatch on any other method is
+# answered 501 rather than 400 (RFC 4475 §3.1.2.18).
+KNOWN_METHODS = frozenset({"INVITE", "ACK", "OPTIONS", "BYE", "CANCEL", "REGISTER", "PRACK",
+                           "SUBSCRIBE", "NOTIFY", "PUBLISH", "INFO", "REFER", "MESSAGE",
+                           "UPDATE"})
+MAGIC_COOKIE = "z9hG4bK"
+_MANDATORY = ("Via", "From", "To", "Call-ID", "CSeq")  # §8.1.1
+_SINGLE = ("Call-ID", "CSeq", "From", "To", "Max-Forwards", "Content-Type")  # RFC 4475 §3.3.8
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What the parser accepts. Exceeding a limit is a ParseError (413/400), never a crash."""
+    """What the parser accepts. Exceeding a limit is a ParseError (513/414/400), never a crash."""
 
     max_message_size: int = 65_535
     max_headers: int = 100
@@ -50,17 +64,34 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+# Header name -> (canonical spelling, lookup key), for the names seen on every message.
+_NAMES: dict[str, tuple[str, str]] = {}
+for _low, _canon in _CANONICAL.items():
+    for _spelling in (_low, _canon, _low.upper()):
+        _NAMES[_spelling] = (_canon, _canon.lower())
+del _low, _canon, _spelling
+
+
+def _name_info(name: str) -> tuple[str, str]:
+    info = _NAMES.get(name)
+    if info is None:
+        info = (canonical_name(name), header_key(name))
+    return info
+
+
 class Headers:
-    """Ordered multimap of header fields; names compared case-insensitively.
+    """Ordered multimap of header fields; names compared case-insensitively, compact
+    forms stored under their long names.
 
     List-valued headers (Via, Route, Record-Route, Contact, Path) hold one value per
     entry, so 'Via: a, b' is stored as two entries and serialised as two lines.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_keys")
 
     def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
         self._items: list[tuple[str, str]] = []
+        self._keys: list[str] = []  # lower-case long names, parallel to _items
         for name, value in items or ():
             self.add(name, value)
 
@@ -71,58 +102,78 @@ class Headers:
         return len(self._items)
 
     def __contains__(self, name: str) -> bool:
-        key = canonical_name(name).lower()
-        return any(n.lower() == key for n, _ in self._items)
+        return _name_info(name)[1] in self._keys
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        key = canonical_name(name).lower()
-        for n, v in self._items:
-            if n.lower() == key:
-                return v
-        return default
+        try:
+            return self._items[self._keys.index(_name_info(name)[1])][1]
+        except ValueError:
+            return default
 
     def get_all(self, name: str) -> list[str]:
-        key = canonical_name(name).lower()
-        return [v for n, v in self._items if n.lower() == key]
+        key = _name_info(name)[1]
+        if key not in self._keys:
+            return []
+        return [item[1] for k, item in zip(self._keys, self._items) if k == key]
+
+    def count(self, name: str) -> int:
+        return self._keys.count(_name_info(name)[1])
 
     def add(self, name: str, value: str, *, first: bool = False) -> None:
-        name = canonical_name(name)
-        if "\r" in value or "\n" in value or "\x00" in value:
-            raise ValueError(f"header {name} value contains CR, LF or NUL")
-        values = split_list(value) if name.lower() in LIST_HEADERS and value.strip() != "*" else [value]
-        entries = [(name, v) for v in values]
+        """Append a field (or insert it on top with `first`); list values are split."""
+        name, key = _name_info(name)
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"header {name} value contains CR or LF")
+        values = split_list(value) if key in LIST_HEADERS and value.strip() != "*" else [value]
         if first:
-            self._items[0:0] = entries
+            self._items[0:0] = [(name, v) for v in values]
+            self._keys[0:0] = [key] * len(values)
         else:
-            self._items.extend(entries)
+            for v in values:
+                self._items.append((name, v))
+                self._keys.append(key)
+
+    def _append(self, name: str, key: str, value: str) -> None:
+        self._items.append((name, value))
+        self._keys.append(key)
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of that name (keeping the first one's position)."""
-        key = canonical_name(name).lower()
-        index = next((i for i, (n, _) in enumerate(self._items) if n.lower() == key), None)
+        key = _name_info(name)[1]
+        try:
+            index = self._keys.index(key)
+        except ValueError:
+            self.add(name, value)
+            return
         self.remove(name)
-        if index is None:
-            self.add(name, value)
-        else:
-            tail, self._items = self._items[index:], self._items[:index]
-            self.add(name, value)
-            self._items.extend(tail)
+        tail_items, tail_keys = self._items[index:], self._keys[index:]
+        del self._items[index:], self._keys[index:]
+        self.add(name, value)
+        self._items.extend(tail_items)
+        self._keys.extend(tail_keys)
 
     def remove(self, name: str) -> None:
-        key = canonical_name(name).lower()
-        self._items = [(n, v) for n, v in self._items if n.lower() != key]
+        key = _name_info(name)[1]
+        if key in self._keys:
+            kept = [(k, item) for k, item in zip(self._keys, self._items) if k != key]
+            self._keys = [k for k, _ in kept]
+            self._items = [item for _, item in kept]
 
     def pop_first(self, name: str) -> str | None:
-        key = canonical_name(name).lower()
-        for i, (n, v) in enumerate(self._items):
-            if n.lower() == key:
-                del self._items[i]
-                return v
-        return None
+        try:
+            index = self._keys.index(_name_info(name)[1])
+        except ValueError:
+            return None
+        del self._keys[index]
+        return self._items.pop(index)[1]
 
     def copy(self) -> "Headers":
         new = Headers()
         new._items = list(self._items)
+        new._keys = list(self._keys)
         return new
 
 
@@ -183,10 +234,9 @@ class Message:
 
     def to_bytes(self) -> bytes:
         lines = [self.start_line()]
-        lines.extend(f"{n}: {v}" for n, v in self.headers if n != "Content-Length")
-        lines.append(f"Content-Length: {len(self.body)}")
-        head = "\r\n".join(lines) + "\r\n\r\n"
-        return head.encode("utf-8", "surrogateescape") + self.body
+        lines.extend([f"{n}: {v}" for n, v in self.headers._items if n != "Content-Length"])
+        lines.append(f"Content-Length: {len(self.body)}\r\n\r\n")
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape") + self.body
 
     def __bytes__(self) -> bytes:
         return self.to_bytes()
@@ -195,7 +245,7 @@ class Message:
 @dataclass(slots=True, eq=False)
 class Request(Message):
     method: str = "OPTIONS"
-    uri: URI = field(default_factory=lambda: parse_uri("sip:invalid"))
+    uri: URI = field(default_factory=lambda: SipURI(host="invalid"))
 
     def start_line(self) -> str:
         return f"{self.method} {self.uri} {SIP_VERSION}"
@@ -220,137 +270,241 @@ class IncompleteMessage(ParseError):
     """Raised by the stream framer internals; never escapes `StreamFramer`."""
 
 
-_REQUEST_LINE = re.compile(r"^([A-Za-z0-9\-.!%*_+`'~]+) (\S+) (SIP/\d+\.\d+)$")
-_STATUS_LINE = re.compile(r"^(SIP/\d+\.\d+) (\d{3}) (.*)$")
+# -- parsing --------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_SIP_VERSION = re.compile(r"SIP/[0-9]+\.[0-9]+", re.IGNORECASE)
+_DIGITS = re.compile(r"[0-9]{1,10}")
+_FOLD = re.compile(r"[ \t]*\n[ \t]+")  # LWS with a line break is one SP (§7.3.1)
 
 
-def _split_head(data: bytes) -> tuple[bytes, bytes]:
-    end = data.find(b"\r\n\r\n")
-    if end >= 0:
-        return data[:end], data[end + 4 :]
-    end = data.find(b"\n\n")
-    if end >= 0:
-        return data[:end], data[end + 2 :]
-    return data.rstrip(b"\r\n"), b""
-
-
-def _parse_head(head: bytes, limits: Limits) -> tuple[str, Headers]:
-    text = head.decode("utf-8", "surrogateescape")
-    lines = text.replace("\r\n", "\n").split("\n")
-    start = lines[0]
-    if len(start) > limits.max_start_line:
-        raise ParseError("start line too long", 414)
-    headers = Headers()
-    current_name: str | None = None
-    current_value = ""
-    count = 0
-
-    def flush() -> None:
-        if current_name is not None:
-            try:
-                headers.add(current_name, current_value.strip())
-            except ValueError as exc:
-                raise ParseError(str(exc)) from None
-
-    for line in lines[1:]:
-        if line[:1] in (" ", "\t"):
-            if current_name is None:
-                raise ParseError("continuation line before the first header")
-            current_value += " " + line.strip()
-            if len(current_value) > limits.max_header_length:
-                raise ParseError(f"header {current_name} too long")
-            continue
-        flush()
-        if len(line) > limits.max_header_length:
-            raise ParseError("header line too long")
-        name, colon, value = line.partition(":")
-        name = name.rstrip(" \t")
-        if not colon or not TOKEN.match(name):
-            raise ParseError(f"malformed header line {line[:40]!r}")
-        count += 1
-        if count > limits.max_headers:
-            raise ParseError("too many header fields")
-        current_name, current_value = name, value
-    flush()
-    return start, headers
+def _split_head(data: bytes) -> tuple[bytes, bytes, bool]:
+    """(head, rest, complete): the head ends at the first empty line (CRLF or bare LF)."""
+    crlf = data.find(b"\r\n\r\n")
+    lf = data.find(b"\n\n", 0, crlf if crlf >= 0 else len(data))
+    if lf >= 0:
+        return data[:lf], data[lf + 2 :], True
+    if crlf >= 0:
+        return data[:crlf], data[crlf + 4 :], True
+    return data.rstrip(b"\r\n"), b"", False
 
 
 def parse_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS, stream: bool = False) -> Request | Response:
     """Parse one whole message (a datagram, or one framed by StreamFramer).
 
-    Raises ParseError; `err.partial` holds whatever could be parsed so that the
-    transport can still answer a bad request with 400.
+    Raises ParseError and nothing else; `err.partial` holds what could be parsed
+    (None when not even the start line was recognisable). On a datagram, octets
+    after Content-Length are ignored (RFC 4475 §3.1.1.8); without Content-Length
+    the body is the rest of the datagram (§18.3).
     """
     if len(data) > limits.max_message_size:
-        raise ParseError("message too large", 513)
+        exc = ParseError(f"message too large ({len(data)} bytes, limit {limits.max_message_size})", 513)
+        exc.partial = _partial_head(data[: limits.max_message_size], limits)
+        raise exc
     data = data.lstrip(b"\r\n")  # RFC 3261 §7.5: ignore CRLFs before the start line
     if not data:
         raise ParseError("empty message")
-    head, rest = _split_head(data)
-    start, headers = _parse_head(head, limits)
-    msg = _start_message(start, headers)
+    head, rest, _ = _split_head(data)
+    msg, error = _parse_head(head, limits)
     try:
-        length_text = headers.get("Content-Length")
-        if length_text is None:
-            if stream:
-                raise ParseError("missing Content-Length on a stream transport")
-            msg.body = rest
-        else:
-            length_text = length_text.strip()
-            if not length_text.isdigit():
-                raise ParseError(f"bad Content-Length {length_text!r}")
-            length = int(length_text)
-            if length > len(rest):
-                raise ParseError("Content-Length larger than the message body")
-            msg.body = rest[:length]
-        _check_mandatory(msg)
+        if error is not None:
+            raise error
+        _set_body(msg, rest, stream)
+        _check(msg)
     except ParseError as exc:
         exc.partial = msg
         raise
     return msg
 
 
-def _start_message(start: str, headers: Headers) -> Request | Response:
-    if start.startswith("SIP/"):
-        m = _STATUS_LINE.match(start)
-        if not m:
-            raise ParseError(f"bad status line {start[:60]!r}")
-        if m.group(1) != SIP_VERSION:
-            raise ParseError(f"unsupported version {m.group(1)}", 505)
-        status = int(m.group(2))
-        if not 100 <= status <= 699:
-            raise ParseError(f"status code out of range {status}")
-        return Response(headers=headers, status=status, reason=m.group(3))
-    m = _REQUEST_LINE.match(start)
-    if not m:
-        raise ParseError(f"bad request line {start[:60]!r}")
-    req = Request(headers=headers, method=m.group(1))
-    if m.group(3) != SIP_VERSION:
-        exc = ParseError(f"unsupported version {m.group(3)}", 505)
-        exc.partial = req
-        raise exc
+def _partial_head(data: bytes, limits: Limits) -> Request | Response | None:
+    """The start line and headers of an oversized message, if they are complete."""
+    head, _, complete = _split_head(data.lstrip(b"\r\n"))
+    if not complete:
+        return None
     try:
-        req.uri = parse_uri(m.group(2))
+        return _parse_head(head, limits)[0]
+    except ParseError:
+        return None
+
+
+def _parse_head(head: bytes, limits: Limits) -> tuple[Request | Response, ParseError | None]:
+    """Start line and header fields. Raises when the start line is unrecognisable;
+    otherwise returns the message and the first problem met (None if none), after
+    collecting every well-formed header field so that a 400 can still be routed."""
+    text = head.decode("utf-8", "surrogateescape")
+    bare_cr = False
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+        bare_cr = "\r" in text
+    if "\n " in text or "\n\t" in text:
+        text = _FOLD.sub(" ", text)
+    lines = text.split("\n")
+    msg, error = _start_message(lines[0], limits)
+    if bare_cr:
+        error = error or ParseError("CR without LF in the message head")
+        lines = [line.replace("\r", " ") for line in lines]
+    if len(lines) - 1 > limits.max_headers:
+        error = error or ParseError(f"too many header fields (limit {limits.max_headers})")
+        del lines[limits.max_headers + 1 :]
+    items, keys = msg.headers._items, msg.headers._keys
+    max_length = limits.max_header_length
+    for line in lines[1:]:
+        if len(line) > max_length:
+            error = error or ParseError(f"header field too long (limit {max_length})")
+            continue
+        name, colon, value = line.partition(":")
+        info = _NAMES.get(name)
+        if info is None:
+            name = name.rstrip(" \t")
+            info = _NAMES.get(name)
+            if info is None:
+                if not colon or not _TOKEN.fullmatch(name):
+                    error = error or ParseError(f"malformed header line {line[:40]!r}")
+                    continue
+                info = (canonical_name(name), header_key(name))
+        if not colon:
+            error = error or ParseError(f"malformed header line {line[:40]!r}")
+            continue
+        canon, key = info
+        value = value.strip(" \t")
+        if key in LIST_HEADERS:
+            if "," in value and value != "*":
+                try:
+                    values = split_list(value)
+                except ParseError as exc:
+                    error = error or ParseError(f"bad {canon} header: {exc.reason}")
+                    values = [value]
+                for v in values:
+                    items.append((canon, v))
+                    keys.append(key)
+            elif value:
+                items.append((canon, value))
+                keys.append(key)
+        else:
+            items.append((canon, value))
+            keys.append(key)
+    return msg, error
+
+
+def _start_message(line: str, limits: Limits) -> tuple[Request | Response, ParseError | None]:
+    if line[:4].upper() == "SIP/":
+        return _status_line(line, limits)
+    method, sp, _ = line.partition(" ")
+    if not sp or not _TOKEN.fullmatch(method):
+        raise ParseError(f"bad start line {line[:60]!r}")
+    req = Request(headers=Headers(), method=method)
+    if len(line) > limits.max_start_line:
+        return req, ParseError(f"Request-Line too long (limit {limits.max_start_line})", 414)
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[1] or not parts[2] or "\t" in line:
+        return req, ParseError(_diagnose_request_line(line, parts))
+    uri_text, version = parts[1], parts[2]
+    try:
+        req.uri = parse_uri(uri_text)
     except ParseError as exc:
-        exc.partial = req
-        raise
-    return req
+        uri_error = "Request-URI enclosed in <>" if uri_text[:1] == "<" \
+            else f"bad Request-URI: {exc.reason}"
+    else:
+        # §19.1.1: headers are not allowed in a Request-URI (RFC 4475 §3.1.2.11).
+        uri_error = "escaped headers in the Request-URI" \
+            if isinstance(req.uri, SipURI) and req.uri.headers else None
+    if not _SIP_VERSION.fullmatch(version):
+        return req, ParseError(f"bad SIP-Version {version[:20]!r}")
+    if version.upper() != SIP_VERSION:
+        return req, ParseError(f"SIP version {version} not supported", 505)
+    return req, (ParseError(uri_error) if uri_error else None)
 
 
-def _check_mandatory(msg: Request | Response) -> None:
-    for name in _MANDATORY:
-        if name not in msg.headers:
-            raise ParseError(f"missing {name} header")
-    number, method = msg.cseq
-    if isinstance(msg, Request) and method != msg.method:
-        raise ParseError("CSeq method does not match the request method")
-    msg.via  # noqa: B018 - validates the top Via
-    msg.from_  # noqa: B018
-    msg.to  # noqa: B018
-    mf = msg.headers.get("Max-Forwards")
-    if mf is not None and (not mf.strip().isdigit() or int(mf) > 255):
-        raise ParseError(f"bad Max-Forwards {mf!r}")
+def _diagnose_request_line(line: str, parts: list[str]) -> str:
+    if line != line.rstrip(" \t"):
+        return "whitespace at the end of the Request-Line"
+    if "\t" in line:
+        return "tab in the Request-Line"
+    if "  " in line:
+        return "more than one SP between Request-Line elements"
+    if len(parts) > 3 and _SIP_VERSION.fullmatch(parts[-1]):
+        return "whitespace in the Request-URI"
+    return f"malformed Request-Line {line[:60]!r}"
 
+
+def _status_line(line: str, limits: Limits) -> tuple[Response, ParseError | None]:
+    if len(line) > limits.max_start_line:
+        raise ParseError(f"Status-Line too long (limit {limits.max_start_line})")
+    version, sp, rest = line.partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not sp or not code.isascii() or not code.isdigit():
+        raise ParseError(f"bad Status-Line {line[:60]!r}")
+    if len(code) != 3 or not 100 <= int(code) <= 699:
+        raise ParseError(f"status code out of range ({code[:20]})")
+    response = Response(headers=Headers(), status=int(code), reason=reason)
+    if not _SIP_VERSION.fullmatch(version):
+        return response, ParseError(f"bad SIP-Version {version[:20]!r}")
+    if version.upper() != SIP_VERSION:
+        return response, ParseError(f"SIP version {version} not supported", 505)
+    return response, None
+
+
+def _set_body(msg: Request | Response, rest: bytes, stream: bool) -> None:
+    values = msg.headers.get_all("Content-Length")
+    if not values:
+        if stream:
+            raise ParseError("missing Content-Length on a stream transport")
+        msg.body = rest
+        return
+    if len(values) > 1:
+        raise ParseError("more than one Content-Length header field")  # RFC 4475 §3.3.9
+    text = values[0]
+    if not _DIGITS.fullmatch(text):
+        raise ParseError(f"bad Content-Length {text[:20]!r}")
+    length = int(text)
+    if length > len(rest):
+        raise ParseError(f"Content-Length {length} larger than the body ({len(rest)} octets)")
+    msg.body = rest if length == len(rest) else rest[:length]
+
+
+def _check(msg: Request | Response) -> None:
+    """The checks of §8.2 any element makes before acting on a message."""
+    headers = msg.headers
+    keys = headers._keys
+    missing = [name for name in _MANDATORY if name.lower() not in keys]
+    if missing:
+        raise ParseError(f"missing {', '.join(missing)} header field{'s' if len(missing) > 1 else ''}")
+    repeated = [name for name in _SINGLE if keys.count(name.lower()) > 1]
+    if repeated:
+        raise ParseError(f"more than one {', '.join(repeated)} header field")
+    _, method = _checked(parse_cseq, "CSeq", headers)
+    is_request = isinstance(msg, Request)
+    if is_request and method != msg.method:
+        raise ParseError(f"CSeq method {method[:30]} does not match the request method",
+                         400 if msg.method in KNOWN_METHODS else 501)
+    via = _checked(parse_via, "Via", headers)
+    if is_request and via.branch == MAGIC_COOKIE:
+        raise ParseError("Via branch is the bare magic cookie (no transaction identifier)")
+    _checked(parse_address, "From", headers)
+    _checked(parse_address, "To", headers)
+    call_id = headers.get("Call-ID") or ""
+    if not call_id or any(c in call_id for c in " \t"):
+        raise ParseError(f"bad Call-ID {call_id[:40]!r}")
+    for value in headers.get_all("Contact"):
+        if value != "*":
+            try:
+                parse_address(value)
+            except ParseError as exc:
+                raise ParseError(f"bad Contact header: {exc.reason}") from None
+    mf = headers.get("Max-Forwards")
+    if mf is not None and (not _DIGITS.fullmatch(mf) or int(mf) > 255):
+        raise ParseError(f"bad Max-Forwards {mf[:20]!r}")
+
+
+def _checked(parse, name: str, headers: Headers):  # type: ignore[no-untyped-def]
+    try:
+        return parse(headers.get(name))
+    except ParseError as exc:
+        raise ParseError(f"bad {name} header: {exc.reason}") from None
+
+
+# -- stream framing -------------------------------------------------------------------------
 
 class StreamFramer:
     """Cuts a TCP/TLS byte stream into messages using the mandatory Content-Length."""
@@ -358,6 +512,8 @@ class StreamFramer:
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.limits = limits
         self._buffer = bytearray()
+        self._scanned = 0  # the buffer's first bytes known to hold no CRLFCRLF
+        self._total: int | None = None  # length of the message whose head is complete
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add bytes; return the complete raw messages now available (keep-alive CRLFs dropped).
@@ -365,37 +521,58 @@ class StreamFramer:
         Raises ParseError when the stream cannot be framed any more (the connection
         must then be closed: there is no way to find the next message).
         """
-        self._buffer += data
+        buffer = self._buffer
+        buffer += data
         out: list[bytes] = []
         while True:
-            while self._buffer[:2] == b"\r\n":
-                del self._buffer[:2]
-            if self._buffer[:1] == b"\n":
-                del self._buffer[:1]
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buffer) > self.limits.max_message_size:
-                    raise ParseError("message headers too large", 513)
+            if self._total is None:
+                skip = 0  # CRLF keep-alives (RFC 5626 §3.5.1) and stray line ends
+                while skip < len(buffer) and buffer[skip] in b"\r\n":
+                    skip += 1
+                if skip:
+                    del buffer[:skip]
+                    self._scanned = max(0, self._scanned - skip)
+                if buffer and buffer[0] not in _TOKEN_BYTES:
+                    # Neither a method nor "SIP/": e.g. a TLS hello on the TCP port.
+                    raise ParseError("not a SIP message on the stream")
+                if len(buffer) > self.limits.max_start_line and \
+                        buffer.find(b"\n", 0, self.limits.max_start_line) < 0:
+                    raise ParseError("start line too long", 414)
+                end = buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
+                if end < 0:
+                    self._scanned = len(buffer)
+                    if len(buffer) > self.limits.max_message_size:
+                        raise ParseError("message headers too large", 513)
+                    return out
+                total = end + 4 + _content_length(bytes(buffer[:end]))
+                if total > self.limits.max_message_size:
+                    raise ParseError("message too large", 513)
+                self._total = total
+            if len(buffer) < self._total:
                 return out
-            head = bytes(self._buffer[:end])
-            length = _content_length(head)
-            total = end + 4 + length
-            if total > self.limits.max_message_size:
-                raise ParseError("message too large", 513)
-            if len(self._buffer) < total:
-                return out
-            out.append(bytes(self._buffer[:total]))
-            del self._buffer[:total]
+            out.append(bytes(buffer[: self._total]))
+            del buffer[: self._total]
+            self._total = None
+            self._scanned = 0
 
 
-_CL = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(\d+)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+_TOKEN_BYTES = frozenset((string.ascii_letters + string.digits + "-.!%*_+`'~").encode())
+_CL = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+_FOLD_BYTES = re.compile(rb"[ \t]*\n[ \t]+")
 
 
 def _content_length(head: bytes) -> int:
-    m = _CL.search(head.replace(b"\r\n", b"\n"))
-    if not m:
+    head = head.replace(b"\r\n", b"\n")
+    if b"\n " in head or b"\n\t" in head:
+        head = _FOLD_BYTES.sub(b" ", head)
+    values = _CL.findall(head)
+    if not values:
         raise ParseError("missing Content-Length on a stream transport")
-    return int(m.group(1))
+    if len(values) > 1:
+        raise ParseError("more than one Content-Length header field")
+    if not re.fullmatch(rb"[0-9]{1,10}", values[0]):
+        raise ParseError(f"bad Content-Length {values[0][:20]!r}")
+    return int(values[0])
 
 
 def reason_for(status: int) -> str:
@@ -410,11 +587,15 @@ def make_response(request: Request, status: int, reason: str | None = None, *,
     """A response to `request` (RFC 3261 §8.2.6): Via, From, To, Call-ID and CSeq copied;
     Record-Route copied for dialog-creating 1xx/2xx; a To tag added when given and absent."""
     headers = Headers()
+    source = request.headers
     for name in _RESPONSE_COPIED:
         if name == "Record-Route" and not (100 < status < 300):
             continue
-        for value in request.headers.get_all(name):
-            headers.add(name, value)
+        key = name.lower()
+        if key in source._keys:
+            for k, (n, v) in zip(source._keys, source._items):
+                if k == key:
+                    headers._append(name, key, v)
     if to_tag is not None and status > 100:
         to = request.to
         if to.tag is None:

@@ -1,12 +1,16 @@
 """SIP and SIPS URIs (RFC 3261 §19.1, §25.1) and other absolute URIs.
 
-Parsing is strict about structure (scheme, userinfo, hostport, params, headers)
-and keeps parameter values in their escaped form; user and password are stored
-unescaped so that comparisons (§19.1.4) see the real characters.
+Parsing is strict about structure (scheme, userinfo, hostport, params, headers).
+Every component is stored unescaped (user, password, uri-parameter names and
+values, header names and values), so that lookups and the comparisons of §19.1.4
+see the real characters: ``sip:cal%6Cer@h;%6C%72`` has user ``caller`` and an
+``lr`` parameter. Serialising escapes again whatever the grammar does not allow
+unescaped. Bytes that are not UTF-8 survive the round trip (surrogateescape).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -14,16 +18,61 @@ from urllib.parse import quote, unquote
 
 from sipmesh.sip.errors import ParseError
 
-# RFC 3261 §25.1: unreserved / escaped / user-unreserved for the user part.
-_USER_SAFE = "-_.!~*'()&=+$,;?/"
-_PASSWORD_SAFE = "-_.!~*'()&=+$,"
-_ESCAPED_OK = re.compile(r"^(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/:]|%[0-9A-Fa-f]{2})*$")
-_HOSTNAME = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*"
-                       r"[A-Za-z](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.?$")
-_IPV4 = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
-_PARAM_CHARS = re.compile(r"^(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})+$")
-_HEADER_CHARS = re.compile(r"^(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$]|%[0-9A-Fa-f]{2})*$")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+\-.]*$")
+# RFC 3261 §25.1 character classes (what may appear unescaped), beyond ALPHA / DIGIT.
+_MARK = "-_.!~*'()"
+_USER_SAFE = _MARK + "&=+$,;?/"  # unreserved / user-unreserved
+_PASSWORD_SAFE = _MARK + "&=+$,"
+_PARAM_SAFE = _MARK + "[]/:&+$"  # unreserved / param-unreserved
+_HEADER_SAFE = _MARK + "[]/?:+$"  # unreserved / hnv-unreserved
+
+
+def _escaped_class(safe: str) -> re.Pattern[str]:
+    """`*( safe-char / "%" )` as a regex; `_BAD_ESCAPE` then checks the escapes."""
+    return re.compile(r"[A-Za-z0-9" + re.escape(safe) + r"%]*")
+
+
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _escaped_text(pattern: re.Pattern[str], text: str) -> bool:
+    """True if `text` is *( safe-char / escaped ) for the class `pattern`."""
+    return pattern.fullmatch(text) is not None and ("%" not in text or _BAD_ESCAPE.search(text) is None)
+
+
+_USER_TEXT = _escaped_class(_USER_SAFE)
+_PASSWORD_TEXT = _escaped_class(_PASSWORD_SAFE)
+_PARAM_TEXT = _escaped_class(_PARAM_SAFE)
+_HEADER_TEXT = _escaped_class(_HEADER_SAFE)
+# Characters needing an escape when serialising (complements of the classes above).
+_USER_UNSAFE = re.compile(r"[^A-Za-z0-9" + re.escape(_USER_SAFE) + "]")
+_PASSWORD_UNSAFE = re.compile(r"[^A-Za-z0-9" + re.escape(_PASSWORD_SAFE) + "]")
+_PARAM_UNSAFE = re.compile(r"[^A-Za-z0-9" + re.escape(_PARAM_SAFE) + "]")
+_HEADER_UNSAFE = re.compile(r"[^A-Za-z0-9" + re.escape(_HEADER_SAFE) + "]")
+
+_HOSTNAME = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*"
+                       r"[A-Za-z](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.?")
+_IPV4 = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
+_PORT = re.compile(r"[0-9]{1,5}")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
+_NOT_IN_URI = re.compile(r"[\x00-\x20\x7f<>\"]")
+
+# uri-parameters whose values are case-insensitive tokens or hosts (§19.1.4 compares
+# everything else case-sensitively).
+_CASELESS_PARAMS = frozenset({"transport", "user", "method", "ttl", "maddr", "lr"})
+# §19.1.4: present in one URI only, these still make the URIs differ. The rule text names
+# user, ttl, method and maddr; its examples treat transport the same way
+# (sip:bob@biloxi.com differs from sip:bob@biloxi.com;transport=udp), and so do we.
+_ALWAYS_COMPARED = ("user", "ttl", "method", "maddr", "transport")
+
+
+def _unescape(text: str) -> str:
+    return unquote(text, errors="surrogateescape") if "%" in text else text
+
+
+def _escape(text: str, unsafe: re.Pattern[str], safe: str) -> str:
+    if unsafe.search(text) is None:
+        return text
+    return quote(text, safe=safe, errors="surrogateescape")
 
 
 def format_host(host: str) -> str:
@@ -31,24 +80,32 @@ def format_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of a string; hosts repeat a lot
 def parse_host(text: str) -> str:
-    """Validate an RFC 3261 host (hostname, IPv4address, IPv6reference); IPv6 is returned bare."""
+    """Validate an RFC 3261 host (hostname, IPv4address, IPv6reference); IPv6 is returned
+    bare and in its canonical (compressed, lower-case) form."""
     if text.startswith("["):
         if not text.endswith("]"):
-            raise ParseError(f"bad IPv6 reference {text!r}")
+            raise ParseError(f"bad IPv6 reference {text[:60]!r}")
         try:
             return str(ipaddress.IPv6Address(text[1:-1]))
         except ValueError:
-            raise ParseError(f"bad IPv6 reference {text!r}") from None
-    if _IPV4.match(text):
+            raise ParseError(f"bad IPv6 reference {text[:60]!r}") from None
+    if text[-1:].isdigit() and _IPV4.fullmatch(text):
         try:
             ipaddress.IPv4Address(text)
         except ValueError:
             raise ParseError(f"bad IPv4 address {text!r}") from None
         return text
-    if not _HOSTNAME.match(text):
-        raise ParseError(f"bad host {text!r}")
+    if not _HOSTNAME.fullmatch(text):
+        raise ParseError(f"bad host {text[:60]!r}")
     return text
+
+
+def parse_port(text: str, whole: str) -> int:
+    if not _PORT.fullmatch(text) or int(text) > 65535:
+        raise ParseError(f"bad port in {whole[:60]!r}")
+    return int(text)
 
 
 def split_hostport(text: str) -> tuple[str, int | None]:
@@ -56,50 +113,51 @@ def split_hostport(text: str) -> tuple[str, int | None]:
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise ParseError(f"bad host {text!r}")
+            raise ParseError(f"bad host {text[:60]!r}")
         host, rest = text[: end + 1], text[end + 1 :]
         if rest and not rest.startswith(":"):
-            raise ParseError(f"bad host {text!r}")
+            raise ParseError(f"bad host {text[:60]!r}")
         port_text = rest[1:] if rest else None
     else:
         host, sep, port_text = text.partition(":")
         if not sep:
             port_text = None
-    port: int | None = None
-    if port_text is not None:
-        if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
-            raise ParseError(f"bad port in {text!r}")
-        port = int(port_text)
+    port = None if port_text is None else parse_port(port_text, text)
     return parse_host(host), port
 
 
 def parse_params(text: str, *, what: str = "parameter") -> dict[str, str | None]:
-    """';a=b;c' (leading ';' already stripped) -> {'a': 'b', 'c': None}; names lower-cased."""
+    """'a=b;c' (leading ';' already stripped) -> {'a': 'b', 'c': None}.
+
+    Names are unescaped and lower-cased, values unescaped."""
     params: dict[str, str | None] = {}
     if not text:
         return params
     for item in text.split(";"):
         name, eq, value = item.partition("=")
-        name = name.strip()
-        if not name or not _PARAM_CHARS.match(name):
-            raise ParseError(f"bad URI {what} {item!r}")
+        if not name or not _escaped_text(_PARAM_TEXT, name):
+            raise ParseError(f"bad URI {what} {item[:60]!r}")
         if eq:
-            value = value.strip()
-            if not value or not _PARAM_CHARS.match(value):
-                raise ParseError(f"bad URI {what} {item!r}")
-            params[name.lower()] = value
+            if not value or not _escaped_text(_PARAM_TEXT, value):
+                raise ParseError(f"bad URI {what} {item[:60]!r}")
+            params[_unescape(name).lower()] = _unescape(value)
         else:
-            params[name.lower()] = None
+            params[_unescape(name).lower()] = None
     return params
 
 
 def format_params(params: dict[str, str | None]) -> str:
-    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+    out = []
+    for name, value in params.items():
+        out.append(";" + _escape(name, _PARAM_UNSAFE, _PARAM_SAFE))
+        if value is not None:
+            out.append("=" + _escape(value, _PARAM_UNSAFE, _PARAM_SAFE))
+    return "".join(out)
 
 
 @dataclass(slots=True)
 class SipURI:
-    """sip: or sips: URI. `user`/`password` unescaped; params keep their escaped text."""
+    """sip: or sips: URI; every component unescaped (see the module docstring)."""
 
     host: str
     user: str | None = None
@@ -141,31 +199,45 @@ class SipURI:
     def __str__(self) -> str:
         out = [self.scheme, ":"]
         if self.user is not None:
-            out.append(quote(self.user, safe=_USER_SAFE))
+            out.append(_escape(self.user, _USER_UNSAFE, _USER_SAFE))
             if self.password is not None:
-                out.append(":" + quote(self.password, safe=_PASSWORD_SAFE))
+                out.append(":" + _escape(self.password, _PASSWORD_UNSAFE, _PASSWORD_SAFE))
             out.append("@")
         out.append(self.host_port())
-        out.append(format_params(self.params))
+        if self.params:
+            out.append(format_params(self.params))
         if self.headers:
-            out.append("?" + "&".join(f"{k}={v}" for k, v in self.headers.items()))
+            out.append("?" + "&".join(
+                f"{_escape(k, _HEADER_UNSAFE, _HEADER_SAFE)}={_escape(v, _HEADER_UNSAFE, _HEADER_SAFE)}"
+                for k, v in self.headers.items()))
         return "".join(out)
 
     def equivalent(self, other: object) -> bool:
-        """URI comparison of RFC 3261 §19.1.4 (simplified to what routing needs)."""
+        """URI comparison of RFC 3261 §19.1.4.
+
+        Scheme, host, parameter and header names compare case-insensitively; user,
+        password and other values case-sensitively (transport, user, method, ttl and
+        maddr values are tokens or hosts: case-insensitive). A user, ttl, method, maddr
+        or transport parameter present in only one URI makes them differ (transport as
+        the section's examples have it); other parameters present in only one are
+        ignored; headers must all match.
+        (Simplification: an escaped reserved character in the user part is treated
+        as equal to the character itself.)"""
         if not isinstance(other, SipURI):
             return False
-        if (self.scheme, self.user, self.password) != (other.scheme, other.user, other.password):
+        if (self.scheme.lower(), self.user, self.password) != \
+                (other.scheme.lower(), other.user, other.password):
             return False
         if self.host.lower() != other.host.lower() or self.port != other.port:
             return False
-        for name in ("user", "ttl", "method", "maddr", "transport"):
-            a, b = self.params.get(name), other.params.get(name)
-            if (a or "").lower() != (b or "").lower():
+        for name in _ALWAYS_COMPARED:
+            if (name in self.params) != (name in other.params):
                 return False
-        for name in set(self.params) & set(other.params):
+        for name in self.params.keys() & other.params.keys():
             a, b = self.params[name], other.params[name]
-            if (a or "").lower() != (b or "").lower():
+            if name in _CASELESS_PARAMS:
+                a, b = a and a.lower(), b and b.lower()
+            if a != b:
                 return False
         return {k.lower(): v for k, v in self.headers.items()} == {
             k.lower(): v for k, v in other.headers.items()}
@@ -189,14 +261,15 @@ URI = SipURI | AbsoluteURI
 
 
 def parse_uri(text: str) -> URI:
-    """Parse any URI; SIP/SIPS in full, others only checked for scheme and absence of spaces."""
+    """Parse any URI; SIP/SIPS in full, others only checked for a scheme and for
+    characters no URI may contain unescaped (whitespace, controls, <, >, ")."""
     scheme, colon, rest = text.partition(":")
-    if not colon or not _SCHEME.match(scheme):
-        raise ParseError(f"bad URI {text!r}")
-    if any(c in text for c in " \t\r\n<>\"") or "\x00" in text:
-        raise ParseError(f"bad URI {text!r}")
+    if not colon or not _SCHEME.fullmatch(scheme):
+        raise ParseError(f"bad URI {text[:60]!r}")
+    if _NOT_IN_URI.search(text):
+        raise ParseError(f"bad characters in URI {text[:60]!r}")
     low = scheme.lower()
-    if low not in ("sip", "sips"):
+    if low != "sip" and low != "sips":
         return AbsoluteURI(text)
     return _parse_sip(low, rest, text)
 
@@ -204,33 +277,35 @@ def parse_uri(text: str) -> URI:
 def parse_sip_uri(text: str) -> SipURI:
     uri = parse_uri(text)
     if not isinstance(uri, SipURI):
-        raise ParseError(f"not a SIP URI: {text!r}")
+        raise ParseError(f"not a SIP URI: {text[:60]!r}")
     return uri
 
 
 def _parse_sip(scheme: str, rest: str, whole: str) -> SipURI:
     user = password = None
     if "@" in rest:
+        # '@' is allowed unescaped nowhere but here (§25.1), so the first one ends userinfo.
         userinfo, _, rest = rest.partition("@")
-        if "@" in rest or not userinfo:
-            raise ParseError(f"bad URI userinfo in {whole!r}")
+        if "@" in rest:
+            raise ParseError(f"bad URI userinfo in {whole[:60]!r}")
         u, colon, p = userinfo.partition(":")
-        if not _ESCAPED_OK.match(u) or (colon and not _ESCAPED_OK.match(p)) or not u:
-            raise ParseError(f"bad URI userinfo in {whole!r}")
-        user = unquote(u)
-        password = unquote(p) if colon else None
+        if not u or not _escaped_text(_USER_TEXT, u) or (colon and not _escaped_text(_PASSWORD_TEXT, p)):
+            raise ParseError(f"bad URI userinfo in {whole[:60]!r}")
+        user = _unescape(u)
+        password = _unescape(p) if colon else None
     rest, qmark, header_text = rest.partition("?")
     hostport, semi, param_text = rest.partition(";")
     host, port = split_hostport(hostport)
     if semi and not param_text:
-        raise ParseError(f"empty URI parameter in {whole!r}")
-    params = parse_params(param_text)
+        raise ParseError(f"empty URI parameter in {whole[:60]!r}")
+    params = parse_params(param_text) if semi else {}
     headers: dict[str, str] = {}
     if qmark:
         for item in header_text.split("&"):
             name, eq, value = item.partition("=")
-            if not eq or not name or not _HEADER_CHARS.match(name) or not _HEADER_CHARS.match(value):
-                raise ParseError(f"bad URI header {item!r}")
-            headers[name] = value
+            if not eq or not name or not _escaped_text(_HEADER_TEXT, name) \
+                    or not _escaped_text(_HEADER_TEXT, value):
+                raise ParseError(f"bad URI header {item[:60]!r}")
+            headers[_unescape(name)] = _unescape(value)
     return SipURI(host=host, user=user, password=password, port=port, scheme=scheme,
                   params=params, headers=headers)

@@ -67,8 +67,11 @@ def response_target(response: Response, arrived_on: Flow | None = None) -> Flow:
     """Where to send a response (§18.2.2, RFC 3581 §4), from its top Via."""
     via = response.via
     transport = via.transport.upper()
-    if transport in RELIABLE and arrived_on is not None and arrived_on.transport == transport:
-        return arrived_on
+    if arrived_on is not None:
+        if arrived_on.reliable:
+            return arrived_on  # the existing connection (or its successor, by flow)
+        # A request that came over UDP is answered over UDP, whatever its Via claims.
+        transport = arrived_on.transport
     host = via.received or via.host
     if via.rport is not None:
         port = via.rport
