@@ -1,0 +1,79 @@
+"""Why an agent stops early, as a message for people and an exit code for scripts."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Exit(enum.IntEnum):
+    """Exit codes of `sipmesh serve`, `sipmesh call` and `sip_app`."""
+
+    OK = 0
+    FAILURE = 1        # anything else (and sip_app's usage errors, as in the prototype)
+    USAGE = 2          # bad command line (argparse's code)
+    PROGRAM = 3        # the program to run is missing or not executable
+    UNREACHABLE = 4    # the SIP server does not answer, or we cannot listen
+    AUTH = 5           # the SIP server rejected our credentials
+    NOT_FOUND = 6      # the target is not registered (404, 480, 604)
+    BUSY = 7           # the target is in another session (486, 600)
+    NO_ANSWER = 8      # no final answer in time (408, our timeout)
+    REFUSED = 9        # the session was refused: 488, bad parameters either way, other errors
+
+
+EXIT_HELP = """exit status:
+  0  the session ran and ended (serve: stopped by a signal)
+  2  bad command line
+  3  the program to run is missing or not executable
+  4  the SIP server is unreachable (or the SIP port cannot be bound)
+  5  the SIP server rejected the credentials
+  6  the target is not registered
+  7  the target is busy
+  8  the target did not answer in time
+  9  the session was refused (e.g. parameters that do not validate)
+  1  any other failure"""
+
+
+class AgentError(Exception):
+    """A failure the agent reports and exits on."""
+
+    def __init__(self, message: str, code: Exit = Exit.FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ProfileError(AgentError):
+    """An application profile cannot do what a session needs (program, port, files)."""
+
+
+def exit_for_status(status: int) -> Exit:
+    """The exit code for a final SIP status that ended an INVITE."""
+    if status in (401, 403, 407):
+        return Exit.AUTH
+    if status in (404, 480, 484, 604):
+        return Exit.NOT_FOUND
+    if status in (486, 600):
+        return Exit.BUSY
+    if status in (408, 487):
+        return Exit.NO_ANSWER
+    if status in (503,) or status >= 700:
+        return Exit.UNREACHABLE
+    return Exit.REFUSED
+
+
+def describe_status(status: int, reason: str, target: str) -> str:
+    """A sentence for a failed INVITE."""
+    if status in (404, 604):
+        return f"{target} is not registered at the SIP server ({status} {reason})"
+    if status == 480:
+        return f"{target} is not reachable now ({status} {reason})"
+    if status in (486, 600):
+        return f"{target} is busy in another session ({status} {reason})"
+    if status == 408:
+        return f"{target} did not answer ({status} {reason})"
+    if status in (401, 407):
+        return f"the SIP server rejected our credentials ({status} {reason})"
+    if status == 403:
+        return f"the SIP server refused the call ({status} {reason})"
+    if status == 503:
+        return f"the SIP server is unreachable or unavailable ({status} {reason})"
+    return f"{target} refused the session ({status} {reason})"

@@ -1,0 +1,104 @@
+"""The interface between the agent's session logic and one kind of application.
+
+An application profile says which parameters each side sends in ``a=`` lines
+(declared with types, so the agent can validate them before anything runs),
+what the answering side puts into its 200 OK, and which program each side
+starts with the negotiated values. The agent does all the SIP; a profile never
+sees a raw SDP body or an unvalidated value.
+
+Sequence, answering side: `check` (before registering) -> INVITE arrives ->
+the agent validates the offer against `offer_params` -> `answer` -> the program
+of the returned plan starts -> 200 OK with the plan's attributes -> ... ->
+the program is stopped, the ChildSpec's cleanup runs.
+
+Calling side: `check` -> `offer` -> INVITE -> 200 OK validated against
+`answer_params` -> ACK -> `caller_child` starts -> ...
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sipmesh.agent.params import IPv4, IPv6, Param, Port, Token
+from sipmesh.agent.supervisor import ChildSpec
+
+__all__ = ["AppProfile", "Plan", "SessionInfo", "COMMON_OFFER", "IP_PARAMS", "PORT", "endpoint_env",
+           "offered_ip"]
+
+# What every offer may carry: the caller's address (IP4 or IP6) and the kind of
+# application it wants (absent in the paper's INVITEs, which had no body).
+IP_PARAMS = (Param("IP4", IPv4(), required=False), Param("IP6", IPv6(), required=False))
+COMMON_OFFER = IP_PARAMS + (Param("APP", Token(32), required=False),)
+PORT = Param("PORT", Port())
+
+
+@dataclass
+class SessionInfo:
+    """What the agent knows about a session when it asks the profile for something."""
+
+    role: str  # "server" (answering) or "client" (calling)
+    call_id: str
+    local_user: str
+    peer: str  # the peer's SIP URI
+    local_ip: str  # the address the peer can reach us at (our a=IP4 / a=IP6)
+
+
+@dataclass
+class Plan:
+    """The answering side's part: attributes for the 200 OK and the program to start."""
+
+    attributes: dict[str, str]
+    child: ChildSpec
+    port: int = 9  # for the m= line (informational, proxies rewrite it)
+
+
+def endpoint_env(values: dict[str, str], *, role: str, info: SessionInfo,
+                 remote_ip: str | None, port: str | None) -> dict[str, str]:
+    """The SIPMESH_* variables every program gets, plus one per negotiated value."""
+    env = {
+        "SIPMESH_ROLE": role,
+        "SIPMESH_CALL_ID": info.call_id,
+        "SIPMESH_LOCAL_USER": info.local_user,
+        "SIPMESH_PEER": info.peer,
+        "SIPMESH_LOCAL_IP": info.local_ip,
+    }
+    if remote_ip:
+        env["SIPMESH_REMOTE_IP"] = remote_ip
+    if port:
+        env["SIPMESH_PORT"] = port
+    for name, value in values.items():
+        env["SIPMESH_" + name.upper().replace("-", "_").replace(".", "_")] = value
+    return env
+
+
+def offered_ip(values: dict[str, str]) -> str | None:
+    return values.get("IP4") or values.get("IP6")
+
+
+class AppProfile(abc.ABC):
+    """One kind of application. Subclasses set the class attributes and the four methods."""
+
+    name: ClassVar[str]
+    media: ClassVar[str] = "application"
+    proto: ClassVar[str] = "sipmesh"
+    offer_params: tuple[Param, ...] = COMMON_OFFER
+    answer_params: tuple[Param, ...] = IP_PARAMS + (PORT,)
+
+    def check(self) -> None:
+        """Raise ProfileError if a session could not start (program missing, ...).
+        Called before registering, so that nobody calls an agent that cannot answer."""
+
+    def offer(self, info: SessionInfo) -> dict[str, str]:
+        """The caller's attributes for its INVITE."""
+        return {("IP6" if ":" in info.local_ip else "IP4"): info.local_ip, "APP": self.name}
+
+    @abc.abstractmethod
+    async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
+        """The answering side: choose its values (port, ...) for a validated offer."""
+
+    @abc.abstractmethod
+    def caller_child(self, info: SessionInfo, offer: dict[str, str],
+                     answer: dict[str, str]) -> ChildSpec:
+        """The calling side's program for a validated answer."""

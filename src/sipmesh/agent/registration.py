@@ -1,0 +1,150 @@
+"""Keeping our name registered (RFC 3261 §10) for as long as the agent runs.
+
+As in the prototype: REGISTER at start (Expires 3600 by default), refresh at
+half the granted time; when a refresh fails the next try comes after half the
+previous interval, never sooner than 10 s; at the end Expires 0 removes the
+binding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.sip.errors import ParseError
+from sipmesh.sip.message import Response
+from sipmesh.sip.useragent import CallFailed, UserAgent
+
+log = logging.getLogger("sipmesh.agent.registration")
+
+MIN_RETRY = 10.0
+UNREGISTER_TIMEOUT = 3.0
+
+
+def granted_expires(response: Response, contact_uri: str, requested: int) -> int:
+    """The binding lifetime the registrar granted: our Contact's expires param,
+    else the Expires header, else what we asked for (§10.2.4)."""
+    try:
+        for contact in response.contacts:
+            if str(contact.uri) == contact_uri and contact.expires is not None:
+                return contact.expires
+        value = response.headers.get("Expires")
+        if value is not None and value.strip().isdigit():
+            return int(value.strip())
+    except ParseError:
+        pass
+    return requested
+
+
+def next_interval(current: float, *, success: bool, expires: int, floor: float = MIN_RETRY) -> float:
+    """Seconds until the next REGISTER: Expires/2 after a success, half the previous
+    interval after a failure, never below `floor`."""
+    if success:
+        return max(expires / 2, floor)
+    return max(current / 2, floor)
+
+
+def registration_error(status: int, reason: str, server: str) -> AgentError:
+    if status in (401, 407):
+        return AgentError(f"the SIP server {server} rejected our credentials ({status} {reason})",
+                          Exit.AUTH)
+    if status == 403:
+        return AgentError(f"the SIP server {server} forbids this registration ({status} {reason})",
+                          Exit.AUTH)
+    if status in (408, 503):
+        return AgentError(f"the SIP server {server} is unreachable ({status} {reason})",
+                          Exit.UNREACHABLE)
+    return AgentError(f"registration at {server} failed ({status} {reason})", Exit.FAILURE)
+
+
+class Registration:
+    """The binding of our AOR to our Contact at the registrar."""
+
+    def __init__(self, ua: UserAgent, *, expires: int = 3600, timeout: float = 10.0,
+                 min_retry: float = MIN_RETRY) -> None:
+        self.ua = ua
+        self.expires = expires
+        self.timeout = timeout
+        self.min_retry = min_retry
+        self.granted: int | None = None
+        self.interval = expires / 2
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def server(self) -> str:
+        return self.ua.config.domain
+
+    async def _register(self, expires: int, timeout: float | None = None) -> Response:
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            response = await asyncio.wait_for(self.ua.register(expires), timeout)
+            if response.status == 423 and expires > 0:  # §10.2.8: Interval Too Brief
+                minimum = (response.headers.get("Min-Expires") or "").strip()
+                if minimum.isdigit() and expires < int(minimum) <= 86400:
+                    log.info("the registrar wants at least %s s: registering again", minimum)
+                    self.expires = int(minimum)
+                    response = await asyncio.wait_for(self.ua.register(self.expires), timeout)
+            return response
+        except asyncio.TimeoutError:
+            raise AgentError(f"the SIP server {self.server} did not answer our REGISTER within "
+                             f"{timeout:g} s", Exit.UNREACHABLE) from None
+        except CallFailed as exc:
+            raise registration_error(exc.status, exc.reason, self.server) from None
+        except OSError as exc:
+            raise AgentError(f"cannot reach the SIP server {self.server}: {exc}",
+                             Exit.UNREACHABLE) from None
+
+    async def register(self) -> None:
+        """The first REGISTER; raises AgentError with the reason if it fails."""
+        response = await self._register(self.expires)
+        if not 200 <= response.status < 300:
+            raise registration_error(response.status, response.reason, self.server)
+        self._granted(response)
+        log.info("registered %s at %s for %d s", self.ua.aor, self.server, self.granted)
+
+    def _granted(self, response: Response) -> None:
+        self.granted = granted_expires(response, str(self.ua.contact().uri), self.expires)
+        self.interval = next_interval(self.interval, success=True, expires=self.granted,
+                                      floor=self.min_retry)
+
+    def start_refresh(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                response = await self._register(self.expires)
+                ok = 200 <= response.status < 300
+                detail = f"{response.status} {response.reason}"
+            except AgentError as exc:
+                ok, detail = False, str(exc)
+            if ok:
+                self._granted(response)
+                log.info("registration refreshed (%d s)", self.granted)
+            else:
+                self.interval = next_interval(self.interval, success=False, expires=self.expires,
+                                              floor=self.min_retry)
+                log.warning("registration refresh failed (%s): next try in %g s", detail,
+                            self.interval)
+
+    async def unregister(self) -> None:
+        """Expires 0 for our binding; failures are logged, not raised (we are leaving)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        if self.granted is None:
+            return
+        try:
+            # leaving: do not keep a user who pressed Ctrl-C waiting for a dead server
+            response = await self._register(0, min(self.timeout, UNREGISTER_TIMEOUT))
+            log.info("unregistered from %s (%d %s)", self.server, response.status, response.reason)
+        except AgentError as exc:
+            log.warning("could not unregister: %s", exc)
+        self.granted = None

@@ -1,0 +1,134 @@
+"""The paper's VPN profile with OpenVPN 2.6, without a pre-shared key.
+
+The answering side runs OpenVPN in point-to-point TLS server mode on its
+application port; the caller runs the TLS client towards ``a=IP4``/``a=PORT``.
+The tunnel addresses are the paper's ``a=VPN_LOCAL_ADDR``/``a=VPN_REMOTE_ADDR``
+(the caller uses them swapped, like the paper's client wrapper). Instead of the
+paper's static key (deprecated in OpenVPN 2.6), each host has a self-signed
+certificate and each side sends its SHA-256 fingerprint in ``a=fingerprint``
+(RFC 8122); OpenVPN checks the peer's certificate with ``--peer-fingerprint``.
+The static-key setup of the paper remains available through `sip_app` and the
+wrapper scripts in examples/paper/.
+
+Each session gets its own configuration file in a private directory that is
+removed when OpenVPN has stopped. All values in it were validated as their
+types (addresses, port, hex fingerprint), so none can add a line or an option.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from sipmesh.agent.errors import AgentError, Exit, ProfileError
+from sipmesh.agent.params import Fingerprint, Param
+from sipmesh.agent.ports import pick_port
+from sipmesh.agent.profile import (COMMON_OFFER, IP_PARAMS, PORT, AppProfile, Plan, SessionInfo,
+                                   endpoint_env)
+from sipmesh.agent.supervisor import ChildSpec, resolve_program
+from sipmesh.apps.certs import HostCertificate, default_state_dir, host_certificate
+from sipmesh.apps.exec import DEFAULT_APP_PORT, DEFAULT_VPN_LOCAL, VPN_LOCAL, VPN_REMOTE, next_address
+
+log = logging.getLogger("sipmesh.apps.openvpn")
+
+FINGERPRINT = Param("fingerprint", Fingerprint(("sha-256",)))
+
+
+class OpenVPNProfile(AppProfile):
+    name = "openvpn"
+    media = "application/vpn"
+    proto = "OpenVPN"
+    offer_params = COMMON_OFFER + (FINGERPRINT,)
+    answer_params = IP_PARAMS + (PORT, VPN_LOCAL, VPN_REMOTE, FINGERPRINT)
+
+    def __init__(self, *, openvpn: str = "openvpn", state_dir: Path | None = None,
+                 app_port: int = DEFAULT_APP_PORT, vpn_local: str = DEFAULT_VPN_LOCAL,
+                 vpn_remote: str | None = None, extra_args: list[str] | None = None,
+                 ping: int = 10, ping_exit: int = 30, verb: int = 3) -> None:
+        self.openvpn = openvpn
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.app_port = app_port
+        self.vpn_local = VPN_LOCAL.parse(vpn_local)
+        try:
+            self.vpn_remote = VPN_REMOTE.parse(vpn_remote or next_address(self.vpn_local))
+        except ValueError as exc:
+            raise AgentError(str(exc), Exit.USAGE) from None
+        self.extra_args = list(extra_args or [])
+        self.ping, self.ping_exit, self.verb = ping, ping_exit, verb
+        self.cert: HostCertificate | None = None
+
+    def check(self) -> None:
+        self.openvpn = resolve_program(self.openvpn)
+        if not os.path.exists("/dev/net/tun"):
+            raise ProfileError("/dev/net/tun is missing: OpenVPN cannot make a tunnel here",
+                               Exit.PROGRAM)
+        self.cert = host_certificate(self.state_dir / "openvpn")
+        if os.geteuid() != 0:
+            log.warning("not running as root: OpenVPN needs CAP_NET_ADMIN to create its tunnel")
+
+    def _certificate(self) -> HostCertificate:
+        if self.cert is None:
+            self.cert = host_certificate(self.state_dir / "openvpn")
+        return self.cert
+
+    def offer(self, info: SessionInfo) -> dict[str, str]:
+        return dict(super().offer(info), fingerprint=self._certificate().fingerprint)
+
+    async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
+        port = pick_port(self.app_port, ("udp",))
+        cert = self._certificate()
+        attributes = {"IP6" if ":" in info.local_ip else "IP4": info.local_ip,
+                      "PORT": str(port), "VPN_LOCAL_ADDR": self.vpn_local,
+                      "VPN_REMOTE_ADDR": self.vpn_remote, "fingerprint": cert.fingerprint}
+        lines = [f"lport {port}", f"ifconfig {self.vpn_local} {self.vpn_remote}",
+                 "tls-server", "dh none", "float"]
+        child = self._child(info, "server", lines, offer["fingerprint"], attributes,
+                            remote_ip=offer.get("IP4") or offer.get("IP6"), port=str(port))
+        return Plan(attributes=attributes, child=child, port=port)
+
+    def caller_child(self, info: SessionInfo, offer: dict[str, str],
+                     answer: dict[str, str]) -> ChildSpec:
+        remote = answer.get("IP4") or answer["IP6"]
+        lines = [f"remote {remote} {answer['PORT']}", "nobind",
+                 f"ifconfig {answer['VPN_REMOTE_ADDR']} {answer['VPN_LOCAL_ADDR']}", "tls-client"]
+        return self._child(info, "client", lines, answer["fingerprint"], answer,
+                           remote_ip=remote, port=answer["PORT"])
+
+    def _child(self, info: SessionInfo, role: str, role_lines: list[str], peer_fingerprint: str,
+               values: dict[str, str], *, remote_ip: str | None, port: str) -> ChildSpec:
+        cert = self._certificate()
+        run_dir = self.state_dir / "run"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            directory = Path(tempfile.mkdtemp(prefix=f"openvpn-{role}-", dir=run_dir))
+            config = directory / "openvpn.conf"
+            config.write_text(self.config_text(role_lines, cert, peer_fingerprint))
+        except OSError as exc:
+            raise ProfileError(f"cannot write the OpenVPN configuration: {exc}") from None
+        env = endpoint_env(values, role=role, info=info, remote_ip=remote_ip, port=port)
+        return ChildSpec(argv=[self.openvpn, "--config", str(config), *self.extra_args], env=env,
+                         cleanup=lambda: shutil.rmtree(directory, ignore_errors=True))
+
+    def config_text(self, role_lines: list[str], cert: HostCertificate, peer_fingerprint: str) -> str:
+        hexpairs = Fingerprint(("sha-256",)).check(peer_fingerprint).split(" ", 1)[1]
+        lines = ["# written by sipmesh for one session; removed when the session ends",
+                 "dev tun", "proto udp", *role_lines,
+                 f"cert {_path(cert.cert)}", f"key {_path(cert.key)}",
+                 f"peer-fingerprint {hexpairs}",
+                 "disable-dco", f"ping {self.ping}", f"ping-exit {self.ping_exit}",
+                 f"verb {self.verb}"]
+        for line in lines:
+            if "\n" in line or "\r" in line:
+                raise ProfileError(f"refusing a configuration line with a line break: {line!r}")
+        return "\n".join(lines) + "\n"
+
+
+def _path(path: Path) -> str:
+    """A file name for an OpenVPN config line (quoted when it has spaces)."""
+    text = str(path)
+    if any(c in text for c in '"\\\n\r'):
+        raise ProfileError(f"cannot put this path in an OpenVPN configuration: {text!r}")
+    return f'"{text}"' if " " in text or "\t" in text else text

@@ -1,0 +1,718 @@
+"""`sipmesh serve` / `sipmesh call` as real processes, against Kamailio on loopback and
+against scripted raw SIP peers: sessions by name, supervision, every failure of the
+issue with its exit code, signals, and hostile SDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.lab import Kamailio, free_port, wait_for
+
+pytestmark = pytest.mark.slow  # real agent processes, Kamailio, our broker
+
+BIN = Path(sys.executable).parent
+SIPMESH = str(BIN / "sipmesh")
+SIP_APP = str(BIN / "sip_app")
+
+# A test application: records argv + SIPMESH_* env + pid, then exits after a delay ("exit")
+# or runs until SIGTERM ("run"), recording that it was stopped.
+APP = r'''
+import json, os, pathlib, signal, sys, time
+d, mode = pathlib.Path(sys.argv[1]), sys.argv[2]
+role = os.environ.get("SIPMESH_ROLE", "none")
+def term(*_):
+    (d / f"{role}.stopped").write_text("TERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)  # before the record: a record means SIGTERM is handled
+env = {k: v for k, v in os.environ.items() if k.startswith("SIPMESH_")}
+(d / f"{role}.json.tmp").write_text(json.dumps({"argv": sys.argv, "env": env, "pid": os.getpid()}))
+os.rename(d / f"{role}.json.tmp", d / f"{role}.json")
+if mode == "exit":
+    time.sleep(float(sys.argv[3]))
+    sys.exit(0)
+for _ in range(600):
+    time.sleep(0.1)
+'''
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def app_argv(tmp_path: Path, mode: str = "run", delay: float = 0.5) -> list[str]:
+    script = tmp_path / "app.py"
+    if not script.exists():
+        script.write_text(APP)
+    return [sys.executable, str(script), str(tmp_path), mode, str(delay)]
+
+
+def agent_argv(mode: str, server: str, user: str, *extra: str, program: list[str] | None = None,
+               target: str | None = None) -> list[str]:
+    argv = [SIPMESH, mode] + ([target] if target else []) + ["--server", server, "--user", user,
+                                                              "-v", *extra]
+    return argv + (["--", *program] if program else [])
+
+
+def wait_ready(proc, timeout: float = 10.0) -> None:
+    wait_for(lambda: "ready: contact" in proc.log_text(), timeout, what="agent registered",
+             abort=proc.exit_reason)
+
+
+def wait_exit(proc, timeout: float = 20.0) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{proc.name} still running; log:\n{proc.log_tail(40)}") from None
+
+
+def registered(k, user: str) -> bool:
+    """Does the SIP server (Kamailio or our broker) hold a binding for `user`?"""
+    if isinstance(k, BrokerServer):
+        return k.registered(user)
+    return f"AoR: {user}\n" in k.rpc("ul.dump")
+
+
+class BrokerServer:
+    """Our broker (`sipmesh broker`) as a separate process, with Kamailio's test interface:
+    host, port, hostport, address, registered(user), stop()."""
+
+    sdp_rewrite = False
+
+    def __init__(self, run_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
+                 netns=None, users: dict[str, str] | None = None) -> None:
+        from tests.lab import spawn, wait_udp_listening
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.host, self.netns = host, netns
+        self.port = port or (5060 if netns is not None else free_port("both", host))
+        self.db = run_dir / "broker.db"
+        argv = [SIPMESH, "broker", "--listen", f"{host}:{self.port}", "--db", str(self.db),
+                "--workers", "1"]
+        if users:
+            users_file = run_dir / "users"
+            for user, password in users.items():
+                subprocess.run([SIPMESH, "broker", "users", "add", "--users", str(users_file),
+                                "--realm", host, "--password-stdin", user], input=password + "\n",
+                               text=True, check=True, capture_output=True, timeout=20)
+            argv += ["--users", str(users_file)]
+        self.proc = spawn(argv, cwd=run_dir, log_path=run_dir / "broker.log", netns=netns,
+                          name=f"broker:{self.port}")
+        try:
+            wait_udp_listening(host, self.port, netns, 15, proc=self.proc)
+        except BaseException:
+            self.proc.stop()
+            raise
+
+    @property
+    def hostport(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def registered(self, user: str) -> bool:
+        from sipmesh.broker.location import LocationService
+
+        location = LocationService(self.db)
+        try:
+            return bool(location.lookup(f"sip:{user}@{self.host}"))
+        finally:
+            location.close()
+
+    def stop(self) -> None:
+        self.proc.stop(grace=5)
+
+
+def record(tmp_path: Path, role: str) -> dict | None:
+    f = tmp_path / f"{role}.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def processes_of(directory: Path) -> list[str]:
+    """Live processes whose command line or working directory is inside `directory`."""
+    found = []
+    mark = str(directory)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            try:
+                cwd = os.readlink(entry / "cwd")
+            except OSError:
+                cwd = ""
+        except OSError:
+            continue
+        if mark in cmdline or cwd == mark or cwd.startswith(mark + "/"):
+            found.append(f"{entry.name}: {cmdline.strip()}")
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_orphans(tmp_path):
+    """After every test (and its fixtures' teardown): nothing it started is still running."""
+    yield
+    left: list[str] = []
+    for _ in range(50):
+        left = processes_of(tmp_path)
+        if not left:
+            return
+        time.sleep(0.1)
+    raise AssertionError("processes left behind:\n" + "\n".join(left))
+
+
+def assert_no_orphans(tmp_path: Path) -> None:
+    for role in ("server", "client"):
+        rec = record(tmp_path, role)
+        if rec is not None:
+            wait_for(lambda: not pid_alive(rec["pid"]), 10, what=f"{role} program gone")
+
+
+class RawPeer:
+    """A scripted SIP endpoint on a UDP socket (independent of the agent's stack)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received: list[str] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, text: str, addr: tuple[str, int]) -> None:
+        head, _, body = text.partition("\r\n\r\n")
+        head = head.replace("\n", "\r\n").replace("\r\r\n", "\r\n")
+        data = (head + f"\r\nContent-Length: {len(body.encode())}\r\n\r\n" + body).encode()
+        self.sock.sendto(data, addr)
+
+    def recv(self, timeout: float = 5.0) -> tuple[str, tuple[str, int]] | None:
+        self.sock.settimeout(timeout)
+        try:
+            data, addr = self.sock.recvfrom(65535)
+        except (socket.timeout, OSError):
+            return None
+        text = data.decode("utf-8", "replace")
+        self.received.append(text)
+        return text, addr
+
+
+def header(message: str, name: str) -> str | None:
+    for line in message.split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name.lower():
+            return value.strip()
+    return None
+
+
+def reply(request: str, status: str, *, to_tag: str | None = None, extra: str = "",
+          body: str = "") -> str:
+    lines = [f"SIP/2.0 {status}"]
+    for line in request.split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
+        key = line.partition(":")[0].strip().lower()
+        if key in ("via", "from", "call-id", "cseq"):
+            lines.append(line)
+        elif key == "to":
+            lines.append(line + (f";tag={to_tag}" if to_tag and "tag=" not in line else ""))
+    text = "\r\n".join(lines) + ("\r\n" + extra.strip() if extra.strip() else "")
+    return text + "\r\n\r\n" + body
+
+
+def sdp(attributes: list[str], ip: str = "127.0.0.1") -> str:
+    lines = ["v=0", f"o=x 1 1 IN IP4 {ip}", "s=-", f"c=IN IP4 {ip}", "t=0 0",
+             "m=application 9 sipmesh 0", *attributes]
+    return "\r\n".join(lines) + "\r\n"
+
+
+class FakeServer(threading.Thread):
+    """Registrar + UAS in one: 200 to REGISTER, 100 + 200 (with `answer_sdp`) to INVITE,
+    200 to BYE; records every request. Bounded: stops itself after `lifetime` seconds."""
+
+    def __init__(self, answer_sdp: str, lifetime: float = 30.0) -> None:
+        super().__init__(daemon=True)
+        self.peer = RawPeer()
+        self.answer_sdp = answer_sdp
+        self.deadline = time.monotonic() + lifetime
+        self.methods: list[str] = []
+        self.stopped = threading.Event()
+
+    @property
+    def hostport(self) -> str:
+        return f"127.0.0.1:{self.peer.port}"
+
+    def run(self) -> None:
+        while not self.stopped.is_set() and time.monotonic() < self.deadline:
+            got = self.peer.recv(0.2)
+            if got is None:
+                continue
+            message, addr = got
+            method = message.split(" ", 1)[0]
+            self.methods.append(method)
+            if method == "REGISTER":
+                contact = header(message, "Contact") or "<sip:x@127.0.0.1>"
+                self.peer.send(reply(message, "200 OK", to_tag="reg",
+                                     extra=f"Contact: {contact};expires=3600"), addr)
+            elif method == "INVITE":
+                self.peer.send(reply(message, "100 Trying"), addr)
+                self.peer.send(reply(message, "200 OK", to_tag="uas",
+                                     extra=f"Contact: <sip:uas@{self.hostport}>\r\n"
+                                           "Content-Type: application/sdp",
+                                     body=self.answer_sdp), addr)
+            elif method in ("BYE", "CANCEL", "OPTIONS"):
+                self.peer.send(reply(message, "200 OK"), addr)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(5)
+        self.peer.close()
+
+
+def raw_register(k, user: str, peer: RawPeer) -> None:
+    """REGISTER `user` from `peer`'s socket with `peer` as its contact (a UA that never
+    answers INVITEs unless the test does)."""
+    branch = "z9hG4bK" + uuid.uuid4().hex
+    peer.send(f"REGISTER sip:{k.hostport} SIP/2.0\n"
+              f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch};rport\n"
+              "Max-Forwards: 70\n"
+              f"From: <sip:{user}@{k.hostport}>;tag=r1\nTo: <sip:{user}@{k.hostport}>\n"
+              f"Call-ID: {uuid.uuid4().hex}\nCSeq: 1 REGISTER\n"
+              f"Contact: <sip:{user}@127.0.0.1:{peer.port}>\nExpires: 60\r\n\r\n",
+              k.address)
+    got = peer.recv(5)
+    assert got is not None and got[0].startswith("SIP/2.0 200"), got
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+@pytest.fixture(params=["kamailio", "broker"])
+def k(request, kamailio, tmp_path):
+    """The SIP server: Kamailio (third party) and our own broker."""
+    if request.param == "kamailio":
+        yield kamailio()
+        return
+    server = BrokerServer(tmp_path / "broker")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def agents(kamailio, spawn_proc):
+    """spawn_proc whose processes are stopped before Kamailio is (so they can unregister)."""
+    started = []
+
+    def start(argv, **kwargs):
+        proc = spawn_proc(argv, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        proc.stop(grace=10)
+
+
+def test_session_by_name_child_exit_sends_bye_and_peer_stops(k, agents, tmp_path):
+    serve = agents(agent_argv("serve", k.hostport, "2500", "--app-port", str(free_port()),
+                                  program=app_argv(tmp_path, "run")), name="serve")
+    wait_ready(serve)
+    assert registered(k, "2500")
+    call = agents(agent_argv("call", k.hostport, "2501", target="2500",
+                                 program=app_argv(tmp_path, "exit", 0.5)), name="call")
+    assert wait_exit(call) == 0, call.log_text()
+    server, client = record(tmp_path, "server"), record(tmp_path, "client")
+    assert server and client
+    # the values the caller's program got are the ones the answering side chose
+    assert client["env"]["SIPMESH_PORT"] == server["env"]["SIPMESH_PORT"]
+    assert client["env"]["SIPMESH_REMOTE_IP"] == "127.0.0.1"
+    assert server["env"]["SIPMESH_REMOTE_IP"] == "127.0.0.1"
+    assert client["env"]["SIPMESH_PEER"].startswith("sip:2500@")
+    assert "SIPMESH_PASSWORD" not in client["env"]
+    # the caller's program exited -> BYE -> the server's program got SIGTERM
+    wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
+    assert "session ended: the application exited" in call.log_text()
+    assert "the peer ended the session" in serve.log_text()
+    assert serve.alive() and registered(k, "2500") and not registered(k, "2501")
+    assert_no_orphans(tmp_path)
+
+
+def test_session_over_tcp(k, agents, tmp_path):
+    serve = agents(agent_argv("serve", k.hostport, "2500", "--transport", "tcp", "--debug",
+                              program=app_argv(tmp_path, "run")), name="serve")
+    wait_ready(serve)
+    assert "transport=tcp" in serve.log_text()  # our Contact asks for TCP
+    call = agents(agent_argv("call", k.hostport, "2501", "--transport", "tcp", target="2500",
+                             program=app_argv(tmp_path, "exit", 0.2)), name="call")
+    assert wait_exit(call) == 0, call.log_text()
+    wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
+    assert "INVITE sip:2500@" in serve.log_text() and "tcp:" in serve.log_text()
+
+
+def test_bye_from_the_answering_side_stops_the_callers_program(k, agents, tmp_path):
+    serve = agents(agent_argv("serve", k.hostport, "2500", "--once",
+                                  program=app_argv(tmp_path, "exit", 0.5)), name="serve")
+    wait_ready(serve)
+    call = agents(agent_argv("call", k.hostport, "2501", target="2500",
+                                 program=app_argv(tmp_path, "run")), name="call")
+    assert wait_exit(call) == 0, call.log_text()
+    assert (tmp_path / "client.stopped").exists()
+    assert wait_exit(serve) == 0  # --once
+    assert not registered(k, "2500")
+    assert_no_orphans(tmp_path)
+
+
+def test_through_a_proxy_that_rewrites_sdp_only_a_lines_count(kamailio, agents, tmp_path):
+    k = kamailio(sdp_rewrite=True, sdp_fake_ip="127.0.0.254", sdp_fake_port=9)
+    serve = agents(agent_argv("serve", k.hostport, "2500", "--debug",
+                                  program=app_argv(tmp_path, "run")), name="serve")
+    wait_ready(serve)
+    call = agents(agent_argv("call", k.hostport, "2501", "--debug", target="2500",
+                                 program=app_argv(tmp_path, "exit", 0.2)), name="call")
+    assert wait_exit(call) == 0, call.log_text()
+    assert "c=IN IP4 127.0.0.254" in call.log_text()  # the proxy did rewrite the 200
+    client = record(tmp_path, "client")
+    assert client["env"]["SIPMESH_REMOTE_IP"] == "127.0.0.1"
+    assert client["env"]["SIPMESH_PORT"] == record(tmp_path, "server")["env"]["SIPMESH_PORT"]
+
+
+def test_placeholders_and_appended_arguments(k, agents, tmp_path):
+    serve = agents(agent_argv("serve", k.hostport, "2500", "--vpn", "--append-args",
+                                  program=app_argv(tmp_path, "run") + ["--port={PORT}"]),
+                       name="serve")
+    wait_ready(serve)
+    call = agents(agent_argv("call", k.hostport, "2501", "--vpn", "--append-args",
+                                 target="2500",
+                                 program=app_argv(tmp_path, "exit", 0.1) + ["{IP4}:{PORT}"]),
+                      name="call")
+    assert wait_exit(call) == 0, call.log_text()
+    server, client = record(tmp_path, "server"), record(tmp_path, "client")
+    port = server["env"]["SIPMESH_PORT"]
+    assert server["argv"][-4:] == [f"--port={port}", port, "192.168.234.1", "192.168.234.2"]
+    assert client["argv"][-5:] == [f"127.0.0.1:{port}", "127.0.0.1", port, "192.168.234.1",
+                                   "192.168.234.2"]
+
+
+def test_the_application_port_skips_ports_in_use(k, agents, tmp_path):
+    taken = free_port("both")
+    blockers = [socket.socket(socket.AF_INET, kind) for kind in (socket.SOCK_DGRAM,)]
+    for s in blockers:
+        s.bind(("0.0.0.0", taken))
+    try:
+        serve = agents(agent_argv("serve", k.hostport, "2500", "--app-port", str(taken),
+                                      program=app_argv(tmp_path, "run")), name="serve")
+        wait_ready(serve)
+        call = agents(agent_argv("call", k.hostport, "2501", target="2500",
+                                     program=app_argv(tmp_path, "exit", 0.1)), name="call")
+        assert wait_exit(call) == 0, call.log_text()
+        assert int(record(tmp_path, "client")["env"]["SIPMESH_PORT"]) > taken
+    finally:
+        for s in blockers:
+            s.close()
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_busy_486_while_in_a_session(k, agents, tmp_path):
+    serve = agents(agent_argv("serve", k.hostport, "2500", program=app_argv(tmp_path, "run")),
+                       name="serve")
+    wait_ready(serve)
+    first = agents(agent_argv("call", k.hostport, "2501", target="2500",
+                                  program=app_argv(tmp_path, "run")), name="first")
+    wait_for(lambda: record(tmp_path, "client") and record(tmp_path, "server"), 10,
+             what="first session up", abort=first.exit_reason)
+    second = agents(agent_argv("call", k.hostport, "2502", target="2500",
+                                   program=["/bin/true"]), name="second")
+    assert wait_exit(second) == 7, second.log_text()
+    assert "busy" in second.log_text() and "486" in second.log_text()
+    first.popen.send_signal(signal.SIGTERM)
+    assert wait_exit(first) == 0
+    wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
+    # free again: the next INVITE is answered
+    (tmp_path / "client.json").unlink()
+    third = agents(agent_argv("call", k.hostport, "2503", target="2500",
+                                  program=app_argv(tmp_path, "exit", 0.1)), name="third")
+    assert wait_exit(third) == 0, third.log_text()
+    assert_no_orphans(tmp_path)
+
+
+def test_target_not_registered(k, agents):
+    call = agents(agent_argv("call", k.hostport, "2501", target="nobody",
+                                 program=["/bin/true"]), name="call")
+    assert wait_exit(call) == 6
+    assert "nobody is not registered" in call.log_text()
+
+
+def test_no_answer(k, agents):
+    mute = RawPeer()  # takes the INVITE, never answers
+    try:
+        raw_register(k, "ghost", mute)
+        t0 = time.monotonic()
+        call = agents(agent_argv("call", k.hostport, "2501", "--timeout", "2", target="ghost",
+                                     program=["/bin/true"]), name="call")
+        assert wait_exit(call) == 8, call.log_text()
+        assert time.monotonic() - t0 < 10
+        assert "did not answer" in call.log_text()
+    finally:
+        mute.close()
+
+
+@pytest.mark.parametrize("kind", ["kamailio", "broker"])
+def test_digest_auth_accepted_and_rejected(kamailio, agents, tmp_path, kind):
+    users = {u: "pw" + u for u in ("2500", "2501", "2502")}
+    if kind == "kamailio":
+        k = kamailio(auth="static")  # password = "pw" + user
+    else:
+        k = BrokerServer(tmp_path / "broker", users=users)
+    try:
+        creds = tmp_path / "creds"
+        creds.write_text("password = pw2500\n")
+        creds.chmod(0o600)
+        serve = agents(agent_argv("serve", k.hostport, "2500", "--credentials", str(creds),
+                                  program=app_argv(tmp_path, "run")), name="serve")
+        wait_ready(serve)
+        call = agents(agent_argv("call", k.hostport, "2501", target="2500",
+                                 program=app_argv(tmp_path, "exit", 0.1)), name="call",
+                      env=dict(os.environ, SIPMESH_PASSWORD="pw2501"))
+        assert wait_exit(call) == 0, call.log_text()  # INVITE challenged (407) and answered
+        bad = agents(agent_argv("call", k.hostport, "2502", "--password", "wrong", target="2500",
+                                program=["/bin/true"]), name="bad")
+        assert wait_exit(bad) == 5
+        assert "rejected our credentials" in bad.log_text()
+        serve.stop(grace=10)
+    finally:
+        if kind == "broker":
+            k.stop()
+
+
+def test_server_unreachable(spawn_proc):
+    port = free_port("both")  # nothing listens there
+    udp = spawn_proc([SIPMESH, "serve", "--server", f"127.0.0.1:{port}", "--user", "a",
+                      "--register-timeout", "1", "--", "/bin/true"], name="udp")
+    assert wait_exit(udp) == 4
+    assert "did not answer our REGISTER" in udp.log_text()
+    tcp = spawn_proc([SIPMESH, "call", "b", "--server", f"127.0.0.1:{port}", "--user", "a",
+                      "--transport", "tcp", "--", "/bin/true"], name="tcp")
+    assert wait_exit(tcp) == 4
+    assert "unreachable" in tcp.log_text()
+
+
+@pytest.mark.parametrize("mode", ["serve", "call"])
+def test_program_checked_before_registering(k, agents, tmp_path, mode):
+    plain = tmp_path / "plain.sh"
+    plain.write_text("#!/bin/sh\n")
+    for program, message in ((str(tmp_path / "missing"), "program not found"),
+                             (str(plain), "not executable")):
+        p = agents(agent_argv(mode, k.hostport, "2500", program=[program],
+                                  target="x" if mode == "call" else None), name=mode)
+        assert wait_exit(p) == 3 and message in p.log_text()
+    assert not registered(k, "2500")
+    usage = subprocess.run([SIPMESH, mode, *(["x"] if mode == "call" else []), "--server",
+                            k.hostport, "--user", "u"], capture_output=True, text=True, timeout=20)
+    assert usage.returncode == 2 and "no program to run" in usage.stderr
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signal_to_the_answering_side_ends_everything_cleanly(k, agents, tmp_path, sig):
+    serve = agents(agent_argv("serve", k.hostport, "2500", program=app_argv(tmp_path, "run")),
+                       name="serve")
+    wait_ready(serve)
+    call = agents(agent_argv("call", k.hostport, "2501", target="2500",
+                                 program=app_argv(tmp_path, "run")), name="call")
+    wait_for(lambda: record(tmp_path, "client") and record(tmp_path, "server"), 10,
+             what="session up", abort=call.exit_reason)
+    serve.popen.send_signal(sig)
+    assert wait_exit(serve) == 0, serve.log_text()
+    assert wait_exit(call) == 0, call.log_text()  # BYE received -> stopped its program
+    assert (tmp_path / "server.stopped").exists() and (tmp_path / "client.stopped").exists()
+    assert not registered(k, "2500") and not registered(k, "2501")
+    assert_no_orphans(tmp_path)
+
+
+def test_signal_to_the_caller_sends_bye(k, agents, tmp_path):
+    serve = agents(agent_argv("serve", k.hostport, "2500", program=app_argv(tmp_path, "run")),
+                       name="serve")
+    wait_ready(serve)
+    call = agents(agent_argv("call", k.hostport, "2501", target="2500",
+                                 program=app_argv(tmp_path, "run")), name="call")
+    wait_for(lambda: record(tmp_path, "client") and record(tmp_path, "server"), 10,
+             what="session up", abort=call.exit_reason)
+    call.popen.send_signal(signal.SIGTERM)
+    assert wait_exit(call) == 0
+    wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
+    assert serve.alive() and registered(k, "2500") and not registered(k, "2501")
+    assert_no_orphans(tmp_path)
+
+
+def test_signal_while_calling_cancels_and_unregisters(k, agents):
+    mute = RawPeer()  # registered as "ghost"; takes the INVITE and only says 180
+    try:
+        raw_register(k, "ghost", mute)
+        call = agents(agent_argv("call", k.hostport, "2501", "--timeout", "60", target="ghost",
+                                 program=["/bin/true"]), name="call")
+        got = mute.recv(10)
+        assert got is not None and got[0].startswith("INVITE "), got
+        mute.send(reply(got[0], "180 Ringing", to_tag="g1"), got[1])
+        wait_for(lambda: registered(k, "2501"), 5)
+        call.popen.send_signal(signal.SIGINT)
+        assert wait_exit(call, 10) == 0, call.log_text()
+        methods = []
+        while (more := mute.recv(1)) is not None:
+            methods.append(more[0].split(" ", 1)[0])
+            if methods[-1] == "CANCEL":
+                mute.send(reply(more[0], "200 OK"), more[1])
+        assert "CANCEL" in methods, methods
+        assert not registered(k, "2501")
+    finally:
+        mute.close()
+
+
+def test_signal_while_idle_unregisters(k, agents, tmp_path):
+    serve = agents(agent_argv("serve", k.hostport, "2500", program=["/bin/true"]),
+                       name="serve")
+    wait_ready(serve)
+    assert registered(k, "2500")
+    serve.popen.send_signal(signal.SIGTERM)
+    assert wait_exit(serve) == 0
+    assert not registered(k, "2500")
+
+
+# ----------------------------------------------------------------------------- hostile SDP
+
+HOSTILE_OFFERS = {
+    "shell metacharacters": ["a=IP4:127.0.0.1;reboot"],
+    "command substitution": ["a=IP4:$(touch /tmp/sipmesh-pwned)"],
+    "backticks in APP": ["a=APP:`id`"],
+    "two values by line injection": ["a=IP4:127.0.0.1", "a=IP4:10.6.6.6"],
+    "bare CR inside a line": ["a=IP4:127.0.0.1\rX"],
+    "over-long value": ["a=IP4:" + "1" * 3000],
+    "out of range address": ["a=IP4:300.1.1.1"],
+    "other application": ["a=APP:openvpn"],
+}
+
+
+def invite_directly(spawn_proc, tmp_path: Path, attributes: list[str],
+                    serve_args: list[str]) -> tuple[str, bool, str]:
+    """Start `sipmesh serve SERVE_ARGS` (registered at a fake registrar), send it a raw INVITE
+    whose SDP has `attributes`; returns its final response, whether the agent was still
+    running 0.3 s later, and the agent's log (the agent is stopped before returning)."""
+    fake = FakeServer(answer_sdp="")  # only its registrar part is used
+    fake.start()
+    sip_port = free_port("both")
+    serve = spawn_proc([SIPMESH, "serve", "--server", fake.hostport, "--user", "2500",
+                        "--sip-port", str(sip_port), "--bind", "127.0.0.1", *serve_args],
+                       name="serve")
+    peer = RawPeer()
+    try:
+        wait_ready(serve)
+        branch = "z9hG4bK" + uuid.uuid4().hex
+        peer.send(f"INVITE sip:2500@127.0.0.1:{sip_port} SIP/2.0\n"
+                  f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch};rport\n"
+                  "Max-Forwards: 70\nFrom: <sip:evil@127.0.0.1>;tag=e1\n"
+                  "To: <sip:2500@127.0.0.1>\nCall-ID: hostile-" + uuid.uuid4().hex + "\n"
+                  f"CSeq: 1 INVITE\nContact: <sip:evil@127.0.0.1:{peer.port}>\n"
+                  "Content-Type: application/sdp\r\n\r\n" + sdp(attributes),
+                  ("127.0.0.1", sip_port))
+        final = None
+        for _ in range(5):
+            got = peer.recv(5)
+            assert got is not None, "no answer to the INVITE"
+            if not got[0].startswith("SIP/2.0 1"):
+                final = got[0]
+                break
+        assert final is not None, "no final response"
+        time.sleep(0.3)  # a program started by mistake would have shown up by now
+        alive = serve.alive()
+        serve.stop(grace=10)  # while the registrar still answers its unregistration
+        return final, alive, serve.log_text()
+    finally:
+        peer.close()
+        serve.stop()
+        fake.stop()
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_OFFERS))
+def test_hostile_invite_gets_488_and_starts_nothing(spawn_proc, tmp_path, case):
+    final, alive, log = invite_directly(spawn_proc, tmp_path, HOSTILE_OFFERS[case],
+                                        ["--", *app_argv(tmp_path, "run")])
+    assert final.startswith("SIP/2.0 488"), final
+    warning = header(final, "Warning")
+    assert warning and warning.startswith("399 ") and '"' in warning, final
+    assert alive and "started (pid" not in log
+    assert not list(tmp_path.glob("*.json*")), "a program was started"
+
+
+GOOD_FP = "sha-256 " + ":".join(["5A"] * 32)
+
+
+@pytest.mark.parametrize("attributes", [
+    [],  # the paper's INVITE had no SDP parameters: OpenVPN without a fingerprint is refused
+    [f"a=fingerprint:{GOOD_FP}\nscript-security 2"],
+    [f"a=fingerprint:{GOOD_FP};up /bin/sh"],
+    ["a=fingerprint:sha-256 " + ":".join(["5A"] * 31)],
+    ["a=fingerprint:md5 " + ":".join(["5A"] * 16)],
+    [f"a=fingerprint:{GOOD_FP}", "a=fingerprint:sha-256 " + ":".join(["6B"] * 32)],
+], ids=["missing", "newline", "semicolon", "short", "md5", "two"])
+def test_openvpn_profile_refuses_bad_fingerprints(spawn_proc, tmp_path, attributes):
+    final, alive, log = invite_directly(spawn_proc, tmp_path, ["a=IP4:127.0.0.1", *attributes],
+                                        ["--app", "openvpn", "--state-dir", str(tmp_path / "state")])
+    warning = header(final, "Warning") or ""
+    assert final.startswith("SIP/2.0 488") and ("fingerprint" in warning or "SDP" in warning), final
+    assert alive and "started (pid" not in log
+    assert not (tmp_path / "state" / "run").exists() or \
+        not list((tmp_path / "state" / "run").iterdir())
+
+
+HOSTILE_ANSWERS = {
+    "port out of range": ["a=IP4:127.0.0.1", "a=PORT:99999"],
+    "port zero": ["a=IP4:127.0.0.1", "a=PORT:0"],
+    "negative port": ["a=IP4:127.0.0.1", "a=PORT:-1"],
+    "shell in port": ["a=IP4:127.0.0.1", "a=PORT:8000;id"],
+    "shell in address": ["a=IP4:$(id)", "a=PORT:8000"],
+    "newline-split value": ["a=IP4:127.0.0.1", "a=PORT:8000", "a=PORT:8001"],
+    "over-long port": ["a=IP4:127.0.0.1", "a=PORT:" + "8" * 600],
+    "missing port": ["a=IP4:127.0.0.1"],
+    "missing address": ["a=PORT:8000"],
+    "hostname instead of address": ["a=IP4:evil.example", "a=PORT:8000"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_ANSWERS))
+def test_hostile_answer_is_acked_ended_and_starts_nothing(spawn_proc, tmp_path, case):
+    fake = FakeServer(answer_sdp=sdp(HOSTILE_ANSWERS[case]))
+    fake.start()
+    try:
+        call = spawn_proc([SIPMESH, "call", "2500", "--server", fake.hostport, "--user", "2501",
+                           "--", *app_argv(tmp_path, "run")], name="call")
+        assert wait_exit(call) == 9, call.log_text()
+        assert "refused the answer of 2500" in call.log_text()
+        time.sleep(0.3)
+        assert not list(tmp_path.glob("*.json*")), "a program was started"
+        assert "started (pid" not in call.log_text()
+        wait_for(lambda: "BYE" in fake.methods, 5, what="BYE after the bad answer")
+        assert fake.methods.index("ACK") < fake.methods.index("BYE")
+    finally:
+        fake.stop()
