@@ -255,6 +255,7 @@ class FakeServer(threading.Thread):
         self.answer_sdp = answer_sdp
         self.deadline = time.monotonic() + lifetime
         self.methods: list[str] = []
+        self.messages: list[str] = []
         self.stopped = threading.Event()
 
     @property
@@ -269,6 +270,7 @@ class FakeServer(threading.Thread):
             message, addr = got
             method = message.split(" ", 1)[0]
             self.methods.append(method)
+            self.messages.append(message)
             if method == "REGISTER":
                 contact = header(message, "Contact") or "<sip:x@127.0.0.1>"
                 self.peer.send(reply(message, "200 OK", to_tag="reg",
@@ -714,5 +716,7 @@ def test_hostile_answer_is_acked_ended_and_starts_nothing(spawn_proc, tmp_path, 
         assert "started (pid" not in call.log_text()
         wait_for(lambda: "BYE" in fake.methods, 5, what="BYE after the bad answer")
         assert fake.methods.index("ACK") < fake.methods.index("BYE")
+        bye = fake.messages[fake.methods.index("BYE")]
+        assert "cause=488" in (header(bye, "Reason") or ""), bye
     finally:
         fake.stop()

@@ -364,4 +364,6 @@ class Agent:
 async def _bye(call: Call, cause: int, text: str) -> None:
     """End a session we just accepted (as RFC 3261 §13.2.2.4 asks: ACK, then BYE)."""
     log.info("[%s] ending the session at once: %d %s", call.call_id, cause, text)
-    await call.bye()
+    # `text` may quote a hostile SDP value: keep it printable, unquoted and short.
+    reason = "".join(c if c.isprintable() and c not in '"\\' else "?" for c in text)[:120]
+    await call.bye(headers=[("Reason", f'SIP ;cause={cause} ;text="{reason}"')])

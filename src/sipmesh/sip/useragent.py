@@ -98,13 +98,16 @@ class Call:
         if not self.ended.done():
             self.ended.set_result(reason)
 
-    async def bye(self) -> Response | None:
+    async def bye(self, headers: list[tuple[str, str]] | None = None) -> Response | None:
         """End the session (§15.1.1). Returns once the BYE transaction has ended, with its
-        final response (None if the call had already ended or the BYE could not be sent)."""
+        final response (None if the call had already ended or the BYE could not be sent).
+        `headers` go into the BYE (e.g. a Reason, RFC 3326)."""
         if self.ended.done():
             return None
         self._end("local BYE")
         request = self.dialog.create_request("BYE")
+        for name, value in headers or ():
+            request.headers.add(name, value)
         try:
             response = await self.ua._send_in_dialog(self.dialog, request)
         except (OSError, CallFailed) as exc:
