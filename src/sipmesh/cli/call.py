@@ -25,6 +25,10 @@ def target_name(text: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "service", None):  # a daemon's service (cli/daemon.py)
+        from sipmesh.cli.daemon import run_service_call
+        return run_service_call(args)
+
     def configure(config: AgentConfig) -> None:
         config.target = args.target
         config.invite_timeout = args.timeout
@@ -50,5 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="give up (CANCEL) when there is no answer in time (default: 30)")
     parser.add_argument("--no-register", action="store_true",
                         help="do not register our own name first")
+    from sipmesh.cli.daemon import add_service_call_options
+    add_service_call_options(parser)
     parser.set_defaults(func=_run)
     return parser

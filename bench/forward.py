@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Throughput of the `forward` service against a direct TCP connection, on loopback.
+
+A real session: `sipmesh broker`, `sipmesh daemon` with a forward service whose target
+is a sink server, and `sipmesh call HOME --service fwd` -- the caller's local port then
+reaches the sink through the two forward halves (caller half -> answering half ->
+sink), peer to peer, never through the broker. The same source then sends --size MB
+to the sink, alternately directly and through the forward, --runs times each, and
+the medians are compared. The sink reads to EOF and answers with the byte count; the
+source (this process) times from connect to that answer.
+
+Also reported: the CPU time each forward half spends per GB (from /proc), because on
+loopback everything here is CPU-bound: a forwarded byte crosses three TCP connections
+instead of one, and each hop costs about as much CPU as the direct connection's
+sender and receiver together. The ratio therefore depends on the number of cores.
+
+    .venv/bin/python bench/forward.py [--size 1024] [--runs 5]
+
+Everything listens on 127.0.0.1 only; all processes are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+SIPMESH = str(Path(sys.executable).parent / "sipmesh")
+CHUNK = 1 << 20
+
+CONFIG = '''
+[agent]
+server = "127.0.0.1:{broker}"
+user = "home"
+bind = "127.0.0.1"
+advertise = "127.0.0.1"
+control_socket = "{sock}"
+
+[[service]]
+name = "fwd"
+kind = "forward"
+target = "127.0.0.1:{sink}"
+allow = ["*"]
+[service.call]
+local_port = {local}
+'''
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sink(server: socket.socket) -> None:
+    buffer = bytearray(CHUNK)
+    while True:
+        conn, _ = server.accept()
+        total = 0
+        while n := conn.recv_into(buffer):
+            total += n
+        conn.sendall(str(total).encode())
+        conn.close()
+
+
+def send(port: int, size: int) -> float:
+    """Seconds to push `size` bytes to the sink at `port` and hear that it got them all."""
+    data = b"\0" * CHUNK
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
+        sent = 0
+        while sent < size:
+            c.sendall(data)
+            sent += len(data)
+        c.shutdown(socket.SHUT_WR)
+        reply = c.recv(64)
+    elapsed = time.perf_counter() - started
+    if int(reply or b"0") != size:
+        raise RuntimeError(f"the sink got {reply!r} bytes, not {size}")
+    return elapsed
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def forward_halves() -> dict[str, int]:
+    found = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sipmesh.apps.forward" in argv:
+            found[argv[argv.index(b"sipmesh.apps.forward") + 1].decode()] = int(pid)
+    return found
+
+
+def wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def connectable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=1024, help="MB per run (default 1024)")
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    size = args.size * CHUNK
+    procs: list[subprocess.Popen] = []
+    sink_pid = 0
+    with tempfile.TemporaryDirectory(prefix="sipmesh-fwd-") as tmp:
+        work = Path(tmp)
+        try:
+            server = socket.socket()
+            server.bind(("127.0.0.1", 0))
+            server.listen(8)
+            sink_port = server.getsockname()[1]
+            sink_pid = os.fork()
+            if sink_pid == 0:
+                try:
+                    sink(server)
+                finally:
+                    os._exit(0)
+            server.close()
+            broker, local = free_port(socket.SOCK_DGRAM), free_port()
+            sock = work / "daemon.sock"
+            config = work / "daemon.toml"
+            config.write_text(CONFIG.format(broker=broker, sock=sock, sink=sink_port, local=local))
+            common = dict(stdout=subprocess.DEVNULL, start_new_session=True)
+            procs.append(subprocess.Popen(
+                [SIPMESH, "broker", "--listen", f"127.0.0.1:{broker}", "--db",
+                 str(work / "broker.db"), "--workers", "1", "--domain", "127.0.0.1",
+                 "--log-level", "warning"], stderr=subprocess.DEVNULL, **common))
+            time.sleep(0.5)
+            procs.append(subprocess.Popen([SIPMESH, "daemon", "-c", str(config), "-q"],
+                                          stderr=open(work / "daemon.log", "wb"), **common))
+            wait(sock.exists, 20, "the daemon")
+            time.sleep(0.3)
+            procs.append(subprocess.Popen(
+                [SIPMESH, "call", "home", "--service", "fwd", "-c", str(config), "--user",
+                 "bench", "--bind", "127.0.0.1", "-q"],
+                stderr=open(work / "caller.log", "wb"), **common))
+            wait(lambda: connectable(local) and len(forward_halves()) == 2, 20,
+                 "the forward to come up")
+            halves = forward_halves()
+            send(local, CHUNK)  # warm up both paths
+            send(sink_port, CHUNK)
+            direct, forwarded = [], []
+            halves["sink"], halves["source"] = sink_pid, os.getpid()
+            cpu = {path: {name: 0.0 for name in halves} for path in ("direct", "forward")}
+            for _ in range(args.runs):
+                for path, port, results in (("direct", sink_port, direct),
+                                            ("forward", local, forwarded)):
+                    before = {name: cpu_s(pid) for name, pid in halves.items()}
+                    results.append(size / send(port, size))
+                    for name, pid in halves.items():
+                        cpu[path][name] += cpu_s(pid) - before[name]
+        finally:
+            for proc in reversed(procs):
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(20)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+            if sink_pid:
+                os.kill(sink_pid, signal.SIGKILL)
+                os.waitpid(sink_pid, 0)
+    d, f = statistics.median(direct), statistics.median(forwarded)
+    gb = args.runs * size / (1 << 30)
+    print(f"{args.runs} runs of {args.size} MB each way on loopback, {os.cpu_count()} CPUs "
+          f"(median; min-max)")
+    print(f"  direct TCP:        {d / 1e6:8.0f} MB/s  ({min(direct) / 1e6:.0f}-{max(direct) / 1e6:.0f})")
+    print(f"  through forward:   {f / 1e6:8.0f} MB/s  ({min(forwarded) / 1e6:.0f}-"
+          f"{max(forwarded) / 1e6:.0f})")
+    print(f"  ratio:             {f / d:8.2f}  (target >= 0.8)")
+    for path in ("direct", "forward"):
+        total = sum(cpu[path].values()) / gb
+        print(f"  CPU, {path + ':':<8}    {total:.2f} s/GB in all (" + ", ".join(
+            f"{name} {seconds / gb:.2f}" for name, seconds in cpu[path].items() if seconds)
+            + f"); {os.cpu_count()} CPUs can give {os.cpu_count() / total:.1f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""`wireguard`: a point-to-point WireGuard tunnel per session (wireguard-go + wg + ip).
+
+Each side makes a fresh X25519 key pair for the session on its own host (the
+`cryptography` package) and sends only the public key (``a=wg-pubkey``). The
+answering side allocates its UDP port (``a=PORT``) and the tunnel's address pair
+(``a=VPN_LOCAL_ADDR`` its own, ``a=VPN_REMOTE_ADDR`` the caller's) from the
+daemon's pools. Each side's program is this module's ``up`` command, which runs
+``wireguard-go -f IFNAME`` in the foreground, sets the key and the peer with
+``wg set IFNAME private-key /dev/stdin ...``, adds the addresses with ``ip`` and
+waits; SIGTERM removes the interface. Interface names are unique per session
+(``smwg`` + 8 hex digits): wireguard-go's control socket
+``/var/run/wireguard/IFNAME.sock`` is shared by every network namespace.
+
+The private key never leaves its host and never appears in argv, the
+environment, SDP or a log: it is written to a 0600 file in a 0700 directory
+under the state directory, which ``up`` reads and deletes at once before
+handing the key to ``wg`` on a pipe (the directory is removed when the session
+ends, as a backstop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sipmesh.agent.errors import Exit, ProfileError
+from sipmesh.agent.params import Base64Key, IPv4, Param
+from sipmesh.agent.profile import COMMON_OFFER, IP_PARAMS, PORT, Plan, SessionInfo, \
+    endpoint_env, offered_ip
+from sipmesh.agent.supervisor import ChildSpec, resolve_program
+
+log = logging.getLogger("sipmesh.apps.wireguard")
+
+PUBKEY = Param("wg-pubkey", Base64Key(32))
+VPN_LOCAL = Param("VPN_LOCAL_ADDR", IPv4())
+VPN_REMOTE = Param("VPN_REMOTE_ADDR", IPv4())
+UAPI_DIR = Path("/var/run/wireguard")
+IFNAME_PREFIX = "smwg"
+SOCKET_WAIT = 10.0
+READY_WAIT = 15.0
+
+
+def keypair() -> tuple[bytes, str]:
+    """(private key as base64 bytes, public key as base64 text), X25519 as WireGuard uses."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (Encoding, NoEncryption,
+                                                              PrivateFormat, PublicFormat)
+
+    key = X25519PrivateKey.generate()
+    private = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return base64.b64encode(private), base64.b64encode(public).decode()
+
+
+def interface_name(prefix: str = IFNAME_PREFIX) -> str:
+    """A name no interface and no wireguard-go socket on this machine uses (<= 15 chars)."""
+    for _ in range(100):
+        name = f"{prefix}{secrets.token_hex(4)}"[:15]
+        if not (UAPI_DIR / f"{name}.sock").exists() and not Path(f"/sys/class/net/{name}").exists():
+            return name
+    raise ProfileError("cannot find a free WireGuard interface name")
+
+
+def write_private_key(directory: Path, key: bytes) -> Path:
+    """The key in a new 0600 file inside a new 0700 directory under `directory`."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    session_dir = Path(tempfile.mkdtemp(prefix="wg-", dir=directory))  # mkdtemp: 0700
+    path = session_dir / "private.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key + b"\n")
+    finally:
+        os.close(fd)
+    return path
+
+
+def _state_dir(state_dir: Path | None) -> Path:
+    if state_dir is not None:
+        return Path(state_dir)
+    from sipmesh.apps.certs import default_state_dir
+    return default_state_dir()
+
+
+def make_kind():
+    """The `wireguard` kind for the daemon's registry."""
+    from sipmesh.daemon.service import ConfigValueError, ServiceProfile
+
+    class WireGuardService(ServiceProfile):
+        """kind = "wireguard": options port (a UDP allocator), addresses (an IPv4 pool),
+        keepalive, mtu, wireguard_go, wg, ip, ifname_prefix."""
+
+        name = "wireguard"
+        media = "application/vpn"
+        proto = "WireGuard"
+        offer_params = COMMON_OFFER + (PUBKEY,)
+        answer_params = IP_PARAMS + (PORT, VPN_LOCAL, VPN_REMOTE, PUBKEY)
+        options = ("port", "addresses", "keepalive", "mtu", "wireguard_go", "wg", "ip",
+                   "ifname_prefix")
+
+        def configure(self, options: dict[str, Any], call: dict[str, Any]) -> None:
+            self.port_allocator = self.allocator_option(options, "port", "ports")
+            self.pool = self.allocator_option(options, "addresses", "addresses",
+                                              required=self.side == "answer")
+            if self.pool and ":" in str(getattr(self.allocators[self.pool], "network", "")):
+                raise ConfigValueError("addresses", "use an IPv4 pool")
+            self.keepalive = self.int_option(options, "keepalive", 25, 0, 3600)
+            self.mtu = self.int_option(options, "mtu", 1420, 576, 9000)
+            self.programs = {key: self.option_str(options, key, default)
+                             for key, default in (("wireguard_go", "wireguard-go"),
+                                                  ("wg", "wg"), ("ip", "ip"))}
+            self.prefix = self.option_str(options, "ifname_prefix", IFNAME_PREFIX)
+            if not self.prefix.isalnum() or len(self.prefix) > 7:
+                raise ConfigValueError("ifname_prefix", "at most 7 letters and digits")
+            self._private: bytes | None = None
+
+        def check(self) -> None:
+            for key, program in self.programs.items():
+                try:
+                    self.programs[key] = resolve_program(program)
+                except ProfileError as exc:
+                    raise ConfigValueError(key, str(exc)) from None
+            if not os.path.exists("/dev/net/tun"):
+                raise ProfileError("/dev/net/tun is missing: no tunnel can be made here",
+                                   Exit.PROGRAM)
+
+        # -- the calling side: our key pair is made with the offer -------------------------
+        def offer(self, info: SessionInfo) -> dict[str, str]:
+            self._private, public = keypair()
+            return dict(super().offer(info), **{"wg-pubkey": public})
+
+        def caller_child(self, info: SessionInfo, offer: dict[str, str],
+                         answer: dict[str, str]) -> ChildSpec:
+            assert self._private is not None, "offer() makes the key pair"
+            remote = offered_ip(answer) or ""
+            endpoint = f"[{remote}]:{answer['PORT']}" if ":" in remote else \
+                f"{remote}:{answer['PORT']}"
+            return self._spec(info, "client", self._private, address=answer["VPN_REMOTE_ADDR"],
+                              peer_address=answer["VPN_LOCAL_ADDR"],
+                              peer_key=answer["wg-pubkey"], listen_port=None, endpoint=endpoint,
+                              values=answer, remote_ip=remote, port=answer["PORT"])
+
+        # -- the answering side ---------------------------------------------------------
+        async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
+            assert self.pool is not None
+            lease = self.lease_of(info)
+            port = lease.port(self.port_allocator, ("udp",))
+            local, remote = lease.pair(self.pool)
+            private, public = keypair()
+            attributes = {"IP6" if ":" in info.local_ip else "IP4": info.local_ip,
+                          "PORT": str(port), "VPN_LOCAL_ADDR": local, "VPN_REMOTE_ADDR": remote,
+                          "wg-pubkey": public}
+            child = self._spec(info, "server", private, address=local, peer_address=remote,
+                               peer_key=offer["wg-pubkey"], listen_port=port, endpoint=None,
+                               values=attributes, remote_ip=offered_ip(offer), port=str(port))
+            return Plan(attributes=attributes, child=child, port=port)
+
+        async def wait_ready(self, plan: Plan, child: Any) -> None:
+            """The 200 OK waits until our end is configured: a caller whose first handshake
+            found nobody would otherwise wait for WireGuard's 5 s retry."""
+            ready = Path(plan.child.argv[plan.child.argv.index("--ready-file") + 1])
+            deadline = time.monotonic() + READY_WAIT
+            while not ready.exists():
+                if child.exited.done():
+                    raise ProfileError("the WireGuard program exited during setup "
+                                       f"(status {child.exited.result()})")
+                if time.monotonic() > deadline:
+                    raise ProfileError(f"the WireGuard interface was not up within "
+                                       f"{READY_WAIT:g} s")
+                await asyncio.sleep(0.01)
+
+        def _spec(self, info: SessionInfo, role: str, private: bytes, *, address: str,
+                  peer_address: str, peer_key: str, listen_port: int | None,
+                  endpoint: str | None, values: dict[str, str], remote_ip: str | None,
+                  port: str) -> ChildSpec:
+            key_file = write_private_key(_state_dir(self.state_dir) / "run", private)
+            ifname = interface_name(self.prefix)
+            argv = [sys.executable, "-m", "sipmesh.apps.wireguard", "up",
+                    "--ifname", ifname, "--key-file", str(key_file),
+                    "--address", address, "--peer-address", peer_address,
+                    "--peer-key", peer_key, "--mtu", str(self.mtu),
+                    "--wireguard-go", self.programs["wireguard_go"], "--wg", self.programs["wg"],
+                    "--ip", self.programs["ip"],
+                    "--ready-file", str(key_file.parent / "ready")]
+            if listen_port is not None:
+                argv += ["--listen-port", str(listen_port)]
+            if endpoint is not None:
+                argv += ["--endpoint", endpoint, "--keepalive", str(self.keepalive)]
+            env = endpoint_env(values, role=role, info=info, remote_ip=remote_ip, port=port)
+            env["SIPMESH_IFNAME"] = ifname
+            return ChildSpec(argv=argv, env=env,
+                             cleanup=lambda: shutil.rmtree(key_file.parent, ignore_errors=True))
+
+    return WireGuardService
+
+
+def register() -> None:
+    from sipmesh.daemon.registry import register_kind
+
+    register_kind("wireguard", make_kind())
+
+
+# ---------------------------------------------------------------------------- the program
+
+
+class _Tunnel:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.process: subprocess.Popen | None = None
+        self.stopping = False
+
+    def run(self) -> int:
+        args = self.args
+        key = _read_and_delete(Path(args.key_file))
+        env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
+        self.process = subprocess.Popen([args.wireguard_go, "-f", args.ifname], env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            self._wait_socket()
+            command = [args.wg, "set", args.ifname, "private-key", "/dev/stdin"]
+            if args.listen_port:
+                command += ["listen-port", str(args.listen_port)]
+            command += ["peer", args.peer_key, "allowed-ips", f"{args.peer_address}/32"]
+            if args.endpoint:
+                command += ["endpoint", args.endpoint]
+                if args.keepalive:
+                    command += ["persistent-keepalive", str(args.keepalive)]
+            _run(command, input=key)
+            del key
+            _run([args.ip, "address", "add", args.address, "peer", args.peer_address,
+                  "dev", args.ifname])
+            _run([args.ip, "link", "set", "dev", args.ifname, "mtu", str(args.mtu), "up"])
+            print(f"wireguard: {args.ifname} up, {args.address} <-> {args.peer_address}",
+                  file=sys.stderr, flush=True)
+            if args.ready_file:
+                Path(args.ready_file).touch(mode=0o600)
+            status = self.process.wait()
+            if not self.stopping:
+                print(f"wireguard: wireguard-go exited with status {status}", file=sys.stderr)
+                return 1
+            return 0
+        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            print(f"wireguard: {exc}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            self.down()
+
+    def _wait_socket(self) -> None:
+        assert self.process is not None
+        sock = UAPI_DIR / f"{self.args.ifname}.sock"
+        deadline = time.monotonic() + SOCKET_WAIT
+        while not sock.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"wireguard-go exited with status {self.process.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"wireguard-go made no {sock} within {SOCKET_WAIT:g} s")
+            time.sleep(0.02)
+
+    def stop(self, *_: object) -> None:
+        self.stopping = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
+    def down(self) -> None:
+        """wireguard-go removes its interface when it exits; make sure of both."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if Path(f"/sys/class/net/{self.args.ifname}").exists():
+            subprocess.run([self.args.ip, "link", "delete", "dev", self.args.ifname],
+                           capture_output=True, timeout=10)
+
+
+def _read_and_delete(path: Path) -> bytes:
+    try:
+        key = path.read_bytes().strip()
+    finally:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    if len(key) != 44:
+        raise SystemExit("wireguard: the key file does not hold a WireGuard key")
+    return key
+
+
+def _run(command: list[str], input: bytes | None = None) -> None:
+    result = subprocess.run(command, input=input, capture_output=True, timeout=20)
+    if result.returncode != 0:
+        # never echo `input` (the private key); the command line holds no secret
+        raise RuntimeError(f"{' '.join(command)}: {result.stderr.decode(errors='replace').strip()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sipmesh.apps.wireguard",
+                                     description="one end of a sipmesh WireGuard session")
+    parser.add_argument("command", choices=("up",))
+    parser.add_argument("--ifname", required=True)
+    parser.add_argument("--key-file", required=True)
+    parser.add_argument("--address", required=True, type=IPv4().check)
+    parser.add_argument("--peer-address", required=True, type=IPv4().check)
+    parser.add_argument("--peer-key", required=True, type=PUBKEY.type.check)
+    parser.add_argument("--listen-port", type=int)
+    parser.add_argument("--endpoint")
+    parser.add_argument("--keepalive", type=int, default=25)
+    parser.add_argument("--mtu", type=int, default=1420)
+    parser.add_argument("--wireguard-go", default="wireguard-go")
+    parser.add_argument("--wg", default="wg")
+    parser.add_argument("--ip", default="ip")
+    parser.add_argument("--ready-file", help="created once the interface is up")
+    args = parser.parse_args(argv)
+    tunnel = _Tunnel(args)
+    signal.signal(signal.SIGTERM, tunnel.stop)
+    signal.signal(signal.SIGINT, tunnel.stop)
+    return tunnel.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
