@@ -7,6 +7,10 @@ import logging
 import sys
 
 from sipmesh import __version__
+from sipmesh.cli import broker, call, daemon, demo, serve, status
+
+# The subcommands, in the order `sipmesh --help` lists them.
+_COMMANDS = [broker, serve, call, daemon, status, demo]
 
 
 def setup_logging(verbose: int = 0, debug: bool = False, log_file: str | None = None) -> None:
@@ -30,9 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     for module in _COMMANDS:
         module.add_parser(sub)
     return parser
-
-
-_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

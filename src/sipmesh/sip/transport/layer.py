@@ -45,8 +45,8 @@ class _Connection(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check
+        self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.flow = Flow(self.name, peer[0], peer[1])
         self.last_activity = asyncio.get_running_loop().time()
@@ -84,7 +84,11 @@ class _Datagram(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
-        self.layer._received(data, Flow("UDP", addr[0], addr[1]), stream=False)
+        flow = Flow("UDP", addr[0], addr[1])
+        steer = self.layer.datagram_filter
+        if steer is not None and steer(data, flow):
+            return
+        self.layer._received(data, flow, stream=False)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP error: %s", exc)
@@ -103,6 +107,9 @@ class TransportLayer:
         self._connecting: dict[Flow, asyncio.Future[_Connection]] = {}
         self._client_tls: ssl.SSLContext | None = None
         self._reaper: asyncio.Task[None] | None = None
+        # Optional: sees each raw datagram first; returning True means it took the
+        # datagram (e.g. a multi-process server handing it to the process that owns it).
+        self.datagram_filter: Callable[[bytes, Flow], bool] | None = None
 
     # -- set-up -----------------------------------------------------------------------
     async def listen(self, transport: str, host: str, port: int, *,
@@ -148,6 +155,23 @@ class TransportLayer:
             if (":" in addr[0]) == want_v6 or family_of is None:
                 return addr
         return candidates[0] if candidates else None
+
+    def udp_sockets(self) -> list[socket.socket]:
+        """The bound UDP sockets (e.g. to watch their receive queues)."""
+        out = []
+        for proto, _ in self._udp:
+            sock = proto.transport.get_extra_info("socket") if proto.transport is not None else None
+            if sock is not None:
+                out.append(sock)
+        return out
+
+    def has_connection(self, flow: Flow) -> bool:
+        """Is a TCP/TLS connection for `flow` open (so sending needs no connect)?"""
+        return flow in self._connections
+
+    def receive_datagram(self, data: bytes, flow: Flow) -> None:
+        """Process a datagram as if it had arrived from `flow`, bypassing `datagram_filter`."""
+        self._received(data, flow, stream=False)
 
     @property
     def transports(self) -> set[str]:

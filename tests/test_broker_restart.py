@@ -1,0 +1,117 @@
+"""The location service survives SIGKILL: `python -m sipmesh broker` is killed without
+warning, started again on the same database, and every binding still routes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import time
+
+import pytest
+
+from sipmesh.sip.message import Request, Response, make_response, parse_message
+from tests.lab import free_port, wait_for
+from tests.test_broker_sipp import start_broker
+
+USERS = 30
+
+
+class Endpoint:
+    """A blocking UDP SIP endpoint on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def send(self, text: str | bytes, addr: tuple[str, int]) -> None:
+        self.sock.sendto(text.encode() if isinstance(text, str) else text, addr)
+
+    def recv(self, timeout: float = 3.0) -> tuple[Request | Response, tuple]:
+        self.sock.settimeout(timeout)
+        data, addr = self.sock.recvfrom(65535)
+        return parse_message(data), addr
+
+    def request(self, method: str, uri: str, *, to: str, call_id: str, extra: list[str] = ()) -> str:
+        return "\r\n".join([
+            f"{method} {uri} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
+            "Max-Forwards: 70", f"From: <sip:tester@127.0.0.1>;tag={secrets.token_hex(4)}", f"To: {to}",
+            f"Call-ID: {call_id}", f"CSeq: 1 {method}", *extra, "Content-Length: 0", "", ""])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _final(ep: Endpoint, call_id: str) -> Response:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        message, _ = ep.recv(max(0.05, deadline - time.monotonic()))
+        if isinstance(message, Response) and message.call_id == call_id and message.status >= 200:
+            return message
+    raise AssertionError(f"no final response for {call_id}")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bindings_survive_sigkill_and_still_route(tmp_path, workers):
+    port = free_port("both")
+    broker_addr = ("127.0.0.1", port)
+    extra = ["--workers", str(workers)]
+    broker, _ = start_broker(tmp_path, port=port, extra=extra, name="broker1")
+    sink, caller = Endpoint(), Endpoint()
+    try:
+        for i in range(USERS):
+            user = f"r{i:03d}"
+            cid = f"reg-{user}"
+            sink.send(sink.request("REGISTER", f"sip:127.0.0.1:{port}", to=f"<sip:{user}@127.0.0.1:{port}>",
+                                   call_id=cid, extra=[f"Contact: <sip:{user}@127.0.0.1:{sink.port}>",
+                                                       "Expires: 600"]), broker_addr)
+            assert _final(sink, cid).status == 200
+
+        os.kill(broker.pid, signal.SIGKILL)  # no chance to flush or close anything
+        broker.wait(5)
+        wait_for(lambda: not any(p for p in os.listdir("/proc") if p.isdigit() and _holds_port(p, port)),
+                 5, what="every worker gone")
+        broker2, _ = start_broker(tmp_path, port=port, extra=extra, name="broker2")
+
+        reached = set()
+        for i in range(USERS):
+            user = f"r{i:03d}"
+            cid = f"opt-{user}"
+            caller.send(caller.request("OPTIONS", f"sip:{user}@127.0.0.1:{port}",
+                                       to=f"<sip:{user}@127.0.0.1:{port}>", call_id=cid), broker_addr)
+            forwarded, addr = sink.recv()
+            assert isinstance(forwarded, Request) and forwarded.method == "OPTIONS"
+            assert str(forwarded.uri) == f"sip:{user}@127.0.0.1:{sink.port}"
+            sink.send(make_response(forwarded, 200, to_tag="s").to_bytes(), addr)
+            assert _final(caller, cid).status == 200
+            reached.add(user)
+        assert len(reached) == USERS
+        assert broker2.alive(), broker2.log_tail()
+    finally:
+        sink.close()
+        caller.close()
+
+
+def _holds_port(pid: str, port: int) -> bool:
+    """Does process `pid` hold a socket bound to `port`? (a killed worker must not linger)"""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        return False
+    sockets = {i[8:-1] for i in inodes if i.startswith("socket:[")}
+    if not sockets:
+        return False
+    hexport = f":{port:04X}"
+    for table in ("udp", "tcp"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                for line in f.readlines()[1:]:
+                    cols = line.split()
+                    if cols[1].endswith(hexport) and cols[9] in sockets:
+                        return True
+        except OSError:
+            pass
+    return False
