@@ -12,7 +12,9 @@ source (this process) times from connect to that answer.
 Also reported: the CPU time each forward half spends per GB (from /proc), because on
 loopback everything here is CPU-bound: a forwarded byte crosses three TCP connections
 instead of one, and each hop costs about as much CPU as the direct connection's
-sender and receiver together. The ratio therefore depends on the number of cores.
+sender and receiver together. The ratio therefore depends on the number of cores,
+and on whatever else is running: the CPU other processes used during the runs is
+reported last, and figures taken on a busy machine say little.
 
     .venv/bin/python bench/forward.py [--size 1024] [--runs 5]
 
@@ -94,16 +96,32 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def forward_halves() -> dict[str, int]:
+def busy_s() -> float:
+    """CPU-seconds all CPUs have spent busy since boot (every field but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def forward_halves(ours: set[int]) -> dict[str, int]:
+    """The forward halves descended from `ours` (not another run's on the same machine)."""
     found = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+            if b"sipmesh.apps.forward" not in argv:
+                continue
+            ancestor = int(pid)
+            while ancestor > 1 and ancestor not in ours:
+                ancestor = parent(ancestor)
+        except (OSError, ValueError, IndexError):
             continue
-        if b"sipmesh.apps.forward" in argv:
+        if ancestor in ours:
             found[argv[argv.index(b"sipmesh.apps.forward") + 1].decode()] = int(pid)
     return found
 
@@ -158,20 +176,23 @@ def main() -> int:
             time.sleep(0.5)
             procs.append(subprocess.Popen([SIPMESH, "daemon", "-c", str(config), "-q"],
                                           stderr=open(work / "daemon.log", "wb"), **common))
-            wait(sock.exists, 20, "the daemon")
+            wait(sock.exists, 30, "the daemon")
             time.sleep(0.3)
             procs.append(subprocess.Popen(
                 [SIPMESH, "call", "home", "--service", "fwd", "-c", str(config), "--user",
                  "bench", "--bind", "127.0.0.1", "-q"],
                 stderr=open(work / "caller.log", "wb"), **common))
-            wait(lambda: connectable(local) and len(forward_halves()) == 2, 20,
+            ours = {proc.pid for proc in procs}
+            wait(lambda: connectable(local) and len(forward_halves(ours)) == 2, 30,
                  "the forward to come up")
-            halves = forward_halves()
-            send(local, CHUNK)  # warm up both paths
-            send(sink_port, CHUNK)
+            halves = forward_halves(ours)
+            warm = min(size, 64 * CHUNK)  # warm up both paths (and the buffers' autotuning)
+            send(local, warm)
+            send(sink_port, warm)
             direct, forwarded = [], []
             halves["sink"], halves["source"] = sink_pid, os.getpid()
             cpu = {path: {name: 0.0 for name in halves} for path in ("direct", "forward")}
+            started, busy_before = time.monotonic(), busy_s()
             for _ in range(args.runs):
                 for path, port, results in (("direct", sink_port, direct),
                                             ("forward", local, forwarded)):
@@ -179,6 +200,12 @@ def main() -> int:
                     results.append(size / send(port, size))
                     for name, pid in halves.items():
                         cpu[path][name] += cpu_s(pid) - before[name]
+            wall, busy = time.monotonic() - started, busy_s() - busy_before
+        except RuntimeError:
+            for log in ("daemon.log", "caller.log"):
+                if (work / log).exists():
+                    print(f"--- {log}:", (work / log).read_text()[-2000:], file=sys.stderr)
+            raise
         finally:
             for proc in reversed(procs):
                 if proc.poll() is None:
@@ -197,12 +224,21 @@ def main() -> int:
     print(f"  direct TCP:        {d / 1e6:8.0f} MB/s  ({min(direct) / 1e6:.0f}-{max(direct) / 1e6:.0f})")
     print(f"  through forward:   {f / 1e6:8.0f} MB/s  ({min(forwarded) / 1e6:.0f}-"
           f"{max(forwarded) / 1e6:.0f})")
-    print(f"  ratio:             {f / d:8.2f}  (target >= 0.8)")
+    pairs = statistics.median(fw / di for di, fw in zip(direct, forwarded))
+    print(f"  ratio:             {f / d:8.2f}  (target >= 0.8; median of the {args.runs} "
+          f"back-to-back pairs' ratios {pairs:.2f})")
     for path in ("direct", "forward"):
         total = sum(cpu[path].values()) / gb
         print(f"  CPU, {path + ':':<8}    {total:.2f} s/GB in all (" + ", ".join(
             f"{name} {seconds / gb:.2f}" for name, seconds in cpu[path].items() if seconds)
             + f"); {os.cpu_count()} CPUs can give {os.cpu_count() / total:.1f} GB/s")
+    ceiling = os.cpu_count() / (sum(cpu["forward"].values()) / gb) * (1 << 30)
+    print(f"  ceiling:           {ceiling / d:8.2f}  (the ratio if the forward used every CPU "
+          f"at the CPU per GB above: {ceiling / 1e6:.0f} MB/s)")
+    ours = sum(sum(by_name.values()) for by_name in cpu.values())
+    other = max(0.0, busy - ours) / wall
+    print(f"  other processes:   {other:8.2f} CPUs busy on average during the runs"
+          + ("  -- a loaded machine: the figures above are not reliable" if other > 0.2 else ""))
     return 0
 
 
