@@ -368,6 +368,32 @@ async def test_foreign_domains_are_not_relayed(make_broker, peers):
     assert r.status == 403 and "relay" in r.reason.lower()
 
 
+async def test_foreign_domains_are_forwarded_when_configured(make_broker, peers):
+    broker = await make_broker(forward_foreign=True)
+    other, caller = await peers(), await peers()
+    # 127.0.0.1 with another port is another server, not us
+    caller.send(sip("INVITE", f"sip:bob@127.0.0.1:{other.port}", caller, call_id="fwd", body=SDP_A),
+                broker.address())
+    invite = await other.request("INVITE")
+    assert str(invite.uri) == f"sip:bob@127.0.0.1:{other.port}" and invite.headers.get("Max-Forwards") == "69"
+    other.reply(invite, 404, to_tag="o")
+    assert (await caller.final("fwd")).status == 404
+
+
+async def test_timer_c_cancels_a_branch_that_rings_forever(make_broker, peers):
+    broker = await make_broker(timer_c=0.5)
+    bob, caller = await peers(), await peers()
+    await raw_register(bob, broker, "bob")
+    caller.send(sip("INVITE", f"sip:bob@{broker.hostport}", caller, call_id="timer-c", body=SDP_A),
+                broker.address())
+    invite = await bob.request("INVITE")
+    bob.reply(invite, 180, to_tag="b")
+    cancel = await bob.request("CANCEL", timeout=3)
+    bob.reply(cancel, 200)
+    bob.reply(invite, 487, to_tag="b")
+    assert (await caller.final("timer-c")).status == 487
+
+
 async def test_responses_follow_via_received_and_rport(make_broker, peers):
     """A client behind NAT puts an unreachable address in its Via; the answer goes to
     where the request really came from."""
