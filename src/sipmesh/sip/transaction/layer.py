@@ -154,7 +154,7 @@ class TransactionLayer:
         handle = ClientTransaction(request, flow)
         cls = ClientInviteTransaction if request.method == "INVITE" else ClientNonInviteTransaction
         machine = cls(request, reliable=flow.reliable, now=self.now(), timers=self.timers)
-        self._client[client_key(request)] = (machine, handle)
+        self._client[machine.key] = (machine, handle)
         self._flows[id(machine)] = flow
         self._run(machine, machine.start())
         return handle
@@ -256,7 +256,7 @@ class TransactionLayer:
             if handle is not None:
                 handle._deliver(message)
         else:
-            entry = self._server.get(server_key(message))
+            entry = self._server.get(machine.key)
             if entry is not None:
                 try:
                     self.tu.on_request(entry[1])
@@ -266,7 +266,7 @@ class TransactionLayer:
                         entry[1].reply(500)
 
     def _client_handle(self, machine: Machine) -> ClientTransaction | None:
-        entry = self._client.get(client_key(machine.request))
+        entry = self._client.get(machine.key)
         return entry[1] if entry is not None and entry[0] is machine else None
 
     def _alias_ack_key(self, machine: ServerInviteTransaction) -> None:
@@ -278,7 +278,7 @@ class TransactionLayer:
     def _forget(self, machine: Machine) -> None:
         table = self._client if isinstance(machine, (ClientInviteTransaction, ClientNonInviteTransaction)) \
             else self._server
-        key = client_key(machine.request) if table is self._client else server_key(machine.request)
+        key = machine.key
         entry = table.get(key)
         if isinstance(machine, ServerInviteTransaction) and machine.ack_key != key:
             alias = self._server.get(machine.ack_key)
