@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import Kamailio, free_port, wait_for
+from tests.lab.fixtures import stopped_gracefully
 
 pytestmark = pytest.mark.slow  # real agent processes, Kamailio, our broker
 
@@ -322,16 +323,8 @@ def k(request, kamailio, tmp_path):
 @pytest.fixture
 def agents(kamailio, spawn_proc):
     """spawn_proc whose processes are stopped before Kamailio is (so they can unregister)."""
-    started = []
-
-    def start(argv, **kwargs):
-        proc = spawn_proc(argv, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in reversed(started):
-        proc.stop(grace=10)
+    with stopped_gracefully(spawn_proc) as start:
+        yield start
 
 
 def test_session_by_name_child_exit_sends_bye_and_peer_stops(k, agents, tmp_path):

@@ -246,7 +246,9 @@ async def test_sipmesh_uac_calls_a_sippy_uas(spawn_proc, make_ua):
         progress: list[Response] = []
         call = await alice.invite(f"sip:callee@127.0.0.1:{port}", sdp("alice"),
                                   on_progress=progress.append, timeout=10)
-        assert [r.status for r in progress] == [180]
+        # sippy sends 180 and 200 back to back from its sender threads, so now and then
+        # the 200 arrives first; a 1xx after the 2xx is then rightly ignored (RFC 6026).
+        assert [r.status for r in progress] in ([180], []), progress
         assert b"a=x-peer:sippy" in call.remote_sdp
         response = await call.bye()
         assert response is not None and response.status == 200

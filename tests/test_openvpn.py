@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import Kamailio, Netns, NetnsFactory, wait_for
+from tests.lab.fixtures import stopped_gracefully
 from tests.test_agent import BrokerServer, no_orphans, registered  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
@@ -77,16 +78,8 @@ def server(request, net: Net, kamailio, tmp_path):
 @pytest.fixture
 def agents(server, spawn_proc):
     """Processes stopped (gracefully) before the SIP server and the namespaces go away."""
-    started = []
-
-    def start(argv, **kwargs):
-        proc = spawn_proc(argv, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in reversed(started):
-        proc.stop(grace=10)
+    with stopped_gracefully(spawn_proc) as start:
+        yield start
 
 
 def pids_in(ns: Netns, word: str, *, comm: bool = False) -> list[int]:

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from tests.lab import free_port, wait_for
+from tests.lab.fixtures import stopped_gracefully
 from tests.test_agent import (SIP_APP, SIPMESH, app_argv, no_orphans, record,  # noqa: F401
                               registered, wait_exit)
 
@@ -37,16 +38,8 @@ def test_remote_tunnel_address_cannot_be_derived_from_255():
 
 @pytest.fixture
 def agents(kamailio, spawn_proc):
-    started = []
-
-    def start(argv, **kwargs):
-        proc = spawn_proc(argv, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in reversed(started):
-        proc.stop(grace=10)
+    with stopped_gracefully(spawn_proc) as start:
+        yield start
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -41,6 +42,26 @@ def spawn_proc(tmp_path: Path) -> Callable[..., ManagedProcess]:
                      log_path=tmp_path / "logs" / f"{tag}.log")
 
     return _spawn
+
+
+@contextmanager
+def stopped_gracefully(spawn: Callable[..., ManagedProcess], grace: float = 10.0
+                       ) -> Iterator[Callable[..., ManagedProcess]]:
+    """A spawner whose processes get SIGTERM and `grace` seconds, newest first, when the
+    block ends: a fixture that yields from inside it (and depends on the SIP server or the
+    namespaces) stops its agents before they go, so that the agents can unregister."""
+    started: list[ManagedProcess] = []
+
+    def start(argv: Sequence[str], **kwargs: object) -> ManagedProcess:
+        proc = spawn(argv, **kwargs)
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in reversed(started):
+            proc.stop(grace=grace)
 
 
 @pytest.fixture
