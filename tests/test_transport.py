@@ -476,3 +476,25 @@ async def test_full_transaction_table_answers_503_with_retry_after(layers, raw_u
         assert peer.received.empty() and len(tu.requests) == 2
     finally:
         await transactions.close()
+
+
+def test_local_address_towards_is_remembered_briefly(monkeypatch) -> None:
+    from sipmesh.sip.transport import base
+
+    base._route_cache.clear()
+    opened = []
+    real_socket = base.socket.socket
+
+    def counting_socket(*args, **kwargs):
+        opened.append(args)
+        return real_socket(*args, **kwargs)
+
+    monkeypatch.setattr(base.socket, "socket", counting_socket)
+    assert base.local_address_towards("127.0.0.1") == "127.0.0.1"
+    assert base.local_address_towards("127.0.0.1") == "127.0.0.1"
+    assert len(opened) == 1  # the second answer came from the cache
+    clock = base.time.monotonic() + base._ROUTE_TTL + 0.1
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock)
+    assert base.local_address_towards("127.0.0.1") == "127.0.0.1"
+    assert len(opened) == 2  # expired: asked the kernel again
+    assert base.local_address_towards("::1") == "::1"

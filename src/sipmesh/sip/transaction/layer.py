@@ -19,7 +19,8 @@ from sipmesh.sip.transaction.matching import (client_key, invite_key_for_cancel,
                                               server_key)
 from sipmesh.sip.transaction.server import ServerInviteTransaction, ServerNonInviteTransaction
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.transport.base import UDP_SIZE_THRESHOLD, Flow, make_via, response_target
+from sipmesh.sip.transport.base import (UDP_SIZE_THRESHOLD, Flow, local_address_towards, make_via,
+                                        response_target)
 from sipmesh.sip.transport.layer import TransportLayer
 
 log = logging.getLogger("sipmesh.sip.transaction")
@@ -145,7 +146,6 @@ class TransactionLayer:
 
     def advertised_host(self, bound: str, towards: str) -> str:
         if bound in ("0.0.0.0", "::"):
-            from sipmesh.sip.transport.base import local_address_towards
             return local_address_towards(towards)
         return bound
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 
 from sipmesh.sip.headers import Via
@@ -96,8 +98,6 @@ async def resolve(host: str, port: int) -> str:
     """A hostname to one IP address (IPv4 preferred), IP addresses unchanged."""
     if is_ip(host):
         return host
-    import asyncio
-
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     if not infos:
         raise OSError(f"cannot resolve {host}")
@@ -105,15 +105,31 @@ async def resolve(host: str, port: int) -> str:
     return str(infos[0][4][0])
 
 
+# Answers of local_address_towards, briefly: a proxy bound to 0.0.0.0 asks for every
+# request it forwards, while routes (and a mobile host's address) change far less often.
+_ROUTE_TTL = 2.0
+_ROUTE_CACHE_SIZE = 1024
+_route_cache: dict[str, tuple[float, str]] = {}
+
+
 def local_address_towards(remote_host: str) -> str:
-    """The local IP the kernel would use to reach `remote_host` (no packet is sent)."""
+    """The local IP the kernel would use to reach `remote_host` (no packet is sent);
+    remembered for _ROUTE_TTL seconds."""
+    now = time.monotonic()
+    cached = _route_cache.get(remote_host)
+    if cached is not None and now - cached[0] < _ROUTE_TTL:
+        return cached[1]
     family = socket.AF_INET6 if ":" in remote_host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         try:
             s.connect((remote_host, 9))
-            return str(s.getsockname()[0])
+            address = str(s.getsockname()[0])
         except OSError:
-            return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+            address = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    if len(_route_cache) >= _ROUTE_CACHE_SIZE:
+        _route_cache.clear()
+    _route_cache[remote_host] = (now, address)
+    return address
 
 
 def make_via(transport: str, host: str, port: int, branch: str) -> Via:
