@@ -501,6 +501,34 @@ def test_make_response_copies_and_tags() -> None:
     assert again.status == 486 and again.from_.tag == "1928301774"
 
 
+def test_make_response_leaves_the_request_untagged() -> None:
+    req = parse_message(INVITE)
+    assert isinstance(req, Request) and req.to.tag is None
+    ok = make_response(req, 200, to_tag="t1")
+    assert ok.to.tag == "t1" and req.to.tag is None and ";tag=" not in (req.headers.get("To") or "")
+
+
+def test_typed_views_follow_every_change_of_the_headers() -> None:
+    req = parse_message(INVITE)
+    assert isinstance(req, Request)
+    assert req.via is req.via  # parsed once, shared
+    first = req.via.branch
+    req.headers.add("Via", "SIP/2.0/UDP proxy.example.com;branch=z9hG4bKnew", first=True)
+    assert req.via.branch == "z9hG4bKnew" and [v.branch for v in req.vias] == ["z9hG4bKnew", first]
+    assert req.headers.pop_first("Via") is not None and req.via.branch == first
+    req.headers.set("To", "<sip:carol@example.com>;tag=x")
+    assert req.to.uri.user == "carol" and req.to.tag == "x"
+    req.headers.set("CSeq", "7 INVITE")
+    assert req.cseq == (7, "INVITE")
+    req.headers.remove("Contact")
+    assert req.contacts == []
+    req.headers.add("Contact", "<sip:c@192.0.2.1>")
+    assert [str(c.uri) for c in req.contacts] == ["sip:c@192.0.2.1"]
+    copy = req.headers.copy()
+    copy.set("From", "<sip:mallory@example.com>;tag=m")
+    assert req.from_.uri.user != "mallory"
+
+
 # -- properties over generated messages ---------------------------------------------------------------
 
 _TOKEN_CHARS = string.ascii_letters + string.digits + "-.!%*_+`'~"

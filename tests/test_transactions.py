@@ -125,7 +125,7 @@ def test_invite_client_non_2xx_builds_ack_and_absorbs_retransmissions():
         ("Route", "<sip:p2.example.com;lr>"),
         ("Max-Forwards", "70"),
         ("From", "Alice <sip:alice@atlanta.com>;tag=1928301774"),
-        ("To", "\"Bob\" <sip:bob@biloxi.com>;tag=a6c85cf"),
+        ("To", "Bob <sip:bob@biloxi.com>;tag=a6c85cf"),  # as the request wrote it, plus the tag
         ("Call-ID", "a84b4c76e66710@pc33.atlanta.com"),
         ("CSeq", "314159 ACK"),
     ]

@@ -23,7 +23,7 @@ from sipmesh.broker.domains import LocalIdentity
 from sipmesh.sip.dialog import new_tag
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import parse_address, parse_via
-from sipmesh.sip.message import Request, Response, make_response
+from sipmesh.sip.message import Request, Response, make_response, with_tag
 from sipmesh.sip.transaction.client import make_cancel
 from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction, TransactionLayer
 from sipmesh.sip.transport.base import Flow, is_ip, resolve, response_target, uri_target
@@ -231,8 +231,7 @@ def _ensure_to_tag(response: Response) -> None:
     except ParseError:
         return
     if to.tag is None:
-        to.params["tag"] = new_tag()
-        response.headers.set("To", str(to))
+        response.headers.set("To", with_tag(response.headers.get("To") or "", new_tag()))
 
 
 class Proxy:

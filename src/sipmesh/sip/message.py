@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import (_CANONICAL, LIST_HEADERS, Address, Via, canonical_name,
@@ -47,8 +47,9 @@ KNOWN_METHODS = frozenset({"INVITE", "ACK", "OPTIONS", "BYE", "CANCEL", "REGISTE
                            "SUBSCRIBE", "NOTIFY", "PUBLISH", "INFO", "REFER", "MESSAGE",
                            "UPDATE"})
 MAGIC_COOKIE = "z9hG4bK"
-_MANDATORY = ("Via", "From", "To", "Call-ID", "CSeq")  # §8.1.1
-_SINGLE = ("Call-ID", "CSeq", "From", "To", "Max-Forwards", "Content-Type")  # RFC 4475 §3.3.8
+_MANDATORY = [(name, name.lower()) for name in ("Via", "From", "To", "Call-ID", "CSeq")]  # §8.1.1
+# RFC 4475 §3.3.8
+_SINGLE = [(name, name.lower()) for name in ("Call-ID", "CSeq", "From", "To", "Max-Forwards", "Content-Type")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+T = TypeVar("T")
 
 
 # Header name -> (canonical spelling, lookup key), for the names seen on every message.
@@ -85,13 +87,17 @@ class Headers:
 
     List-valued headers (Via, Route, Record-Route, Contact, Path) hold one value per
     entry, so 'Via: a, b' is stored as two entries and serialised as two lines.
+
+    The typed views of a message (its Via, From, To, CSeq, Contacts) are parsed once and
+    kept here until a field changes: every method that changes a field drops them.
     """
 
-    __slots__ = ("_items", "_keys")
+    __slots__ = ("_items", "_keys", "_views")
 
     def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
         self._items: list[tuple[str, str]] = []
         self._keys: list[str] = []  # lower-case long names, parallel to _items
+        self._views: dict[str, object] | None = None  # parsed views, see Message
         for name, value in items or ():
             self.add(name, value)
 
@@ -102,19 +108,19 @@ class Headers:
         return len(self._items)
 
     def __contains__(self, name: str) -> bool:
-        return _name_info(name)[1] in self._keys
+        return (_NAMES.get(name) or _name_info(name))[1] in self._keys
 
     def __repr__(self) -> str:
         return f"Headers({self._items!r})"
 
     def get(self, name: str, default: str | None = None) -> str | None:
         try:
-            return self._items[self._keys.index(_name_info(name)[1])][1]
+            return self._items[self._keys.index((_NAMES.get(name) or _name_info(name))[1])][1]
         except ValueError:
             return default
 
     def get_all(self, name: str) -> list[str]:
-        key = _name_info(name)[1]
+        key = (_NAMES.get(name) or _name_info(name))[1]
         if key not in self._keys:
             return []
         return [item[1] for k, item in zip(self._keys, self._items) if k == key]
@@ -127,6 +133,7 @@ class Headers:
         name, key = _name_info(name)
         if "\r" in value or "\n" in value:
             raise ValueError(f"header {name} value contains CR or LF")
+        self._views = None
         values = split_list(value) if key in LIST_HEADERS and value.strip() != "*" else [value]
         if first:
             self._items[0:0] = [(name, v) for v in values]
@@ -137,6 +144,7 @@ class Headers:
                 self._keys.append(key)
 
     def _append(self, name: str, key: str, value: str) -> None:
+        self._views = None
         self._items.append((name, value))
         self._keys.append(key)
 
@@ -158,6 +166,7 @@ class Headers:
     def remove(self, name: str) -> None:
         key = _name_info(name)[1]
         if key in self._keys:
+            self._views = None
             kept = [(k, item) for k, item in zip(self._keys, self._items) if k != key]
             self._keys = [k for k, _ in kept]
             self._items = [item for _, item in kept]
@@ -167,6 +176,7 @@ class Headers:
             index = self._keys.index(_name_info(name)[1])
         except ValueError:
             return None
+        self._views = None
         del self._keys[index]
         return self._items.pop(index)[1]
 
@@ -176,6 +186,18 @@ class Headers:
         new._keys = list(self._keys)
         return new
 
+    def view(self, name: str, parse: Callable[[], T]) -> T:
+        """The typed view `name`, parsed by `parse()` the first time it is asked for
+        since the last change. Shared: whoever wants to change it must copy it."""
+        views = self._views
+        if views is None:
+            views = self._views = {}
+        try:
+            return views[name]  # type: ignore[return-value]
+        except KeyError:
+            value = views[name] = parse()
+            return value
+
 
 @dataclass(slots=True, eq=False)
 class Message:
@@ -183,12 +205,17 @@ class Message:
     body: bytes = b""
 
     # -- typed views of the headers the stack routes on --------------------------------
+    # Parsed once (parse_message has already parsed them to check the message) and shared
+    # until a header field changes: treat them as read-only, copy() one to change it.
     @property
     def vias(self) -> list[Via]:
-        return [parse_via(v) for v in self.headers.get_all("Via")]
+        return self.headers.view("vias", lambda: [parse_via(v) for v in self.headers.get_all("Via")])
 
     @property
     def via(self) -> Via:
+        return self.headers.view("via", self._top_via)
+
+    def _top_via(self) -> Via:
         value = self.headers.get("Via")
         if value is None:
             raise ParseError("missing Via")
@@ -196,11 +223,11 @@ class Message:
 
     @property
     def from_(self) -> Address:
-        return parse_address(self._required("From"))
+        return self.headers.view("from", lambda: parse_address(self._required("From")))
 
     @property
     def to(self) -> Address:
-        return parse_address(self._required("To"))
+        return self.headers.view("to", lambda: parse_address(self._required("To")))
 
     @property
     def call_id(self) -> str:
@@ -208,11 +235,12 @@ class Message:
 
     @property
     def cseq(self) -> tuple[int, str]:
-        return parse_cseq(self._required("CSeq"))
+        return self.headers.view("cseq", lambda: parse_cseq(self._required("CSeq")))
 
     @property
     def contacts(self) -> list[Address]:
-        return [parse_address(v) for v in self.headers.get_all("Contact") if v.strip() != "*"]
+        return self.headers.view("contacts", lambda: [
+            parse_address(v) for v in self.headers.get_all("Contact") if v.strip() != "*"])
 
     def addresses(self, name: str) -> list[Address]:
         return [parse_address(v) for v in self.headers.get_all(name)]
@@ -467,31 +495,35 @@ def _check(msg: Request | Response) -> None:
     """The checks of §8.2 any element makes before acting on a message."""
     headers = msg.headers
     keys = headers._keys
-    missing = [name for name in _MANDATORY if name.lower() not in keys]
+    missing = [name for name, key in _MANDATORY if key not in keys]
     if missing:
         raise ParseError(f"missing {', '.join(missing)} header field{'s' if len(missing) > 1 else ''}")
-    repeated = [name for name in _SINGLE if keys.count(name.lower()) > 1]
+    repeated = [name for name, key in _SINGLE if keys.count(key) > 1]
     if repeated:
         raise ParseError(f"more than one {', '.join(repeated)} header field")
-    _, method = _checked(parse_cseq, "CSeq", headers)
+    cseq = _checked(parse_cseq, "CSeq", headers)
     is_request = isinstance(msg, Request)
-    if is_request and method != msg.method:
-        raise ParseError(f"CSeq method {method[:30]} does not match the request method",
+    if is_request and cseq[1] != msg.method:
+        raise ParseError(f"CSeq method {cseq[1][:30]} does not match the request method",
                          400 if msg.method in KNOWN_METHODS else 501)
     via = _checked(parse_via, "Via", headers)
     if is_request and via.branch == MAGIC_COOKIE:
         raise ParseError("Via branch is the bare magic cookie (no transaction identifier)")
-    _checked(parse_address, "From", headers)
-    _checked(parse_address, "To", headers)
+    from_ = _checked(parse_address, "From", headers)
+    to = _checked(parse_address, "To", headers)
     call_id = headers.get("Call-ID") or ""
     if not call_id or any(c in call_id for c in " \t"):
         raise ParseError(f"bad Call-ID {call_id[:40]!r}")
-    for value in headers.get_all("Contact"):
-        if value != "*":
-            try:
-                parse_address(value)
-            except ParseError as exc:
-                raise ParseError(f"bad Contact header: {exc.reason}") from None
+    contacts = []
+    if "contact" in keys:
+        for value in headers.get_all("Contact"):
+            if value != "*":
+                try:
+                    contacts.append(parse_address(value))
+                except ParseError as exc:
+                    raise ParseError(f"bad Contact header: {exc.reason}") from None
+    # What was parsed to check the message is what the accessors would parse again.
+    headers._views = {"cseq": cseq, "via": via, "from": from_, "to": to, "contacts": contacts}
     mf = headers.get("Max-Forwards")
     if mf is not None and (not _DIGITS.fullmatch(mf) or int(mf) > 255):
         raise ParseError(f"bad Max-Forwards {mf[:20]!r}")
@@ -582,6 +614,11 @@ def reason_for(status: int) -> str:
 _RESPONSE_COPIED = ("Via", "Record-Route", "From", "To", "Call-ID", "CSeq")
 
 
+def with_tag(address: str, tag: str) -> str:
+    """A From or To value without a tag, with `tag` added (the value is kept as written)."""
+    return f"{address};tag={tag}"
+
+
 def make_response(request: Request, status: int, reason: str | None = None, *,
                   to_tag: str | None = None) -> Response:
     """A response to `request` (RFC 3261 §8.2.6): Via, From, To, Call-ID and CSeq copied;
@@ -597,8 +634,6 @@ def make_response(request: Request, status: int, reason: str | None = None, *,
                 if k == key:
                     headers._append(name, key, v)
     if to_tag is not None and status > 100:
-        to = request.to
-        if to.tag is None:
-            to.params["tag"] = to_tag
-            headers.set("To", str(to))
+        if request.to.tag is None:
+            headers.set("To", with_tag(request.headers.get("To") or "", to_tag))
     return Response(headers=headers, status=status, reason=reason or reason_for(status))
