@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sipmesh.sip.errors import ParseError
+from sipmesh.sip import uri as uri_module
 from sipmesh.sip.uri import AbsoluteURI, SipURI, format_host, parse_sip_uri, parse_uri
 
 # -- structure --------------------------------------------------------------------------------
@@ -264,3 +265,19 @@ def test_arbitrary_text_only_raises_parse_error(text: str) -> None:
             continue
         if isinstance(uri, SipURI):
             assert parse_sip_uri(str(uri)) == uri  # whatever parses re-serialises faithfully
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.from_regex(uri_module._PLAIN_SIP, fullmatch=True) |
+       st.text(string.ascii_letters + string.digits + "-_.!~*'()&=+$,;?/[]:@%", max_size=40))
+def test_the_fast_path_for_plain_uris_agrees_with_the_general_parser(rest: str) -> None:
+    def outcome(parse):  # type: ignore[no-untyped-def]
+        try:
+            return parse()
+        except ParseError:
+            return ParseError  # the reasons may name the first problem each path meets
+    general = outcome(lambda: uri_module._parse_sip("sip", rest, "sip:" + rest))
+    assert outcome(lambda: parse_uri("sip:" + rest)) == general
+    plain = uri_module._PLAIN_SIP.fullmatch(rest)
+    if plain is not None:
+        assert outcome(lambda: uri_module._plain_sip("sip", plain, "sip:" + rest)) == general

@@ -264,12 +264,17 @@ def parse_uri(text: str) -> URI:
     """Parse any URI; SIP/SIPS in full, others only checked for a scheme and for
     characters no URI may contain unescaped (whitespace, controls, <, >, ")."""
     scheme, colon, rest = text.partition(":")
+    low = scheme.lower()
+    sip = low == "sip" or low == "sips"
+    if sip:
+        plain = _PLAIN_SIP.fullmatch(rest)
+        if plain is not None:
+            return _plain_sip(low, plain, text)
     if not colon or not _SCHEME.fullmatch(scheme):
         raise ParseError(f"bad URI {text[:60]!r}")
     if _NOT_IN_URI.search(text):
         raise ParseError(f"bad characters in URI {text[:60]!r}")
-    low = scheme.lower()
-    if low != "sip" and low != "sips":
+    if not sip:
         return AbsoluteURI(text)
     return _parse_sip(low, rest, text)
 
@@ -279,6 +284,27 @@ def parse_sip_uri(text: str) -> SipURI:
     if not isinstance(uri, SipURI):
         raise ParseError(f"not a SIP URI: {text[:60]!r}")
     return uri
+
+
+# The shape nearly every URI on the wire has, sip:user@host:port;name=value, written
+# without escapes, password, headers or IPv6: one regex finds its parts and the general
+# path below (which accepts a superset, with the same result for these) is skipped.
+_PLAIN_SIP = re.compile(
+    r"(?:([A-Za-z0-9" + re.escape(_USER_SAFE) + r"]+)@)?"   # user
+    r"([A-Za-z0-9\-.]+)(?::([0-9]{1,5}))?"                  # hostname or IPv4 address, port
+    r"((?:;[A-Za-z0-9" + re.escape(_PARAM_SAFE) + r"]+(?:=[A-Za-z0-9" + re.escape(_PARAM_SAFE) + r"]+)?)*)")
+
+
+def _plain_sip(scheme: str, plain: re.Match[str], whole: str) -> SipURI:
+    user, host, port_text, param_text = plain.groups()
+    params: dict[str, str | None] = {}
+    if param_text:
+        for item in param_text[1:].split(";"):  # each one checked by the regex
+            name, eq, value = item.partition("=")
+            params[name.lower()] = value if eq else None
+    return SipURI(host=parse_host(host), user=user,
+                  port=None if port_text is None else parse_port(port_text, whole), scheme=scheme,
+                  params=params)
 
 
 def _parse_sip(scheme: str, rest: str, whole: str) -> SipURI:
