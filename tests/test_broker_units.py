@@ -18,6 +18,7 @@ from sipmesh.broker.replies import ReplyCache, quick_reply
 from sipmesh.broker.users import UsersFile, UsersFileError, parse_users
 from sipmesh.broker.workers import owner_of
 from sipmesh.sip.auth import compute_ha1
+from sipmesh.sip.headers import parse_via
 from sipmesh.sip.message import make_response, parse_message
 from sipmesh.sip.transport.base import Flow
 from sipmesh.sip.uri import parse_sip_uri
@@ -369,12 +370,12 @@ def test_load_shedder_has_hysteresis():
 
 def test_nat_is_recognised_from_the_via_and_the_contact():
     source = Flow("UDP", "203.0.113.5", 40000)
-    assert behind_nat("SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK1;received=203.0.113.5",
+    assert behind_nat(parse_via("SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK1;received=203.0.113.5"),
                       parse_sip_uri("sip:a@10.0.0.2:5060"), source)
-    assert not behind_nat("SIP/2.0/UDP 203.0.113.5:40000;branch=z9hG4bK1",
+    assert not behind_nat(parse_via("SIP/2.0/UDP 203.0.113.5:40000;branch=z9hG4bK1"),
                           parse_sip_uri("sip:a@203.0.113.5:40000"), source)
     # a third-party registration: sent from elsewhere for a reachable contact
-    assert not behind_nat("SIP/2.0/UDP 203.0.113.5:40000;branch=z9hG4bK1",
+    assert not behind_nat(parse_via("SIP/2.0/UDP 203.0.113.5:40000;branch=z9hG4bK1"),
                           parse_sip_uri("sip:a@93.184.216.34:5060"), source)
-    assert behind_nat("SIP/2.0/UDP 203.0.113.5:40000;branch=z9hG4bK1",
+    assert behind_nat(parse_via("SIP/2.0/UDP 203.0.113.5:40000;branch=z9hG4bK1"),
                       parse_sip_uri("sip:a@192.168.1.20:5060"), source)

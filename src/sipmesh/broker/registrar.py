@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from sipmesh.broker.location import Binding, Changes
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.headers import parse_address
+from sipmesh.sip.headers import Via
 from sipmesh.sip.message import Request
 from sipmesh.sip.transport.base import DEFAULT_PORTS, Flow
 from sipmesh.sip.uri import SipURI
@@ -86,18 +86,18 @@ def process_register(request: Request, aor: str, current: list[Binding], *, now:
                 return _fail(500, "Out Of Order CSeq")
         return _ok(policy, [], now), Changes(delete_all=True)
 
+    try:
+        contacts = request.contacts  # parsed (and checked) with the message
+    except ParseError as exc:
+        return _fail(400, f"Bad Request (Contact: {exc.reason})")
     by_key = {b.contact_key: b for b in current}
     upserts: dict[str, Binding] = {}
     deletes: set[str] = set()
     user_agent = request.headers.get("User-Agent")
     via = via_digest(request)
-    top_via = request.headers.get("Via") or ""
+    top_via = request.via
     transport, host, port = (source.transport, source.host, source.port) if source else (None, None, None)
-    for value in raw_contacts:
-        try:
-            address = parse_address(value)
-        except ParseError as exc:
-            return _fail(400, f"Bad Request (Contact: {exc.reason})")
+    for value, address in zip(raw_contacts, contacts):
         uri = address.uri
         if not isinstance(uri, SipURI):
             return _fail(400, "Bad Request (Contact must be a sip: or sips: URI)")
@@ -145,24 +145,24 @@ def process_register(request: Request, aor: str, current: list[Binding], *, now:
     return _ok(policy, ordered, now), Changes(upsert=tuple(upserts.values()), delete=tuple(deletes))
 
 
-def behind_nat(top_via: str, contact: SipURI, source: Flow) -> bool:
+def behind_nat(via: Via, contact: SipURI, source: Flow) -> bool:
     """Did this REGISTER pass a NAT (like Kamailio's nat_uac_test 19)? Yes when it did not
-    come from where its Via says it was sent (the transport stamped received/rport with
-    other values), or when the Contact names a private address other than the source.
+    come from where its top Via says it was sent (the transport stamped received/rport
+    with other values), or when the Contact names a private address other than the source.
     A third-party registration (from somewhere else, for a contact that is reachable as
     it is) is not NAT: its requests go to the Contact."""
-    sent_by = top_via.split(";", 1)[0].split()[-1] if top_via else ""
-    host, _, port = sent_by.rpartition(":") if not sent_by.endswith("]") else (sent_by, "", "")
-    if not host or "]" in port:
-        host, port = sent_by, ""
-    via_port = int(port) if port.isdigit() else DEFAULT_PORTS.get(source.transport, 5060)
-    if host.strip("[]") != source.host or via_port != source.port:
+    via_port = via.port or DEFAULT_PORTS.get(source.transport, 5060)
+    if via.host != source.host or via_port != source.port:
         return True
+    return contact.host != source.host and _is_private(contact.host)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_private(host: str) -> bool:
     try:
-        private = ipaddress.ip_address(contact.host).is_private
+        return ipaddress.ip_address(host).is_private
     except ValueError:
-        return False
-    return private and contact.host != source.host
+        return False  # a name
 
 
 def via_digest(request: Request) -> str:

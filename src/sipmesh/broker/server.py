@@ -40,13 +40,13 @@ from sipmesh.broker.proxy import Proxy, Target, loop_hash
 from sipmesh.broker.ratelimit import LoadShedder, RateLimiter, retry_after, triage
 from sipmesh.broker.redirect import REDIRECTABLE, redirect_contacts
 from sipmesh.broker.registrar import Outcome, RegistrarPolicy, process_register
-from sipmesh.broker.replies import ReplyCache, quick_reply, stateless_response, via_target
+from sipmesh.broker.replies import ReplyCache, quick_reply, stateless_response
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import Address
-from sipmesh.sip.message import Headers, Request, Response, reason_for
+from sipmesh.sip.message import Headers, Request, Response, reason_for, with_tag
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
-from sipmesh.sip.transport.base import Flow
+from sipmesh.sip.transport.base import Flow, target_of_via
 from sipmesh.sip.transport.layer import TransportLayer
 from sipmesh.sip.uri import SipURI, parse_sip_uri
 
@@ -84,7 +84,7 @@ class BrokerConfig:
     timer_c: float = 180.0
     record_route: bool = True
     purge_interval: float = 60.0
-    commit_window: float = 0.002  # seconds REGISTERs may wait to share a database commit
+    commit_window: float = 0.005  # seconds REGISTERs may wait to share a database commit
     stats_interval: float = 60.0
     max_server_transactions: int = 300_000
 
@@ -403,12 +403,9 @@ class Broker:
             return
         to = reg.request.headers.get("To") or ""
         if reg.to is not None and reg.to.tag is None:
-            reg.to.params["tag"] = _tag_for(reg.request)
-            to = str(reg.to)
+            to = with_tag(to, _tag_for(reg.request))
         wire = stateless_response(reg.request, status, reason, headers, to)
-        target = via_target((reg.request.headers.get("Via") or "").encode("utf-8", "surrogateescape"), reg.flow)
-        if target is None:
-            return
+        target = target_of_via(reg.request.via, reg.flow)
         if reg.key is not None:
             self.replies.put(reg.key, wire, target)
         self.transactions.send_stateless(wire, target)  # type: ignore[arg-type]
@@ -599,8 +596,7 @@ def _response(request: Request, to: Address | None, status: int, reason: str | N
         out.add("Via", value)
     out.add("From", h.get("From") or "")
     if to is not None and to.tag is None and status > 100:
-        to.params["tag"] = _tag_for(request)
-        out.add("To", str(to))
+        out.add("To", with_tag(h.get("To") or "", _tag_for(request)))
     else:
         out.add("To", h.get("To") or "")
     out.add("Call-ID", h.get("Call-ID") or "")

@@ -67,7 +67,11 @@ def stamp_received(request: Request, source: Flow) -> None:
 
 def response_target(response: Response, arrived_on: Flow | None = None) -> Flow:
     """Where to send a response (§18.2.2, RFC 3581 §4), from its top Via."""
-    via = response.via
+    return target_of_via(response.via, arrived_on)
+
+
+def target_of_via(via: Via, arrived_on: Flow | None = None) -> Flow:
+    """Where the responses to a request with this top Via go (as received: stamped)."""
     transport = via.transport.upper()
     if arrived_on is not None:
         if arrived_on.reliable:
