@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 
 import pytest
@@ -88,6 +89,18 @@ def test_parse_escapes_commas_and_spaces() -> None:
     assert scheme == "Digest"
     assert p == {"realm": 'a, "b" \\ c', "nonce": "x", "opaque": "tok"}
     assert parse_auth_params('Digest realm="a",\r\n  nonce="b"')[1] == {"realm": "a", "nonce": "b"}
+
+
+def test_parse_unfolds_only_real_folds() -> None:
+    folded = 'Digest username="alice",\r\n\trealm="a\r\n b",\n  nonce="n"'
+    assert parse_auth_params(folded) == ("Digest", {"username": "alice", "realm": "a b", "nonce": "n"})
+    with pytest.raises(AuthError):  # a line break without a following space is no fold
+        parse_auth_params('Digest realm="a",\r\nnonce="b"')
+
+
+def test_parse_unescapes_quoted_pairs_only_where_present() -> None:
+    _, p = parse_auth_params(r'Digest username="a\"b", realm="plain", uri="\a\\\"", nonce="x\\"')
+    assert p == {"username": 'a"b', "realm": "plain", "uri": 'a\\"', "nonce": "x\\"}
 
 
 @pytest.mark.parametrize("bad", [
@@ -231,6 +244,25 @@ def test_challenges_order_and_stale() -> None:
         make_server(algorithms=("SHA-1",))
 
 
+def test_challenges_match_format_auth_params() -> None:
+    for opaque in (None, 'o"p\\q'):
+        srv = make_server(algorithms=("MD5", "SHA-256-sess"), opaque=opaque)
+        for stale in (False, True):
+            chs = srv.challenges(stale=stale)
+            nonce = parse_auth_params(chs[0])[1]["nonce"]
+            expected = []
+            for alg in ("SHA-256-sess", "MD5"):
+                p = {"realm": REALM, "nonce": nonce, "algorithm": alg, "qop": "auth"}
+                if opaque is not None:
+                    p["opaque"] = opaque
+                if stale:
+                    p["stale"] = "TRUE"
+                expected.append(format_auth_params("Digest", p, challenge=True))
+            assert chs == expected
+    with pytest.raises(AuthError):
+        DigestServer("bad\r\nrealm", NonceManager())
+
+
 def test_wrong_password_unknown_user_wrong_realm() -> None:
     srv = make_server()
     ch = srv.challenges()[0]
@@ -313,6 +345,39 @@ def test_nonce_manager_states() -> None:
     assert nm.check(n) is NonceState.STALE
 
 
+def test_nonce_manager_rejects_every_single_byte_forgery() -> None:
+    nm = NonceManager(secret=b"k" * 32, clock=FakeClock())
+    n = nm.issue()
+    raw = base64.urlsafe_b64decode(n)
+    assert len(raw) == 36
+    for i in range(len(raw)):  # timestamp, random part and MAC are all covered
+        forged = raw[:i] + bytes([raw[i] ^ 0x01]) + raw[i + 1:]
+        assert nm.check(base64.urlsafe_b64encode(forged).decode()) is NonceState.INVALID
+    assert nm.check(n) is NonceState.VALID  # the remembered last answer is per nonce
+
+
+def test_nonce_manager_secrets_of_any_length() -> None:
+    clock = FakeClock()
+    long_secret = bytes(range(100))  # longer than a BLAKE2b key
+    nm = NonceManager(secret=long_secret, clock=clock)
+    n = nm.issue()
+    assert nm.check(n) is NonceState.VALID
+    assert NonceManager(secret=long_secret, clock=clock).check(n) is NonceState.VALID  # another worker
+    assert NonceManager(secret=long_secret[:-1] + b"x", clock=clock).check(n) is NonceState.INVALID
+    assert NonceManager(secret=long_secret[:64], clock=clock).check(n) is NonceState.INVALID
+    assert NonceManager(clock=clock).check(n) is NonceState.INVALID  # random secret (a restart)
+    assert NonceManager(secret=b"", clock=clock).check(n) is NonceState.INVALID
+
+
+def test_nonce_manager_record_use_refuses_forged_nonces() -> None:
+    nm = NonceManager(secret=b"k" * 32, clock=FakeClock())
+    n = nm.issue()
+    forged = n[:10] + ("A" if n[10] != "A" else "B") + n[11:]
+    assert nm.check(forged) is NonceState.INVALID
+    assert not nm.record_use(forged, 1) and not nm.record_use("x" * 48, None)
+    assert nm.check(n) is NonceState.VALID and nm.record_use(n, 1)
+
+
 def test_nonce_manager_replay_table_bounded() -> None:
     clock = FakeClock()
     nm = NonceManager(lifetime=10, clock=clock, max_tracked=3)
@@ -369,6 +434,14 @@ def test_malformed_qop_fields() -> None:
     del q["cnonce"]
     assert srv.verify(format_auth_params("Digest", q), "INVITE", lookup).outcome is AuthOutcome.MALFORMED
     assert srv.verify(good, "INVITE", lookup).ok
+
+
+def test_upper_case_response_hex_accepted() -> None:
+    srv = make_server()
+    value = DigestClient("alice", "s3cret").authorize(srv.challenges()[0], "INVITE", "sip:x")
+    _, p = parse_auth_params(value)
+    upper = value.replace(p["response"], p["response"].upper())
+    assert upper != value and srv.verify(upper, "INVITE", lookup).ok
 
 
 def test_opaque_must_echo() -> None:

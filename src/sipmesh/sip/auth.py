@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import struct
@@ -20,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "AuthError", "AuthOutcome", "AuthResult", "DigestClient", "DigestServer", "NonceManager",
@@ -34,23 +37,31 @@ class AuthError(ValueError):
 
 # --------------------------------------------------------------------------- algorithms
 
-_HASHES: dict[str, tuple[str, int]] = {"MD5": ("md5", 0), "SHA-256": ("sha256", 1)}  # name -> (hashlib, strength)
+@dataclass(frozen=True, slots=True)
+class _Hash:
+    new: Callable[[bytes], Any]  # hashlib constructor
+    strength: int                # RFC 8760 preference: higher is stronger
+    hex_len: int                 # length of a hex digest
+
+
+_HASHES: dict[str, _Hash] = {"MD5": _Hash(hashlib.md5, 0, 32), "SHA-256": _Hash(hashlib.sha256, 1, 64)}
 try:
     hashlib.new("sha512_256")
-    _HASHES["SHA-512-256"] = ("sha512_256", 2)
+    _HASHES["SHA-512-256"] = _Hash(functools.partial(hashlib.new, "sha512_256"), 2, 64)
 except ValueError:  # pragma: no cover - depends on the OpenSSL build
     pass
 SUPPORTED_ALGORITHMS: tuple[str, ...] = tuple(n + s for n in _HASHES for s in ("", "-sess"))
+# upper-cased algorithm name -> (canonical base name, is_sess)
+_ALGORITHMS: dict[str, tuple[str, bool]] = {a.upper(): (a.removesuffix("-sess"), a.endswith("-sess"))
+                                            for a in SUPPORTED_ALGORITHMS}
 
 
 def _algo(algorithm: str) -> tuple[str, bool]:
     """Return (canonical base name, is_sess) or raise AuthError."""
-    name = algorithm.strip().upper()
-    sess = name.endswith("-SESS")
-    base = name[:-5] if sess else name
-    if base not in _HASHES:
+    found = _ALGORITHMS.get(algorithm.strip().upper())
+    if found is None:
         raise AuthError(f"unsupported digest algorithm {algorithm[:40]!r}")
-    return base, sess
+    return found
 
 
 def _canonical(algorithm: str) -> str:
@@ -60,7 +71,7 @@ def _canonical(algorithm: str) -> str:
 
 def _h(base: str, data: str | bytes) -> str:
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    return hashlib.new(_HASHES[base][0], raw).hexdigest()
+    return _HASHES[base].new(raw).hexdigest()
 
 
 def compute_ha1(username: str, realm: str, password: str, algorithm: str = "MD5",
@@ -91,19 +102,23 @@ def compute_response(ha1: str, nonce: str, method: str, uri: str, *, algorithm: 
 # --------------------------------------------------------------------------- parsing
 
 _TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
-_PARAM = re.compile(
-    r"""[ \t]*(?:,[ \t]*)*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*=[ \t]*"""  # [empty elements] name =
-    r"""(?:"((?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\.)*)"|([A-Za-z0-9\-.!%*_+`'~#$&^|/:@?\[\]]+))"""
-    r"""(?P<sep>[ \t]*(?:,[ \t]*)*)""")  # quoted-string | token, then list separator(s)
+_SCHEME = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)(?:[ \t]+|$)")
+_QDTEXT = r"""[^"\\\x00-\x08\x0a-\x1f\x7f]"""  # qdtext: HTAB and printable characters but " and \
+_PARAM = re.compile(  # [list separators and empty elements] name = value [separators]
+    r"""[ \t,]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*=[ \t]*"""
+    rf"""(?:"({_QDTEXT}*(?:\\.{_QDTEXT}*)*)"|([A-Za-z0-9\-.!%*_+`'~#$&^|/:@?\[\]]+))"""
+    r"""([ \t,]*)""")  # value: quoted-string (*(qdtext / quoted-pair)) | token
+_FOLD = re.compile(r"\r?\n[ \t]+")
+_QUOTED_PAIR = re.compile(r"\\(.)")
 _UNQUOTED = frozenset({"algorithm", "nc", "stale"})
 
 
 def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
     """Parse ``Scheme k=v, k="v", ...`` into (scheme, {lower-cased key: value})."""
-    s = re.sub(r"\r?\n[ \t]+", " ", value).strip(" \t")  # unfold LWS
-    if any(c in s for c in "\r\n\0"):
+    s = (_FOLD.sub(" ", value) if "\n" in value else value).strip(" \t")  # unfold LWS
+    if "\r" in s or "\n" in s or "\0" in s:
         raise AuthError("control characters in header value")
-    m = re.match(r"([A-Za-z0-9\-.!%*_+`'~]+)(?:[ \t]+|$)", s)
+    m = _SCHEME.match(s)
     if not m:
         raise AuthError("missing or malformed auth scheme")
     scheme, pos = m.group(1), m.end()
@@ -112,16 +127,17 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
         m = _PARAM.match(s, pos)
         if not m:
             raise AuthError(f"malformed auth-param at offset {pos}")
-        key = m.group(1).lower()
+        name, quoted, token, separator = m.groups()
+        key = name.lower()
         if key in params:
             raise AuthError(f"duplicate parameter {key!r}")
-        if m.group(2) is not None:
-            params[key] = re.sub(r"\\(.)", r"\1", m.group(2))
+        if quoted is None:
+            params[key] = token
         else:
-            params[key] = m.group(3)
-        if m.end() < len(s) and "," not in m.group("sep"):
-            raise AuthError(f"expected ',' at offset {m.end()}")
+            params[key] = _QUOTED_PAIR.sub(r"\1", quoted) if "\\" in quoted else quoted
         pos = m.end()
+        if pos < len(s) and "," not in separator:
+            raise AuthError(f"expected ',' at offset {pos}")
     return scheme, params
 
 
@@ -129,17 +145,17 @@ def format_auth_params(scheme: str, params: Mapping[str, str], *, challenge: boo
     """Serialise; algorithm, nc, stale (and qop in credentials) are bare tokens, the rest quoted."""
     if not _TOKEN.fullmatch(scheme):
         raise AuthError("bad auth scheme")
-    parts = []
-    for key, val in params.items():
-        if not _TOKEN.fullmatch(key) or any(c in val for c in "\r\n\0"):
-            raise AuthError(f"bad parameter {key[:40]!r}")
-        if key.lower() in _UNQUOTED or (key.lower() == "qop" and not challenge):
-            if not _TOKEN.fullmatch(val):
-                raise AuthError(f"parameter {key!r} must be a token")
-            parts.append(f"{key}={val}")
-        else:
-            parts.append(f'{key}="' + val.replace("\\", "\\\\").replace('"', '\\"') + '"')
-    return f"{scheme} " + ", ".join(parts)
+    return f"{scheme} " + ", ".join(_format_param(key, val, challenge=challenge) for key, val in params.items())
+
+
+def _format_param(key: str, val: str, *, challenge: bool) -> str:
+    if not _TOKEN.fullmatch(key) or "\r" in val or "\n" in val or "\0" in val:
+        raise AuthError(f"bad parameter {key[:40]!r}")
+    if key.lower() in _UNQUOTED or (key.lower() == "qop" and not challenge):
+        if not _TOKEN.fullmatch(val):
+            raise AuthError(f"parameter {key!r} must be a token")
+        return f"{key}={val}"
+    return f'{key}="' + val.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _parse_digest(value: str) -> dict[str, str]:
@@ -165,8 +181,8 @@ def choose_challenge(values: list[str]) -> str:
             continue
         if "realm" not in p or "nonce" not in p:
             continue
-        if best is None or _HASHES[base][1] > best[0]:
-            best = (_HASHES[base][1], v)
+        if best is None or _HASHES[base].strength > best[0]:
+            best = (_HASHES[base].strength, v)
     if best is None:
         raise AuthError("no supported Digest challenge")
     return best[1]
@@ -234,11 +250,13 @@ class NonceState(enum.Enum):
 
 
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{48}")  # 36 bytes -> 48 base64url chars, never padded
+_TIMESTAMP = struct.Struct(">d")
 _NO_QOP = 1 << 62  # marks a nonce consumed without qop: any further use is a replay
 
 
 class NonceManager:
-    """Stateless, self-validating nonces: base64url(timestamp | 12 random bytes | HMAC-SHA256[:16]).
+    """Stateless, self-validating nonces: base64url(timestamp | 12 random bytes | MAC[:16]),
+    the MAC being keyed BLAKE2b (RFC 7693 §2.5) with a key derived from the secret.
 
     Only the replay table (highest accepted nc per nonce) is kept; it forgets
     expired nonces and holds at most ``max_tracked`` entries.  When a live
@@ -248,30 +266,42 @@ class NonceManager:
 
     def __init__(self, secret: bytes | None = None, lifetime: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, max_tracked: int = 100_000) -> None:
-        self._secret = secret if secret is not None else secrets.token_bytes(32)
+        secret = secret if secret is not None else secrets.token_bytes(32)
+        # A BLAKE2b key is at most 64 bytes: hash the secret (any length) to one.  The keyed
+        # state is made once; each MAC continues a copy of it.
+        key = hashlib.blake2b(secret, digest_size=32, person=b"sipmesh-nonce").digest()
+        self._keyed = hashlib.blake2b(key=key, digest_size=16)
         self.lifetime = lifetime
         self._clock = clock
         self._max = max_tracked
         self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()  # nonce -> (expiry, last nc)
         self._floor = float("-inf")
+        self._last: tuple[str, float | None] = ("", None)  # the last _timestamp() answer
 
     def __repr__(self) -> str:
         return f"NonceManager(lifetime={self.lifetime!r}, tracked={len(self._seen)})"
 
     def _mac(self, head: bytes) -> bytes:
-        return hmac.new(self._secret, head, hashlib.sha256).digest()[:16]
+        mac = self._keyed.copy()
+        mac.update(head)
+        return mac.digest()
 
     def issue(self) -> str:
-        head = struct.pack(">d", self._clock()) + secrets.token_bytes(12)
+        head = _TIMESTAMP.pack(self._clock()) + os.urandom(12)
         return base64.urlsafe_b64encode(head + self._mac(head)).decode("ascii")
 
     def _timestamp(self, nonce: str) -> float | None:
-        if not _NONCE_RE.fullmatch(nonce):
-            return None
-        raw = base64.urlsafe_b64decode(nonce)
-        if not hmac.compare_digest(raw[20:], self._mac(raw[:20])):
-            return None
-        return struct.unpack(">d", raw[:8])[0]
+        """The issue time of a nonce we issued, else None.  The last answer is remembered:
+        a verification asks twice for the same nonce (check, then record_use)."""
+        if nonce == self._last[0]:
+            return self._last[1]
+        ts: float | None = None
+        if _NONCE_RE.fullmatch(nonce):
+            raw = base64.urlsafe_b64decode(nonce)
+            if hmac.compare_digest(raw[20:], self._mac(raw[:20])):
+                ts = _TIMESTAMP.unpack_from(raw)[0]
+        self._last = (nonce, ts)
+        return ts
 
     def check(self, nonce: str) -> NonceState:
         ts = self._timestamp(nonce)
@@ -327,6 +357,7 @@ class AuthResult:
 
 
 _HEX = re.compile(r"[0-9a-fA-F]+")
+_REQUIRED = frozenset({"username", "realm", "nonce", "uri", "response"})
 
 
 class DigestServer:
@@ -339,19 +370,22 @@ class DigestServer:
         if not canon:
             raise AuthError("no algorithms configured")
         self.realm, self.nonces, self.opaque = realm, nonces, opaque
-        self.algorithms = tuple(sorted(dict.fromkeys(canon), key=lambda a: -_HASHES[_algo(a)[0]][1]))
+        self.algorithms = tuple(sorted(dict.fromkeys(canon), key=lambda a: -_HASHES[_algo(a)[0]].strength))
+
+        # A challenge is fixed but for its nonce, so it is formatted once, in two parts: the
+        # text before the nonce and, per algorithm, the text after it.  (Nonces are base64url:
+        # they never need escaping.)
+        def formatted(params: dict[str, str]) -> str:
+            return ", ".join(_format_param(k, v, challenge=True) for k, v in params.items())
+
+        self._challenge_head = f'Digest {formatted({"realm": realm})}, nonce="'
+        fixed = {"qop": "auth"} | ({} if opaque is None else {"opaque": opaque})
+        self._challenge_tails = [f'", {formatted({"algorithm": alg} | fixed)}' for alg in self.algorithms]
 
     def challenges(self, stale: bool = False) -> list[str]:
         nonce = self.nonces.issue()
-        out = []
-        for alg in self.algorithms:
-            p = {"realm": self.realm, "nonce": nonce, "algorithm": alg, "qop": "auth"}
-            if self.opaque is not None:
-                p["opaque"] = self.opaque
-            if stale:
-                p["stale"] = "TRUE"
-            out.append(format_auth_params("Digest", p, challenge=True))
-        return out
+        stale_param = ", stale=TRUE" if stale else ""
+        return [self._challenge_head + nonce + tail + stale_param for tail in self._challenge_tails]
 
     def verify(self, authorization: str, method: str,
                ha1_lookup: Callable[[str, str, str], str | None], body: bytes = b"") -> AuthResult:
@@ -365,7 +399,7 @@ class DigestServer:
             p = _parse_digest(authorization)
         except AuthError:
             return res(AuthOutcome.MALFORMED)
-        if any(k not in p for k in ("username", "realm", "nonce", "uri", "response")):
+        if not _REQUIRED.issubset(p):
             return res(AuthOutcome.MALFORMED)
         if p["realm"] != self.realm:
             return res(AuthOutcome.WRONG_REALM)
@@ -386,7 +420,7 @@ class DigestServer:
         elif sess and cnonce is None:
             return res(AuthOutcome.MALFORMED)
         response = p["response"]
-        if len(response) != len(_h(base, b"")) or not _HEX.fullmatch(response):
+        if len(response) != _HASHES[base].hex_len or not _HEX.fullmatch(response):
             return res(AuthOutcome.MALFORMED)
         if self.opaque is not None and p.get("opaque") != self.opaque:
             return res(AuthOutcome.MALFORMED)
@@ -401,7 +435,8 @@ class DigestServer:
             ha1 = _h(base, f"{ha1}:{p['nonce']}:{cnonce}")
         expected = compute_response(ha1, p["nonce"], method, p["uri"], algorithm=algorithm, qop=qop,
                                     nc=nc if qop else None, cnonce=cnonce if qop else None, body=body)
-        if not hmac.compare_digest(expected.encode("ascii"), response.lower().encode("ascii")):
+        # both are ASCII: response matched _HEX
+        if not hmac.compare_digest(expected, response.lower()):
             return res(AuthOutcome.BAD_CREDENTIALS)
         if state is NonceState.STALE:
             return res(AuthOutcome.STALE)
