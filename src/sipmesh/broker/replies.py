@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Sequence
 
 from sipmesh.sip.message import Request, Response, reason_for
 from sipmesh.sip.transport.base import RELIABLE, Flow
@@ -107,7 +107,7 @@ _COPIED = {b"via": b"Via", b"v": b"Via", b"from": b"From", b"f": b"From", b"to":
 
 
 def quick_reply(data: bytes, source: Flow, status: int,
-                headers: list[tuple[str, str]] = ()) -> tuple[Wire, Flow] | None:
+                headers: Sequence[tuple[str, str]] = ()) -> tuple[Wire, Flow] | None:
     """A stateless response to the request in `data` (UDP), and where to send it; None
     if `data` is no request that can be answered this way."""
     end = data.find(b"\r\n\r\n")
@@ -128,7 +128,7 @@ def quick_reply(data: bytes, source: Flow, status: int,
         name, colon, value = line.partition(b":")
         canonical = _COPIED.get(name.strip().lower()) if colon else None
         keeping = canonical is not None
-        if keeping:
+        if canonical is not None:
             kept.append(canonical + b": " + value.strip())
             found.add(canonical)
             if canonical == b"Via" and top_via is None:

@@ -99,6 +99,7 @@ def parse_header_params(text: str) -> dict[str, str | None]:
     quoted values kept with their quotes so that they serialise unchanged.
     LWS is allowed around ';' and '=' (RFC 3261 §25.1 SEMI, EQUAL)."""
     params: dict[str, str | None] = {}
+    value: str | None
     if '"' not in text:  # the common case: no quoted-string to step over
         first, *items = text.split(";")
         if first.strip(_LWS):
@@ -131,7 +132,7 @@ def parse_header_params(text: str) -> dict[str, str | None]:
         name = text[i:j].strip(_LWS)
         if not name or not _TOKEN.fullmatch(name):
             raise ParseError(f"bad header parameter name in {text[:60]!r}")
-        value: str | None = None
+        value = None
         if j < n and text[j] == "=":
             j += 1
             while j < n and text[j] in _LWS:

@@ -428,6 +428,7 @@ def _start_message(line: str, limits: Limits) -> tuple[Request | Response, Parse
     if len(parts) != 3 or not parts[1] or not parts[2] or "\t" in line:
         return req, ParseError(_diagnose_request_line(line, parts))
     uri_text, version = parts[1], parts[2]
+    uri_error: str | None
     try:
         req.uri = parse_uri(uri_text)
     except ParseError as exc:
@@ -503,7 +504,7 @@ def _check(msg: Request | Response) -> None:
         raise ParseError(f"more than one {', '.join(repeated)} header field")
     cseq = _checked(parse_cseq, "CSeq", headers)
     is_request = isinstance(msg, Request)
-    if is_request and cseq[1] != msg.method:
+    if isinstance(msg, Request) and cseq[1] != msg.method:
         raise ParseError(f"CSeq method {cseq[1][:30]} does not match the request method",
                          400 if msg.method in KNOWN_METHODS else 501)
     via = _checked(parse_via, "Via", headers)
