@@ -4,6 +4,7 @@ rate limiter, loop detection, `myself`."""
 from __future__ import annotations
 
 import itertools
+import concurrent.futures
 import os
 import sqlite3
 
@@ -209,6 +210,21 @@ def test_location_update_many_isolates_a_failing_decision(tmp_path):
         ("sip:bob@example.org", boom)])
     assert results[0] == "ok" and isinstance(results[1], ValueError)
     assert loc.count() == 1
+    loc.close()
+
+
+def test_location_checkpoints_only_when_asked_and_from_another_thread(tmp_path):
+    db = tmp_path / "loc.db"
+    loc = LocationService(db, clock=lambda: 1000.0, auto_checkpoint=False)
+    for i in range(600):
+        loc.update(f"sip:u{i}@example.org", lambda cur, i=i: (None, Changes(upsert=(
+            _binding(f"sip:u{i}@192.0.2.7", 2000.0, aor=f"sip:u{i}@example.org"),))))
+    # SQLite's own checkpoint (at 1000 pages) would have left fewer frames than that
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert pool.submit(loc.checkpoint).result() > 1000
+    other = sqlite3.connect(db)
+    assert other.execute("SELECT COUNT(*) FROM bindings").fetchone()[0] == 600
+    other.close()
     loc.close()
 
 

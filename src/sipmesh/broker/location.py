@@ -10,6 +10,12 @@ put a whole event loop to sleep for milliseconds.
 
 Expiry times are wall-clock (time.time()) because they must mean the same thing
 after a restart.
+
+Checkpoints (copying the WAL back into the database, with an fsync) can take
+hundreds of milliseconds on a slow disk. SQLite runs them inside the COMMIT that
+fills the WAL, which would stall that worker, and every worker waiting for the
+write lock behind it. A broker therefore opens the store with
+`auto_checkpoint=False` and calls `checkpoint()` from a thread of its own.
 """
 
 from __future__ import annotations
@@ -110,7 +116,7 @@ class LocationService:
     """Bindings per AOR in one SQLite database; safe to open from several processes."""
 
     def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
-                 known_retention: float = 30 * 86400.0) -> None:
+                 known_retention: float = 30 * 86400.0, auto_checkpoint: bool = True) -> None:
         self.path = Path(path)
         self.clock = clock
         self.known_retention = known_retention
@@ -135,6 +141,9 @@ class LocationService:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA temp_store=MEMORY")
+        if not auto_checkpoint:
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpointer: sqlite3.Connection | None = None  # checkpoint()'s own connection
         try:
             os.chmod(self.path, 0o600)
         except OSError:
@@ -143,6 +152,9 @@ class LocationService:
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
+        if self._checkpointer is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._checkpointer.close()
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
 
@@ -240,6 +252,16 @@ class LocationService:
         with self._writing() as db:
             db.execute("DELETE FROM bindings")
             db.execute("DELETE FROM aors")
+
+    def checkpoint(self) -> int:
+        """Copy what the WAL holds into the database (PASSIVE: writers go on meanwhile);
+        the number of WAL frames now in the database. Safe to call from another thread
+        than the one using the store, one thread at a time."""
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
+                                                 check_same_thread=False)
+        busy, _, done = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return 0 if busy else done
 
     # -- reading ------------------------------------------------------------------------
     def _select(self, aor: str, now: float) -> list[Binding]:

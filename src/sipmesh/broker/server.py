@@ -28,6 +28,7 @@ import socket
 import sqlite3
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -84,6 +85,7 @@ class BrokerConfig:
     timer_c: float = 180.0
     record_route: bool = True
     purge_interval: float = 60.0
+    checkpoint_interval: float = 1.0  # seconds between checkpoints of the location store's WAL
     commit_window: float = 0.005  # seconds REGISTERs may wait to share a database commit
     stats_interval: float = 60.0
     max_server_transactions: int = 300_000
@@ -143,7 +145,7 @@ class Broker:
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         config = self.config
-        self.location = LocationService(config.database)
+        self.location = LocationService(config.database, auto_checkpoint=False)
         if self.worker == 0:
             purged = self.location.purge()
             log.info("location service %s: %d live bindings (%d expired purged)",
@@ -174,6 +176,8 @@ class Broker:
             self.shedder = LoadShedder(self.transport.udp_sockets())
         if self.worker == 0 and config.purge_interval > 0:
             self._tasks.append(asyncio.ensure_future(self._purge_loop()))
+        if self.worker == 0:
+            self._tasks.append(asyncio.ensure_future(self._checkpoint_loop()))
         if config.stats_interval > 0:
             self._tasks.append(asyncio.ensure_future(self._stats_loop()))
         self._started = True
@@ -208,6 +212,7 @@ class Broker:
         self._commit_registrations()  # answer what was already accepted
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # a checkpoint ends first
         self._tasks.clear()
         if self.proxy is not None:
             await self.proxy.close()
@@ -249,6 +254,18 @@ class Broker:
                     log.info("purged %d expired bindings", purged)
             except Exception:
                 log.exception("purging expired bindings failed")
+
+    async def _checkpoint_loop(self) -> None:
+        """Worker 0 checkpoints the location store's WAL in a thread, off every event loop."""
+        assert self.location is not None
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1, thread_name_prefix="checkpoint") as executor:
+            while True:
+                await asyncio.sleep(self.config.checkpoint_interval)
+                try:
+                    await loop.run_in_executor(executor, self.location.checkpoint)
+                except sqlite3.Error as exc:
+                    log.warning("checkpointing the location store failed: %s", exc)
 
     async def _stats_loop(self) -> None:
         while True:
