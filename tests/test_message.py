@@ -527,6 +527,10 @@ def test_typed_views_follow_every_change_of_the_headers() -> None:
     copy = req.headers.copy()
     copy.set("From", "<sip:mallory@example.com>;tag=m")
     assert req.from_.uri.user != "mallory"
+    ours = Via("UDP", "192.0.2.9", 5060, {"branch": "z9hG4bKours"})
+    req.push_via(ours)
+    assert req.via is ours and req.headers.get("Via") == str(ours)
+    assert [v.branch for v in req.vias] == ["z9hG4bKours", first]
 
 
 # -- properties over generated messages ---------------------------------------------------------------

@@ -9,20 +9,11 @@ serving example.org on 127.0.0.1.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from dataclasses import dataclass
 
 from sipmesh.sip.transport.base import DEFAULT_PORTS
-from sipmesh.sip.uri import SipURI
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+from sipmesh.sip.uri import SipURI, is_ip
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +55,7 @@ class LocalIdentity:
         if cached is not None:
             return cached
         result = False
-        if _is_ip(host):
+        if is_ip(host):
             for listener in self.listeners:
                 bound = listener.host
                 if bound == host:

@@ -26,8 +26,8 @@ from sipmesh.sip.headers import parse_address, parse_via
 from sipmesh.sip.message import Request, Response, make_response, with_tag
 from sipmesh.sip.transaction.client import make_cancel
 from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction, TransactionLayer
-from sipmesh.sip.transport.base import Flow, is_ip, resolve, response_target, uri_target
-from sipmesh.sip.uri import SipURI
+from sipmesh.sip.transport.base import Flow, resolve, response_target, uri_target
+from sipmesh.sip.uri import SipURI, is_ip
 
 log = logging.getLogger("sipmesh.broker.proxy")
 

@@ -6,14 +6,13 @@ stack routes on (Via, From/To/Contact/Route, CSeq) into typed objects.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Callable
 from datetime import datetime, timezone
 
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.uri import URI, SipURI, format_host, parse_host, parse_port, parse_uri
+from sipmesh.sip.uri import URI, SipURI, format_host, is_ip, parse_host, parse_port, parse_uri
 
 COMPACT_FORMS = {
     "i": "Call-ID", "m": "Contact", "e": "Content-Encoding", "l": "Content-Length",
@@ -297,11 +296,7 @@ _SENT_BY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s;:\[\]]+)(?:[ \t]*:[ \t]*([0-9]+
 
 
 def _is_ip(value: str | None) -> bool:
-    try:
-        ipaddress.ip_address((value or "").strip("[]"))
-    except ValueError:
-        return False
-    return True
+    return value is not None and is_ip(value.strip("[]"))
 
 
 def _is_number(limit: int) -> Callable[[str | None], bool]:

@@ -184,6 +184,7 @@ class Headers:
         new = Headers()
         new._items = list(self._items)
         new._keys = list(self._keys)
+        new._views = dict(self._views) if self._views else None  # same fields, same views
         return new
 
     def view(self, name: str, parse: Callable[[], T]) -> T:
@@ -249,6 +250,14 @@ class Message:
     def content_type(self) -> str | None:
         value = self.headers.get("Content-Type")
         return value.split(";")[0].strip().lower() if value else None
+
+    def push_via(self, via: Via) -> None:
+        """Put `via` on top (ours, as a client or a proxy), keeping it as the parsed view."""
+        views = self.headers._views
+        self.headers.add("Via", str(via), first=True)
+        views = {k: v for k, v in views.items() if k != "vias"} if views else {}
+        views["via"] = via
+        self.headers._views = views
 
     def _required(self, name: str) -> str:
         value = self.headers.get(name)

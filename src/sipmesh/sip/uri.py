@@ -75,6 +75,16 @@ def _escape(text: str, unsafe: re.Pattern[str], safe: str) -> str:
     return quote(text, safe=safe, errors="surrogateescape")
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of a string; hosts repeat a lot
+def is_ip(host: str) -> bool:
+    """An IPv4 or IPv6 address (IPv6 without brackets)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def format_host(host: str) -> str:
     """Host as it appears in a URI or Via: IPv6 addresses get brackets."""
     return f"[{host}]" if ":" in host else host
@@ -302,9 +312,10 @@ def _plain_sip(scheme: str, plain: re.Match[str], whole: str) -> SipURI:
         for item in param_text[1:].split(";"):  # each one checked by the regex
             name, eq, value = item.partition("=")
             params[name.lower()] = value if eq else None
-    return SipURI(host=parse_host(host), user=user,
-                  port=None if port_text is None else parse_port(port_text, whole), scheme=scheme,
-                  params=params)
+    port = None if port_text is None else int(port_text)  # 1-5 digits: the regex says so
+    if port is not None and port > 65535:
+        raise ParseError(f"bad port in {whole[:60]!r}")
+    return SipURI(host=parse_host(host), user=user, port=port, scheme=scheme, params=params)
 
 
 def _parse_sip(scheme: str, rest: str, whole: str) -> SipURI:

@@ -141,7 +141,7 @@ class TransactionLayer:
             raise OSError(f"no {flow.transport} listener to send from")
         host = self.advertised_host(local[0], flow.host)
         via = make_via(flow.transport, host, local[1], branch or new_branch())
-        request.headers.add("Via", str(via), first=True)
+        request.push_via(via)
         return flow
 
     def advertised_host(self, bound: str, towards: str) -> str:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import time
 from dataclasses import dataclass
 
 from sipmesh.sip.headers import Via
 from sipmesh.sip.message import Request, Response
-from sipmesh.sip.uri import SipURI
+from sipmesh.sip.uri import SipURI, is_ip
 
 RELIABLE = frozenset({"TCP", "TLS"})
 DEFAULT_PORTS = {"UDP": 5060, "TCP": 5060, "TLS": 5061}
@@ -33,14 +32,6 @@ class Flow:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.transport.lower()}:{host}:{self.port}"
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def stamp_received(request: Request, source: Flow) -> None:
