@@ -193,7 +193,7 @@ def _sipp_run(server: Server, workload: str, rate: int, args: argparse.Namespace
     common = [*SIPP_BUFFER, "-recv_timeout", "10000", "-timeout", f"{int(args.duration + 15)}s"]
     if workload in ("reg", "digest"):
         scen = "reg_auth" if workload == "digest" else "reg_noauth"
-        sipp = sipp_args(scen, f"127.0.0.1:{server.port}", local_port=free_port("udp"), calls=calls, rate=rate,
+        sipp = sipp_args(scen, f"127.0.0.1:{server.port}", local_port=ctx["reg_port"], calls=calls, rate=rate,
                          extra=["-inf", str(ctx["users"].users_csv), *common])
     else:
         sipp = sipp_args("uac_rr", f"127.0.0.1:{server.port}", local_port=free_port("udp"), calls=calls,
@@ -313,7 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tool} is not installed (apt-get install sip-tester kamailio)", file=sys.stderr)
             return 2
     workdir = Path(tempfile.mkdtemp(prefix="sipmesh-bench-"))
-    ctx = {"dir": workdir / "sipp", "users": make_users(args.users, workdir / "sipp")}
+    # Every REGISTER run sends from the same port, as the users' phones would: a new port
+    # per run would add a contact per user and run, and grow every 200 OK with them.
+    ctx = {"dir": workdir / "sipp", "users": make_users(args.users, workdir / "sipp"),
+           "reg_port": free_port("udp")}
     print(f"work directory {workdir}; {os.cpu_count()} CPUs; runs of {args.duration:g} s")
     report: dict = {"duration": args.duration, "workers": args.workers}
     if not args.no_loop_comparison and "sipmesh" in args.servers:
