@@ -395,3 +395,43 @@ def test_nat_is_recognised_from_the_via_and_the_contact():
                           parse_sip_uri("sip:a@93.184.216.34:5060"), source)
     assert behind_nat(parse_via("SIP/2.0/UDP 203.0.113.5:40000;branch=z9hG4bK1"),
                       parse_sip_uri("sip:a@192.168.1.20:5060"), source)
+
+
+def test_the_worker_collector_still_reclaims_young_and_old_cycles():
+    import asyncio
+    import gc
+    import weakref
+
+    from sipmesh.broker.workers import _collect_young
+
+    class Node:
+        def __init__(self) -> None:
+            self.me = self  # a cycle: only the cyclic collector can free it
+
+    async def scenario() -> tuple[bool, bool]:
+        old = Node()
+        old_ref = weakref.ref(old)
+        gc.freeze()  # `old` is now out of the collector's view, as after a worker's pass
+        del old
+        collector = asyncio.ensure_future(_collect_young(every=0.01, full_every=0.3))
+        try:
+            young = Node()
+            young_ref = weakref.ref(young)
+            del young
+            await asyncio.sleep(0.1)
+            young_freed, old_kept = young_ref() is None, old_ref() is not None
+            await asyncio.sleep(0.4)  # past the full pass
+            return young_freed and old_kept, old_ref() is None
+        finally:
+            collector.cancel()
+
+    enabled = gc.isenabled()
+    gc.disable()  # only the worker's collector runs
+    try:
+        young_collected, old_collected = asyncio.run(scenario())
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+    assert young_collected, "a cycle among young objects must be collected on the next pass"
+    assert old_collected, "the periodic full pass must reclaim cycles among frozen objects"
