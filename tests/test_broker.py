@@ -672,6 +672,25 @@ async def test_md5_and_sha256_both_work(make_broker, peers, users_file, algorith
     assert r.status == 200 and r.headers.get_all("Contact")
 
 
+async def test_a_retransmitted_register_is_challenged_afresh_and_either_nonce_works(make_broker, peers,
+                                                                                      users_file):
+    broker = await make_broker(users_file=users_file)
+    peer = await peers()
+    host, port = broker.address()
+    uri = f"sip:127.0.0.1:{port}"
+    text = sip("REGISTER", uri, peer, user="alice", to=f"<sip:alice@127.0.0.1:{port}>", call_id="rtx-401",
+               cseq=1, headers=["Expires: 600"], domain=f"127.0.0.1:{port}")
+    peer.send(text, (host, port))
+    first = await peer.final("rtx-401")
+    peer.send(text, (host, port))  # its 401 was lost: a challenge costs nothing, so a new one
+    second = await peer.final("rtx-401")
+    assert first.status == second.status == 401 and first.to.tag == second.to.tag
+    nonces = [parse_auth_params(_pick(r, "MD5"))[1]["nonce"] for r in (first, second)]
+    assert nonces[0] != nonces[1]
+    auth = DigestClient("alice", "alice-pw").authorize(_pick(first, "MD5"), "REGISTER", uri)
+    assert (await _authorized_register(peer, broker, uri, "alice", "rtx-401", 2, auth)).status == 200
+
+
 async def test_replayed_credentials_are_refused(make_broker, peers, users_file):
     broker = await make_broker(users_file=users_file)
     peer = await peers()

@@ -5,7 +5,7 @@ REGISTER is answered statelessly (like Kamailio's registrar): a transaction per
 REGISTER would keep every request in memory for Timer J (32 s), hundreds of
 thousands of them at full load. A retransmission should still get the same answer
 rather than be processed again (its nonce is already used), so the last answers are
-kept here, serialised, keyed by the request's source and exact bytes (a UDP
+kept here (but for 401 challenges, which use up nothing and are simply made anew), serialised, keyed by the request's source and exact bytes (a UDP
 retransmission repeats both), bounded in count and in age, and looked up before
 the datagram is even parsed. (A retransmission that misses the cache is
 recognised by the registrar itself.)

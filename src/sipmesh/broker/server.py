@@ -423,7 +423,7 @@ class Broker:
             to = with_tag(to, _tag_for(reg.request))
         wire = stateless_response(reg.request, status, reason, headers, to)
         target = target_of_via(reg.request.via, reg.flow)
-        if reg.key is not None:
+        if reg.key is not None and status != 401:  # a challenge consumes nothing: make it anew
             self.replies.put(reg.key, wire, target)
         self.transactions.send_stateless(wire, target)  # type: ignore[arg-type]
 
