@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Throughput of `sipmesh broker` against Kamailio under the same SIPp load.
 
-For each server, one after the other (never both at once), and each workload:
+For each workload, and each server in turn (never both at once):
 
 * reg      SIPp reg_noauth.xml: one REGISTER per call, users from an injection CSV
 * digest   SIPp reg_auth.xml: REGISTER -> 401 -> REGISTER with MD5 digest -> 200
@@ -243,9 +243,9 @@ def find_knee(server: Server, workload: str, args: argparse.Namespace, ctx: dict
     return out
 
 
-def bench_server(server: Server, args: argparse.Namespace, ctx: dict) -> list[Knee]:
+def bench_server(server: Server, workloads: list[str], args: argparse.Namespace, ctx: dict) -> list[Knee]:
     knees = []
-    for workload in args.only:
+    for workload in workloads:
         auth = workload == "digest"
         server.start(auth=auth)
         uas = None
@@ -323,11 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         print("event loop (sipmesh, 1 worker):")
         report["loops"] = loop_comparison(args, ctx)
     knees: list[Knee] = []
-    for name in args.servers.split(","):
-        server: Server = (Ours(workdir, ctx["users"].users, args.workers) if name == "sipmesh"
-                          else Kam(workdir, args.workers))
-        print(f"{name} ({args.workers} workers):")
-        knees += bench_server(server, args, ctx)
+    servers: list[Server] = [Ours(workdir, ctx["users"].users, args.workers) if name == "sipmesh"
+                             else Kam(workdir, args.workers) for name in args.servers.split(",")]
+    # Workload by workload, both servers in turn: this machine's speed drifts over minutes,
+    # so the two figures of a ratio are measured as close together as possible.
+    for workload in args.only:
+        for server in servers:
+            print(f"{server.name} ({args.workers} workers), {workload}:")
+            knees += bench_server(server, [workload], args, ctx)
     report["knees"] = [asdict(k) for k in knees]
     by = {(k.server, k.workload): k for k in knees}
     print()
