@@ -399,6 +399,8 @@ async def test_status_socket_is_private_and_reports(lab: DaemonLab) -> None:
 
     table = render(status)
     assert "beta" in table and str(session["pid"]) in table and "10.213.0.1" in table
+    (row,) = [line for line in table.splitlines() if line.startswith(session["call_id"])]
+    assert row.split()[0] == session["call_id"]  # whole, not cut to 16 characters
     await call.bye()
 
 

@@ -102,6 +102,9 @@ local_port = {local}
     assert table.returncode == 0
     assert "web" in table.stdout and str(session["pid"]) in table.stdout
     assert "REGISTRATION" in table.stdout and "registered" in table.stdout
+    # the whole Call-ID, as in --json (it is what the daemon's log lines are tagged with)
+    (row,) = [line for line in table.stdout.splitlines() if str(session["pid"]) in line]
+    assert row.split()[0] == session["call_id"]
     # the Call-ID is in the daemon's log lines
     assert f"[{session['call_id']}]" in daemon.log_text()
 
@@ -132,3 +135,22 @@ local_port = {local}
 def test_status_without_a_daemon(tmp_path: Path) -> None:
     result = sipmesh("status", "--socket", str(tmp_path / "none.sock"))
     assert result.returncode == 4 and "cannot reach the daemon" in result.stderr
+
+
+def test_status_table_shows_the_whole_call_id() -> None:
+    from sipmesh.cli.status import render
+
+    long_id = "4f1c2e9a0b7d4c3e8a6f5b1d2c3e4f5a@2001:db8::17"
+    status = {"ok": True, "daemon": {"pid": 1, "generation": 1},
+              "registrations": [], "services": [],
+              "sessions": [{"call_id": long_id, "peer": "sip:alice@x", "service": "web",
+                            "state": "established", "since": 0, "pid": 42,
+                            "allocated": {"ports": ["40000/tcp"]}},
+                           {"call_id": "short", "peer": "sip:bob@x", "service": "web",
+                            "state": "established", "since": 0, "pid": 43, "allocated": {}}]}
+    lines = render(status, now=0).splitlines()
+    header = next(line for line in lines if line.startswith("CALL-ID"))
+    rows = [line for line in lines if line.startswith((long_id, "short "))]
+    assert [row.split()[0] for row in rows] == [long_id, "short"]
+    # the column is as wide as the longest Call-ID: the next column stays aligned
+    assert {row.index("sip:") for row in rows} == {header.index("PEER")} == {len(long_id) + 2}

@@ -48,6 +48,7 @@ def _clock(stamp: float | None, now: float) -> str:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    """Columns as wide as their longest value: nothing is cut (a Call-ID is copied from here)."""
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
 
@@ -74,7 +75,7 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         parts = [f"port {p}" for p in allocated.get("ports", [])]
         if allocated.get("addresses"):
             parts.append("addr " + " ".join(allocated["addresses"]))
-        rows.append([s["call_id"][:16], s["peer"], s["service"], s["state"],
+        rows.append([s["call_id"], s["peer"], s["service"], s["state"],
                      _clock(s.get("since"), now), str(s.get("pid") or "-"),
                      ", ".join(parts) or "-"])
     if rows:
