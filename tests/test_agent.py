@@ -376,6 +376,53 @@ def test_bye_from_the_answering_side_stops_the_callers_program(k, agents, tmp_pa
     assert_no_orphans(tmp_path)
 
 
+# The caller's program decides `sipmesh call`'s exit status: its own failure is 10
+# (Exit.APPLICATION), with its status on stderr. Run from argv lists, never through our
+# shell.
+@pytest.mark.parametrize("program,code,says", [
+    (["true"], 0, None),
+    (["sh", "-c", "sleep 0.5; exit 0"], 0, None),
+    (["sh", "-c", "sleep 0.5; exit 3"], 10, "the application exited with status 3"),
+    (["sh", "-c", "sleep 0.5; kill -KILL $$"], 10, "the application was killed by SIGKILL"),
+], ids=["true", "exit-0", "exit-3", "killed"])
+def test_the_callers_program_failing_is_the_exit_status(k, agents, tmp_path, program, code, says):
+    serve = agents(agent_argv("serve", k.hostport, "2500", program=app_argv(tmp_path, "run")),
+                   name="serve")
+    wait_ready(serve)
+    call = agents(agent_argv("call", k.hostport, "2501", "-q", target="2500", program=program),
+                  name="call")
+    assert wait_exit(call) == code, call.log_text()
+    text = call.log_text()
+    if says is None:
+        assert "sipmesh call: the application" not in text
+    else:
+        assert f"sipmesh call: {says} (session " in text  # printed even with -q
+    # the session still ended the usual way: BYE, the other side's program stopped
+    # (`true` may end before that program has even set up its SIGTERM handler)
+    wait_for(lambda: "the peer ended the session" in serve.log_text(), 10,
+             what="the BYE at the answering side")
+    assert serve.alive() and registered(k, "2500") and not registered(k, "2501")
+    assert_no_orphans(tmp_path)
+
+
+def test_a_program_we_stopped_is_no_failure_and_serve_once_reports_its_own(k, agents,
+                                                                           tmp_path):
+    # serve --once: its program fails (exit 4) -> BYE, and serve exits 10 after the session.
+    # call: BYE from the peer while its program runs -> we stop it; that it then exits 7
+    # (its SIGTERM trap) is our doing, not a failure -> 0.
+    serve = agents(agent_argv("serve", k.hostport, "2500", "--once",
+                              program=["sh", "-c", "sleep 0.5; exit 4"]), name="serve")
+    wait_ready(serve)
+    call = agents(agent_argv("call", k.hostport, "2501", target="2500",
+                             program=["sh", "-c", "trap 'exit 7' TERM; sleep 60 & wait"]),
+                  name="call")
+    assert wait_exit(call) == 0, call.log_text()
+    assert "the peer ended the session" in call.log_text()
+    assert wait_exit(serve) == 10, serve.log_text()
+    assert "sipmesh serve: the application exited with status 4 (session " in serve.log_text()
+    assert not registered(k, "2500") and not registered(k, "2501")
+
+
 def test_through_a_proxy_that_rewrites_sdp_only_a_lines_count(kamailio, agents, tmp_path):
     k = kamailio(sdp_rewrite=True, sdp_fake_ip="127.0.0.254", sdp_fake_port=9)
     serve = agents(agent_argv("serve", k.hostport, "2500", "--debug",

@@ -91,6 +91,24 @@ def test_sip_app_and_sipmesh_call_interoperate(kamailio, agents, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("status,code", [(0, 0), (5, 10)])
+def test_client_exit_status_tells_whether_the_program_failed(kamailio, agents, tmp_path,
+                                                              status, code):
+    k = kamailio()
+    serve = agents([SIP_APP, "-s", k.hostport, "-u", "2500", "-p", str(free_port("both")),
+                    "-m", *app_argv(tmp_path, "run")], name="sip_app-server")
+    wait_for(lambda: registered(k, "2500"), 10, abort=serve.exit_reason)
+    # -m sh -c SCRIPT: sip_app appends IP4 PORT VPN_LOCAL VPN_REMOTE, which become $0...$3
+    call = agents([SIP_APP, "-s", k.hostport, "-u", "2501", "-t", "2500",
+                   "-p", str(free_port("both")), "-m", "sh", "-c", f"sleep 0.5; exit {status}"],
+                  name="sip_app-client")
+    assert wait_exit(call) == code, call.log_text()
+    assert ("sip_app: the application exited with status 5" in call.log_text()) == bool(status)
+    wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
+    assert serve.alive()
+
+
+@pytest.mark.slow
 def test_missing_program_is_reported_before_registering(kamailio):
     k = kamailio()
     p = subprocess.run([SIP_APP, "-s", k.hostport, "-u", "2500", "-p", str(free_port("both")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import signal
 
 
 class Exit(enum.IntEnum):
@@ -18,10 +19,13 @@ class Exit(enum.IntEnum):
     BUSY = 7           # the target is in another session (486, 600)
     NO_ANSWER = 8      # no final answer in time (408, our timeout)
     REFUSED = 9        # the session was refused: 488, bad parameters either way, other errors
+    APPLICATION = 10   # the session ran, but our program ended it by failing (non-zero, signal)
 
 
 EXIT_HELP = """exit status:
-  0  the session ran and ended (serve: stopped by a signal)
+  0  the session ran and ended: our program exited 0, or the peer ended the session
+     (BYE) or we were told to stop (signal) and we stopped the program
+     (serve: stopped by a signal, whatever its sessions' programs did)
   2  bad command line
   3  the program to run is missing or not executable
   4  the SIP server is unreachable (or the SIP port cannot be bound)
@@ -30,6 +34,8 @@ EXIT_HELP = """exit status:
   7  the target is busy
   8  the target did not answer in time
   9  the session was refused (e.g. parameters that do not validate)
+ 10  the session ran, but our program failed: it exited non-zero or was killed by a
+     signal we did not send (call, serve --once; the program's own status is printed)
   1  any other failure"""
 
 
@@ -43,6 +49,17 @@ class AgentError(Exception):
 
 class ProfileError(AgentError):
     """An application profile cannot do what a session needs (program, port, files)."""
+
+
+def describe_exit(status: int) -> str:
+    """How a program ended, from its exit status (negative: killed by that signal)."""
+    if status >= 0:
+        return f"exited with status {status}"
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        name = f"signal {-status}"
+    return f"was killed by {name}"
 
 
 def exit_for_status(status: int) -> Exit:

@@ -13,6 +13,9 @@ This is the successor of the prototype ``sip_app``:
 * Supervision: the program exits -> BYE at once; BYE received -> the program is
   stopped (SIGTERM to its group, SIGKILL after the grace period); a stop request
   (SIGINT, SIGTERM, SIGHUP in the CLI) -> BYE, stop the program, unregister.
+* The exit status: a program that ended its session by failing (non-zero status,
+  or a signal we did not send) makes call mode (and serve mode with ``once``)
+  fail with Exit.APPLICATION; a program we stopped (BYE, stop request) never does.
 
 Only ``a=`` lines are ever read from SDP; ``m=``, ``c=`` and ``o=`` are for proxies.
 """
@@ -26,7 +29,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sipmesh.agent.attributes import build_sdp, read_attributes
-from sipmesh.agent.errors import AgentError, Exit, describe_status, exit_for_status
+from sipmesh.agent.errors import (AgentError, Exit, describe_exit, describe_status,
+                                  exit_for_status)
 from sipmesh.agent.params import IPAddress, ParamError, validate
 from sipmesh.agent.profile import AppProfile, SessionInfo
 from sipmesh.agent.registration import Registration
@@ -70,6 +74,15 @@ class Session:
         self.child = child
         self.grace = grace
         self.reason: str | None = None
+        # The program's exit status when the program itself ended the session (negative:
+        # killed by that signal); None when the peer or a stop request ended it and we
+        # stopped the program (whatever status that gave is ours, not the program's).
+        self.app_status: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Did our program end the session by failing (non-zero status or a signal)?"""
+        return self.app_status not in (None, 0)
 
     async def supervise(self, stop: asyncio.Event) -> str:
         stopping = asyncio.ensure_future(stop.wait())
@@ -79,7 +92,8 @@ class Session:
         finally:
             stopping.cancel()
         if self.child.exited.done():
-            self.reason = f"the application exited (status {self.child.exited.result()})"
+            self.app_status = status = self.child.exited.result()
+            self.reason = f"the application {describe_exit(status)}"
             log.info("[%s] %s: sending BYE", self.call.call_id, self.reason)
             await self.call.bye()
             await self.child.stop(self.grace)
@@ -111,6 +125,7 @@ class Agent:
         self.local_ip = ""
         self.sessions = 0
         self.session: Session | None = None
+        self.app_failure: str | None = None  # how the last session's program failed
         self._stop = asyncio.Event()  # (asyncio events bind to a loop only when awaited)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -136,7 +151,10 @@ class Agent:
 
     # -- main ----------------------------------------------------------------------------
     async def run(self) -> int:
-        """Returns the exit status (0); failures raise AgentError."""
+        """Returns the exit status (0); failures raise AgentError.
+
+        In call mode (and serve mode with ``once``) a session whose program failed
+        raises AgentError with Exit.APPLICATION once everything is shut down."""
         self.profile.check()
         self.ua = UserAgent(self.config.ua, on_invite=self._on_invite)
         try:
@@ -161,9 +179,11 @@ class Agent:
                 await self._stop.wait()
             else:
                 await self._call()
-            return Exit.OK
         finally:
             await self._shutdown()
+        if self.app_failure is not None and (self.config.mode == "call" or self.config.once):
+            raise AgentError(self.app_failure, Exit.APPLICATION)
+        return Exit.OK
 
     async def _advertised_address(self) -> str:
         if self.config.advertise:
@@ -279,7 +299,13 @@ class Agent:
         finally:
             self.session = None
         log.info("[%s] session ended: %s", session.call.call_id, reason)
-        self._emit("ended", call_id=session.call.call_id, reason=reason)
+        if session.failed:
+            assert session.app_status is not None
+            self.app_failure = (f"the application {describe_exit(session.app_status)} "
+                                f"(session {session.call.call_id} with {session.call.peer})")
+            log.warning("[%s] %s", session.call.call_id, self.app_failure)
+        self._emit("ended", call_id=session.call.call_id, reason=reason,
+                   app_status=session.app_status)
 
     # -- calling side ------------------------------------------------------------------
     async def _call(self) -> None:

@@ -44,7 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "answer's a= parameters (never m=, c= or o=, which proxies rewrite), ACK "
                     "and start the application with them. When the application exits a BYE "
                     "ends the session; when the peer sends BYE the application is stopped. "
-                    "Exits when the session has ended.",
+                    "Exits when the session has ended: 0 if the application exited 0 or was "
+                    "stopped by us (BYE from the peer, a signal), 10 if it exited non-zero "
+                    "or was killed by a signal we did not send.",
         usage="sipmesh call TARGET --server HOST[:PORT] --user NAME [options] "
               "[--app exec -- PROGRAM [ARGS...] | --app openvpn [-- OPENVPN-OPTIONS...]]")
     parser.add_argument("target", metavar="TARGET", type=target_name,

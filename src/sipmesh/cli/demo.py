@@ -208,7 +208,11 @@ async def _session(domain: str, out) -> dict[str, object]:
         except AgentError as exc:
             print(f"  [{CALLER_USER}] failed: {exc}", file=out)
             results["call"] = int(exc.code)
-        results["serve"] = await asyncio.wait_for(serving, 15)  # once: returns after the session
+        try:
+            results["serve"] = await asyncio.wait_for(serving, 15)  # once: after the session
+        except AgentError as exc:  # e.g. its program failed (Exit.APPLICATION)
+            print(f"  [{SERVER_USER}] failed: {exc}", file=out)
+            results["serve"] = int(exc.code)
     finally:
         for agent, task in ((caller, calling), (server, serving)):
             agent.request_stop()

@@ -325,7 +325,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         usage="sipmesh serve --server HOST[:PORT] --user NAME [options] "
               "[--app exec -- PROGRAM [ARGS...] | --app openvpn [-- OPENVPN-OPTIONS...]]")
     add_agent_options(parser, "serve")
-    parser.add_argument("--once", action="store_true", help="exit after the first session")
+    parser.add_argument("--once", action="store_true",
+                        help="exit after the first session, with status 10 if its application "
+                             "failed (exited non-zero or was killed by a signal we did not send)")
     parser.set_defaults(func=_run)
     return parser
 

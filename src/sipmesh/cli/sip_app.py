@@ -13,7 +13,9 @@ arguments: server ``PORT VPN_LOCAL_ADDR VPN_REMOTE_ADDR``, client
 SIPMESH_* environment variables. `-d` logs the protocol (to `-f log_file` if
 given). The prototype had its digest credentials compiled in; here they come
 from $SIPMESH_PASSWORD, or from the file named by $SIPMESH_CREDENTIALS.
-Usage errors print the usage line and exit 1, as the prototype did.
+Usage errors print the usage line and exit 1, as the prototype did. Other exit
+statuses are those of `sipmesh call` (agent/errors.py): in client mode, 10 when the
+program ended the session by failing (non-zero status, or a signal we did not send).
 """
 
 from __future__ import annotations
