@@ -69,6 +69,19 @@ def wait_ready(proc, timeout: float = 10.0) -> None:
              abort=proc.exit_reason)
 
 
+def start_session(k, agents, tmp_path: Path, *, name: str = "call"):  # type: ignore[no-untyped-def]
+    """`serve` as 2500 and `call` 2500 from 2501, both running app_argv(run); (serve, call)
+    once both programs are up."""
+    serve = agents(agent_argv("serve", k.hostport, "2500", program=app_argv(tmp_path, "run")),
+                   name="serve")
+    wait_ready(serve)
+    call = agents(agent_argv("call", k.hostport, "2501", target="2500",
+                             program=app_argv(tmp_path, "run")), name=name)
+    wait_for(lambda: record(tmp_path, "client") and record(tmp_path, "server"), 10,
+             what="session up", abort=call.exit_reason)
+    return serve, call
+
+
 def wait_exit(proc, timeout: float = 20.0) -> int:
     try:
         return proc.wait(timeout)
@@ -476,13 +489,7 @@ def test_the_application_port_skips_ports_in_use(k, agents, tmp_path):
 
 
 def test_busy_486_while_in_a_session(k, agents, tmp_path):
-    serve = agents(agent_argv("serve", k.hostport, "2500", program=app_argv(tmp_path, "run")),
-                       name="serve")
-    wait_ready(serve)
-    first = agents(agent_argv("call", k.hostport, "2501", target="2500",
-                                  program=app_argv(tmp_path, "run")), name="first")
-    wait_for(lambda: record(tmp_path, "client") and record(tmp_path, "server"), 10,
-             what="first session up", abort=first.exit_reason)
+    serve, first = start_session(k, agents, tmp_path, name="first")
     second = agents(agent_argv("call", k.hostport, "2502", target="2500",
                                    program=["/bin/true"]), name="second")
     assert wait_exit(second) == 7, second.log_text()
@@ -579,13 +586,7 @@ def test_program_checked_before_registering(k, agents, tmp_path, mode):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_to_the_answering_side_ends_everything_cleanly(k, agents, tmp_path, sig):
-    serve = agents(agent_argv("serve", k.hostport, "2500", program=app_argv(tmp_path, "run")),
-                       name="serve")
-    wait_ready(serve)
-    call = agents(agent_argv("call", k.hostport, "2501", target="2500",
-                                 program=app_argv(tmp_path, "run")), name="call")
-    wait_for(lambda: record(tmp_path, "client") and record(tmp_path, "server"), 10,
-             what="session up", abort=call.exit_reason)
+    serve, call = start_session(k, agents, tmp_path)
     serve.popen.send_signal(sig)
     assert wait_exit(serve) == 0, serve.log_text()
     assert wait_exit(call) == 0, call.log_text()  # BYE received -> stopped its program
@@ -595,13 +596,7 @@ def test_signal_to_the_answering_side_ends_everything_cleanly(k, agents, tmp_pat
 
 
 def test_signal_to_the_caller_sends_bye(k, agents, tmp_path):
-    serve = agents(agent_argv("serve", k.hostport, "2500", program=app_argv(tmp_path, "run")),
-                       name="serve")
-    wait_ready(serve)
-    call = agents(agent_argv("call", k.hostport, "2501", target="2500",
-                                 program=app_argv(tmp_path, "run")), name="call")
-    wait_for(lambda: record(tmp_path, "client") and record(tmp_path, "server"), 10,
-             what="session up", abort=call.exit_reason)
+    serve, call = start_session(k, agents, tmp_path)
     call.popen.send_signal(signal.SIGTERM)
     assert wait_exit(call) == 0
     wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
