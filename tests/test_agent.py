@@ -546,7 +546,7 @@ def test_digest_auth_accepted_and_rejected(kamailio, agents, tmp_path, kind):
         assert wait_exit(call) == 0, call.log_text()  # INVITE challenged (407) and answered
         bad = agents(agent_argv("call", k.hostport, "2502", "--password", "wrong", target="2500",
                                 program=["/bin/true"]), name="bad")
-        assert wait_exit(bad) == 5
+        assert wait_exit(bad) == 5, bad.log_text()
         assert "rejected our credentials" in bad.log_text()
         serve.stop(grace=10)
     finally:
