@@ -27,9 +27,12 @@ SIGTERM, SIGHUP in the CLI) -> BYE, stop the program. A program that ended its
 session by failing (non-zero status, or a signal we did not send) makes call mode
 (and serve mode with ``once``) fail with Exit.APPLICATION; a program we stopped never does.
 
-The connection parameters cross the network in two places only: `_describe` writes
-ours into SDP and `_read_offer`/`_read_answer` read the peer's. Only ``a=`` lines
-are ever read; ``m=``, ``c=`` and ``o=`` are for proxies.
+Connection parameters (addresses, ports, keys; ICE candidates next) are produced
+by the profile (`profile.offer` when calling, `profile.answer` when answering) and
+cross the network in two places only: `_describe` writes ours into SDP, and
+`_read_offer` + `_validate_offer` (answering) or `_read_answer` (calling) read and
+validate the peer's. Only ``a=`` lines are ever read; ``m=``, ``c=`` and ``o=`` are
+for proxies.
 """
 
 from __future__ import annotations
@@ -111,13 +114,9 @@ class Session:
         self.app_status: int | None = None
 
     @property
-    def failed(self) -> bool:
-        """Did our program end the session by failing (non-zero status or a signal)?"""
-        return self.app_status not in (None, 0)
-
-    @property
     def failure(self) -> str | None:
-        """How our program failed, for people; None if it did not."""
+        """How our program ended the session by failing (non-zero status or a signal we
+        did not send), for people; None if it did not."""
         if self.app_status in (None, 0):
             return None
         return (f"the application {describe_exit(self.app_status)} "
@@ -150,21 +149,11 @@ class Session:
     async def _answer(self, incoming: IncomingCall, profile: AppProfile, info: SessionInfo,
                       attributes: dict[str, str]) -> bool:
         try:
-            try:
-                offer = validate(profile.offer_params, attributes)
-            except ParamError as exc:
-                raise Refusal(488, f"bad parameter {exc}") from None
-            problem = profile.refusal(offer)
-            if problem is not None:
-                raise Refusal(488, problem)
+            offer = self._validate_offer(profile, attributes)
             incoming.ringing()
             plan = await self._plan(profile, info, offer)
             sdp = self._describe_answer(profile, plan)
-            try:
-                self.child = await self._start(plan.child, plan.attributes.get("PORT"))
-                await profile.wait_ready(plan, self.child)
-            except AgentError as exc:
-                raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
+            await self._start_answering(profile, plan)
         except Refusal as refusal:
             self._refuse(incoming, refusal)
             return False
@@ -190,6 +179,16 @@ class Session:
         except ParamError as exc:
             raise Refusal(488, f"bad parameter {exc}") from None
 
+    def _validate_offer(self, profile: AppProfile, attributes: dict[str, str]) -> dict[str, str]:
+        try:
+            offer = validate(profile.offer_params, attributes)
+        except ParamError as exc:
+            raise Refusal(488, f"bad parameter {exc}") from None
+        problem = profile.refusal(offer)
+        if problem is not None:
+            raise Refusal(488, problem)
+        return offer
+
     async def _plan(self, profile: AppProfile, info: SessionInfo, offer: dict[str, str]) -> Plan:
         try:
             return await profile.answer(info, offer)
@@ -206,6 +205,14 @@ class Session:
         except ValueError as exc:
             if plan.child.cleanup is not None:
                 plan.child.cleanup()
+            raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
+
+    async def _start_answering(self, profile: AppProfile, plan: Plan) -> None:
+        """Our program, once it can take the caller's first packet."""
+        try:
+            self.child = await self._start(plan.child, plan.attributes.get("PORT"))
+            await profile.wait_ready(plan, self.child)
+        except AgentError as exc:
             raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
 
     def _refuse(self, incoming: IncomingCall, refusal: Refusal) -> None:
