@@ -615,7 +615,7 @@ class _FakeServerTransaction:
 
 
 def _ua_answer(name: str) -> Response:
-    from sipmesh.sip.useragent import UAConfig, UserAgent
+    from sipmesh.sip.ua import UAConfig, UserAgent
     ua = UserAgent(UAConfig(user="user", domain="example.com"))
     txn = _FakeServerTransaction(parse_message(load(name)))
     ua.on_request(txn)  # type: ignore[arg-type]

@@ -39,7 +39,7 @@ from sipmesh.sip.headers import quote_string
 from sipmesh.sip.sdp import SDPError
 from sipmesh.sip.transport.base import local_address_towards, resolve, uri_target
 from sipmesh.sip.uri import parse_sip_uri
-from sipmesh.sip.useragent import Call, CallFailed, IncomingCall, UAConfig, UserAgent
+from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
 
 log = logging.getLogger("sipmesh.agent")
 
@@ -312,7 +312,7 @@ class Agent:
         assert self.ua is not None and self.config.target
         target = self.config.target
         info = SessionInfo(role="client", call_id="", local_user=self.config.ua.user,
-                           peer=str(self.ua._target_uri(target)), local_ip=self.local_ip)
+                           peer=str(self.ua.target_uri(target)), local_ip=self.local_ip)
         offer = self.profile.offer(info)
         sdp = build_sdp(username=self.config.ua.user, address=self.local_ip,
                         media=self.profile.media, proto=self.profile.proto, port=9,

@@ -233,7 +233,7 @@ def run_service_call(args: argparse.Namespace) -> int:
     from sipmesh.agent.session import Agent, AgentConfig
     from sipmesh.cli.main import setup_logging
     from sipmesh.cli.serve import progress_printer, read_credentials, run_agent_async
-    from sipmesh.sip.useragent import UAConfig
+    from sipmesh.sip.ua import UAConfig
 
     prog = "sipmesh call"
     setup_logging(args.verbose, args.debug, args.log_file)

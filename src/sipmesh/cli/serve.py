@@ -20,7 +20,7 @@ from sipmesh.agent.errors import EXIT_HELP, AgentError, Exit
 from sipmesh.agent.params import Host, IPAddress, IPv4, Port, Token
 from sipmesh.agent.profile import AppProfile
 from sipmesh.agent.session import Agent, AgentConfig
-from sipmesh.sip.useragent import UAConfig
+from sipmesh.sip.ua import UAConfig
 
 log = logging.getLogger("sipmesh.cli")
 

@@ -137,7 +137,7 @@ def _credentials() -> tuple[str | None, str | None]:
 def build(opts: Options):
     from sipmesh.agent.session import Agent, AgentConfig
     from sipmesh.apps.exec import ExecProfile, next_address
-    from sipmesh.sip.useragent import UAConfig
+    from sipmesh.sip.ua import UAConfig
 
     try:
         vpn_remote = opts.vpn_remote or next_address(opts.vpn_local)

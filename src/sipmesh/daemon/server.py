@@ -42,7 +42,7 @@ from sipmesh.sip.message import Response
 from sipmesh.sip.sdp import SDPError
 from sipmesh.sip.transport.base import local_address_towards, resolve, uri_target
 from sipmesh.sip.uri import parse_sip_uri
-from sipmesh.sip.useragent import CallFailed, IncomingCall, UAConfig, UserAgent
+from sipmesh.sip.ua import CallFailed, IncomingCall, UAConfig, UserAgent
 
 log = logging.getLogger("sipmesh.daemon")
 
