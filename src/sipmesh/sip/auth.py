@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sipmesh.sip.grammar import FOLD, QUOTED_PAIR, TOKEN, qdtext, token
+from sipmesh.sip import grammar
 
 __all__ = [
     "AuthError", "AuthOutcome", "AuthResult", "DigestClient", "DigestServer", "NonceManager",
@@ -103,17 +103,19 @@ def compute_response(ha1: str, nonce: str, method: str, uri: str, *, algorithm: 
 
 # --------------------------------------------------------------------------- parsing
 
-_SCHEME = re.compile(rf"({token})(?:[ \t]+|$)")  # auth-scheme = token
+_SCHEME = re.compile(rf"({grammar.token})(?:[ \t]+|$)")  # auth-scheme = token
 _PARAM = re.compile(  # [list separators and empty elements] name = value [separators]
-    rf"""[ \t,]*({token})[ \t]*=[ \t]*"""
-    rf"""(?:"({qdtext}*(?:\\.{qdtext}*)*)"|([A-Za-z0-9\-.!%*_+`'~#$&^|/:@?\[\]]+))"""
+    rf"""[ \t,]*({grammar.token})[ \t]*=[ \t]*"""
+    rf"""(?:"({grammar.qdtext}*(?:\\.{grammar.qdtext}*)*)"|([A-Za-z0-9\-.!%*_+`'~#$&^|/:@?\[\]]+))"""
     r"""([ \t,]*)""")  # value: quoted-string (*(qdtext / quoted-pair)) | token (leniently)
+# Bound here, not imported by name: grammar.py says why.
+_TOKEN, _FOLD, _QUOTED_PAIR = grammar.TOKEN, grammar.FOLD, grammar.QUOTED_PAIR
 _UNQUOTED = frozenset({"algorithm", "nc", "stale"})
 
 
 def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
     """Parse ``Scheme k=v, k="v", ...`` into (scheme, {lower-cased key: value})."""
-    s = (FOLD.sub(" ", value) if "\n" in value else value).strip(" \t")  # unfold LWS
+    s = (_FOLD.sub(" ", value) if "\n" in value else value).strip(" \t")  # unfold LWS
     if "\r" in s or "\n" in s or "\0" in s:
         raise AuthError("control characters in header value")
     m = _SCHEME.match(s)
@@ -132,7 +134,7 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
         if quoted is None:
             params[key] = token
         else:
-            params[key] = QUOTED_PAIR.sub(r"\1", quoted) if "\\" in quoted else quoted
+            params[key] = _QUOTED_PAIR.sub(r"\1", quoted) if "\\" in quoted else quoted
         pos = m.end()
         if pos < len(s) and "," not in separator:
             raise AuthError(f"expected ',' at offset {pos}")
@@ -141,16 +143,16 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
 
 def format_auth_params(scheme: str, params: Mapping[str, str], *, challenge: bool = False) -> str:
     """Serialise; algorithm, nc, stale (and qop in credentials) are bare tokens, the rest quoted."""
-    if not TOKEN.fullmatch(scheme):
+    if not _TOKEN.fullmatch(scheme):
         raise AuthError("bad auth scheme")
     return f"{scheme} " + ", ".join(_format_param(key, val, challenge=challenge) for key, val in params.items())
 
 
 def _format_param(key: str, val: str, *, challenge: bool) -> str:
-    if not TOKEN.fullmatch(key) or "\r" in val or "\n" in val or "\0" in val:
+    if not _TOKEN.fullmatch(key) or "\r" in val or "\n" in val or "\0" in val:
         raise AuthError(f"bad parameter {key[:40]!r}")
     if key.lower() in _UNQUOTED or (key.lower() == "qop" and not challenge):
-        if not TOKEN.fullmatch(val):
+        if not _TOKEN.fullmatch(val):
             raise AuthError(f"parameter {key!r} must be a token")
         return f"{key}={val}"
     return f'{key}="' + val.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 from datetime import datetime, timezone
 
+from sipmesh.sip import grammar
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.grammar import DIGITS, QUOTED_PAIR, TOKEN, WSP, Method, token
+from sipmesh.sip.grammar import WSP
 from sipmesh.sip.uri import URI, SipURI, format_host, is_ip, parse_host, parse_port, parse_uri
 
 COMPACT_FORMS = {
@@ -43,6 +44,8 @@ for _short, _long in COMPACT_FORMS.items():
 # that a proxy can pop a Via or a Route without re-parsing the others.
 LIST_HEADERS = frozenset({"via", "route", "record-route", "contact", "path"})
 
+# Bound here, not imported by name: grammar.py says why.
+_TOKEN, _DIGITS, _QUOTED_PAIR = grammar.TOKEN, grammar.DIGITS, grammar.QUOTED_PAIR
 _BAD_PARAM_VALUE = re.compile(r'[ \t"<>,]')
 
 
@@ -104,7 +107,7 @@ def parse_header_params(text: str) -> dict[str, str | None]:
         for item in items:
             name, eq, value = item.partition("=")
             name = name.strip(WSP)
-            if not TOKEN.fullmatch(name):
+            if not _TOKEN.fullmatch(name):
                 raise ParseError(f"bad header parameter name in {text[:60]!r}")
             if eq:
                 value = value.strip(WSP)
@@ -127,7 +130,7 @@ def parse_header_params(text: str) -> dict[str, str | None]:
         while j < n and text[j] not in "=;":
             j += 1
         name = text[i:j].strip(WSP)
-        if not name or not TOKEN.fullmatch(name):
+        if not name or not _TOKEN.fullmatch(name):
             raise ParseError(f"bad header parameter name in {text[:60]!r}")
         value = None
         if j < n and text[j] == "=":
@@ -166,7 +169,7 @@ _NEEDS_QUOTED_PAIR = re.compile(r'[\\"\x00-\x08\x0b\x0c\x0e-\x1f\x7f]')
 
 def unquote_string(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] == '"':
-        return QUOTED_PAIR.sub(r"\1", value[1:-1])
+        return _QUOTED_PAIR.sub(r"\1", value[1:-1])
     return value
 
 
@@ -192,7 +195,7 @@ class Address:
     @property
     def expires(self) -> int | None:
         value = self.params.get("expires")
-        return int(value) if value is not None and DIGITS.fullmatch(value) else None
+        return int(value) if value is not None and _DIGITS.fullmatch(value) else None
 
     @property
     def q(self) -> float:
@@ -224,7 +227,7 @@ def parse_address(value: str) -> Address:
             raise ParseError("unbalanced quotes in display name")
         display = q.group(1)
         if "\\" in display:
-            display = QUOTED_PAIR.sub(r"\1", display)
+            display = _QUOTED_PAIR.sub(r"\1", display)
         text = text[q.end() :].lstrip(WSP)
         if not text.startswith("<"):
             raise ParseError("display name without <URI>")
@@ -232,7 +235,7 @@ def parse_address(value: str) -> Address:
     if lt >= 0 and (lt == 0 or display is None):
         if display is None and lt > 0:
             token_name = text[:lt].strip(WSP)
-            if token_name and not all(TOKEN.fullmatch(w) for w in token_name.split()):
+            if token_name and not all(_TOKEN.fullmatch(w) for w in token_name.split()):
                 raise ParseError(f"bad display name {token_name[:40]!r} (must be tokens or quoted)")
             display = token_name or None
         gt = text.find(">", lt)
@@ -278,7 +281,7 @@ class Via:
     @property
     def rport(self) -> int | None:
         value = self.params.get("rport")
-        return int(value) if value and DIGITS.fullmatch(value) else None
+        return int(value) if value and _DIGITS.fullmatch(value) else None
 
     def __str__(self) -> str:
         host = format_host(self.host)
@@ -287,7 +290,8 @@ class Via:
 
 
 # sent-protocol = protocol-name SLASH protocol-version SLASH transport, each a token
-_SENT_PROTOCOL = re.compile(rf"[ \t]*({token})[ \t]*/[ \t]*({token})[ \t]*/[ \t]*({token})[ \t]+")
+_SENT_PROTOCOL = re.compile(
+    rf"[ \t]*({grammar.token})[ \t]*/[ \t]*({grammar.token})[ \t]*/[ \t]*({grammar.token})[ \t]+")
 _SENT_BY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s;:\[\]]+)(?:[ \t]*:[ \t]*([0-9]+))?[ \t]*")
 
 
@@ -296,7 +300,7 @@ def _is_ip(value: str | None) -> bool:
 
 
 def _is_number(limit: int) -> Callable[[str | None], bool]:
-    return lambda value: value is not None and DIGITS.fullmatch(value) is not None \
+    return lambda value: value is not None and _DIGITS.fullmatch(value) is not None \
         and int(value) <= limit
 
 
@@ -334,7 +338,7 @@ def parse_via(value: str) -> Via:
                protocol=protocol)
 
 
-_CSEQ = re.compile(rf"[ \t]*([0-9]+)[ \t]+({Method})[ \t]*")
+_CSEQ = re.compile(rf"[ \t]*([0-9]+)[ \t]+({grammar.Method})[ \t]*")
 
 
 def parse_cseq(value: str) -> tuple[int, str]:

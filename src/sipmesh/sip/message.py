@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
+from sipmesh.sip import grammar
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.grammar import DIGITS, FOLD, MAGIC_COOKIE, SIP_VERSION, TOKEN
+from sipmesh.sip.grammar import MAGIC_COOKIE
 from sipmesh.sip.headers import (CANONICAL_NAMES, LIST_HEADERS, Address, Via, canonical_name,
                                  header_key, parse_address, parse_cseq, parse_via, split_list)
 from sipmesh.sip.uri import URI, SipURI, parse_uri
@@ -61,6 +62,8 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# Bound here, not imported by name: grammar.py says why.
+_TOKEN, _SIP_VERSION, _DIGITS, _FOLD = grammar.TOKEN, grammar.SIP_VERSION, grammar.DIGITS, grammar.FOLD
 T = TypeVar("T")
 
 
@@ -364,7 +367,7 @@ def _parse_head(head: bytes, limits: Limits) -> tuple[Request | Response, ParseE
         text = text.replace("\r\n", "\n")
         bare_cr = "\r" in text
     if "\n " in text or "\n\t" in text:
-        text = FOLD.sub(" ", text)
+        text = _FOLD.sub(" ", text)
     lines = text.split("\n")
     msg, error = _start_message(lines[0], limits)
     if bare_cr:
@@ -385,7 +388,7 @@ def _parse_head(head: bytes, limits: Limits) -> tuple[Request | Response, ParseE
             name = name.rstrip(" \t")
             info = _NAMES.get(name)
             if info is None:
-                if not colon or not TOKEN.fullmatch(name):
+                if not colon or not _TOKEN.fullmatch(name):
                     error = error or ParseError(f"malformed header line {line[:40]!r}")
                     continue
                 info = (canonical_name(name), header_key(name))
@@ -417,7 +420,7 @@ def _start_message(line: str, limits: Limits) -> tuple[Request | Response, Parse
     if line[:4].upper() == "SIP/":
         return _status_line(line, limits)
     method, sp, _ = line.partition(" ")
-    if not sp or not TOKEN.fullmatch(method):
+    if not sp or not _TOKEN.fullmatch(method):
         raise ParseError(f"bad start line {line[:60]!r}")
     req = Request(headers=Headers(), method=method)
     if len(line) > limits.max_start_line:
@@ -436,7 +439,7 @@ def _start_message(line: str, limits: Limits) -> tuple[Request | Response, Parse
         # §19.1.1: headers are not allowed in a Request-URI (RFC 4475 §3.1.2.11).
         uri_error = "escaped headers in the Request-URI" \
             if isinstance(req.uri, SipURI) and req.uri.headers else None
-    if not SIP_VERSION.fullmatch(version):
+    if not _SIP_VERSION.fullmatch(version):
         return req, ParseError(f"bad SIP-Version {version[:20]!r}")
     if version.upper() != VERSION:
         return req, ParseError(f"SIP version {version} not supported", 505)
@@ -450,7 +453,7 @@ def _diagnose_request_line(line: str, parts: list[str]) -> str:
         return "tab in the Request-Line"
     if "  " in line:
         return "more than one SP between Request-Line elements"
-    if len(parts) > 3 and SIP_VERSION.fullmatch(parts[-1]):
+    if len(parts) > 3 and _SIP_VERSION.fullmatch(parts[-1]):
         return "whitespace in the Request-URI"
     return f"malformed Request-Line {line[:60]!r}"
 
@@ -465,7 +468,7 @@ def _status_line(line: str, limits: Limits) -> tuple[Response, ParseError | None
     if len(code) != 3 or not 100 <= int(code) <= 699:
         raise ParseError(f"status code out of range ({code[:20]})")
     response = Response(headers=Headers(), status=int(code), reason=reason)
-    if not SIP_VERSION.fullmatch(version):
+    if not _SIP_VERSION.fullmatch(version):
         return response, ParseError(f"bad SIP-Version {version[:20]!r}")
     if version.upper() != VERSION:
         return response, ParseError(f"SIP version {version} not supported", 505)
@@ -482,7 +485,7 @@ def _set_body(msg: Request | Response, rest: bytes, stream: bool) -> None:
     if len(values) > 1:
         raise ParseError("more than one Content-Length header field")  # RFC 4475 §3.3.9
     text = values[0]
-    if not DIGITS.fullmatch(text):
+    if not _DIGITS.fullmatch(text):
         raise ParseError(f"bad Content-Length {text[:20]!r}")
     length = int(text)
     if length > len(rest):
@@ -524,7 +527,7 @@ def _check(msg: Request | Response) -> None:
     # What was parsed to check the message is what the accessors would parse again.
     headers._views = {"cseq": cseq, "via": via, "from": from_, "to": to, "contacts": contacts}
     mf = headers.get("Max-Forwards")
-    if mf is not None and (not DIGITS.fullmatch(mf) or int(mf) > 255):
+    if mf is not None and (not _DIGITS.fullmatch(mf) or int(mf) > 255):
         raise ParseError(f"bad Max-Forwards {mf[:20]!r}")
 
 

@@ -16,15 +16,14 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
+from sipmesh.sip import grammar
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.grammar import (IPv4address, hnv_unreserved, hostname, mark, param_unreserved,
-                                 password_unreserved, port, scheme, user_unreserved)
 
 # What may appear unescaped in each part, beyond ALPHA / DIGIT (RFC 3261 §25.1).
-_USER_SAFE = mark + user_unreserved  # unreserved / user-unreserved
-_PASSWORD_SAFE = mark + password_unreserved
-_PARAM_SAFE = mark + param_unreserved  # unreserved / param-unreserved
-_HEADER_SAFE = mark + hnv_unreserved  # unreserved / hnv-unreserved
+_USER_SAFE = grammar.mark + grammar.user_unreserved  # unreserved / user-unreserved
+_PASSWORD_SAFE = grammar.mark + grammar.password_unreserved
+_PARAM_SAFE = grammar.mark + grammar.param_unreserved  # unreserved / param-unreserved
+_HEADER_SAFE = grammar.mark + grammar.hnv_unreserved  # unreserved / hnv-unreserved
 
 
 def _escaped_class(safe: str) -> re.Pattern[str]:
@@ -50,10 +49,10 @@ _PASSWORD_UNSAFE = re.compile(r"[^A-Za-z0-9" + re.escape(_PASSWORD_SAFE) + "]")
 _PARAM_UNSAFE = re.compile(r"[^A-Za-z0-9" + re.escape(_PARAM_SAFE) + "]")
 _HEADER_UNSAFE = re.compile(r"[^A-Za-z0-9" + re.escape(_HEADER_SAFE) + "]")
 
-_HOSTNAME = re.compile(hostname)
-_IPV4 = re.compile(IPv4address)
-_PORT = re.compile(port)
-_SCHEME = re.compile(scheme)
+_HOSTNAME = re.compile(grammar.hostname)
+_IPV4 = re.compile(grammar.IPv4address)
+_PORT = re.compile(grammar.port)
+_SCHEME = re.compile(grammar.scheme)
 _NOT_IN_URI = re.compile(r"[\x00-\x20\x7f<>\"]")
 
 # uri-parameters whose values are case-insensitive tokens or hosts (§19.1.4 compares

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.grammar import TOKEN_OCTETS, digits, fold
+from sipmesh.sip import grammar
+from sipmesh.sip.grammar import TOKEN_OCTETS
 from sipmesh.sip.message import DEFAULT_LIMITS, Limits
 
 
@@ -65,8 +66,8 @@ class StreamFramer:
 
 
 _CL = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
-_FOLD = re.compile(fold.encode())
-_DIGITS = re.compile(digits.encode())
+_FOLD = re.compile(grammar.fold.encode())
+_DIGITS = re.compile(grammar.digits.encode())
 
 
 def _content_length(head: bytes) -> int:
