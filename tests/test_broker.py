@@ -17,7 +17,7 @@ from sipmesh.sip.auth import DigestClient, is_stale, parse_auth_params
 from sipmesh.sip.message import Request, Response, make_response, parse_message
 from sipmesh.sip.transport.base import response_target
 from sipmesh.sip.uri import parse_sip_uri
-from sipmesh.sip.useragent import CallFailed, IncomingCall, UAConfig, UserAgent
+from sipmesh.sip.ua import CallFailed, IncomingCall, UAConfig, UserAgent
 
 SDP_A = b"v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=application 9 TCP x\r\na=PORT:7001\r\n"
 SDP_B = b"v=0\r\no=bob 2 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=application 9 TCP x\r\na=PORT:7002\r\n"

@@ -27,7 +27,7 @@ from sipmesh.cli.daemon import register_builtin_kinds
 from sipmesh.daemon.config import load_config
 from sipmesh.daemon.control import query
 from sipmesh.daemon.server import Daemon
-from sipmesh.sip.useragent import Call, CallFailed, UAConfig, UserAgent
+from sipmesh.sip.ua import Call, CallFailed, UAConfig, UserAgent
 
 register_builtin_kinds()
 

@@ -19,7 +19,7 @@ import pytest
 
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.daemon.config import load_config
-from sipmesh.sip.useragent import UAConfig
+from sipmesh.sip.ua import UAConfig
 from tests.lab import free_port, wait_tcp_listening
 from tests.test_daemon import DaemonLab, config_text, lab, wait_until  # noqa: F401  (fixture)
 

@@ -23,7 +23,7 @@ import pytest
 
 from sipmesh.sip.message import Request, Response
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.useragent import CallFailed, UserAgent
+from sipmesh.sip.ua import CallFailed, UserAgent
 from tests.lab import free_port, listening_sockets, wait_for
 from tests.peers.helpers import Callee, eventually, no_errors_logged, sdp, start_ua
 

@@ -14,9 +14,10 @@ from typing import Callable
 import pytest
 
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.message import Limits, Request, Response, StreamFramer, make_response, parse_message
+from sipmesh.sip.message import Limits, Request, Response, make_response, parse_message
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
 from sipmesh.sip.transport import UDP_SIZE_THRESHOLD, Flow, TransportLayer, response_target
+from sipmesh.sip.transport.framing import StreamFramer
 
 pytestmark = pytest.mark.timeout(60)
 

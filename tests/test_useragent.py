@@ -16,7 +16,7 @@ import pytest
 from sipmesh.sip.auth import DigestServer, NonceManager, compute_ha1, parse_auth_params
 from sipmesh.sip.message import Request, Response, make_response
 from sipmesh.sip.uri import parse_sip_uri
-from sipmesh.sip.useragent import ALLOW, CallFailed
+from sipmesh.sip.ua import ALLOW, CallFailed
 from tests.peers.helpers import (FAST, Callee, RawPeer, eventually, is_request, is_response,
                                  no_errors_logged, raw_request, sdp, start_ua)
 
@@ -401,7 +401,7 @@ async def test_request_uri_of_an_unsupported_scheme_is_416(make_ua, raw, uri):
 async def test_options_out_of_dialog_is_200_with_allow(make_ua, raw):
     bob = await make_ua("bob")
     alice = await make_ua("alice")
-    request = alice._new_request("OPTIONS", parse_sip_uri(target(bob)))
+    request = alice.new_request("OPTIONS", parse_sip_uri(target(bob)))
     response = await alice.request(request)
     assert response.status == 200
     assert {m.strip() for m in (response.headers.get("Allow") or "").split(",")} == \

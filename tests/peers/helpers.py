@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 from sipmesh.sip.message import Request, Response, parse_message
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.useragent import Call, CallFailed, IncomingCall, UAConfig, UserAgent
+from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
 from tests.lab.procs import free_port
 
 FAST = TimerValues(t1=0.01, t2=0.04, t4=0.05)

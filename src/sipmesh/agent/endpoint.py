@@ -25,7 +25,7 @@ from sipmesh.agent.params import IPAddress
 from sipmesh.agent.registration import Registration
 from sipmesh.sip.transport.base import local_address_towards, resolve, uri_target
 from sipmesh.sip.uri import parse_sip_uri
-from sipmesh.sip.useragent import IncomingCall, UAConfig, UserAgent
+from sipmesh.sip.ua import IncomingCall, UAConfig, UserAgent
 
 if TYPE_CHECKING:
     from sipmesh.agent.session import Session

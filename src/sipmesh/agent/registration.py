@@ -15,7 +15,7 @@ import time
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Response
-from sipmesh.sip.useragent import CallFailed, UserAgent
+from sipmesh.sip.ua import CallFailed, UserAgent
 
 log = logging.getLogger("sipmesh.agent.registration")
 

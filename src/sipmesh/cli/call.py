@@ -14,7 +14,7 @@ from sipmesh.cli.common import (default_config_path, fail, positive, progress_pr
                                 section_password, setup_logging)
 from sipmesh.cli.serve import add_agent_options, add_program_parser, run_from_args
 from sipmesh.daemon.config import load_config
-from sipmesh.sip.useragent import UAConfig
+from sipmesh.sip.ua import UAConfig
 
 
 def target_name(text: str) -> str:

@@ -19,7 +19,7 @@ from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.cli.common import (add_output_options, fail, positive, progress_printer,
                                 read_credentials, run_until_signalled, server_address,
                                 setup_logging, sip_port, typed, user_name)
-from sipmesh.sip.useragent import UAConfig
+from sipmesh.sip.ua import UAConfig
 
 APPS = ("exec", "openvpn")
 
