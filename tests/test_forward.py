@@ -20,8 +20,8 @@ import pytest
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.daemon.config import load_config
 from sipmesh.sip.useragent import UAConfig
-from tests.lab import free_port, wait_tcp_listening
-from tests.test_daemon import DaemonLab, config_text, lab, wait_until  # noqa: F401  (fixture)
+from tests.lab import free_port, wait_for, wait_for_async, wait_tcp_listening
+from tests.peers.daemon import DaemonLab, config_text, lab  # noqa: F401 (fixture)
 
 TOKEN = base64.b64encode(b"0123456789abcdef").decode()
 
@@ -231,6 +231,6 @@ async def test_http_through_the_forward_100mb_byte_identical(lab: DaemonLab, htt
     finally:
         agent.request_stop()
         await asyncio.wait_for(task, 20)
-    await wait_until(lambda: not lab.daemon.sessions, what="the daemon's session to end")
+    await wait_for_async(lambda: not lab.daemon.sessions, what="the daemon's session to end")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", local), timeout=2).close()

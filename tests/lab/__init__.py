@@ -18,13 +18,12 @@ from .netns import popen as netns_popen
 from .netns import run as netns_run
 from .procs import (
     REGISTRY,
-    LabTimeout,
     ManagedProcess,
     ProcessRegistry,
     free_port,
     listening_sockets,
+    pid_alive,
     spawn,
-    wait_for,
     wait_tcp_listening,
     wait_udp_listening,
 )
@@ -41,14 +40,15 @@ from .sipp import (
     sipp_unavailable_reason,
     start_sipp,
 )
+from .waiting import LabTimeout, wait_for, wait_for_async
 
 __all__ = [
     "AUTH_MODES", "CFG_TEMPLATE", "Kamailio", "KamailioError", "kamailio_unavailable_reason",
     "render_config", "write_subscriber_table",
     "Netns", "NetnsFactory", "NetnsUnavailable", "Veth", "list_netns", "netns_unavailable_reason",
     "netns_popen", "netns_run",
-    "REGISTRY", "LabTimeout", "ManagedProcess", "ProcessRegistry", "free_port", "listening_sockets",
-    "spawn", "wait_for", "wait_tcp_listening", "wait_udp_listening",
+    "REGISTRY", "LabTimeout", "ManagedProcess", "ProcessRegistry", "free_port", "listening_sockets", "pid_alive",
+    "spawn", "wait_for", "wait_for_async", "wait_tcp_listening", "wait_udp_listening",
     "SCENARIOS", "SippProcess", "SippResult", "SippUsers", "make_users", "parse_stat_csv", "run_sipp",
     "scenario", "sipp_args", "sipp_unavailable_reason", "start_sipp",
 ]
