@@ -8,6 +8,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import select
 import socket
 import sys
 import threading
@@ -109,12 +110,15 @@ def test_half_close_reaches_the_far_end_and_the_reply_comes_back(forward_pair) -
 
 
 def test_a_connection_without_the_token_never_reaches_the_target(forward_pair) -> None:
-    local, target, _ = forward_pair(digest_then_reply, token_connect=base64.b64encode(b"x" * 16).decode())
+    local, target, (serve, _) = forward_pair(digest_then_reply,
+                                             token_connect=base64.b64encode(b"x" * 16).decode())
     with socket.create_connection(("127.0.0.1", local), timeout=10) as c:
         c.sendall(b"hello")
         c.shutdown(socket.SHUT_WR)
         assert c.recv(100) == b""
-    time.sleep(0.2)
+    # the serve half says it closed the connection, on the only path that never connects on
+    wait_for(lambda: "a connection without the session's token: closed" in serve.log_text(), 10,
+             what="the serve half to refuse the connection", abort=serve.exit_reason)
     assert target.connections == 0
 
 
@@ -141,7 +145,7 @@ def test_back_pressure_bounds_what_the_forward_holds(forward_pair) -> None:
             try:
                 n = c.send(pending)
             except BlockingIOError:
-                time.sleep(0.01)
+                select.select([], [c], [], max(0.0, deadline - time.monotonic()))  # until writable
                 continue
             sent.update(pending[:n])
             total += n

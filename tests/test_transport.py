@@ -17,6 +17,7 @@ from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Limits, Request, Response, StreamFramer, make_response, parse_message
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
 from sipmesh.sip.transport import UDP_SIZE_THRESHOLD, Flow, TransportLayer, response_target
+from tests.lab import wait_for_async
 from tests.peers.raw import RawPeer
 
 pytestmark = pytest.mark.timeout(60)
@@ -74,9 +75,10 @@ class Inbox:
     async def get(self, timeout: float = 5.0) -> tuple[Request | Response, Flow]:
         return await asyncio.wait_for(self.queue.get(), timeout)
 
-    async def nothing(self, wait: float = 0.3) -> None:
-        await asyncio.sleep(wait)
-        assert self.queue.empty(), self.queue.get_nowait()
+    async def next_is(self, call_id: str) -> None:
+        """The next message delivered is the one with `call_id`: nothing came before it."""
+        got, _ = await self.get()
+        assert got.headers.get("Call-ID") == call_id, got
 
 
 class Echo(Inbox):
@@ -179,7 +181,7 @@ async def test_received_and_rport_are_stamped(layers, raw_peers) -> None:
     request, _ = await inbox.get()
     assert request.via.received == "127.0.0.1" and "rport" not in request.via.params
     peer.send(options(f"SIP/2.0/UDP 127.0.0.1:{peer.port}", branch="z9hG4bK-t3"),
-                          (host, port))
+              (host, port))
     request, _ = await inbox.get()
     assert "received" not in request.via.params
 
@@ -238,11 +240,8 @@ async def test_idle_tcp_connection_is_closed(layers) -> None:
     await client.send(parse_message(options("SIP/2.0/TCP 127.0.0.1:5060;rport")), target)
     _, flow = await echo.get()
     assert client.has_connection(target)
-    for _ in range(40):
-        await asyncio.sleep(0.1)
-        if not client.has_connection(target) and not server.has_connection(flow):
-            break
-    assert not client.has_connection(target) and not server.has_connection(flow)
+    await wait_for_async(lambda: not client.has_connection(target) and not server.has_connection(flow),
+                         4, 0.1, what="both ends to close the idle connection")
 
 
 async def test_large_udp_request_leaves_over_tcp(layers) -> None:
@@ -309,7 +308,11 @@ async def test_malformed_request_gets_400_naming_the_problem(layers, raw_peers, 
     assert isinstance(answer, Response) and answer.status == 400
     assert answer.reason.startswith("Bad Request (") and problem in answer.reason
     assert answer.headers.get("Call-ID") == "call-1"
-    await inbox.nothing(0.1)
+    # a fence: the transport delivers one socket's datagrams in order, so a request sent
+    # after the malformed one arrives first only if the malformed one was never delivered
+    peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="fence", branch="z9hG4bK-fence"),
+              (host, port))
+    await inbox.next_is("fence")
 
 
 async def test_malformed_request_over_tcp_gets_400_on_the_connection(layers) -> None:
@@ -328,7 +331,7 @@ async def test_wrong_version_gets_505(layers, raw_peers) -> None:
     host, port = await server.listen("UDP", "127.0.0.1", 0)
     peer = await raw_peers(lenient=True)
     peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport").replace(b" SIP/2.0\r\n", b" SIP/3.0\r\n", 1),
-                          (host, port))
+              (host, port))
     answer = await next_message(peer)
     assert (answer.status, answer.reason) == (505, "Version Not Supported")
 
@@ -345,9 +348,8 @@ async def test_garbage_never_stops_the_udp_listener(layers, raw_peers) -> None:
     peer = await raw_peers(lenient=True)
     for junk in GARBAGE:
         peer.send(junk, (host, port))
-    await asyncio.sleep(0.2)
     peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="after-garbage"),
-                          (host, port))
+              (host, port))
     answers = []
     while True:  # answers to broken requests (if any) may come first
         answer = await next_message(peer)
@@ -392,16 +394,14 @@ async def test_message_over_the_size_limit(layers, raw_peers) -> None:
     peer.send(big, (host, port))
     answer = await next_message(peer)
     assert (answer.status, answer.reason) == (513, "Message Too Large")
-    await inbox.nothing(0.1)
     # Over TCP the stream cannot continue past it: the connection is closed.
     reader, writer = await raw_tcp(host, tcp_port)
     writer.write(big.replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP"))
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
-    # Still serving.
+    # Still serving, and neither big message was delivered (it would have come first).
     peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="small"), (host, port))
-    got, _ = await inbox.get()
-    assert got.headers.get("Call-ID") == "small"
+    await inbox.next_is("small")
 
 
 # -- the transaction layer's limit ---------------------------------------------------------------------
@@ -434,7 +434,7 @@ async def test_full_transaction_table_answers_503_with_retry_after(layers, raw_p
         peer = await raw_peers(lenient=True)
         for n in (1, 2, 3):
             peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id=f"full-{n}",
-                                          branch=f"z9hG4bK-full{n}"), (host, port))
+                              branch=f"z9hG4bK-full{n}"), (host, port))
         answer = await next_message(peer)
         assert answer.status == 503 and answer.headers.get("Call-ID") == "full-3"
         assert answer.headers.get("Retry-After") is not None
@@ -443,8 +443,13 @@ async def test_full_transaction_table_answers_503_with_retry_after(layers, raw_p
         assert transactions.server_transactions == 2
         # A retransmission of a request already held is absorbed, not refused.
         peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="full-1",
-                                      branch="z9hG4bK-full1"), (host, port))
-        await asyncio.sleep(0.2)
+                          branch="z9hG4bK-full1"), (host, port))
+        # a fence: a new request, still refused, is answered after anything the
+        # retransmission would have caused
+        peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="full-4",
+                          branch="z9hG4bK-full4"), (host, port))
+        answer = await next_message(peer)
+        assert answer.status == 503 and answer.headers.get("Call-ID") == "full-4", answer
         assert peer.inbox.empty() and len(tu.requests) == 2
     finally:
         await transactions.close()

@@ -242,13 +242,18 @@ async def test_uas_stops_retransmitting_2xx_once_acked(make_ua, raw_peers):
     ok, _ = await peer.expect(is_response(200))
     await peer.expect(is_response(200), what="a retransmitted 200")  # the first ACK was "lost"
     peer.send(ack_for(ok, peer, uri, "late-ack"), bob_addr)
-    theirs = await established(callee)
-    await asyncio.sleep(0.15)
+    theirs = await established(callee)  # the ACK was taken
+    # a fence: what Bob sent before answering a later request (a 200 already on its way
+    # when the ACK came) has arrived once that answer has
+    peer.send(raw_request("OPTIONS", str(ok.contacts[0].uri), peer, call_id="late-ack", cseq=2,
+                          to=uri, to_tag=ok.to.tag), bob_addr)
+    await peer.expect(is_response(200, "OPTIONS"), what="the answer to the in-dialog OPTIONS")
     count = sum(1 for _, m in peer.log if isinstance(m, Response) and m.status == 200)
-    await asyncio.sleep(0.3)
+    # a 2xx still retransmitted would come at least every T2 (40 ms): none in 0.3 s
+    await peer.quiet(is_response(200, "INVITE"), 0.3, what="a 200 retransmitted after the ACK")
     assert sum(1 for _, m in peer.log if isinstance(m, Response) and m.status == 200) == count
     assert not theirs.ended.done()
-    peer.send(raw_request("BYE", str(ok.contacts[0].uri), peer, call_id="late-ack", cseq=2,
+    peer.send(raw_request("BYE", str(ok.contacts[0].uri), peer, call_id="late-ack", cseq=3,
                           to=uri, to_tag=ok.to.tag), bob_addr)
     await peer.expect(is_response(200, "BYE"))
     assert await asyncio.wait_for(theirs.ended, 1) == "remote BYE"
@@ -280,7 +285,7 @@ async def test_uac_resends_its_ack_for_a_retransmitted_2xx(make_ua, raw_peers):
     peer.send(ok, addr)  # while the INVITE transaction lives (Timer M)
     ack2, _ = await peer.expect(is_request("ACK"), what="a second ACK")
     assert ack2.to_bytes() == ack1.to_bytes()
-    await asyncio.sleep(64 * FAST.t1 + 0.2)  # the transaction is gone: a stray 2xx now
+    await asyncio.sleep(64 * FAST.t1 + 0.2)  # past Timer M: the transaction is gone, a stray 2xx now
     peer.send(ok, addr)
     ack3, _ = await peer.expect(is_request("ACK"), what="a third ACK")
     assert ack3.to_bytes() == ack1.to_bytes()
@@ -323,8 +328,10 @@ async def test_reinvite_is_answered_with_the_same_sdp_from_either_side(make_ua):
     assert theirs.local_sdp == callee.answer and theirs.remote_sdp == sdp("alice")
     response = await theirs.reinvite()
     assert response.status == 200 and response.body == sdp("alice")
-    # both 2xx were ACKed: nobody gives up and hangs up after 64*T1
-    await asyncio.sleep(64 * FAST.t1 + 0.2)
+    # both 2xx were ACKed: nobody gives up and hangs up when 64*T1 have passed
+    done, _ = await asyncio.wait({call.ended, theirs.ended}, timeout=64 * FAST.t1 + 0.2,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    assert not done, f"a side ended the call: {[f.result() for f in done]}"
     assert not call.ended.done() and not theirs.ended.done()
     await call.bye()
     assert await asyncio.wait_for(theirs.ended, 2) == "remote BYE"
@@ -569,5 +576,8 @@ async def test_responses_honour_rport_and_otherwise_the_via_port(make_ua, raw_pe
                           rport=False), addr)
     response, _ = await sent_by.expect(is_response(200))
     assert "rport" not in response.via.params
-    await asyncio.sleep(0.05)
-    assert [m.call_id for _, m in peer.log] == ["rport-1"]
+    # a fence: a third answer reaches `peer` after anything Bob sent it for rport-2
+    peer.send(raw_request("OPTIONS", uri, peer, call_id="rport-3"), addr)
+    await peer.expect(lambda m: isinstance(m, Response) and m.call_id == "rport-3",
+                      what="the answer to rport-3")
+    assert [m.call_id for _, m in peer.log] == ["rport-1", "rport-3"]

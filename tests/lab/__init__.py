@@ -1,7 +1,9 @@
-"""Reusable test lab: real third-party SIP software (Kamailio, SIPp) and network namespaces.
+"""Reusable test lab: real SIP software (Kamailio, SIPp, and sipmesh's own programs as
+processes), network namespaces, and the one bounded wait (``wait_for``/``wait_for_async``).
 
 Import helpers with ``from tests.lab import ...``; the pytest fixtures live in
-``tests.lab.fixtures`` (enabled by ``pytest_plugins`` in ``tests/conftest.py``).
+``tests.lab.fixtures`` (enabled by ``pytest_plugins`` in ``tests/conftest.py``). sipmesh's
+broker and agents as processes: ``tests.lab.broker``, ``tests.lab.agents``.
 """
 
 from .kamailio import (
@@ -47,8 +49,8 @@ __all__ = [
     "render_config", "write_subscriber_table",
     "Netns", "NetnsFactory", "NetnsUnavailable", "Veth", "list_netns", "netns_unavailable_reason",
     "netns_popen", "netns_run",
-    "REGISTRY", "LabTimeout", "ManagedProcess", "ProcessRegistry", "free_port", "listening_sockets", "pid_alive",
-    "spawn", "wait_for", "wait_for_async", "wait_tcp_listening", "wait_udp_listening",
+    "REGISTRY", "ManagedProcess", "ProcessRegistry", "free_port", "listening_sockets", "pid_alive",
+    "spawn", "LabTimeout", "wait_for", "wait_for_async", "wait_tcp_listening", "wait_udp_listening",
     "SCENARIOS", "SippProcess", "SippResult", "SippUsers", "make_users", "parse_stat_csv", "run_sipp",
     "scenario", "sipp_args", "sipp_unavailable_reason", "start_sipp",
 ]

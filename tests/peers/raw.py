@@ -140,6 +140,16 @@ class RawPeer:
             if predicate(message):
                 return message, addr
 
+    async def quiet(self, predicate: Predicate, window: float, what: str) -> None:
+        """No message matching ``predicate`` arrives within ``window`` seconds; fails the
+        moment one does. For what must not happen before a protocol deadline (a
+        retransmission interval, Timer M), where no event can prove the absence."""
+        try:
+            message, _ = await self.expect(predicate, window, what)
+        except AssertionError:
+            return
+        raise AssertionError(f"{what} within {window}s: {message}")
+
     async def final(self, call_id: str, timeout: float = 3.0, method: str | None = None) -> Response:
         """The first final response for ``call_id`` (and ``method``)."""
         message, _ = await self.expect(is_final(call_id, method), timeout,
