@@ -430,7 +430,7 @@ class UserAgent:
 
         With `timeout`, give up after that many seconds without an answer: the INVITE is
         CANCELled (§9.1) and CallFailed(487) raised. Cancelling the awaiting task CANCELs too."""
-        uri = self._target_uri(target)
+        uri = self.target_uri(target)
         request = self._new_request("INVITE", uri)
         request.headers.add("Contact", str(self.contact()))
         request.headers.add("Allow", ALLOW)
@@ -449,7 +449,7 @@ class UserAgent:
             request = retry
         raise CallFailed(outcome.status, outcome.reason, outcome)
 
-    def _target_uri(self, target: str | URI) -> URI:
+    def target_uri(self, target: str | URI) -> URI:
         if not isinstance(target, str):
             return target
         if target.startswith(("sip:", "sips:")):
