@@ -14,7 +14,7 @@ import pytest
 
 from sipmesh.agent.params import Base64Key
 from sipmesh.apps import wireguard
-from sipmesh.cli.daemon import register_builtin_kinds
+from sipmesh.cli.common import register_builtin_kinds
 from sipmesh.daemon.allocators import Lease, Ledger
 from sipmesh.daemon.config import parse_config
 from sipmesh.daemon.service import DaemonSessionInfo

@@ -19,7 +19,7 @@ import pytest
 from sipmesh.agent.attributes import build_sdp
 from sipmesh.agent.ports import port_is_free
 from sipmesh.broker.server import Broker, BrokerConfig
-from sipmesh.cli.daemon import register_builtin_kinds
+from sipmesh.cli.common import register_builtin_kinds
 from sipmesh.daemon.config import load_config
 from sipmesh.daemon.control import query
 from sipmesh.daemon.server import Daemon
