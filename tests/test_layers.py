@@ -212,8 +212,9 @@ def test_no_module_uses_another_modules_private_names(capsys) -> None:
                        + ("  [PENDING]" if _key(rel, text) in PENDING_PRIVATE else
                           "  [allowed]" if _key(rel, text) in ALLOWED_PRIVATE else "")
                        for rel, line, text in found)
-    with capsys.disabled():
-        print(f"\nprivate names used across modules ({len(found)}):\n{report or '  none'}")
+    if found:
+        with capsys.disabled():
+            print(f"\nprivate names used across modules ({len(found)}):\n{report}")
     new = sorted({_key(rel, text) for rel, _, text in found} - listed)
     assert not new, ("modules use private names of another module (make them public, or "
                      "list a deliberate exception in ALLOWED_PRIVATE with its reason):\n  "
