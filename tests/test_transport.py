@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -17,23 +16,14 @@ from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Limits, Request, Response, StreamFramer, make_response, parse_message
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
 from sipmesh.sip.transport import UDP_SIZE_THRESHOLD, Flow, TransportLayer, response_target
-from tests.lab import wait_for_async
+from tests.lab import ipv6_loopback, wait_for_async
 from tests.peers.raw import RawPeer
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 HOSTS = ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(
-    not _has_ipv6_loopback(), reason="no IPv6 loopback"))]
+    not ipv6_loopback(), reason="no IPv6 loopback"))]
 
 
 def bracket(host: str) -> str:

@@ -8,7 +8,6 @@ retransmitted for 0.64 s.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from sipmesh.sip.auth import DigestServer, NonceManager, compute_ha1, parse_auth
 from sipmesh.sip.message import Request, Response, make_response
 from sipmesh.sip.uri import parse_sip_uri
 from sipmesh.sip.useragent import ALLOW, CallFailed
-from tests.lab import wait_for_async
+from tests.lab import ipv6_loopback, wait_for_async
 from tests.peers.helpers import FAST, Callee, no_errors_logged, sdp, start_ua
 from tests.peers.raw import RawPeer, is_request, is_response, raw_request
 
@@ -46,15 +45,6 @@ def transport_config(transport: str, tls_contexts) -> dict:
     server, client = tls_contexts
     return {"transport": "TLS", "transports": ("UDP", "TCP", "TLS"), "tls_context": server,
             "tls_client_context": client}
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 def target(ua, transport: str = "UDP") -> str:

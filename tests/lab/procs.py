@@ -27,6 +27,7 @@ __all__ = [
     "ProcessRegistry",
     "REGISTRY",
     "free_port",
+    "ipv6_loopback",
     "netns_prefix",
     "pid_alive",
     "listening_sockets",
@@ -51,6 +52,11 @@ def _bind_ok(kind: int, host: str, port: int) -> bool:
         return False
     finally:
         s.close()
+
+
+def ipv6_loopback() -> bool:
+    """Can a socket bind ::1 here? (some containers have no IPv6 at all)"""
+    return _bind_ok(socket.SOCK_DGRAM, "::1", 0)
 
 
 def free_port(kind: str = "udp", host: str = "127.0.0.1") -> int:
