@@ -17,7 +17,7 @@ from sipmesh.sip.headers import (Address, Via, canonical_name, parse_address, pa
 from sipmesh.sip.message import Headers, Limits, Request, Response, make_response, parse_message
 from sipmesh.sip.transport.framing import StreamFramer
 from sipmesh.sip.uri import AbsoluteURI, SipURI
-from tests.test_uri import hostnames, sip_uris
+from tests.peers.strategies import hostnames, sip_uris
 
 INVITE = (
     b"INVITE sip:bob@biloxi.example.com SIP/2.0\r\n"
