@@ -28,6 +28,7 @@ from .procs import (
     wait_tcp_listening,
     wait_udp_listening,
 )
+from .topology import INTERNET, KINDS, Host, NatLab, Router
 from .sipp import (
     SCENARIOS,
     SippProcess,
@@ -49,6 +50,7 @@ __all__ = [
     "netns_popen", "netns_run",
     "REGISTRY", "LabTimeout", "ManagedProcess", "ProcessRegistry", "free_port", "listening_sockets",
     "spawn", "wait_for", "wait_tcp_listening", "wait_udp_listening",
+    "INTERNET", "KINDS", "Host", "NatLab", "Router",
     "SCENARIOS", "SippProcess", "SippResult", "SippUsers", "make_users", "parse_stat_csv", "run_sipp",
     "scenario", "sipp_args", "sipp_unavailable_reason", "start_sipp",
 ]
