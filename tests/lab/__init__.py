@@ -4,6 +4,7 @@ Import helpers with ``from tests.lab import ...``; the pytest fixtures live in
 ``tests.lab.fixtures`` (enabled by ``pytest_plugins`` in ``tests/conftest.py``).
 """
 
+from .coturn import DENIED_PEERS, Coturn, coturn_unavailable_reason
 from .kamailio import (
     AUTH_MODES,
     CFG_TEMPLATE,
@@ -44,6 +45,7 @@ from .sipp import (
 )
 
 __all__ = [
+    "DENIED_PEERS", "Coturn", "coturn_unavailable_reason",
     "AUTH_MODES", "CFG_TEMPLATE", "Kamailio", "KamailioError", "kamailio_unavailable_reason",
     "render_config", "write_subscriber_table",
     "Netns", "NetnsFactory", "NetnsUnavailable", "Veth", "list_netns", "netns_unavailable_reason",
