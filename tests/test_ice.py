@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from aioice import stun
 
 from sipmesh.agent.attributes import build_sdp, read_attribute_list, read_attributes
 from sipmesh.agent.ice import (MAX_CANDIDATES, Candidate, IceConfig, IceDescription, IceError,
@@ -207,6 +209,51 @@ async def test_two_sessions_on_loopback_connect_directly():
     finally:
         await caller.close()
         await callee.close()
+
+
+async def test_spoofed_checks_teach_at_most_twenty_peer_reflexive_candidates():
+    """The peer (who knows the credentials) sends checks from 30 source addresses, as a
+    spoofer could: each is answered, but only 20 become candidates that we check."""
+    config = IceConfig(host_addresses=("127.0.0.1",))
+    caller, callee = IceSession(config, controlling=True), IceSession(config, controlling=False)
+    spoofers = []
+    try:
+        offer, answer = await asyncio.gather(caller.gather(), callee.gather())
+        await asyncio.gather(caller.connect(caller.read_remote(render(answer))),
+                             callee.connect(callee.read_remote(render(offer))))
+        target = (answer.candidates[0].host, answer.candidates[0].port)
+        answered = 0
+        for _ in range(30):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(2)
+            spoofers.append(s)
+            check = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+            check.attributes["USERNAME"] = f"{answer.ufrag}:{offer.ufrag}"
+            check.attributes["PRIORITY"] = 1845501695
+            check.attributes["ICE-CONTROLLING"] = 1
+            check.add_message_integrity(answer.pwd.encode())
+            s.sendto(bytes(check), target)
+            reply = stun.parse_message(await asyncio.to_thread(s.recv, 2048))
+            answered += reply.message_class == stun.Class.RESPONSE
+        assert answered == 30
+        learnt = [c for c in callee.connection.remote_candidates if c.type == "prflx"]
+        assert len(learnt) == MAX_CANDIDATES
+    finally:
+        for s in spoofers:
+            s.close()
+        await caller.close()
+        await callee.close()
+
+
+async def test_wait_closed_returns_when_the_session_closes():
+    session = IceSession(IceConfig(host_addresses=("127.0.0.1",)), controlling=True)
+    await session.gather()
+    waiter = asyncio.ensure_future(session.wait_closed())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await session.close()
+    await asyncio.wait_for(waiter, 5)
 
 
 async def test_no_candidates_at_all_fails_at_once_with_a_reason():

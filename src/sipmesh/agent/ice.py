@@ -343,6 +343,7 @@ class _Connection(aioice.Connection):
         self.relay_transport: str | None = None
         self.mapping: str | None = None
         self.relay_at = float("inf")
+        self.prflx_refused = False
 
     # -- gathering
     async def gather_candidates(self) -> None:
@@ -443,7 +444,21 @@ class _Connection(aioice.Connection):
     def check_incoming(self, message: stun.Message, addr: tuple[str, int],
                        protocol: StunProtocol) -> None:
         """A check from the peer proves the path is open now: redo our own check on that
-        pair at once instead of waiting for its retransmission (RFC 8445 §7.3.1.4)."""
+        pair at once instead of waiting for its retransmission (RFC 8445 §7.3.1.4).
+
+        A check from an unknown address teaches a peer-reflexive candidate and starts a
+        check towards it; a peer spoofing source addresses could aim those at others, so
+        at most MAX_CANDIDATES are learnt (the check was already answered, one for one)."""
+        known = any(c._network_host == addr[0] and c.port == addr[1]
+                    for c in self._remote_candidates)
+        if not known:
+            learnt = sum(c.type == "prflx" for c in self._remote_candidates)
+            if learnt >= MAX_CANDIDATES:
+                if not self.prflx_refused:
+                    log.warning("%d peer-reflexive candidates learnt: no more checks towards "
+                                "new addresses", MAX_CANDIDATES)
+                    self.prflx_refused = True
+                return
         for pair in self._check_list:
             if (pair.protocol is protocol and pair.remote_addr == addr
                     and pair.state == CandidatePair.State.IN_PROGRESS
@@ -549,6 +564,16 @@ class IceSession:
         except (stun.TransactionError, asyncio.TimeoutError, OSError):
             return None
         return time.monotonic() - start
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed: by :meth:`close`, or because consent to
+        send expired (RFC 7675: aioice checks every 4-6 s, and gives up after 6 checks in
+        a row went unanswered, about 30 s). The consent checks also keep the NATs'
+        mappings alive, well inside conntrack's 30 s for unanswered UDP."""
+        while True:
+            event = await self.connection.get_event()
+            if event is None or isinstance(event, aioice.ConnectionClosed):
+                return
 
     @property
     def local_port(self) -> int | None:
