@@ -254,6 +254,7 @@ async def test_wait_closed_returns_when_the_session_closes():
     assert not waiter.done()
     await session.close()
     await asyncio.wait_for(waiter, 5)
+    assert not session.consent_expired
 
 
 async def test_no_candidates_at_all_fails_at_once_with_a_reason():
@@ -295,7 +296,7 @@ def lab(nat_lab, coturn):
 
 
 def session(lab, caller: str, callee: str, *, password: str = "alice-pw",
-            turn: bool = True, timeout: float = 10.0) -> list[dict]:
+            turn: bool = True, timeout: float = 10.0, hold: bool = False) -> list[dict]:
     """Run iceprobe on both hosts, swap their descriptions as an offer and an answer
     would, and return each side's results: [{"local", "path" | "error", "data"}, ...]."""
     broker = lab["broker"]
@@ -308,7 +309,8 @@ def session(lab, caller: str, callee: str, *, password: str = "alice-pw",
             proc.stdin.write(json.dumps({
                 "controlling": controlling, "stun": [broker.ip, SIP_PORT],
                 "turn": [broker.ip, lab.relay.port] if turn else None,
-                "user": "alice", "password": password, "timeout": timeout}) + "\n")
+                "user": "alice", "password": password, "timeout": timeout,
+                "hold": hold}) + "\n")
             proc.stdin.flush()
         results = [read(p) for p in procs]
         for proc, peer in zip(procs, reversed(results)):
@@ -317,6 +319,13 @@ def session(lab, caller: str, callee: str, *, password: str = "alice-pw",
         for proc, result in zip(procs, results):
             result.update(read(proc))
             if "error" not in result:
+                result.update(read(proc))
+        if hold:
+            lab[caller].router.cut()
+            for proc in procs:
+                proc.stdin.write("cut\n")
+                proc.stdin.flush()
+            for proc, result in zip(procs, results):
                 result.update(read(proc))
         return results
     finally:
@@ -416,3 +425,13 @@ def test_a_hostile_offer_cannot_aim_a_flood_at_a_third_party(lab):
     packets = int(next(line.split()[0] for line in counters.splitlines() if "dpts:2000:2999" in line))
     # 20 checks, each sent at 0, 0.5 and 1.5 s within the 3 s deadline
     assert 20 <= packets <= 20 * 3, counters
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_consent_expires_when_the_path_dies(lab):
+    """The path between two home hosts is cut at a's router: both sides notice within the
+    RFC 7675 30 s (aioice: 6 unanswered consent checks, every 4-6 s)."""
+    for result in session(lab, "a", "b", hold=True):
+        assert result["path"]["kind"] == "direct"
+        assert 20 <= result["closed_after"] <= 40 and result["consent_expired"], result

@@ -10,6 +10,8 @@
     prints  {"path": {...}} or {"error": str, "path": {...}}
     then the controlling side sends "ping N" and the other answers "pong N" (3 times) and
     prints {"data": [...]} with what it received.
+    With "hold": true it then reads one more line (sent when the test cuts the path) and
+    prints {"closed_after": seconds} once consent to send has expired.
 
     iceprobe.py stun PORT
         a STUN Binding responder on UDP PORT (what the broker does on its SIP port)
@@ -61,6 +63,12 @@ async def session(config: dict) -> None:
                 await conn.sendto(data.replace(b"ping", b"pong"), 1)
             got.append(data.decode())
         emit(data=got)
+        if config.get("hold"):
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            start = asyncio.get_running_loop().time()
+            await asyncio.wait_for(ice.wait_closed(), 60)
+            emit(closed_after=asyncio.get_running_loop().time() - start,
+                 consent_expired=ice.consent_expired)
     finally:
         await ice.close()
 

@@ -344,6 +344,13 @@ class _Connection(aioice.Connection):
         self.mapping: str | None = None
         self.relay_at = float("inf")
         self.prflx_refused = False
+        self.closing = asyncio.Event()   # set when close() starts (consent expiry calls it)
+
+    async def close(self) -> None:
+        # aioice emits ConnectionClosed only once a TURN allocation is deleted, up to 40 s
+        # later when the path to the server is dead too: tell waiters at once
+        self.closing.set()
+        await super().close()
 
     # -- gathering
     async def gather_candidates(self) -> None:
@@ -499,6 +506,7 @@ class IceSession:
         self.local: IceDescription | None = None
         self.remote: IceDescription | None = None
         self.path: PathReport | None = None
+        self._closed_by_us = False
 
     async def gather(self) -> IceDescription:
         """Gather our candidates (host, srflx, relay) and return our description."""
@@ -539,7 +547,7 @@ class IceSession:
         except (ConnectionError, asyncio.TimeoutError) as e:
             report = self._report(None)
             self.path = report
-            await conn.close()
+            await self.close()
             reason = "timed out" if isinstance(e, asyncio.TimeoutError) else "every check failed"
             raise IceError(f"no path to the peer ({reason}): {report.reason}; local "
                            f"{self._candidates(self.local)}; remote "
@@ -566,14 +574,16 @@ class IceSession:
         return time.monotonic() - start
 
     async def wait_closed(self) -> None:
-        """Return once the connection is closed: by :meth:`close`, or because consent to
-        send expired (RFC 7675: aioice checks every 4-6 s, and gives up after 6 checks in
-        a row went unanswered, about 30 s). The consent checks also keep the NATs'
-        mappings alive, well inside conntrack's 30 s for unanswered UDP."""
-        while True:
-            event = await self.connection.get_event()
-            if event is None or isinstance(event, aioice.ConnectionClosed):
-                return
+        """Return once the connection is closing: by :meth:`close`, or because consent to
+        send expired (``consent_expired``; RFC 7675: aioice checks every 4-6 s and gives up
+        after 6 checks in a row went unanswered, about 30 s). The consent checks also keep
+        the NATs' mappings alive, well inside conntrack's 30 s for unanswered UDP."""
+        await self.connection.closing.wait()
+
+    @property
+    def consent_expired(self) -> bool:
+        """The connection closed by itself: the peer stopped answering consent checks."""
+        return self.connection.closing.is_set() and not self._closed_by_us
 
     @property
     def local_port(self) -> int | None:
@@ -582,8 +592,14 @@ class IceSession:
         pair = self.connection.selected
         return pair.local_candidate.port if pair else None
 
-    async def close(self) -> None:
-        await self.connection.close()
+    async def close(self, timeout: float = 2.0) -> None:
+        """Close the sockets; a TURN allocation is deleted in the background if the server
+        does not answer within `timeout` (it expires by itself anyway)."""
+        self._closed_by_us = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.connection.close()), timeout)
+        except asyncio.TimeoutError:
+            log.info("TURN server did not confirm the deletion of our relay within %g s", timeout)
 
     def _report(self, pair: CandidatePair | None) -> PathReport:
         conn = self.connection
