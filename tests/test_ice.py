@@ -246,6 +246,42 @@ async def test_spoofed_checks_teach_at_most_twenty_peer_reflexive_candidates():
         await callee.close()
 
 
+async def test_the_agent_cap_holds_checks_back_across_sessions():
+    """Two sessions share an agent pacer allowing 3 checks: 10 listening targets, and only
+    3 of them ever hear a check."""
+    targets = []
+    for _ in range(10):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        targets.append(s)
+    agent = Pacer(interval=0.005, limit=3, window=60)
+    config = IceConfig(host_addresses=("127.0.0.1",), connect_timeout=1.5)
+    sessions = [IceSession(config, controlling=True, pacer=agent) for _ in range(2)]
+    try:
+        halves = [targets[:5], targets[5:]]
+        remotes = [IceDescription("Ab3x", PWD, [candidate("127.0.0.1", t.getsockname()[1], "host")
+                                                for t in half]) for half in halves]
+        for ice in sessions:
+            await ice.gather()
+        results = await asyncio.gather(*(ice.connect(r) for ice, r in zip(sessions, remotes)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, IceError) for r in results)
+        heard = 0
+        for t in targets:
+            try:
+                t.recv(2048)
+                heard += 1
+            except BlockingIOError:
+                pass
+        assert heard == 3
+    finally:
+        for ice in sessions:
+            await ice.close()
+        for t in targets:
+            t.close()
+
+
 async def test_wait_closed_returns_when_the_session_closes():
     session = IceSession(IceConfig(host_addresses=("127.0.0.1",)), controlling=True)
     await session.gather()

@@ -215,7 +215,6 @@ class Pacer:
         self.interval, self.limit, self.window = interval, limit, window
         self._next = float("-inf")
         self._starts: deque[float] = deque()
-        self.refused = 0   # times a start was asked for but not allowed
 
     def ready(self, now: float) -> bool:
         if self.window is not None:
@@ -344,6 +343,7 @@ class _Connection(aioice.Connection):
         self.mapping: str | None = None
         self.relay_at = float("inf")
         self.prflx_refused = False
+        self.limited: set[str] = set()   # whose check limit held a check back (logged once)
         self.closing = asyncio.Event()   # set when close() starts (consent expiry calls it)
 
     async def close(self) -> None:
@@ -404,6 +404,8 @@ class _Connection(aioice.Connection):
             return
         try:
             server = await _resolve(self.config.turn_server)
+            if self.stun_server and server == await _resolve(self.stun_server):
+                return   # the same server twice tells nothing
             response, _ = await asyncio.wait_for(protocol.request(
                 stun.Message(stun.Method.BINDING, stun.Class.REQUEST), server,
                 retransmissions=2), self.config.gather_timeout)
@@ -435,11 +437,11 @@ class _Connection(aioice.Connection):
             return bool(waiting) or self._remote_candidates_expected()
         if not (self.session_pacer.ready(now) and self.agent_pacer.ready(now)):
             for pacer, whose in ((self.session_pacer, "this session"),
-                                 (self.agent_pacer, "this agent")):
-                if pacer.at_limit(now):
-                    if not pacer.refused:
-                        log.warning("%d checks started: no more for %s", pacer.limit, whose)
-                    pacer.refused += 1
+                                 (self.agent_pacer, "the agent")):
+                if pacer.at_limit(now) and whose not in self.limited:
+                    self.limited.add(whose)
+                    log.warning("check held back: %s started %d checks already", whose,
+                                pacer.limit)
             return True
         pair = next((p for p in startable if p.state == CandidatePair.State.WAITING),
                     startable[0])
