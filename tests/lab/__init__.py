@@ -6,6 +6,7 @@ Import helpers with ``from tests.lab import ...``; the pytest fixtures live in
 broker and agents as processes: ``tests.lab.broker``, ``tests.lab.agents``.
 """
 
+from .coturn import DENIED_PEERS, Coturn, coturn_unavailable_reason
 from .kamailio import (
     AUTH_MODES,
     CFG_TEMPLATE,
@@ -30,6 +31,7 @@ from .procs import (
     wait_tcp_listening,
     wait_udp_listening,
 )
+from .topology import INTERNET, KINDS, Host, NatLab, Router
 from .sipp import (
     SCENARIOS,
     SippProcess,
@@ -46,6 +48,7 @@ from .sipp import (
 from .waiting import LabTimeout, wait_for, wait_for_async
 
 __all__ = [
+    "DENIED_PEERS", "Coturn", "coturn_unavailable_reason",
     "AUTH_MODES", "CFG_TEMPLATE", "Kamailio", "KamailioError", "kamailio_unavailable_reason",
     "render_config", "write_subscriber_table",
     "Netns", "NetnsFactory", "NetnsUnavailable", "Veth", "list_netns", "netns_unavailable_reason",
@@ -53,6 +56,7 @@ __all__ = [
     "REGISTRY", "ManagedProcess", "ProcessRegistry", "free_port", "ipv6_loopback", "listening_sockets",
     "pid_alive",
     "spawn", "LabTimeout", "wait_for", "wait_for_async", "wait_tcp_listening", "wait_udp_listening",
+    "INTERNET", "KINDS", "Host", "NatLab", "Router",
     "SCENARIOS", "SippProcess", "SippResult", "SippUsers", "make_users", "parse_stat_csv", "run_sipp",
     "scenario", "sipp_args", "sipp_unavailable_reason", "start_sipp",
 ]
