@@ -12,11 +12,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sipmesh"
 # What each top-level package may import from sipmesh (besides itself and the root module).
 ALLOWED = {
     "sip": set(),
-    "agent": {"sip"},
-    "broker": {"sip"},
-    "daemon": {"sip", "agent"},
-    "apps": {"sip", "agent", "daemon"},
-    "cli": {"sip", "agent", "broker", "daemon", "apps"},
+    "ops": set(),  # beside sip: sd_notify and the HTTP listeners, for broker and daemon alike
+    "agent": {"sip", "ops"},
+    "broker": {"sip", "ops"},
+    "daemon": {"sip", "agent", "ops"},
+    "apps": {"sip", "agent", "daemon", "ops"},
+    "cli": {"sip", "agent", "broker", "daemon", "apps", "ops"},
 }
 
 

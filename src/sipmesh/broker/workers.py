@@ -32,7 +32,9 @@ import sys
 import zlib
 from dataclasses import dataclass, replace
 
+from sipmesh.broker.board import Board
 from sipmesh.broker.location import LocationService
+from sipmesh.broker.operations import WorkerOperations
 from sipmesh.broker.proxy import BRANCH_PREFIX
 from sipmesh.broker.server import Broker, BrokerConfig, free_port_pair
 from sipmesh.sip.transport.base import Flow
@@ -184,7 +186,7 @@ def _run(coro, loop: str) -> int:
     return asyncio.run(coro)
 
 
-async def _serve_one(config: BrokerConfig, worker: int, ipc: Ipc | None) -> int:
+async def _serve_one(config: BrokerConfig, worker: int, ipc: Ipc | None, board: Board) -> int:
     broker = Broker(config, worker=worker, reuse_port=config.workers > 1)
     await broker.start()
     # A worker makes many short-lived objects and few long-lived ones: collect the young
@@ -203,9 +205,12 @@ async def _serve_one(config: BrokerConfig, worker: int, ipc: Ipc | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    operations = WorkerOperations(broker, board)  # ops: board, SIGHUP, readiness, listeners
     try:
+        await operations.start()
         await stop.wait()
     finally:
+        await operations.stop()
         collector.cancel()
         if steering is not None:
             steering.uninstall()
@@ -248,13 +253,14 @@ def _concrete_ports(config: BrokerConfig) -> BrokerConfig:
 def serve(config: BrokerConfig, *, loop: str = "auto") -> int:
     """Run the broker in the foreground until SIGINT/SIGTERM; returns the exit status."""
     loop = choose_loop(loop)
+    board = Board(config.workers)  # ops: what workers post for the operator, readiness
     if config.workers == 1:
-        return _run(_serve_one(config, 0, None), loop)
-    return _Supervisor(config, loop).run()
+        return _run(_serve_one(config, 0, None, board), loop)
+    return _Supervisor(config, loop, board).run()
 
 
 class _Supervisor:
-    def __init__(self, config: BrokerConfig, loop: str) -> None:
+    def __init__(self, config: BrokerConfig, loop: str, board: Board) -> None:
         if config.nonce_secret is None:
             config = replace(config, nonce_secret=os.urandom(32))
         self.config = _concrete_ports(config)
@@ -262,6 +268,7 @@ class _Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker
         self.stopping = False
         self.ipc: list[socket.socket] = []
+        self.board = board
 
     def run(self) -> int:
         LocationService(self.config.database).close()  # create the schema once, before the workers
@@ -273,6 +280,7 @@ class _Supervisor:
         peers = [s.getsockname()[:2] for s in self.ipc]
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self.board.supervise(self.children)  # ops: SIGUSR1 (a worker is ready), SIGHUP (reload)
         log.info("starting %d workers (%s event loop)", self.config.workers, self.loop)
         for worker in range(self.config.workers):
             self._fork(worker, peers)
@@ -313,7 +321,7 @@ class _Supervisor:
             for i, s in enumerate(self.ipc):
                 if i != worker:
                     s.close()
-            code = _run(_serve_one(self.config, worker, Ipc(self.ipc[worker], peers)), self.loop)
+            code = _run(_serve_one(self.config, worker, Ipc(self.ipc[worker], peers), self.board), self.loop)
         except OSError as exc:
             log.error("worker %d cannot start: %s%s", worker, exc, startup_hint(exc))
             code = 3

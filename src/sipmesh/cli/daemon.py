@@ -17,6 +17,7 @@ from sipmesh.cli.common import (add_output_options, default_config_path, fail,
                                 setup_logging)
 from sipmesh.daemon.config import DaemonConfig, load_config
 from sipmesh.daemon.server import Daemon, ua_config
+from sipmesh.ops.notify import Notifier
 
 
 def _raise_fd_limit() -> None:
@@ -58,13 +59,19 @@ def _run(args: argparse.Namespace) -> int:
     except AgentError as exc:
         return fail(prog, exc)
     _raise_fd_limit()
+    notifier = Notifier()  # ops: systemd's Type=notify (READY=1, RELOADING=1)
 
     def on_reload() -> None:
+        notifier.reloading()
         ok, message = daemon.reload()
+        notifier.ready(message)
         if not args.quiet:
             print(f"{prog}: {message}", file=sys.stderr, flush=True)
 
     def on_ready() -> None:
+        registrations = daemon.status()["registrations"]
+        notifier.ready(f"{registrations[0]['state']} as {registrations[0]['aor']}" if registrations
+                       else "serving")
         if not args.quiet:
             print(f"{prog}: ready as {daemon.ua.aor if daemon.ua else '?'}, "
                   f"{len(daemon.config.services)} services ({', '.join(daemon.config.services)}); "
