@@ -37,8 +37,9 @@ class WorkerOperations:
         if self.worker == 0 and (self.broker.config.metrics or self.broker.config.status_page):
             from sipmesh.broker.web import WebListeners
 
-            self._web = WebListeners(self.broker, self.board)
-            await self._web.start()
+            web = WebListeners(self.broker, self.board)
+            await web.start()
+            self._web = web
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the supervisor's, inherited
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.board.post(self.worker, self.broker)

@@ -4,6 +4,6 @@ Beside `sip/` at the bottom of the layers (it imports no other sipmesh package),
 that the broker and the daemon share one implementation of each:
 
 - `notify`: readiness and reload notifications to systemd ($NOTIFY_SOCKET);
-- `http`: the opt-in HTTP listeners (Prometheus metrics, the broker's status page):
-  the HOST:PORT syntax, loopback by default, and a Prometheus registry served by aiohttp.
+- `listen`: where the opt-in HTTP listeners listen (a bare port means loopback);
+- `http`: those listeners over aiohttp, and a Prometheus registry served by them.
 """
