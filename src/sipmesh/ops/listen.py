@@ -22,7 +22,7 @@ def parse_listen(text: str) -> tuple[str, int]:
         host, port = LOOPBACK, text
     elif bracketed:
         host = host[1:-1]
-    good_host = bool(host) and (":" in host and _is_ip(host) if bracketed else ":" not in host)
+    good_host = bool(host) and (_ip_version(host) == 6 if bracketed else ":" not in host)
     if not good_host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{text!r}: expected PORT or HOST:PORT, e.g. 9090 (on {LOOPBACK}) or "
                          "0.0.0.0:9090")
@@ -38,20 +38,17 @@ def listen_argument(text: str) -> tuple[str, int]:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
 
-def _is_ip(text: str) -> bool:
+def _ip_version(host: str) -> int | None:
     try:
-        ipaddress.ip_address(text)
+        return ipaddress.ip_address(host).version
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def hostport(host: str, port: int) -> str:
