@@ -281,7 +281,8 @@ class LocationService:
         return self._db.execute("SELECT COUNT(*) FROM bindings WHERE expires > ?",
                                 (self.clock(),)).fetchone()[0]
 
-    def all(self) -> list[Binding]:
-        rows = self._db.execute(f"SELECT {_COLUMNS} FROM bindings WHERE expires > ? ORDER BY aor, q DESC",
-                                (self.clock(),)).fetchall()
+    def all(self, limit: int = -1) -> list[Binding]:
+        """The live bindings by AOR (the first `limit` of them; -1: every one)."""
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM bindings WHERE expires > ? ORDER BY aor, q DESC "
+                                "LIMIT ?", (self.clock(), limit)).fetchall()
         return [Binding(*row) for row in rows]

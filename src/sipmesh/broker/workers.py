@@ -32,7 +32,9 @@ import sys
 import zlib
 from dataclasses import dataclass, replace
 
+from sipmesh.broker.board import Board
 from sipmesh.broker.location import LocationService
+from sipmesh.broker.operations import WorkerOperations
 from sipmesh.broker.proxy import BRANCH_PREFIX
 from sipmesh.broker.server import Broker, BrokerConfig, free_port_pair
 from sipmesh.sip.transport.base import Flow
@@ -185,7 +187,7 @@ def _run(coro, loop: str) -> int:
     return asyncio.run(coro)
 
 
-async def _serve_one(config: BrokerConfig, worker: int, ipc: Ipc | None) -> int:
+async def _serve_one(config: BrokerConfig, worker: int, ipc: Ipc | None, board: Board) -> int:
     broker = Broker(config, worker=worker, reuse_port=config.workers > 1)
     # A stop signal that arrives while the worker is still starting must stop it too.
     stop = asyncio.Event()
@@ -206,9 +208,12 @@ async def _serve_one(config: BrokerConfig, worker: int, ipc: Ipc | None) -> int:
         assert broker.transport is not None
         for sock in broker.transport.udp_sockets():
             spread_randomly(sock, config.workers)
+    operations = WorkerOperations(broker, board)  # ops: board, SIGHUP, readiness, listeners
     try:
+        await operations.start()
         await stop.wait()
     finally:
+        await operations.stop()
         collector.cancel()
         if steering is not None:
             steering.uninstall()
@@ -251,13 +256,14 @@ def _concrete_ports(config: BrokerConfig) -> BrokerConfig:
 def serve(config: BrokerConfig, *, loop: str = "auto") -> int:
     """Run the broker in the foreground until SIGINT/SIGTERM; returns the exit status."""
     loop = choose_loop(loop)
+    board = Board(config.workers)  # ops: what workers post for the operator, readiness
     if config.workers == 1:
-        return _run(_serve_one(config, 0, None), loop)
-    return _Supervisor(config, loop).run()
+        return _run(_serve_one(config, 0, None, board), loop)
+    return _Supervisor(config, loop, board).run()
 
 
 class _Supervisor:
-    def __init__(self, config: BrokerConfig, loop: str) -> None:
+    def __init__(self, config: BrokerConfig, loop: str, board: Board) -> None:
         if config.nonce_secret is None:
             config = replace(config, nonce_secret=os.urandom(32))
         self.config = _concrete_ports(config)
@@ -265,6 +271,7 @@ class _Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker
         self.stopping = False
         self.ipc: list[socket.socket] = []
+        self.board = board
 
     def run(self) -> int:
         LocationService(self.config.database).close()  # create the schema once, before the workers
@@ -276,6 +283,7 @@ class _Supervisor:
         peers = [s.getsockname()[:2] for s in self.ipc]
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self.board.supervise(self.children)  # ops: SIGUSR1 (a worker is ready), SIGHUP (reload)
         log.info("starting %d workers (%s event loop)", self.config.workers, self.loop)
         for worker in range(self.config.workers):
             self._fork(worker, peers)
@@ -320,7 +328,7 @@ class _Supervisor:
             for i, s in enumerate(self.ipc):
                 if i != worker:
                     s.close()
-            code = _run(_serve_one(self.config, worker, Ipc(self.ipc[worker], peers)), self.loop)
+            code = _run(_serve_one(self.config, worker, Ipc(self.ipc[worker], peers), self.board), self.loop)
         except OSError as exc:
             log.error("worker %d cannot start: %s%s", worker, exc, startup_hint(exc))
             code = 3

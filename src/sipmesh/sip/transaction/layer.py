@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 from sipmesh.sip.message import Request, Response, make_response
 from sipmesh.sip.transaction.client import ClientInviteTransaction, ClientNonInviteTransaction
@@ -61,6 +61,8 @@ class ServerTransaction:
             return
         if response.status >= 200:
             self.final_sent = True
+            if self._layer.on_final is not None:  # e.g. a broker's metrics
+                self._layer.on_final(self.request, response)
         self._layer._run(self._machine, self._machine.respond(response, self._layer.now()))
         if response.status >= 300 and isinstance(self._machine, ServerInviteTransaction):
             self._layer._alias_ack_key(self._machine)
@@ -122,6 +124,8 @@ class TransactionLayer:
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._loop = asyncio.get_running_loop()
         transport.on_message = self.receive
+        # called with (request, final response) for every final response of a server transaction
+        self.on_final: Callable[[Request, Response], None] | None = None
 
     def now(self) -> float:
         return self._loop.time()
@@ -129,6 +133,10 @@ class TransactionLayer:
     @property
     def server_transactions(self) -> int:
         return len(self._server)
+
+    @property
+    def client_transactions(self) -> int:
+        return len(self._client)
 
     # -- client side ------------------------------------------------------------------
     def add_via(self, request: Request, flow: Flow, *, branch: str | None = None) -> Flow:
