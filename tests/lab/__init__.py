@@ -13,6 +13,7 @@ from .kamailio import (
     render_config,
     write_subscriber_table,
 )
+from .dns import Dnsmasq, dnsmasq_unavailable_reason
 from .netns import Netns, NetnsFactory, NetnsUnavailable, Veth, list_netns, netns_unavailable_reason
 from .netns import popen as netns_popen
 from .netns import run as netns_run
@@ -43,6 +44,7 @@ from .sipp import (
 )
 
 __all__ = [
+    "Dnsmasq", "dnsmasq_unavailable_reason",
     "AUTH_MODES", "CFG_TEMPLATE", "Kamailio", "KamailioError", "kamailio_unavailable_reason",
     "render_config", "write_subscriber_table",
     "Netns", "NetnsFactory", "NetnsUnavailable", "Veth", "list_netns", "netns_unavailable_reason",

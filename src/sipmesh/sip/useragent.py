@@ -23,8 +23,8 @@ from sipmesh.sip.message import Headers, Request, Response, make_response
 from sipmesh.sip.transaction.client import make_cancel
 from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction, TransactionLayer
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.transport.base import (Flow, local_address_towards, resolve, response_target,
-                                        uri_target)
+from sipmesh.sip.transport.base import Flow, local_address_towards, response_target
+from sipmesh.sip.transport.resolve import ResolveError
 from sipmesh.sip.transport.layer import TransportLayer
 from sipmesh.sip.uri import URI, SipURI, parse_sip_uri
 
@@ -347,11 +347,11 @@ class UserAgent:
             else request.uri
         if not isinstance(hop, SipURI):
             raise CallFailed(416, "Unsupported URI Scheme")
-        transport, host, port = uri_target(hop, self.config.transport)
+        assert self.transactions is not None
         try:
-            return Flow(transport, await resolve(host, port), port)
-        except OSError as exc:
-            raise CallFailed(503, f"cannot resolve {host}: {exc}") from None
+            return await self.transactions.resolver.uri_flow(hop, self.config.transport)
+        except ResolveError as exc:
+            raise CallFailed(503, str(exc)) from None
 
     async def _send(self, request: Request) -> ClientTransaction:
         assert self.transactions is not None
