@@ -34,9 +34,9 @@ class Peer(asyncio.DatagramProtocol):
         self.port = 0
 
     @classmethod
-    async def open(cls) -> "Peer":
+    async def open(cls, port: int = 0) -> "Peer":
         loop = asyncio.get_running_loop()
-        transport, peer = await loop.create_datagram_endpoint(cls, local_addr=("127.0.0.1", 0))
+        transport, peer = await loop.create_datagram_endpoint(cls, local_addr=("127.0.0.1", port))
         peer.transport = transport
         peer.port = transport.get_extra_info("sockname")[1]
         return peer

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import pytest
 
 from sipmesh.broker.server import Broker, BrokerConfig
-from sipmesh.sip.message import Request, Response, make_response, parse_message
+from sipmesh.sip.message import Response, parse_message
 from sipmesh.sip.transport.base import Flow
 from sipmesh.sip.transport.resolve import ResolveError, Resolver, Srv, srv_order
 from sipmesh.sip.uri import parse_sip_uri
 from sipmesh.sip.useragent import CallFailed, UAConfig, UserAgent
 from tests.lab import Dnsmasq, dnsmasq_unavailable_reason, free_port, wait_for, wait_udp_listening
+from tests.test_broker import Peer, sip
 
 LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
     importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))]
@@ -136,51 +137,6 @@ def test_srv_order_is_by_priority_then_weighted_random():
 
 # -- the broker's proxy ----------------------------------------------------------------------
 
-class Endpoint(asyncio.DatagramProtocol):
-    """A UDP SIP endpoint on 127.0.0.1 that queues what it receives."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[Request | Response, tuple]] = asyncio.Queue()
-        self.transport: asyncio.DatagramTransport | None = None
-
-    @classmethod
-    async def open(cls, port: int = 0) -> "Endpoint":
-        ep = cls()
-        await asyncio.get_running_loop().create_datagram_endpoint(lambda: ep, local_addr=("127.0.0.1", port))
-        return ep
-
-    @property
-    def port(self) -> int:
-        assert self.transport is not None
-        return self.transport.get_extra_info("sockname")[1]
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr) -> None:
-        self.queue.put_nowait((parse_message(data), addr))
-
-    def send(self, text: str | bytes, addr: tuple[str, int]) -> None:
-        assert self.transport is not None
-        self.transport.sendto(text.encode() if isinstance(text, str) else text, addr)
-
-    async def receive(self, timeout: float = 5.0) -> tuple[Request | Response, tuple]:
-        return await asyncio.wait_for(self.queue.get(), timeout)
-
-    def request(self, method: str, uri: str, *, vias: list[str] = (), extra: list[str] = ()) -> str:
-        return "\r\n".join([
-            f"{method} {uri} SIP/2.0",
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
-            *(f"Via: {via}" for via in vias),
-            "Max-Forwards: 70", f"From: <sip:tester@127.0.0.1>;tag={secrets.token_hex(4)}",
-            f"To: <{uri}>", f"Call-ID: {secrets.token_hex(8)}", f"CSeq: 1 {method}", *extra,
-            "Content-Length: 0", "", ""])
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
 def broker_config(tmp_path, port: int = 0, domains: list[str] = ("127.0.0.1",)) -> BrokerConfig:
     return BrokerConfig(listen=[("127.0.0.1", port)], transports=("UDP",), domains=list(domains),
                         db_path=tmp_path / "broker.db", forward_foreign=True, rate_limit=0,
@@ -197,22 +153,21 @@ def test_proxy_resolves_next_hops_and_answers_503_for_a_name_that_does_not(lab, 
         assert broker.transactions is not None
         broker.transactions.resolver = lab.resolver()
         here = broker.address("UDP")
-        caller, sink = await Endpoint.open(), await Endpoint.open(lab.sink_port)
+        caller, sink = await Peer.open(), await Peer.open(lab.sink_port)
         try:
             # The case that escaped as ValueError under uvloop: an unresolvable next hop,
             # and a second Via naming a host, where the synthetic answer once went.
-            caller.send(caller.request("OPTIONS", "sip:bob@nowhere.example.com",
-                                       vias=["SIP/2.0/UDP unknown.example.com;branch=z9hG4bKup"]), here)
-            answer, _ = await caller.receive()
-            assert isinstance(answer, Response) and answer.status == 503, answer
+            caller.send(sip("OPTIONS", "sip:bob@nowhere.example.com", caller, call_id="nowhere",
+                            headers=["Via: SIP/2.0/UDP unknown.example.com;branch=z9hG4bKup"]), here)
+            answer = await caller.final("nowhere")
+            assert answer.status == 503, answer
             assert len(answer.headers.get_all("Via")) == 2  # the caller's Vias, both
             # A name with SRV records: the request goes where they point
-            caller.send(caller.request("OPTIONS", "sip:bob@example.com"), here)
-            forwarded, source = await sink.receive()
-            assert isinstance(forwarded, Request) and str(forwarded.uri) == "sip:bob@example.com"
-            sink.send(make_response(forwarded, 200, to_tag="s1").to_bytes(), source)
-            answer, _ = await caller.receive()
-            assert isinstance(answer, Response) and answer.status == 200
+            caller.send(sip("OPTIONS", "sip:bob@example.com", caller, call_id="srv"), here)
+            forwarded = await sink.request("OPTIONS")
+            assert str(forwarded.uri) == "sip:bob@example.com"
+            sink.reply(forwarded, 200, to_tag="s1")
+            assert (await caller.final("srv")).status == 200
             # A response whose next Via names a host (§18.2.2, RFC 3263 §5): resolved and
             # sent there; a name that does not resolve: dropped, with a log line.
             ours = f"SIP/2.0/UDP {here[0]}:{here[1]};branch=z9hG4bKsm0.0.{secrets.token_hex(4)}"
@@ -223,7 +178,7 @@ def test_proxy_resolves_next_hops_and_answers_503_for_a_name_that_does_not(lab, 
                     "From: <sip:a@127.0.0.1>;tag=1", "To: <sip:b@127.0.0.1>;tag=2",
                     f"Call-ID: stray-{target}", "CSeq: 1 INVITE", "Content-Length: 0", "", ""])
                 caller.send(reply, here)
-            relayed, _ = await sink.receive()
+            relayed = await sink.recv()
             assert isinstance(relayed, Response) and relayed.call_id.startswith("stray-spindle")
             await _until(lambda: "no such name: nowhere.example.com" in caplog.text)
         finally:
