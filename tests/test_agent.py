@@ -418,6 +418,30 @@ def test_the_callers_program_failing_is_the_exit_status(k, agents, tmp_path, pro
     assert_no_orphans(tmp_path)
 
 
+@pytest.mark.parametrize("crashes", ["client", "server"])
+def test_a_crashing_program_ends_the_session_within_a_second(k, agents, tmp_path, crashes):
+    """The program on one side dies by SIGKILL (a crash: no chance to clean up): its agent
+    sends BYE and the other side's program is stopped, all within a second."""
+    serve, call = start_session(k, agents, tmp_path)
+    other = "server" if crashes == "client" else "client"
+    victim = record(tmp_path, crashes)
+    assert victim is not None
+    crashed = time.monotonic()
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: (tmp_path / f"{other}.stopped").exists(), 10, interval=0.005,
+             what=f"the {other}'s program stopped")
+    took = time.monotonic() - crashed
+    assert took < 1.0, f"{took:.3f} s from the crash to the other program's SIGTERM"
+    ender = call if crashes == "client" else serve
+    assert "the application was killed by SIGKILL" in ender.log_text()
+    if crashes == "client":
+        assert wait_exit(call) == 10, call.log_text()
+    else:
+        assert wait_exit(call) == 0, call.log_text()  # ended by the peer's BYE: no failure of ours
+    assert serve.alive()
+    assert_no_orphans(tmp_path)
+
+
 def test_a_program_we_stopped_is_no_failure_and_serve_once_reports_its_own(k, agents,
                                                                            tmp_path):
     # serve --once: its program fails (exit 4) -> BYE, and serve exits 10 after the session.
