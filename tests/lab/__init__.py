@@ -29,6 +29,7 @@ from .procs import (
     wait_tcp_listening,
     wait_udp_listening,
 )
+from .relay import LossyRelay, RelayStats
 from .sipp import (
     SCENARIOS,
     SippProcess,
@@ -44,7 +45,7 @@ from .sipp import (
 )
 
 __all__ = [
-    "Dnsmasq", "dnsmasq_unavailable_reason",
+    "Dnsmasq", "dnsmasq_unavailable_reason", "LossyRelay", "RelayStats",
     "AUTH_MODES", "CFG_TEMPLATE", "Kamailio", "KamailioError", "kamailio_unavailable_reason",
     "render_config", "write_subscriber_table",
     "Netns", "NetnsFactory", "NetnsUnavailable", "Veth", "list_netns", "netns_unavailable_reason",
