@@ -18,16 +18,17 @@ from pathlib import Path
 import pytest
 
 from sipmesh.sip.message import Response, parse_message
-from tests.lab import LossyRelay, free_port, spawn, wait_for, wait_udp_listening
+from tests.lab import LossyRelay, free_port, parse_stat_csv, sipp_args, spawn, wait_for, wait_udp_listening
 from tests.lab.fixtures import stopped_gracefully
 from tests.test_agent import SIPMESH, agent_argv, app_argv, record, wait_exit, wait_ready
+from tests.test_broker_sipp import CALL_BEHAVIOURS, start_broker
 
 pytestmark = pytest.mark.slow
 
 TIMER_B = TIMER_F = 32.0  # 64 * T1 (RFC 3261 §17): how long a transaction may take
 
 
-def start_broker(tmp_path: Path, host: str, port: int, *args: str, prefix: list[str] = (), name="broker"):
+def run_broker(tmp_path: Path, host: str, port: int, *args: str, prefix: list[str] = (), name="broker"):
     argv = [*prefix, SIPMESH, "broker", "--listen", f"{host}:{port}", "--rate-limit", "0", *args]
     proc = spawn(argv, cwd=tmp_path, log_path=tmp_path / f"{name}.log", name=name)
     wait_udp_listening(host, port, proc=proc, timeout=15)
@@ -41,7 +42,7 @@ def test_registration_and_session_come_up_over_a_lossy_link(tmp_path, spawn_proc
     each direction, and delays (reorders) and duplicates others. The broker listens on
     127.0.0.2 and serves the domain 127.0.0.1, where the relay listens on the same port."""
     port = free_port("both", "127.0.0.2")
-    broker = start_broker(tmp_path, "127.0.0.2", port, "--domain", "127.0.0.1", "--workers", "1",
+    broker = run_broker(tmp_path, "127.0.0.2", port, "--domain", "127.0.0.1", "--workers", "1",
                           "--db", str(tmp_path / "broker.db"))
     with LossyRelay(("127.0.0.2", port), loss=0.3, reorder=0.2, duplicate=0.1, seed=4475,
                     port=port) as relay, stopped_gracefully(spawn_proc) as agents:
@@ -67,3 +68,113 @@ def test_registration_and_session_come_up_over_a_lossy_link(tmp_path, spawn_proc
         assert relay.stats.dropped > 0  # (the relay's own test shows it reorders and duplicates)
         assert len(relay.stats.clients) == 2  # both agents went through it
     assert broker.alive() and "Traceback" not in broker.log_text()
+
+
+# -- the broker SIGKILLed under load ----------------------------------------------------------------
+
+class Registrar:
+    """Our own REGISTER client: one UDP socket, one REGISTER per user (no retransmission:
+    a REGISTER counts only once its 200 has arrived), the 200s collected by Call-ID."""
+
+    def __init__(self, broker: tuple[str, int], contact_port: int) -> None:
+        self.broker, self.contact_port = broker, contact_port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.acked: set[str] = set()  # users whose REGISTER got its 200
+        self.refused: dict[str, int] = {}
+
+    def send(self, user: str) -> None:
+        host, port = self.broker
+        me = self.sock.getsockname()[1]
+        text = "\r\n".join([
+            f"REGISTER sip:{host}:{port} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{secrets.token_hex(8)};rport",
+            "Max-Forwards: 70", f"From: <sip:{user}@{host}:{port}>;tag={secrets.token_hex(4)}",
+            f"To: <sip:{user}@{host}:{port}>", f"Call-ID: reg-{user}", "CSeq: 1 REGISTER",
+            f"Contact: <sip:{user}@127.0.0.1:{self.contact_port}>", "Expires: 600",
+            "Content-Length: 0", "", ""])
+        try:
+            self.sock.sendto(text.encode(), self.broker)
+        except OSError:
+            pass  # the broker is gone (ICMP): this one is simply not acknowledged
+
+    def drain(self, wait: float = 0.0) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                data = self.sock.recv(65535)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(0.005)
+                continue
+            except OSError:
+                continue
+            response = parse_message(data)
+            if isinstance(response, Response) and response.call_id.startswith("reg-"):
+                user = response.call_id[4:]
+                if response.status == 200:
+                    self.acked.add(user)
+                elif response.status >= 300:
+                    self.refused[user] = response.status
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_no_acknowledged_registration_is_lost_when_the_broker_is_sigkilled(tmp_path, sipp):
+    """1,000 REGISTERs at about 2,000/s while SIPp places calls through the broker (2
+    workers); the whole broker is SIGKILLed half way. Every REGISTER that got its 200
+    before is in the location store after the restart, and routes."""
+    port = free_port("both")
+    extra = ["--workers", "2"]
+    broker, _ = start_broker(tmp_path, port=port, extra=extra, name="broker1")
+    users = sipp.make_users(1)
+    uas_port = free_port("both")
+    reg = sipp.run(sipp_args("reg_noauth", f"127.0.0.1:{port}", local_port=uas_port, calls=1,
+                             extra=["-inf", str(users.uas_csv)]), timeout=20, name="reg_uas")
+    assert reg.ok and reg.successful == 1, str(reg)
+    uas = sipp.start(sipp_args("uas_rr", local_port=uas_port), name="uas", wait_bound=("127.0.0.1", uas_port))
+    calls = sipp.start(sipp_args("uac_rr", f"127.0.0.1:{port}", local_port=free_port("both"), calls=5000,
+                                 rate=300, extra=["-s", "uas", *CALL_BEHAVIOURS]), name="uac")
+    wait_for(lambda: _successful_calls(calls) >= 10, 15, what="calls flowing", abort=calls.exit_reason)
+    registrar = Registrar(("127.0.0.1", port), uas_port)
+    total, killed_after = 1000, None
+    try:
+        for i in range(total):
+            registrar.send(f"r{i:04d}")
+            if i % 20 == 19:
+                registrar.drain()
+                time.sleep(0.01)
+            if killed_after is None and len(registrar.acked) >= 400:
+                broker.signal_group(signal.SIGKILL)  # supervisor and workers, no warning
+                killed_after = i + 1
+        registrar.drain(wait=1.0)  # 200s already on their way
+        assert killed_after is not None, f"only {len(registrar.acked)} of {total} acknowledged"
+        broker.wait(5)
+        answered = _successful_calls(calls)
+        calls.stop()
+        acked = set(registrar.acked)
+        assert len(acked) >= 400 and not registrar.refused, registrar.refused
+        assert len(acked) < total  # the kill did interrupt the registrations
+
+        broker2, _ = start_broker(tmp_path, port=port, extra=extra, name="broker2")
+        db = tmp_path / "broker.db"
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            stored = {row[0].split(":", 1)[1].split("@", 1)[0]
+                      for row in conn.execute("SELECT aor FROM bindings WHERE aor LIKE 'sip:r%'")}
+        missing = acked - stored
+        assert not missing, f"{len(missing)} acknowledged registrations lost: {sorted(missing)[:10]}"
+        print(f"SIGKILL after {killed_after} REGISTERs sent and {answered} calls: {len(acked)} "
+              f"acknowledged, {len(stored)} stored")
+        assert broker2.alive(), broker2.log_tail()
+    finally:
+        registrar.close()
+
+
+def _successful_calls(sipp_process) -> int:
+    last, _ = parse_stat_csv(sipp_process.stat_path)
+    return int(last.get("SuccessfulCall(C)", "0") or 0)
