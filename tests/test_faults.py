@@ -178,3 +178,84 @@ def test_no_acknowledged_registration_is_lost_when_the_broker_is_sigkilled(tmp_p
 def _successful_calls(sipp_process) -> int:
     last, _ = parse_stat_csv(sipp_process.stat_path)
     return int(last.get("SuccessfulCall(C)", "0") or 0)
+
+
+# -- a state directory that fills up ------------------------------------------------------------------
+
+# Runs the broker in a private mount namespace on a small tmpfs (gone with the namespace),
+# then, once the broker has exited, checks the database it left there.
+_IN_SMALL_TMPFS = r'''
+mount -t tmpfs -o size="$SIZE" tmpfs "$STATE" || exit 97
+head -c 64k /dev/zero > "$STATE/filler"
+"$@" &
+echo $! > "$PIDFILE"
+wait $!
+rc=$?
+"$PYTHON" - "$STATE/broker.db" > "$RESULT" <<'PY'
+import json, sqlite3, sys
+with sqlite3.connect(sys.argv[1]) as db:
+    check = db.execute("PRAGMA integrity_check").fetchone()[0]
+    aors = [row[0] for row in db.execute("SELECT aor FROM bindings")]
+print(json.dumps({"integrity": check, "aors": aors}))
+PY
+exit $rc
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare (a private mount namespace)")
+def test_a_full_state_directory_refuses_registers_and_corrupts_nothing(tmp_path):
+    """The location store's file system fills up under a 2-worker broker: REGISTERs get
+    500 (with Retry-After) and one log line each batch, the acknowledged ones are all
+    kept, the database passes integrity_check, and once there is space again REGISTERs
+    are accepted again. (A read-only state directory is refused at start: see
+    test_broker_config; a busy tmpfs cannot be remounted read-only under the broker.)"""
+    state, port = tmp_path / "state", free_port("both")
+    state.mkdir()
+    env = dict(os.environ, SIZE="192k", STATE=str(state), PIDFILE=str(tmp_path / "broker.pid"),
+               RESULT=str(tmp_path / "result.json"), PYTHON=sys.executable)
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _IN_SMALL_TMPFS, "sh",
+            SIPMESH, "broker", "--listen", f"127.0.0.1:{port}", "--domain", "127.0.0.1", "--workers", "2",
+            "--rate-limit", "0", "--db", str(state / "broker.db")]
+    shell = spawn(argv, cwd=tmp_path, env=env, log_path=tmp_path / "broker.log", name="broker")
+    wait_udp_listening("127.0.0.1", port, proc=shell, timeout=15)
+    registrar = Registrar(("127.0.0.1", port), free_port("udp"))
+    try:
+        sent = 0
+        while len(registrar.refused) < 20:
+            assert sent < 5000, f"the disk never filled: {len(registrar.acked)} acknowledged"
+            registrar.send(f"r{sent:04d}")
+            sent += 1
+            if sent % 20 == 0:
+                registrar.drain(wait=0.05)
+        registrar.drain(wait=0.5)
+        # still answering, and the same way, once the disk is full
+        before = len(registrar.refused)
+        for i in range(sent, sent + 20):
+            registrar.send(f"r{i:04d}")
+        registrar.drain(wait=1.0)
+        assert len(registrar.refused) >= before + 20
+        # space again (the filler file goes): registrations are accepted again
+        pid = int((tmp_path / "broker.pid").read_text())
+        subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", "rm", str(state / "filler")],
+                       check=True, timeout=10)
+        recovered = [f"again{i:02d}" for i in range(20)]
+        for user in recovered:
+            registrar.send(user)
+        registrar.drain(wait=1.0)
+        assert set(recovered) <= registrar.acked, registrar.refused
+    finally:
+        registrar.close()
+    os.kill(pid, signal.SIGTERM)
+    assert shell.wait(20) == 0, shell.log_tail()
+    statuses = set(registrar.refused.values())
+    assert statuses <= {500, 503}, statuses
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["integrity"] == "ok"
+    stored = {aor.split(":", 1)[1].split("@", 1)[0] for aor in result["aors"]}
+    missing = registrar.acked - stored
+    assert not missing, f"{len(missing)} acknowledged registrations lost"
+    log = shell.log_text()
+    assert "Traceback" not in log and "database or disk is full" in log, shell.log_tail()
+    print(f"disk full: {len(registrar.acked)} registrations acknowledged and kept, "
+          f"{len(registrar.refused)} refused with {sorted(statuses)}")

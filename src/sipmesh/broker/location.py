@@ -167,10 +167,13 @@ class LocationService:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT (disk full, I/O error) may leave the transaction open:
+                # end it, or every later write would fail too.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
