@@ -178,7 +178,7 @@ class Resolver:
         entry = self._cache.get(key)
         if entry is None or entry[0] <= self.clock():
             pending = self._pending.get(key)
-            if pending is None:
+            if pending is None or pending.get_loop() is not asyncio.get_running_loop():
                 pending = asyncio.ensure_future(self._fill(key, fetch))
                 self._pending[key] = pending
             entry = await asyncio.shield(pending)
