@@ -129,6 +129,20 @@ def test_resolver_follows_rfc3263_and_caches_by_ttl(lab, loop, tmp_path):
     run_on(loop, main)
 
 
+def test_lookups_in_progress_are_bounded(lab):
+    """Names come from hostile messages: distinct names beyond `max_pending` fail at once
+    instead of becoming DNS queries."""
+    async def main():
+        r = lab.resolver(max_pending=2)
+        names = [f"n{i}.example.com" for i in range(5)]
+        results = await asyncio.gather(*(r.addresses(name) for name in names), return_exceptions=True)
+        assert all(isinstance(e, ResolveError) for e in results)
+        assert sum("too many lookups" in str(e) for e in results) == 3
+        assert r.queries == 4  # A and AAAA for the two that were looked up
+
+    run_on("asyncio", main)
+
+
 def test_srv_order_is_by_priority_then_weighted_random():
     records = [Srv(20, 0, 1, "c"), Srv(10, 1, 2, "a"), Srv(10, 3, 3, "b")]
     assert [r.target for r in srv_order(records, rng=lambda: 0.0)] == ["a", "b", "c"]

@@ -120,12 +120,15 @@ class Resolver:
 
     def __init__(self, nameservers: Sequence[tuple[str, int]] | None = None, *,
                  hosts_file: str | None = "/etc/hosts", lifetime: float = 4.0,
-                 negative_ttl: float = 10.0, max_entries: int = 4096,
+                 negative_ttl: float = 10.0, max_entries: int = 4096, max_pending: int = 256,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.nameservers = list(nameservers) if nameservers is not None else None
         self.lifetime = lifetime
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
+        # Names come from the network (a Route, a Via): a flood of distinct ones must not
+        # become a flood of DNS queries.
+        self.max_pending = max_pending
         self.clock = clock
         self.queries = 0  # DNS queries sent (cache misses), for tests and statistics
         self._hosts = _Hosts(hosts_file, clock)
@@ -179,6 +182,8 @@ class Resolver:
         if entry is None or entry[0] <= self.clock():
             pending = self._pending.get(key)
             if pending is None or pending.get_loop() is not asyncio.get_running_loop():
+                if len(self._pending) >= self.max_pending:
+                    raise ResolveError(f"cannot resolve {key[1]}: too many lookups in progress")
                 pending = asyncio.ensure_future(self._fill(key, fetch))
                 self._pending[key] = pending
             entry = await asyncio.shield(pending)
@@ -205,14 +210,14 @@ class Resolver:
             entry = self._cache[key] = (self.clock() + ttl, value)
             return entry
         finally:
-            self._pending.pop(key, None)
+            if self._pending.get(key) is asyncio.current_task():
+                del self._pending[key]
 
     # -- the lookups ----------------------------------------------------------------------
     async def _fetch_addresses(self, host: str) -> tuple[tuple[str, ...], float]:
         listed = self._hosts.lookup(host)
         if listed:
-            listed.sort(key=lambda a: ":" in a)
-            return tuple(listed), HOSTS_TTL
+            return tuple(sorted(listed, key=lambda a: ":" in a)), HOSTS_TTL
         errors = []
         for rdtype in ("A", "AAAA"):  # AAAA only for a name without an IPv4 address
             try:
