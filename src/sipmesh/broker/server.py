@@ -416,6 +416,9 @@ class Broker:
         items = [(reg.aor, partial(_decide, reg, now, worker, policy)) for reg in batch]
         try:
             results: list = self.location.update_many(items)
+        except sqlite3.Error as exc:  # disk full, read-only: 500 to each, and one line
+            log.error("the location service failed to save %d registrations: %s", len(batch), exc)
+            results = [exc] * len(batch)
         except Exception as exc:
             log.exception("the location service failed to save %d registrations", len(batch))
             results = [exc] * len(batch)

@@ -147,17 +147,22 @@ def run_broker(args: argparse.Namespace) -> int:
     if getattr(args, "broker_command", None):
         return 2
     _setup_logging(args)
+    from sipmesh.broker import preflight
+    from sipmesh.broker.workers import serve, startup_hint
+
     try:
         config = build_config(args)
+        preflight.check(config)  # once, here: a worker would fail the same way at every restart
     except ValueError as exc:
         print(f"sipmesh broker: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"sipmesh broker: cannot start: {exc}{startup_hint(exc)}", file=sys.stderr)
+        return 1
     if config.users_file is None:
         log.warning("no --users file: anyone may register any name and call through this broker")
     if not config.domains:
         log.warning("no --domain given: serving only requests addressed to this host's addresses")
-    from sipmesh.broker.workers import serve, startup_hint
-
     try:
         return serve(config, loop=args.loop)
     except OSError as exc:

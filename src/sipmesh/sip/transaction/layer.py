@@ -22,6 +22,8 @@ from sipmesh.sip.transaction.timers import TimerValues
 from sipmesh.sip.transport.base import (UDP_SIZE_THRESHOLD, Flow, local_address_towards, make_via,
                                         response_target)
 from sipmesh.sip.transport.layer import TransportLayer
+from sipmesh.sip.transport.resolve import Resolver, default_resolver
+from sipmesh.sip.uri import is_ip
 
 log = logging.getLogger("sipmesh.sip.transaction")
 
@@ -113,8 +115,12 @@ class ClientTransaction:
 
 class TransactionLayer:
     def __init__(self, transport: TransportLayer, tu: TransactionUser, *,
-                 timers: TimerValues = TimerValues(), max_server_transactions: int = 10_000) -> None:
+                 timers: TimerValues = TimerValues(), max_server_transactions: int = 10_000,
+                 resolver: Resolver | None = None) -> None:
         self.transport = transport
+        # Host names (a Via's sent-by, a Route, a Contact) become addresses here, never
+        # in the transport layer, which takes addresses only.
+        self.resolver = resolver or default_resolver()
         self.tu = tu
         self.timers = timers
         self.max_server_transactions = max_server_transactions
@@ -122,6 +128,7 @@ class TransactionLayer:
         self._server: dict[tuple, tuple[Machine, ServerTransaction]] = {}
         self._flows: dict[int, Flow] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._sending: set[asyncio.Task[None]] = set()  # sends waiting for a connection or a name
         self._loop = asyncio.get_running_loop()
         transport.on_message = self.receive
         # called with (request, final response) for every final response of a server transaction
@@ -317,18 +324,22 @@ class TransactionLayer:
         self._run(machine, machine.on_timer(max(self.now(), deadline)))
 
     def _transmit(self, message: Request | Response, flow: Flow, machine: Machine | None) -> None:
-        try:
-            if self.transport.try_send(message, flow):
+        if is_ip(flow.host):
+            try:
+                if self.transport.try_send(message, flow):
+                    return
+            except OSError as exc:
+                self._send_failed(message, flow, machine, exc)
                 return
-        except OSError as exc:
-            self._send_failed(message, flow, machine, exc)
-            return
-        asyncio.ensure_future(self._send(message, flow, machine))
+        task = asyncio.ensure_future(self._send(message, flow, machine))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _send(self, message: Request | Response, flow: Flow, machine: Machine | None) -> None:
         try:
+            flow = await self.resolver.flow(flow)  # RFC 3263 §5 for a response's Via
             await self.transport.send(message, flow)
-        except OSError as exc:
+        except OSError as exc:  # including ResolveError: a name that does not resolve
             self._send_failed(message, flow, machine, exc)
 
     def _send_failed(self, message: Request | Response, flow: Flow, machine: Machine | None,
