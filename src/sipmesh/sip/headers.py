@@ -45,6 +45,7 @@ TOKEN = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
 _TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _DIGITS = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() accepts '²', int() does not
 _LWS = " \t"
+_LWS_RUN = re.compile(r"[ \t]+")
 _BAD_PARAM_VALUE = re.compile(r'[ \t"<>,]')
 
 
@@ -235,7 +236,9 @@ def parse_address(value: str) -> Address:
     if lt >= 0 and (lt == 0 or display is None):
         if display is None and lt > 0:
             token_name = text[:lt].strip(_LWS)
-            if token_name and not all(_TOKEN.fullmatch(w) for w in token_name.split()):
+            # *(token LWS): split on SP and HTAB only (str.split() would also take CR, VT,
+            # NEL, ... as separators and keep them in a name that cannot be serialised)
+            if token_name and not all(_TOKEN.fullmatch(w) for w in _LWS_RUN.split(token_name)):
                 raise ParseError(f"bad display name {token_name[:40]!r} (must be tokens or quoted)")
             display = token_name or None
         gt = text.find(">", lt)
