@@ -163,7 +163,8 @@ def format_header_params(params: dict[str, str | None]) -> str:
 
 
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
-_QUOTED_STRING = re.compile(r'"([^"\\]*(?:\\.[^"\\]*)*)"', re.DOTALL)
+# qdtext and quoted-pair (§25.1) never hold CR or LF: unfolding has removed those of LWS
+_QUOTED_STRING = re.compile(r'"([^"\\\r\n]*(?:\\[^\r\n][^"\\\r\n]*)*)"')
 # quoted-pair can carry %x00-09 / %x0B-0C / %x0E-7F; CR and LF cannot be carried at all.
 _NEEDS_QUOTED_PAIR = re.compile(r'[\\"\x00-\x08\x0b\x0c\x0e-\x1f\x7f]')
 
