@@ -92,6 +92,9 @@ class Branch:
     cancel_pending: bool = False
     cancelled: bool = False
     timer_c: asyncio.TimerHandle | None = None
+    # Our Via is on the request: its responses carry it. Not so for a branch that failed
+    # before (a name that did not resolve), whose synthetic answer holds the caller's Vias only.
+    via_added: bool = False
 
 
 def _status_rank(response: Response) -> tuple[int, int]:
@@ -182,22 +185,23 @@ class ResponseContext:
             branch.timer_c.cancel()
             branch.timer_c = None
 
-    def _upstream(self, response: Response) -> Response:
-        """§16.7 step 9: the response without our Via."""
+    def _upstream(self, response: Response, *, ours: bool = True) -> Response:
+        """§16.7 step 9: the response without our Via (`ours`: it has one on top)."""
         headers = response.headers.copy()
-        headers.pop_first("Via")
+        if ours:
+            headers.pop_first("Via")
         return Response(headers=headers, status=response.status, reason=response.reason,
                         body=response.body)
 
     def _best(self) -> Response:
         """§16.7 steps 6-7: the best final response, challenges merged, 503 as 500."""
-        finals = [b.final for b in self.branches if b.final is not None]
+        finals = [(b.final, b.via_added) for b in self.branches if b.final is not None]
         if not finals:  # no branch was ever started
             return make_response(self.request, 487 if self.server.cancelled else 480, to_tag=new_tag())
-        best = min(finals, key=_status_rank)
-        up = self._upstream(best)
+        best, ours = min(finals, key=lambda final: _status_rank(final[0]))
+        up = self._upstream(best, ours=ours)
         if best.status in (401, 407):
-            for other in finals:
+            for other, _ in finals:
                 if other is best or other.status not in (401, 407):
                     continue
                 for name in ("WWW-Authenticate", "Proxy-Authenticate"):
@@ -399,7 +403,7 @@ class Proxy:
         ctx.branches.append(branch)
         try:
             flow = self.transactions.add_via(request, flow, branch=make_branch(self.worker, loop))
-            branch.flow = flow
+            branch.flow, branch.via_added = flow, True
             branch.client = self.transactions.send_request(request, flow)
         except OSError as exc:
             log.info("cannot forward %s to %s: %s", request.method, flow, exc)
