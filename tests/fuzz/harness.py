@@ -8,7 +8,7 @@ only. atheris.Fuzz() never returns: libFuzzer exits the process (0 when a limit 
 non-zero on a crash, after writing the input to ``-artifact_prefix``). bench/fuzz.py runs
 every target this way and reads the statistics libFuzzer prints.
 
-Only sipmesh is instrumented; the str hook lets the fuzzer learn the literals the parsers
+Only sipmesh and aioice's STUN parser are instrumented; the str hook lets the fuzzer learn the literals the parsers
 compare against (startswith, ==), the seed corpus gives it the rest.
 """
 
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     name = argv[1]
     # (atheris 3.0's "RegEx" hook fails on bytes patterns, which message.py has)
     atheris.enabled_hooks.add("str")
-    with atheris.instrument_imports(include=["sipmesh", "tests.fuzz.targets"]):
+    with atheris.instrument_imports(include=["sipmesh", "aioice.stun", "tests.fuzz.targets"]):
         from tests.fuzz.targets import TARGETS
     if name not in TARGETS:
         sys.exit(f"unknown target {name!r} (known: {', '.join(TARGETS)})")

@@ -1,7 +1,7 @@
 """Make the committed seed corpus of the fuzz targets (tests/fuzz/corpus/<target>/).
 
     python -m tests.fuzz.seeds capture   # SIP from SIPp, Kamailio and baresip (root, tcpdump)
-    python -m tests.fuzz.seeds derive    # URI, header, digest, SDP, a= and stream seeds
+    python -m tests.fuzz.seeds derive    # URI, header, digest, SDP, a=, stream and STUN seeds
 
 ``capture`` runs real third-party SIP software on loopback, as the tests do (SIPp
 registering with digest and calling through the sipmesh broker, SIPp through Kamailio,
@@ -14,6 +14,7 @@ they write; regression inputs (corpus/<target>/crash-*) are never touched.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import struct
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.fuzz.runner import CORPUS, seed_files
+from tests.fuzz.runner import CORPUS, TARGET_NAMES, seed_files
 
 HEADER_SELECTORS = {"via": 0, "address": 1, "cseq": 2, "date": 3, "list": 4, "params": 5}
 _ADDRESS_HEADERS = ("from", "f", "to", "t", "contact", "m", "route", "record-route", "reply-to",
@@ -190,9 +191,14 @@ def _write(target: str, data: bytes, seen: set[tuple[str, bytes]]) -> None:
 def _digest_seeds() -> list[bytes]:
     """A challenge and valid credentials against tests.fuzz.targets' fixed-secret server."""
     from sipmesh.sip.auth import DigestClient
-    from tests.fuzz.targets import SERVER
+    from tests.fuzz.targets import NONCES, SERVER
+    # the nonce NONCES.issue() would give at its fixed clock, with 12 zero bytes for the random
+    # ones: the same seeds on every run
+    head = struct.pack(">d", 1000.0) + bytes(12)
+    nonce = base64.urlsafe_b64encode(head + NONCES._mac(head)).decode()
     out = []
     for challenge in SERVER.challenges():
+        challenge = re.sub(r'nonce="[^"]*"', f'nonce="{nonce}"', challenge)
         out.append(challenge.encode())
         client = DigestClient("alice", "secret")
         out.append(client.authorize(challenge, "REGISTER", "sip:example.com", cnonce="0a4f113b").encode())
@@ -217,10 +223,38 @@ def _attribute_seeds() -> list[bytes]:
                      proto="OpenVPN", port=8000, attributes=paper),
            build_sdp(username="agent", address="127.0.0.1", media="application", proto="TCP",
                      port=9, attributes=typed)]
-    return out
+    # the o= line's session id is the time: a fixed one keeps the seeds the same on every run
+    return [re.sub(rb"(?m)^o=(\S+) \d+ \d+ ", rb"o=\1 1169538046 1169538046 ", body) for body in out]
+
+
+def _stun_seeds() -> list[bytes]:
+    """STUN as ICE and TURN send it (RFC 8489, 8445, 8656), built with aioice."""
+    from aioice.stun import Class, Message, Method
+    tid = bytes(range(12))
+    request = Message(Method.BINDING, Class.REQUEST, tid, {
+        "USERNAME": "abcd:efgh", "PRIORITY": 1853824767, "ICE-CONTROLLING": 0x1122334455667788,
+        "USE-CANDIDATE": None, "SOFTWARE": "sipmesh"})
+    request.add_message_integrity(b"password")
+    request.add_fingerprint()
+    v4 = Message(Method.BINDING, Class.RESPONSE, tid, {"XOR-MAPPED-ADDRESS": ("192.0.2.1", 3478),
+                                                       "MAPPED-ADDRESS": ("192.0.2.1", 3478)})
+    v6 = Message(Method.BINDING, Class.RESPONSE, tid, {"XOR-MAPPED-ADDRESS": ("2001:db8::1", 3478),
+                                                       "ICE-CONTROLLED": 7})
+    error = Message(Method.ALLOCATE, Class.ERROR, tid, {
+        "ERROR-CODE": (401, "Unauthorized"), "REALM": "example.com", "NONCE": b"abcdef"})
+    allocate = Message(Method.ALLOCATE, Class.REQUEST, tid, {
+        "REQUESTED-TRANSPORT": 0x11000000, "LIFETIME": 600, "USERNAME": "alice", "REALM": "example.com",
+        "NONCE": b"abcdef", "XOR-PEER-ADDRESS": ("192.0.2.2", 9), "CHANNEL-NUMBER": 0x4000,
+        "DATA": b"payload"})
+    return [bytes(m) for m in (request, v4, v6, error, allocate)]
 
 
 def derive() -> None:
+    for target in TARGET_NAMES:  # what an earlier derive wrote (regression inputs stay)
+        if target != "message":
+            for path in (CORPUS / target).glob("*"):
+                if not path.name.startswith("crash-"):
+                    path.unlink()
     messages = [p.read_bytes() for p in seed_files("message")]
     seen: set[tuple[str, bytes]] = set()
     for message in messages:
@@ -248,6 +282,8 @@ def derive() -> None:
         body = _body(message)
         _write("sdp", body, seen)
         _write("attributes", body, seen)
+    for data in _stun_seeds():
+        _write("stun", data, seen)
     for data in _digest_seeds():
         _write("digest", data, seen)
     for body in _attribute_seeds():

@@ -11,7 +11,10 @@ in-process, and the harness imports this module under atheris' instrumentation.
 
 from __future__ import annotations
 
+import struct
 from typing import Callable
+
+from aioice import stun as aioice_stun
 
 from sipmesh.agent.attributes import read_attributes
 from sipmesh.agent.params import TYPES, Param, ParamError, param_type, validate
@@ -199,7 +202,20 @@ def attributes(data: bytes) -> None:
         pass
 
 
+# -- STUN -----------------------------------------------------------------------------------
+
+def stun(data: bytes) -> None:
+    """aioice's STUN parser, which the broker's STUN answers will use: it refuses bad input
+    with ValueError, and with struct.error for an attribute shorter than its type (found
+    by this target: a 2-byte ICE-CONTROLLING): callers must catch both."""
+    try:
+        message = aioice_stun.parse_message(data)
+    except (ValueError, struct.error):
+        return
+    bytes(message)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "message": message, "stream": stream, "uri": uri, "headers": headers,
-    "digest": digest, "sdp": sdp, "attributes": attributes,
+    "digest": digest, "sdp": sdp, "attributes": attributes, "stun": stun,
 }
