@@ -212,7 +212,9 @@ def stun(data: bytes) -> None:
         message = aioice_stun.parse_message(data)
     except (ValueError, struct.error):
         return
-    bytes(message)
+    # What an answer is built from (a parsed message is not re-serialised: aioice cannot
+    # always, e.g. an ERROR-CODE class above 2 digits)
+    message.message_method, message.message_class, message.transaction_id, message.attributes
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
