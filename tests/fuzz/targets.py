@@ -23,7 +23,8 @@ from sipmesh.sip.auth import (AuthError, DigestClient, DigestServer, NonceManage
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import (parse_address, parse_cseq, parse_date, parse_header_params, parse_via,
                                  split_list)
-from sipmesh.sip.message import Request, StreamFramer, make_response, parse_message
+from sipmesh.sip.message import (DEFAULT_LIMITS, Limits, Request, StreamFramer, make_response,
+                                 parse_message)
 from sipmesh.sip.sdp import SDPError, parse_sdp
 from sipmesh.sip.transport.base import Flow, response_target, stamp_received
 from sipmesh.sip.uri import SipURI, parse_uri, split_hostport
@@ -39,10 +40,10 @@ def _text(data: bytes) -> str:
 
 # -- SIP messages ---------------------------------------------------------------------------
 
-def _receive(data: bytes, *, stream: bool) -> None:
+def _receive(data: bytes, *, stream: bool, limits: Limits = DEFAULT_LIMITS) -> None:
     """What TransportLayer._received does with one datagram or framed message, minus I/O."""
     try:
-        message = parse_message(data, stream=stream)
+        message = parse_message(data, stream=stream, limits=limits)
         if isinstance(message, Request):
             stamp_received(message, SOURCE)
     except ParseError as exc:
@@ -92,17 +93,22 @@ def message(data: bytes) -> None:
     _receive(data, stream=False)
 
 
+# The stream target's limits are a tenth of the transport's, so that inputs of a few KB
+# reach every limit of the framer (a 64 KB input fed in 1-byte segments is slow to run).
+STREAM_LIMITS = Limits(max_message_size=6_553, max_headers=10, max_header_length=819, max_start_line=409)
+
+
 def stream(data: bytes) -> None:
     """A TCP byte stream: the first byte picks where the bytes are cut into segments, the rest
     is fed to a StreamFramer, each framed message is parsed as the transport does."""
     if not data:
         return
     step, data = data[0] + 1, data[1:]
-    framer = StreamFramer()
+    framer = StreamFramer(STREAM_LIMITS)
     try:
         for start in range(0, len(data), step):
             for raw in framer.feed(data[start : start + step]):
-                _receive(raw, stream=True)
+                _receive(raw, stream=True, limits=STREAM_LIMITS)
     except ParseError:
         pass  # the connection is closed: nothing more can be framed
 
