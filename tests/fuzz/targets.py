@@ -2,8 +2,9 @@
 
 Each target takes arbitrary bytes and drives one parser the way the running code does.
 It returns normally when the parser accepted the input or refused it with its own error
-type (ParseError, AuthError, SDPError, ParamError); anything else escaping a target is
-a crash. Hangs and memory growth are caught by the fuzzer around it (tests/fuzz/harness.py).
+type (ParseError, AuthError, SDPError, ParamError; for aioice's STUN parser ValueError and
+struct.error); anything else escaping a target is a crash, and so is an accepted message or
+SDP body whose serialisation is refused. Hangs and memory growth are caught by the fuzzer around it (tests/fuzz/harness.py).
 
 No atheris here: tests/test_fuzz.py replays the committed corpus through these functions
 in-process, and the harness imports this module under atheris' instrumentation.
