@@ -4,9 +4,10 @@
 super-daemon (daemon/server.py:Daemon) each run one Endpoint; what they add is
 their answer to an INVITE (`on_invite`), never a second copy of this:
 
-    endpoint = Endpoint(ua_config, on_invite=..., advertise=...)
+    endpoint = Endpoint(ua_config, on_invite=..., advertise=..., tls_server_name=...)
     await endpoint.listen()     # the UA's sockets, and the address we send in a=IP4/IP6
-    await endpoint.register()   # REGISTER, refreshed at half the granted time
+    await endpoint.register()   # REGISTER, refreshed at half the granted time (over
+                                # TCP/TLS: each opens the connection first, see connect())
     ...                         # sessions run (agent/session.py:Session), each in
                                 # `endpoint.sessions` while it lasts
     endpoint.request_stop()     # (a signal) running sessions end, then:
@@ -21,9 +22,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
 from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.link import connection_error, server_flow, tls_name
 from sipmesh.agent.params import IPAddress
 from sipmesh.agent.registration import Registration
-from sipmesh.sip.transport.base import local_address_towards, resolve, uri_target
+from sipmesh.sip.transport.base import RELIABLE, local_address_towards, resolve, uri_target
 from sipmesh.sip.uri import parse_sip_uri
 from sipmesh.sip.useragent import IncomingCall, UAConfig, UserAgent
 
@@ -54,10 +56,11 @@ class Endpoint:
 
     def __init__(self, config: UAConfig, *,
                  on_invite: Callable[[IncomingCall], Awaitable[None]],
-                 advertise: str | None = None) -> None:
+                 advertise: str | None = None, tls_server_name: str | None = None) -> None:
         self.config = config
         self.on_invite = on_invite
         self.advertise = advertise
+        self.tls_server_name = tls_server_name  # default: the server's host name
         self.ua: UserAgent | None = None
         self.local_ip = ""
         self.registration: Registration | None = None
@@ -82,9 +85,28 @@ class Endpoint:
                        keep_trying: bool = False) -> None:
         """Register and keep refreshing; `keep_trying`: see Registration.register."""
         assert self.ua is not None, "listen() first"
-        self.registration = Registration(self.ua, expires=expires, timeout=timeout)
+        connect = self.connect if self.config.transport.upper() in RELIABLE else None
+        self.registration = Registration(self.ua, expires=expires, timeout=timeout,
+                                         connect=connect)
         await self.registration.register(keep_trying=keep_trying)
         self.registration.start_refresh()
+
+    async def connect(self) -> None:
+        """Over TCP or TLS: open the connection to the SIP server now, unless it is open,
+        so that a refused connection or certificate is reported as such (a request would
+        only see 503) and our Contact can name the connection (agent/link.py)."""
+        assert self.ua is not None and self.ua.transport is not None, "listen() first"
+        transport = self.config.transport.upper()
+        if transport not in RELIABLE:
+            return
+        flow = await server_flow(self.config.domain, transport)
+        name = tls_name(self.config.domain, self.tls_server_name)
+        if transport == "TLS" and name is not None:
+            self.ua.transport.expect_tls_name(flow.host, flow.port, name)
+        try:
+            await self.ua.transport.connect(flow)
+        except OSError as exc:
+            raise connection_error(exc, self.config.domain, flow, name) from None
 
     def request_stop(self) -> None:
         """End the running sessions; run()s waiting on `stopping` return (signal handlers)."""

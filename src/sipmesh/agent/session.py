@@ -377,6 +377,7 @@ class AgentConfig:
     mode: str = "serve"  # or "call"
     target: str | None = None  # call mode: user name, user@domain or SIP URI
     advertise: str | None = None  # our a=IP4/IP6; default: local address towards the server
+    tls_server_name: str | None = None  # TLS: the name the server's certificate shows
     register: bool = True
     expires: int = 3600
     register_timeout: float = 10.0
@@ -399,7 +400,8 @@ class Agent:
         self.config = config
         self.profile = profile
         self.on_event = on_event
-        self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise)
+        self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise,
+                                 tls_server_name=config.tls_server_name)
         self.sessions = 0  # established so far
         self.app_failure: str | None = None  # how the last session's program failed
         self.ready = asyncio.Event()  # set once registered (or, without registering, started)
@@ -426,6 +428,8 @@ class Agent:
             if self.config.register:
                 await endpoint.register(expires=self.config.expires,
                                         timeout=self.config.register_timeout)
+            else:
+                await endpoint.connect()
             assert endpoint.ua is not None
             emit(self.on_event, "ready", contact=str(endpoint.ua.contact().uri))
             self.ready.set()

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from sipmesh.agent.errors import AgentError, Exit
-from sipmesh.agent.params import Host, IPAddress, Port, Token
+from sipmesh.agent.link import ServerAddress, TLSClient, parse_server
+from sipmesh.agent.params import Host, Port, Token
 
 if TYPE_CHECKING:
     from sipmesh.daemon.config import AgentSection
@@ -71,26 +72,13 @@ def typed(kind: Any, what: str) -> Callable[[str], str]:
     return convert
 
 
-def server_address(text: str) -> str:
-    """HOST[:PORT] (IPv6 in brackets) -> 'host:port' for UAConfig.domain."""
-    host, port = text, None
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":"):
-                raise argparse.ArgumentTypeError(f"bad server address {text!r}")
-            port = rest[1:]
-        host = f"[{IPAddress().check(host)}]" if host else ""
-    elif text.count(":") == 1:
-        host, port = text.split(":")
+def server_address(text: str) -> ServerAddress:
+    """HOST[:PORT] ([V6]:PORT) or sip:/sips: URI -> 'host:port' for UAConfig.domain, with
+    the transport the text implies (agent/link.py)."""
     try:
-        if not host.startswith("["):
-            host = Host().check(host)
-        if port is not None:
-            port = Port().check(port)
+        return parse_server(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"server: {exc}") from None
-    return f"{host}:{port}" if port else host
 
 
 def positive(text: str) -> float:
@@ -117,6 +105,28 @@ def user_name(text: str) -> str:
         return Token(64).check(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"user: {exc}") from None
+
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    tls = parser.add_argument_group("TLS to the SIP server (--transport tls or --server sips:HOST)")
+    tls.add_argument("--ca-file", metavar="FILE", type=Path,
+                     help="CA certificates (PEM) that the server's certificate must be signed "
+                          "by (default: the system's trust store)")
+    tls.add_argument("--tls-server-name", metavar="NAME", type=typed(Host(), "tls-server-name"),
+                     help="the name the server's certificate must show (default: the host "
+                          "of --server; needed when --server is an IP address the "
+                          "certificate does not list)")
+    tls.add_argument("--cert", metavar="FILE", type=Path,
+                     help="our client certificate (PEM), for servers that ask for one")
+    tls.add_argument("--key", metavar="FILE", type=Path,
+                     help="the private key of --cert (PEM, unencrypted; default: in the "
+                          "--cert file)")
+
+
+def tls_client(args: argparse.Namespace) -> TLSClient:
+    """The TLS settings of add_tls_options."""
+    return TLSClient(ca_file=args.ca_file, cert=args.cert, key=args.key,
+                     server_name=args.tls_server_name)
 
 
 def default_config_path() -> Path:
