@@ -35,9 +35,10 @@ def redact(data: bytes) -> str:
 class _Connection(asyncio.Protocol):
     """One TCP or TLS connection, inbound or outbound."""
 
-    def __init__(self, layer: "TransportLayer", transport_name: str) -> None:
+    def __init__(self, layer: "TransportLayer", transport_name: str, outbound: bool = False) -> None:
         self.layer = layer
         self.name = transport_name
+        self.outbound = outbound
         self.framer = StreamFramer(layer.limits)
         self.transport: asyncio.Transport | None = None
         self.flow: Flow | None = None
@@ -68,6 +69,8 @@ class _Connection(asyncio.Protocol):
             self.layer._received(raw, self.flow, stream=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.outbound:  # e.g. a TLS server refusing us after the handshake
+            log.warning("the server closed our connection %s: %s", self.flow, exc)
         self.layer._unregister(self)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -265,7 +268,8 @@ class TransportLayer:
                 name = self._tls_names.get((flow.host, flow.port))
             loop = asyncio.get_running_loop()
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, flow.transport), flow.host, flow.port,
+                loop.create_connection(lambda: _Connection(self, flow.transport, True),
+                                       flow.host, flow.port,
                                        ssl=context, server_hostname=name), self.connect_timeout)
             # Outbound connections are indexed by the target we asked for.
             self._connections[flow] = conn
