@@ -17,6 +17,7 @@ their answer to an INVITE (`on_invite`), never a second copy of this:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
@@ -46,9 +47,21 @@ async def advertised_address(advertise: str | None, domain: str) -> str:
     try:
         server = await resolve(host, port)
     except OSError as exc:
-        raise AgentError(f"cannot resolve the SIP server {host}: {exc}", Exit.UNREACHABLE) \
-            from None
+        raise AgentError(f"cannot resolve the SIP server {host} ({exc}): check the host name in "
+                         "--server", Exit.UNREACHABLE) from None
     return local_address_towards(server)
+
+
+def listen_error(exc: OSError, host: str, port: int) -> AgentError:
+    """We cannot listen for SIP: why, and which option to change."""
+    where = f"{host}:{port}" if port else f"{host} (any port)"
+    hint = {errno.EADDRINUSE: "another program uses that port: choose another --sip-port "
+                              "(daemon: [agent] sip_port; 0 picks a free one), or stop it",
+            errno.EACCES: "ports below 1024 need root: choose a --sip-port above 1023",
+            errno.EADDRNOTAVAIL: "that address is not one of this host's: check --bind "
+                                 "(daemon: [agent] bind)"}.get(exc.errno or 0)
+    return AgentError(f"cannot listen for SIP on {where}: {exc.strerror or exc}"
+                      + (f" ({hint})" if hint else ""), Exit.UNREACHABLE)
 
 
 class Endpoint:
@@ -71,13 +84,18 @@ class Endpoint:
 
     async def listen(self) -> None:
         """Start the UA; find the address we advertise."""
-        ua = UserAgent(self.config, on_invite=self._on_invite)
-        try:
-            await ua.start()
-        except OSError as exc:
-            raise AgentError(f"cannot listen for SIP on {self.config.listen_host}:"
-                             f"{self.config.listen_port}: {exc.strerror or exc}",
-                             Exit.UNREACHABLE) from None
+        any_port = self.config.listen_port == 0
+        for attempt in range(1, 6):
+            ua = UserAgent(self.config, on_invite=self._on_invite)
+            try:
+                await ua.start()
+                break
+            except OSError as exc:
+                await ua.stop()
+                # any free port: UDP's number may be taken for TCP; another number will do
+                if not (any_port and exc.errno == errno.EADDRINUSE and attempt < 5):
+                    raise listen_error(exc, self.config.listen_host,
+                                       self.config.listen_port) from None
         self.ua = ua
         self.local_ip = await advertised_address(self.advertise, self.config.domain)
 

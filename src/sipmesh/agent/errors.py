@@ -42,6 +42,14 @@ EXIT_HELP = """exit status:
   1  any other failure"""
 
 
+# What to do next, for the messages of more than one failure.
+CHECK_CREDENTIALS = ("check the password (--password, --credentials FILE or $SIPMESH_PASSWORD; "
+                     "daemon: [agent] password or credentials) and the user name (--user, "
+                     "--auth-user)")
+CHECK_SERVER = ("check --server (host and port) and --transport, and that the SIP server "
+                "runs (sipmesh broker, or your registrar)")
+
+
 class AgentError(Exception):
     """A failure the agent reports and exits on."""
 
@@ -87,17 +95,23 @@ def exit_for_status(status: int) -> Exit:
 def describe_status(status: int, reason: str, target: str) -> str:
     """A sentence for a failed INVITE."""
     if status in (404, 604):
-        return f"{target} is not registered at the SIP server ({status} {reason})"
+        return (f"{target} is not registered at the SIP server ({status} {reason}): check the "
+                "name, and that its agent (sipmesh serve or daemon) runs and registered at "
+                "the same server")
     if status == 480:
-        return f"{target} is not reachable now ({status} {reason})"
+        return (f"{target} is not reachable now ({status} {reason}): its agent is not "
+                "registered at the moment; start it, or try again later")
     if status in (486, 600):
-        return f"{target} is busy in another session ({status} {reason})"
+        return (f"{target} is busy in another session ({status} {reason}): try again later "
+                "(sipmesh serve answers one session at a time, sipmesh daemon many)")
     if status == 408:
-        return f"{target} did not answer ({status} {reason})"
+        return (f"{target} did not answer ({status} {reason}): is its agent running and "
+                "reachable from the SIP server?")
     if status in (401, 407):
-        return f"the SIP server rejected our credentials ({status} {reason})"
+        return f"the SIP server rejected our credentials ({status} {reason}): {CHECK_CREDENTIALS}"
     if status == 403:
-        return f"the SIP server refused the call ({status} {reason})"
+        return (f"the SIP server refused the call ({status} {reason}): it may take calls only "
+                f"from its own users, with their password: {CHECK_CREDENTIALS}")
     if status == 503:
-        return f"the SIP server is unreachable or unavailable ({status} {reason})"
-    return f"{target} refused the session ({status} {reason})"
+        return f"the SIP server is unreachable or unavailable ({status} {reason}): {CHECK_SERVER}"
+    return f"{target} refused the session ({status} {reason}): its agent's log says why"

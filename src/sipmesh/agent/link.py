@@ -22,7 +22,7 @@ import ssl
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.errors import CHECK_SERVER, AgentError, Exit
 from sipmesh.agent.params import Host, IPAddress, Port
 from sipmesh.sip.transport.base import Flow, resolve, uri_target
 from sipmesh.sip.uri import is_ip, parse_sip_uri
@@ -186,19 +186,19 @@ def connection_error(exc: OSError, server: str, flow: Flow,
                           Exit.UNTRUSTED)
     if flow.transport == "TLS" and isinstance(cause, (ssl.SSLError, ConnectionResetError)):
         what = _reason(cause) or "it closed the connection"
-        return AgentError(f"the TLS handshake with {where} failed ({what}): is {flow.port} its "
-                          "TLS port? (sipmesh broker --transport ...,tls listens for TLS on its "
-                          "--listen port + 1, 5061 by default.) A server that asks for a client "
-                          "certificate needs --cert and --key", Exit.UNREACHABLE)
-    if isinstance(cause, ConnectionRefusedError):
-        return AgentError(f"{where} refused the connection: check --server and --transport, "
-                          f"and that the server runs and listens for {flow.transport}",
+        return AgentError(f"{where} is unreachable: the TLS handshake failed ({what}); is "
+                          f"{flow.port} its TLS port? (sipmesh broker --transport ...,tls "
+                          "listens for TLS on its --listen port + 1, 5061 by default.) A server "
+                          "that asks for a client certificate needs --cert and --key",
                           Exit.UNREACHABLE)
+    if isinstance(cause, ConnectionRefusedError):
+        return AgentError(f"{where} is unreachable: it refused the connection; {CHECK_SERVER} "
+                          f"and listens for {flow.transport}", Exit.UNREACHABLE)
     if isinstance(cause, TimeoutError):
-        return AgentError(f"no connection to {where} in time: check --server, and any "
-                          "firewall on the way", Exit.UNREACHABLE)
-    return AgentError(f"cannot connect to {where} ({_reason(cause) or type(cause).__name__}): "
-                      "check --server and --transport", Exit.UNREACHABLE)
+        return AgentError(f"{where} is unreachable: no connection in time; {CHECK_SERVER}; a "
+                          "firewall may drop it on the way", Exit.UNREACHABLE)
+    return AgentError(f"{where} is unreachable ({_reason(cause) or type(cause).__name__}): "
+                      f"{CHECK_SERVER}", Exit.UNREACHABLE)
 
 
 def client_tls(transport: str, tls: TLSClient) -> ssl.SSLContext | None:

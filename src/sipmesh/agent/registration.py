@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Awaitable, Callable
 
-from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.errors import CHECK_CREDENTIALS, CHECK_SERVER, AgentError, Exit
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Response
 from sipmesh.sip.useragent import CallFailed, UserAgent
@@ -53,15 +53,17 @@ def next_interval(current: float, *, success: bool, expires: int, floor: float =
 
 def registration_error(status: int, reason: str, server: str) -> AgentError:
     if status in (401, 407):
-        return AgentError(f"the SIP server {server} rejected our credentials ({status} {reason})",
-                          Exit.AUTH)
+        return AgentError(f"the SIP server {server} rejected our credentials ({status} {reason}): "
+                          f"{CHECK_CREDENTIALS}", Exit.AUTH)
     if status == 403:
-        return AgentError(f"the SIP server {server} forbids this registration ({status} {reason})",
-                          Exit.AUTH)
+        return AgentError(f"the SIP server {server} forbids this registration ({status} {reason}): "
+                          "is the user name one it serves, with a password? "
+                          f"{CHECK_CREDENTIALS}", Exit.AUTH)
     if status in (408, 503):
-        return AgentError(f"the SIP server {server} is unreachable ({status} {reason})",
-                          Exit.UNREACHABLE)
-    return AgentError(f"registration at {server} failed ({status} {reason})", Exit.FAILURE)
+        return AgentError(f"the SIP server {server} is unreachable ({status} {reason}): "
+                          f"{CHECK_SERVER}", Exit.UNREACHABLE)
+    return AgentError(f"registration at {server} failed ({status} {reason}): the SIP server's "
+                      "log says why", Exit.FAILURE)
 
 
 class Registration:
@@ -121,12 +123,13 @@ class Registration:
             return response
         except asyncio.TimeoutError:
             raise AgentError(f"the SIP server {self.server} did not answer our REGISTER within "
-                             f"{timeout:g} s", Exit.UNREACHABLE) from None
+                             f"{timeout:g} s: {CHECK_SERVER}; a firewall may drop SIP on the "
+                             "way", Exit.UNREACHABLE) from None
         except CallFailed as exc:
             raise registration_error(exc.status, exc.reason, self.server) from None
         except OSError as exc:
-            raise AgentError(f"cannot reach the SIP server {self.server}: {exc}",
-                             Exit.UNREACHABLE) from None
+            raise AgentError(f"the SIP server {self.server} is unreachable ({exc}): "
+                             f"{CHECK_SERVER}", Exit.UNREACHABLE) from None
 
     async def register(self, *, keep_trying: bool = False) -> None:
         """The first REGISTER; raises AgentError with the reason if it fails. With

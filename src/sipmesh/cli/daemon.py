@@ -71,7 +71,10 @@ def _run(args: argparse.Namespace) -> int:
                   f"status: sipmesh status --socket {daemon.control_path}",
                   file=sys.stderr, flush=True)
 
-    return run_until_signalled(prog, daemon, on_hup=on_reload, on_ready=on_ready, again=None)
+    waiting = None if args.quiet else \
+        f"registering sip:{config.agent.user}@{config.agent.server}"
+    return run_until_signalled(prog, daemon, on_hup=on_reload, on_ready=on_ready, again=None,
+                               waiting=waiting)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
