@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from sipmesh.agent.errors import Exit
-from tests.lab import free_port, spawn, wait_for, wait_tcp_listening, wait_udp_listening
+from tests.lab import free_port, spawn, wait_for, wait_tcp_listening
+from tests.lab.agents import (SIP_APP, SIPMESH, agent_argv, app_argv, no_orphans,  # noqa: F401
+                              record, wait_exit, wait_ready)
+from tests.lab.broker import start_broker
 from tests.lab.certs import LabCA, make_ca
 from tests.lab.fixtures import stopped_gracefully
-from tests.test_agent import (SIP_APP, SIPMESH, agent_argv, app_argv, no_orphans, record,  # noqa: F401
-                              wait_exit, wait_ready)
-from tests.test_daemon import RECORDER, config_text
+from tests.peers.daemon import RECORDER, config_text
 
 pytestmark = pytest.mark.slow  # real broker and agent processes
 
@@ -78,12 +79,10 @@ def broker(tmp_path: Path, pki: LabCA):
         port = free_port("both")
     run = tmp_path / "broker"
     run.mkdir()
-    proc = spawn([SIPMESH, "broker", "--listen", f"127.0.0.1:{port}", "--db", str(run / "b.db"),
-                  "--workers", "1", "--transport", "udp,tcp,tls",
-                  "--tls-cert", str(tmp_path / "pki" / "broker.crt"),
-                  "--tls-key", str(tmp_path / "pki" / "broker.key")],
-                 cwd=run, log_path=run / "broker.log", name="broker")
-    wait_udp_listening("127.0.0.1", port, None, 15, proc=proc)
+    proc, _ = start_broker(run, port=port, db=run / "b.db", extra=[
+        "--transport", "udp,tcp,tls", "--domain", "localhost",
+        "--tls-cert", str(tmp_path / "pki" / "broker.crt"),
+        "--tls-key", str(tmp_path / "pki" / "broker.key")])
     wait_tcp_listening("127.0.0.1", port + 1, None, 15, proc=proc)
     yield TLSBroker(port, run / "b.db", pki)
     proc.stop(grace=5)

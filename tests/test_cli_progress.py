@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from sipmesh.sip.message import Request
 from tests.lab import free_port
-from tests.test_agent import SIPMESH, RawPeer, header, reply
-from tests.test_daemon import config_text
+from tests.lab.agents import SIPMESH, no_orphans  # noqa: F401  (fixture)
+from tests.peers.daemon import config_text
+from tests.peers.raw import RawPeer
 
 pytestmark = pytest.mark.slow  # real agent processes
 
@@ -87,19 +89,21 @@ def test_registering_shows_progress_on_a_terminal_only(tmp_path):
 
 
 def ringing_peer() -> tuple[RawPeer, threading.Thread]:
-    """A UA that answers INVITE with 180 Ringing, and nothing else, ever."""
+    """A UA that answers INVITE with 180 Ringing, a CANCEL with 200, and nothing else."""
     peer = RawPeer()
 
     def run() -> None:
         while True:
-            got = peer.recv(30)
+            try:
+                got = peer.recv_blocking(30)
+            except (OSError, ValueError):  # closed
+                return
             if got is None:
                 return
-            text, addr = got
-            if text.startswith("INVITE "):
-                peer.send(reply(text, "180 Ringing", to_tag="ring"), addr)
-            elif text.startswith("CANCEL ") and header(text, "Via"):
-                peer.send(reply(text, "200 OK", to_tag="ring"), addr)
+            message, addr = got
+            if isinstance(message, Request) and message.method in ("INVITE", "CANCEL"):
+                peer.reply(message, 180 if message.method == "INVITE" else 200,
+                           to_tag="ring", addr=addr)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

@@ -26,9 +26,10 @@ from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.link import connection_error, server_flow, tls_name
 from sipmesh.agent.params import IPAddress
 from sipmesh.agent.registration import Registration
-from sipmesh.sip.transport.base import RELIABLE, local_address_towards, resolve, uri_target
+from sipmesh.sip.transport.base import RELIABLE, local_address_towards
+from sipmesh.sip.transport.resolve import resolve_uri
 from sipmesh.sip.uri import parse_sip_uri
-from sipmesh.sip.useragent import IncomingCall, UAConfig, UserAgent
+from sipmesh.sip.ua import IncomingCall, UAConfig, UserAgent
 
 if TYPE_CHECKING:
     from sipmesh.agent.session import Session
@@ -43,13 +44,12 @@ async def advertised_address(advertise: str | None, domain: str) -> str:
             return IPAddress().check(advertise)
         except ValueError as exc:
             raise AgentError(f"--advertise: {exc}", Exit.USAGE) from None
-    _, host, port = uri_target(parse_sip_uri(f"sip:{domain}"))
     try:
-        server = await resolve(host, port)
+        server = await resolve_uri(parse_sip_uri(f"sip:{domain}"))
     except OSError as exc:
-        raise AgentError(f"cannot resolve the SIP server {host} ({exc}): check the host name in "
+        raise AgentError(f"cannot resolve the SIP server ({exc}): check the host name in "
                          "--server", Exit.UNREACHABLE) from None
-    return local_address_towards(server)
+    return local_address_towards(server.host)
 
 
 def listen_error(exc: OSError, host: str, port: int) -> AgentError:
@@ -117,7 +117,8 @@ class Endpoint:
         transport = self.config.transport.upper()
         if transport not in RELIABLE:
             return
-        flow = await server_flow(self.config.domain, transport)
+        assert self.ua.transactions is not None
+        flow = await server_flow(self.ua.transactions.resolver, self.config.domain, transport)
         name = tls_name(self.config.domain, self.tls_server_name)
         if transport == "TLS" and name is not None:
             self.ua.transport.expect_tls_name(flow.host, flow.port, name)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from sipmesh.agent.errors import CHECK_SERVER, AgentError, Exit
 from sipmesh.agent.params import Host, IPAddress, Port
-from sipmesh.sip.transport.base import Flow, resolve, uri_target
+from sipmesh.sip.transport.base import Flow
+from sipmesh.sip.transport.resolve import Resolver
 from sipmesh.sip.uri import is_ip, parse_sip_uri
 
 TRANSPORTS = ("udp", "tcp", "tls")
@@ -146,17 +147,17 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc)
 
 
-async def server_flow(domain: str, transport: str) -> Flow:
-    """Where our REGISTER goes: the server's transport, IP address and port."""
+async def server_flow(resolver: Resolver, domain: str, transport: str) -> Flow:
+    """Where our REGISTER goes: the server's transport, IP address and port (as the UA
+    finds them, RFC 3263)."""
     uri = parse_sip_uri(f"sip:{domain}")
     if transport.upper() != "UDP":
         uri.params["transport"] = transport.lower()
-    name, host, port = uri_target(uri)
     try:
-        return Flow(name, await resolve(host, port), port)
+        return await resolver.uri_flow(uri, transport.upper())
     except OSError as exc:
-        raise AgentError(f"cannot resolve the SIP server {host} ({exc}): check the host name "
-                         "in --server", Exit.UNREACHABLE) from None
+        raise AgentError(f"cannot resolve the SIP server {server_host(domain)} ({exc}): check "
+                         "the host name in --server", Exit.UNREACHABLE) from None
 
 
 def tls_name(domain: str, server_name: str | None) -> str | None:

@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 from sipmesh.agent.errors import CHECK_CREDENTIALS, CHECK_SERVER, AgentError, Exit
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Response
-from sipmesh.sip.useragent import CallFailed, UserAgent
+from sipmesh.sip.ua import CallFailed, UserAgent
 
 log = logging.getLogger("sipmesh.agent.registration")
 

@@ -53,7 +53,7 @@ from sipmesh.agent.supervisor import Child, ChildSpec
 from sipmesh.sip.headers import quote_string
 from sipmesh.sip.message import Response
 from sipmesh.sip.sdp import SDPError
-from sipmesh.sip.useragent import Call, CallFailed, IncomingCall, UAConfig, UserAgent
+from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
 
 log = logging.getLogger("sipmesh.agent")
 

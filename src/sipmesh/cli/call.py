@@ -16,7 +16,7 @@ from sipmesh.cli.common import (default_config_path, fail, positive, progress_pr
 from sipmesh.cli.serve import (add_agent_options, add_program_parser, chosen_transport,
                                run_from_args)
 from sipmesh.daemon.config import load_config
-from sipmesh.sip.useragent import UAConfig
+from sipmesh.sip.ua import UAConfig
 
 
 def target_name(text: str) -> str:

@@ -23,7 +23,7 @@ from sipmesh.agent.errors import AgentError
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.apps.exec import ExecProfile
 from sipmesh.cli.common import setup_logging
-from sipmesh.sip.useragent import UAConfig
+from sipmesh.sip.ua import UAConfig
 
 SERVER_USER, CALLER_USER = "2500", "2501"
 

@@ -21,7 +21,7 @@ from sipmesh.cli.common import (add_output_options, add_tls_options, fail, posit
                                 progress_printer, read_credentials, run_until_signalled,
                                 server_address, setup_logging, sip_port, tls_client, typed,
                                 user_name)
-from sipmesh.sip.useragent import UAConfig
+from sipmesh.sip.ua import UAConfig
 
 APPS = ("exec", "openvpn")
 

@@ -36,7 +36,7 @@ from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.apps.exec import ExecProfile, next_address
 from sipmesh.cli.common import (fail, progress_printer, read_credentials, run_until_signalled,
                                 server_address, setup_logging)
-from sipmesh.sip.useragent import UAConfig
+from sipmesh.sip.ua import UAConfig
 
 USAGE = ("Usage... {prog} -s proxy[:port] -u user [-p port] [-t call_user] [-v vpn_wait_port] "
          "[-l vpn_localip] [-r vpn_remoteip] [-f log_file] [-d] -m program [args]")

@@ -39,7 +39,7 @@ from sipmesh.daemon.allocators import Lease, Ledger
 from sipmesh.daemon.config import AgentSection, ConfigError, DaemonConfig, load_config
 from sipmesh.daemon.control import ControlServer, default_socket
 from sipmesh.daemon.service import SERVICE, DaemonSessionInfo, ServiceProfile
-from sipmesh.sip.useragent import IncomingCall, UAConfig, UserAgent
+from sipmesh.sip.ua import IncomingCall, UAConfig, UserAgent
 
 log = logging.getLogger("sipmesh.daemon")
 
