@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from tests.lab.agents import (SIP_APP, SIPMESH, agent_argv, app_argv, no_orphans
 from tests.lab.broker import start_broker
 from tests.lab.certs import LabCA, make_ca
 from tests.lab.fixtures import stopped_gracefully
-from tests.peers.daemon import RECORDER, config_text
+from tests.peers.daemon import web_forward_config
 
 pytestmark = pytest.mark.slow  # real broker and agent processes
 
@@ -182,29 +181,10 @@ def test_tls_to_a_port_that_does_not_speak_it(broker, tmp_path):
 
 
 def test_the_daemon_and_call_service_over_tls(broker, tmp_path):
-    out = tmp_path / "rec"
-    out.mkdir()
-    (out / "recorder.py").write_text(RECORDER)
-    www = tmp_path / "www"
-    www.mkdir()
-    (www / "hello.txt").write_text("hello over TLS signalling\n")
-    http_port, local = free_port("tcp"), free_port("tcp")
-    http = spawn([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
-                  str(www), str(http_port)], log_path=tmp_path / "http.log", name="http")
-    wait_tcp_listening("127.0.0.1", http_port, None, 10, proc=http)
     config = tmp_path / "daemon.toml"
-    text = config_text(broker.server(), out).replace(
-        "[agent]\n", f'[agent]\nca_file = "{broker.ca.cert}"\n'
-                     f'control_socket = "{tmp_path / "home.sock"}"\n') + f'''
-[[service]]
-name = "web"
-kind = "forward"
-target = "127.0.0.1:{http_port}"
-port = "tcp"
-allow = ["alice"]
-[service.call]
-local_port = {local}
-'''
+    text, http, local = web_forward_config(
+        tmp_path, broker.server(), "hello over TLS signalling\n",
+        agent=f'ca_file = "{broker.ca.cert}"\ncontrol_socket = "{tmp_path / "home.sock"}"\n')
     config.write_text(text)
     daemon = spawn([SIPMESH, "daemon", "-c", str(config), "-v"], log_path=tmp_path / "daemon.log",
                    name="daemon")
