@@ -16,7 +16,7 @@ import pytest
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Limits, Request, Response, StreamFramer, make_response, parse_message
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
-from sipmesh.sip.transport import UDP_SIZE_THRESHOLD, Flow, TransportLayer, response_target
+from sipmesh.sip.transport import UDP_SIZE_THRESHOLD, Flow, Inbound, TransportLayer, response_target
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,8 +67,8 @@ class Inbox:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[Request | Response, Flow]] = asyncio.Queue()
 
-    def __call__(self, message: Request | Response, flow: Flow) -> None:
-        self.queue.put_nowait((message, flow))
+    def __call__(self, inbound: Inbound) -> None:
+        self.queue.put_nowait((inbound.message, inbound.flow))
 
     async def get(self, timeout: float = 5.0) -> tuple[Request | Response, Flow]:
         return await asyncio.wait_for(self.queue.get(), timeout)
@@ -83,8 +83,9 @@ class Echo(Inbox):
 
     layer: TransportLayer
 
-    def __call__(self, message: Request | Response, flow: Flow) -> None:
-        super().__call__(message, flow)
+    def __call__(self, inbound: Inbound) -> None:
+        super().__call__(inbound)
+        message, flow = inbound.message, inbound.flow
         if isinstance(message, Request) and message.method != "ACK":
             response = make_response(message, 200, to_tag="srv")
             asyncio.ensure_future(self.layer.send(response, response_target(response, flow)))
@@ -454,10 +455,10 @@ class _SilentTU:
 
 
 async def test_full_transaction_table_answers_503_with_retry_after(layers, raw_udp) -> None:
-    server = layers(Inbox())
-    host, port = await server.listen("UDP", "127.0.0.1", 0)
+    server = layers(lambda inbound: transactions.receive(inbound))
     tu = _SilentTU()
     transactions = TransactionLayer(server, tu, max_server_transactions=2)
+    host, port = await server.listen("UDP", "127.0.0.1", 0)
     try:
         peer = await raw_udp()
         for n in (1, 2, 3):

@@ -124,7 +124,7 @@ class ResponseContext:
         self.starting = False
         if self.done and not self.server.final_sent:
             self.server.respond(self._best())
-            self.proxy._finished(self)
+            self.proxy.answered(self)
 
     # -- responses from downstream -----------------------------------------------------
     async def pump(self, branch: Branch) -> None:
@@ -157,7 +157,7 @@ class ResponseContext:
             self._stop_timer_c(branch)
             if not self.server.final_sent:
                 self.server.respond(self._upstream(response))
-                self.proxy._finished(self)
+                self.proxy.answered(self)
             elif self.invite:
                 # §16.7 step 9: every 2xx to an INVITE goes upstream, retransmissions too
                 up = self._upstream(response)
@@ -175,7 +175,7 @@ class ResponseContext:
             self.cancel_others(branch, None)
         if self.done and not self.server.final_sent:
             self.server.respond(self._best())
-            self.proxy._finished(self)
+            self.proxy.answered(self)
 
     def _stop_timer_c(self, branch: Branch) -> None:
         if branch.timer_c is not None:
@@ -471,7 +471,9 @@ class Proxy:
             log.info("Timer C fired for %s: cancelling the branch", branch.flow)
             self._send_cancel(branch, None)
 
-    def _finished(self, ctx: ResponseContext) -> None:
+    def answered(self, ctx: ResponseContext) -> None:
+        """`ctx`'s request has its final response upstream: a CANCEL for it now finds
+        no context (§16.10), and late 2xx still go upstream through `ctx` itself."""
         self._contexts.pop(ctx.server, None)
 
     # -- §16.11: stateless forwarding ------------------------------------------------------

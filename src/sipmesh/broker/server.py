@@ -2,10 +2,12 @@
 
 `Broker` wires the parts together like Kamailio's routing script wires its modules:
 
-    UDP datagram (raw) -> reply cache (retransmitted REGISTER: same answer again)
-                       -> rate limit per source, load shedding: 503 without parsing
-                       -> [multi-worker: hand over to the worker that owns it]
-    parse (core) ----------> REGISTER for us: auth (401) -> registrar -> location
+    UDP datagram (raw) -> _screen_datagram: reply cache (a retransmitted REGISTER
+                          gets the same answer again), rate limit per source, load
+                          shedding (503 without parsing), [multi-worker: hand over
+                          to the worker that owns it]
+    parse (transport) ---> _on_inbound(Inbound(message, flow, raw)):
+                           REGISTER for us: auth (401) -> registrar -> location
                              service (SQLite, group commit) -> 200/4xx, stateless
                            anything else: transaction layer -> on_request:
           routed to us (in a dialog we record-routed) -> proxy to the next hop
@@ -47,7 +49,7 @@ from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import Address
 from sipmesh.sip.message import Headers, Request, Response, reason_for, with_tag
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
-from sipmesh.sip.transport.base import Flow, target_of_via
+from sipmesh.sip.transport.base import Flow, Inbound, target_of_via
 from sipmesh.sip.transport.layer import TransportLayer
 from sipmesh.sip.uri import SipURI, parse_sip_uri
 
@@ -139,7 +141,8 @@ class Broker:
         self.steer: Callable[[bytes, Flow], bool] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: list[_Registration] = []  # REGISTERs waiting for the next commit
-        self._datagram: tuple[Flow, bytes] | None = None
+        # messages that arrived while we were still binding (we are not ourselves yet)
+        self._early: list[Inbound] | None = None
         self._started = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -157,8 +160,15 @@ class Broker:
                                       algorithms=config.auth_algorithms)
             log.info("digest authentication on: %d users in %s (realms: %s)", len(self.users),
                      config.users_file, ", ".join(sorted(self.users.realms)) or "none yet")
-        early: list[tuple[Request | Response, Flow]] = []  # arrived while we were still binding
-        self.transport = TransportLayer(lambda message, flow: early.append((message, flow)))
+        # Every datagram passes _screen_datagram before it is parsed; every parsed
+        # message reaches _on_inbound, which sends REGISTERs for us to the registrar
+        # and everything else through the transaction layer to on_request & co.
+        self.transport = TransportLayer(self._on_inbound, datagram_filter=self._screen_datagram)
+        self.transactions = TransactionLayer(self.transport, self,
+                                             max_server_transactions=config.max_server_transactions)
+        self.proxy = Proxy(self.transactions, self.me, worker=self.worker,
+                           record_route=config.record_route, timer_c=config.timer_c)
+        self._early = []
         try:
             await self._listen()
         except BaseException:
@@ -166,12 +176,6 @@ class Broker:
             self.location.close()
             raise
         self.me.listeners = list(self.listeners)
-        self.transactions = TransactionLayer(self.transport, self,
-                                             max_server_transactions=config.max_server_transactions)
-        self.transport.on_message = self._on_message  # REGISTER bypasses the transaction layer
-        self.transport.datagram_filter = self._on_datagram
-        self.proxy = Proxy(self.transactions, self.me, worker=self.worker,
-                           record_route=config.record_route, timer_c=config.timer_c)
         if config.shed_load:
             self.shedder = LoadShedder(self.transport.udp_sockets())
         if self.worker == 0 and config.purge_interval > 0:
@@ -181,8 +185,9 @@ class Broker:
         if config.stats_interval > 0:
             self._tasks.append(asyncio.ensure_future(self._stats_loop()))
         self._started = True
-        for message, flow in early:
-            self._on_message(message, flow)
+        early, self._early = self._early, None
+        for inbound in early:
+            self._on_inbound(inbound)
         if self.worker == 0:
             log.info("broker ready (%s mode), domains: %s", config.mode,
                      ", ".join(self.me.domains) or f"{self.me.default_domain} (our address)")
@@ -277,7 +282,7 @@ class Broker:
                      c.shed, self.transactions.server_transactions)
 
     # -- entry points: every UDP datagram, then every parsed message ---------------------------
-    def _on_datagram(self, data: bytes, flow: Flow) -> bool:
+    def _screen_datagram(self, data: bytes, flow: Flow) -> bool:
         """Before parsing: refuse floods and overload cheaply, then let a multi-worker
         broker hand the datagram to its owner. True if the datagram was dealt with."""
         if data.startswith(b"REGISTER "):
@@ -302,16 +307,12 @@ class Broker:
                 if kind == "stray":  # what _route would answer, without parsing
                     self._refuse(data, flow, [], 404)
                     return True
-        if self.steer is not None and self.steer(data, flow):
-            return True
-        self._datagram = (flow, data)  # the raw form of what _on_message gets next
-        return False
+        return self.steer is not None and self.steer(data, flow)
 
     def receive_handed_over(self, data: bytes, flow: Flow) -> None:
-        """A datagram another worker received for us (see workers.Steering)."""
+        """A datagram another worker received and screened for us (see workers.Steering)."""
         assert self.transport is not None
-        self._datagram = (flow, data)
-        self.transport.receive_datagram(data, flow)
+        self.transport.receive_datagram(data, flow, filtered=True)
 
     def _refuse(self, data: bytes, flow: Flow, headers: list[tuple[str, str]], status: int = 503) -> None:
         assert self.transactions is not None
@@ -319,11 +320,18 @@ class Broker:
         if reply is not None:
             self.transactions.send_stateless(reply[0], reply[1])  # type: ignore[arg-type]
 
-    def _on_message(self, message: Request | Response, flow: Flow) -> None:
+    def _on_inbound(self, inbound: Inbound) -> None:
+        """The two roads of a parsed message: a REGISTER for one of our domains goes
+        straight to the registrar, answered without a transaction (a retransmission
+        over UDP is answered from the reply cache, see _screen_datagram); anything
+        else goes through the transaction layer."""
+        if self._early is not None:
+            self._early.append(inbound)
+            return
         assert self.transactions is not None
-        raw, self._datagram = self._datagram, None
+        message, flow = inbound.message, inbound.flow
         if isinstance(message, Request) and message.method not in ("ACK", "CANCEL"):
-            if self.limiter is not None and flow.transport != "UDP":  # UDP: see _on_datagram
+            if self.limiter is not None and flow.transport != "UDP":  # UDP: see _screen_datagram
                 wait = self.limiter.check(flow.host)
                 if wait > 0:
                     self.counters.rate_limited += 1
@@ -332,10 +340,10 @@ class Broker:
                     return
             if message.method == "REGISTER" and isinstance(message.uri, SipURI) \
                     and self.me.is_ours(message.uri):
-                key = raw if raw is not None and raw[0] == flow else None  # UDP only: TCP does not repeat
+                key = (flow, inbound.raw) if flow.transport == "UDP" else None  # TCP does not repeat
                 self._begin_register(_Registration(message, flow, key))
                 return
-        self.transactions.receive(message, flow)
+        self.transactions.receive(inbound)
 
     # -- registrar ----------------------------------------------------------------------
     def _begin_register(self, reg: "_Registration") -> None:

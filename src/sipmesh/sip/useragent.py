@@ -23,8 +23,8 @@ from sipmesh.sip.message import Headers, Request, Response, make_response
 from sipmesh.sip.transaction.client import make_cancel
 from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction, TransactionLayer
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.transport.base import (Flow, local_address_towards, resolve, response_target,
-                                        uri_target)
+from sipmesh.sip.transport.base import (Flow, Inbound, local_address_towards, resolve,
+                                        response_target, uri_target)
 from sipmesh.sip.transport.layer import TransportLayer
 from sipmesh.sip.uri import URI, SipURI, parse_sip_uri
 
@@ -277,7 +277,8 @@ class UserAgent:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        self.transport = TransportLayer(lambda m, f: None)
+        self.transport = TransportLayer(self._received)
+        self.transactions = TransactionLayer(self.transport, self, timers=self.config.timers)
         if self.config.tls_client_context is not None:
             self.transport.set_client_tls(self.config.tls_client_context)
         port = self.config.listen_port
@@ -294,7 +295,11 @@ class UserAgent:
             self._ports[name] = bound
             port = bound  # UDP and TCP share one port number
         self.config.listen_port = port
-        self.transactions = TransactionLayer(self.transport, self, timers=self.config.timers)
+
+    def _received(self, inbound: Inbound) -> None:
+        """Everything the transport layer receives goes through the transaction layer."""
+        assert self.transactions is not None
+        self.transactions.receive(inbound)
 
     async def stop(self) -> None:
         for task in list(self._tasks):

@@ -1,9 +1,10 @@
 """The asyncio transport layer: UDP, TCP and TLS listeners and connections.
 
 Thin I/O around the parser: datagrams and framed stream messages are parsed,
-stamped with received/rport, and handed to one callback together with their
-Flow. Malformed requests are answered with 400 where a response can be formed;
-nothing malformed ever stops a listener.
+stamped with received/rport, and handed as an `Inbound` (message, flow, octets)
+to the one callback given to the constructor. An optional datagram filter sees
+each UDP datagram before it is parsed. Malformed requests are answered with 400
+where a response can be formed; nothing malformed ever stops a listener.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from typing import Callable
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import (DEFAULT_LIMITS, Limits, Request, Response, StreamFramer,
                                  make_response, parse_message)
-from sipmesh.sip.transport.base import RELIABLE, Flow, response_target, stamp_received
+from sipmesh.sip.transport.base import RELIABLE, Flow, Inbound, response_target, stamp_received
 
 log = logging.getLogger("sipmesh.sip.transport")
 trace = logging.getLogger("sipmesh.trace")
 
-MessageHandler = Callable[[Request | Response, Flow], None]
+MessageHandler = Callable[[Inbound], None]
+# Sees a raw datagram before it is parsed; True means it took the datagram (answered
+# it from a cache, refused it, handed it to another process).
+DatagramFilter = Callable[[bytes, Flow], bool]
 _SECRET_HEADERS = re.compile(rb"^((?:proxy-)?authorization[ \t]*:).*$", re.IGNORECASE | re.MULTILINE)
 
 
@@ -84,20 +88,18 @@ class _Datagram(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
-        flow = Flow("UDP", addr[0], addr[1])
-        steer = self.layer.datagram_filter
-        if steer is not None and steer(data, flow):
-            return
-        self.layer._received(data, flow, stream=False)
+        self.layer.receive_datagram(data, Flow("UDP", addr[0], addr[1]))
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP error: %s", exc)
 
 
 class TransportLayer:
-    def __init__(self, on_message: MessageHandler, *, limits: Limits = DEFAULT_LIMITS,
-                 idle_timeout: float = 300.0, connect_timeout: float = 5.0) -> None:
-        self.on_message = on_message
+    def __init__(self, on_message: MessageHandler, *, datagram_filter: DatagramFilter | None = None,
+                 limits: Limits = DEFAULT_LIMITS, idle_timeout: float = 300.0,
+                 connect_timeout: float = 5.0) -> None:
+        self._on_message = on_message
+        self._datagram_filter = datagram_filter
         self.limits = limits
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -107,9 +109,6 @@ class TransportLayer:
         self._connecting: dict[Flow, asyncio.Future[_Connection]] = {}
         self._client_tls: ssl.SSLContext | None = None
         self._reaper: asyncio.Task[None] | None = None
-        # Optional: sees each raw datagram first; returning True means it took the
-        # datagram (e.g. a multi-process server handing it to the process that owns it).
-        self.datagram_filter: Callable[[bytes, Flow], bool] | None = None
 
     # -- set-up -----------------------------------------------------------------------
     async def listen(self, transport: str, host: str, port: int, *,
@@ -169,8 +168,11 @@ class TransportLayer:
         """Is a TCP/TLS connection for `flow` open (so sending needs no connect)?"""
         return flow in self._connections
 
-    def receive_datagram(self, data: bytes, flow: Flow) -> None:
-        """Process a datagram as if it had arrived from `flow`, bypassing `datagram_filter`."""
+    def receive_datagram(self, data: bytes, flow: Flow, *, filtered: bool = False) -> None:
+        """Process a datagram from `flow` as the UDP listener does; `filtered`: it has
+        passed the datagram filter already (in this process or another)."""
+        if not filtered and self._datagram_filter is not None and self._datagram_filter(data, flow):
+            return
         self._received(data, flow, stream=False)
 
     @property
@@ -281,7 +283,7 @@ class TransportLayer:
                 self._reject(exc, flow)
                 return
         try:
-            self.on_message(message, flow)
+            self._on_message(Inbound(message, flow, data))
         except Exception:  # a bug above must not kill the listener
             log.exception("error handling a message from %s", flow)
 
