@@ -419,6 +419,36 @@ async def test_nated_user_is_reached_where_its_register_came_from(make_broker, p
     assert (await caller.final("nat-inv")).status == 486
 
 
+async def test_the_broker_answers_stun_binding_requests_on_its_sip_port(make_broker, peers):
+    """RFC 5626 §8 / RFC 7983: the first byte tells STUN from SIP on the same UDP port."""
+    from aioice import stun
+
+    broker = await make_broker()
+    client = await peers()
+    raw: asyncio.Queue[bytes] = asyncio.Queue()
+    client.datagram_received = lambda data, addr: raw.put_nowait(data)  # type: ignore[method-assign]
+    request = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+    client.send(bytes(request), broker.address())
+    answer = stun.parse_message(await asyncio.wait_for(raw.get(), 3))
+    assert answer.message_class == stun.Class.RESPONSE
+    assert answer.transaction_id == request.transaction_id
+    assert answer.attributes["XOR-MAPPED-ADDRESS"] == ("127.0.0.1", client.port)
+    # An RFC 3489 client (no magic cookie) gets the plain MAPPED-ADDRESS.
+    old = bytearray(bytes(request))
+    old[4:8] = b"\x00\x01\x02\x03"
+    client.send(bytes(old), broker.address())
+    assert stun.parse_message(await asyncio.wait_for(raw.get(), 3)).attributes["MAPPED-ADDRESS"] \
+        == ("127.0.0.1", client.port)
+    # Responses, indications and garbage are not answered; SIP on the port still works
+    # (UDP on loopback keeps the order: the OPTIONS answer is the next datagram).
+    for junk in (bytes(stun.Message(stun.Method.BINDING, stun.Class.RESPONSE)),
+                 bytes(stun.Message(stun.Method.BINDING, stun.Class.INDICATION)),
+                 b"\x00\x01\x00\x08" + b"\xff" * 16):
+        client.send(junk, broker.address())
+    client.send(sip("OPTIONS", f"sip:{broker.hostport}", client, call_id="after-stun"), broker.address())
+    assert parse_message(await asyncio.wait_for(raw.get(), 3)).headers.get("Call-ID") == "after-stun"
+
+
 # ------------------------------------------------------------------ forking and CANCEL
 
 async def _two_contacts(broker: Broker, peers) -> tuple[Peer, Peer, Peer]:

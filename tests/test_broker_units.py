@@ -21,6 +21,7 @@ from sipmesh.broker.workers import owner_of
 from sipmesh.sip.auth import compute_ha1
 from sipmesh.sip.headers import parse_via
 from sipmesh.sip.message import make_response, parse_message
+from sipmesh.sip.transport import stun as stun_codec
 from sipmesh.sip.transport.base import Flow
 from sipmesh.sip.uri import parse_sip_uri
 
@@ -395,6 +396,17 @@ def test_nat_is_recognised_from_the_via_and_the_contact():
                           parse_sip_uri("sip:a@93.184.216.34:5060"), source)
     assert behind_nat(parse_via("SIP/2.0/UDP 203.0.113.5:40000;branch=z9hG4bK1"),
                       parse_sip_uri("sip:a@192.168.1.20:5060"), source)
+
+
+def test_stun_binding_answers_carry_the_source_and_nothing_else_is_answered():
+    tid, request = stun_codec.binding_request()
+    assert stun_codec.is_stun(request) and not stun_codec.is_stun(b"OPTIONS sip:x SIP/2.0\r\n" * 2)
+    answer = stun_codec.binding_response(request, ("198.51.100.7", 4242))
+    assert stun_codec.mapped_address(answer) == (tid, ("198.51.100.7", 4242))
+    assert stun_codec.binding_response(answer, ("198.51.100.7", 4242)) is None  # a response
+    for junk in (request[:19], request + b"x", b"\x00\x01" + b"\xff" * 40, b"\x01" * 600):
+        assert stun_codec.binding_response(junk, ("198.51.100.7", 4242)) is None
+        assert stun_codec.mapped_address(junk) is None
 
 
 def test_the_worker_collector_still_reclaims_young_and_old_cycles():

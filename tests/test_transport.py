@@ -499,3 +499,26 @@ def test_local_address_towards_is_remembered_briefly(monkeypatch) -> None:
     assert base.local_address_towards("127.0.0.1") == "127.0.0.1"
     assert len(opened) == 2  # expired: asked the kernel again
     assert base.local_address_towards("::1") == "::1"
+
+
+# ----------------------------------------------------------------------------- STUN
+
+async def test_a_stun_server_layer_tells_us_our_address_and_sip_still_works(layers, raw_udp) -> None:
+    """RFC 5626 §8: STUN on the SIP port; a layer that is no STUN server leaves Binding
+    requests unanswered."""
+    server = layers(Echo(), stun_server=True)
+    host, port = await server.listen("UDP", "127.0.0.1", 0)
+    client = layers(Inbox())
+    _, client_port = await client.listen("UDP", "127.0.0.1", 0)
+    flow = Flow("UDP", host, port)
+    assert await client.stun_binding(flow) == ("127.0.0.1", client_port)
+    assert client.public_address[flow] == ("127.0.0.1", client_port)
+
+    mute = layers(Echo())
+    _, mute_port = await mute.listen("UDP", "127.0.0.1", 0)
+    with pytest.raises(asyncio.TimeoutError):
+        await client.stun_binding(Flow("UDP", "127.0.0.1", mute_port), timeout=0.3)
+    # ...and SIP still works on both ports after STUN
+    peer = await raw_udp()
+    peer.transport.sendto(options("SIP/2.0/UDP 127.0.0.1:9;rport"), ("127.0.0.1", mute_port))
+    assert (await peer.answer()).status == 200

@@ -51,6 +51,7 @@ from sipmesh.sip.message import Headers, Request, Response, reason_for, with_tag
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
 from sipmesh.sip.transport.base import Flow, Inbound, target_of_via
 from sipmesh.sip.transport.layer import TransportLayer
+from sipmesh.sip.transport.stun import is_stun
 from sipmesh.sip.uri import SipURI, parse_sip_uri
 
 log = logging.getLogger("sipmesh.broker")
@@ -163,7 +164,8 @@ class Broker:
         # Every datagram passes _screen_datagram before it is parsed; every parsed
         # message reaches _on_inbound, which sends REGISTERs for us to the registrar
         # and everything else through the transaction layer to on_request & co.
-        self.transport = TransportLayer(self._on_inbound, datagram_filter=self._screen_datagram)
+        self.transport = TransportLayer(self._on_inbound, datagram_filter=self._screen_datagram,
+                                        stun_server=True)
         self.transactions = TransactionLayer(self.transport, self,
                                              max_server_transactions=config.max_server_transactions)
         self.proxy = Proxy(self.transactions, self.me, worker=self.worker,
@@ -285,6 +287,8 @@ class Broker:
     def _screen_datagram(self, data: bytes, flow: Flow) -> bool:
         """Before parsing: refuse floods and overload cheaply, then let a multi-worker
         broker hand the datagram to its owner. True if the datagram was dealt with."""
+        if is_stun(data):  # answered by the transport layer, within the rate limit
+            return self.limiter is not None and self.limiter.check(flow.host) > 0
         if data.startswith(b"REGISTER "):
             cached = self.replies.get((flow, data))  # a retransmission: same bytes, same source
             if cached is not None:

@@ -5,6 +5,9 @@ stamped with received/rport, and handed as an `Inbound` (message, flow, octets)
 to the one callback given to the constructor. An optional datagram filter sees
 each UDP datagram before it is parsed. Malformed requests are answered with 400
 where a response can be formed; nothing malformed ever stops a listener.
+
+STUN shares the UDP port (stun.py): a server layer answers Binding requests, and
+`stun_binding` asks one for the address it sees us at (`public_address`).
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from typing import Callable
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import (DEFAULT_LIMITS, Limits, Request, Response, StreamFramer,
                                  make_response, parse_message)
+from sipmesh.sip.transport import stun
 from sipmesh.sip.transport.base import RELIABLE, Flow, Inbound, response_target, stamp_received
 
 log = logging.getLogger("sipmesh.sip.transport")
 trace = logging.getLogger("sipmesh.trace")
+
+STUN_TIMEOUT = 3.0
 
 MessageHandler = Callable[[Inbound], None]
 # Sees a raw datagram before it is parsed; True means it took the datagram (answered
@@ -96,10 +102,14 @@ class _Datagram(asyncio.DatagramProtocol):
 
 class TransportLayer:
     def __init__(self, on_message: MessageHandler, *, datagram_filter: DatagramFilter | None = None,
-                 limits: Limits = DEFAULT_LIMITS, idle_timeout: float = 300.0,
-                 connect_timeout: float = 5.0) -> None:
+                 stun_server: bool = False, limits: Limits = DEFAULT_LIMITS,
+                 idle_timeout: float = 300.0, connect_timeout: float = 5.0) -> None:
         self._on_message = on_message
         self._datagram_filter = datagram_filter
+        self.stun_server = stun_server  # answer STUN Binding requests on our UDP ports
+        # our address as seen by the far end of a flow (from STUN answers)
+        self.public_address: dict[Flow, tuple[str, int]] = {}
+        self._stun_pending: dict[bytes, tuple[Flow, asyncio.Future[tuple[str, int]]]] = {}
         self.limits = limits
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -217,6 +227,39 @@ class TransportLayer:
             conn = await self._connect(flow)
             conn.write(self._serialise(message, flow))
 
+    # -- STUN ----------------------------------------------------------------------------------
+    async def stun_binding(self, flow: Flow, timeout: float = STUN_TIMEOUT) -> tuple[str, int]:
+        """Our address as the STUN server at `flow` (UDP, usually our SIP server) sees it,
+        asked from our SIP port. Raises asyncio.TimeoutError without an answer."""
+        transaction_id, request = stun.binding_request()
+        future: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        self._stun_pending[transaction_id] = (flow, future)
+        try:
+            proto = self._udp_for(flow.host)
+            if proto.transport is None or proto.transport.is_closing():
+                raise OSError("UDP listener closed")
+            proto.transport.sendto(request, (flow.host, flow.port))
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            del self._stun_pending[transaction_id]
+
+    def _stun_received(self, data: bytes, flow: Flow) -> None:
+        answer = stun.mapped_address(data)
+        if answer is not None:
+            pending = self._stun_pending.get(answer[0])
+            if pending is not None and pending[0] == flow and not pending[1].done():
+                if self.public_address.get(flow) != answer[1]:
+                    log.info("%s sees us as %s:%d", flow, *answer[1])
+                    self.public_address[flow] = answer[1]
+                pending[1].set_result(answer[1])
+            return
+        if self.stun_server:
+            response = stun.binding_response(data, (flow.host, flow.port))
+            if response is not None:
+                proto = self._udp_for(flow.host)
+                if proto.transport is not None and not proto.transport.is_closing():
+                    proto.transport.sendto(response, (flow.host, flow.port))
+
     @staticmethod
     def _serialise(message: Request | Response, flow: Flow) -> bytes:
         data = message.to_bytes()
@@ -267,8 +310,12 @@ class TransportLayer:
                 del self._connections[flow]
 
     def _received(self, data: bytes, flow: Flow, *, stream: bool) -> None:
-        if not stream and data.strip(b"\r\n") == b"":
-            return  # RFC 5626 keep-alive
+        if not stream:
+            if stun.is_stun(data):
+                self._stun_received(data, flow)
+                return
+            if data.strip(b"\r\n") == b"":
+                return  # RFC 5626 keep-alive
         if trace.isEnabledFor(logging.DEBUG):
             trace.debug("received from %s:\n%s", flow, redact(data))
         try:
