@@ -17,6 +17,7 @@ from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Limits, Request, Response, StreamFramer, make_response, parse_message
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
 from sipmesh.sip.transport import UDP_SIZE_THRESHOLD, Flow, Inbound, TransportLayer, response_target
+from tests.peers.helpers import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -501,18 +502,23 @@ def test_local_address_towards_is_remembered_briefly(monkeypatch) -> None:
     assert base.local_address_towards("::1") == "::1"
 
 
-# ----------------------------------------------------------------------------- STUN
+# ----------------------------------------------------------------------------- keep-alives
 
-async def test_a_stun_server_layer_tells_us_our_address_and_sip_still_works(layers, raw_udp) -> None:
-    """RFC 5626 §8: STUN on the SIP port; a layer that is no STUN server leaves Binding
-    requests unanswered."""
+async def test_udp_keep_alives_are_stun_and_tell_our_public_address(layers, raw_udp) -> None:
+    """RFC 5626 §4.4.2: a STUN Binding on the flow, answered by a server layer; a layer
+    that is no STUN server leaves Binding requests unanswered."""
     server = layers(Echo(), stun_server=True)
     host, port = await server.listen("UDP", "127.0.0.1", 0)
     client = layers(Inbox())
     _, client_port = await client.listen("UDP", "127.0.0.1", 0)
     flow = Flow("UDP", host, port)
+    keeping = asyncio.ensure_future(client.keep_alive(flow, interval=0.05))
+    try:
+        await eventually(lambda: client.public_address.get(flow) == ("127.0.0.1", client_port),
+                         what="our address from a STUN answer")
+    finally:
+        keeping.cancel()
     assert await client.stun_binding(flow) == ("127.0.0.1", client_port)
-    assert client.public_address[flow] == ("127.0.0.1", client_port)
 
     mute = layers(Echo())
     _, mute_port = await mute.listen("UDP", "127.0.0.1", 0)
@@ -522,3 +528,34 @@ async def test_a_stun_server_layer_tells_us_our_address_and_sip_still_works(laye
     peer = await raw_udp()
     peer.transport.sendto(options("SIP/2.0/UDP 127.0.0.1:9;rport"), ("127.0.0.1", mute_port))
     assert (await peer.answer()).status == 200
+
+
+async def test_tcp_keep_alives_are_double_crlf_on_our_own_connection(layers) -> None:
+    """RFC 5626 §4.4.1; without a connection nothing is sent (none is opened for it)."""
+    received = bytearray()
+    got_ping = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(4096):
+            received.extend(data)
+            if received.endswith(b"\r\n\r\n\r\n\r\n"):  # the message's blank line, then a ping
+                got_ping.set()
+        writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client = layers(Inbox())
+    await client.listen("TCP", "127.0.0.1", 0)
+    flow = Flow("TCP", "127.0.0.1", port)
+    keeping = asyncio.ensure_future(client.keep_alive(flow, interval=0.05))
+    try:
+        await asyncio.sleep(0.2)  # a few keep-alives find no connection: nothing is sent
+        assert not client.has_connection(flow)
+        await client.send(parse_message(options("SIP/2.0/TCP 127.0.0.1:9")), flow)
+        await asyncio.wait_for(got_ping.wait(), 5)
+    finally:
+        keeping.cancel()
+        listener.close()
+        await listener.wait_closed()
+    assert received.startswith(b"OPTIONS ")
+

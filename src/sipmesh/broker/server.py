@@ -39,6 +39,7 @@ from typing import Callable
 from sipmesh.broker.auth import DEFAULT_ALGORITHMS, Authenticator, may_register, may_send_as
 from sipmesh.broker.domains import Listener, LocalIdentity
 from sipmesh.broker.location import Binding, Changes, LocationService, default_db_path
+from sipmesh.broker.nat import take_alias
 from sipmesh.broker.proxy import Proxy, Target, loop_hash
 from sipmesh.broker.ratelimit import LoadShedder, RateLimiter, retry_after, triage
 from sipmesh.broker.redirect import REDIRECTABLE, redirect_contacts
@@ -461,7 +462,11 @@ class Broker:
         routed = self.proxy.preprocess_routes(request)
         if in_dialog:
             if routed or request.headers.get("Route") is not None:
-                self._forward(txn, [Target(request.uri)], loop)  # type: ignore[arg-type]
+                flow = take_alias(request)  # a UA behind NAT, reached where it spoke from
+                if flow is not None and not self._reachable(flow):
+                    txn.reply(430, "Flow Failed")  # RFC 5626 §5.3: it must connect again
+                    return
+                self._forward(txn, [Target(request.uri, flow)], loop)  # type: ignore[arg-type]
             elif self._addressed_to_us(request):
                 self._answer_locally(txn)
             else:
@@ -530,6 +535,12 @@ class Broker:
             return source if binding.worker == self.worker else None
         return source if binding.nat else None
 
+    def _reachable(self, flow: Flow) -> bool:
+        """Can we send over `flow` (a NATed UA's) now? A TCP/TLS flow only over the UA's
+        own connection: the NAT would drop a connection opened towards it."""
+        assert self.transport is not None
+        return not flow.reliable or self.transport.has_connection(flow)
+
     def _authorised(self, txn: ServerTransaction) -> bool:
         """Digest (407) for requests from our users; they must send as themselves."""
         assert self.auth is not None
@@ -583,7 +594,11 @@ class Broker:
             mf = request.headers.get("Max-Forwards")
             if (mf is not None and int(mf) == 0) or self.proxy.looped(request):
                 return
-            self.proxy.forward_stateless(request)
+            target = take_alias(request)
+            if target is not None and not self._reachable(target):
+                log.info("ACK for %s dropped: its TCP/TLS connection is gone", target)
+                return
+            self.proxy.forward_stateless(request, target)
         except ParseError as exc:
             log.debug("dropped a bad ACK from %s: %s", flow, exc.reason)
 

@@ -25,7 +25,7 @@ from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction, 
 from sipmesh.sip.transaction.timers import TimerValues
 from sipmesh.sip.transport.base import (Flow, Inbound, local_address_towards, resolve,
                                         response_target, uri_target)
-from sipmesh.sip.transport.layer import TransportLayer
+from sipmesh.sip.transport.layer import KEEPALIVE_INTERVAL, TransportLayer
 from sipmesh.sip.uri import URI, SipURI, parse_sip_uri
 
 log = logging.getLogger("sipmesh.sip.ua")
@@ -64,6 +64,9 @@ class UAConfig:
     tls_context: ssl.SSLContext | None = None  # server side: our certificate
     tls_client_context: ssl.SSLContext | None = None  # verifies the peers we connect to
     tls_port: int = 0
+    # While registered, keep the flow to the registrar open through NATs (RFC 5626 §4.4):
+    # seconds between keep-alives, 0 for none. See TransportLayer.keep_alive.
+    keepalive: float = KEEPALIVE_INTERVAL
 
 
 class Call:
@@ -270,6 +273,7 @@ class UserAgent:
         self._ports: dict[str, int] = {}  # bound port per transport
         self._digest = (DigestClient(config.auth_user or config.user, config.password)
                         if config.password is not None else None)
+        self._keepalive: tuple[Flow, asyncio.Task[object]] | None = None
         self._register_call_id = secrets.token_hex(12)
         self._register_cseq = 0
         self.aor = parse_sip_uri(f"sip:{config.user}@{config.domain}")
@@ -423,9 +427,21 @@ class UserAgent:
         contact = self.contact()
         request.headers.add("Contact", str(contact))
         request.headers.add("Expires", str(expires))
+        flow = await self._flow_for(request)
         response = await self.request(request)
         self._register_cseq = response.cseq[0] if response.cseq[1] == "REGISTER" else self._register_cseq
+        if 200 <= response.status < 300:
+            self._keep_alive(flow if expires > 0 else None)
         return response
+
+    def _keep_alive(self, flow: Flow | None) -> None:
+        """Keep-alives on the registration's flow (one at a time), or none (None)."""
+        if self._keepalive is not None and self._keepalive[0] != flow:
+            self._keepalive[1].cancel()
+            self._keepalive = None
+        if flow is not None and self._keepalive is None and self.config.keepalive > 0:
+            assert self.transport is not None
+            self._keepalive = (flow, self._spawn(self.transport.keep_alive(flow, self.config.keepalive)))
 
     async def invite(self, target: str | URI, sdp: bytes, *,
                      on_progress: Callable[[Response], None] | None = None,

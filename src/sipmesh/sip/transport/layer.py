@@ -7,7 +7,8 @@ each UDP datagram before it is parsed. Malformed requests are answered with 400
 where a response can be formed; nothing malformed ever stops a listener.
 
 STUN shares the UDP port (stun.py): a server layer answers Binding requests, and
-`stun_binding` asks one for the address it sees us at (`public_address`).
+`keep_alive` keeps a flow's NAT binding open (RFC 5626 §4.4), learning from the
+answers the address our peer sees (`public_address`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from sipmesh.sip.transport.base import RELIABLE, Flow, Inbound, response_target,
 log = logging.getLogger("sipmesh.sip.transport")
 trace = logging.getLogger("sipmesh.trace")
 
+# RFC 5626 §4.4.1 asks for keep-alives every 95-120 s; a NAT's UDP binding may be
+# gone after 30 s without an answer (Linux conntrack), so we send one every 25 s.
+KEEPALIVE_INTERVAL = 25.0
 STUN_TIMEOUT = 3.0
 
 MessageHandler = Callable[[Inbound], None]
@@ -227,7 +231,24 @@ class TransportLayer:
             conn = await self._connect(flow)
             conn.write(self._serialise(message, flow))
 
-    # -- STUN ----------------------------------------------------------------------------------
+    # -- keep-alives and STUN -------------------------------------------------------------
+    async def keep_alive(self, flow: Flow, interval: float = KEEPALIVE_INTERVAL) -> None:
+        """Keep `flow` (to our SIP server) open through NATs until cancelled (RFC 5626
+        §4.4): over UDP a STUN Binding request every `interval` seconds, whose answer
+        also updates `public_address`; over TCP/TLS a double CRLF on the connection,
+        while it is open (a keep-alive never opens one)."""
+        while True:
+            await asyncio.sleep(interval)  # the request that made the flow just refreshed it
+            try:
+                if flow.transport == "UDP":
+                    await self.stun_binding(flow, timeout=min(STUN_TIMEOUT, interval))
+                else:
+                    conn = self._connections.get(flow)
+                    if conn is not None:
+                        conn.write(b"\r\n\r\n")
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.debug("keep-alive to %s: %s", flow, exc or "no answer")
+
     async def stun_binding(self, flow: Flow, timeout: float = STUN_TIMEOUT) -> tuple[str, int]:
         """Our address as the STUN server at `flow` (UDP, usually our SIP server) sees it,
         asked from our SIP port. Raises asyncio.TimeoutError without an answer."""
