@@ -118,7 +118,7 @@ def wait_listening(path: Path, proc: subprocess.Popen, timeout: float = 20) -> N
 
 async def run(args: argparse.Namespace, work: Path) -> dict:
     from sipmesh.agent.attributes import build_sdp
-    from sipmesh.sip.useragent import UAConfig, UserAgent
+    from sipmesh.sip.ua import UAConfig, UserAgent
 
     broker_port = free_port()
     sock = work / "daemon.sock"

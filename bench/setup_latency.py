@@ -36,7 +36,7 @@ async def sipmesh_setup_times(calls: int, workdir: Path) -> list[float]:
     from sipmesh.agent.session import Agent, AgentConfig
     from sipmesh.apps.exec import ExecProfile
     from sipmesh.broker.server import Broker, BrokerConfig
-    from sipmesh.sip.useragent import UAConfig
+    from sipmesh.sip.ua import UAConfig
 
     broker = Broker(BrokerConfig(listen=[("127.0.0.1", 0)], transports=("UDP",),
                                  db_path=workdir / "broker.db", workers=1, stats_interval=0,

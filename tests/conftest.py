@@ -1,4 +1,28 @@
 """Shared pytest configuration. Lab fixtures (processes, netns, Kamailio, SIPp) come from
-tests/lab/fixtures.py; add project-wide fixtures below."""
+tests/lab/fixtures.py; project-wide fixtures are below."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from tests.peers.raw import RawPeer
 
 pytest_plugins = ["tests.lab.fixtures"]
+
+
+@pytest.fixture
+async def raw_peers() -> AsyncIterator[Callable[..., Awaitable[RawPeer]]]:
+    """Factory of raw UDP peers read by the test's event loop (``await raw_peers(host,
+    lenient=False)``), all closed after the test."""
+    opened: list[RawPeer] = []
+
+    async def open_peer(host: str = "127.0.0.1", *, lenient: bool = False) -> RawPeer:
+        peer = await RawPeer.open(host, lenient=lenient)
+        opened.append(peer)
+        return peer
+
+    yield open_peer
+    for peer in opened:
+        peer.close()

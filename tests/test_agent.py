@@ -4,12 +4,10 @@ issue with its exit code, signals, and hostile SDP."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,44 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import Kamailio, free_port, wait_for
-from tests.lab.fixtures import stopped_gracefully
+from sipmesh.sip.message import Request, Response
+from tests.lab import free_port, wait_for
+from tests.lab.agents import (SIPMESH, agents, app_argv, assert_no_orphans, no_orphans,  # noqa: F401
+                              processes_of, record, wait_exit)
+from tests.lab.broker import BrokerServer
+from tests.peers.raw import RawPeer, is_final, is_response
 
 pytestmark = pytest.mark.slow  # real agent processes, Kamailio, our broker
 
-BIN = Path(sys.executable).parent
-SIPMESH = str(BIN / "sipmesh")
-SIP_APP = str(BIN / "sip_app")
-
-# A test application: records argv + SIPMESH_* env + pid, then exits after a delay ("exit")
-# or runs until SIGTERM ("run"), recording that it was stopped.
-APP = r'''
-import json, os, pathlib, signal, sys, time
-d, mode = pathlib.Path(sys.argv[1]), sys.argv[2]
-role = os.environ.get("SIPMESH_ROLE", "none")
-def term(*_):
-    (d / f"{role}.stopped").write_text("TERM")
-    sys.exit(0)
-signal.signal(signal.SIGTERM, term)  # before the record: a record means SIGTERM is handled
-env = {k: v for k, v in os.environ.items() if k.startswith("SIPMESH_")}
-(d / f"{role}.json.tmp").write_text(json.dumps({"argv": sys.argv, "env": env, "pid": os.getpid()}))
-os.rename(d / f"{role}.json.tmp", d / f"{role}.json")
-if mode == "exit":
-    time.sleep(float(sys.argv[3]))
-    sys.exit(0)
-for _ in range(600):
-    time.sleep(0.1)
-'''
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def app_argv(tmp_path: Path, mode: str = "run", delay: float = 0.5) -> list[str]:
-    script = tmp_path / "app.py"
-    if not script.exists():
-        script.write_text(APP)
-    return [sys.executable, str(script), str(tmp_path), mode, str(delay)]
 
 
 def agent_argv(mode: str, server: str, user: str, *extra: str, program: list[str] | None = None,
@@ -82,175 +52,16 @@ def start_session(k, agents, tmp_path: Path, *, name: str = "call"):  # type: ig
     return serve, call
 
 
-def wait_exit(proc, timeout: float = 20.0) -> int:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"{proc.name} still running; log:\n{proc.log_tail(40)}") from None
+def sip_text(head: str, body: str = "") -> bytes:
+    """A SIP message from `head` (lines split by newlines) and `body` (sent as it is),
+    with its Content-Length."""
+    head = head.strip("\r\n").replace("\r\n", "\n").replace("\n", "\r\n")
+    return (head + f"\r\nContent-Length: {len(body.encode())}\r\n\r\n" + body).encode()
 
 
-def registered(k, user: str) -> bool:
-    """Does the SIP server (Kamailio or our broker) hold a binding for `user`?"""
-    if isinstance(k, BrokerServer):
-        return k.registered(user)
-    return f"AoR: {user}\n" in k.rpc("ul.dump")
-
-
-class BrokerServer:
-    """Our broker (`sipmesh broker`) as a separate process, with Kamailio's test interface:
-    host, port, hostport, address, registered(user), stop()."""
-
-    sdp_rewrite = False
-
-    def __init__(self, run_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
-                 netns=None, users: dict[str, str] | None = None) -> None:
-        from tests.lab import spawn, wait_udp_listening
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.host, self.netns = host, netns
-        self.port = port or (5060 if netns is not None else free_port("both", host))
-        self.db = run_dir / "broker.db"
-        argv = [SIPMESH, "broker", "--listen", f"{host}:{self.port}", "--db", str(self.db),
-                "--workers", "1"]
-        if users:
-            users_file = run_dir / "users"
-            for user, password in users.items():
-                subprocess.run([SIPMESH, "broker", "users", "add", "--users", str(users_file),
-                                "--realm", host, "--password-stdin", user], input=password + "\n",
-                               text=True, check=True, capture_output=True, timeout=20)
-            argv += ["--users", str(users_file)]
-        self.proc = spawn(argv, cwd=run_dir, log_path=run_dir / "broker.log", netns=netns,
-                          name=f"broker:{self.port}")
-        try:
-            wait_udp_listening(host, self.port, netns, 15, proc=self.proc)
-        except BaseException:
-            self.proc.stop()
-            raise
-
-    @property
-    def hostport(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    def registered(self, user: str) -> bool:
-        from sipmesh.broker.location import LocationService
-
-        location = LocationService(self.db)
-        try:
-            return bool(location.lookup(f"sip:{user}@{self.host}"))
-        finally:
-            location.close()
-
-    def stop(self) -> None:
-        self.proc.stop(grace=5)
-
-
-def record(tmp_path: Path, role: str) -> dict | None:
-    f = tmp_path / f"{role}.json"
-    return json.loads(f.read_text()) if f.exists() else None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def processes_of(directory: Path) -> list[str]:
-    """Live processes whose command line or working directory is inside `directory`."""
-    found = []
-    mark = str(directory)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            try:
-                cwd = os.readlink(entry / "cwd")
-            except OSError:
-                cwd = ""
-        except OSError:
-            continue
-        if mark in cmdline or cwd == mark or cwd.startswith(mark + "/"):
-            found.append(f"{entry.name}: {cmdline.strip()}")
-    return found
-
-
-@pytest.fixture(autouse=True)
-def no_orphans(tmp_path):
-    """After every test (and its fixtures' teardown): nothing it started is still running."""
-    yield
-    left: list[str] = []
-    for _ in range(50):
-        left = processes_of(tmp_path)
-        if not left:
-            return
-        time.sleep(0.1)
-    raise AssertionError("processes left behind:\n" + "\n".join(left))
-
-
-def assert_no_orphans(tmp_path: Path) -> None:
-    for role in ("server", "client"):
-        rec = record(tmp_path, role)
-        if rec is not None:
-            wait_for(lambda: not pid_alive(rec["pid"]), 10, what=f"{role} program gone")
-
-
-class RawPeer:
-    """A scripted SIP endpoint on a UDP socket (independent of the agent's stack)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.received: list[str] = []
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, text: str, addr: tuple[str, int]) -> None:
-        head, _, body = text.partition("\r\n\r\n")
-        head = head.replace("\n", "\r\n").replace("\r\r\n", "\r\n")
-        data = (head + f"\r\nContent-Length: {len(body.encode())}\r\n\r\n" + body).encode()
-        self.sock.sendto(data, addr)
-
-    def recv(self, timeout: float = 5.0) -> tuple[str, tuple[str, int]] | None:
-        self.sock.settimeout(timeout)
-        try:
-            data, addr = self.sock.recvfrom(65535)
-        except (socket.timeout, OSError):
-            return None
-        text = data.decode("utf-8", "replace")
-        self.received.append(text)
-        return text, addr
-
-
-def header(message: str, name: str) -> str | None:
-    for line in message.split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
-        key, _, value = line.partition(":")
-        if key.strip().lower() == name.lower():
-            return value.strip()
-    return None
-
-
-def reply(request: str, status: str, *, to_tag: str | None = None, extra: str = "",
-          body: str = "") -> str:
-    lines = [f"SIP/2.0 {status}"]
-    for line in request.split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
-        key = line.partition(":")[0].strip().lower()
-        if key in ("via", "from", "call-id", "cseq"):
-            lines.append(line)
-        elif key == "to":
-            lines.append(line + (f";tag={to_tag}" if to_tag and "tag=" not in line else ""))
-    text = "\r\n".join(lines) + ("\r\n" + extra.strip() if extra.strip() else "")
-    return text + "\r\n\r\n" + body
+def first_word(message: Request | Response) -> str:
+    """What a SIP trace shows first: the method, or SIP/2.0 for a response."""
+    return message.method if isinstance(message, Request) else "SIP/2.0"
 
 
 def sdp(attributes: list[str], ip: str = "127.0.0.1") -> str:
@@ -269,7 +80,7 @@ class FakeServer(threading.Thread):
         self.answer_sdp = answer_sdp
         self.deadline = time.monotonic() + lifetime
         self.methods: list[str] = []
-        self.messages: list[str] = []
+        self.messages: list[Request | Response] = []
         self.stopped = threading.Event()
 
     @property
@@ -278,25 +89,24 @@ class FakeServer(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.is_set() and time.monotonic() < self.deadline:
-            got = self.peer.recv(0.2)
+            got = self.peer.recv_blocking(0.2)
             if got is None:
                 continue
             message, addr = got
-            method = message.split(" ", 1)[0]
+            method = first_word(message)
             self.methods.append(method)
             self.messages.append(message)
             if method == "REGISTER":
-                contact = header(message, "Contact") or "<sip:x@127.0.0.1>"
-                self.peer.send(reply(message, "200 OK", to_tag="reg",
-                                     extra=f"Contact: {contact};expires=3600"), addr)
+                contact = message.headers.get("Contact") or "<sip:x@127.0.0.1>"
+                self.peer.reply(message, 200, to_tag="reg", addr=addr,
+                                headers=[("Contact", f"{contact};expires=3600")])
             elif method == "INVITE":
-                self.peer.send(reply(message, "100 Trying"), addr)
-                self.peer.send(reply(message, "200 OK", to_tag="uas",
-                                     extra=f"Contact: <sip:uas@{self.hostport}>\r\n"
-                                           "Content-Type: application/sdp",
-                                     body=self.answer_sdp), addr)
+                self.peer.reply(message, 100, addr=addr)
+                self.peer.reply(message, 200, to_tag="uas", addr=addr,
+                                headers=[("Contact", f"<sip:uas@{self.hostport}>")],
+                                body=self.answer_sdp.encode())
             elif method in ("BYE", "CANCEL", "OPTIONS"):
-                self.peer.send(reply(message, "200 OK"), addr)
+                self.peer.reply(message, 200, addr=addr)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -308,15 +118,15 @@ def raw_register(k, user: str, peer: RawPeer) -> None:
     """REGISTER `user` from `peer`'s socket with `peer` as its contact (a UA that never
     answers INVITEs unless the test does)."""
     branch = "z9hG4bK" + uuid.uuid4().hex
-    peer.send(f"REGISTER sip:{k.hostport} SIP/2.0\n"
-              f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch};rport\n"
-              "Max-Forwards: 70\n"
-              f"From: <sip:{user}@{k.hostport}>;tag=r1\nTo: <sip:{user}@{k.hostport}>\n"
-              f"Call-ID: {uuid.uuid4().hex}\nCSeq: 1 REGISTER\n"
-              f"Contact: <sip:{user}@127.0.0.1:{peer.port}>\nExpires: 60\r\n\r\n",
+    peer.send(sip_text(f"REGISTER sip:{k.hostport} SIP/2.0\n"
+                       f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch};rport\n"
+                       "Max-Forwards: 70\n"
+                       f"From: <sip:{user}@{k.hostport}>;tag=r1\nTo: <sip:{user}@{k.hostport}>\n"
+                       f"Call-ID: {uuid.uuid4().hex}\nCSeq: 1 REGISTER\n"
+                       f"Contact: <sip:{user}@127.0.0.1:{peer.port}>\nExpires: 60"),
               k.address)
-    got = peer.recv(5)
-    assert got is not None and got[0].startswith("SIP/2.0 200"), got
+    got = peer.recv_blocking(5)
+    assert got is not None and isinstance(got[0], Response) and got[0].status == 200, got
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -333,18 +143,11 @@ def k(request, kamailio, tmp_path):
     server.stop()
 
 
-@pytest.fixture
-def agents(kamailio, spawn_proc):
-    """spawn_proc whose processes are stopped before Kamailio is (so they can unregister)."""
-    with stopped_gracefully(spawn_proc) as start:
-        yield start
-
-
 def test_session_by_name_child_exit_sends_bye_and_peer_stops(k, agents, tmp_path):
     serve = agents(agent_argv("serve", k.hostport, "2500", "--app-port", str(free_port()),
                                   program=app_argv(tmp_path, "run")), name="serve")
     wait_ready(serve)
-    assert registered(k, "2500")
+    assert k.registered("2500")
     call = agents(agent_argv("call", k.hostport, "2501", target="2500",
                                  program=app_argv(tmp_path, "exit", 0.5)), name="call")
     assert wait_exit(call) == 0, call.log_text()
@@ -360,7 +163,7 @@ def test_session_by_name_child_exit_sends_bye_and_peer_stops(k, agents, tmp_path
     wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
     assert "session ended: the application exited" in call.log_text()
     assert "the peer ended the session" in serve.log_text()
-    assert serve.alive() and registered(k, "2500") and not registered(k, "2501")
+    assert serve.alive() and k.registered("2500") and not k.registered("2501")
     assert_no_orphans(tmp_path)
 
 
@@ -385,7 +188,7 @@ def test_bye_from_the_answering_side_stops_the_callers_program(k, agents, tmp_pa
     assert wait_exit(call) == 0, call.log_text()
     assert (tmp_path / "client.stopped").exists()
     assert wait_exit(serve) == 0  # --once
-    assert not registered(k, "2500")
+    assert not k.registered("2500")
     assert_no_orphans(tmp_path)
 
 
@@ -414,7 +217,7 @@ def test_the_callers_program_failing_is_the_exit_status(k, agents, tmp_path, pro
     # (`true` may end before that program has even set up its SIGTERM handler)
     wait_for(lambda: "the peer ended the session" in serve.log_text(), 10,
              what="the BYE at the answering side")
-    assert serve.alive() and registered(k, "2500") and not registered(k, "2501")
+    assert serve.alive() and k.registered("2500") and not k.registered("2501")
     assert_no_orphans(tmp_path)
 
 
@@ -433,7 +236,7 @@ def test_a_program_we_stopped_is_no_failure_and_serve_once_reports_its_own(k, ag
     assert "the peer ended the session" in call.log_text()
     assert wait_exit(serve) == 10, serve.log_text()
     assert "sipmesh serve: the application exited with status 4 (session " in serve.log_text()
-    assert not registered(k, "2500") and not registered(k, "2501")
+    assert not k.registered("2500") and not k.registered("2501")
 
 
 def test_through_a_proxy_that_rewrites_sdp_only_a_lines_count(kamailio, agents, tmp_path):
@@ -575,7 +378,7 @@ def test_program_checked_before_registering(k, agents, tmp_path, mode):
         p = agents(agent_argv(mode, k.hostport, "2500", program=[program],
                                   target="x" if mode == "call" else None), name=mode)
         assert wait_exit(p) == 3 and message in p.log_text()
-    assert not registered(k, "2500")
+    assert not k.registered("2500")
     usage = subprocess.run([SIPMESH, mode, *(["x"] if mode == "call" else []), "--server",
                             k.hostport, "--user", "u"], capture_output=True, text=True, timeout=20)
     assert usage.returncode == 2 and "no program to run" in usage.stderr
@@ -591,7 +394,7 @@ def test_signal_to_the_answering_side_ends_everything_cleanly(k, agents, tmp_pat
     assert wait_exit(serve) == 0, serve.log_text()
     assert wait_exit(call) == 0, call.log_text()  # BYE received -> stopped its program
     assert (tmp_path / "server.stopped").exists() and (tmp_path / "client.stopped").exists()
-    assert not registered(k, "2500") and not registered(k, "2501")
+    assert not k.registered("2500") and not k.registered("2501")
     assert_no_orphans(tmp_path)
 
 
@@ -600,7 +403,7 @@ def test_signal_to_the_caller_sends_bye(k, agents, tmp_path):
     call.popen.send_signal(signal.SIGTERM)
     assert wait_exit(call) == 0
     wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
-    assert serve.alive() and registered(k, "2500") and not registered(k, "2501")
+    assert serve.alive() and k.registered("2500") and not k.registered("2501")
     assert_no_orphans(tmp_path)
 
 
@@ -610,19 +413,19 @@ def test_signal_while_calling_cancels_and_unregisters(k, agents):
         raw_register(k, "ghost", mute)
         call = agents(agent_argv("call", k.hostport, "2501", "--timeout", "60", target="ghost",
                                  program=["/bin/true"]), name="call")
-        got = mute.recv(10)
-        assert got is not None and got[0].startswith("INVITE "), got
-        mute.send(reply(got[0], "180 Ringing", to_tag="g1"), got[1])
-        wait_for(lambda: registered(k, "2501"), 5)
+        got = mute.recv_blocking(10)
+        assert got is not None and first_word(got[0]) == "INVITE", got
+        mute.reply(got[0], 180, to_tag="g1", addr=got[1])
+        wait_for(lambda: k.registered("2501"), 5)
         call.popen.send_signal(signal.SIGINT)
         assert wait_exit(call, 10) == 0, call.log_text()
         methods = []
-        while (more := mute.recv(1)) is not None:
-            methods.append(more[0].split(" ", 1)[0])
+        while (more := mute.recv_blocking(1)) is not None:
+            methods.append(first_word(more[0]))
             if methods[-1] == "CANCEL":
-                mute.send(reply(more[0], "200 OK"), more[1])
+                mute.reply(more[0], 200, addr=more[1])
         assert "CANCEL" in methods, methods
-        assert not registered(k, "2501")
+        assert not k.registered("2501")
     finally:
         mute.close()
 
@@ -631,10 +434,10 @@ def test_signal_while_idle_unregisters(k, agents, tmp_path):
     serve = agents(agent_argv("serve", k.hostport, "2500", program=["/bin/true"]),
                        name="serve")
     wait_ready(serve)
-    assert registered(k, "2500")
+    assert k.registered("2500")
     serve.popen.send_signal(signal.SIGTERM)
     assert wait_exit(serve) == 0
-    assert not registered(k, "2500")
+    assert not k.registered("2500")
 
 
 # ----------------------------------------------------------------------------- hostile SDP
@@ -652,10 +455,11 @@ HOSTILE_OFFERS = {
 
 
 def invite_directly(spawn_proc, tmp_path: Path, attributes: list[str],
-                    serve_args: list[str]) -> tuple[str, bool, str]:
+                    serve_args: list[str]) -> tuple[Response, bool, str]:
     """Start `sipmesh serve SERVE_ARGS` (registered at a fake registrar), send it a raw INVITE
-    whose SDP has `attributes`; returns its final response, whether the agent was still
-    running 0.3 s later, and the agent's log (the agent is stopped before returning)."""
+    whose SDP has `attributes`; returns its final response, whether the agent still answered
+    an OPTIONS sent after it, and the agent's log once the agent and every program it may
+    have started have ended."""
     fake = FakeServer(answer_sdp="")  # only its registrar part is used
     fake.start()
     sip_port = free_port("both")
@@ -666,24 +470,26 @@ def invite_directly(spawn_proc, tmp_path: Path, attributes: list[str],
     try:
         wait_ready(serve)
         branch = "z9hG4bK" + uuid.uuid4().hex
-        peer.send(f"INVITE sip:2500@127.0.0.1:{sip_port} SIP/2.0\n"
-                  f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch};rport\n"
-                  "Max-Forwards: 70\nFrom: <sip:evil@127.0.0.1>;tag=e1\n"
-                  "To: <sip:2500@127.0.0.1>\nCall-ID: hostile-" + uuid.uuid4().hex + "\n"
-                  f"CSeq: 1 INVITE\nContact: <sip:evil@127.0.0.1:{peer.port}>\n"
-                  "Content-Type: application/sdp\r\n\r\n" + sdp(attributes),
+        peer.send(sip_text(f"INVITE sip:2500@127.0.0.1:{sip_port} SIP/2.0\n"
+                           f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch};rport\n"
+                           "Max-Forwards: 70\nFrom: <sip:evil@127.0.0.1>;tag=e1\n"
+                           "To: <sip:2500@127.0.0.1>\nCall-ID: hostile-" + uuid.uuid4().hex + "\n"
+                           f"CSeq: 1 INVITE\nContact: <sip:evil@127.0.0.1:{peer.port}>\n"
+                           "Content-Type: application/sdp", sdp(attributes)),
                   ("127.0.0.1", sip_port))
-        final = None
-        for _ in range(5):
-            got = peer.recv(5)
-            assert got is not None, "no answer to the INVITE"
-            if not got[0].startswith("SIP/2.0 1"):
-                final = got[0]
-                break
-        assert final is not None, "no final response"
-        time.sleep(0.3)  # a program started by mistake would have shown up by now
+        final, _ = peer.expect_blocking(is_final(), 10, what="a final response to the INVITE")
+        assert isinstance(final, Response)
+        # the agent is done with the INVITE (a program is started before any answer) and
+        # still serves: it answers an OPTIONS sent after it
+        peer.send(sip_text(f"OPTIONS sip:2500@127.0.0.1:{sip_port} SIP/2.0\n"
+                           f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch}o;rport\n"
+                           "Max-Forwards: 70\nFrom: <sip:evil@127.0.0.1>;tag=e2\n"
+                           "To: <sip:2500@127.0.0.1>\nCall-ID: after-" + uuid.uuid4().hex + "\n"
+                           "CSeq: 1 OPTIONS"), ("127.0.0.1", sip_port))
+        peer.expect_blocking(is_response(200, "OPTIONS"), 10, what="the answer to an OPTIONS")
         alive = serve.alive()
         serve.stop(grace=10)  # while the registrar still answers its unregistration
+        wait_for(lambda: not processes_of(tmp_path), 10, what="every program of the test gone")
         return final, alive, serve.log_text()
     finally:
         peer.close()
@@ -695,8 +501,8 @@ def invite_directly(spawn_proc, tmp_path: Path, attributes: list[str],
 def test_hostile_invite_gets_488_and_starts_nothing(spawn_proc, tmp_path, case):
     final, alive, log = invite_directly(spawn_proc, tmp_path, HOSTILE_OFFERS[case],
                                         ["--", *app_argv(tmp_path, "run")])
-    assert final.startswith("SIP/2.0 488"), final
-    warning = header(final, "Warning")
+    assert final.status == 488, final
+    warning = final.headers.get("Warning")
     assert warning and warning.startswith("399 ") and '"' in warning, final
     assert alive and "started (pid" not in log
     assert not list(tmp_path.glob("*.json*")), "a program was started"
@@ -716,8 +522,8 @@ GOOD_FP = "sha-256 " + ":".join(["5A"] * 32)
 def test_openvpn_profile_refuses_bad_fingerprints(spawn_proc, tmp_path, attributes):
     final, alive, log = invite_directly(spawn_proc, tmp_path, ["a=IP4:127.0.0.1", *attributes],
                                         ["--app", "openvpn", "--state-dir", str(tmp_path / "state")])
-    warning = header(final, "Warning") or ""
-    assert final.startswith("SIP/2.0 488") and ("fingerprint" in warning or "SDP" in warning), final
+    warning = final.headers.get("Warning") or ""
+    assert final.status == 488 and ("fingerprint" in warning or "SDP" in warning), final
     assert alive and "started (pid" not in log
     assert not (tmp_path / "state" / "run").exists() or \
         not list((tmp_path / "state" / "run").iterdir())
@@ -746,12 +552,12 @@ def test_hostile_answer_is_acked_ended_and_starts_nothing(spawn_proc, tmp_path, 
                            "--", *app_argv(tmp_path, "run")], name="call")
         assert wait_exit(call) == 9, call.log_text()
         assert "refused the answer of 2500" in call.log_text()
-        time.sleep(0.3)
+        wait_for(lambda: not processes_of(tmp_path), 10, what="every program of the test gone")
         assert not list(tmp_path.glob("*.json*")), "a program was started"
         assert "started (pid" not in call.log_text()
         wait_for(lambda: "BYE" in fake.methods, 5, what="BYE after the bad answer")
         assert fake.methods.index("ACK") < fake.methods.index("BYE")
         bye = fake.messages[fake.methods.index("BYE")]
-        assert "cause=488" in (header(bye, "Reason") or ""), bye
+        assert "cause=488" in (bye.headers.get("Reason") or ""), bye
     finally:
         fake.stop()

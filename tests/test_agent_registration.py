@@ -12,6 +12,7 @@ from sipmesh.agent.registration import Registration
 from sipmesh.sip.headers import Address
 from sipmesh.sip.message import Headers, Response
 from sipmesh.sip.uri import parse_sip_uri
+from tests.lab import wait_for_async
 
 
 def response(status: int, **headers: str) -> Response:
@@ -50,7 +51,8 @@ async def test_refresh_at_half_the_granted_time_then_halving_with_a_floor():
     await reg.register()
     assert reg.granted == 1 and reg.interval == 0.5
     reg.start_refresh()
-    await asyncio.sleep(1.4)
+    # the four scripted refreshes (0.5 + 0.25 + 0.125 + 0.1 s), then the next is 0.5 s away
+    await wait_for_async(lambda: len(ua.calls) == 5, 1.4, what="four refreshes")
     await reg.unregister()
     times = [t for t, _ in ua.calls]
     gaps = [round(b - a, 2) for a, b in zip(times, times[1:])]

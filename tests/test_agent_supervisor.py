@@ -11,23 +11,13 @@ import pytest
 
 from sipmesh.agent.errors import Exit, ProfileError
 from sipmesh.agent.supervisor import Child, ChildSpec, child_environment, resolve_program
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+from tests.lab import pid_alive, wait_for_async
 
 
 async def _wait_file(path, timeout=5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text()
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{path} never written")
+    """The text of `path` once something was written to it."""
+    return await wait_for_async(lambda: path.exists() and path.read_text().strip() and path.read_text(),
+                                timeout, 0.02, what=f"{path} written")
 
 
 async def test_argv_is_not_a_shell_and_env_carries_the_values(tmp_path):
@@ -56,7 +46,7 @@ async def test_stop_terms_the_whole_group(tmp_path):
     shell, sleeper = map(int, (await _wait_file(pids)).split())
     assert os.getpgid(sleeper) == child.pid != os.getpgid(0)  # own group
     status = await asyncio.wait_for(child.stop(grace=3), 10)
-    assert status < 0 and not _alive(shell) and not _alive(sleeper)
+    assert status < 0 and not pid_alive(shell) and not pid_alive(sleeper)
 
 
 async def test_sigkill_after_the_grace_period(tmp_path):
@@ -77,7 +67,7 @@ async def test_leftovers_of_an_exited_wrapper_are_stopped(tmp_path):
     assert await asyncio.wait_for(child.exited, 5) == 0
     orphan = int(await _wait_file(pids))
     await asyncio.wait_for(child.finished, 10)
-    assert not _alive(orphan)
+    assert not pid_alive(orphan)
 
 
 async def test_cleanup_runs_after_the_program_stopped(tmp_path):

@@ -6,188 +6,20 @@ from __future__ import annotations
 import asyncio
 import secrets
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import pytest
 
 from sipmesh.broker.ratelimit import LoadShedder
-from sipmesh.broker.server import Broker, BrokerConfig
+from sipmesh.broker.server import Broker
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.auth import DigestClient, is_stale, parse_auth_params
-from sipmesh.sip.message import Request, Response, make_response, parse_message
+from sipmesh.sip.message import Request, Response, parse_message
 from sipmesh.sip.transport.base import response_target
 from sipmesh.sip.uri import parse_sip_uri
-from sipmesh.sip.useragent import CallFailed, IncomingCall, UAConfig, UserAgent
-
-SDP_A = b"v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=application 9 TCP x\r\na=PORT:7001\r\n"
-SDP_B = b"v=0\r\no=bob 2 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=application 9 TCP x\r\na=PORT:7002\r\n"
-
-
-# ------------------------------------------------------------------ helpers
-
-class Peer(asyncio.DatagramProtocol):
-    """A raw UDP SIP endpoint: send text, receive parsed messages."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[Request | Response, tuple]] = asyncio.Queue()
-        self.transport: asyncio.DatagramTransport | None = None
-        self.port = 0
-
-    @classmethod
-    async def open(cls) -> "Peer":
-        loop = asyncio.get_running_loop()
-        transport, peer = await loop.create_datagram_endpoint(cls, local_addr=("127.0.0.1", 0))
-        peer.transport = transport
-        peer.port = transport.get_extra_info("sockname")[1]
-        return peer
-
-    def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
-        try:
-            self.queue.put_nowait((parse_message(data), addr))
-        except Exception:  # noqa: BLE001 - a test peer ignores garbage
-            pass
-
-    def send(self, message: str | bytes | Request | Response, addr: tuple[str, int]) -> None:
-        if isinstance(message, (Request, Response)):
-            data = message.to_bytes()
-        elif isinstance(message, str):
-            data = message.encode()
-        else:
-            data = message
-        assert self.transport is not None
-        self.transport.sendto(data, addr)
-
-    async def recv(self, timeout: float = 3.0,
-                   match: Callable[[Request | Response], bool] | None = None) -> Request | Response:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            message, _ = await asyncio.wait_for(self.queue.get(), max(0.01, deadline - loop.time()))
-            if match is None or match(message):
-                return message
-
-    async def final(self, call_id: str, timeout: float = 3.0, method: str | None = None) -> Response:
-        """The first final response for `call_id` (and `method`)."""
-        message = await self.recv(timeout, lambda m: isinstance(m, Response) and m.status >= 200
-                                  and m.call_id == call_id and (method is None or m.cseq[1] == method))
-        assert isinstance(message, Response)
-        return message
-
-    async def request(self, method: str | None = None, timeout: float = 3.0) -> Request:
-        message = await self.recv(timeout, lambda m: isinstance(m, Request) and
-                                  (method is None or m.method == method))
-        assert isinstance(message, Request)
-        return message
-
-    def reply(self, request: Request, status: int, *, to_tag: str | None = None, body: bytes = b"",
-              headers: list[tuple[str, str]] = ()) -> Response:
-        response = make_response(request, status, to_tag=to_tag)
-        for name, value in headers:
-            response.headers.add(name, value)
-        if body:
-            response.headers.add("Content-Type", "application/sdp")
-            response.body = body
-        flow = response_target(response)
-        self.send(response, (flow.host, flow.port))
-        return response
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-def sip(method: str, uri: str, peer: Peer, *, user: str = "alice", to: str | None = None,
-        call_id: str | None = None, cseq: int = 1, headers: list[str] = (), body: bytes = b"",
-        via_port: int | None = None, rport: bool = True, branch: str | None = None,
-        domain: str = "127.0.0.1") -> str:
-    """A request as text, sent from `peer`."""
-    branch = branch or "z9hG4bK" + secrets.token_hex(8)
-    lines = [f"{method} {uri} SIP/2.0",
-             f"Via: SIP/2.0/UDP 127.0.0.1:{via_port or peer.port};branch={branch}{';rport' if rport else ''}",
-             "Max-Forwards: 70",
-             f"From: <sip:{user}@{domain}>;tag={secrets.token_hex(4)}",
-             f"To: {to or f'<{uri}>'}",
-             f"Call-ID: {call_id or secrets.token_hex(8)}",
-             f"CSeq: {cseq} {method}",
-             f"Contact: <sip:{user}@127.0.0.1:{peer.port}>",
-             *headers]
-    if body:
-        lines.append("Content-Type: application/sdp")
-    lines.append(f"Content-Length: {len(body)}")
-    return "\r\n".join(lines) + "\r\n\r\n" + body.decode()
-
-
-async def raw_register(peer: Peer, broker: Broker, user: str, *, contact: str | None = None,
-                       expires: int = 600, call_id: str | None = None, cseq: int = 1,
-                       headers: list[str] = ()) -> Response:
-    call_id = call_id or secrets.token_hex(8)
-    host, port = broker.address()
-    contact_line = f"Contact: {contact}" if contact else f"Contact: <sip:{user}@127.0.0.1:{peer.port}>"
-    text = sip("REGISTER", f"sip:{host}:{port}", peer, user=user, to=f"<sip:{user}@{host}:{port}>",
-               call_id=call_id, cseq=cseq, headers=[f"Expires: {expires}", *headers])
-    text = text.replace(f"Contact: <sip:{user}@127.0.0.1:{peer.port}>", contact_line)
-    peer.send(text, (host, port))
-    return await peer.final(call_id)
-
-
-@pytest.fixture
-async def make_broker(tmp_path: Path) -> AsyncIterator[Callable[..., "asyncio.Future[Broker]"]]:
-    started: list[Broker] = []
-
-    async def _make(**overrides) -> Broker:
-        settings = dict(listen=[("127.0.0.1", 0)], domains=["127.0.0.1"],
-                        db_path=tmp_path / f"broker{len(started)}.db", rate_limit=0, stats_interval=0)
-        settings.update(overrides)
-        config = BrokerConfig(**settings)
-        broker = Broker(config)
-        await broker.start()
-        started.append(broker)
-        return broker
-
-    yield _make
-    for broker in started:
-        await broker.stop()
-
-
-@pytest.fixture
-async def make_ua() -> AsyncIterator[Callable[..., "asyncio.Future[UserAgent]"]]:
-    started: list[UserAgent] = []
-
-    async def _make(user: str, broker: Broker, *, transport: str = "UDP", password: str | None = None,
-                    on_invite=None) -> UserAgent:
-        host, port = broker.address(transport)
-        ua = UserAgent(UAConfig(user=user, domain=f"{host}:{port}", password=password, transport=transport,
-                                listen_port=0), on_invite=on_invite)
-        await ua.start()
-        started.append(ua)
-        return ua
-
-    yield _make
-    for ua in started:
-        await ua.stop()
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[Callable[[], "asyncio.Future[Peer]"]]:
-    opened: list[Peer] = []
-
-    async def _open() -> Peer:
-        peer = await Peer.open()
-        opened.append(peer)
-        return peer
-
-    yield _open
-    for peer in opened:
-        peer.close()
-
-
-def answering(sdp: bytes, log: list[IncomingCall] | None = None):
-    async def on_invite(incoming: IncomingCall) -> None:
-        if log is not None:
-            log.append(incoming)
-        incoming.ringing()
-        await incoming.accept(sdp)
-    return on_invite
+from sipmesh.sip.ua import CallFailed, IncomingCall, UAConfig, UserAgent
+from tests.peers.broker import (SDP_A, SDP_B, answering, make_broker, make_ua,  # noqa: F401 (fixtures)
+                                raw_register, sip)
+from tests.peers.raw import RawPeer
 
 
 # ------------------------------------------------------------------ calls between sipmesh UAs
@@ -227,9 +59,9 @@ async def test_callee_hangs_up_through_the_record_route(make_broker, make_ua):
 
 # ------------------------------------------------------------------ registrar over the wire
 
-async def test_register_lists_every_binding_and_refreshes_and_removes(make_broker, peers):
+async def test_register_lists_every_binding_and_refreshes_and_removes(make_broker, raw_peers):
     broker = await make_broker()
-    peer = await peers()
+    peer = await raw_peers()
     cid = "reg-" + secrets.token_hex(4)
     r = await raw_register(peer, broker, "carol", call_id=cid, cseq=1, contact="<sip:carol@127.0.0.1:5999>;q=0.3")
     assert r.status == 200 and r.to.tag
@@ -250,9 +82,9 @@ async def test_register_lists_every_binding_and_refreshes_and_removes(make_broke
     assert r.status == 423 and r.headers.get("Min-Expires") == "60"
 
 
-async def test_retransmitted_register_gets_the_same_answer(make_broker, peers):
+async def test_retransmitted_register_gets_the_same_answer(make_broker, raw_peers):
     broker = await make_broker()
-    peer = await peers()
+    peer = await raw_peers()
     text = sip("REGISTER", f"sip:{broker.hostport}", peer, user="dave", to=f"<sip:dave@{broker.hostport}>",
                call_id="rtx-1", headers=["Expires: 600"])
     peer.send(text, broker.address())
@@ -263,9 +95,9 @@ async def test_retransmitted_register_gets_the_same_answer(make_broker, peers):
     assert first.to.tag == second.to.tag
 
 
-async def test_register_for_another_domain_is_refused(make_broker, peers):
+async def test_register_for_another_domain_is_refused(make_broker, raw_peers):
     broker = await make_broker()
-    peer = await peers()
+    peer = await raw_peers()
     text = sip("REGISTER", f"sip:{broker.hostport}", peer, user="eve", to="<sip:eve@example.com>",
                call_id="foreign-aor", headers=["Expires: 600"])
     peer.send(text, broker.address())
@@ -274,9 +106,9 @@ async def test_register_for_another_domain_is_refused(make_broker, peers):
 
 # ------------------------------------------------------------------ the broker as a UAS
 
-async def test_options_to_the_broker_lists_what_it_supports(make_broker, peers):
+async def test_options_to_the_broker_lists_what_it_supports(make_broker, raw_peers):
     broker = await make_broker()
-    peer = await peers()
+    peer = await raw_peers()
     peer.send(sip("OPTIONS", f"sip:{broker.hostport}", peer, call_id="opt-1",
                   headers=["Accept: application/sdp"]), broker.address())
     r = await peer.final("opt-1")
@@ -286,9 +118,9 @@ async def test_options_to_the_broker_lists_what_it_supports(make_broker, peers):
     assert "INVITE" in r.headers.get("Allow") and "REGISTER" in r.headers.get("Allow")
 
 
-async def test_known_method_to_the_broker_is_405_unknown_is_501(make_broker, peers):
+async def test_known_method_to_the_broker_is_405_unknown_is_501(make_broker, raw_peers):
     broker = await make_broker()
-    peer = await peers()
+    peer = await raw_peers()
     peer.send(sip("MESSAGE", f"sip:{broker.hostport}", peer, call_id="m-1"), broker.address())
     r = await peer.final("m-1")
     assert r.status == 405 and "REGISTER" in (r.headers.get("Allow") or "")
@@ -296,9 +128,9 @@ async def test_known_method_to_the_broker_is_405_unknown_is_501(make_broker, pee
     assert (await peer.final("m-2")).status == 501
 
 
-async def test_unknown_method_to_a_user_is_forwarded(make_broker, peers):
+async def test_unknown_method_to_a_user_is_forwarded(make_broker, raw_peers):
     broker = await make_broker()
-    bob, caller = await peers(), await peers()
+    bob, caller = await raw_peers(), await raw_peers()
     await raw_register(bob, broker, "bob")
     caller.send(sip("FROBNICATE", f"sip:bob@{broker.hostport}", caller, call_id="frob"), broker.address())
     request = await bob.request("FROBNICATE")
@@ -308,9 +140,9 @@ async def test_unknown_method_to_a_user_is_forwarded(make_broker, peers):
 
 # ------------------------------------------------------------------ routing decisions
 
-async def test_unknown_user_404_and_user_without_binding_480(make_broker, peers, make_ua):
+async def test_unknown_user_404_and_user_without_binding_480(make_broker, raw_peers, make_ua):
     broker = await make_broker()
-    peer = await peers()
+    peer = await raw_peers()
     peer.send(sip("INVITE", f"sip:nobody@{broker.hostport}", peer, call_id="inv-404", body=SDP_A),
               broker.address())
     assert (await peer.final("inv-404")).status == 404
@@ -322,25 +154,25 @@ async def test_unknown_user_404_and_user_without_binding_480(make_broker, peers,
     assert (await peer.final("inv-480")).status == 480
 
 
-async def test_max_forwards_zero_is_483(make_broker, peers):
+async def test_max_forwards_zero_is_483(make_broker, raw_peers):
     broker = await make_broker()
-    bob, caller = await peers(), await peers()
+    bob, caller = await raw_peers(), await raw_peers()
     await raw_register(bob, broker, "bob")
     text = sip("INVITE", f"sip:bob@{broker.hostport}", caller, call_id="mf0", body=SDP_A)
     caller.send(text.replace("Max-Forwards: 70", "Max-Forwards: 0"), broker.address())
     assert (await caller.final("mf0")).status == 483
 
 
-async def test_a_loop_back_to_the_broker_is_482(make_broker, peers):
+async def test_a_loop_back_to_the_broker_is_482(make_broker, raw_peers):
     """`loop` forwards its calls to itself through a proxy (here: `relay`, a dumb
     stateless proxy): the same request comes back to the broker."""
     broker = await make_broker()
-    relay, caller = await peers(), await peers()
+    relay, caller = await raw_peers(), await raw_peers()
     await raw_register(relay, broker, "loop")
 
     async def relaying() -> None:
         while True:
-            message = await relay.recv(timeout=10)
+            message, _ = await relay.recv(timeout=10)
             if isinstance(message, Request):
                 message.uri = parse_sip_uri(f"sip:loop@{broker.hostport}")  # "forward to myself"
                 branch = "z9hG4bKrelay" + secrets.token_hex(4)
@@ -360,17 +192,17 @@ async def test_a_loop_back_to_the_broker_is_482(make_broker, peers):
         task.cancel()
 
 
-async def test_foreign_domains_are_not_relayed(make_broker, peers):
+async def test_foreign_domains_are_not_relayed(make_broker, raw_peers):
     broker = await make_broker()
-    caller = await peers()
+    caller = await raw_peers()
     caller.send(sip("INVITE", "sip:bob@example.com", caller, call_id="relay", body=SDP_A), broker.address())
     r = await caller.final("relay")
     assert r.status == 403 and "relay" in r.reason.lower()
 
 
-async def test_foreign_domains_are_forwarded_when_configured(make_broker, peers):
+async def test_foreign_domains_are_forwarded_when_configured(make_broker, raw_peers):
     broker = await make_broker(forward_foreign=True)
-    other, caller = await peers(), await peers()
+    other, caller = await raw_peers(), await raw_peers()
     # 127.0.0.1 with another port is another server, not us
     caller.send(sip("INVITE", f"sip:bob@127.0.0.1:{other.port}", caller, call_id="fwd", body=SDP_A),
                 broker.address())
@@ -380,9 +212,9 @@ async def test_foreign_domains_are_forwarded_when_configured(make_broker, peers)
     assert (await caller.final("fwd")).status == 404
 
 
-async def test_timer_c_cancels_a_branch_that_rings_forever(make_broker, peers):
+async def test_timer_c_cancels_a_branch_that_rings_forever(make_broker, raw_peers):
     broker = await make_broker(timer_c=0.5)
-    bob, caller = await peers(), await peers()
+    bob, caller = await raw_peers(), await raw_peers()
     await raw_register(bob, broker, "bob")
     caller.send(sip("INVITE", f"sip:bob@{broker.hostport}", caller, call_id="timer-c", body=SDP_A),
                 broker.address())
@@ -394,37 +226,37 @@ async def test_timer_c_cancels_a_branch_that_rings_forever(make_broker, peers):
     assert (await caller.final("timer-c")).status == 487
 
 
-async def test_responses_follow_via_received_and_rport(make_broker, peers):
+async def test_responses_follow_via_received_and_rport(make_broker, raw_peers):
     """A client behind NAT puts an unreachable address in its Via; the answer goes to
     where the request really came from."""
     broker = await make_broker()
-    peer = await peers()
+    peer = await raw_peers()
     text = sip("OPTIONS", f"sip:{broker.hostport}", peer, call_id="nat-1", via_port=9)
     peer.send(text.replace("Via: SIP/2.0/UDP 127.0.0.1:9", "Via: SIP/2.0/UDP 10.99.0.1:9"), broker.address())
     r = await peer.final("nat-1")
     assert r.status == 200 and r.via.received == "127.0.0.1" and r.via.rport == peer.port
 
 
-async def invite_natted(broker: Broker, peers, call_id: str) -> tuple[Peer, Peer, Request]:
+async def invite_natted(broker: Broker, raw_peers, call_id: str) -> tuple[RawPeer, RawPeer, Request]:
     """A UA registered from behind NAT (`natted`; its Contact names a private address, its
     REGISTER came from natted's port), INVITEd by `caller`: (natted, caller, the INVITE)."""
-    natted, caller = await peers(), await peers()
+    natted, caller = await raw_peers(), await raw_peers()
     await raw_register(natted, broker, "nat", contact="<sip:nat@10.99.0.1:5060>")
     caller.send(sip("INVITE", f"sip:nat@{broker.hostport}", caller, call_id=call_id, body=SDP_A),
                 broker.address())
     return natted, caller, await natted.request("INVITE")
 
 
-async def test_nated_user_is_reached_where_its_register_came_from(make_broker, peers):
+async def test_nated_user_is_reached_where_its_register_came_from(make_broker, raw_peers):
     broker = await make_broker()
-    natted, caller, invite = await invite_natted(broker, peers, "nat-inv")
+    natted, caller, invite = await invite_natted(broker, raw_peers, "nat-inv")
     assert str(invite.uri) == "sip:nat@10.99.0.1:5060"
     assert invite.body == SDP_A
     natted.reply(invite, 486, to_tag="n1")
     assert (await caller.final("nat-inv")).status == 486
 
 
-def in_dialog(method: str, target: str, routes: list[str], peer: Peer, invite: Request,
+def in_dialog(method: str, target: str, routes: list[str], peer: RawPeer, invite: Request,
               response: Response, *, cseq: int, from_caller: bool = True) -> str:
     """An in-dialog request as text: Request-URI `target`, Route `routes` (§12.2.1.1)."""
     ours, theirs = ((invite.headers.get("From"), response.headers.get("To")) if from_caller
@@ -437,12 +269,12 @@ def in_dialog(method: str, target: str, routes: list[str], peer: Peer, invite: R
     return "\r\n".join(lines) + "\r\n\r\n"
 
 
-async def test_in_dialog_requests_reach_a_natted_callee_on_its_flow(make_broker, peers):
+async def test_in_dialog_requests_reach_a_natted_callee_on_its_flow(make_broker, raw_peers):
     """The callee's 200 names its private address; the broker marks that Contact with the
     flow it came on (;alias=, like Kamailio's set_contact_alias), and the caller's ACK and
     BYE, sent to that Contact through the broker, arrive on the callee's flow."""
     broker = await make_broker()
-    natted, caller, invite = await invite_natted(broker, peers, "nat-dlg")
+    natted, caller, invite = await invite_natted(broker, raw_peers, "nat-dlg")
     natted.reply(invite, 200, to_tag="n1", body=SDP_B, headers=[
         ("Contact", "<sip:nat@10.99.0.1:5060>"), *[("Record-Route", v) for v in invite.headers.get_all("Record-Route")]])
     ok = await caller.final("nat-dlg")
@@ -460,9 +292,9 @@ async def test_in_dialog_requests_reach_a_natted_callee_on_its_flow(make_broker,
             assert (await caller.final("nat-dlg", method=method)).status == 200
 
 
-async def test_a_natted_callers_contact_is_marked_so_the_callees_bye_reaches_it(make_broker, peers):
+async def test_a_natted_callers_contact_is_marked_so_the_callees_bye_reaches_it(make_broker, raw_peers):
     broker = await make_broker()
-    callee, natted = await peers(), await peers()
+    callee, natted = await raw_peers(), await raw_peers()
     await raw_register(callee, broker, "bob")
     # Sent from natted's port, but its Via and Contact name a private address.
     text = sip("INVITE", f"sip:bob@{broker.hostport}", natted, call_id="nat-caller", body=SDP_A,
@@ -484,11 +316,11 @@ async def test_a_natted_callers_contact_is_marked_so_the_callees_bye_reaches_it(
     assert str(bye.uri) == "sip:alice@10.99.0.2:5060"
 
 
-async def test_a_request_for_a_lost_tcp_flow_fails_with_430(make_broker, peers):
+async def test_a_request_for_a_lost_tcp_flow_fails_with_430(make_broker, raw_peers):
     """An alias naming a TCP connection the broker does not hold: it is never opened
     towards a NAT; 430 Flow Failed tells the caller (RFC 5626 §5.3)."""
     broker = await make_broker()
-    caller = await peers()
+    caller = await raw_peers()
     host, port = broker.address()
     text = sip("BYE", f"sip:nat@10.99.0.1:5060;transport=tcp;alias=127.0.0.1~9~2", caller,
                call_id="lost-flow", to="<sip:nat@127.0.0.1>;tag=x1",
@@ -497,17 +329,20 @@ async def test_a_request_for_a_lost_tcp_flow_fails_with_430(make_broker, peers):
     assert (await caller.final("lost-flow")).status == 430
 
 
-async def test_the_broker_answers_stun_binding_requests_on_its_sip_port(make_broker, peers):
+async def test_the_broker_answers_stun_binding_requests_on_its_sip_port(make_broker):
     """RFC 5626 §8 / RFC 7983: the first byte tells STUN from SIP on the same UDP port."""
     from aioice import stun
 
     broker = await make_broker()
-    client = await peers()
-    raw: asyncio.Queue[bytes] = asyncio.Queue()
-    client.datagram_received = lambda data, addr: raw.put_nowait(data)  # type: ignore[method-assign]
+    client = RawPeer()  # its socket read here, by hand: STUN is no SIP for its parser
+    loop = asyncio.get_running_loop()
+
+    async def datagram() -> bytes:
+        return await asyncio.wait_for(loop.sock_recv(client.sock, 65535), 3)
+
     request = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
     client.send(bytes(request), broker.address())
-    answer = stun.parse_message(await asyncio.wait_for(raw.get(), 3))
+    answer = stun.parse_message(await datagram())
     assert answer.message_class == stun.Class.RESPONSE
     assert answer.transaction_id == request.transaction_id
     assert answer.attributes["XOR-MAPPED-ADDRESS"] == ("127.0.0.1", client.port)
@@ -515,8 +350,7 @@ async def test_the_broker_answers_stun_binding_requests_on_its_sip_port(make_bro
     old = bytearray(bytes(request))
     old[4:8] = b"\x00\x01\x02\x03"
     client.send(bytes(old), broker.address())
-    assert stun.parse_message(await asyncio.wait_for(raw.get(), 3)).attributes["MAPPED-ADDRESS"] \
-        == ("127.0.0.1", client.port)
+    assert stun.parse_message(await datagram()).attributes["MAPPED-ADDRESS"] == ("127.0.0.1", client.port)
     # Responses, indications and garbage are not answered; SIP on the port still works
     # (UDP on loopback keeps the order: the OPTIONS answer is the next datagram).
     for junk in (bytes(stun.Message(stun.Method.BINDING, stun.Class.RESPONSE)),
@@ -524,28 +358,29 @@ async def test_the_broker_answers_stun_binding_requests_on_its_sip_port(make_bro
                  b"\x00\x01\x00\x08" + b"\xff" * 16):
         client.send(junk, broker.address())
     client.send(sip("OPTIONS", f"sip:{broker.hostport}", client, call_id="after-stun"), broker.address())
-    assert parse_message(await asyncio.wait_for(raw.get(), 3)).headers.get("Call-ID") == "after-stun"
+    assert parse_message(await datagram()).headers.get("Call-ID") == "after-stun"
+    client.close()
 
 
 # ------------------------------------------------------------------ forking and CANCEL
 
-async def _two_contacts(broker: Broker, peers) -> tuple[Peer, Peer, Peer]:
-    a, b, caller = await peers(), await peers(), await peers()
+async def _two_contacts(broker: Broker, raw_peers) -> tuple[RawPeer, RawPeer, RawPeer]:
+    a, b, caller = await raw_peers(), await raw_peers(), await raw_peers()
     await raw_register(a, broker, "fork", call_id="fork-a")
     await raw_register(b, broker, "fork", call_id="fork-b")
     return a, b, caller
 
 
-async def test_forking_first_200_wins_and_the_other_branch_is_cancelled(make_broker, peers):
+async def test_forking_first_200_wins_and_the_other_branch_is_cancelled(make_broker, raw_peers):
     broker = await make_broker()
-    a, b, caller = await _two_contacts(broker, peers)
+    a, b, caller = await _two_contacts(broker, raw_peers)
     caller.send(sip("INVITE", f"sip:fork@{broker.hostport}", caller, call_id="fork-1", body=SDP_A),
                 broker.address())
     inv_a, inv_b = await a.request("INVITE"), await b.request("INVITE")
     assert inv_a.body == inv_b.body == SDP_A
     a.reply(inv_a, 180, to_tag="ta")
     b.reply(inv_b, 180, to_tag="tb")
-    ringing = await caller.recv(match=lambda m: isinstance(m, Response) and m.status == 180)
+    ringing, _ = await caller.expect(lambda m: isinstance(m, Response) and m.status == 180, 3.0)
     assert ringing.call_id == "fork-1"
     a.reply(inv_a, 200, to_tag="ta", body=SDP_B, headers=[("Contact", f"<sip:fork@127.0.0.1:{a.port}>")])
     ok = await caller.final("fork-1")
@@ -558,9 +393,9 @@ async def test_forking_first_200_wins_and_the_other_branch_is_cancelled(make_bro
     assert ack.via.branch == inv_b.via.branch
 
 
-async def test_6xx_ends_the_search_and_cancels_the_other_branches(make_broker, peers):
+async def test_6xx_ends_the_search_and_cancels_the_other_branches(make_broker, raw_peers):
     broker = await make_broker()
-    a, b, caller = await _two_contacts(broker, peers)
+    a, b, caller = await _two_contacts(broker, raw_peers)
     caller.send(sip("INVITE", f"sip:fork@{broker.hostport}", caller, call_id="fork-6", body=SDP_A),
                 broker.address())
     inv_a, inv_b = await a.request("INVITE"), await b.request("INVITE")
@@ -572,9 +407,9 @@ async def test_6xx_ends_the_search_and_cancels_the_other_branches(make_broker, p
     assert (await caller.final("fork-6")).status == 603
 
 
-async def test_best_response_prefers_4xx_over_5xx_and_never_passes_503(make_broker, peers):
+async def test_best_response_prefers_4xx_over_5xx_and_never_passes_503(make_broker, raw_peers):
     broker = await make_broker()
-    a, b, caller = await _two_contacts(broker, peers)
+    a, b, caller = await _two_contacts(broker, raw_peers)
     caller.send(sip("INVITE", f"sip:fork@{broker.hostport}", caller, call_id="best-1", body=SDP_A),
                 broker.address())
     inv_a, inv_b = await a.request("INVITE"), await b.request("INVITE")
@@ -589,9 +424,9 @@ async def test_best_response_prefers_4xx_over_5xx_and_never_passes_503(make_brok
     assert (await caller.final("best-2")).status == 500
 
 
-async def test_a_branch_failing_at_once_does_not_end_the_search(make_broker, peers):
+async def test_a_branch_failing_at_once_does_not_end_the_search(make_broker, raw_peers):
     broker = await make_broker()  # no TLS listener: a tls contact fails at once
-    live, caller = await peers(), await peers()
+    live, caller = await raw_peers(), await raw_peers()
     await raw_register(live, broker, "mix", call_id="mix-1", contact="<sip:mix@127.0.0.1:5999;transport=tls>")
     await raw_register(live, broker, "mix", call_id="mix-2")
     caller.send(sip("INVITE", f"sip:mix@{broker.hostport}", caller, call_id="mix-inv", body=SDP_A),
@@ -601,9 +436,9 @@ async def test_a_branch_failing_at_once_does_not_end_the_search(make_broker, pee
     assert (await caller.final("mix-inv")).status == 200
 
 
-async def test_caller_cancel_reaches_the_callee(make_broker, make_ua, peers):
+async def test_caller_cancel_reaches_the_callee(make_broker, make_ua, raw_peers):
     broker = await make_broker()
-    bob = await peers()
+    bob = await raw_peers()
     await raw_register(bob, broker, "bob")
     alice = await make_ua("alice", broker)
     calling = asyncio.ensure_future(alice.invite("bob", SDP_A, timeout=1.0))
@@ -620,9 +455,9 @@ async def test_caller_cancel_reaches_the_callee(make_broker, make_ua, peers):
 
 # ------------------------------------------------------------------ redirect mode
 
-async def test_redirect_mode_answers_302_with_the_contacts(make_broker, peers):
+async def test_redirect_mode_answers_302_with_the_contacts(make_broker, raw_peers):
     broker = await make_broker(mode="redirect")
-    a, b, caller = await peers(), await peers(), await peers()
+    a, b, caller = await raw_peers(), await raw_peers(), await raw_peers()
     await raw_register(a, broker, "red", call_id="red-a", contact=f"<sip:red@127.0.0.1:{a.port}>;q=0.4")
     await raw_register(b, broker, "red", call_id="red-b", contact=f"<sip:red@127.0.0.1:{b.port}>;q=0.9")
     caller.send(sip("INVITE", f"sip:red@{broker.hostport}", caller, call_id="red-1", body=SDP_A),
@@ -632,28 +467,28 @@ async def test_redirect_mode_answers_302_with_the_contacts(make_broker, peers):
     contacts = r.headers.get_all("Contact")
     assert contacts[0].startswith(f"<sip:red@127.0.0.1:{b.port}>;q=0.9;expires=")
     assert contacts[1].startswith(f"<sip:red@127.0.0.1:{a.port}>;q=0.4;expires=")
-    assert a.queue.empty() and b.queue.empty()  # nothing was forwarded
+    assert a.inbox.empty() and b.inbox.empty()  # nothing was forwarded
 
 
 # ------------------------------------------------------------------ protection
 
-async def test_rate_limit_answers_503_with_retry_after(make_broker, peers):
+async def test_rate_limit_answers_503_with_retry_after(make_broker, raw_peers):
     broker = await make_broker(rate_limit=5.0, rate_burst=5.0)
-    peer = await peers()
+    peer = await raw_peers()
     for i in range(30):
         peer.send(sip("OPTIONS", f"sip:{broker.hostport}", peer, call_id=f"burst-{i}"), broker.address())
     statuses = []
     for _ in range(30):
-        r = await peer.recv(match=lambda m: isinstance(m, Response))
+        r, _ = await peer.expect(lambda m: isinstance(m, Response), 3.0)
         statuses.append(r.status)
         if r.status == 503:
             assert int(r.headers.get("Retry-After")) >= 1
     assert statuses.count(200) >= 5 and statuses.count(503) >= 15
 
 
-async def test_an_overloaded_broker_refuses_new_work_with_503_and_recovers(make_broker, peers):
+async def test_an_overloaded_broker_refuses_new_work_with_503_and_recovers(make_broker, raw_peers):
     broker = await make_broker()
-    bob, caller = await peers(), await peers()
+    bob, caller = await raw_peers(), await raw_peers()
     await raw_register(bob, broker, "bob")
     load = [1.0]  # pretend the receive queue is full
     broker.shedder = LoadShedder([], interval=0.0, measure=lambda: load[0])
@@ -663,7 +498,7 @@ async def test_an_overloaded_broker_refuses_new_work_with_503_and_recovers(make_
     assert refused.status == 503 and refused.headers.get("Retry-After") == "2" and refused.to.tag
     r = await raw_register(caller, broker, "carol")
     assert r.status == 503
-    assert bob.queue.empty()  # nothing was forwarded
+    assert bob.inbox.empty()  # nothing was forwarded
     load[0] = 0.0
     caller.send(sip("INVITE", f"sip:bob@{broker.hostport}", caller, call_id="shed-2", body=SDP_A),
                 broker.address())
@@ -673,9 +508,9 @@ async def test_an_overloaded_broker_refuses_new_work_with_503_and_recovers(make_
     assert broker.counters.shed == 2
 
 
-async def test_malformed_datagrams_do_not_stop_the_broker(make_broker, peers):
+async def test_malformed_datagrams_do_not_stop_the_broker(make_broker, raw_peers):
     broker = await make_broker()
-    peer = await peers()
+    peer = await raw_peers()
     garbage = [b"\x00\xff" * 200, b"INVITE\r\n\r\n", b"SIP/2.0 200 OK\r\n\r\n", b"REGISTER sip:x SIP/2.0\r\n",
                b"OPTIONS sip:a SIP/2.0\r\nVia: garbage\r\nContent-Length: 99999\r\n\r\n",
                b"X" * 60_000, b"\r\n\r\n",
@@ -720,9 +555,9 @@ async def test_wrong_password_is_refused(make_broker, make_ua, users_file):
     assert broker.location.count() == 0
 
 
-async def test_unauthenticated_invite_gets_407(make_broker, peers, users_file):
+async def test_unauthenticated_invite_gets_407(make_broker, raw_peers, users_file):
     broker = await make_broker(users_file=users_file)
-    peer = await peers()
+    peer = await raw_peers()
     peer.send(sip("INVITE", f"sip:bob@{broker.hostport}", peer, call_id="noauth", body=SDP_A),
               broker.address())
     r = await peer.final("noauth")
@@ -731,15 +566,15 @@ async def test_unauthenticated_invite_gets_407(make_broker, peers, users_file):
     assert algorithms == {"SHA-256", "MD5"}
 
 
-async def test_callers_from_other_domains_are_refused_when_auth_is_on(make_broker, peers, users_file):
+async def test_callers_from_other_domains_are_refused_when_auth_is_on(make_broker, raw_peers, users_file):
     broker = await make_broker(users_file=users_file)
-    peer = await peers()
+    peer = await raw_peers()
     peer.send(sip("INVITE", f"sip:bob@{broker.hostport}", peer, call_id="alien", body=SDP_A,
                   domain="example.com"), broker.address())
     assert (await peer.final("alien")).status == 403
 
 
-async def _challenge(peer: Peer, broker: Broker, user: str, call_id: str, *, to_user: str | None = None,
+async def _challenge(peer: RawPeer, broker: Broker, user: str, call_id: str, *, to_user: str | None = None,
                      domain: str = "127.0.0.1") -> tuple[str, Response]:
     host, port = broker.address()
     uri = f"sip:{domain}:{port}"
@@ -758,7 +593,7 @@ def _pick(response: Response, algorithm: str) -> str:
     raise AssertionError(f"no {algorithm} challenge")
 
 
-async def _authorized_register(peer: Peer, broker: Broker, uri: str, user: str, call_id: str, cseq: int,
+async def _authorized_register(peer: RawPeer, broker: Broker, uri: str, user: str, call_id: str, cseq: int,
                                authorization: str, *, to_user: str | None = None,
                                domain: str = "127.0.0.1") -> Response:
     host, port = broker.address()
@@ -770,9 +605,9 @@ async def _authorized_register(peer: Peer, broker: Broker, uri: str, user: str, 
 
 
 @pytest.mark.parametrize("algorithm", ["MD5", "SHA-256"])
-async def test_md5_and_sha256_both_work(make_broker, peers, users_file, algorithm):
+async def test_md5_and_sha256_both_work(make_broker, raw_peers, users_file, algorithm):
     broker = await make_broker(users_file=users_file)
-    peer = await peers()
+    peer = await raw_peers()
     uri, challenge = await _challenge(peer, broker, "alice", f"alg-{algorithm}")
     auth = DigestClient("alice", "alice-pw").authorize(_pick(challenge, algorithm), "REGISTER", uri)
     assert f"algorithm={algorithm}" in auth
@@ -780,10 +615,10 @@ async def test_md5_and_sha256_both_work(make_broker, peers, users_file, algorith
     assert r.status == 200 and r.headers.get_all("Contact")
 
 
-async def test_a_retransmitted_register_is_challenged_afresh_and_either_nonce_works(make_broker, peers,
+async def test_a_retransmitted_register_is_challenged_afresh_and_either_nonce_works(make_broker, raw_peers,
                                                                                       users_file):
     broker = await make_broker(users_file=users_file)
-    peer = await peers()
+    peer = await raw_peers()
     host, port = broker.address()
     uri = f"sip:127.0.0.1:{port}"
     text = sip("REGISTER", uri, peer, user="alice", to=f"<sip:alice@127.0.0.1:{port}>", call_id="rtx-401",
@@ -799,9 +634,9 @@ async def test_a_retransmitted_register_is_challenged_afresh_and_either_nonce_wo
     assert (await _authorized_register(peer, broker, uri, "alice", "rtx-401", 2, auth)).status == 200
 
 
-async def test_replayed_credentials_are_refused(make_broker, peers, users_file):
+async def test_replayed_credentials_are_refused(make_broker, raw_peers, users_file):
     broker = await make_broker(users_file=users_file)
-    peer = await peers()
+    peer = await raw_peers()
     uri, challenge = await _challenge(peer, broker, "alice", "replay")
     auth = DigestClient("alice", "alice-pw").authorize(_pick(challenge, "SHA-256"), "REGISTER", uri)
     assert (await _authorized_register(peer, broker, uri, "alice", "replay", 2, auth)).status == 200
@@ -811,9 +646,9 @@ async def test_replayed_credentials_are_refused(make_broker, peers, users_file):
     assert not any(is_stale(v) for v in again.headers.get_all("WWW-Authenticate"))
 
 
-async def test_stale_nonce_gets_401_with_stale_true(make_broker, peers, users_file):
+async def test_stale_nonce_gets_401_with_stale_true(make_broker, raw_peers, users_file):
     broker = await make_broker(users_file=users_file, nonce_lifetime=0.3)
-    peer = await peers()
+    peer = await raw_peers()
     uri, challenge = await _challenge(peer, broker, "alice", "stale")
     await asyncio.sleep(0.5)
     auth = DigestClient("alice", "alice-pw").authorize(_pick(challenge, "MD5"), "REGISTER", uri)
@@ -822,9 +657,9 @@ async def test_stale_nonce_gets_401_with_stale_true(make_broker, peers, users_fi
     assert all(is_stale(v) for v in r.headers.get_all("WWW-Authenticate"))
 
 
-async def test_registering_someone_elses_aor_is_403(make_broker, peers, users_file):
+async def test_registering_someone_elses_aor_is_403(make_broker, raw_peers, users_file):
     broker = await make_broker(users_file=users_file)
-    peer = await peers()
+    peer = await raw_peers()
     uri, challenge = await _challenge(peer, broker, "alice", "theft", to_user="bob")
     auth = DigestClient("alice", "alice-pw").authorize(_pick(challenge, "SHA-256"), "REGISTER", uri)
     r = await _authorized_register(peer, broker, uri, "alice", "theft", 2, auth, to_user="bob")
@@ -832,11 +667,11 @@ async def test_registering_someone_elses_aor_is_403(make_broker, peers, users_fi
     assert broker.location.count() == 0
 
 
-async def test_sending_as_someone_else_is_403(make_broker, make_ua, peers, users_file):
+async def test_sending_as_someone_else_is_403(make_broker, make_ua, raw_peers, users_file):
     broker = await make_broker(users_file=users_file)
     bob = await make_ua("bob", broker, password="bob-pw", on_invite=answering(SDP_B))
     await bob.register()
-    peer = await peers()
+    peer = await raw_peers()
     # alice's credentials on an INVITE whose From says bob
     peer.send(sip("INVITE", f"sip:bob@{broker.hostport}", peer, user="bob", call_id="spoof",
                   body=SDP_A, domain=broker.hostport), broker.address())
@@ -850,9 +685,9 @@ async def test_sending_as_someone_else_is_403(make_broker, make_ua, peers, users
     assert (await peer.final("spoof")).status == 403
 
 
-async def test_each_realm_has_its_own_users(make_broker, make_ua, peers, users_file):
+async def test_each_realm_has_its_own_users(make_broker, make_ua, raw_peers, users_file):
     broker = await make_broker(users_file=users_file, domains=["127.0.0.1", "localhost"])
-    peer = await peers()
+    peer = await raw_peers()
     # carol exists in realm "localhost" only
     uri, challenge = await _challenge(peer, broker, "carol", "realm-1", domain="localhost")
     assert parse_auth_params(_pick(challenge, "MD5"))[1]["realm"] == "localhost"

@@ -18,7 +18,7 @@ import pytest
 
 from sipmesh.broker.users import UsersFile
 from tests.lab import free_port, spawn, wait_for, wait_tcp_listening
-from tests.test_broker_sipp import start_broker
+from tests.lab.broker import start_broker
 
 pytestmark = pytest.mark.skipif(shutil.which("baresip") is None, reason="baresip is not installed "
                                 "(apt-get install --no-install-recommends baresip-core)")

@@ -12,7 +12,7 @@ import pytest
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.auth import compute_ha1
 from tests.lab import free_port
-from tests.test_broker_sipp import start_broker
+from tests.lab.broker import start_broker
 
 SIPMESH = [sys.executable, "-m", "sipmesh"]
 

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from sipmesh.broker.users import UsersFile
-from sipmesh.sip.useragent import CallFailed, IncomingCall, UAConfig, UserAgent
+from sipmesh.sip.ua import CallFailed, IncomingCall, UAConfig, UserAgent
 from tests.lab import Kamailio, kamailio_unavailable_reason
 
 import pytest

@@ -6,52 +6,27 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
-import time
 
 import pytest
 
-from sipmesh.sip.message import Request, Response, make_response, parse_message
+from sipmesh.sip.message import Request, Response, make_response
 from tests.lab import free_port, wait_for
-from tests.test_broker_sipp import start_broker
+from tests.lab.broker import start_broker
+from tests.peers.raw import RawPeer, is_final, raw_request
 
 USERS = 30
 
 
-class Endpoint:
-    """A blocking UDP SIP endpoint on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-
-    def send(self, text: str | bytes, addr: tuple[str, int]) -> None:
-        self.sock.sendto(text.encode() if isinstance(text, str) else text, addr)
-
-    def recv(self, timeout: float = 3.0) -> tuple[Request | Response, tuple]:
-        self.sock.settimeout(timeout)
-        data, addr = self.sock.recvfrom(65535)
-        return parse_message(data), addr
-
-    def request(self, method: str, uri: str, *, to: str, call_id: str, extra: list[str] = ()) -> str:
-        return "\r\n".join([
-            f"{method} {uri} SIP/2.0",
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
-            "Max-Forwards: 70", f"From: <sip:tester@127.0.0.1>;tag={secrets.token_hex(4)}", f"To: {to}",
-            f"Call-ID: {call_id}", f"CSeq: 1 {method}", *extra, "Content-Length: 0", "", ""])
-
-    def close(self) -> None:
-        self.sock.close()
+def _request(peer: RawPeer, method: str, uri: str, *, to: str, call_id: str,
+             extra: list[str] = ()) -> bytes:
+    return raw_request(method, uri, peer, call_id=call_id, from_tag=secrets.token_hex(4), to=to,
+                       branch="z9hG4bK" + secrets.token_hex(8), contact=False, extra="\n".join(extra))
 
 
-def _final(ep: Endpoint, call_id: str) -> Response:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        message, _ = ep.recv(max(0.05, deadline - time.monotonic()))
-        if isinstance(message, Response) and message.call_id == call_id and message.status >= 200:
-            return message
-    raise AssertionError(f"no final response for {call_id}")
+def _final(peer: RawPeer, call_id: str) -> Response:
+    message, _ = peer.expect_blocking(is_final(call_id), 5, what=f"a final response for {call_id}")
+    assert isinstance(message, Response)
+    return message
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -60,14 +35,14 @@ def test_bindings_survive_sigkill_and_still_route(tmp_path, workers):
     broker_addr = ("127.0.0.1", port)
     extra = ["--workers", str(workers)]
     broker, _ = start_broker(tmp_path, port=port, extra=extra, name="broker1")
-    sink, caller = Endpoint(), Endpoint()
+    sink, caller = RawPeer(), RawPeer()
     try:
         for i in range(USERS):
             user = f"r{i:03d}"
             cid = f"reg-{user}"
-            sink.send(sink.request("REGISTER", f"sip:127.0.0.1:{port}", to=f"<sip:{user}@127.0.0.1:{port}>",
-                                   call_id=cid, extra=[f"Contact: <sip:{user}@127.0.0.1:{sink.port}>",
-                                                       "Expires: 600"]), broker_addr)
+            sink.send(_request(sink, "REGISTER", f"sip:127.0.0.1:{port}", to=f"sip:{user}@127.0.0.1:{port}",
+                               call_id=cid, extra=[f"Contact: <sip:{user}@127.0.0.1:{sink.port}>",
+                                                   "Expires: 600"]), broker_addr)
             assert _final(sink, cid).status == 200
 
         os.kill(broker.pid, signal.SIGKILL)  # no chance to flush or close anything
@@ -80,9 +55,9 @@ def test_bindings_survive_sigkill_and_still_route(tmp_path, workers):
         for i in range(USERS):
             user = f"r{i:03d}"
             cid = f"opt-{user}"
-            caller.send(caller.request("OPTIONS", f"sip:{user}@127.0.0.1:{port}",
-                                       to=f"<sip:{user}@127.0.0.1:{port}>", call_id=cid), broker_addr)
-            forwarded, addr = sink.recv()
+            caller.send(_request(caller, "OPTIONS", f"sip:{user}@127.0.0.1:{port}",
+                                 to=f"sip:{user}@127.0.0.1:{port}", call_id=cid), broker_addr)
+            forwarded, addr = sink.expect_blocking(lambda m: True, 3, what=f"the forwarded {cid}")
             assert isinstance(forwarded, Request) and forwarded.method == "OPTIONS"
             assert str(forwarded.uri) == f"sip:{user}@127.0.0.1:{sink.port}"
             sink.send(make_response(forwarded, 200, to_tag="s").to_bytes(), addr)

@@ -4,33 +4,15 @@ CSV with and without digest, and uac -> broker -> uas calls over UDP and TCP."""
 from __future__ import annotations
 
 import sqlite3
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from sipmesh.broker.users import UsersFile
-from tests.lab import ManagedProcess, free_port, sipp_args, spawn, wait_tcp_listening, wait_udp_listening
+from tests.lab import free_port, sipp_args, wait_tcp_listening
+from tests.lab.broker import start_broker
 
 CALL_BEHAVIOURS = ["-default_behaviors", "all,-abortunexp"]
-
-
-def start_broker(tmp_path: Path, *, port: int | None = None, users: Path | None = None,
-                 extra: list[str] = (), name: str = "broker", db: Path | None = None) -> tuple[ManagedProcess, int]:
-    """`python -m sipmesh broker` on 127.0.0.1 (one worker), waited for until it listens."""
-    port = port or free_port("both")
-    argv = [sys.executable, "-m", "sipmesh", "broker", "--listen", f"127.0.0.1:{port}",
-            "--domain", "127.0.0.1", "--db", str(db or tmp_path / "broker.db"), "--rate-limit", "0",
-            *(extra if "--workers" in extra else ["--workers", "1", *extra])]
-    if users is not None:
-        argv += ["--users", str(users)]
-    proc = spawn(argv, cwd=tmp_path, log_path=tmp_path / "logs" / f"{name}.log", name=name)
-    wait_udp_listening("127.0.0.1", port, proc=proc)
-    wait_tcp_listening("127.0.0.1", port, proc=proc)
-    if "--workers" in extra and extra[extra.index("--workers") + 1] != "1":
-        time.sleep(0.3)  # every worker bound, not only the first
-    return proc, port
 
 
 def bindings_in(db: Path) -> int:

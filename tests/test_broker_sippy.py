@@ -5,39 +5,21 @@ so its AOR is registered on its behalf (a third-party registration, RFC 3261 §1
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import json
-import sys
-from pathlib import Path
-
-import pytest
 
 from sipmesh.broker.server import Broker
-from tests.lab import free_port, wait_for
-from tests.test_broker import (SDP_A, SDP_B, answering, make_broker, make_ua, peers,  # noqa: F401
-                               raw_register)
+from tests.lab import free_port
+from tests.peers.broker import (SDP_A, SDP_B, answering, make_broker, make_ua,  # noqa: F401 (fixtures)
+                                raw_register)
+from tests.peers.sippy_run import needs_sippy, sippy_events, start_sippy
 
-SIPPY_PEER = Path(__file__).parent / "peers" / "sippy_peer.py"
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("sippy") is None,
-                                reason="sippy is not installed (pip install sippy)")
-
-
-def events(proc) -> list[dict]:
-    return [json.loads(line) for line in proc.log_text().splitlines() if line.startswith('{"event"')]
+pytestmark = needs_sippy
 
 
-async def start_sippy(spawn_proc, *args: str):
-    proc = spawn_proc([sys.executable, str(SIPPY_PEER), *args], name=f"sippy_{args[0]}")
-    await asyncio.to_thread(wait_for, lambda: any(e["event"] == "ready" for e in events(proc)), 15,
-                            what="sippy ready", abort=proc.exit_reason)
-    return proc
-
-
-async def test_a_sipmesh_agent_calls_sippy_through_the_broker(make_broker, make_ua, peers, spawn_proc):
+async def test_a_sipmesh_agent_calls_sippy_through_the_broker(make_broker, make_ua, raw_peers, spawn_proc):
     broker: Broker = await make_broker()
     port = free_port("udp")
     sippy = await start_sippy(spawn_proc, "uas", "--port", str(port), "--calls", "1", "--timeout", "20")
-    registrar = await peers()
+    registrar = await raw_peers()
     reply = await raw_register(registrar, broker, "callee", contact=f"<sip:callee@127.0.0.1:{port}>")
     assert reply.status == 200
     alice = await make_ua("alice", broker)
@@ -47,7 +29,7 @@ async def test_a_sipmesh_agent_calls_sippy_through_the_broker(make_broker, make_
     response = await call.bye()
     assert response is not None and response.status == 200
     assert await asyncio.to_thread(sippy.wait, 15) == 0, sippy.log_tail(40)
-    invites = [e for e in events(sippy) if e["event"] == "invite"]
+    invites = [e for e in sippy_events(sippy) if e["event"] == "invite"]
     assert len(invites) == 1 and "a=PORT:7001" in invites[0]["sdp"]
 
 
@@ -59,6 +41,6 @@ async def test_sippy_calls_a_sipmesh_agent_through_the_broker(make_broker, make_
                               "--target-port", str(broker.address()[1]), "--calls", "1",
                               "--hangup", "sippy", "--timeout", "20")
     assert await asyncio.to_thread(sippy.wait, 25) == 0, sippy.log_tail(40)
-    connected = [e for e in events(sippy) if e["event"] == "connected"]
+    connected = [e for e in sippy_events(sippy) if e["event"] == "connected"]
     assert len(connected) == 1 and "a=PORT:7002" in connected[0]["sdp"]
-    assert not [e for e in events(sippy) if e["event"] == "failed"]
+    assert not [e for e in sippy_events(sippy) if e["event"] == "failed"]

@@ -25,6 +25,7 @@ from sipmesh.sip.message import make_response, parse_message
 from sipmesh.sip.transport import stun as stun_codec
 from sipmesh.sip.transport.base import Flow
 from sipmesh.sip.uri import parse_sip_uri
+from tests.lab import wait_for_async
 
 AOR = "sip:alice@example.org"
 SOURCE = Flow("UDP", "192.0.2.7", 40000)
@@ -471,10 +472,12 @@ def test_the_worker_collector_still_reclaims_young_and_old_cycles():
             young = Node()
             young_ref = weakref.ref(young)
             del young
-            await asyncio.sleep(0.1)
-            young_freed, old_kept = young_ref() is None, old_ref() is not None
-            await asyncio.sleep(0.4)  # past the full pass
-            return young_freed and old_kept, old_ref() is None
+            young_freed = await wait_for_async(lambda: young_ref() is None, 0.1, 0.005,
+                                               what="the young cycle collected")
+            old_kept = old_ref() is not None  # the first full pass comes at 0.3 s
+            old_freed = await wait_for_async(lambda: old_ref() is None, 0.4, 0.01,
+                                             what="the frozen cycle collected by a full pass")
+            return young_freed and old_kept, old_freed
         finally:
             collector.cancel()
 

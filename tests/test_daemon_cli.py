@@ -15,20 +15,14 @@ from pathlib import Path
 import pytest
 
 from tests.lab import free_port, spawn, wait_for, wait_tcp_listening, wait_udp_listening
-from tests.test_daemon import RECORDER, config_text
-
-BIN = Path(sys.executable).parent
-SIPMESH = str(BIN / "sipmesh")
+from tests.lab.agents import SIPMESH
+from tests.lab.broker import start_broker
+from tests.peers.daemon import RECORDER, config_text
 
 
 @pytest.fixture
 def broker(tmp_path: Path):
-    port = free_port("both")
-    proc = spawn([SIPMESH, "broker", "--listen", f"127.0.0.1:{port}", "--db",
-                  str(tmp_path / "broker.db"), "--workers", "1", "--rate-limit", "0",
-                  "--domain", "127.0.0.1"], cwd=tmp_path, log_path=tmp_path / "broker.log",
-                 name="broker")
-    wait_udp_listening("127.0.0.1", port, None, 15, proc=proc)
+    proc, port = start_broker(tmp_path)
     yield f"127.0.0.1:{port}"
     proc.stop(grace=5)
 

@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.lab import wait_for, wait_udp_listening
+from tests.lab.agents import SIPMESH
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
               pytest.mark.skipif(not all(shutil.which(p) for p in ("openvpn", "wireguard-go", "wg")),
                                  reason="needs openvpn, wireguard-go and wg")]
 
-SIPMESH = str(Path(sys.executable).parent / "sipmesh")
 
 CONFIG = '''
 [agent]

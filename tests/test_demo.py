@@ -6,7 +6,7 @@ import re
 import shutil
 import subprocess
 
-from tests.test_agent import SIPMESH
+from tests.lab.agents import SIPMESH
 
 LADDER = [  # (from, to, message) in the order they must appear
     ("2500", "broker", "REGISTER Expires 3600"),

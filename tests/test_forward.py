@@ -8,6 +8,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import select
 import socket
 import sys
 import threading
@@ -19,9 +20,9 @@ import pytest
 
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.daemon.config import load_config
-from sipmesh.sip.useragent import UAConfig
-from tests.lab import free_port, wait_tcp_listening
-from tests.test_daemon import DaemonLab, config_text, lab, wait_until  # noqa: F401  (fixture)
+from sipmesh.sip.ua import UAConfig
+from tests.lab import free_port, wait_for, wait_for_async, wait_tcp_listening
+from tests.peers.daemon import DaemonLab, config_text, lab  # noqa: F401 (fixture)
 
 TOKEN = base64.b64encode(b"0123456789abcdef").decode()
 
@@ -109,12 +110,15 @@ def test_half_close_reaches_the_far_end_and_the_reply_comes_back(forward_pair) -
 
 
 def test_a_connection_without_the_token_never_reaches_the_target(forward_pair) -> None:
-    local, target, _ = forward_pair(digest_then_reply, token_connect=base64.b64encode(b"x" * 16).decode())
+    local, target, (serve, _) = forward_pair(digest_then_reply,
+                                             token_connect=base64.b64encode(b"x" * 16).decode())
     with socket.create_connection(("127.0.0.1", local), timeout=10) as c:
         c.sendall(b"hello")
         c.shutdown(socket.SHUT_WR)
         assert c.recv(100) == b""
-    time.sleep(0.2)
+    # the serve half says it closed the connection, on the only path that never connects on
+    wait_for(lambda: "a connection without the session's token: closed" in serve.log_text(), 10,
+             what="the serve half to refuse the connection", abort=serve.exit_reason)
     assert target.connections == 0
 
 
@@ -141,7 +145,7 @@ def test_back_pressure_bounds_what_the_forward_holds(forward_pair) -> None:
             try:
                 n = c.send(pending)
             except BlockingIOError:
-                time.sleep(0.01)
+                select.select([], [c], [], max(0.0, deadline - time.monotonic()))  # until writable
                 continue
             sent.update(pending[:n])
             total += n
@@ -231,6 +235,6 @@ async def test_http_through_the_forward_100mb_byte_identical(lab: DaemonLab, htt
     finally:
         agent.request_stop()
         await asyncio.wait_for(task, 20)
-    await wait_until(lambda: not lab.daemon.sessions, what="the daemon's session to end")
+    await wait_for_async(lambda: not lab.daemon.sessions, what="the daemon's session to end")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", local), timeout=2).close()

@@ -23,9 +23,10 @@ import pytest
 
 from sipmesh.sip.message import Request, Response
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.useragent import CallFailed, UserAgent
-from tests.lab import free_port, listening_sockets, wait_for
-from tests.peers.helpers import Callee, eventually, no_errors_logged, sdp, start_ua
+from sipmesh.sip.ua import CallFailed, UserAgent
+from tests.lab import free_port, listening_sockets, wait_for, wait_for_async
+from tests.peers.helpers import Callee, no_errors_logged, sdp, start_ua
+from tests.peers.sippy_run import needs_sippy, sippy_events, start_sippy
 
 __all__ = ["no_errors_logged"]  # an autouse fixture: fail tests that log errors
 
@@ -84,7 +85,7 @@ async def test_sipp_uac_calls_a_sipmesh_uas(sipp, make_ua, transport):
     assert result.returncode == 0 and not result.timed_out, str(result)
     counts = (result.created, result.successful, result.failed, result.unexpected)
     assert counts == (50, 50, 0, 0), str(result)
-    await eventually(lambda: len(callee.ended) == 50, what="50 ended calls")
+    await wait_for_async(lambda: len(callee.ended) == 50, 3, what="50 ended calls")
     assert callee.ended == ["remote BYE"] * 50  # the UAS saw every BYE
     assert callee.failures == [] and len(callee.incoming) == 50 and bob.calls == []
     assert {i.txn.flow.transport for i in callee.incoming} == {transport}
@@ -143,15 +144,15 @@ async def test_registered_uas_call_each_other_through_kamailio(kamailio, make_ua
         # the route set holds Kamailio's Record-Route (one entry: same transport both legs)
         routes = [a.uri for a in call.dialog.route_set]
         assert routes and all(f"{u.host}:{u.port}" == kamailio_via and u.lr for u in routes), routes
-        theirs = await eventually(
-            lambda: next((c for c in callee.calls if c.call_id == call.call_id), None),
+        theirs = await wait_for_async(
+            lambda: next((c for c in callee.calls if c.call_id == call.call_id), None), 3,
             what="the callee's Call")
         assert [a.uri for a in reversed(theirs.dialog.route_set)] == routes
         (invite,) = of(at_bob, "INVITE", call.call_id)
         assert invite.headers.get_all("Record-Route") and invite.via.host == "127.0.0.1"
         assert f"{invite.via.host}:{invite.via.port}" == kamailio_via
         # the ACK for the 2xx went through Kamailio: it carries Kamailio's Via over Alice's
-        (ack,) = await eventually(lambda: of(at_bob, "ACK", call.call_id), what="the ACK at Bob")
+        (ack,) = await wait_for_async(lambda: of(at_bob, "ACK", call.call_id), 3, what="the ACK at Bob")
         vias = ack.vias
         assert len(vias) == 2 and f"{vias[0].host}:{vias[0].port}" == kamailio_via
         assert vias[1].port == alice.config.listen_port
@@ -193,24 +194,6 @@ async def test_kamailio_refuses_a_wrong_password(kamailio, make_ua, auth):
 
 # -- sippy ------------------------------------------------------------------------------
 
-SIPPY_PEER = Path(__file__).parent / "peers" / "sippy_peer.py"
-needs_sippy = pytest.mark.skipif(importlib.util.find_spec("sippy") is None,
-                                 reason="sippy is not installed (pip install sippy)")
-
-
-def sippy_events(proc) -> list[dict]:
-    return [json.loads(line) for line in proc.log_text().splitlines()
-            if line.startswith('{"event"')]
-
-
-async def run_sippy(spawn_proc, *args: str):
-    proc = spawn_proc([sys.executable, str(SIPPY_PEER), *args], name=f"sippy_{args[0]}")
-    await asyncio.to_thread(
-        wait_for, lambda: any(e["event"] == "ready" for e in sippy_events(proc)), 15,
-        what="sippy ready", abort=proc.exit_reason)
-    return proc
-
-
 @pytest.mark.slow
 @needs_sippy
 @pytest.mark.parametrize("hangup", ["sippy", "peer"])
@@ -218,7 +201,7 @@ async def test_sippy_uac_calls_a_sipmesh_uas(spawn_proc, make_ua, hangup):
     callee = Callee(hangup_after=0.3 if hangup == "peer" else None)
     bob = await make_ua("bob", on_invite=callee)
     calls = 3
-    proc = await run_sippy(spawn_proc, "uac", "--port", str(free_port("udp")),
+    proc = await start_sippy(spawn_proc, "uac", "--port", str(free_port("udp")),
                            "--target-port", str(bob.config.listen_port), "--calls", str(calls),
                            "--hangup", hangup, "--timeout", "30")
     assert await asyncio.to_thread(proc.wait, 40) == 0, proc.log_tail(60)
@@ -227,7 +210,7 @@ async def test_sippy_uac_calls_a_sipmesh_uas(spawn_proc, make_ua, hangup):
     assert len(connected) == calls and all("o=callee" in e["sdp"] for e in connected)
     assert [e["event"] for e in events].count("disconnected") == calls
     assert not [e for e in events if e["event"] == "failed"], events
-    await eventually(lambda: len(callee.ended) == calls, what="every call ended")
+    await wait_for_async(lambda: len(callee.ended) == calls, 3, what="every call ended")
     expected = "remote BYE" if hangup == "sippy" else "local BYE"
     assert callee.ended == [expected] * calls and callee.failures == []
     assert all(b"a=x-peer:sippy" in i.sdp for i in callee.incoming)
@@ -239,7 +222,7 @@ async def test_sippy_uac_calls_a_sipmesh_uas(spawn_proc, make_ua, hangup):
 async def test_sipmesh_uac_calls_a_sippy_uas(spawn_proc, make_ua):
     port = free_port("udp")
     calls = 3
-    proc = await run_sippy(spawn_proc, "uas", "--port", str(port), "--calls", str(calls),
+    proc = await start_sippy(spawn_proc, "uas", "--port", str(port), "--calls", str(calls),
                            "--timeout", "30")
     alice = await make_ua("alice")
     for _ in range(calls):

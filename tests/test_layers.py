@@ -57,3 +57,188 @@ def test_package_imports_only_the_layers_below(package: str) -> None:
 def test_every_package_is_placed_in_a_layer() -> None:
     packages = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert packages == set(ALLOWED)
+
+
+# ---------------------------------------------------------------------------- private names
+#
+# A module uses only its own private (`_name`) attributes: `obj._name` in module M is a
+# reach-in unless M itself defines `_name` (assigns `self._name`/`cls._name`, or defines it in
+# a class body: method, class attribute, field, __slots__), and a class may not override a
+# private method it inherits from a class of another module. `self._x`, `cls._x` and dunders
+# are never reach-ins. Sound enough, not exact: `a._x` passes in a module that defines
+# another `_x` of its own.
+
+# Privates of the standard library and of third-party packages that we use on purpose.
+# Keyed by the expression as written; "*._name" matches any object.
+STDLIB_PRIVATE = {
+    "os._exit": "leave a forked worker or a child at once, without the parent's atexit handlers",
+    "sys._getframe": "cheap caller lookup",
+    "*._replace": "namedtuple API (public despite the underscore)",
+    "*._asdict": "namedtuple API (public despite the underscore)",
+    "*._fields": "namedtuple API (public despite the underscore)",
+    "*._make": "namedtuple API (public despite the underscore)",
+    "argparse._SubParsersAction": "the type add_subparsers() returns has no public name "
+                                  "(annotations only)",
+    "subparsers._parser_class": "argparse has no public way to give one subcommand its own "
+                                "parser class (ProgramArgumentParser splits off the program "
+                                "after --)",
+}
+
+# Deliberate exceptions in our own code: "module: expression" -> why it stays.
+ALLOWED_PRIVATE: dict[str, str] = {}
+
+# Reach-ins of today's code that the #10 refactor removes (sip core split, agent/daemon/apps,
+# broker); the lead empties this list once those branches are merged.
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def defined_privates(tree: ast.AST) -> set[str]:
+    """The private attributes a module defines: `self._x`/`cls._x` assigned anywhere, and
+    methods, class attributes, fields and __slots__ entries in its class bodies."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+            names.add(node.attr)
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    names.add(item.name)
+                targets = item.targets if isinstance(item, ast.Assign) else \
+                    [item.target] if isinstance(item, ast.AnnAssign) else []
+                for target in targets:
+                    for leaf in ast.walk(target):
+                        if isinstance(leaf, ast.Name):
+                            names.add(leaf.id)
+                    if isinstance(target, ast.Name) and target.id == "__slots__":
+                        names.update(c.value for c in ast.walk(item.value)
+                                     if isinstance(c, ast.Constant) and isinstance(c.value, str))
+    return {n for n in names if _private(n)}
+
+
+def _imported_classes(tree: ast.AST, module: str, is_package: bool) -> dict[str, tuple[str, str]]:
+    """Local name -> (sipmesh module, name there) for every `from X import Name` of sipmesh."""
+    found = {}
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package.split(".")
+            base = base[:len(base) - (node.level - 1)]
+            source = ".".join(base + ([node.module] if node.module else []))
+        else:
+            source = node.module or ""
+        if source.split(".")[0] != "sipmesh":
+            continue
+        for alias in node.names:
+            found[alias.asname or alias.name] = (source, alias.name)
+    return found
+
+
+def _class_privates(tree: ast.AST, name: str) -> set[str]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return defined_privates(ast.Module(body=[node], type_ignores=[]))
+    return set()
+
+
+def private_reach_ins(src: Path = SRC) -> list[tuple[str, int, str]]:
+    """(module path, line, "expression") of every use of another module's private."""
+    modules = sorted(src.rglob("*.py"))
+    trees = {path: ast.parse(path.read_text(), str(path)) for path in modules}
+    by_name = {_module_name(path) if src == SRC else
+               ".".join(["sipmesh", *path.relative_to(src).with_suffix("").parts]).removesuffix(".__init__"):
+               path for path in modules}
+    found = []
+    for path, tree in trees.items():
+        rel = str(path.relative_to(src))
+        own = defined_privates(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                    continue
+                if node.attr in own:
+                    continue
+                text = ast.unparse(node)
+                if text in STDLIB_PRIVATE or f"*.{node.attr}" in STDLIB_PRIVATE:
+                    continue
+                found.append((rel, node.lineno, text))
+        module = [name for name, p in by_name.items() if p == path][0]
+        imported = _imported_classes(tree, module, path.name == "__init__.py")
+        # `from sipmesh.other import _name`
+        for local, (source, name) in imported.items():
+            if _private(name) and by_name.get(source) not in (None, path):
+                line = next(n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                            and any(a.name == name for a in n.names))
+                found.append((rel, line, f"from {source} import {name}"))
+        # a private method of a base class from another module, overridden here
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            mine = _class_privates(tree, node.name)
+            for base in node.bases:
+                if not isinstance(base, ast.Name) or base.id not in imported:
+                    continue
+                source, name = imported[base.id]
+                base_path = by_name.get(source)
+                if base_path is None or base_path == path:
+                    continue
+                for attr in sorted(mine & _class_privates(trees[base_path], name)):
+                    found.append((rel, node.lineno, f"{node.name}({base.id}) overrides {attr}"))
+    return found
+
+
+def _key(rel: str, text: str) -> str:
+    return f"{rel}: {text}"
+
+
+def test_no_module_uses_another_modules_private_names(capsys) -> None:
+    found = private_reach_ins()
+    listed = set(ALLOWED_PRIVATE)
+    keys = {_key(rel, text) for rel, _, text in found}
+    report = "\n".join(f"  {rel}:{line}: {text}"
+                       + ("  [allowed]" if _key(rel, text) in ALLOWED_PRIVATE else "")
+                       for rel, line, text in found)
+    if found:
+        with capsys.disabled():
+            print(f"\nprivate names used across modules ({len(found)}):\n{report}")
+    new = sorted({_key(rel, text) for rel, _, text in found} - listed)
+    assert not new, ("modules use private names of another module (make them public, or "
+                     "list a deliberate exception in ALLOWED_PRIVATE with its reason):\n  "
+                     + "\n  ".join(new))
+    gone = sorted(listed - keys)
+    assert not gone, "no longer found, remove from the allowlist:\n  " + "\n  ".join(gone)
+
+
+def test_the_private_name_check_finds_a_reach_in(tmp_path: Path) -> None:
+    """The check itself can fail: a module reaching into another's private is found, an
+    override of a private method of another module's class too, own privates are not."""
+    pkg = tmp_path / "sipmesh" / "core"
+    pkg.mkdir(parents=True)
+    (tmp_path / "sipmesh" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "engine.py").write_text(
+        "_DEFAULT = 0\n\n"
+        "class Engine:\n"
+        "    def __init__(self):\n        self._state = _DEFAULT\n"
+        "    def _step(self):\n        return self._state\n"
+        "    def _tick(self):\n        return self._step()\n")
+    (pkg / "user.py").write_text(
+        "import os\nfrom .engine import Engine, _DEFAULT\n\n"
+        "class Mine(Engine):\n"
+        "    def _step(self):\n        return self._own\n"
+        "    def __init__(self):\n        super().__init__()\n        self._own = 1\n\n"
+        "def poke(engine, mine):\n"
+        "    engine._state = 2\n    os._exit(0)\n"
+        "    return engine._tick(), mine._own, Point(1, 2)._replace(x=3)\n")
+    found = {(rel, text) for rel, _, text in private_reach_ins(tmp_path / "sipmesh")}
+    assert found == {("core/user.py", "Mine(Engine) overrides _step"),
+                     ("core/user.py", "from sipmesh.core.engine import _DEFAULT"),
+                     ("core/user.py", "engine._state"), ("core/user.py", "engine._tick")}, found

@@ -14,10 +14,10 @@ from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import (Address, Via, canonical_name, parse_address, parse_cseq,
                                  parse_header_params, parse_via, quote_string, split_list,
                                  unquote_string)
-from sipmesh.sip.message import (Headers, Limits, Request, Response, StreamFramer, make_response,
-                                 parse_message)
+from sipmesh.sip.message import Headers, Limits, Request, Response, make_response, parse_message
+from sipmesh.sip.transport.framing import StreamFramer
 from sipmesh.sip.uri import AbsoluteURI, SipURI
-from tests.test_uri import hostnames, sip_uris
+from tests.peers.strategies import hostnames, sip_uris
 
 INVITE = (
     b"INVITE sip:bob@biloxi.example.com SIP/2.0\r\n"

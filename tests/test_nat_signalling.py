@@ -1,8 +1,8 @@
 """SIP signalling through home routers (issue 11 items 0 and 2), in network namespaces.
 
-The lab (tests/lab/natlab_sig.py): the SIP server and a public host on an "internet"
+The lab (tests/lab/topology.py): the SIP server and a public host on an "internet"
 bridge, hosts `a` and `b` each behind a home router (MASQUERADE + a WAN filter that
-drops everything unsolicited). A session between them completes with our broker and
+drops everything unsolicited, `--ctstate NEW -j DROP` included). A session between them completes with our broker and
 with Kamailio (docs/kamailio/kamailio.cfg and the test copy tests/lab/kamailio.cfg),
 over UDP and TCP: the answerer's ACK arrives (no "no ACK" timeout), BYE gets 200 in
 either direction, INFO and re-INVITE reach the far side. A STUN client learns its
@@ -21,8 +21,7 @@ from typing import Callable
 import pytest
 
 from sipmesh.broker.users import UsersFile
-from tests.lab import Kamailio, kamailio_unavailable_reason, spawn, wait_for, wait_udp_listening
-from tests.lab.natlab_sig import Host, SignallingLab
+from tests.lab import Host, Kamailio, NatLab, kamailio_unavailable_reason, spawn, wait_for, wait_udp_listening
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
@@ -57,8 +56,9 @@ class Lab:
     run_dir: Path
 
     def diagnosis(self) -> str:
-        return (f"--- server log:\n{self.server.log()[-4000:]}\n--- router of a:\n{self.a.conntrack()}"
-                f"\n--- router of b:\n{self.b.conntrack()}")
+        assert self.a.router is not None and self.b.router is not None
+        return (f"--- server log:\n{self.server.log()[-4000:]}\n--- router of a:\n"
+                f"{self.a.router.conntrack()}\n--- router of b:\n{self.b.router.conntrack()}")
 
 
 def start_server(kind: str, host: Host, run_dir: Path) -> Server:
@@ -84,12 +84,11 @@ def start_server(kind: str, host: Host, run_dir: Path) -> Server:
 
 
 @pytest.fixture
-def make_lab(netns_factory, tmp_path: Path) -> Callable[[str], Lab]:
+def make_lab(nat_lab: NatLab, tmp_path: Path) -> Callable[[str], Lab]:
     def make(kind: str) -> Lab:
-        lab = SignallingLab(netns_factory)
-        server, public = lab.public("server", 10), lab.public("pub", 20)
-        a, b = lab.home("a"), lab.home("b")
-        return Lab(start_server(kind, server, tmp_path), a, b, public, tmp_path)
+        hosts = nat_lab.add_hosts({"server": "public", "pub": "public", "a": "home", "b": "home"})
+        return Lab(start_server(kind, hosts["server"], tmp_path), hosts["a"], hosts["b"],
+                   hosts["pub"], tmp_path)
     return make
 
 
@@ -226,7 +225,7 @@ print(json.dumps({"raw": raw, "aioice": asyncio.run(ice())}))
                                   pytest.param("kamailio", id="kamailio", marks=needs_kamailio)])
 def test_a_stun_client_behind_nat_learns_its_public_address_from_the_sip_port(make_lab, kind):
     lab = make_lab(kind)
-    out = lab.a.ns.run([PYTHON, "-c", STUN_PROBE, lab.server.host.ip, str(PORT)], timeout=30,
+    out = lab.a.run([PYTHON, "-c", STUN_PROBE, lab.server.host.ip, str(PORT)], timeout=30,
                        check=False)
     assert out.returncode == 0, out.stderr + lab.diagnosis()
     found = json.loads(out.stdout)
@@ -242,7 +241,7 @@ def test_keep_alives_hold_the_nat_binding_open_for_incoming_invites(make_lab):
     keep-alives, has expired; carol cannot."""
     lab = make_lab("broker")
     for name in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
-        lab.a.router.run(["sysctl", "-qw", f"net.netfilter.{name}=2"])
+        lab.a.router.ns.run(["sysctl", "-qw", f"net.netfilter.{name}=2"])
     alice = nat_ua(lab, lab.a, "answer", "alice", "udp", "--keepalive", "0.5")
     carol = nat_ua(lab, lab.a, "answer", "carol", "udp", "--keepalive", "0")
     ports = {}
@@ -252,11 +251,11 @@ def test_keep_alives_hold_the_nat_binding_open_for_incoming_invites(make_lab):
         ports[proc.name] = registered["port"]
 
     def carol_expired() -> bool:
-        table = lab.a.router.run(["conntrack", "-L", "-p", "udp"], check=False).stdout
+        table = lab.a.router.conntrack()
         return f"sport={ports['ua-carol']} " not in table
 
     wait_for(carol_expired, 15, what="carol's NAT binding to expire")
-    assert f"sport={ports['ua-alice']} " in lab.a.conntrack()
+    assert f"sport={ports['ua-alice']} " in lab.a.router.conntrack()
     to_carol = nat_ua(lab, lab.b, "call", "bob", "udp", "--target", "carol", "--invite-timeout", "2",
                       "--t1", "0.05")  # gives up 64*T1 after its CANCEL
     assert to_carol.wait(20) == 2

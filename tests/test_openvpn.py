@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +28,12 @@ import pytest
 from sipmesh.agent.errors import Exit
 from tests.lab import Kamailio, Netns, NetnsFactory, wait_for
 from tests.lab.fixtures import stopped_gracefully
-from tests.test_agent import BrokerServer, no_orphans, registered  # noqa: F401
+from tests.lab.agents import SIP_APP, SIPMESH, no_orphans  # noqa: F401 (fixture)
+from tests.lab.broker import BrokerServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
               pytest.mark.skipif(shutil.which("openvpn") is None, reason="openvpn not installed")]
 
-BIN = Path(sys.executable).parent
-SIPMESH = str(BIN / "sipmesh")
-SIP_APP = str(BIN / "sip_app")
 PAPER = Path(__file__).resolve().parent.parent / "examples" / "paper"
 TUN_SERVER, TUN_CLIENT = "192.168.234.1", "192.168.234.2"
 
@@ -132,7 +129,7 @@ def check_tunnel_and_teardown(net: Net, server: Kamailio, serve, call, *,
     assert any(how in call.log_text() for how in ("killed by SIGKILL", "exited with status 137")), \
         call.log_tail(40)
     assert serve.alive(), serve.log_tail(40)
-    assert registered(server, "2500") and not registered(server, "2501")
+    assert server.registered("2500") and not server.registered("2501")
     assert not ping(net.pc2, TUN_SERVER)
     if wrapped:  # as Ctrl-C in the paper's terminal: the script and sip_app get the signal
         os.killpg(serve.pid, signal.SIGTERM)
@@ -140,7 +137,7 @@ def check_tunnel_and_teardown(net: Net, server: Kamailio, serve, call, *,
     else:
         serve.stop(grace=10)
         assert serve.returncode == 0, serve.log_tail(20)
-    assert not registered(server, "2500")
+    assert not server.registered("2500")
     assert not openvpn_pids(net.pc1) and not openvpn_pids(net.pc2), "OpenVPN left running"
 
 
@@ -149,7 +146,7 @@ def test_openvpn_profile_between_two_subnets(net, server, agents, tmp_path):
     serve = agents([SIPMESH, "serve", "--user", "2500", "--state-dir", str(tmp_path / "pc1"),
                     *common], netns=net.pc1, name="serve")
     wait_for(lambda: "ready: contact" in serve.log_text(), 15, abort=serve.exit_reason)
-    assert registered(server, "2500")
+    assert server.registered("2500")
     call = agents([SIPMESH, "call", "2500", "--user", "2501", "--state-dir", str(tmp_path / "pc2"),
                    *common], netns=net.pc2, name="call")
     check_tunnel_and_teardown(net, server, serve, call)
@@ -182,7 +179,7 @@ def test_paper_scripts_through_sip_app_with_a_static_key(net, server, agents, tm
                    capture_output=True, timeout=30)
     shutil.copy(pc1 / "default.key", pc2 / "default.key")
     serve = agents([str(pc1 / "servertest.sh")], cwd=pc1, netns=net.pc1, name="servertest")
-    wait_for(lambda: registered(server, "2500"), 15, 0.1, what="2500 registered",
+    wait_for(lambda: server.registered("2500"), 15, 0.1, what="2500 registered",
              abort=serve.exit_reason)
     assert "VPN_PORT 8000" in serve.log_text()  # the prototype's start-up lines
     call = agents([str(pc2 / "clienttest.sh")], cwd=pc2, netns=net.pc2, name="clienttest")

@@ -9,9 +9,8 @@ import subprocess
 import pytest
 
 from tests.lab import free_port, wait_for
-from tests.lab.fixtures import stopped_gracefully
-from tests.test_agent import (SIP_APP, SIPMESH, app_argv, no_orphans, record,  # noqa: F401
-                              registered, wait_exit)
+from tests.lab.agents import (SIP_APP, SIPMESH, agents, app_argv, no_orphans,  # noqa: F401 (fixtures)
+                              record, wait_exit)
 
 USAGE_START = "Usage... sip_app -s proxy[:port] -u user [-p port] [-t call_user]"
 
@@ -36,12 +35,6 @@ def test_remote_tunnel_address_cannot_be_derived_from_255():
     assert p.returncode == 1 and "assign remoteip failed" in p.stderr
 
 
-@pytest.fixture
-def agents(kamailio, spawn_proc):
-    with stopped_gracefully(spawn_proc) as start:
-        yield start
-
-
 @pytest.mark.slow
 def test_prototype_arguments_are_appended_after_the_users(kamailio, agents, tmp_path):
     k = kamailio()
@@ -53,7 +46,7 @@ def test_prototype_arguments_are_appended_after_the_users(kamailio, agents, tmp_
                         "-v", str(blocked), "-l", "10.8.0.1", "-d", "-f",
                         str(tmp_path / "log" / "server.txt"), "-m", *app_argv(tmp_path, "run")],
                        name="sip_app-server")
-        wait_for(lambda: registered(k, "2500"), 10, abort=serve.exit_reason)
+        wait_for(lambda: k.registered("2500"), 10, abort=serve.exit_reason)
         text = serve.log_text()
         assert "PROXY sip:" in text and "VPN_LOCAL 10.8.0.1" in text and "VPN_REMOTE 10.8.0.2" in text
         call = agents([SIP_APP, "-s", k.hostport, "-u", "2501", "-t", "2500",
@@ -81,7 +74,7 @@ def test_sip_app_and_sipmesh_call_interoperate(kamailio, agents, tmp_path):
     k = kamailio()
     serve = agents([SIP_APP, "-s", k.hostport, "-u", "2500", "-p", str(free_port("both")),
                     "-m", *app_argv(tmp_path, "run")], name="sip_app")
-    wait_for(lambda: registered(k, "2500"), 10, abort=serve.exit_reason)
+    wait_for(lambda: k.registered("2500"), 10, abort=serve.exit_reason)
     call = agents([SIPMESH, "call", "2500", "--server", k.hostport, "--user", "2501", "--vpn",
                    "--", *app_argv(tmp_path, "exit", 0.1), "{VPN_REMOTE_ADDR}"], name="call")
     assert wait_exit(call) == 0, call.log_text()
@@ -97,7 +90,7 @@ def test_client_exit_status_tells_whether_the_program_failed(kamailio, agents, t
     k = kamailio()
     serve = agents([SIP_APP, "-s", k.hostport, "-u", "2500", "-p", str(free_port("both")),
                     "-m", *app_argv(tmp_path, "run")], name="sip_app-server")
-    wait_for(lambda: registered(k, "2500"), 10, abort=serve.exit_reason)
+    wait_for(lambda: k.registered("2500"), 10, abort=serve.exit_reason)
     # -m sh -c SCRIPT: sip_app appends IP4 PORT VPN_LOCAL VPN_REMOTE, which become $0...$3
     call = agents([SIP_APP, "-s", k.hostport, "-u", "2501", "-t", "2500",
                    "-p", str(free_port("both")), "-m", "sh", "-c", f"sleep 0.5; exit {status}"],
@@ -114,4 +107,4 @@ def test_missing_program_is_reported_before_registering(kamailio):
     p = subprocess.run([SIP_APP, "-s", k.hostport, "-u", "2500", "-p", str(free_port("both")),
                         "-m", "./no-such-wrapper.sh"], capture_output=True, text=True, timeout=20)
     assert p.returncode == 3 and "program not found" in p.stderr
-    assert not registered(k, "2500")
+    assert not k.registered("2500")

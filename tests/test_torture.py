@@ -33,8 +33,9 @@ import pytest
 
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import parse_date
-from sipmesh.sip.message import Request, Response, StreamFramer, make_response, parse_message
+from sipmesh.sip.message import Request, Response, make_response, parse_message
 from sipmesh.sip.transaction.matching import server_key
+from sipmesh.sip.transport.framing import StreamFramer
 from sipmesh.sip.uri import AbsoluteURI, SipURI
 
 DATA = Path(__file__).parent / "data" / "rfc4475"
@@ -615,7 +616,7 @@ class _FakeServerTransaction:
 
 
 def _ua_answer(name: str) -> Response:
-    from sipmesh.sip.useragent import UAConfig, UserAgent
+    from sipmesh.sip.ua import UAConfig, UserAgent
     ua = UserAgent(UAConfig(user="user", domain="example.com"))
     txn = _FakeServerTransaction(parse_message(load(name)))
     ua.on_request(txn)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from sipmesh.sip.transaction import (MAGIC_COOKIE, ClientInviteTransaction,
                                      Terminated, Timeout, TimerValues, TransportFailed,
                                      ack_server_key, client_key, invite_key_for_cancel, make_ack,
                                      make_cancel, new_branch, server_key)
-from sipmesh.sip.transaction.timers import Transaction
+from sipmesh.sip.transaction.base import Transaction
 
 BRANCH = "z9hG4bK776asdhds"
 VIA = f"SIP/2.0/UDP pc33.Atlanta.com:5070;branch={BRANCH}"

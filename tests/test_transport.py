@@ -8,31 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.message import Limits, Request, Response, StreamFramer, make_response, parse_message
+from sipmesh.sip.message import Limits, Request, Response, make_response, parse_message
+from sipmesh.sip.transport.framing import StreamFramer
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
 from sipmesh.sip.transport import UDP_SIZE_THRESHOLD, Flow, Inbound, TransportLayer, response_target
-from tests.peers.helpers import eventually
+from tests.lab import ipv6_loopback, wait_for_async
+from tests.peers.raw import RawPeer
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 HOSTS = ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(
-    not _has_ipv6_loopback(), reason="no IPv6 loopback"))]
+    not ipv6_loopback(), reason="no IPv6 loopback"))]
 
 
 def bracket(host: str) -> str:
@@ -74,9 +66,10 @@ class Inbox:
     async def get(self, timeout: float = 5.0) -> tuple[Request | Response, Flow]:
         return await asyncio.wait_for(self.queue.get(), timeout)
 
-    async def nothing(self, wait: float = 0.3) -> None:
-        await asyncio.sleep(wait)
-        assert self.queue.empty(), self.queue.get_nowait()
+    async def next_is(self, call_id: str) -> None:
+        """The next message delivered is the one with `call_id`: nothing came before it."""
+        got, _ = await self.get()
+        assert got.headers.get("Call-ID") == call_id, got
 
 
 class Echo(Inbox):
@@ -110,40 +103,11 @@ async def layers():
         await layer.close()
 
 
-class RawUdp(asyncio.DatagramProtocol):
-    """A bare UDP socket: sends octets, collects what comes back."""
-
-    def __init__(self) -> None:
-        self.received: asyncio.Queue[bytes] = asyncio.Queue()
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr) -> None:
-        self.received.put_nowait(data)
-
-    @property
-    def port(self) -> int:
-        return self.transport.get_extra_info("sockname")[1]
-
-    async def answer(self, timeout: float = 5.0) -> Request | Response:
-        return lenient(await asyncio.wait_for(self.received.get(), timeout))
-
-
-@pytest.fixture
-async def raw_udp():
-    made: list[RawUdp] = []
-
-    async def make(host: str = "127.0.0.1") -> RawUdp:
-        _, proto = await asyncio.get_running_loop().create_datagram_endpoint(
-            RawUdp, local_addr=(host, 0))
-        made.append(proto)
-        return proto
-
-    yield make
-    for proto in made:
-        proto.transport.close()
+async def next_message(peer: RawPeer, timeout: float = 5.0) -> Request | Response:
+    """The next message a raw peer received (opened `lenient`: an answer to a broken
+    request may copy its broken headers)."""
+    message, _ = await peer.recv(timeout)
+    return message
 
 
 async def raw_tcp(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -194,47 +158,47 @@ async def test_round_trip(layers, tls_contexts, transport: str, host: str) -> No
     assert answer_flow.transport == transport
 
 
-async def test_received_and_rport_are_stamped(layers, raw_udp) -> None:
+async def test_received_and_rport_are_stamped(layers, raw_peers) -> None:
     inbox = Inbox()
     server = layers(inbox)
     host, port = await server.listen("UDP", "127.0.0.1", 0)
-    peer = await raw_udp()
-    peer.transport.sendto(options("SIP/2.0/UDP 127.0.0.2:5099;rport"), (host, port))
+    peer = await raw_peers(lenient=True)
+    peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport"), (host, port))
     request, flow = await inbox.get()
     via = request.via
     assert (via.host, via.port) == ("127.0.0.2", 5099)
     assert via.received == "127.0.0.1" and via.rport == peer.port == flow.port
     # Without rport only received is added; a sent-by equal to the source gets nothing.
-    peer.transport.sendto(options("SIP/2.0/UDP 127.0.0.2:5099", branch="z9hG4bK-t2"), (host, port))
+    peer.send(options("SIP/2.0/UDP 127.0.0.2:5099", branch="z9hG4bK-t2"), (host, port))
     request, _ = await inbox.get()
     assert request.via.received == "127.0.0.1" and "rport" not in request.via.params
-    peer.transport.sendto(options(f"SIP/2.0/UDP 127.0.0.1:{peer.port}", branch="z9hG4bK-t3"),
-                          (host, port))
+    peer.send(options(f"SIP/2.0/UDP 127.0.0.1:{peer.port}", branch="z9hG4bK-t3"),
+              (host, port))
     request, _ = await inbox.get()
     assert "received" not in request.via.params
 
 
-async def test_response_is_routed_by_received_and_rport(layers, raw_udp) -> None:
+async def test_response_is_routed_by_received_and_rport(layers, raw_peers) -> None:
     server = layers(Echo())
     host, port = await server.listen("UDP", "127.0.0.1", 0)
-    peer = await raw_udp()
+    peer = await raw_peers(lenient=True)
     # The Via names 127.0.0.2:5099; only received/rport lead the answer back to us.
-    peer.transport.sendto(options("SIP/2.0/UDP 127.0.0.2:5099;rport"), (host, port))
-    answer = await peer.answer()
+    peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport"), (host, port))
+    answer = await next_message(peer)
     assert isinstance(answer, Response) and answer.status == 200
     assert answer.via.received == "127.0.0.1" and answer.via.rport == peer.port
 
 
-async def test_response_without_rport_goes_to_the_sent_by_port(layers, raw_udp) -> None:
+async def test_response_without_rport_goes_to_the_sent_by_port(layers, raw_peers) -> None:
     server = layers(Echo())
     host, port = await server.listen("UDP", "127.0.0.1", 0)
-    peer = await raw_udp()
-    listener = await raw_udp()
+    peer = await raw_peers(lenient=True)
+    listener = await raw_peers(lenient=True)
     # §18.2.2: received address, port from sent-by (no rport requested).
-    peer.transport.sendto(options(f"SIP/2.0/UDP 127.0.0.2:{listener.port}"), (host, port))
-    answer = await listener.answer()
+    peer.send(options(f"SIP/2.0/UDP 127.0.0.2:{listener.port}"), (host, port))
+    answer = await next_message(listener)
     assert answer.status == 200 and answer.via.received == "127.0.0.1"
-    assert peer.received.empty()
+    assert peer.inbox.empty()
 
 
 # -- connections ---------------------------------------------------------------------------------
@@ -268,11 +232,8 @@ async def test_idle_tcp_connection_is_closed(layers) -> None:
     await client.send(parse_message(options("SIP/2.0/TCP 127.0.0.1:5060;rport")), target)
     _, flow = await echo.get()
     assert client.has_connection(target)
-    for _ in range(40):
-        await asyncio.sleep(0.1)
-        if not client.has_connection(target) and not server.has_connection(flow):
-            break
-    assert not client.has_connection(target) and not server.has_connection(flow)
+    await wait_for_async(lambda: not client.has_connection(target) and not server.has_connection(flow),
+                         4, 0.1, what="both ends to close the idle connection")
 
 
 async def test_large_udp_request_leaves_over_tcp(layers) -> None:
@@ -328,18 +289,22 @@ async def _listen_same_port(layer: TransportLayer, host: str, transports: tuple[
     (options("SIP/2.0/UDP 127.0.0.2:5099;rport").replace(b"To: <sip:", b"To: < sip:"),
      "whitespace inside <>"),
 ])
-async def test_malformed_request_gets_400_naming_the_problem(layers, raw_udp, data: bytes,
+async def test_malformed_request_gets_400_naming_the_problem(layers, raw_peers, data: bytes,
                                                              problem: str) -> None:
     inbox = Inbox()
     server = layers(inbox)
     host, port = await server.listen("UDP", "127.0.0.1", 0)
-    peer = await raw_udp()
-    peer.transport.sendto(data, (host, port))
-    answer = await peer.answer()
+    peer = await raw_peers(lenient=True)
+    peer.send(data, (host, port))
+    answer = await next_message(peer)
     assert isinstance(answer, Response) and answer.status == 400
     assert answer.reason.startswith("Bad Request (") and problem in answer.reason
     assert answer.headers.get("Call-ID") == "call-1"
-    await inbox.nothing(0.1)
+    # a fence: the transport delivers one socket's datagrams in order, so a request sent
+    # after the malformed one arrives first only if the malformed one was never delivered
+    peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="fence", branch="z9hG4bK-fence"),
+              (host, port))
+    await inbox.next_is("fence")
 
 
 async def test_malformed_request_over_tcp_gets_400_on_the_connection(layers) -> None:
@@ -353,13 +318,13 @@ async def test_malformed_request_over_tcp_gets_400_on_the_connection(layers) -> 
     writer.close()
 
 
-async def test_wrong_version_gets_505(layers, raw_udp) -> None:
+async def test_wrong_version_gets_505(layers, raw_peers) -> None:
     server = layers(Inbox())
     host, port = await server.listen("UDP", "127.0.0.1", 0)
-    peer = await raw_udp()
-    peer.transport.sendto(options("SIP/2.0/UDP 127.0.0.2:5099;rport").replace(b" SIP/2.0\r\n", b" SIP/3.0\r\n", 1),
-                          (host, port))
-    answer = await peer.answer()
+    peer = await raw_peers(lenient=True)
+    peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport").replace(b" SIP/2.0\r\n", b" SIP/3.0\r\n", 1),
+              (host, port))
+    answer = await next_message(peer)
     assert (answer.status, answer.reason) == (505, "Version Not Supported")
 
 
@@ -368,19 +333,18 @@ GARBAGE = [b"", b"\x00", b"\r\n", b"hello world", b"\xff" * 3000, b"SIP/2.0 200 
            bytes(range(256)) * 4, b"INVITE sip:x SIP/2.0\r\n" + b"X: y\r\n" * 500 + b"\r\n"]
 
 
-async def test_garbage_never_stops_the_udp_listener(layers, raw_udp) -> None:
+async def test_garbage_never_stops_the_udp_listener(layers, raw_peers) -> None:
     inbox = Echo()
     server = layers(inbox)
     host, port = await server.listen("UDP", "127.0.0.1", 0)
-    peer = await raw_udp()
+    peer = await raw_peers(lenient=True)
     for junk in GARBAGE:
-        peer.transport.sendto(junk, (host, port))
-    await asyncio.sleep(0.2)
-    peer.transport.sendto(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="after-garbage"),
-                          (host, port))
+        peer.send(junk, (host, port))
+    peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="after-garbage"),
+              (host, port))
     answers = []
     while True:  # answers to broken requests (if any) may come first
-        answer = await peer.answer()
+        answer = await next_message(peer)
         answers.append(answer)
         if answer.headers.get("Call-ID") == "after-garbage":
             break
@@ -411,27 +375,25 @@ async def test_broken_tcp_stream_closes_only_that_connection(layers, junk: bytes
     writer.close()
 
 
-async def test_message_over_the_size_limit(layers, raw_udp) -> None:
+async def test_message_over_the_size_limit(layers, raw_peers) -> None:
     inbox = Inbox()
     server = layers(inbox, limits=Limits(max_message_size=1000))
     host, port = await server.listen("UDP", "127.0.0.1", 0)
     await server.listen("TCP", "127.0.0.1", 0)
     tcp_port = server.address("TCP")[1]
-    peer = await raw_udp()
+    peer = await raw_peers(lenient=True)
     big = options("SIP/2.0/UDP 127.0.0.2:5099;rport", body=b"y" * 1500)
-    peer.transport.sendto(big, (host, port))
-    answer = await peer.answer()
+    peer.send(big, (host, port))
+    answer = await next_message(peer)
     assert (answer.status, answer.reason) == (513, "Message Too Large")
-    await inbox.nothing(0.1)
     # Over TCP the stream cannot continue past it: the connection is closed.
     reader, writer = await raw_tcp(host, tcp_port)
     writer.write(big.replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP"))
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
-    # Still serving.
-    peer.transport.sendto(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="small"), (host, port))
-    got, _ = await inbox.get()
-    assert got.headers.get("Call-ID") == "small"
+    # Still serving, and neither big message was delivered (it would have come first).
+    peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="small"), (host, port))
+    await inbox.next_is("small")
 
 
 # -- the transaction layer's limit ---------------------------------------------------------------------
@@ -455,27 +417,32 @@ class _SilentTU:
         pass
 
 
-async def test_full_transaction_table_answers_503_with_retry_after(layers, raw_udp) -> None:
+async def test_full_transaction_table_answers_503_with_retry_after(layers, raw_peers) -> None:
     server = layers(lambda inbound: transactions.receive(inbound))
     tu = _SilentTU()
     transactions = TransactionLayer(server, tu, max_server_transactions=2)
     host, port = await server.listen("UDP", "127.0.0.1", 0)
     try:
-        peer = await raw_udp()
+        peer = await raw_peers(lenient=True)
         for n in (1, 2, 3):
-            peer.transport.sendto(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id=f"full-{n}",
-                                          branch=f"z9hG4bK-full{n}"), (host, port))
-        answer = await peer.answer()
+            peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id=f"full-{n}",
+                              branch=f"z9hG4bK-full{n}"), (host, port))
+        answer = await next_message(peer)
         assert answer.status == 503 and answer.headers.get("Call-ID") == "full-3"
         assert answer.headers.get("Retry-After") is not None
         assert int(answer.headers.get("Retry-After").split()[0]) > 0
         assert [t.request.headers.get("Call-ID") for t in tu.requests] == ["full-1", "full-2"]
         assert transactions.server_transactions == 2
         # A retransmission of a request already held is absorbed, not refused.
-        peer.transport.sendto(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="full-1",
-                                      branch="z9hG4bK-full1"), (host, port))
-        await asyncio.sleep(0.2)
-        assert peer.received.empty() and len(tu.requests) == 2
+        peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="full-1",
+                          branch="z9hG4bK-full1"), (host, port))
+        # a fence: a new request, still refused, is answered after anything the
+        # retransmission would have caused
+        peer.send(options("SIP/2.0/UDP 127.0.0.2:5099;rport", call_id="full-4",
+                          branch="z9hG4bK-full4"), (host, port))
+        answer = await next_message(peer)
+        assert answer.status == 503 and answer.headers.get("Call-ID") == "full-4", answer
+        assert peer.inbox.empty() and len(tu.requests) == 2
     finally:
         await transactions.close()
 
@@ -504,7 +471,7 @@ def test_local_address_towards_is_remembered_briefly(monkeypatch) -> None:
 
 # ----------------------------------------------------------------------------- keep-alives
 
-async def test_udp_keep_alives_are_stun_and_tell_our_public_address(layers, raw_udp) -> None:
+async def test_udp_keep_alives_are_stun_and_tell_our_public_address(layers, raw_peers) -> None:
     """RFC 5626 §4.4.2: a STUN Binding on the flow, answered by a server layer; a layer
     that is no STUN server leaves Binding requests unanswered."""
     server = layers(Echo(), stun_server=True)
@@ -514,8 +481,8 @@ async def test_udp_keep_alives_are_stun_and_tell_our_public_address(layers, raw_
     flow = Flow("UDP", host, port)
     keeping = asyncio.ensure_future(client.keep_alive(flow, interval=0.05))
     try:
-        await eventually(lambda: client.public_address.get(flow) == ("127.0.0.1", client_port),
-                         what="our address from a STUN answer")
+        await wait_for_async(lambda: client.public_address.get(flow) == ("127.0.0.1", client_port),
+                             5, what="our address from a STUN answer")
     finally:
         keeping.cancel()
     assert await client.stun_binding(flow) == ("127.0.0.1", client_port)
@@ -525,9 +492,9 @@ async def test_udp_keep_alives_are_stun_and_tell_our_public_address(layers, raw_
     with pytest.raises(asyncio.TimeoutError):
         await client.stun_binding(Flow("UDP", "127.0.0.1", mute_port), timeout=0.3)
     # ...and SIP still works on both ports after STUN
-    peer = await raw_udp()
-    peer.transport.sendto(options("SIP/2.0/UDP 127.0.0.1:9;rport"), ("127.0.0.1", mute_port))
-    assert (await peer.answer()).status == 200
+    peer = await raw_peers(lenient=True)
+    peer.send(options("SIP/2.0/UDP 127.0.0.1:9;rport"), ("127.0.0.1", mute_port))
+    assert (await next_message(peer)).status == 200
 
 
 async def test_tcp_keep_alives_are_double_crlf_on_our_own_connection(layers) -> None:

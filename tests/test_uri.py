@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip import uri as uri_module
 from sipmesh.sip.uri import AbsoluteURI, SipURI, format_host, parse_sip_uri, parse_uri
+from tests.peers.strategies import sip_uris
 
 # -- structure --------------------------------------------------------------------------------
 
@@ -212,38 +213,6 @@ def test_not_equivalent_to_other_types() -> None:
 
 
 # -- properties -------------------------------------------------------------------------------
-
-_ANY_TEXT = st.characters(blacklist_categories=("Cs",))  # every code point a str can encode
-_ALNUM = string.ascii_lowercase + string.digits + "ABC"
-_LABEL = st.builds(lambda first, middle, last: first + (middle + last if middle else ""),
-                   st.sampled_from(_ALNUM), st.text(_ALNUM + "-", max_size=8), st.sampled_from(_ALNUM))
-_TOPLABEL = st.builds(lambda first, rest: first + rest, st.sampled_from(string.ascii_letters),
-                      st.text(_ALNUM, max_size=6))
-
-hostnames = st.builds(lambda labels, top: ".".join([*labels, top]),
-                      st.lists(_LABEL, max_size=3), _TOPLABEL)
-hosts = st.one_of(hostnames, st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str))
-param_names = st.text(_ANY_TEXT, min_size=1, max_size=12).map(str.lower).filter(
-    lambda s: s == s.lower())
-uri_params = st.dictionaries(param_names, st.none() | st.text(_ANY_TEXT, min_size=1, max_size=12),
-                             max_size=4)
-uri_headers = st.dictionaries(st.text(_ANY_TEXT, min_size=1, max_size=10),
-                              st.text(_ANY_TEXT, max_size=12), max_size=3)
-
-
-@st.composite
-def sip_uris(draw, *, with_headers: bool = True) -> SipURI:
-    user = draw(st.none() | st.text(_ANY_TEXT, min_size=1, max_size=16))
-    return SipURI(
-        host=draw(hosts),
-        user=user,
-        password=None if user is None else draw(st.none() | st.text(_ANY_TEXT, max_size=10)),
-        port=draw(st.none() | st.integers(0, 65535)),
-        scheme=draw(st.sampled_from(["sip", "sips"])),
-        params=draw(uri_params),
-        headers=draw(uri_headers) if with_headers else {},
-    )
-
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sip_uris())

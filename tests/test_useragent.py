@@ -8,7 +8,6 @@ retransmitted for 0.64 s.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
@@ -16,9 +15,10 @@ import pytest
 from sipmesh.sip.auth import DigestServer, NonceManager, compute_ha1, parse_auth_params
 from sipmesh.sip.message import Request, Response, make_response
 from sipmesh.sip.uri import parse_sip_uri
-from sipmesh.sip.useragent import ALLOW, CallFailed
-from tests.peers.helpers import (FAST, Callee, RawPeer, eventually, is_request, is_response,
-                                 no_errors_logged, raw_request, sdp, start_ua)
+from sipmesh.sip.ua import ALLOW, CallFailed
+from tests.lab import ipv6_loopback, wait_for_async
+from tests.peers.helpers import FAST, Callee, no_errors_logged, sdp, start_ua
+from tests.peers.raw import RawPeer, is_request, is_response, raw_request
 
 __all__ = ["no_errors_logged"]  # an autouse fixture: fail tests that log errors
 
@@ -39,20 +39,6 @@ async def make_ua():
         await ua.stop()
 
 
-@pytest.fixture
-async def raw():
-    peers: list[RawPeer] = []
-
-    async def _open(host: str = "127.0.0.1") -> RawPeer:
-        peer = await RawPeer.open(host)
-        peers.append(peer)
-        return peer
-
-    yield _open
-    for peer in peers:
-        peer.close()
-
-
 def transport_config(transport: str, tls_contexts) -> dict:
     if transport != "TLS":
         return {"transport": transport}
@@ -61,21 +47,12 @@ def transport_config(transport: str, tls_contexts) -> dict:
             "tls_client_context": client}
 
 
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 def target(ua, transport: str = "UDP") -> str:
     return str(ua.contact(transport).uri)
 
 
 async def established(callee: Callee, index: int = 0):
-    await eventually(lambda: len(callee.calls) > index, what="the callee's Call")
+    await wait_for_async(lambda: len(callee.calls) > index, 3, what="the callee's Call")
     return callee.calls[index]
 
 
@@ -118,7 +95,8 @@ async def test_callee_hangs_up(make_ua, tls_contexts, transport):
     theirs = await established(callee)
     await theirs.bye()
     assert await asyncio.wait_for(call.ended, 2) == "remote BYE"
-    assert callee.ended == ["local BYE"] or await eventually(lambda: callee.ended == ["local BYE"])
+    assert callee.ended == ["local BYE"] or await wait_for_async(
+        lambda: callee.ended == ["local BYE"], 3, what="the local BYE")
     assert alice.calls == [] and bob.calls == []
 
 
@@ -175,7 +153,7 @@ async def test_cancel_while_ringing(make_ua):
     assert [r.status for r in progress] == [180]
     incoming = callee.incoming[0]
     assert incoming.cancelled.is_set()
-    await eventually(lambda: callee.failures, what="accept() to fail")
+    await wait_for_async(lambda: callee.failures, 3, what="accept() to fail")
     assert callee.failures[0].status == 487  # accepting after the CANCEL is refused
     assert callee.calls == [] and bob.calls == [] and alice.calls == []
 
@@ -187,17 +165,17 @@ async def test_cancelling_the_inviting_task_sends_cancel(make_ua):
     progress: list[Response] = []
     task = asyncio.ensure_future(alice.invite(target(bob), sdp("alice"),
                                               on_progress=progress.append))
-    await eventually(lambda: progress, what="180 Ringing")
+    await wait_for_async(lambda: progress, 3, what="180 Ringing")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await eventually(lambda: callee.incoming[0].cancelled.is_set(), what="the CANCEL")
+    await wait_for_async(lambda: callee.incoming[0].cancelled.is_set(), 3, what="the CANCEL")
     assert callee.calls == []
 
 
-async def test_no_answer_is_408_from_timer_b(make_ua, raw):
+async def test_no_answer_is_408_from_timer_b(make_ua, raw_peers):
     alice = await make_ua("alice")
-    hole = await raw()  # receives, never answers
+    hole = await raw_peers()  # receives, never answers
     started = time.monotonic()
     with pytest.raises(CallFailed) as failed:
         await alice.invite(f"sip:nobody@{hole.hostport}", sdp("alice"), timeout=0.1)
@@ -218,10 +196,10 @@ def ack_for(ok: Response, peer: RawPeer, uri: str, call_id: str) -> bytes:
                        to=uri, to_tag=ok.to.tag, contact=False)
 
 
-async def test_uas_retransmits_2xx_until_ack_then_gives_up_and_sends_bye(make_ua, raw):
+async def test_uas_retransmits_2xx_until_ack_then_gives_up_and_sends_bye(make_ua, raw_peers):
     callee = Callee()
     bob = await make_ua("bob", on_invite=callee)
-    peer, sent_by = await raw(), await raw()
+    peer, sent_by = await raw_peers(), await raw_peers()
     uri = f"sip:bob@127.0.0.1:{bob.config.listen_port}"
     bob_addr = ("127.0.0.1", bob.config.listen_port)
     # Via names another port and asks for rport: every response must come to the source.
@@ -239,28 +217,33 @@ async def test_uas_retransmits_2xx_until_ack_then_gives_up_and_sends_bye(make_ua
     assert bye.uri == parse_sip_uri(f"sip:raw@127.0.0.1:{peer.port}") or \
         str(bye.uri) == f"sip:raw@127.0.0.1:{peer.port}"
     assert bye.from_.tag == oks[0][1].to.tag and bye.to.tag == "rawtag"
-    await eventually(lambda: callee.failures, what="accept() to give up")
+    await wait_for_async(lambda: callee.failures, 3, what="accept() to give up")
     assert callee.failures[0].status == 408 and callee.calls == []
     assert sent_by.log == []
 
 
-async def test_uas_stops_retransmitting_2xx_once_acked(make_ua, raw):
+async def test_uas_stops_retransmitting_2xx_once_acked(make_ua, raw_peers):
     callee = Callee()
     bob = await make_ua("bob", on_invite=callee)
-    peer = await raw()
+    peer = await raw_peers()
     uri = f"sip:bob@127.0.0.1:{bob.config.listen_port}"
     bob_addr = ("127.0.0.1", bob.config.listen_port)
     peer.send(raw_request("INVITE", uri, peer, call_id="late-ack", body=sdp("raw")), bob_addr)
     ok, _ = await peer.expect(is_response(200))
     await peer.expect(is_response(200), what="a retransmitted 200")  # the first ACK was "lost"
     peer.send(ack_for(ok, peer, uri, "late-ack"), bob_addr)
-    theirs = await established(callee)
-    await asyncio.sleep(0.15)
+    theirs = await established(callee)  # the ACK was taken
+    # a fence: what Bob sent before answering a later request (a 200 already on its way
+    # when the ACK came) has arrived once that answer has
+    peer.send(raw_request("OPTIONS", str(ok.contacts[0].uri), peer, call_id="late-ack", cseq=2,
+                          to=uri, to_tag=ok.to.tag), bob_addr)
+    await peer.expect(is_response(200, "OPTIONS"), what="the answer to the in-dialog OPTIONS")
     count = sum(1 for _, m in peer.log if isinstance(m, Response) and m.status == 200)
-    await asyncio.sleep(0.3)
+    # a 2xx still retransmitted would come at least every T2 (40 ms): none in 0.3 s
+    await peer.quiet(is_response(200, "INVITE"), 0.3, what="a 200 retransmitted after the ACK")
     assert sum(1 for _, m in peer.log if isinstance(m, Response) and m.status == 200) == count
     assert not theirs.ended.done()
-    peer.send(raw_request("BYE", str(ok.contacts[0].uri), peer, call_id="late-ack", cseq=2,
+    peer.send(raw_request("BYE", str(ok.contacts[0].uri), peer, call_id="late-ack", cseq=3,
                           to=uri, to_tag=ok.to.tag), bob_addr)
     await peer.expect(is_response(200, "BYE"))
     assert await asyncio.wait_for(theirs.ended, 1) == "remote BYE"
@@ -274,9 +257,9 @@ def answer(invite: Request, peer: RawPeer, tag: str, status: int = 200) -> Respo
     return ok
 
 
-async def test_uac_resends_its_ack_for_a_retransmitted_2xx(make_ua, raw):
+async def test_uac_resends_its_ack_for_a_retransmitted_2xx(make_ua, raw_peers):
     alice = await make_ua("alice")
-    peer = await raw()
+    peer = await raw_peers()
     task = asyncio.ensure_future(alice.invite(f"sip:raw@{peer.hostport}", sdp("alice")))
     invite, addr = await peer.expect(is_request("INVITE"))
     assert "rport" in invite.via.params and invite.via.params["rport"] is None  # RFC 3581
@@ -292,7 +275,7 @@ async def test_uac_resends_its_ack_for_a_retransmitted_2xx(make_ua, raw):
     peer.send(ok, addr)  # while the INVITE transaction lives (Timer M)
     ack2, _ = await peer.expect(is_request("ACK"), what="a second ACK")
     assert ack2.to_bytes() == ack1.to_bytes()
-    await asyncio.sleep(64 * FAST.t1 + 0.2)  # the transaction is gone: a stray 2xx now
+    await asyncio.sleep(64 * FAST.t1 + 0.2)  # past Timer M: the transaction is gone, a stray 2xx now
     peer.send(ok, addr)
     ack3, _ = await peer.expect(is_request("ACK"), what="a third ACK")
     assert ack3.to_bytes() == ack1.to_bytes()
@@ -303,9 +286,9 @@ async def test_uac_resends_its_ack_for_a_retransmitted_2xx(make_ua, raw):
     await asyncio.wait_for(bye_task, 2)
 
 
-async def test_second_2xx_from_a_fork_is_acked_and_hung_up(make_ua, raw):
+async def test_second_2xx_from_a_fork_is_acked_and_hung_up(make_ua, raw_peers):
     alice = await make_ua("alice")
-    peer = await raw()
+    peer = await raw_peers()
     task = asyncio.ensure_future(alice.invite(f"sip:raw@{peer.hostport}", sdp("alice")))
     invite, addr = await peer.expect(is_request("INVITE"))
     peer.send(answer(invite, peer, "forkA"), addr)
@@ -335,8 +318,10 @@ async def test_reinvite_is_answered_with_the_same_sdp_from_either_side(make_ua):
     assert theirs.local_sdp == callee.answer and theirs.remote_sdp == sdp("alice")
     response = await theirs.reinvite()
     assert response.status == 200 and response.body == sdp("alice")
-    # both 2xx were ACKed: nobody gives up and hangs up after 64*T1
-    await asyncio.sleep(64 * FAST.t1 + 0.2)
+    # both 2xx were ACKed: nobody gives up and hangs up when 64*T1 have passed
+    done, _ = await asyncio.wait({call.ended, theirs.ended}, timeout=64 * FAST.t1 + 0.2,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    assert not done, f"a side ended the call: {[f.result() for f in done]}"
     assert not call.ended.done() and not theirs.ended.done()
     await call.bye()
     assert await asyncio.wait_for(theirs.ended, 2) == "remote BYE"
@@ -358,9 +343,9 @@ async def test_in_dialog_options_and_out_of_order_cseq(make_ua):
     await call.bye()
 
 
-async def test_bye_for_an_unknown_dialog_is_481(make_ua, raw):
+async def test_bye_for_an_unknown_dialog_is_481(make_ua, raw_peers):
     bob = await make_ua("bob")
-    peer = await raw()
+    peer = await raw_peers()
     uri = f"sip:bob@127.0.0.1:{bob.config.listen_port}"
     addr = ("127.0.0.1", bob.config.listen_port)
     peer.send(raw_request("BYE", uri, peer, call_id="nosuch", cseq=2, to_tag="nosuchtag"), addr)
@@ -372,10 +357,10 @@ async def test_bye_for_an_unknown_dialog_is_481(make_ua, raw):
 
 
 @pytest.mark.parametrize("method", ["OPTIONS", "INVITE"])
-async def test_require_of_an_unknown_extension_is_420(make_ua, raw, method):
+async def test_require_of_an_unknown_extension_is_420(make_ua, raw_peers, method):
     callee = Callee()
     bob = await make_ua("bob", on_invite=callee)
-    peer = await raw()
+    peer = await raw_peers()
     uri = f"sip:bob@127.0.0.1:{bob.config.listen_port}"
     addr = ("127.0.0.1", bob.config.listen_port)
     peer.send(raw_request(method, uri, peer, call_id=f"require-{method}", extra="Require: foo",
@@ -389,26 +374,26 @@ async def test_require_of_an_unknown_extension_is_420(make_ua, raw, method):
 
 
 @pytest.mark.parametrize("uri", ["tel:+15551234", "soap.beep://192.0.2.103:3002"])
-async def test_request_uri_of_an_unsupported_scheme_is_416(make_ua, raw, uri):
+async def test_request_uri_of_an_unsupported_scheme_is_416(make_ua, raw_peers, uri):
     bob = await make_ua("bob")
-    peer = await raw()
+    peer = await raw_peers()
     peer.send(raw_request("OPTIONS", uri, peer, call_id="scheme", to=target(bob)),
               ("127.0.0.1", bob.config.listen_port))
     response, _ = await peer.expect(is_response(416))
     assert response.to.tag
 
 
-async def test_options_out_of_dialog_is_200_with_allow(make_ua, raw):
+async def test_options_out_of_dialog_is_200_with_allow(make_ua, raw_peers):
     bob = await make_ua("bob")
     alice = await make_ua("alice")
-    request = alice._new_request("OPTIONS", parse_sip_uri(target(bob)))
+    request = alice.new_request("OPTIONS", parse_sip_uri(target(bob)))
     response = await alice.request(request)
     assert response.status == 200
     assert {m.strip() for m in (response.headers.get("Allow") or "").split(",")} == \
         {m.strip() for m in ALLOW.split(",")}
     assert response.to.tag
     # and to a scripted peer: the answer goes back with our Via untouched apart from rport
-    peer = await raw()
+    peer = await raw_peers()
     peer.send(raw_request("OPTIONS", target(bob), peer, call_id="options-raw"),
               ("127.0.0.1", bob.config.listen_port))
     response, _ = await peer.expect(is_response(200))
@@ -480,8 +465,8 @@ class DigestPeer:
 
 
 @pytest.mark.parametrize("algorithm", ["MD5", "SHA-256"])
-async def test_register_answers_a_401_challenge(make_ua, raw, algorithm):
-    server = DigestPeer(await raw(), 401, algorithm)
+async def test_register_answers_a_401_challenge(make_ua, raw_peers, algorithm):
+    server = DigestPeer(await raw_peers(), 401, algorithm)
     try:
         alice = await make_ua("alice", domain=server.peer.hostport, password="secret")
         response = await alice.register(expires=600)
@@ -503,8 +488,8 @@ async def test_register_answers_a_401_challenge(make_ua, raw, algorithm):
 
 
 @pytest.mark.parametrize("on_bad", [401, 403])
-async def test_register_with_a_wrong_password_returns_the_failure(make_ua, raw, on_bad):
-    server = DigestPeer(await raw(), 401, "MD5", on_bad=on_bad)
+async def test_register_with_a_wrong_password_returns_the_failure(make_ua, raw_peers, on_bad):
+    server = DigestPeer(await raw_peers(), 401, "MD5", on_bad=on_bad)
     try:
         alice = await make_ua("alice", domain=server.peer.hostport, password="wrong")
         response = await alice.register()
@@ -514,8 +499,8 @@ async def test_register_with_a_wrong_password_returns_the_failure(make_ua, raw, 
         server.close()
 
 
-async def test_invite_answers_a_407_and_acks_with_the_credentials(make_ua, raw):
-    server = DigestPeer(await raw(), 407, "SHA-256")
+async def test_invite_answers_a_407_and_acks_with_the_credentials(make_ua, raw_peers):
+    server = DigestPeer(await raw_peers(), 407, "SHA-256")
     try:
         alice = await make_ua("alice", domain=server.peer.hostport, password="secret")
         call = await alice.invite(f"sip:bob@{server.peer.hostport}", sdp("alice"))
@@ -523,7 +508,7 @@ async def test_invite_answers_a_407_and_acks_with_the_credentials(make_ua, raw):
         first, second = server.of("INVITE")
         assert first.call_id == second.call_id and first.from_.tag == second.from_.tag
         assert second.cseq == (2, "INVITE") and second.via.branch != first.via.branch
-        await eventually(lambda: len(server.of("ACK")) == 2)  # the 407's ACK and the 200's
+        await wait_for_async(lambda: len(server.of("ACK")) == 2, 3, what="two ACKs")  # the 407's ACK and the 200's
         ack_407, ack_200 = server.of("ACK")
         assert ack_407.via.branch == first.via.branch and ack_407.to.tag == "challenger"
         assert ack_200.cseq == (2, "ACK") and ack_200.to.tag == "uas"
@@ -537,8 +522,8 @@ async def test_invite_answers_a_407_and_acks_with_the_credentials(make_ua, raw):
 
 
 @pytest.mark.parametrize("on_bad", [407, 403])
-async def test_invite_with_a_wrong_password_fails_with_the_status(make_ua, raw, on_bad):
-    server = DigestPeer(await raw(), 407, "MD5", on_bad=on_bad)
+async def test_invite_with_a_wrong_password_fails_with_the_status(make_ua, raw_peers, on_bad):
+    server = DigestPeer(await raw_peers(), 407, "MD5", on_bad=on_bad)
     try:
         alice = await make_ua("alice", domain=server.peer.hostport, password="wrong")
         with pytest.raises(CallFailed) as failed:
@@ -567,9 +552,9 @@ async def test_large_udp_request_goes_over_tcp(make_ua):
     assert await asyncio.wait_for(theirs.ended, 2) == "remote BYE"
 
 
-async def test_responses_honour_rport_and_otherwise_the_via_port(make_ua, raw):
+async def test_responses_honour_rport_and_otherwise_the_via_port(make_ua, raw_peers):
     bob = await make_ua("bob")
-    peer, sent_by = await raw(), await raw()
+    peer, sent_by = await raw_peers(), await raw_peers()
     uri = f"sip:bob@127.0.0.1:{bob.config.listen_port}"
     addr = ("127.0.0.1", bob.config.listen_port)
     peer.send(raw_request("OPTIONS", uri, peer, call_id="rport-1", via_port=sent_by.port), addr)
@@ -581,5 +566,8 @@ async def test_responses_honour_rport_and_otherwise_the_via_port(make_ua, raw):
                           rport=False), addr)
     response, _ = await sent_by.expect(is_response(200))
     assert "rport" not in response.via.params
-    await asyncio.sleep(0.05)
-    assert [m.call_id for _, m in peer.log] == ["rport-1"]
+    # a fence: a third answer reaches `peer` after anything Bob sent it for rport-2
+    peer.send(raw_request("OPTIONS", uri, peer, call_id="rport-3"), addr)
+    await peer.expect(lambda m: isinstance(m, Response) and m.call_id == "rport-3",
+                      what="the answer to rport-3")
+    assert [m.call_id for _, m in peer.log] == ["rport-1", "rport-3"]

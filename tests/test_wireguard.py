@@ -8,21 +8,20 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sipmesh.agent.params import Base64Key
 from sipmesh.apps import wireguard
+from sipmesh.cli.common import register_builtin_kinds
 from sipmesh.daemon.allocators import Lease, Ledger
 from sipmesh.daemon.config import parse_config
 from sipmesh.daemon.service import DaemonSessionInfo
 from tests.lab import wait_for, wait_udp_listening
-from tests.test_daemon import register_builtin_kinds
+from tests.lab.agents import SIPMESH
 
 register_builtin_kinds()
-SIPMESH = str(Path(sys.executable).parent / "sipmesh")
 HAVE_WG = all(shutil.which(p) for p in ("wireguard-go", "wg", "ip"))
 
 CONFIG = '''

@@ -1,9 +1,12 @@
-"""Reusable test lab: real third-party SIP software (Kamailio, SIPp) and network namespaces.
+"""Reusable test lab: real SIP software (Kamailio, SIPp, and sipmesh's own programs as
+processes), network namespaces, and the one bounded wait (``wait_for``/``wait_for_async``).
 
 Import helpers with ``from tests.lab import ...``; the pytest fixtures live in
-``tests.lab.fixtures`` (enabled by ``pytest_plugins`` in ``tests/conftest.py``).
+``tests.lab.fixtures`` (enabled by ``pytest_plugins`` in ``tests/conftest.py``). sipmesh's
+broker and agents as processes: ``tests.lab.broker``, ``tests.lab.agents``.
 """
 
+from .coturn import DENIED_PEERS, Coturn, coturn_unavailable_reason
 from .kamailio import (
     AUTH_MODES,
     CFG_TEMPLATE,
@@ -18,16 +21,17 @@ from .netns import popen as netns_popen
 from .netns import run as netns_run
 from .procs import (
     REGISTRY,
-    LabTimeout,
     ManagedProcess,
     ProcessRegistry,
     free_port,
+    ipv6_loopback,
     listening_sockets,
+    pid_alive,
     spawn,
-    wait_for,
     wait_tcp_listening,
     wait_udp_listening,
 )
+from .topology import INTERNET, KINDS, Host, NatLab, Router
 from .sipp import (
     SCENARIOS,
     SippProcess,
@@ -41,14 +45,18 @@ from .sipp import (
     sipp_unavailable_reason,
     start_sipp,
 )
+from .waiting import LabTimeout, wait_for, wait_for_async
 
 __all__ = [
+    "DENIED_PEERS", "Coturn", "coturn_unavailable_reason",
     "AUTH_MODES", "CFG_TEMPLATE", "Kamailio", "KamailioError", "kamailio_unavailable_reason",
     "render_config", "write_subscriber_table",
     "Netns", "NetnsFactory", "NetnsUnavailable", "Veth", "list_netns", "netns_unavailable_reason",
     "netns_popen", "netns_run",
-    "REGISTRY", "LabTimeout", "ManagedProcess", "ProcessRegistry", "free_port", "listening_sockets",
-    "spawn", "wait_for", "wait_tcp_listening", "wait_udp_listening",
+    "REGISTRY", "ManagedProcess", "ProcessRegistry", "free_port", "ipv6_loopback", "listening_sockets",
+    "pid_alive",
+    "spawn", "LabTimeout", "wait_for", "wait_for_async", "wait_tcp_listening", "wait_udp_listening",
+    "INTERNET", "KINDS", "Host", "NatLab", "Router",
     "SCENARIOS", "SippProcess", "SippResult", "SippUsers", "make_users", "parse_stat_csv", "run_sipp",
     "scenario", "sipp_args", "sipp_unavailable_reason", "start_sipp",
 ]

@@ -4,6 +4,9 @@
 * ``spawn_proc``     factory ``(argv, *, name=None, cwd=None, env=None, netns=None) -> ManagedProcess``
 * ``netns_factory``  a :class:`NetnsFactory` (skips unless root + ``ip netns``); all deleted after
 * ``lo_only_netns``  one namespace with only ``lo`` up
+* ``nat_lab``        a :class:`NatLab` (internet bridge, no hosts yet) on ``netns_factory``
+* ``coturn``         factory ``(ip="127.0.0.1", *, realm, users={name: ha1}, netns=None, **kw)
+                     -> Coturn`` (started; skips without turnserver)
 * ``kamailio``       factory ``(**Kamailio kwargs, start=True) -> Kamailio`` (skips w/o kamailio)
 * ``tls_contexts``   (server, client) ``ssl`` contexts for a self-signed localhost certificate
 * ``sipp``           :class:`SippLab`: ``run(args, **kw)``, ``start(args, **kw)``, ``make_users(n)``
@@ -21,9 +24,11 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 
+from .coturn import Coturn, coturn_unavailable_reason
 from .kamailio import Kamailio, kamailio_unavailable_reason
 from .netns import Netns, NetnsFactory, netns_unavailable_reason
 from .procs import REGISTRY, ManagedProcess, spawn
+from .topology import NatLab
 from .sipp import SippProcess, SippResult, SippUsers, make_users, run_sipp, sipp_unavailable_reason, start_sipp
 
 
@@ -83,6 +88,31 @@ def netns_factory() -> Iterator[NetnsFactory]:
 @pytest.fixture
 def lo_only_netns(netns_factory: NetnsFactory) -> Netns:
     return netns_factory.lo_only()
+
+
+@pytest.fixture
+def nat_lab(netns_factory: NetnsFactory) -> NatLab:
+    return NatLab(netns_factory)
+
+
+@pytest.fixture
+def coturn(tmp_path: Path) -> Iterator[Callable[..., Coturn]]:
+    reason = coturn_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    started: list[Coturn] = []
+    counter = itertools.count(1)
+
+    def _make(ip: str = "127.0.0.1", **kwargs) -> Coturn:
+        server = Coturn(tmp_path / f"coturn{next(counter)}", ip, **kwargs)
+        started.append(server)
+        return server.start()
+
+    try:
+        yield _make
+    finally:
+        for server in reversed(started):
+            server.stop()
 
 
 @pytest.fixture

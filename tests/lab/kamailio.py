@@ -27,7 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .procs import ManagedProcess, free_port, netns_prefix, spawn, wait_for, wait_tcp_listening, wait_udp_listening
+from .procs import ManagedProcess, free_port, netns_prefix, spawn, wait_tcp_listening, wait_udp_listening
+from .waiting import wait_for
 
 __all__ = [
     "CFG_TEMPLATE",
@@ -319,6 +320,10 @@ class Kamailio:
                 if branch.encode() in data:
                     return data.startswith(b"SIP/2.0 200")
             return False
+
+    def registered(self, user: str) -> bool:
+        """Does Kamailio's location table hold a binding for ``user``?"""
+        return f"AoR: {user}\n" in self.rpc("ul.dump")
 
     def rpc(self, *args: str, timeout: float = 10) -> str:
         """``kamcmd -s CTL ARGS...`` (e.g. ``rpc('ul.dump')``); returns stdout."""

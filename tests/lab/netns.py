@@ -37,6 +37,7 @@ __all__ = [
     "Veth",
     "list_netns",
     "netns_unavailable_reason",
+    "ip_batch",
     "popen",
     "run",
 ]
@@ -54,6 +55,20 @@ def _ip(*args: str, check: bool = True, timeout: float = 15) -> subprocess.Compl
     if check and p.returncode != 0:
         raise subprocess.CalledProcessError(p.returncode, ["ip", *args], p.stdout, p.stderr)
     return p
+
+
+def ip_batch(lines: Sequence[str], ns: "Netns | str | None" = None, *,
+             timeout: float = 15) -> None:
+    """Run many ``ip`` commands in one process (``ip [-n NS] -batch -``): one exec instead of
+    one per command, which is most of the cost of building a topology."""
+    if not lines:
+        return
+    pre = ("-n", _ns_name(ns)) if ns is not None else ()
+    p = subprocess.run(["ip", *pre, "-batch", "-"], input="\n".join(lines) + "\n",
+                       capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise subprocess.CalledProcessError(p.returncode, ["ip", *pre, "-batch", "-"],
+                                            p.stdout, f"{p.stderr}\nbatch was:\n" + "\n".join(lines))
 
 
 def list_netns() -> list[str]:
@@ -242,6 +257,18 @@ class NetnsFactory:
         return ns
 
     new = add
+
+    def add_many(self, hints: Sequence[str], *, setup: Sequence[str] = ()) -> list[Netns]:
+        """Several namespaces in one ``ip -batch`` (``lo`` still down: bring it up in the
+        namespace's own batch), followed by the host-level ``ip`` commands `setup` (e.g.
+        ``link add X netns A type veth peer name Y netns B``) in the same process. The
+        namespaces are registered before they exist, so :meth:`close` deletes them even when
+        the batch fails half way."""
+        made = [Netns(_unique(self.prefix, hint), create=False) for hint in hints]
+        with self._lock:
+            self.namespaces.extend(made)
+        ip_batch([f"netns add {ns.name}" for ns in made] + list(setup))
+        return made
 
     def lo_only(self, hint: str = "lo") -> Netns:
         """A namespace with nothing but ``lo`` (for servers fed hostile messages)."""

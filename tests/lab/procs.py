@@ -1,4 +1,4 @@
-"""Process helpers for the test lab: free ports, managed child processes, waiting.
+"""Process helpers for the test lab: free ports, managed child processes, bound sockets.
 
 Every process started with :func:`spawn` runs in its own session (process group), logs
 stdout+stderr to a file and is recorded in :data:`REGISTRY`; the autouse fixture in
@@ -18,28 +18,23 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Iterable, Mapping, Sequence
+
+from .waiting import wait_for
 
 __all__ = [
-    "LabTimeout",
     "ManagedProcess",
     "ProcessRegistry",
     "REGISTRY",
     "free_port",
+    "ipv6_loopback",
     "netns_prefix",
+    "pid_alive",
     "listening_sockets",
     "spawn",
-    "wait_for",
     "wait_tcp_listening",
     "wait_udp_listening",
 ]
-
-T = TypeVar("T")
-
-
-class LabTimeout(AssertionError):
-    """A bounded wait ran out of time."""
-
 
 # --------------------------------------------------------------------------- ports
 
@@ -57,6 +52,11 @@ def _bind_ok(kind: int, host: str, port: int) -> bool:
         return False
     finally:
         s.close()
+
+
+def ipv6_loopback() -> bool:
+    """Can a socket bind ::1 here? (some containers have no IPv6 at all)"""
+    return _bind_ok(socket.SOCK_DGRAM, "::1", 0)
 
 
 def free_port(kind: str = "udp", host: str = "127.0.0.1") -> int:
@@ -87,40 +87,7 @@ def free_port(kind: str = "udp", host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free {kind} port found on {host} after 200 tries")
 
 
-# --------------------------------------------------------------------------- waiting
-
-
-def wait_for(
-    predicate: Callable[[], T],
-    timeout: float = 10.0,
-    interval: float = 0.05,
-    *,
-    what: str | None = None,
-    abort: Callable[[], str | None] | None = None,
-) -> T:
-    """Poll ``predicate`` until it returns a truthy value (which is returned).
-
-    Raises :class:`LabTimeout` after ``timeout`` seconds. ``abort`` (optional) is polled too:
-    if it returns a non-empty string, waiting stops at once with that message (e.g. "the
-    server process exited").
-    """
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
-        try:
-            value = predicate()
-        except Exception as exc:  # noqa: BLE001 - predicate errors count as "not yet"
-            value, last_exc = None, exc
-        if value:
-            return value
-        if abort is not None:
-            msg = abort()
-            if msg:
-                raise LabTimeout(f"gave up waiting for {what or predicate!r}: {msg}")
-        if time.monotonic() >= deadline:
-            extra = f" (last error: {last_exc!r})" if last_exc else ""
-            raise LabTimeout(f"timed out after {timeout:g}s waiting for {what or predicate!r}{extra}")
-        time.sleep(interval)
+# --------------------------------------------------------------------------- bound sockets
 
 
 def netns_prefix(netns: object | None) -> list[str]:
@@ -199,6 +166,15 @@ def wait_tcp_listening(
 
 
 # --------------------------------------------------------------------------- processes
+
+
+def pid_alive(pid: int) -> bool:
+    """Is process ``pid`` running? (a zombie counts as gone)"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 class ManagedProcess:

@@ -1,2 +1,4 @@
-"""Peers for the user-agent tests: scripted raw-socket SIP peers, a callee handler, and
-scripts that run third-party user agents (sippy) in a subprocess."""
+"""What the code under test talks to, in the test's own process: the raw UDP SIP peer
+(`raw`), a callee handler and fast timers (`helpers`), the broker and the daemon in-process
+(`broker`, `daemon`), sippy in a subprocess (`sippy_run`, `sippy_peer.py`), and generated
+SIP text (`strategies`)."""

@@ -20,7 +20,7 @@ import logging
 import sys
 
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.useragent import Call, CallFailed, IncomingCall, UAConfig, UserAgent
+from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
 
 SDP = b"v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=application 9 TCP x\r\na=x-nat:1\r\n"
 

@@ -51,6 +51,10 @@ class ProfileError(AgentError):
     """An application profile cannot do what a session needs (program, port, files)."""
 
 
+class Exhausted(ProfileError):
+    """No free port or address for one more session now: the INVITE gets 486 Busy Here."""
+
+
 def describe_exit(status: int) -> str:
     """How a program ended, from its exit status (negative: killed by that signal)."""
     if status >= 0:

@@ -58,12 +58,16 @@ class ParamType:
     def parse(self, text: str) -> str:
         raise NotImplementedError
 
-    def check(self, text: str) -> str:
+    def _bounded(self, text: str) -> None:
+        """A str of at most max_length characters, or ValueError."""
         if not isinstance(text, str):
             raise ValueError(f"expected {self.expected}, got {type(text).__name__}")
         if len(text) > self.max_length:
             raise ValueError(f"{show(text)} is too long (at most {self.max_length} characters "
                              f"for {self.expected})")
+
+    def check(self, text: str) -> str:
+        self._bounded(text)
         if not text:
             raise ValueError(f"empty, expected {self.expected}")
         if not text.isascii() or not text.isprintable() or text != text.strip() or " " in text:
@@ -247,11 +251,7 @@ class Fingerprint(ParamType):
 
     def check(self, text: str) -> str:
         # The one type with an inner space, so the generic whitespace rule is applied per field.
-        if not isinstance(text, str):
-            raise ValueError(f"expected {self.expected}, got {type(text).__name__}")
-        if len(text) > self.max_length:
-            raise ValueError(f"{show(text)} is too long (at most {self.max_length} characters "
-                             f"for {self.expected})")
+        self._bounded(text)
         fields = text.split(" ")
         if len(fields) != 2 or not all(f and f.isascii() and f.isprintable() and f.strip() == f
                                        for f in fields):

@@ -6,10 +6,11 @@ what the answering side puts into its 200 OK, and which program each side
 starts with the negotiated values. The agent does all the SIP; a profile never
 sees a raw SDP body or an unvalidated value.
 
-Sequence, answering side: `check` (before registering) -> INVITE arrives ->
-the agent validates the offer against `offer_params` -> `answer` -> the program
-of the returned plan starts -> 200 OK with the plan's attributes -> ... ->
-the program is stopped, the ChildSpec's cleanup runs.
+Sequence, answering side (agent/session.py:Session.answer): `check` (before
+registering) -> INVITE arrives -> the agent validates the offer against
+`offer_params` and asks `refusal` -> `answer` -> the program of the returned plan
+starts -> `wait_ready` -> 200 OK with the plan's attributes -> ... -> the program
+is stopped, the ChildSpec's cleanup runs.
 
 Calling side: `check` -> `offer` -> INVITE -> 200 OK validated against
 `answer_params` -> ACK -> `caller_child` starts -> ...
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from sipmesh.agent.params import IPv4, IPv6, Param, Port, Token
-from sipmesh.agent.supervisor import ChildSpec
+from sipmesh.agent.supervisor import Child, ChildSpec
 
 __all__ = ["AppProfile", "Plan", "SessionInfo", "COMMON_OFFER", "IP_PARAMS", "PORT", "endpoint_env",
            "offered_ip"]
@@ -86,9 +87,21 @@ class AppProfile(abc.ABC):
     offer_params: tuple[Param, ...] = COMMON_OFFER
     answer_params: tuple[Param, ...] = IP_PARAMS + (PORT,)
 
+    @property
+    def label(self) -> str:
+        """What logs and refusals call a session of this profile."""
+        return self.name
+
     def check(self) -> None:
         """Raise ProfileError if a session could not start (program missing, ...).
         Called before registering, so that nobody calls an agent that cannot answer."""
+
+    def refusal(self, offer: dict[str, str]) -> str | None:
+        """Why this profile will not serve a validated offer (488), or None if it will:
+        by default an offer that asks for another application (a=APP)."""
+        if offer.get("APP") not in (None, self.name):
+            return f"this agent serves {self.name}, not {offer['APP']}"
+        return None
 
     def offer(self, info: SessionInfo) -> dict[str, str]:
         """The caller's attributes for its INVITE."""
@@ -97,6 +110,10 @@ class AppProfile(abc.ABC):
     @abc.abstractmethod
     async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
         """The answering side: choose its values (port, ...) for a validated offer."""
+
+    async def wait_ready(self, plan: Plan, child: Child) -> None:
+        """Return once the answering side's program can take the caller's first packet
+        (the 200 OK waits for it); raise ProfileError if it never will. Default: at once."""
 
     @abc.abstractmethod
     def caller_child(self, info: SessionInfo, offer: dict[str, str],

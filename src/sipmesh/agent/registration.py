@@ -3,18 +3,19 @@
 As in the prototype: REGISTER at start (Expires 3600 by default), refresh at
 half the granted time; when a refresh fails the next try comes after half the
 previous interval, never sooner than 10 s; at the end Expires 0 removes the
-binding.
+binding. `state`, `since` and `error` say how it stands (`sipmesh status` shows them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Response
-from sipmesh.sip.useragent import CallFailed, UserAgent
+from sipmesh.sip.ua import CallFailed, UserAgent
 
 log = logging.getLogger("sipmesh.agent.registration")
 
@@ -69,13 +70,36 @@ class Registration:
         self.min_retry = min_retry
         self.granted: int | None = None
         self.interval = expires / 2
+        self.state = "unregistered"  # -> registered | failing (the last REGISTER's outcome)
+        self.since = time.time()  # when `state` last changed
+        self.error: str | None = None  # why it is failing
         self._task: asyncio.Task[None] | None = None
 
     @property
     def server(self) -> str:
         return self.ua.config.domain
 
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if state != self.state:
+            self.since = time.time()
+        self.state, self.error = state, error
+
     async def _register(self, expires: int, timeout: float | None = None) -> Response:
+        """One REGISTER (and its 423 retry); records the outcome in `state`."""
+        try:
+            response = await self._send(expires, timeout)
+        except AgentError as exc:
+            self._set_state("failing", str(exc))
+            raise
+        if expires == 0:
+            self._set_state("unregistered")
+        elif 200 <= response.status < 300:
+            self._set_state("registered")
+        else:
+            self._set_state("failing", f"{response.status} {response.reason}")
+        return response
+
+    async def _send(self, expires: int, timeout: float | None) -> Response:
         timeout = self.timeout if timeout is None else timeout
         try:
             response = await asyncio.wait_for(self.ua.register(expires), timeout)
@@ -95,11 +119,20 @@ class Registration:
             raise AgentError(f"cannot reach the SIP server {self.server}: {exc}",
                              Exit.UNREACHABLE) from None
 
-    async def register(self) -> None:
-        """The first REGISTER; raises AgentError with the reason if it fails."""
-        response = await self._register(self.expires)
-        if not 200 <= response.status < 300:
-            raise registration_error(response.status, response.reason, self.server)
+    async def register(self, *, keep_trying: bool = False) -> None:
+        """The first REGISTER; raises AgentError with the reason if it fails. With
+        `keep_trying` an unreachable server is not an error: the refresh loop tries again
+        every `min_retry` seconds (refused credentials still raise)."""
+        try:
+            response = await self._register(self.expires)
+            if not 200 <= response.status < 300:
+                raise registration_error(response.status, response.reason, self.server)
+        except AgentError as exc:
+            if not keep_trying or exc.code != Exit.UNREACHABLE:
+                raise  # refused credentials: a configuration error, not a glitch
+            log.warning("%s: trying again every %g s", exc, self.min_retry)
+            self.interval = self.min_retry
+            return
         self._granted(response)
         log.info("registered %s at %s for %d s", self.ua.aor, self.server, self.granted)
 

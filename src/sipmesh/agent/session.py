@@ -1,23 +1,38 @@
-"""The agent: one SIP identity that answers (serve) or places (call) application sessions.
+"""One application session, answering or calling; and the agent of `sipmesh serve`/`call`.
 
-This is the successor of the prototype ``sip_app``:
+This is the successor of the prototype ``sip_app``. A `Session` is one session
+from its first SIP message to its end, its steps in the order they happen.
 
-* serve mode registers, then waits for INVITEs. One session at a time: an INVITE
-  that arrives meanwhile gets 486 Busy Here. For each INVITE: validate the
-  offer's ``a=`` lines against the profile's declared types (488 with a Warning
-  header and nothing started if they do not validate), 180 Ringing, start the
-  program, 200 OK with the answer's ``a=`` lines, supervise.
-* call mode registers, INVITEs the target by name through the SIP server,
-  validates the answer's ``a=`` lines (a bad answer is ACKed and ended with
-  BYE, nothing started), then starts its program and supervises.
-* Supervision: the program exits -> BYE at once; BYE received -> the program is
-  stopped (SIGTERM to its group, SIGKILL after the grace period); a stop request
-  (SIGINT, SIGTERM, SIGHUP in the CLI) -> BYE, stop the program, unregister.
-* The exit status: a program that ended its session by failing (non-zero status,
-  or a signal we did not send) makes call mode (and serve mode with ``once``)
-  fail with Exit.APPLICATION; a program we stopped (BYE, stop request) never does.
+Answering (`Session.answer`; the daemon runs the same steps, choosing a service):
 
-Only ``a=`` lines are ever read from SDP; ``m=``, ``c=`` and ``o=`` are for proxies.
+    read the offer      415 unless SDP; its a= lines (488 + Warning if malformed)
+    choose              which profile serves it -- the caller of `answer` decides (the
+                        agent has one; the daemon checks the caller, picks the service,
+                        counts sessions, holds ports and addresses): 403 / 486 / 488
+    validate the offer  against the profile's declared types, and `profile.refusal` (488)
+    180 Ringing
+    plan                `profile.answer`: our values and the program (486 when no port or
+                        address is free, 500 otherwise)
+    describe            our a= lines, validated by the same rules as the peer's, as SDP
+    start               the program, then `profile.wait_ready` (500)
+    accept              200 OK until the ACK
+    supervise           until the program, the peer or a stop request ends it
+
+Calling (`Session.place`): offer -> INVITE -> read the answer (a bad one is ACKed and
+ended with BYE, nothing started) -> start the program -> supervise.
+
+Supervision: the program exits -> BYE at once; BYE received -> the program is stopped
+(SIGTERM to its group, SIGKILL after the grace period); a stop request (SIGINT,
+SIGTERM, SIGHUP in the CLI) -> BYE, stop the program. A program that ended its
+session by failing (non-zero status, or a signal we did not send) makes call mode
+(and serve mode with ``once``) fail with Exit.APPLICATION; a program we stopped never does.
+
+Connection parameters (addresses, ports, keys; ICE candidates next) are produced
+by the profile (`profile.offer` when calling, `profile.answer` when answering) and
+cross the network in two places only: `_describe` writes ours into SDP, and
+`_read_offer` + `_validate_offer` (answering) or `_read_answer` (calling) read and
+validate the peer's. Only ``a=`` lines are ever read; ``m=``, ``c=`` and ``o=`` are
+for proxies.
 """
 
 from __future__ import annotations
@@ -29,21 +44,331 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sipmesh.agent.attributes import build_sdp, read_attributes
-from sipmesh.agent.errors import (AgentError, Exit, describe_exit, describe_status,
+from sipmesh.agent.endpoint import Endpoint
+from sipmesh.agent.errors import (AgentError, Exhausted, Exit, describe_exit, describe_status,
                                   exit_for_status)
-from sipmesh.agent.params import IPAddress, ParamError, validate
-from sipmesh.agent.profile import AppProfile, SessionInfo
-from sipmesh.agent.registration import Registration
-from sipmesh.agent.supervisor import Child
+from sipmesh.agent.params import ParamError, validate
+from sipmesh.agent.profile import AppProfile, Plan, SessionInfo
+from sipmesh.agent.supervisor import Child, ChildSpec
 from sipmesh.sip.headers import quote_string
 from sipmesh.sip.sdp import SDPError
-from sipmesh.sip.transport.base import local_address_towards, resolve, uri_target
-from sipmesh.sip.uri import parse_sip_uri
-from sipmesh.sip.useragent import Call, CallFailed, IncomingCall, UAConfig, UserAgent
+from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
 
 log = logging.getLogger("sipmesh.agent")
 
 EventHook = Callable[[str, dict], None]
+# Who serves an INVITE, from its a= lines (not yet validated): (profile, SessionInfo), or
+# raise Refusal.
+Chooser = Callable[[IncomingCall, dict[str, str]], tuple[AppProfile, SessionInfo]]
+
+
+def warning_value(text: str, agent: str) -> str:
+    """A Warning header value (RFC 3261 §20.43): code 399, our host, the text quoted."""
+    clean = "".join(c if c.isprintable() and c.isascii() else "?" for c in text)[:200]
+    return f"399 {agent} {quote_string(clean)}"
+
+
+def emit(hook: EventHook | None, event: str, **data: object) -> None:
+    """Tell an observer (progress lines, the daemon's counters) what happened."""
+    if hook is not None:
+        data.setdefault("time", time.monotonic())
+        try:
+            hook(event, data)
+        except Exception:  # an observer must not break a session
+            log.exception("event hook failed for %s", event)
+
+
+class Refusal(Exception):
+    """The INVITE is answered `status` and the session ends before anything runs."""
+
+    def __init__(self, status: int, text: str, *, warning: bool = True,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.warning = warning  # send `text` in a Warning header
+        self.headers = headers
+
+
+class Session:
+    """One session and its program, from the INVITE until one side ends it."""
+
+    def __init__(self, endpoint: Endpoint, *, grace: float = 5.0,
+                 on_event: EventHook | None = None) -> None:
+        self.endpoint = endpoint
+        self.grace = grace  # SIGTERM -> SIGKILL
+        self.on_event = on_event
+        self.role = ""  # "server" (answering) or "client" (calling)
+        self.call_id = ""
+        self.peer = ""
+        self.state = "starting"  # -> established -> ending
+        self.since = time.time()  # when `state` last changed
+        self.profile: AppProfile | None = None
+        self.info: SessionInfo | None = None
+        self.child: Child | None = None
+        self.call: Call | None = None
+        self.reason: str | None = None  # why it ended
+        # The program's exit status when the program itself ended the session (negative:
+        # killed by that signal); None when the peer or a stop request ended it and we
+        # stopped the program (whatever status that gave is ours, not the program's).
+        self.app_status: int | None = None
+
+    @property
+    def failure(self) -> str | None:
+        """How our program ended the session by failing (non-zero status or a signal we
+        did not send), for people; None if it did not."""
+        if self.app_status in (None, 0):
+            return None
+        return (f"the application {describe_exit(self.app_status)} "
+                f"(session {self.call_id} with {self.peer})")
+
+    def _emit(self, event: str, **data: object) -> None:
+        emit(self.on_event, event, **data)
+
+    # -- the answering side --------------------------------------------------------------
+    async def answer(self, incoming: IncomingCall, choose: Chooser) -> bool:
+        """Answer `incoming` and run the session to its end; False if it was refused or
+        never established."""
+        self.role, self.call_id, self.peer = "server", incoming.call_id, str(incoming.caller.uri)
+        log.info("[%s] INVITE from %s", self.call_id, self.peer)
+        self._emit("invite_received", peer=self.peer, call_id=self.call_id)
+        try:
+            attributes = self._read_offer(incoming)
+            self.profile, self.info = choose(incoming, attributes)
+        except Refusal as refusal:
+            self._refuse(incoming, refusal)
+            return False
+        with self.endpoint.running(self):
+            try:
+                return await self._answer(incoming, self.profile, self.info, attributes)
+            finally:
+                self.state = "ending"
+                if self.child is not None and not self.child.finished.done():
+                    await self.child.stop(self.grace)  # refused, failed or cancelled half-way
+
+    async def _answer(self, incoming: IncomingCall, profile: AppProfile, info: SessionInfo,
+                      attributes: dict[str, str]) -> bool:
+        try:
+            offer = self._validate_offer(profile, attributes)
+            incoming.ringing()
+            plan = await self._plan(profile, info, offer)
+            sdp = self._describe_answer(profile, plan)
+            await self._start_answering(profile, plan)
+        except Refusal as refusal:
+            self._refuse(incoming, refusal)
+            return False
+        try:
+            self.call = await incoming.accept(sdp)
+        except CallFailed as exc:
+            log.warning("[%s] the session was not established (%s): stopping %s",
+                        self.call_id, exc, profile.label)
+            return False
+        await self._run()
+        return True
+
+    def _read_offer(self, incoming: IncomingCall) -> dict[str, str]:
+        """The offer's a= lines, not yet validated (that needs the profile)."""
+        content_type = (incoming.request.content_type or "").split(";")[0].strip().lower()
+        if incoming.sdp.strip() and content_type not in ("application/sdp", ""):
+            raise Refusal(415, f"not SDP: {content_type}", warning=False,
+                          headers=(("Accept", "application/sdp"),))
+        try:
+            return read_attributes(incoming.sdp)
+        except SDPError as exc:
+            raise Refusal(488, f"malformed SDP: {exc}") from None
+        except ParamError as exc:
+            raise Refusal(488, f"bad parameter {exc}") from None
+
+    def _validate_offer(self, profile: AppProfile, attributes: dict[str, str]) -> dict[str, str]:
+        try:
+            offer = validate(profile.offer_params, attributes)
+        except ParamError as exc:
+            raise Refusal(488, f"bad parameter {exc}") from None
+        problem = profile.refusal(offer)
+        if problem is not None:
+            raise Refusal(488, problem)
+        return offer
+
+    async def _plan(self, profile: AppProfile, info: SessionInfo, offer: dict[str, str]) -> Plan:
+        try:
+            return await profile.answer(info, offer)
+        except Exhausted as exc:
+            raise Refusal(486, str(exc)) from None
+        except (AgentError, ValueError, OSError) as exc:  # ParamError is a ValueError
+            raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
+
+    def _describe_answer(self, profile: AppProfile, plan: Plan) -> bytes:
+        """The 200 OK's SDP; our own values pass the same validation as the peer's."""
+        try:
+            validate(profile.answer_params, plan.attributes)
+            return self._describe(profile, plan.attributes, plan.port)
+        except ValueError as exc:
+            if plan.child.cleanup is not None:
+                plan.child.cleanup()
+            raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
+
+    async def _start_answering(self, profile: AppProfile, plan: Plan) -> None:
+        """Our program, once it can take the caller's first packet."""
+        try:
+            self.child = await self._start(plan.child, plan.attributes.get("PORT"))
+            await profile.wait_ready(plan, self.child)
+        except AgentError as exc:
+            raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
+
+    def _refuse(self, incoming: IncomingCall, refusal: Refusal) -> None:
+        log.warning("[%s] refusing the INVITE from %s: %d %s", self.call_id, self.peer,
+                    refusal.status, refusal.text)
+        headers = list(refusal.headers)
+        if refusal.warning:
+            headers.append(("Warning", warning_value(refusal.text,
+                                                     self.endpoint.local_ip or "sipmesh")))
+        incoming.reject(refusal.status, headers=headers)
+        self._emit("refused", status=refusal.status, text=refusal.text)
+
+    # -- the calling side ----------------------------------------------------------------
+    async def place(self, target: str, profile: AppProfile, *, timeout: float) -> bool:
+        """INVITE `target`, start our program with its answer and run the session to its
+        end. False if a stop request came while calling; failures raise AgentError."""
+        ua = self.endpoint.ua
+        assert ua is not None, "the endpoint is not listening"
+        self.role, self.profile, self.peer = "client", profile, str(ua.target_uri(target))
+        self.info = info = SessionInfo(role="client", call_id="", local_user=ua.config.user,
+                                       peer=self.peer, local_ip=self.endpoint.local_ip)
+        offer = profile.offer(info)
+        sdp = self._describe(profile, offer, 9)
+        log.info("calling %s", self.peer)
+        self._emit("invite_sent", target=self.peer)
+        call = await self._invite(target, sdp, timeout)
+        if call is None:
+            return False
+        self.call, self.call_id = call, call.call_id
+        info.call_id = call.call_id
+        with self.endpoint.running(self):
+            try:
+                answer = await self._read_answer(call, profile, target)
+                try:
+                    spec = profile.caller_child(info, offer, answer)
+                    self.child = await self._start(spec, answer.get("PORT"))
+                except AgentError:
+                    await _bye(call, 500, "cannot start the application")
+                    raise
+                await self._run()
+            finally:
+                self.state = "ending"
+                if self.child is not None and not self.child.finished.done():
+                    await self.child.stop(self.grace)  # cancelled half-way
+        return True
+
+    async def _invite(self, target: str, sdp: bytes, timeout: float) -> Call | None:
+        ua = self.endpoint.ua
+        assert ua is not None
+        invite = asyncio.ensure_future(ua.invite(
+            target, sdp, on_progress=lambda r: log.info("%d %s", r.status, r.reason)))
+        stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
+        try:
+            done, _ = await asyncio.wait({invite, stopping}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if invite not in done:
+            invite.cancel()
+            try:
+                await invite
+            except (asyncio.CancelledError, Exception):
+                pass
+            if self.endpoint.stopping.is_set():
+                log.info("stopped while calling %s", target)
+                return None
+            raise AgentError(f"{target} did not answer within {timeout:g} s", Exit.NO_ANSWER)
+        try:
+            return invite.result()
+        except CallFailed as exc:
+            message = describe_status(exc.status, exc.reason, target)
+            warning = exc.response.headers.get("Warning") if exc.response is not None else None
+            if warning:
+                message += f"; the peer says: {warning}"
+            raise AgentError(message, exit_for_status(exc.status)) from None
+        except OSError as exc:
+            raise AgentError(f"cannot reach the SIP server: {exc}", Exit.UNREACHABLE) from None
+
+    async def _read_answer(self, call: Call, profile: AppProfile, target: str) -> dict[str, str]:
+        """The answer's a= lines, validated; a bad answer ends the session (BYE)."""
+        try:
+            answer = validate(profile.answer_params, read_attributes(call.remote_sdp))
+            if not (answer.get("IP4") or answer.get("IP6")):
+                raise ParamError("IP4", "missing (the answer must say where to connect)")
+            return answer
+        except (SDPError, ParamError) as exc:
+            log.warning("[%s] refusing the answer of %s: %s", call.call_id, call.peer, exc)
+            self._emit("refused", status=488, text=str(exc))
+            await _bye(call, 488, f"bad parameter {exc}")
+            raise AgentError(f"refused the answer of {target}: {exc}", Exit.REFUSED) from None
+
+    # -- both sides ----------------------------------------------------------------------
+    def _describe(self, profile: AppProfile, attributes: dict[str, str], port: int) -> bytes:
+        """Our offer or answer: `attributes` as a= lines of an SDP body."""
+        ua = self.endpoint.ua
+        assert ua is not None
+        return build_sdp(username=ua.config.user, address=self.endpoint.local_ip,
+                         media=profile.media, proto=profile.proto, port=port,
+                         attributes=attributes)
+
+    async def _start(self, spec: ChildSpec, port: str | None) -> Child:
+        assert self.profile is not None
+        child = await Child.start(spec, name=f"{self.profile.label} [{self.call_id}]",
+                                  grace=self.grace)
+        self._emit("child_started", role=self.role, pid=child.pid, argv=spec.argv, port=port)
+        return child
+
+    async def _run(self) -> None:
+        """Established: supervise until one side ends the session."""
+        assert self.call is not None and self.child is not None
+        self.state, self.since = "established", time.time()
+        log.info("[%s] session established with %s (%s, pid %d)", self.call_id, self.call.peer,
+                 self.profile.label if self.profile else "?", self.child.pid)
+        self._emit("established", role=self.role, call_id=self.call_id, peer=self.call.peer)
+        reason = await self.supervise()
+        log.info("[%s] session ended: %s", self.call_id, reason)
+        if self.failure is not None:
+            log.warning("[%s] %s", self.call_id, self.failure)
+        self._emit("ended", call_id=self.call_id, reason=reason, app_status=self.app_status)
+
+    async def supervise(self) -> str:
+        """Wait for the program, the peer or a stop request; end the rest; say why."""
+        assert self.call is not None and self.child is not None
+        call, child = self.call, self.child
+        stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
+        try:
+            await asyncio.wait({child.exited, call.ended, stopping},
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if child.exited.done():
+            self.app_status = status = child.exited.result()
+            self.reason = f"the application {describe_exit(status)}"
+            log.info("[%s] %s: sending BYE", call.call_id, self.reason)
+            await call.bye()
+            await child.stop(self.grace)
+        elif call.ended.done():
+            self.reason = f"the peer ended the session ({call.ended.result()})"
+            log.info("[%s] %s: stopping the application", call.call_id, self.reason)
+            await child.stop(self.grace)
+        else:
+            self.reason = "shutting down"
+            log.info("[%s] shutting down: BYE and stopping the application", call.call_id)
+            await asyncio.gather(call.bye(), child.stop(self.grace))
+        return self.reason
+
+
+async def _bye(call: Call, cause: int, text: str) -> None:
+    """End a session we just accepted (as RFC 3261 §13.2.2.4 asks: ACK, then BYE)."""
+    log.info("[%s] ending the session at once: %d %s", call.call_id, cause, text)
+    # `text` may quote a hostile SDP value: keep it printable, unquoted and short.
+    reason = "".join(c if c.isprintable() and c not in '"\\' else "?" for c in text)[:120]
+    await call.bye(headers=[("Reason", f'SIP ;cause={cause} ;text="{reason}"')])
+
+
+# ---------------------------------------------------------------------------- the agent
 
 
 @dataclass
@@ -60,56 +385,10 @@ class AgentConfig:
     once: bool = False  # serve mode: stop after the first session
 
 
-def warning_value(text: str, agent: str) -> str:
-    """A Warning header value (RFC 3261 §20.43): code 399, our host, the text quoted."""
-    clean = "".join(c if c.isprintable() and c.isascii() else "?" for c in text)[:200]
-    return f"399 {agent} {quote_string(clean)}"
-
-
-class Session:
-    """An established session and its program, until one of them ends it."""
-
-    def __init__(self, call: Call, child: Child, grace: float) -> None:
-        self.call = call
-        self.child = child
-        self.grace = grace
-        self.reason: str | None = None
-        # The program's exit status when the program itself ended the session (negative:
-        # killed by that signal); None when the peer or a stop request ended it and we
-        # stopped the program (whatever status that gave is ours, not the program's).
-        self.app_status: int | None = None
-
-    @property
-    def failed(self) -> bool:
-        """Did our program end the session by failing (non-zero status or a signal)?"""
-        return self.app_status not in (None, 0)
-
-    async def supervise(self, stop: asyncio.Event) -> str:
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({self.child.exited, self.call.ended, stopping},
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-        if self.child.exited.done():
-            self.app_status = status = self.child.exited.result()
-            self.reason = f"the application {describe_exit(status)}"
-            log.info("[%s] %s: sending BYE", self.call.call_id, self.reason)
-            await self.call.bye()
-            await self.child.stop(self.grace)
-        elif self.call.ended.done():
-            self.reason = f"the peer ended the session ({self.call.ended.result()})"
-            log.info("[%s] %s: stopping the application", self.call.call_id, self.reason)
-            await self.child.stop(self.grace)
-        else:
-            self.reason = "shutting down"
-            log.info("[%s] shutting down: BYE and stopping the application", self.call.call_id)
-            await asyncio.gather(self.call.bye(), self.child.stop(self.grace))
-        return self.reason
-
-
 class Agent:
-    """Runs one agent until it is done (call mode) or asked to stop (serve mode)."""
+    """One SIP identity with one application profile: answers sessions one at a time
+    (serve mode; a second INVITE meanwhile gets 486 Busy Here) or places one (call
+    mode). Runs until it is done (call) or asked to stop (serve)."""
 
     def __init__(self, config: AgentConfig, profile: AppProfile, *,
                  on_event: EventHook | None = None) -> None:
@@ -120,276 +399,77 @@ class Agent:
         self.config = config
         self.profile = profile
         self.on_event = on_event
-        self.ua: UserAgent | None = None
-        self.registration: Registration | None = None
-        self.local_ip = ""
-        self.sessions = 0
-        self.session: Session | None = None
+        self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise)
+        self.sessions = 0  # established so far
         self.app_failure: str | None = None  # how the last session's program failed
-        self._stop = asyncio.Event()  # (asyncio events bind to a loop only when awaited)
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._busy = False
         self.ready = asyncio.Event()  # set once registered (or, without registering, started)
 
-    # -- control -------------------------------------------------------------------------
+    @property
+    def ua(self) -> UserAgent | None:
+        return self.endpoint.ua
+
     def request_stop(self) -> None:
         """End the current session, unregister and return from run() (signal handlers)."""
-        if self._stop.is_set():
-            log.debug("already stopping")
-            return
-        log.info("stop requested")
-        self._stop.set()
+        self.endpoint.request_stop()
 
-    def _emit(self, event: str, **data: object) -> None:
-        if self.on_event is not None:
-            data.setdefault("time", time.monotonic())
-            try:
-                self.on_event(event, data)
-            except Exception:  # an observer must not break a session
-                log.exception("event hook failed for %s", event)
-
-    # -- main ----------------------------------------------------------------------------
     async def run(self) -> int:
         """Returns the exit status (0); failures raise AgentError.
 
         In call mode (and serve mode with ``once``) a session whose program failed
         raises AgentError with Exit.APPLICATION once everything is shut down."""
         self.profile.check()
-        self.ua = UserAgent(self.config.ua, on_invite=self._on_invite)
+        endpoint = self.endpoint
         try:
-            await self.ua.start()
-        except OSError as exc:
-            self.ua = None
-            raise AgentError(f"cannot listen for SIP on {self.config.ua.listen_host}:"
-                             f"{self.config.ua.listen_port}: {exc.strerror or exc}",
-                             Exit.UNREACHABLE) from None
-        try:
-            self.local_ip = await self._advertised_address()
-            if self._stop.is_set():  # a signal while starting
+            await endpoint.listen()
+            if endpoint.stopping.is_set():  # a signal while starting
                 return Exit.OK
             if self.config.register:
-                self.registration = Registration(self.ua, expires=self.config.expires,
-                                                 timeout=self.config.register_timeout)
-                await self.registration.register()
-                self.registration.start_refresh()
-            self._emit("ready", contact=str(self.ua.contact().uri))
+                await endpoint.register(expires=self.config.expires,
+                                        timeout=self.config.register_timeout)
+            assert endpoint.ua is not None
+            emit(self.on_event, "ready", contact=str(endpoint.ua.contact().uri))
             self.ready.set()
             if self.config.mode == "serve":
-                await self._stop.wait()
+                await endpoint.stopping.wait()
             else:
-                await self._call()
+                assert self.config.target
+                session = self._session()
+                if await session.place(self.config.target, self.profile,
+                                       timeout=self.config.invite_timeout):
+                    self._ended(session)
         finally:
-            await self._shutdown()
+            await endpoint.close(self.config.grace + 10)
         if self.app_failure is not None and (self.config.mode == "call" or self.config.once):
             raise AgentError(self.app_failure, Exit.APPLICATION)
         return Exit.OK
 
-    async def _advertised_address(self) -> str:
-        if self.config.advertise:
-            try:
-                return IPAddress().check(self.config.advertise)
-            except ValueError as exc:
-                raise AgentError(f"--advertise: {exc}", Exit.USAGE) from None
-        _, host, port = uri_target(parse_sip_uri(f"sip:{self.config.ua.domain}"))
-        try:
-            server = await resolve(host, port)
-        except OSError as exc:
-            raise AgentError(f"cannot resolve the SIP server {host}: {exc}", Exit.UNREACHABLE) \
-                from None
-        return local_address_towards(server)
-
-    async def _shutdown(self) -> None:
-        self._stop.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), self.config.grace + 10)
-        except asyncio.TimeoutError:
-            log.warning("a session did not end in time")
-        if self.registration is not None:
-            await self.registration.unregister()
-        if self.ua is not None:
-            await self.ua.stop()
-
-    # -- answering side ----------------------------------------------------------------
-    def _refuse(self, incoming: IncomingCall, status: int, text: str) -> None:
-        log.warning("[%s] refusing the INVITE from %s: %d %s", incoming.call_id,
-                    incoming.caller.uri, status, text)
-        agent = self.local_ip or "sipmesh"
-        incoming.reject(status, headers=[("Warning", warning_value(text, agent))])
-        self._emit("refused", status=status, text=text)
+    def _session(self) -> Session:
+        return Session(self.endpoint, grace=self.config.grace, on_event=self.on_event)
 
     async def _on_invite(self, incoming: IncomingCall) -> None:
-        if self._stop.is_set():
-            incoming.reject(480, "Shutting Down")
-            return
         if self.config.mode != "serve":
             incoming.reject(486, "Busy Here")
             return
-        if self._busy:
+        if self.endpoint.sessions:
             log.info("[%s] busy: 486 to %s", incoming.call_id, incoming.caller.uri)
             incoming.reject(486, "Busy Here")
-            self._emit("busy", peer=str(incoming.caller.uri))
+            emit(self.on_event, "busy", peer=str(incoming.caller.uri))
             return
-        self._busy = True
-        self._idle.clear()
-        try:
-            established = await self._answer(incoming)
-        finally:
-            self._busy = False
-            self._idle.set()
-        if established:
-            self.sessions += 1
+        session = self._session()
+        if await session.answer(incoming, self._choose):
+            self._ended(session)
             if self.config.once:
                 self.request_stop()
 
-    async def _answer(self, incoming: IncomingCall) -> bool:
-        log.info("[%s] INVITE from %s", incoming.call_id, incoming.caller.uri)
-        self._emit("invite_received", peer=str(incoming.caller.uri), call_id=incoming.call_id)
-        content_type = (incoming.request.content_type or "").split(";")[0].strip().lower()
-        if incoming.sdp.strip() and content_type not in ("application/sdp", ""):
-            incoming.reject(415, headers=[("Accept", "application/sdp")])
-            return False
-        try:
-            offer = validate(self.profile.offer_params, read_attributes(incoming.sdp))
-        except SDPError as exc:
-            self._refuse(incoming, 488, f"malformed SDP: {exc}")
-            return False
-        except ParamError as exc:
-            self._refuse(incoming, 488, f"bad parameter {exc}")
-            return False
-        if offer.get("APP") not in (None, self.profile.name):
-            self._refuse(incoming, 488, f"this agent serves {self.profile.name}, not {offer['APP']}")
-            return False
-        incoming.ringing()
-        info = SessionInfo(role="server", call_id=incoming.call_id,
-                           local_user=self.config.ua.user, peer=str(incoming.caller.uri),
-                           local_ip=self.local_ip)
-        try:
-            plan = await self.profile.answer(info, offer)
-            validate(self.profile.answer_params, plan.attributes)  # our own values, same rules
-        except (AgentError, ParamError) as exc:
-            self._refuse(incoming, 500, f"cannot serve this session: {exc}")
-            return False
-        sdp = build_sdp(username=self.config.ua.user, address=self.local_ip,
-                        media=self.profile.media, proto=self.profile.proto, port=plan.port,
-                        attributes=plan.attributes)
-        try:
-            child = await Child.start(plan.child, name=self.profile.name, grace=self.config.grace)
-        except AgentError as exc:
-            self._refuse(incoming, 500, str(exc))
-            return False
-        self._emit("child_started", role="server", pid=child.pid, argv=plan.child.argv,
-                   port=plan.attributes.get("PORT"))
-        try:
-            call = await incoming.accept(sdp)
-        except CallFailed as exc:
-            log.warning("[%s] the session was not established (%s): stopping %s",
-                        incoming.call_id, exc, self.profile.name)
-            await child.stop(self.config.grace)
-            return False
-        log.info("[%s] session established with %s", call.call_id, call.peer)
-        self._emit("established", role="server", call_id=call.call_id, peer=call.peer)
-        await self._supervise(Session(call, child, self.config.grace))
-        return True
+    def _choose(self, incoming: IncomingCall, attributes: dict[str, str]
+                ) -> tuple[AppProfile, SessionInfo]:
+        return self.profile, SessionInfo(role="server", call_id=incoming.call_id,
+                                         local_user=self.config.ua.user,
+                                         peer=str(incoming.caller.uri),
+                                         local_ip=self.endpoint.local_ip)
 
-    async def _supervise(self, session: Session) -> None:
-        self.session = session
-        try:
-            reason = await session.supervise(self._stop)
-        finally:
-            self.session = None
-        log.info("[%s] session ended: %s", session.call.call_id, reason)
-        if session.failed:
-            assert session.app_status is not None
-            self.app_failure = (f"the application {describe_exit(session.app_status)} "
-                                f"(session {session.call.call_id} with {session.call.peer})")
-            log.warning("[%s] %s", session.call.call_id, self.app_failure)
-        self._emit("ended", call_id=session.call.call_id, reason=reason,
-                   app_status=session.app_status)
-
-    # -- calling side ------------------------------------------------------------------
-    async def _call(self) -> None:
-        assert self.ua is not None and self.config.target
-        target = self.config.target
-        info = SessionInfo(role="client", call_id="", local_user=self.config.ua.user,
-                           peer=str(self.ua._target_uri(target)), local_ip=self.local_ip)
-        offer = self.profile.offer(info)
-        sdp = build_sdp(username=self.config.ua.user, address=self.local_ip,
-                        media=self.profile.media, proto=self.profile.proto, port=9,
-                        attributes=offer)
-        log.info("calling %s", info.peer)
-        self._emit("invite_sent", target=info.peer)
-        call = await self._invite(target, sdp)
-        if call is None:
-            return
-        info.call_id = call.call_id
-        self._idle.clear()
-        try:
-            await self._start_caller_side(call, info, offer)
-        finally:
-            self._idle.set()
-
-    async def _invite(self, target: str, sdp: bytes) -> Call | None:
-        assert self.ua is not None
-        invite = asyncio.ensure_future(self.ua.invite(
-            target, sdp, on_progress=lambda r: log.info("%d %s", r.status, r.reason)))
-        stopping = asyncio.ensure_future(self._stop.wait())
-        try:
-            done, _ = await asyncio.wait({invite, stopping}, timeout=self.config.invite_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-        if invite not in done:
-            invite.cancel()
-            try:
-                await invite
-            except (asyncio.CancelledError, Exception):
-                pass
-            if self._stop.is_set():
-                log.info("stopped while calling %s", target)
-                return None
-            raise AgentError(f"{target} did not answer within {self.config.invite_timeout:g} s",
-                             Exit.NO_ANSWER)
-        try:
-            return invite.result()
-        except CallFailed as exc:
-            message = describe_status(exc.status, exc.reason, target)
-            warning = exc.response.headers.get("Warning") if exc.response is not None else None
-            if warning:
-                message += f"; the peer says: {warning}"
-            raise AgentError(message, exit_for_status(exc.status)) from None
-        except OSError as exc:
-            raise AgentError(f"cannot reach the SIP server: {exc}", Exit.UNREACHABLE) from None
-
-    async def _start_caller_side(self, call: Call, info: SessionInfo,
-                                 offer: dict[str, str]) -> None:
-        try:
-            answer = validate(self.profile.answer_params, read_attributes(call.remote_sdp))
-            if not (answer.get("IP4") or answer.get("IP6")):
-                raise ParamError("IP4", "missing (the answer must say where to connect)")
-        except (SDPError, ParamError) as exc:
-            log.warning("[%s] refusing the answer of %s: %s", call.call_id, call.peer, exc)
-            self._emit("refused", status=488, text=str(exc))
-            await _bye(call, 488, f"bad parameter {exc}")
-            raise AgentError(f"refused the answer of {self.config.target}: {exc}",
-                             Exit.REFUSED) from None
-        try:
-            spec = self.profile.caller_child(info, offer, answer)
-            child = await Child.start(spec, name=self.profile.name, grace=self.config.grace)
-        except AgentError:
-            await _bye(call, 500, "cannot start the application")
-            raise
-        self._emit("child_started", role="client", pid=child.pid, argv=spec.argv,
-                   port=answer.get("PORT"))
-        log.info("[%s] session established with %s", call.call_id, call.peer)
-        self._emit("established", role="client", call_id=call.call_id, peer=call.peer)
+    def _ended(self, session: Session) -> None:
+        """After an established session."""
         self.sessions += 1
-        await self._supervise(Session(call, child, self.config.grace))
-
-
-async def _bye(call: Call, cause: int, text: str) -> None:
-    """End a session we just accepted (as RFC 3261 §13.2.2.4 asks: ACK, then BYE)."""
-    log.info("[%s] ending the session at once: %d %s", call.call_id, cause, text)
-    # `text` may quote a hostile SDP value: keep it printable, unquoted and short.
-    reason = "".join(c if c.isprintable() and c not in '"\\' else "?" for c in text)[:120]
-    await call.bye(headers=[("Reason", f'SIP ;cause={cause} ;text="{reason}"')])
+        if session.failure is not None:
+            self.app_failure = session.failure

@@ -45,6 +45,7 @@ from sipmesh.agent.params import Base64Key, Host, IPAddress, Param, Port
 from sipmesh.agent.profile import COMMON_OFFER, IP_PARAMS, PORT, Plan, SessionInfo, \
     endpoint_env, offered_ip
 from sipmesh.agent.supervisor import ChildSpec
+from sipmesh.daemon.service import ConfigValueError, ServiceProfile
 
 log = logging.getLogger("sipmesh.apps.forward")
 
@@ -175,9 +176,12 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 @dataclass
 class Forwarder:
-    """One half: accept on `server`, and for each connection `open_peer` the other end."""
+    """One half: accept on `server`, and for each connection `open_peer` the other end
+    (at `address`), with the session's `token`."""
 
     server: socket.socket
+    address: tuple[str, int]  # answering half: the target service; calling half: the other half
+    token: bytes
     max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def open_peer(self, client: socket.socket) -> socket.socket | None:
@@ -212,12 +216,6 @@ class Forwarder:
 class ServeHalf(Forwarder):
     """The answering side: token check, then the target service."""
 
-    def __init__(self, server: socket.socket, target: tuple[str, int], token: bytes,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
-        super().__init__(server, max_connections)
-        self.target = target
-        self.token = token
-
     def open_peer(self, client: socket.socket) -> socket.socket | None:
         client.settimeout(HANDSHAKE_TIMEOUT)
         try:
@@ -227,7 +225,7 @@ class ServeHalf(Forwarder):
         if not hmac.compare_digest(presented, self.token):
             log.warning("a connection without the session's token: closed")
             return None
-        peer = socket.create_connection(self.target, timeout=CONNECT_TIMEOUT)
+        peer = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT)
         peer.settimeout(None)
         return peer
 
@@ -235,17 +233,11 @@ class ServeHalf(Forwarder):
 class ConnectHalf(Forwarder):
     """The calling side: to the answering side, token first."""
 
-    def __init__(self, server: socket.socket, remote: tuple[str, int], token: bytes,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
-        super().__init__(server, max_connections)
-        self.remote = remote
-        self.token = token
-
     def open_peer(self, client: socket.socket) -> socket.socket | None:
         deadline = time.monotonic() + CONNECT_RETRY
         while True:
             try:
-                peer = socket.create_connection(self.remote, timeout=CONNECT_TIMEOUT)
+                peer = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT)
                 break
             except ConnectionRefusedError:
                 if time.monotonic() > deadline:
@@ -276,92 +268,80 @@ def _module_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "sipmesh.apps.forward", *args]
 
 
-def make_kind():
-    """The `forward` kind for the daemon's registry (imported lazily: apps sit above daemon)."""
-    from sipmesh.daemon.service import ConfigValueError, ServiceProfile
+class ForwardService(ServiceProfile):
+    """kind = "forward": options target, listen, port (allocator), max_connections;
+    caller options (``[service.call]``): local_port, local_host."""
 
-    class ForwardService(ServiceProfile):
-        """kind = "forward": options target, listen, port (allocator), max_connections;
-        caller options (``[service.call]``): local_port, local_host."""
+    name = "forward"
+    proto = "TCP"
+    offer_params = COMMON_OFFER
+    answer_params = IP_PARAMS + (PORT, TOKEN)
+    options = ("target", "listen", "port", "max_connections")
+    call_options = ("local_port", "local_host")
+    settable = ("local_port", "local_host")
 
-        name = "forward"
-        proto = "TCP"
-        offer_params = COMMON_OFFER
-        answer_params = IP_PARAMS + (PORT, TOKEN)
-        options = ("target", "listen", "port", "max_connections")
-        call_options = ("local_port", "local_host")
-        settable = ("local_port", "local_host")
-
-        def configure(self, options: dict, call: dict) -> None:
-            self.target = None
-            if "target" in options:
-                try:
-                    self.target = _hostport(self.option_str(options, "target"), "target")
-                except ValueError as exc:
-                    raise ConfigValueError("target", str(exc).removeprefix("target: ")) from None
-            self.listen_host = self.typed(options, "listen", IPAddress(unicast=False)) \
-                if "listen" in options else None
-            self.port_allocator = self.allocator_option(options, "port", "ports")
-            self.max_connections = self.int_option(options, "max_connections",
-                                                   DEFAULT_MAX_CONNECTIONS, 1, 10_000)
-            self.local_port = int(self.typed(call, "local_port", Port())) \
-                if call.get("local_port") not in (None, 0) else 0
-            self.local_host = self.typed(call, "local_host", IPAddress(unicast=False)) \
-                if "local_host" in call else "127.0.0.1"
-
-        def check_calling(self) -> None:
+    def configure(self, options: dict, call: dict) -> None:
+        self.target = None
+        if "target" in options:
             try:
-                if "local_port" in self.call_values:
-                    self.local_port = int(Port().check(self.call_values["local_port"]))
-                if "local_host" in self.call_values:
-                    self.local_host = IPAddress(unicast=False).check(self.call_values["local_host"])
+                self.target = _hostport(self.option_str(options, "target"), "target")
             except ValueError as exc:
-                raise ProfileError(f"--param: {exc}", Exit.USAGE) from None
+                raise ConfigValueError("target", str(exc).removeprefix("target: ")) from None
+        self.listen_host = self.typed(options, "listen", IPAddress(unicast=False)) \
+            if "listen" in options else None
+        self.port_allocator = self.allocator_option(options, "port", "ports")
+        self.max_connections = self.int_option(options, "max_connections",
+                                               DEFAULT_MAX_CONNECTIONS, 1, 10_000)
+        self.local_port = int(self.typed(call, "local_port", Port())) \
+            if call.get("local_port") not in (None, 0) else 0
+        self.local_host = self.typed(call, "local_host", IPAddress(unicast=False)) \
+            if "local_host" in call else "127.0.0.1"
 
-        def check_answering(self) -> None:
-            if self.target is None:
-                raise ConfigValueError("target", "missing: the TCP service to reach, "
-                                                  "e.g. target = \"127.0.0.1:22\"")
+    def check_calling(self) -> None:
+        try:
+            if "local_port" in self.call_values:
+                self.local_port = int(Port().check(self.call_values["local_port"]))
+            if "local_host" in self.call_values:
+                self.local_host = IPAddress(unicast=False).check(self.call_values["local_host"])
+        except ValueError as exc:
+            raise ProfileError(f"--param: {exc}", Exit.USAGE) from None
 
-        async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
-            assert self.target is not None
-            lease = self.lease_of(info)
-            port = lease.port(self.port_allocator, ("tcp",), host=self.listen_host or "")
-            token = base64.b64encode(secrets.token_bytes(TOKEN_BYTES)).decode()
-            attributes = {"IP6" if ":" in info.local_ip else "IP4": info.local_ip,
-                          "PORT": str(port), "TOKEN": token}
-            listen_host = self.listen_host or info.local_ip
-            host, tport = self.target
-            argv = _module_argv("serve", "--listen", _join_hostport(listen_host, port),
-                                "--target", _join_hostport(host, tport),
-                                "--max-connections", str(self.max_connections))
-            env = endpoint_env(attributes, role="server", info=info,
-                               remote_ip=offered_ip(offer), port=str(port))
-            return Plan(attributes=attributes, child=ChildSpec(argv=argv, env=env), port=port)
+    def check_answering(self) -> None:
+        if self.target is None:
+            raise ConfigValueError("target", "missing: the TCP service to reach, "
+                                              "e.g. target = \"127.0.0.1:22\"")
 
-        def caller_child(self, info: SessionInfo, offer: dict[str, str],
-                         answer: dict[str, str]) -> ChildSpec:
-            remote = offered_ip(answer) or ""
-            argv = _module_argv("connect", "--listen",
-                                _join_hostport(self.local_host, self.local_port),
-                                "--remote", _join_hostport(remote, int(answer["PORT"])),
-                                "--max-connections", str(self.max_connections),
-                                "--service", self.service_name)
-            env = endpoint_env(answer, role="client", info=info, remote_ip=remote,
-                               port=answer["PORT"])
-            return ChildSpec(argv=argv, env=env)
+    async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
+        assert self.target is not None
+        lease = self.lease_of(info)
+        port = lease.port(self.port_allocator, ("tcp",), host=self.listen_host or "")
+        token = base64.b64encode(secrets.token_bytes(TOKEN_BYTES)).decode()
+        attributes = {"IP6" if ":" in info.local_ip else "IP4": info.local_ip,
+                      "PORT": str(port), "TOKEN": token}
+        listen_host = self.listen_host or info.local_ip
+        host, tport = self.target
+        argv = _module_argv("serve", "--listen", _join_hostport(listen_host, port),
+                            "--target", _join_hostport(host, tport),
+                            "--max-connections", str(self.max_connections))
+        env = endpoint_env(attributes, role="server", info=info,
+                           remote_ip=offered_ip(offer), port=str(port))
+        return Plan(attributes=attributes, child=ChildSpec(argv=argv, env=env), port=port)
 
-    return ForwardService
+    def caller_child(self, info: SessionInfo, offer: dict[str, str],
+                     answer: dict[str, str]) -> ChildSpec:
+        remote = offered_ip(answer) or ""
+        argv = _module_argv("connect", "--listen",
+                            _join_hostport(self.local_host, self.local_port),
+                            "--remote", _join_hostport(remote, int(answer["PORT"])),
+                            "--max-connections", str(self.max_connections),
+                            "--service", self.service_name)
+        env = endpoint_env(answer, role="client", info=info, remote_ip=remote,
+                           port=answer["PORT"])
+        return ChildSpec(argv=argv, env=env)
 
 
 def _join_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def register() -> None:
-    from sipmesh.daemon.registry import register_kind
-
-    register_kind("forward", make_kind())
 
 
 # ---------------------------------------------------------------------------- the program

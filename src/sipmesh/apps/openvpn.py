@@ -10,6 +10,10 @@ certificate and each side sends its SHA-256 fingerprint in ``a=fingerprint``
 The static-key setup of the paper remains available through `sip_app` and the
 wrapper scripts in examples/paper/.
 
+`OpenVPNProfile` runs a session of `sipmesh serve/call --app openvpn`;
+`OpenVPNService` is the daemon's ``kind = "openvpn"``: the same, with the UDP port
+and the tunnel address pair allocated per session.
+
 Each session gets its own configuration file in a private directory that is
 removed when OpenVPN has stopped. All values in it were validated as their
 types (addresses, port, hex fingerprint), so none can add a line or an option.
@@ -22,6 +26,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sipmesh.agent.errors import AgentError, Exit, ProfileError
 from sipmesh.agent.params import Fingerprint, Param
@@ -31,6 +36,7 @@ from sipmesh.agent.profile import (COMMON_OFFER, IP_PARAMS, PORT, AppProfile, Pl
 from sipmesh.agent.supervisor import ChildSpec, resolve_program
 from sipmesh.apps.certs import HostCertificate, default_state_dir, host_certificate
 from sipmesh.apps.exec import DEFAULT_APP_PORT, DEFAULT_VPN_LOCAL, VPN_LOCAL, VPN_REMOTE, next_address
+from sipmesh.daemon.service import ConfigValueError, ServiceProfile
 
 log = logging.getLogger("sipmesh.apps.openvpn")
 
@@ -132,3 +138,53 @@ def _path(path: Path) -> str:
     if any(c in text for c in '"\\\n\r'):
         raise ProfileError(f"cannot put this path in an OpenVPN configuration: {text!r}")
     return f'"{text}"' if " " in text or "\t" in text else text
+
+
+class OpenVPNService(ServiceProfile):
+    """kind = "openvpn": an OpenVPNProfile per session, with an allocated UDP port
+    (``port = ALLOCATOR``) and tunnel address pair (``addresses = POOL``)."""
+
+    name = "openvpn"
+    media = OpenVPNProfile.media
+    proto = OpenVPNProfile.proto
+    offer_params = OpenVPNProfile.offer_params
+    answer_params = OpenVPNProfile.answer_params
+    options = ("port", "addresses", "openvpn", "extra_args")
+
+    def configure(self, options: dict[str, Any], call: dict[str, Any]) -> None:
+        self.port_allocator = self.allocator_option(options, "port", "ports")
+        self.pool = self.allocator_option(options, "addresses", "addresses", required=True)
+        if ":" in str(getattr(self.allocators[self.pool], "network", "")):
+            raise ConfigValueError("addresses", "OpenVPN's tunnel addresses are IPv4: "
+                                                "use an IPv4 pool")
+        self.openvpn = self.option_str(options, "openvpn", "openvpn")
+        extra = options.get("extra_args", [])
+        if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+            raise ConfigValueError("extra_args", "must be a list of strings")
+        self.extra_args = extra
+        self._caller: OpenVPNProfile | None = None
+
+    def _profile(self, port: int = DEFAULT_APP_PORT, local: str = DEFAULT_VPN_LOCAL,
+                 remote: str | None = None) -> OpenVPNProfile:
+        return OpenVPNProfile(openvpn=self.openvpn, state_dir=self.state_dir, app_port=port,
+                              vpn_local=local, vpn_remote=remote, extra_args=self.extra_args)
+
+    def check(self) -> None:
+        probe = self._profile()
+        probe.check()  # the binary, /dev/net/tun, the host certificate
+        self.openvpn = probe.openvpn
+
+    def offer(self, info: SessionInfo) -> dict[str, str]:
+        self._caller = self._caller or self._profile()
+        return dict(self._caller.offer(info), service=self.service_name)
+
+    async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
+        lease = self.lease_of(info)
+        port = lease.port(self.port_allocator, ("udp",))
+        local, remote = lease.pair(self.pool)
+        return await self._profile(port, local, remote).answer(info, offer)
+
+    def caller_child(self, info: SessionInfo, offer: dict[str, str],
+                     answer: dict[str, str]) -> ChildSpec:
+        self._caller = self._caller or self._profile()
+        return self._caller.caller_child(info, offer, answer)

@@ -40,6 +40,7 @@ from sipmesh.agent.params import Base64Key, IPv4, Param
 from sipmesh.agent.profile import COMMON_OFFER, IP_PARAMS, PORT, Plan, SessionInfo, \
     endpoint_env, offered_ip
 from sipmesh.agent.supervisor import ChildSpec, resolve_program
+from sipmesh.daemon.service import ConfigValueError, ServiceProfile
 
 log = logging.getLogger("sipmesh.apps.wireguard")
 
@@ -94,122 +95,110 @@ def _state_dir(state_dir: Path | None) -> Path:
     return default_state_dir()
 
 
-def make_kind():
-    """The `wireguard` kind for the daemon's registry."""
-    from sipmesh.daemon.service import ConfigValueError, ServiceProfile
+class WireGuardService(ServiceProfile):
+    """kind = "wireguard": options port (a UDP allocator), addresses (an IPv4 pool),
+    keepalive, mtu, wireguard_go, wg, ip, ifname_prefix."""
 
-    class WireGuardService(ServiceProfile):
-        """kind = "wireguard": options port (a UDP allocator), addresses (an IPv4 pool),
-        keepalive, mtu, wireguard_go, wg, ip, ifname_prefix."""
+    name = "wireguard"
+    media = "application/vpn"
+    proto = "WireGuard"
+    offer_params = COMMON_OFFER + (PUBKEY,)
+    answer_params = IP_PARAMS + (PORT, VPN_LOCAL, VPN_REMOTE, PUBKEY)
+    options = ("port", "addresses", "keepalive", "mtu", "wireguard_go", "wg", "ip",
+               "ifname_prefix")
 
-        name = "wireguard"
-        media = "application/vpn"
-        proto = "WireGuard"
-        offer_params = COMMON_OFFER + (PUBKEY,)
-        answer_params = IP_PARAMS + (PORT, VPN_LOCAL, VPN_REMOTE, PUBKEY)
-        options = ("port", "addresses", "keepalive", "mtu", "wireguard_go", "wg", "ip",
-                   "ifname_prefix")
+    def configure(self, options: dict[str, Any], call: dict[str, Any]) -> None:
+        self.port_allocator = self.allocator_option(options, "port", "ports")
+        self.pool = self.allocator_option(options, "addresses", "addresses",
+                                          required=self.side == "answer")
+        if self.pool and ":" in str(getattr(self.allocators[self.pool], "network", "")):
+            raise ConfigValueError("addresses", "use an IPv4 pool")
+        self.keepalive = self.int_option(options, "keepalive", 25, 0, 3600)
+        self.mtu = self.int_option(options, "mtu", 1420, 576, 9000)
+        self.programs = {key: self.option_str(options, key, default)
+                         for key, default in (("wireguard_go", "wireguard-go"),
+                                              ("wg", "wg"), ("ip", "ip"))}
+        self.prefix = self.option_str(options, "ifname_prefix", IFNAME_PREFIX)
+        if not self.prefix.isalnum() or len(self.prefix) > 7:
+            raise ConfigValueError("ifname_prefix", "at most 7 letters and digits")
+        self._private: bytes | None = None
 
-        def configure(self, options: dict[str, Any], call: dict[str, Any]) -> None:
-            self.port_allocator = self.allocator_option(options, "port", "ports")
-            self.pool = self.allocator_option(options, "addresses", "addresses",
-                                              required=self.side == "answer")
-            if self.pool and ":" in str(getattr(self.allocators[self.pool], "network", "")):
-                raise ConfigValueError("addresses", "use an IPv4 pool")
-            self.keepalive = self.int_option(options, "keepalive", 25, 0, 3600)
-            self.mtu = self.int_option(options, "mtu", 1420, 576, 9000)
-            self.programs = {key: self.option_str(options, key, default)
-                             for key, default in (("wireguard_go", "wireguard-go"),
-                                                  ("wg", "wg"), ("ip", "ip"))}
-            self.prefix = self.option_str(options, "ifname_prefix", IFNAME_PREFIX)
-            if not self.prefix.isalnum() or len(self.prefix) > 7:
-                raise ConfigValueError("ifname_prefix", "at most 7 letters and digits")
-            self._private: bytes | None = None
+    def check(self) -> None:
+        for key, program in self.programs.items():
+            try:
+                self.programs[key] = resolve_program(program)
+            except ProfileError as exc:
+                raise ConfigValueError(key, str(exc)) from None
+        if not os.path.exists("/dev/net/tun"):
+            raise ProfileError("/dev/net/tun is missing: no tunnel can be made here",
+                               Exit.PROGRAM)
 
-        def check(self) -> None:
-            for key, program in self.programs.items():
-                try:
-                    self.programs[key] = resolve_program(program)
-                except ProfileError as exc:
-                    raise ConfigValueError(key, str(exc)) from None
-            if not os.path.exists("/dev/net/tun"):
-                raise ProfileError("/dev/net/tun is missing: no tunnel can be made here",
-                                   Exit.PROGRAM)
+    # -- the calling side: our key pair is made with the offer -------------------------
+    def offer(self, info: SessionInfo) -> dict[str, str]:
+        self._private, public = keypair()
+        return dict(super().offer(info), **{"wg-pubkey": public})
 
-        # -- the calling side: our key pair is made with the offer -------------------------
-        def offer(self, info: SessionInfo) -> dict[str, str]:
-            self._private, public = keypair()
-            return dict(super().offer(info), **{"wg-pubkey": public})
+    def caller_child(self, info: SessionInfo, offer: dict[str, str],
+                     answer: dict[str, str]) -> ChildSpec:
+        assert self._private is not None, "offer() makes the key pair"
+        remote = offered_ip(answer) or ""
+        endpoint = f"[{remote}]:{answer['PORT']}" if ":" in remote else \
+            f"{remote}:{answer['PORT']}"
+        return self._spec(info, "client", self._private, address=answer["VPN_REMOTE_ADDR"],
+                          peer_address=answer["VPN_LOCAL_ADDR"],
+                          peer_key=answer["wg-pubkey"], listen_port=None, endpoint=endpoint,
+                          values=answer, remote_ip=remote, port=answer["PORT"])
 
-        def caller_child(self, info: SessionInfo, offer: dict[str, str],
-                         answer: dict[str, str]) -> ChildSpec:
-            assert self._private is not None, "offer() makes the key pair"
-            remote = offered_ip(answer) or ""
-            endpoint = f"[{remote}]:{answer['PORT']}" if ":" in remote else \
-                f"{remote}:{answer['PORT']}"
-            return self._spec(info, "client", self._private, address=answer["VPN_REMOTE_ADDR"],
-                              peer_address=answer["VPN_LOCAL_ADDR"],
-                              peer_key=answer["wg-pubkey"], listen_port=None, endpoint=endpoint,
-                              values=answer, remote_ip=remote, port=answer["PORT"])
+    # -- the answering side ---------------------------------------------------------
+    async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
+        assert self.pool is not None
+        lease = self.lease_of(info)
+        port = lease.port(self.port_allocator, ("udp",))
+        local, remote = lease.pair(self.pool)
+        private, public = keypair()
+        attributes = {"IP6" if ":" in info.local_ip else "IP4": info.local_ip,
+                      "PORT": str(port), "VPN_LOCAL_ADDR": local, "VPN_REMOTE_ADDR": remote,
+                      "wg-pubkey": public}
+        child = self._spec(info, "server", private, address=local, peer_address=remote,
+                           peer_key=offer["wg-pubkey"], listen_port=port, endpoint=None,
+                           values=attributes, remote_ip=offered_ip(offer), port=str(port))
+        return Plan(attributes=attributes, child=child, port=port)
 
-        # -- the answering side ---------------------------------------------------------
-        async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
-            assert self.pool is not None
-            lease = self.lease_of(info)
-            port = lease.port(self.port_allocator, ("udp",))
-            local, remote = lease.pair(self.pool)
-            private, public = keypair()
-            attributes = {"IP6" if ":" in info.local_ip else "IP4": info.local_ip,
-                          "PORT": str(port), "VPN_LOCAL_ADDR": local, "VPN_REMOTE_ADDR": remote,
-                          "wg-pubkey": public}
-            child = self._spec(info, "server", private, address=local, peer_address=remote,
-                               peer_key=offer["wg-pubkey"], listen_port=port, endpoint=None,
-                               values=attributes, remote_ip=offered_ip(offer), port=str(port))
-            return Plan(attributes=attributes, child=child, port=port)
+    async def wait_ready(self, plan: Plan, child: Any) -> None:
+        """The 200 OK waits until our end is configured: a caller whose first handshake
+        found nobody would otherwise wait for WireGuard's 5 s retry."""
+        ready = Path(plan.child.argv[plan.child.argv.index("--ready-file") + 1])
+        deadline = time.monotonic() + READY_WAIT
+        while not ready.exists():
+            if child.exited.done():
+                raise ProfileError("the WireGuard program exited during setup "
+                                   f"(status {child.exited.result()})")
+            if time.monotonic() > deadline:
+                raise ProfileError(f"the WireGuard interface was not up within "
+                                   f"{READY_WAIT:g} s")
+            await asyncio.sleep(0.01)
 
-        async def wait_ready(self, plan: Plan, child: Any) -> None:
-            """The 200 OK waits until our end is configured: a caller whose first handshake
-            found nobody would otherwise wait for WireGuard's 5 s retry."""
-            ready = Path(plan.child.argv[plan.child.argv.index("--ready-file") + 1])
-            deadline = time.monotonic() + READY_WAIT
-            while not ready.exists():
-                if child.exited.done():
-                    raise ProfileError("the WireGuard program exited during setup "
-                                       f"(status {child.exited.result()})")
-                if time.monotonic() > deadline:
-                    raise ProfileError(f"the WireGuard interface was not up within "
-                                       f"{READY_WAIT:g} s")
-                await asyncio.sleep(0.01)
-
-        def _spec(self, info: SessionInfo, role: str, private: bytes, *, address: str,
-                  peer_address: str, peer_key: str, listen_port: int | None,
-                  endpoint: str | None, values: dict[str, str], remote_ip: str | None,
-                  port: str) -> ChildSpec:
-            key_file = write_private_key(_state_dir(self.state_dir) / "run", private)
-            ifname = interface_name(self.prefix)
-            argv = [sys.executable, "-m", "sipmesh.apps.wireguard", "up",
-                    "--ifname", ifname, "--key-file", str(key_file),
-                    "--address", address, "--peer-address", peer_address,
-                    "--peer-key", peer_key, "--mtu", str(self.mtu),
-                    "--wireguard-go", self.programs["wireguard_go"], "--wg", self.programs["wg"],
-                    "--ip", self.programs["ip"],
-                    "--ready-file", str(key_file.parent / "ready")]
-            if listen_port is not None:
-                argv += ["--listen-port", str(listen_port)]
-            if endpoint is not None:
-                argv += ["--endpoint", endpoint, "--keepalive", str(self.keepalive)]
-            env = endpoint_env(values, role=role, info=info, remote_ip=remote_ip, port=port)
-            env["SIPMESH_IFNAME"] = ifname
-            return ChildSpec(argv=argv, env=env,
-                             cleanup=lambda: shutil.rmtree(key_file.parent, ignore_errors=True))
-
-    return WireGuardService
-
-
-def register() -> None:
-    from sipmesh.daemon.registry import register_kind
-
-    register_kind("wireguard", make_kind())
+    def _spec(self, info: SessionInfo, role: str, private: bytes, *, address: str,
+              peer_address: str, peer_key: str, listen_port: int | None,
+              endpoint: str | None, values: dict[str, str], remote_ip: str | None,
+              port: str) -> ChildSpec:
+        key_file = write_private_key(_state_dir(self.state_dir) / "run", private)
+        ifname = interface_name(self.prefix)
+        argv = [sys.executable, "-m", "sipmesh.apps.wireguard", "up",
+                "--ifname", ifname, "--key-file", str(key_file),
+                "--address", address, "--peer-address", peer_address,
+                "--peer-key", peer_key, "--mtu", str(self.mtu),
+                "--wireguard-go", self.programs["wireguard_go"], "--wg", self.programs["wg"],
+                "--ip", self.programs["ip"],
+                "--ready-file", str(key_file.parent / "ready")]
+        if listen_port is not None:
+            argv += ["--listen-port", str(listen_port)]
+        if endpoint is not None:
+            argv += ["--endpoint", endpoint, "--keepalive", str(self.keepalive)]
+        env = endpoint_env(values, role=role, info=info, remote_ip=remote_ip, port=port)
+        env["SIPMESH_IFNAME"] = ifname
+        return ChildSpec(argv=argv, env=env,
+                         cleanup=lambda: shutil.rmtree(key_file.parent, ignore_errors=True))
 
 
 # ---------------------------------------------------------------------------- the program

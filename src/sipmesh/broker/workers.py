@@ -42,6 +42,7 @@ log = logging.getLogger("sipmesh.broker.workers")
 _CALL_ID = re.compile(rb"^(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _OUR_BRANCH = re.compile(rb"^(?:via|v)[ \t]*:[^\r\n]*?branch=" + re.escape(BRANCH_PREFIX.encode()) + rb"(\d+)\.",
                          re.IGNORECASE | re.MULTILINE)
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _PR_SET_PDEATHSIG = 1
 IPC_BUFFER = 4 * 1024 * 1024
 
@@ -186,6 +187,12 @@ def _run(coro, loop: str) -> int:
 
 async def _serve_one(config: BrokerConfig, worker: int, ipc: Ipc | None) -> int:
     broker = Broker(config, worker=worker, reuse_port=config.workers > 1)
+    # A stop signal that arrives while the worker is still starting must stop it too.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork
     await broker.start()
     # A worker makes many short-lived objects and few long-lived ones: collect the young
     # generation less often, and never scan what was built at start-up (~7% less CPU).
@@ -199,10 +206,6 @@ async def _serve_one(config: BrokerConfig, worker: int, ipc: Ipc | None) -> int:
         assert broker.transport is not None
         for sock in broker.transport.udp_sockets():
             spread_randomly(sock, config.workers)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
@@ -301,8 +304,12 @@ class _Supervisor:
 
     def _fork(self, worker: int, peers: list[tuple[str, int]]) -> None:
         parent = os.getpid()
+        # The child keeps stop signals pending until its event loop handles them: one
+        # that arrives while it starts would otherwise kill it before it can stop cleanly.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self.children[pid] = worker
             return
         code = 1

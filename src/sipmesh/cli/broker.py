@@ -13,6 +13,7 @@ from sipmesh.broker.location import default_db_path
 from sipmesh.broker.registrar import RegistrarPolicy
 from sipmesh.broker.server import MODES, BrokerConfig
 from sipmesh.broker.users import UsersFile, UsersFileError
+from sipmesh.cli.common import setup_logging
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.uri import split_hostport
 
@@ -98,14 +99,9 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if (args.verbose or args.debug) else getattr(logging, args.log_level.upper())
-    workers = f"[%(process)d]" if args.workers > 1 else ""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s %(name)s{workers}: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("sipmesh.trace").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    level = setup_logging(debug=args.debug, pid=args.workers > 1,
+                          level=logging.DEBUG if (args.verbose or args.debug)
+                          else getattr(logging, args.log_level.upper()))
     if not args.debug:  # per-message transport/transaction chatter only with --debug
         logging.getLogger("sipmesh.sip").setLevel(max(level, logging.INFO))
 

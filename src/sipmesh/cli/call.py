@@ -1,11 +1,20 @@
-"""`sipmesh call TARGET`: INVITE a registered name and run the paired application."""
+"""`sipmesh call TARGET`: INVITE a registered name and run the paired application;
+with ``--service NAME``, the calling half of a daemon's service (docs/daemon.md)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
-from sipmesh.agent.session import AgentConfig
-from sipmesh.cli.serve import add_agent_options, add_program_parser, positive, run_agent
+from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.session import Agent, AgentConfig
+from sipmesh.cli.common import (default_config_path, fail, positive, progress_printer,
+                                read_credentials, register_builtin_kinds, run_until_signalled,
+                                section_password, setup_logging)
+from sipmesh.cli.serve import add_agent_options, add_program_parser, run_from_args
+from sipmesh.daemon.config import load_config
+from sipmesh.sip.ua import UAConfig
 
 
 def target_name(text: str) -> str:
@@ -25,16 +34,10 @@ def target_name(text: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if getattr(args, "service", None):  # a daemon's service (cli/daemon.py)
-        from sipmesh.cli.daemon import run_service_call
+    if getattr(args, "service", None):  # a daemon's service
         return run_service_call(args)
-
-    def configure(config: AgentConfig) -> None:
-        config.target = args.target
-        config.invite_timeout = args.timeout
-        config.register = not args.no_register
-
-    return run_agent(args, "call", configure)
+    return run_from_args(args, "call", target=args.target, invite_timeout=args.timeout,
+                         register=not args.no_register)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -56,7 +59,73 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="give up (CANCEL) when there is no answer in time (default: 30)")
     parser.add_argument("--no-register", action="store_true",
                         help="do not register our own name first")
-    from sipmesh.cli.daemon import add_service_call_options
     add_service_call_options(parser)
     parser.set_defaults(func=_run)
     return parser
+
+
+# ---------------------------------------------------------------------- sipmesh call --service
+
+
+def parse_params(items: list[str] | None) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise AgentError(f"--param {item!r}: expected NAME=VALUE", Exit.USAGE)
+        values[name] = value
+    return values
+
+
+def run_service_call(args: argparse.Namespace) -> int:
+    """`sipmesh call TARGET --service NAME [-c FILE] [--param NAME=VALUE]...`: the calling
+    half of a daemon's service, from the same configuration file."""
+    prog = "sipmesh call"
+    setup_logging(args.verbose, args.debug, args.log_file)
+    register_builtin_kinds()
+    try:
+        path = args.config or default_config_path()
+        config = load_config(path, side="call")
+        service = config.services.get(args.service)
+        if service is None:
+            raise AgentError(f"{path}: no service {args.service!r} (services: "
+                             f"{', '.join(config.services) or 'none'})", Exit.USAGE)
+        profile = service.profile
+        profile.set_call_values(parse_params(getattr(args, "param", None)))
+        agent = config.agent
+        server = args.server or agent.server
+        user = args.user or agent.user
+        if not server or not user:
+            raise AgentError("no SIP identity: give [agent] server and user in the "
+                             "configuration, or --server and --user", Exit.USAGE)
+        password = args.password
+        if password is None and args.credentials is not None:
+            password = read_credentials(args.credentials)["password"]
+        if password is None and args.user is None:  # the configuration's identity
+            password = section_password(agent)
+        password = password or os.environ.get("SIPMESH_PASSWORD")
+        transport = args.transport.upper() if args.server else agent.transport.upper()
+        ua = UAConfig(user=user, domain=server, password=password,
+                      auth_user=args.auth_user or (agent.auth_user if args.user is None else None),
+                      transport=transport, listen_host=args.bind, listen_port=args.sip_port)
+        agent_config = AgentConfig(ua=ua, mode="call", target=args.target,
+                                   advertise=args.advertise or agent.advertise,
+                                   register=False, invite_timeout=args.timeout,
+                                   register_timeout=args.register_timeout, grace=args.grace)
+    except AgentError as exc:  # ProfileError is one
+        return fail(prog, exc)
+    return run_until_signalled(prog, Agent(agent_config, profile,
+                                           on_event=progress_printer(prog, args.quiet)))
+
+
+def add_service_call_options(parser: argparse.ArgumentParser) -> None:
+    """The options `sipmesh call` gains for daemon services."""
+    group = parser.add_argument_group("daemon services (docs/daemon.md)")
+    group.add_argument("--service", metavar="NAME",
+                       help="call this service of a sipmesh daemon (a=service:NAME) and run "
+                            "its calling half as defined in the configuration file")
+    group.add_argument("-c", "--config", metavar="FILE", type=Path,
+                       help=f"with --service: the configuration defining it "
+                            f"[default: {default_config_path()}]")
+    group.add_argument("--param", metavar="NAME=VALUE", action="append",
+                       help="with --service: a value the caller provides (repeatable)")

@@ -22,7 +22,8 @@ from pathlib import Path
 from sipmesh.agent.errors import AgentError
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.apps.exec import ExecProfile
-from sipmesh.sip.useragent import UAConfig
+from sipmesh.cli.common import setup_logging
+from sipmesh.sip.ua import UAConfig
 
 SERVER_USER, CALLER_USER = "2500", "2501"
 
@@ -242,8 +243,6 @@ async def _started(agent: Agent, task: asyncio.Future[int], timeout: float = 10.
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sipmesh.cli.main import setup_logging
-
     setup_logging(args.verbose, False, None)
     t0 = time.monotonic()
     try:

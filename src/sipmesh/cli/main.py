@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from sipmesh import __version__
@@ -11,17 +10,6 @@ from sipmesh.cli import broker, call, daemon, demo, serve, status
 
 # The subcommands, in the order `sipmesh --help` lists them.
 _COMMANDS = [broker, serve, call, daemon, status, demo]
-
-
-def setup_logging(verbose: int = 0, debug: bool = False, log_file: str | None = None) -> None:
-    """-v: protocol events; --debug: full SIP traces (credentials redacted)."""
-    level = logging.DEBUG if debug or verbose > 1 else logging.INFO if verbose else logging.WARNING
-    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("sipmesh.trace").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:

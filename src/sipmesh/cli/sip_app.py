@@ -20,7 +20,6 @@ program ended the session by failing (non-zero status, or a signal we did not se
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +27,11 @@ from pathlib import Path
 
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.params import IPv4, Port, Token
+from sipmesh.agent.session import Agent, AgentConfig
+from sipmesh.apps.exec import ExecProfile, next_address
+from sipmesh.cli.common import (fail, progress_printer, read_credentials, run_until_signalled,
+                                server_address, setup_logging)
+from sipmesh.sip.ua import UAConfig
 
 USAGE = ("Usage... {prog} -s proxy[:port] -u user [-p port] [-t call_user] [-v vpn_wait_port] "
          "[-l vpn_localip] [-r vpn_remoteip] [-f log_file] [-d] -m program [args]")
@@ -84,8 +88,6 @@ def parse(argv: list[str]) -> Options:
         missing = [o for o, k in (("-s", "server"), ("-u", "user")) if k not in raw]
         missing += [] if opts.program else ["-m"]
         raise UsageError(f"missing {', '.join(missing)}")
-    from sipmesh.cli.serve import server_address  # argparse-free, raises ArgumentTypeError
-
     try:
         opts.server = server_address(raw["server"])
         opts.user = _check(Token(64), "-u", raw["user"])
@@ -113,8 +115,6 @@ def _check(kind, option: str, value: str) -> str:
 
 
 def _setup_logging(opts: Options) -> None:
-    from sipmesh.cli.main import setup_logging
-
     log_file = None
     if opts.debug and opts.log_file:  # as in the prototype, -f only counts together with -d
         log_file = opts.log_file
@@ -127,18 +127,12 @@ def _credentials() -> tuple[str | None, str | None]:
     password = os.environ.get("SIPMESH_PASSWORD")
     path = os.environ.get("SIPMESH_CREDENTIALS")
     if path:
-        from sipmesh.cli.serve import read_credentials
-
         found = read_credentials(Path(path))
         return found.get("auth_user"), found["password"]
     return None, password
 
 
-def build(opts: Options):
-    from sipmesh.agent.session import Agent, AgentConfig
-    from sipmesh.apps.exec import ExecProfile, next_address
-    from sipmesh.sip.useragent import UAConfig
-
+def build(opts: Options) -> tuple[Agent, str]:
     try:
         vpn_remote = opts.vpn_remote or next_address(opts.vpn_local)
     except ValueError as exc:
@@ -152,7 +146,7 @@ def build(opts: Options):
     return Agent(config, profile), vpn_remote
 
 
-def _banner(opts: Options, agent, vpn_remote: str) -> None:
+def _banner(opts: Options, vpn_remote: str) -> None:
     """The prototype's start-up lines."""
     server = f"sip:{opts.server}"
     lines = [f"PROXY {server}", f"FROM sip:{opts.user}@{opts.server}",
@@ -177,16 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE.format(prog=prog), file=sys.stderr)
         return 1
     _setup_logging(opts)
-    from sipmesh.cli.serve import progress_printer, run_agent_async
-
     try:
         agent, vpn_remote = build(opts)
     except AgentError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return int(exc.code)
-    _banner(opts, agent, vpn_remote)
+        return fail(prog, exc)
+    _banner(opts, vpn_remote)
     agent.on_event = progress_printer(prog, quiet=False)
-    return asyncio.run(run_agent_async(agent, prog))
+    return run_until_signalled(prog, agent)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def find_socket(args: argparse.Namespace) -> Path:
     if args.socket is not None:
         return args.socket
     if args.config is not None:
-        from sipmesh.cli.daemon import register_builtin_kinds
+        from sipmesh.cli.common import register_builtin_kinds
         from sipmesh.daemon.config import load_config
 
         register_builtin_kinds()

@@ -6,8 +6,9 @@ allocates ports and tunnel addresses, starts the service's program as a supervis
 child and answers with the values in ``a=`` lines. Every session has its own
 dialog, child and resources; one ending never disturbs another.
 
-Modules: `config` (the TOML file), `registry` (service kinds), `service` (a
-configured service, its parameters and callers), `exec` (the generic kind:
-any program), `allocators` (ports, address pools), `templates` (``{NAME}`` in
-argv and env), `server` (the daemon), `control` (the status socket).
+Modules: `config` (the TOML file), `registry` (service kinds: the layer above
+fills it from apps/kinds.py), `service` (a configured service, its parameters and
+callers; `ServiceProfile`, the base of every kind), `allocators` (ports, address
+pools), `templates` (``{NAME}`` in argv and env), `server` (the daemon, on the
+agent's Endpoint and Session), `control` (the status socket).
 """

@@ -22,7 +22,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
-from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.errors import Exhausted, Exit
 from sipmesh.agent.ports import port_is_free
 
 __all__ = ["AddressPool", "Allocator", "AllocationError", "Ephemeral", "Lease", "Ledger",
@@ -31,7 +31,7 @@ __all__ = ["AddressPool", "Allocator", "AllocationError", "Ephemeral", "Lease", 
 MAX_PAIRS = 1 << 16  # a pool larger than this is walked only this far
 
 
-class AllocationError(AgentError):
+class AllocationError(Exhausted):
     """No free port or address: the session cannot be served now (486)."""
 
 

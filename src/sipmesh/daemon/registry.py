@@ -1,10 +1,10 @@
-"""Service kinds by name. The generic `exec` kind registers itself; the built-in
-applications (apps/forward.py, apps/wireguard.py, the CLI's openvpn wiring) register
-theirs, so that the daemon never imports the layer above it."""
+"""Service kinds by name. The daemon looks a kind up here and never imports an
+application: the layer above hands it the list of kinds (sipmesh/apps/kinds.py,
+through cli/common.py:register_builtin_kinds) before loading a configuration."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
     from sipmesh.daemon.service import ServiceProfile
@@ -12,13 +12,12 @@ if TYPE_CHECKING:
 _KINDS: dict[str, type["ServiceProfile"]] = {}
 
 
-def register_kind(name: str, kind: type["ServiceProfile"]) -> None:
-    _KINDS[name] = kind
+def register_kinds(kinds: Iterable[type["ServiceProfile"]]) -> None:
+    for kind in kinds:
+        _KINDS[kind.name] = kind
 
 
 def get_kind(name: str) -> type["ServiceProfile"]:
-    if not _KINDS.get("exec"):
-        from sipmesh.daemon import exec as _exec  # noqa: F401  (registers "exec")
     try:
         return _KINDS[name]
     except KeyError:
@@ -26,6 +25,4 @@ def get_kind(name: str) -> type["ServiceProfile"]:
 
 
 def known_kinds() -> list[str]:
-    if "exec" not in _KINDS:
-        from sipmesh.daemon import exec as _exec  # noqa: F401
     return sorted(_KINDS)

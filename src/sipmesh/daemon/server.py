@@ -1,16 +1,19 @@
 """The super-daemon: one registered identity answering many sessions of many services.
 
-For each INVITE, in its own task (the UA core spawns one per INVITE):
+It runs the agent's own lifecycle (agent/endpoint.py) and answering path
+(agent/session.py:Session.answer); what it adds is `_choose`, the choice of a
+service for each INVITE, in its own task (the UA core spawns one per INVITE):
 
-    415 unless the body is SDP   -> parse a= lines (488 if malformed)
-    403 if no service allows the caller
+    415 unless the body is SDP   -> parse a= lines (488 if malformed)      [Session]
+    403 if no service allows the caller                                    [_choose]
     488 + Warning if a=service names no service (or none is named and there is no
         default_service)
     403 if this service does not allow the caller
     486 if the service (or the daemon) is at max_sessions
     488 + Warning if the offer's values do not validate against the declared types
     180 -> allocate (486 if a pool is exhausted) -> start the child -> 200 OK with
-        the answer's a= lines -> supervise -> BYE or stop -> release everything
+        the answer's a= lines -> supervise -> BYE or stop              [Session]
+    release everything                                             [_on_invite]
 
 A session holds the configuration generation it started with: a reload (SIGHUP)
 changes what new INVITEs get, never a running session. Nothing here is shared
@@ -24,25 +27,18 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sipmesh.agent.attributes import build_sdp, read_attributes
+from sipmesh.agent.endpoint import Endpoint
 from sipmesh.agent.errors import AgentError, Exit
-from sipmesh.agent.params import IPAddress, ParamError, validate
-from sipmesh.agent.registration import Registration
-from sipmesh.agent.session import Session, warning_value
-from sipmesh.agent.supervisor import Child
-from sipmesh.daemon.allocators import AllocationError, Lease, Ledger
+from sipmesh.agent.params import ParamError
+from sipmesh.agent.session import Refusal, Session
+from sipmesh.daemon.allocators import Lease, Ledger
 from sipmesh.daemon.config import AgentSection, ConfigError, DaemonConfig, load_config
 from sipmesh.daemon.control import ControlServer, default_socket
-from sipmesh.daemon.service import SERVICE, DaemonSessionInfo, Service
-from sipmesh.sip.message import Response
-from sipmesh.sip.sdp import SDPError
-from sipmesh.sip.transport.base import local_address_towards, resolve, uri_target
-from sipmesh.sip.uri import parse_sip_uri
-from sipmesh.sip.useragent import CallFailed, IncomingCall, UAConfig, UserAgent
+from sipmesh.daemon.service import SERVICE, DaemonSessionInfo, ServiceProfile
+from sipmesh.sip.ua import IncomingCall, UAConfig, UserAgent
 
 log = logging.getLogger("sipmesh.daemon")
 
@@ -60,66 +56,14 @@ def ua_config(agent: AgentSection, password: str | None = None) -> UAConfig:
                     listen_port=agent.sip_port)
 
 
-async def advertised_address(agent: AgentSection, domain: str) -> str:
-    """Our a=IP4/IP6: [agent] advertise, else our address towards the SIP server."""
-    if agent.advertise:
-        return IPAddress().check(agent.advertise)
-    _, host, port = uri_target(parse_sip_uri(f"sip:{domain}"))
-    try:
-        server = await resolve(host, port)
-    except OSError as exc:
-        raise AgentError(f"cannot resolve the SIP server {host}: {exc}", Exit.UNREACHABLE) from None
-    return local_address_towards(server)
-
-
-class TrackedRegistration(Registration):
-    """Registration that remembers its state for `sipmesh status`."""
-
-    def __init__(self, ua: UserAgent, **kwargs: Any) -> None:
-        super().__init__(ua, **kwargs)
-        self.state = "unregistered"
-        self.since = time.time()
-        self.error: str | None = None
-
-    def _set(self, state: str, error: str | None = None) -> None:
-        if state != self.state:
-            self.since = time.time()
-        self.state, self.error = state, error
-
-    async def _register(self, expires: int, timeout: float | None = None) -> Response:
-        try:
-            response = await super()._register(expires, timeout)
-        except AgentError as exc:
-            self._set("failing", str(exc))
-            raise
-        if expires == 0:
-            self._set("unregistered")
-        elif 200 <= response.status < 300:
-            self._set("registered")
-        else:
-            self._set("failing", f"{response.status} {response.reason}")
-        return response
-
-
-@dataclass(slots=True)
-class SessionRecord:
-    call_id: str
-    peer: str
-    service: str
-    kind: str
-    generation: int
-    state: str = "starting"  # starting -> established -> ending
-    since: float = field(default_factory=time.time)
-    pid: int | None = None
-    lease: Lease | None = None
-    attributes: dict[str, str] | None = None  # what we answered
-
-    def to_json(self) -> dict[str, Any]:
-        allocated = self.lease.describe() if self.lease is not None else {"ports": [],
-                                                                          "addresses": []}
-        return {"call_id": self.call_id, "peer": self.peer, "service": self.service,
-                "kind": self.kind, "state": self.state, "since": self.since, "pid": self.pid,
-                "generation": self.generation, "allocated": allocated}
+def session_json(session: Session) -> dict[str, Any]:
+    """A running session as `sipmesh status` shows it."""
+    info = session.info
+    assert isinstance(info, DaemonSessionInfo) and info.lease is not None
+    return {"call_id": session.call_id, "peer": session.peer, "service": info.service,
+            "kind": info.kind, "state": session.state, "since": session.since,
+            "pid": session.child.pid if session.child is not None else None,
+            "generation": info.generation, "allocated": info.lease.describe()}
 
 
 class Daemon:
@@ -133,75 +77,56 @@ class Daemon:
         self.ua_config = ua or ua_config(config.agent)
         self._loader = loader
         self.ledger = Ledger()
-        self.sessions: dict[str, SessionRecord] = {}
-        self.active: Counter[str] = Counter()
-        self.counters: Counter[str] = Counter()  # answered, refused_403, ...
+        self.active: Counter[str] = Counter()  # running sessions per service
+        self.counters: Counter[str] = Counter()  # established, refused_403, ...
         self.control_path = control_socket or config.agent.control_socket or \
             default_socket(self.ua_config.user)
         self.control = ControlServer(self.control_path, self._control) if control else None
-        self.ua: UserAgent | None = None
-        self.registration: TrackedRegistration | None = None
-        self.local_ip = ""
+        self.endpoint = Endpoint(self.ua_config, on_invite=self._on_invite,
+                                 advertise=config.agent.advertise)
         self.started = time.time()
         self.ready = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def ua(self) -> UserAgent | None:
+        return self.endpoint.ua
+
+    @property
+    def local_ip(self) -> str:
+        return self.endpoint.local_ip
+
+    @property
+    def sessions(self) -> dict[str, Session]:
+        """The running sessions by Call-ID (each with a DaemonSessionInfo)."""
+        return self.endpoint.sessions
+
     def request_stop(self) -> None:
-        if not self._stop.is_set():
-            log.info("stopping: ending %d sessions", len(self.sessions))
-            self._stop.set()
+        self.endpoint.request_stop()
 
     async def run(self, register: bool = True) -> int:
-        self.ua = UserAgent(self.ua_config, on_invite=self._on_invite)
+        endpoint = self.endpoint
         try:
-            await self.ua.start()
-        except OSError as exc:
-            raise AgentError(f"cannot listen for SIP on {self.ua_config.listen_host}:"
-                             f"{self.ua_config.listen_port}: {exc.strerror or exc}",
-                             Exit.UNREACHABLE) from None
-        try:
-            self.local_ip = await advertised_address(self.config.agent, self.ua_config.domain)
+            await endpoint.listen()
             if self.control is not None:
                 try:
                     await self.control.start()
                 except OSError as exc:
                     raise AgentError(f"control socket {self.control_path}: {exc}") from None
-            if register:
-                self.registration = TrackedRegistration(
-                    self.ua, expires=self.config.agent.expires,
-                    timeout=self.config.agent.register_timeout)
-                try:
-                    await self.registration.register()
-                except AgentError as exc:
-                    if exc.code != Exit.UNREACHABLE:
-                        raise  # refused credentials: a configuration error, not a glitch
-                    # a daemon outlives a SIP server that is down or not reachable yet
-                    log.warning("%s: trying again every %g s", exc, self.registration.min_retry)
-                    self.registration.interval = self.registration.min_retry
-                self.registration.start_refresh()
-            log.info("ready as %s (contact %s): %s", self.ua.aor, self.ua.contact().uri,
+            if register:  # a daemon outlives a SIP server that is down or not reachable yet
+                await endpoint.register(expires=self.config.agent.expires,
+                                        timeout=self.config.agent.register_timeout,
+                                        keep_trying=True)
+            assert endpoint.ua is not None
+            log.info("ready as %s (contact %s): %s", endpoint.ua.aor, endpoint.ua.contact().uri,
                      ", ".join(s.profile.describe() for s in self.config.services.values()))
             self.ready.set()
-            await self._stop.wait()
+            await endpoint.stopping.wait()
             return Exit.OK
         finally:
-            await self._shutdown()
-
-    async def _shutdown(self) -> None:
-        self._stop.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), self.config.agent.grace + SHUTDOWN_EXTRA)
-        except asyncio.TimeoutError:
-            log.warning("%d sessions did not end in time", len(self.sessions))
-        if self.registration is not None:
-            await self.registration.unregister()
-        if self.control is not None:
-            await self.control.stop()
-        if self.ua is not None:
-            await self.ua.stop()
+            await endpoint.close(self.config.agent.grace + SHUTDOWN_EXTRA)
+            if self.control is not None:
+                await self.control.stop()
 
     # -- reload ------------------------------------------------------------------------
     def reload(self) -> tuple[bool, str]:
@@ -232,160 +157,63 @@ class Daemon:
         log.info("%s", message)
         return True, message
 
-    # -- answering -----------------------------------------------------------------------
-    def _refuse(self, incoming: IncomingCall, status: int, text: str, *,
-                warning: bool = True) -> None:
-        log.warning("[%s] refusing the INVITE from %s: %d %s", incoming.call_id,
-                    incoming.caller.uri, status, text)
-        self.counters[f"refused_{status}"] += 1
-        headers = [("Warning", warning_value(text, self.local_ip or "sipmesh"))] if warning else []
-        incoming.reject(status, headers=headers)
-
-    def _select(self, incoming: IncomingCall) -> tuple[Service, dict[str, str]] | None:
-        """The service and validated offer of an INVITE, or None once it was refused."""
-        content_type = (incoming.request.content_type or "").split(";")[0].strip().lower()
-        if incoming.sdp.strip() and content_type not in ("application/sdp", ""):
-            self.counters["refused_415"] += 1
-            incoming.reject(415, headers=[("Accept", "application/sdp")])
-            return None
-        try:
-            attributes = read_attributes(incoming.sdp)
-        except SDPError as exc:
-            self._refuse(incoming, 488, f"malformed SDP: {exc}")
-            return None
-        except ParamError as exc:
-            self._refuse(incoming, 488, f"bad parameter {exc}")
-            return None
-        services = self.config.services
-        caller = incoming.caller.uri
-        if not any(s.allows(caller) for s in services.values()):
-            self._refuse(incoming, 403, "caller not allowed", warning=False)
-            return None
-        raw = attributes.get("service") or attributes.get("APP") or \
-            self.config.agent.default_service
-        if raw is None:
-            self._refuse(incoming, 488, "no service requested (a=service:NAME)")
-            return None
-        try:
-            name = SERVICE.parse(raw)
-        except ParamError as exc:
-            self._refuse(incoming, 488, f"bad parameter {exc}")
-            return None
-        service = services.get(name)
-        if service is None:
-            self._refuse(incoming, 488, f"unknown service {name!r}")
-            return None
-        if not service.allows(caller):
-            self._refuse(incoming, 403, f"caller not allowed to use {name!r}", warning=False)
-            return None
-        if self.active[name] >= service.max_sessions:
-            self._refuse(incoming, 486, f"service {name!r} is at max_sessions "
-                                        f"({service.max_sessions})")
-            return None
-        if len(self.sessions) >= self.config.agent.max_sessions:
-            self._refuse(incoming, 486, f"the daemon is at max_sessions "
-                                        f"({self.config.agent.max_sessions})")
-            return None
-        try:
-            offer = validate(service.profile.offer_params, attributes)
-        except ParamError as exc:
-            self._refuse(incoming, 488, f"bad parameter {exc}")
-            return None
-        return service, offer
-
+    # -- answering: the service, the caller, capacity; Session does the rest ------------
     async def _on_invite(self, incoming: IncomingCall) -> None:
-        if self._stop.is_set():
-            incoming.reject(480, "Shutting Down")
-            return
         if incoming.call_id in self.sessions:
             incoming.reject(482, "Loop Detected")  # the same INVITE through two paths
             return
-        selected = self._select(incoming)
-        if selected is None:
-            return
-        service, offer = selected
-        record = SessionRecord(call_id=incoming.call_id, peer=str(incoming.caller.uri),
-                               service=service.name, kind=service.kind,
-                               generation=self.generation,
-                               lease=Lease(self.ledger, service.profile.allocators))
-        self.sessions[record.call_id] = record
-        self.active[service.name] += 1
-        self._idle.clear()
+        session = Session(self.endpoint, grace=self.config.agent.grace, on_event=self._count)
         try:
-            await self._answer(incoming, service, offer, record)
+            await session.answer(incoming, self._choose)
         finally:
-            assert record.lease is not None
-            record.lease.release()
-            self.sessions.pop(record.call_id, None)
-            self.active[service.name] -= 1
-            if self.active[service.name] <= 0:
-                del self.active[service.name]
-            if not self.sessions:
-                self._idle.set()
+            if isinstance(session.info, DaemonSessionInfo):  # chosen: give back what it held
+                self._release(session.info)
 
-    async def _answer(self, incoming: IncomingCall, service: Service, offer: dict[str, str],
-                      record: SessionRecord) -> None:
-        call_id = incoming.call_id
-        log.info("[%s] INVITE from %s for %s", call_id, record.peer, service.name)
-        incoming.ringing()
-        info = DaemonSessionInfo(role="server", call_id=call_id,
-                                 local_user=self.ua_config.user, peer=record.peer,
-                                 local_ip=self.local_ip, lease=record.lease, service=service.name)
-        profile = service.profile
+    def _choose(self, incoming: IncomingCall, attributes: dict[str, str]
+                ) -> tuple[ServiceProfile, DaemonSessionInfo]:
+        """The service an INVITE asks for, if this caller may use it and it has room."""
+        services = self.config.services
+        caller = incoming.caller.uri
+        if not any(s.allows(caller) for s in services.values()):
+            raise Refusal(403, "caller not allowed", warning=False)
+        raw = attributes.get("service") or attributes.get("APP") or \
+            self.config.agent.default_service
+        if raw is None:
+            raise Refusal(488, "no service requested (a=service:NAME)")
         try:
-            plan = await profile.answer(info, offer)
-        except AllocationError as exc:
-            self._refuse(incoming, 486, str(exc))
-            return
-        except (AgentError, ParamError, ValueError, OSError) as exc:
-            self._refuse(incoming, 500, f"cannot serve {service.name}: {exc}")
-            return
-        try:
-            validate(profile.answer_params, plan.attributes)  # our own values, same rules
-            sdp = build_sdp(username=self.ua_config.user, address=self.local_ip,
-                            media=profile.media, proto=profile.proto, port=plan.port,
-                            attributes=plan.attributes)
-        except (ParamError, ValueError) as exc:
-            if plan.child.cleanup is not None:
-                plan.child.cleanup()
-            self._refuse(incoming, 500, f"cannot serve {service.name}: {exc}")
-            return
-        try:
-            child = await Child.start(plan.child, name=f"{service.name} [{call_id}]",
-                                      grace=self.config.agent.grace)
-        except AgentError as exc:
-            self._refuse(incoming, 500, str(exc))
-            return
-        record.pid = child.pid
-        record.attributes = plan.attributes
-        try:
-            await self._run_session(incoming, service, plan, child, sdp, record)
-        finally:
-            record.state = "ending"
-            if not child.finished.done():  # refused, failed or cancelled half-way
-                await child.stop(self.config.agent.grace)
+            name = SERVICE.parse(raw)
+        except ParamError as exc:
+            raise Refusal(488, f"bad parameter {exc}") from None
+        service = services.get(name)
+        if service is None:
+            raise Refusal(488, f"unknown service {name!r}")
+        if not service.allows(caller):
+            raise Refusal(403, f"caller not allowed to use {name!r}", warning=False)
+        if self.active[name] >= service.max_sessions:
+            raise Refusal(486, f"service {name!r} is at max_sessions ({service.max_sessions})")
+        if len(self.sessions) >= self.config.agent.max_sessions:
+            raise Refusal(486, f"the daemon is at max_sessions "
+                               f"({self.config.agent.max_sessions})")
+        self.active[name] += 1
+        info = DaemonSessionInfo(role="server", call_id=incoming.call_id,
+                                 local_user=self.ua_config.user, peer=str(caller),
+                                 local_ip=self.local_ip, service=name, kind=service.kind,
+                                 generation=self.generation,
+                                 lease=Lease(self.ledger, service.profile.allocators))
+        return service.profile, info
 
-    async def _run_session(self, incoming: IncomingCall, service: Service, plan: Any,
-                           child: Child, sdp: bytes, record: SessionRecord) -> None:
-        call_id = incoming.call_id
-        try:
-            await service.profile.wait_ready(plan, child)
-        except AgentError as exc:
-            self._refuse(incoming, 500, f"cannot serve {service.name}: {exc}")
-            return
-        try:
-            call = await incoming.accept(sdp)
-        except CallFailed as exc:
-            log.warning("[%s] the session was not established (%s): stopping %s", call_id, exc,
-                        service.name)
-            return
-        record.state = "established"
-        record.since = time.time()
-        self.counters["established"] += 1
-        log.info("[%s] %s session established with %s (pid %d)", call_id, service.name,
-                 record.peer, child.pid)
-        reason = await Session(call, child, self.config.agent.grace).supervise(self._stop)
-        log.info("[%s] %s session ended: %s", call_id, service.name, reason)
+    def _release(self, info: DaemonSessionInfo) -> None:
+        assert info.lease is not None
+        info.lease.release()
+        self.active[info.service] -= 1
+        if self.active[info.service] <= 0:
+            del self.active[info.service]
+
+    def _count(self, event: str, data: dict[str, Any]) -> None:
+        if event == "refused":
+            self.counters[f"refused_{data['status']}"] += 1
+        elif event == "established":
+            self.counters["established"] += 1
 
     # -- status ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -393,7 +221,7 @@ class Daemon:
         if self.ua is not None:
             entry: dict[str, Any] = {"aor": str(self.ua.aor), "server": self.ua_config.domain,
                                      "contact": str(self.ua.contact().uri)}
-            reg = self.registration
+            reg = self.endpoint.registration
             if reg is not None:
                 entry.update(state=reg.state, since=reg.since, expires=reg.granted,
                              error=reg.error)
@@ -411,7 +239,7 @@ class Daemon:
                           "active": self.active.get(s.name, 0), "allow": list(s.allow)}
                          for s in self.config.services.values()],
             "registrations": registrations,
-            "sessions": [r.to_json() for r in self.sessions.values()],
+            "sessions": [session_json(s) for s in self.sessions.values()],
             "allocated": {"ports": sorted(f"{port}/{proto}" for proto, port in self.ledger.ports),
                           "addresses": sorted(self.ledger.addresses)},
         }

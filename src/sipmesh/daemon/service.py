@@ -43,6 +43,8 @@ class DaemonSessionInfo(SessionInfo):
 
     lease: Lease | None = None
     service: str = ""
+    kind: str = ""
+    generation: int = 0  # of the configuration the session started with
 
 
 class ServiceProfile(AppProfile):
@@ -137,9 +139,12 @@ class ServiceProfile(AppProfile):
     def offer(self, info: SessionInfo) -> dict[str, str]:
         return dict(super().offer(info), service=self.service_name)
 
-    async def wait_ready(self, plan: Any, child: Any) -> None:
-        """Return once the answering side's program can take the caller's first packet
-        (the 200 OK waits for it); raise ProfileError if it never will. Default: at once."""
+    @property
+    def label(self) -> str:
+        return self.service_name
+
+    def refusal(self, offer: dict[str, str]) -> str | None:
+        return None  # the daemon chose this service by the offer's a=service (or a=APP)
 
     def lease_of(self, info: SessionInfo) -> Lease:
         """The session's lease: the daemon's on the answering side; on the calling side

@@ -45,13 +45,21 @@ def names(template: str) -> list[str]:
     return found
 
 
-def render(template: str, values: dict[str, str]) -> str:
+def render(template: str, values: dict[str, str], *, strict: bool = True) -> str:
+    """`template` with each ``{NAME}`` replaced by ``values[NAME]``.
+
+    TemplateError names a placeholder without a value (or a stray brace). With
+    ``strict=False`` those stay as written instead: the arguments of `sipmesh serve
+    -- PROGRAM ARGS` (apps/exec.py) are the user's, and braces may be the program's own.
+    """
     def replace(match: re.Match[str]) -> str:
         text = match.group(0)
         if text in ("{{", "}}"):
             return text[0]
         name = match.group(1)
         if name is None or name not in values:
+            if not strict:
+                return text
             raise TemplateError(f"no value for {text} in {template!r}")
         return values[name]
 

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sipmesh.sip import grammar
+
 __all__ = [
     "AuthError", "AuthOutcome", "AuthResult", "DigestClient", "DigestServer", "NonceManager",
     "NonceState", "SUPPORTED_ALGORITHMS", "choose_challenge", "compute_ha1", "compute_response",
@@ -101,15 +103,13 @@ def compute_response(ha1: str, nonce: str, method: str, uri: str, *, algorithm: 
 
 # --------------------------------------------------------------------------- parsing
 
-_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
-_SCHEME = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)(?:[ \t]+|$)")
-_QDTEXT = r"""[^"\\\x00-\x08\x0a-\x1f\x7f]"""  # qdtext: HTAB and printable characters but " and \
+_SCHEME = re.compile(rf"({grammar.token})(?:[ \t]+|$)")  # auth-scheme = token
 _PARAM = re.compile(  # [list separators and empty elements] name = value [separators]
-    r"""[ \t,]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*=[ \t]*"""
-    rf"""(?:"({_QDTEXT}*(?:\\.{_QDTEXT}*)*)"|([A-Za-z0-9\-.!%*_+`'~#$&^|/:@?\[\]]+))"""
-    r"""([ \t,]*)""")  # value: quoted-string (*(qdtext / quoted-pair)) | token
-_FOLD = re.compile(r"\r?\n[ \t]+")
-_QUOTED_PAIR = re.compile(r"\\(.)")
+    rf"""[ \t,]*({grammar.token})[ \t]*=[ \t]*"""
+    rf"""(?:"({grammar.qdtext}*(?:\\.{grammar.qdtext}*)*)"|([A-Za-z0-9\-.!%*_+`'~#$&^|/:@?\[\]]+))"""
+    r"""([ \t,]*)""")  # value: quoted-string (*(qdtext / quoted-pair)) | token (leniently)
+# Bound here, not imported by name: grammar.py says why.
+_TOKEN, _FOLD, _QUOTED_PAIR = grammar.TOKEN, grammar.FOLD, grammar.QUOTED_PAIR
 _UNQUOTED = frozenset({"algorithm", "nc", "stale"})
 
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 from datetime import datetime, timezone
 
+from sipmesh.sip import grammar
 from sipmesh.sip.errors import ParseError
+from sipmesh.sip.grammar import WSP
 from sipmesh.sip.uri import URI, SipURI, format_host, is_ip, parse_host, parse_port, parse_uri
 
 COMPACT_FORMS = {
@@ -33,30 +35,29 @@ _WELL_KNOWN = [
     "Min-SE", "RSeq", "RAck", "Refer-To", "Referred-By", "Reason",
     "Accept-Contact", "Reject-Contact", "Request-Disposition", "Identity", "Identity-Info",
 ]
-_CANONICAL = {name.lower(): name for name in _WELL_KNOWN}
+# lower-cased name or compact form -> the spelling we write
+CANONICAL_NAMES = {name.lower(): name for name in _WELL_KNOWN}
 for _short, _long in COMPACT_FORMS.items():
-    _CANONICAL[_short] = _long
+    CANONICAL_NAMES[_short] = _long
 
 # Headers whose grammar is a comma-separated list: stored one value per entry so
 # that a proxy can pop a Via or a Route without re-parsing the others.
 LIST_HEADERS = frozenset({"via", "route", "record-route", "contact", "path"})
 
-TOKEN = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
-_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
-_DIGITS = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() accepts '²', int() does not
-_LWS = " \t"
+# Bound here, not imported by name: grammar.py says why.
+_TOKEN, _DIGITS, _QUOTED_PAIR = grammar.TOKEN, grammar.DIGITS, grammar.QUOTED_PAIR
 _BAD_PARAM_VALUE = re.compile(r'[ \t"<>,]')
 
 
 def canonical_name(name: str) -> str:
     """'v' -> 'Via', 'call-id' -> 'Call-ID'; unknown names keep their spelling."""
-    return _CANONICAL.get(name.lower(), name)
+    return CANONICAL_NAMES.get(name.lower(), name)
 
 
 def header_key(name: str) -> str:
     """The case-insensitive identity of a header name: compact forms mapped to the long one."""
     low = name.lower()
-    canon = _CANONICAL.get(low)
+    canon = CANONICAL_NAMES.get(low)
     return canon.lower() if canon is not None else low
 
 
@@ -101,15 +102,15 @@ def parse_header_params(text: str) -> dict[str, str | None]:
     value: str | None
     if '"' not in text:  # the common case: no quoted-string to step over
         first, *items = text.split(";")
-        if first.strip(_LWS):
+        if first.strip(WSP):
             raise ParseError(f"bad header parameters {text[:60]!r}")
         for item in items:
             name, eq, value = item.partition("=")
-            name = name.strip(_LWS)
+            name = name.strip(WSP)
             if not _TOKEN.fullmatch(name):
                 raise ParseError(f"bad header parameter name in {text[:60]!r}")
             if eq:
-                value = value.strip(_LWS)
+                value = value.strip(WSP)
                 if not value or _BAD_PARAM_VALUE.search(value):
                     raise ParseError(f"bad header parameter value in {text[:60]!r}")
                 params[name.lower()] = value
@@ -118,7 +119,7 @@ def parse_header_params(text: str) -> dict[str, str | None]:
         return params
     i, n = 0, len(text)
     while i < n:
-        while i < n and text[i] in _LWS:
+        while i < n and text[i] in WSP:
             i += 1
         if i >= n:
             break
@@ -128,13 +129,13 @@ def parse_header_params(text: str) -> dict[str, str | None]:
         j = i
         while j < n and text[j] not in "=;":
             j += 1
-        name = text[i:j].strip(_LWS)
+        name = text[i:j].strip(WSP)
         if not name or not _TOKEN.fullmatch(name):
             raise ParseError(f"bad header parameter name in {text[:60]!r}")
         value = None
         if j < n and text[j] == "=":
             j += 1
-            while j < n and text[j] in _LWS:
+            while j < n and text[j] in WSP:
                 j += 1
             if j < n and text[j] == '"':
                 k = j + 1
@@ -148,7 +149,7 @@ def parse_header_params(text: str) -> dict[str, str | None]:
                 k = j
                 while k < n and text[k] != ";":
                     k += 1
-                value = text[j:k].rstrip(_LWS)
+                value = text[j:k].rstrip(WSP)
                 if not value or _BAD_PARAM_VALUE.search(value):
                     raise ParseError(f"bad header parameter value in {text[:60]!r}")
                 j = k
@@ -161,7 +162,6 @@ def format_header_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
-_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _QUOTED_STRING = re.compile(r'"([^"\\]*(?:\\.[^"\\]*)*)"', re.DOTALL)
 # quoted-pair can carry %x00-09 / %x0B-0C / %x0E-7F; CR and LF cannot be carried at all.
 _NEEDS_QUOTED_PAIR = re.compile(r'[\\"\x00-\x08\x0b\x0c\x0e-\x1f\x7f]')
@@ -219,7 +219,7 @@ def parse_address(value: str) -> Address:
     name-addr = [display-name] LAQUOT addr-spec RAQUOT: LWS may precede '<' and follow
     '>', never sit inside them (RFC 4475 §3.1.2.14). An addr-spec's ';' parameters
     belong to the header field, not to the URI (§20.10, RFC 4475 §3.3.12)."""
-    text = value.strip(_LWS)
+    text = value.strip(WSP)
     display: str | None = None
     if text.startswith('"'):
         q = _QUOTED_STRING.match(text)
@@ -228,13 +228,13 @@ def parse_address(value: str) -> Address:
         display = q.group(1)
         if "\\" in display:
             display = _QUOTED_PAIR.sub(r"\1", display)
-        text = text[q.end() :].lstrip(_LWS)
+        text = text[q.end() :].lstrip(WSP)
         if not text.startswith("<"):
             raise ParseError("display name without <URI>")
     lt = text.find("<")
     if lt >= 0 and (lt == 0 or display is None):
         if display is None and lt > 0:
-            token_name = text[:lt].strip(_LWS)
+            token_name = text[:lt].strip(WSP)
             if token_name and not all(_TOKEN.fullmatch(w) for w in token_name.split()):
                 raise ParseError(f"bad display name {token_name[:40]!r} (must be tokens or quoted)")
             display = token_name or None
@@ -242,13 +242,13 @@ def parse_address(value: str) -> Address:
         if gt < 0:
             raise ParseError("missing '>' in address")
         uri_text = text[lt + 1 : gt]
-        if uri_text != uri_text.strip(_LWS):
+        if uri_text != uri_text.strip(WSP):
             raise ParseError("whitespace inside <> around the URI")
         uri = parse_uri(uri_text)
         params = parse_header_params(text[gt + 1 :]) if gt + 1 < len(text) else {}
     else:
         uri_text, semi, rest = text.partition(";")
-        uri_text = uri_text.rstrip(_LWS)
+        uri_text = uri_text.rstrip(WSP)
         if "?" in uri_text or "," in uri_text:
             raise ParseError("addr-spec with '?' or ',' must be enclosed in <>")
         if " " in uri_text or "\t" in uri_text:
@@ -289,9 +289,9 @@ class Via:
         return f"{self.protocol}/{self.transport} {sent_by}{format_header_params(self.params)}"
 
 
+# sent-protocol = protocol-name SLASH protocol-version SLASH transport, each a token
 _SENT_PROTOCOL = re.compile(
-    r"[ \t]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*/[ \t]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*/[ \t]*"
-    r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]+")
+    rf"[ \t]*({grammar.token})[ \t]*/[ \t]*({grammar.token})[ \t]*/[ \t]*({grammar.token})[ \t]+")
 _SENT_BY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s;:\[\]]+)(?:[ \t]*:[ \t]*([0-9]+))?[ \t]*")
 
 
@@ -338,7 +338,7 @@ def parse_via(value: str) -> Via:
                protocol=protocol)
 
 
-_CSEQ = re.compile(r"[ \t]*([0-9]+)[ \t]+([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*")
+_CSEQ = re.compile(rf"[ \t]*([0-9]+)[ \t]+({grammar.Method})[ \t]*")
 
 
 def parse_cseq(value: str) -> tuple[int, str]:
@@ -360,7 +360,7 @@ _DATE = re.compile(r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), ([0-9]{2}) (" + "|".join(_MO
 def parse_date(value: str) -> datetime:
     """SIP-date (§20.17, rfc1123-date): the only time zone allowed is "GMT"
     (RFC 4475 §3.1.2.12: not UT, UTC, EST, ...)."""
-    m = _DATE.fullmatch(value.strip(_LWS))
+    m = _DATE.fullmatch(value.strip(WSP))
     if not m:
         raise ParseError(f"bad Date {value[:60]!r} (must be rfc1123-date in GMT)")
     day, month, year, hh, mm, ss = (int(m.group(2)), _MONTHS.index(m.group(3)) + 1,

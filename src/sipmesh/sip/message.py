@@ -12,17 +12,17 @@ could be parsed, so that a transport can answer a broken request (400, 505, 513)
 
 from __future__ import annotations
 
-import re
-import string
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
+from sipmesh.sip import grammar
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.headers import (_CANONICAL, LIST_HEADERS, Address, Via, canonical_name,
+from sipmesh.sip.grammar import MAGIC_COOKIE
+from sipmesh.sip.headers import (CANONICAL_NAMES, LIST_HEADERS, Address, Via, canonical_name,
                                  header_key, parse_address, parse_cseq, parse_via, split_list)
 from sipmesh.sip.uri import URI, SipURI, parse_uri
 
-SIP_VERSION = "SIP/2.0"
+VERSION = "SIP/2.0"  # the one SIP-Version we speak
 REASONS = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
     183: "Session Progress", 200: "OK", 202: "Accepted", 300: "Multiple Choices",
@@ -46,7 +46,6 @@ REASONS = {
 KNOWN_METHODS = frozenset({"INVITE", "ACK", "OPTIONS", "BYE", "CANCEL", "REGISTER", "PRACK",
                            "SUBSCRIBE", "NOTIFY", "PUBLISH", "INFO", "REFER", "MESSAGE",
                            "UPDATE"})
-MAGIC_COOKIE = "z9hG4bK"
 _MANDATORY = [(name, name.lower()) for name in ("Via", "From", "To", "Call-ID", "CSeq")]  # §8.1.1
 # RFC 4475 §3.3.8
 _SINGLE = [(name, name.lower()) for name in ("Call-ID", "CSeq", "From", "To", "Max-Forwards", "Content-Type")]
@@ -63,12 +62,14 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# Bound here, not imported by name: grammar.py says why.
+_TOKEN, _SIP_VERSION, _DIGITS, _FOLD = grammar.TOKEN, grammar.SIP_VERSION, grammar.DIGITS, grammar.FOLD
 T = TypeVar("T")
 
 
 # Header name -> (canonical spelling, lookup key), for the names seen on every message.
 _NAMES: dict[str, tuple[str, str]] = {}
-for _low, _canon in _CANONICAL.items():
+for _low, _canon in CANONICAL_NAMES.items():
     for _spelling in (_low, _canon, _low.upper()):
         _NAMES[_spelling] = (_canon, _canon.lower())
 del _low, _canon, _spelling
@@ -285,7 +286,7 @@ class Request(Message):
     uri: URI = field(default_factory=lambda: SipURI(host="invalid"))
 
     def start_line(self) -> str:
-        return f"{self.method} {self.uri} {SIP_VERSION}"
+        return f"{self.method} {self.uri} {VERSION}"
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.uri}>"
@@ -297,22 +298,13 @@ class Response(Message):
     reason: str = "OK"
 
     def start_line(self) -> str:
-        return f"{SIP_VERSION} {self.status} {self.reason}"
+        return f"{VERSION} {self.status} {self.reason}"
 
     def __repr__(self) -> str:
         return f"<Response {self.status} {self.reason}>"
 
 
-class IncompleteMessage(ParseError):
-    """Raised by the stream framer internals; never escapes `StreamFramer`."""
-
-
 # -- parsing --------------------------------------------------------------------------------
-
-_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
-_SIP_VERSION = re.compile(r"SIP/[0-9]+\.[0-9]+", re.IGNORECASE)
-_DIGITS = re.compile(r"[0-9]{1,10}")
-_FOLD = re.compile(r"[ \t]*\n[ \t]+")  # LWS with a line break is one SP (§7.3.1)
 
 
 def _split_head(data: bytes) -> tuple[bytes, bytes, bool]:
@@ -327,7 +319,7 @@ def _split_head(data: bytes) -> tuple[bytes, bytes, bool]:
 
 
 def parse_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS, stream: bool = False) -> Request | Response:
-    """Parse one whole message (a datagram, or one framed by StreamFramer).
+    """Parse one whole message (a datagram, or one framed by transport.framing.StreamFramer).
 
     Raises ParseError and nothing else; `err.partial` holds what could be parsed
     (None when not even the start line was recognisable). On a datagram, octets
@@ -449,7 +441,7 @@ def _start_message(line: str, limits: Limits) -> tuple[Request | Response, Parse
             if isinstance(req.uri, SipURI) and req.uri.headers else None
     if not _SIP_VERSION.fullmatch(version):
         return req, ParseError(f"bad SIP-Version {version[:20]!r}")
-    if version.upper() != SIP_VERSION:
+    if version.upper() != VERSION:
         return req, ParseError(f"SIP version {version} not supported", 505)
     return req, (ParseError(uri_error) if uri_error else None)
 
@@ -478,7 +470,7 @@ def _status_line(line: str, limits: Limits) -> tuple[Response, ParseError | None
     response = Response(headers=Headers(), status=int(code), reason=reason)
     if not _SIP_VERSION.fullmatch(version):
         return response, ParseError(f"bad SIP-Version {version[:20]!r}")
-    if version.upper() != SIP_VERSION:
+    if version.upper() != VERSION:
         return response, ParseError(f"SIP version {version} not supported", 505)
     return response, None
 
@@ -544,77 +536,6 @@ def _checked(parse, name: str, headers: Headers):  # type: ignore[no-untyped-def
         return parse(headers.get(name))
     except ParseError as exc:
         raise ParseError(f"bad {name} header: {exc.reason}") from None
-
-
-# -- stream framing -------------------------------------------------------------------------
-
-class StreamFramer:
-    """Cuts a TCP/TLS byte stream into messages using the mandatory Content-Length."""
-
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
-        self.limits = limits
-        self._buffer = bytearray()
-        self._scanned = 0  # the buffer's first bytes known to hold no CRLFCRLF
-        self._total: int | None = None  # length of the message whose head is complete
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add bytes; return the complete raw messages now available (keep-alive CRLFs dropped).
-
-        Raises ParseError when the stream cannot be framed any more (the connection
-        must then be closed: there is no way to find the next message).
-        """
-        buffer = self._buffer
-        buffer += data
-        out: list[bytes] = []
-        while True:
-            if self._total is None:
-                skip = 0  # CRLF keep-alives (RFC 5626 §3.5.1) and stray line ends
-                while skip < len(buffer) and buffer[skip] in b"\r\n":
-                    skip += 1
-                if skip:
-                    del buffer[:skip]
-                    self._scanned = max(0, self._scanned - skip)
-                if buffer and buffer[0] not in _TOKEN_BYTES:
-                    # Neither a method nor "SIP/": e.g. a TLS hello on the TCP port.
-                    raise ParseError("not a SIP message on the stream")
-                if len(buffer) > self.limits.max_start_line and \
-                        buffer.find(b"\n", 0, self.limits.max_start_line) < 0:
-                    raise ParseError("start line too long", 414)
-                end = buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
-                if end < 0:
-                    self._scanned = len(buffer)
-                    if len(buffer) > self.limits.max_message_size:
-                        raise ParseError("message headers too large", 513)
-                    return out
-                total = end + 4 + _content_length(bytes(buffer[:end]))
-                if total > self.limits.max_message_size:
-                    raise ParseError("message too large", 513)
-                self._total = total
-            if len(buffer) < self._total:
-                return out
-            out.append(bytes(buffer[: self._total]))
-            del buffer[: self._total]
-            self._total = None
-            self._scanned = 0
-
-
-_TOKEN_BYTES = frozenset((string.ascii_letters + string.digits + "-.!%*_+`'~").encode())
-_CL = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
-_FOLD_BYTES = re.compile(rb"[ \t]*\n[ \t]+")
-
-
-def _content_length(head: bytes) -> int:
-    head = head.replace(b"\r\n", b"\n")
-    if b"\n " in head or b"\n\t" in head:
-        head = _FOLD_BYTES.sub(b" ", head)
-    values = _CL.findall(head)
-    if not values:
-        raise ParseError("missing Content-Length on a stream transport")
-    if len(values) > 1:
-        raise ParseError("more than one Content-Length header field")
-    if not re.fullmatch(rb"[0-9]{1,10}", values[0]):
-        raise ParseError(f"bad Content-Length {values[0][:20]!r}")
-    return int(values[0])
 
 
 def reason_for(status: int) -> str:

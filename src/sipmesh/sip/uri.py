@@ -16,14 +16,14 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
+from sipmesh.sip import grammar
 from sipmesh.sip.errors import ParseError
 
-# RFC 3261 §25.1 character classes (what may appear unescaped), beyond ALPHA / DIGIT.
-_MARK = "-_.!~*'()"
-_USER_SAFE = _MARK + "&=+$,;?/"  # unreserved / user-unreserved
-_PASSWORD_SAFE = _MARK + "&=+$,"
-_PARAM_SAFE = _MARK + "[]/:&+$"  # unreserved / param-unreserved
-_HEADER_SAFE = _MARK + "[]/?:+$"  # unreserved / hnv-unreserved
+# What may appear unescaped in each part, beyond ALPHA / DIGIT (RFC 3261 §25.1).
+_USER_SAFE = grammar.mark + grammar.user_unreserved  # unreserved / user-unreserved
+_PASSWORD_SAFE = grammar.mark + grammar.password_unreserved
+_PARAM_SAFE = grammar.mark + grammar.param_unreserved  # unreserved / param-unreserved
+_HEADER_SAFE = grammar.mark + grammar.hnv_unreserved  # unreserved / hnv-unreserved
 
 
 def _escaped_class(safe: str) -> re.Pattern[str]:
@@ -49,11 +49,10 @@ _PASSWORD_UNSAFE = re.compile(r"[^A-Za-z0-9" + re.escape(_PASSWORD_SAFE) + "]")
 _PARAM_UNSAFE = re.compile(r"[^A-Za-z0-9" + re.escape(_PARAM_SAFE) + "]")
 _HEADER_UNSAFE = re.compile(r"[^A-Za-z0-9" + re.escape(_HEADER_SAFE) + "]")
 
-_HOSTNAME = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*"
-                       r"[A-Za-z](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.?")
-_IPV4 = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
-_PORT = re.compile(r"[0-9]{1,5}")
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
+_HOSTNAME = re.compile(grammar.hostname)
+_IPV4 = re.compile(grammar.IPv4address)
+_PORT = re.compile(grammar.port)
+_SCHEME = re.compile(grammar.scheme)
 _NOT_IN_URI = re.compile(r"[\x00-\x20\x7f<>\"]")
 
 # uri-parameters whose values are case-insensitive tokens or hosts (§19.1.4 compares

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Headers, Message, Request, Response
+from sipmesh.sip.transaction.base import State, Transaction
 from sipmesh.sip.transaction.effects import Deliver, Effect, Send, Timeout
 from sipmesh.sip.transaction.matching import client_key
-from sipmesh.sip.transaction.timers import TIMER_D_UNRELIABLE, State, TimerValues, Transaction
+from sipmesh.sip.transaction.timers import TIMER_D_UNRELIABLE, TimerValues
 from sipmesh.sip.uri import SipURI
 
 

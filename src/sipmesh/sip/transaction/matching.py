@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import secrets
 
+from sipmesh.sip.grammar import MAGIC_COOKIE
 from sipmesh.sip.message import Request, Response
 
-MAGIC_COOKIE = "z9hG4bK"
 _KEEP = object()
 
 

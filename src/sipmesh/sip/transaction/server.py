@@ -7,9 +7,10 @@ The TU sees each request once (`Deliver` from `start`); retransmissions go to
 from __future__ import annotations
 
 from sipmesh.sip.message import Request, Response, make_response
+from sipmesh.sip.transaction.base import State, Transaction
 from sipmesh.sip.transaction.effects import Deliver, Effect, Send, Timeout, TransportFailed
 from sipmesh.sip.transaction.matching import ack_server_key, server_key
-from sipmesh.sip.transaction.timers import State, TimerValues, Transaction
+from sipmesh.sip.transaction.timers import TimerValues
 
 
 class _Server(Transaction):

@@ -21,10 +21,11 @@ import ssl
 from typing import Callable
 
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.message import (DEFAULT_LIMITS, Limits, Request, Response, StreamFramer,
-                                 make_response, parse_message)
+from sipmesh.sip.message import (DEFAULT_LIMITS, Limits, Request, Response, make_response,
+                                 parse_message)
 from sipmesh.sip.transport import stun
 from sipmesh.sip.transport.base import RELIABLE, Flow, Inbound, response_target, stamp_received
+from sipmesh.sip.transport.framing import StreamFramer
 
 log = logging.getLogger("sipmesh.sip.transport")
 trace = logging.getLogger("sipmesh.trace")

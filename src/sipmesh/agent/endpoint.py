@@ -1,0 +1,125 @@
+"""Our SIP identity for as long as an agent runs: listen, our address, registration, stop.
+
+`sipmesh serve`, `sipmesh call`, `sip_app` (agent/session.py:Agent) and the
+super-daemon (daemon/server.py:Daemon) each run one Endpoint; what they add is
+their answer to an INVITE (`on_invite`), never a second copy of this:
+
+    endpoint = Endpoint(ua_config, on_invite=..., advertise=...)
+    await endpoint.listen()     # the UA's sockets, and the address we send in a=IP4/IP6
+    await endpoint.register()   # REGISTER, refreshed at half the granted time
+    ...                         # sessions run (agent/session.py:Session), each in
+                                # `endpoint.sessions` while it lasts
+    endpoint.request_stop()     # (a signal) running sessions end, then:
+    await endpoint.close(t)     # wait up to t s for them, unregister, stop the UA
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
+
+from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.params import IPAddress
+from sipmesh.agent.registration import Registration
+from sipmesh.sip.transport.base import local_address_towards, resolve, uri_target
+from sipmesh.sip.uri import parse_sip_uri
+from sipmesh.sip.ua import IncomingCall, UAConfig, UserAgent
+
+if TYPE_CHECKING:
+    from sipmesh.agent.session import Session
+
+log = logging.getLogger("sipmesh.agent")
+
+
+async def advertised_address(advertise: str | None, domain: str) -> str:
+    """Our a=IP4/IP6: `advertise` if given, else our local address towards the SIP server."""
+    if advertise:
+        try:
+            return IPAddress().check(advertise)
+        except ValueError as exc:
+            raise AgentError(f"--advertise: {exc}", Exit.USAGE) from None
+    _, host, port = uri_target(parse_sip_uri(f"sip:{domain}"))
+    try:
+        server = await resolve(host, port)
+    except OSError as exc:
+        raise AgentError(f"cannot resolve the SIP server {host}: {exc}", Exit.UNREACHABLE) \
+            from None
+    return local_address_towards(server)
+
+
+class Endpoint:
+    """The UA, our advertised address, our registration and the sessions running on them."""
+
+    def __init__(self, config: UAConfig, *,
+                 on_invite: Callable[[IncomingCall], Awaitable[None]],
+                 advertise: str | None = None) -> None:
+        self.config = config
+        self.on_invite = on_invite
+        self.advertise = advertise
+        self.ua: UserAgent | None = None
+        self.local_ip = ""
+        self.registration: Registration | None = None
+        self.sessions: dict[str, Session] = {}  # running (answering or calling), by Call-ID
+        self.stopping = asyncio.Event()  # (asyncio events bind to a loop only when awaited)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def listen(self) -> None:
+        """Start the UA; find the address we advertise."""
+        ua = UserAgent(self.config, on_invite=self._on_invite)
+        try:
+            await ua.start()
+        except OSError as exc:
+            raise AgentError(f"cannot listen for SIP on {self.config.listen_host}:"
+                             f"{self.config.listen_port}: {exc.strerror or exc}",
+                             Exit.UNREACHABLE) from None
+        self.ua = ua
+        self.local_ip = await advertised_address(self.advertise, self.config.domain)
+
+    async def register(self, *, expires: int = 3600, timeout: float = 10.0,
+                       keep_trying: bool = False) -> None:
+        """Register and keep refreshing; `keep_trying`: see Registration.register."""
+        assert self.ua is not None, "listen() first"
+        self.registration = Registration(self.ua, expires=expires, timeout=timeout)
+        await self.registration.register(keep_trying=keep_trying)
+        self.registration.start_refresh()
+
+    def request_stop(self) -> None:
+        """End the running sessions; run()s waiting on `stopping` return (signal handlers)."""
+        if self.stopping.is_set():
+            log.debug("already stopping")
+            return
+        log.info("stopping: ending %d sessions", len(self.sessions))
+        self.stopping.set()
+
+    async def _on_invite(self, incoming: IncomingCall) -> None:
+        if self.stopping.is_set():
+            incoming.reject(480, "Shutting Down")
+            return
+        await self.on_invite(incoming)
+
+    @contextmanager
+    def running(self, session: Session) -> Iterator[None]:
+        """`session` is in `sessions` (and close() waits for it) inside this block."""
+        self.sessions[session.call_id] = session
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.sessions.pop(session.call_id, None)
+            if not self.sessions:
+                self._idle.set()
+
+    async def close(self, timeout: float) -> None:
+        """Stop; wait up to `timeout` s for the sessions to end; unregister; stop the UA."""
+        self.stopping.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%d sessions did not end in time", len(self.sessions))
+        if self.registration is not None:
+            await self.registration.unregister()
+        if self.ua is not None:
+            await self.ua.stop()

@@ -1,0 +1,631 @@
+"""ICE (RFC 8445) for a session: which path the peers' packets take across NATs.
+
+The offer and the answer carry each side's ICE description as SDP attributes (RFC 8839)::
+
+    a=ice-ufrag:Ab3x
+    a=ice-pwd:Jk8s0dLq2vTz9PmWc4Rn7e
+    a=ice-options:ice2
+    a=candidate:1 1 udp 2130706431 10.1.0.2 40000 typ host
+    a=candidate:2 1 udp 1694498815 203.0.113.3 40000 typ srflx raddr 10.1.0.2 rport 40000
+    a=candidate:3 1 udp 16777215 203.0.113.2 50000 typ relay raddr 203.0.113.3 rport 41000
+    a=end-of-candidates
+
+Candidates are gathered on this host's addresses (host), from a STUN server (srflx: by
+default the SIP server, which answers STUN on its SIP port) and from a TURN server
+(relay: coturn, with the SIP credentials, over UDP or, where UDP is blocked, TCP). The
+caller controls. aioice does the checks, nomination and consent freshness (RFC 7675).
+
+What this module adds to aioice, and why:
+- Candidates from the network are hostile: at most ``MAX_CANDIDATES`` are used, each
+  bounded in size and with an address a check may go to (never unspecified, multicast,
+  broadcast, link-local, reserved, nor loopback unless this side is on loopback itself),
+  and no names (aioice would resolve ``.local`` names by multicast DNS).
+- Checks are paced (RFC 8445 §14): one new check per ``TA`` per session, one per
+  ``AGENT_TA`` for all sessions of the process, at most ``MAX_CHECKS`` per session and
+  ``AGENT_MAX_CHECKS`` per ``AGENT_WINDOW`` per process, so that an INVITE cannot turn the
+  agent into a packet cannon aimed at third parties. aioice paces at 20 ms without a cap.
+- A direct path is preferred: aioice nominates the first pair that succeeds, so pairs
+  through a relay wait ``RELAY_HOLD`` unless every direct pair has failed, and a check that
+  arrives for a pair whose own check is in progress triggers a new one at once (RFC 8445
+  §7.3.1.4; aioice waits for the retransmission, 500 ms later).
+- The result says which path was chosen and why (:class:`PathReport`).
+
+Rendering and parsing the attributes, candidate checks, the pacer and the explanation are
+pure functions; :class:`IceSession` is the thin asyncio part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import aioice
+from aioice import stun
+from aioice.candidate import Candidate
+from aioice.ice import CandidatePair, StunProtocol, get_host_addresses, relayed_candidate
+
+__all__ = [
+    "AGENT_MAX_CHECKS", "AGENT_TA", "AGENT_WINDOW", "MAX_CANDIDATES", "MAX_CANDIDATE_LENGTH",
+    "MAX_CHECKS", "RELAY_HOLD", "TA",
+    "Candidate", "IceConfig", "IceDescription", "IceError", "IceSession", "Pacer",
+    "PathReport", "check_candidate", "explain", "parse", "render",
+]
+
+log = logging.getLogger("sipmesh.agent.ice")
+
+MAX_CANDIDATES = 20          # remote candidates used; a real agent offers 2 to 6
+MAX_CANDIDATE_LENGTH = 256   # characters of one a=candidate value
+TA = 0.05                    # s between two new checks of one session (RFC 8445 §14.2)
+AGENT_TA = 0.005             # s between two new checks of the whole process (ibid.)
+MAX_CHECKS = 100             # checks one session starts (the pair limit of RFC 8445 §6.1.2.5)
+AGENT_MAX_CHECKS = 1000      # checks all sessions start ...
+AGENT_WINDOW = 10.0          # ... within this many seconds
+RELAY_HOLD = 0.5             # s the relayed pairs wait for a direct pair to succeed
+
+_ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
+_UFRAG = re.compile(r"[A-Za-z0-9+/]{4,256}")
+_PWD = re.compile(r"[A-Za-z0-9+/]{22,256}")
+_SIGNALLED_TYPES = ("host", "srflx", "relay")  # prflx is learnt, never signalled
+
+
+class IceError(Exception):
+    """ICE could not give a path; ``report`` says what was tried (None: bad description)."""
+
+    def __init__(self, message: str, report: "PathReport | None" = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+# --------------------------------------------------------------------------- SDP (pure)
+
+
+@dataclass
+class IceDescription:
+    """One side's ICE attributes: credentials and candidates (RFC 8839)."""
+
+    ufrag: str
+    pwd: str = field(repr=False)
+    candidates: list[Candidate] = field(default_factory=list)
+    complete: bool = True                               # a=end-of-candidates seen
+    refused: list[str] = field(default_factory=list)    # why a candidate was not used
+
+
+def render(description: IceDescription) -> list[tuple[str, str | None]]:
+    """The ``a=`` lines of `description` as (name, value) pairs; value None is a flag."""
+    lines: list[tuple[str, str | None]] = [("ice-ufrag", description.ufrag),
+                                           ("ice-pwd", description.pwd),
+                                           ("ice-options", "ice2")]
+    lines += [("candidate", c.to_sdp()) for c in description.candidates]
+    if description.complete:
+        lines.append(("end-of-candidates", None))
+    return lines
+
+
+def parse(attributes: Iterable[tuple[str, str | None]], *, allow_loopback: bool = False,
+          limit: int = MAX_CANDIDATES) -> IceDescription | None:
+    """The ICE description in a body's attributes, None if there is none (a peer without
+    ICE: the prototype, SIPp, an old agent). Candidates that fail :func:`check_candidate`,
+    repeat an address or come after the first `limit` good ones are left out, each with a
+    reason in ``refused``. Raises IceError if the credentials are missing or malformed."""
+    ufrags, pwds, values, complete = [], [], [], False
+    for name, value in attributes:
+        if name == "ice-ufrag":
+            ufrags.append(value or "")
+        elif name == "ice-pwd":
+            pwds.append(value or "")
+        elif name == "candidate":
+            values.append(value or "")
+        elif name == "end-of-candidates":
+            complete = True
+    if not (ufrags or pwds or values):
+        return None
+    if len(set(ufrags)) != 1 or not _UFRAG.fullmatch(ufrags[0]):
+        raise IceError("the peer's a=ice-ufrag is missing, repeated or not 4-256 ice-chars")
+    if len(set(pwds)) != 1 or not _PWD.fullmatch(pwds[0]):
+        raise IceError("the peer's a=ice-pwd is missing, repeated or not 22-256 ice-chars")
+    description = IceDescription(ufrags[0], pwds[0], complete=complete)
+    seen: set[tuple[str, int]] = set()
+    for value in values:
+        shown = value if len(value) <= 60 else value[:60] + "..."
+        if len(value) > MAX_CANDIDATE_LENGTH:
+            description.refused.append(f"{shown!r}: longer than {MAX_CANDIDATE_LENGTH} characters")
+            continue
+        try:
+            candidate = _candidate(value)
+        except ValueError as e:
+            description.refused.append(f"{shown!r}: {e}")
+            continue
+        reason = check_candidate(candidate, allow_loopback=allow_loopback)
+        key = (candidate.host, candidate.port)
+        if reason is None and key in seen:
+            reason = "same address as an earlier candidate"
+        if reason is None and len(description.candidates) >= limit:
+            reason = f"more than {limit} candidates"
+        if reason is not None:
+            description.refused.append(f"{shown!r}: {reason}")
+            continue
+        seen.add(key)
+        description.candidates.append(candidate)
+    return description
+
+
+def _candidate(value: str) -> Candidate:
+    bits = value.split()
+    if len(bits) < 8 or bits[6] != "typ":
+        raise ValueError("not '<foundation> <component> <transport> <priority> <address> "
+                         "<port> typ <type> ...'")
+    if len(bits) % 2:
+        raise ValueError("an extension attribute without a value")
+    try:
+        return Candidate.from_sdp(value)
+    except ValueError as e:
+        raise ValueError(f"bad number ({e})") from None
+
+
+def check_candidate(candidate: Candidate, *, allow_loopback: bool = False) -> str | None:
+    """Why a remote candidate must not be used (None: it may be checked)."""
+    if not (0 < len(candidate.foundation) <= 32 and _ICE_CHARS.fullmatch(candidate.foundation)):
+        return "foundation is not 1-32 ice-chars"
+    if candidate.component != 1:
+        return f"component {candidate.component} (a session has one)"
+    if candidate.transport.lower() != "udp":
+        return f"transport {candidate.transport} (only UDP candidates are checked)"
+    if candidate.type not in _SIGNALLED_TYPES:
+        return f"type {candidate.type}"
+    if not 1 <= candidate.priority <= 2**31 - 1:
+        return f"priority {candidate.priority} out of range"
+    if not 1 <= candidate.port <= 65535:
+        return f"port {candidate.port} out of range"
+    try:
+        address = ipaddress.ip_address(candidate.host)
+    except ValueError:
+        return "not an IP address (names are not resolved)"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    if address.is_unspecified:
+        return "unspecified address"
+    if address.is_multicast:
+        return "multicast address"
+    if address == ipaddress.IPv4Address("255.255.255.255"):
+        return "broadcast address"
+    if address.is_link_local:
+        return "link-local address"
+    if address.is_loopback:
+        return None if allow_loopback else "loopback address"
+    if address.is_reserved:
+        return "reserved address"
+    return None
+
+
+# --------------------------------------------------------------------------- pacing (pure)
+
+
+class Pacer:
+    """When the next new check may start: at least `interval` apart, and at most `limit`
+    within any `window` seconds (None: ever). Feed it the clock."""
+
+    def __init__(self, interval: float, limit: int, window: float | None = None) -> None:
+        self.interval, self.limit, self.window = interval, limit, window
+        self._next = float("-inf")
+        self._starts: deque[float] = deque()
+
+    def ready(self, now: float) -> bool:
+        if self.window is not None:
+            while self._starts and self._starts[0] <= now - self.window:
+                self._starts.popleft()
+        return now >= self._next and len(self._starts) < self.limit
+
+    def take(self, now: float) -> None:
+        self._next = now + self.interval
+        self._starts.append(now)
+
+    def at_limit(self, now: float) -> bool:
+        """Whether `limit` starts are used up (not merely too soon after the last)."""
+        self.ready(now)
+        return len(self._starts) >= self.limit
+
+
+AGENT_PACER = Pacer(AGENT_TA, AGENT_MAX_CHECKS, AGENT_WINDOW)
+
+
+# --------------------------------------------------------------------------- the path (pure)
+
+
+@dataclass
+class PathReport:
+    """Which path a session's packets take, and why.
+
+    ``kind`` is "direct", "relayed" or "none". ``local``/``remote`` are the selected
+    candidates' types and addresses ("srflx 203.0.113.3:40000"); ``rtt`` in seconds."""
+
+    kind: str
+    reason: str
+    local_type: str | None = None
+    local_address: tuple[str, int] | None = None
+    remote_type: str | None = None
+    remote_address: tuple[str, int] | None = None
+    rtt: float | None = None
+    relay_transport: str | None = None   # "udp" or "tcp" when our side relays
+    checks: list[str] = field(default_factory=list)   # "local -> remote: state", when none
+
+    def __str__(self) -> str:
+        if self.kind == "none":
+            return f"none: {self.reason}"
+        rtt = f", rtt {self.rtt * 1000:.1f} ms" if self.rtt is not None else ""
+        return (f"{self.kind}: {self.local_type} {_show(self.local_address)} -> "
+                f"{self.remote_type} {_show(self.remote_address)}{rtt} ({self.reason})")
+
+
+def _show(address: tuple[str, int] | None) -> str:
+    if address is None:
+        return "?"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def explain(kind: str, *, local_types: Sequence[str], remote_types: Sequence[str],
+            nat_here: bool, nat_there: bool, mapping: str | None,
+            relay_transport: str | None, has_relay: bool) -> str:
+    """In words, why the path is what it is (for ``sipmesh status`` and error messages).
+
+    `nat_here`: our STUN server saw another address than our own; `nat_there`: the
+    selected remote candidate is the peer's NAT (srflx or prflx), not its own address.
+    `mapping` is our NAT's mapping as two servers saw it ("endpoint-independent",
+    "per-destination" or None if unknown); `relay_transport` how our relay candidate
+    reaches the TURN server."""
+    if kind == "direct":
+        if not nat_here and not nat_there:
+            return "both reachable at their own addresses"
+        if not nat_there:
+            return "the peer is reachable at its own address"
+        if not nat_here:
+            return "we are reachable at our own address"
+        return "through both NATs: they let each side's checks in"
+    if kind == "relayed":
+        if relay_transport == "tcp" and "srflx" not in local_types:
+            return "UDP is blocked on our network: relayed over TURN/TCP"
+        if mapping == "per-destination":
+            return "our NAT maps per destination (symmetric): only a relay reaches us"
+        if remote_types and set(remote_types) <= {"relay"}:
+            return "the peer offers only a relay address (UDP is blocked there?)"
+        return ("no direct check succeeded: the peer's NAT maps per destination "
+                "(symmetric) or a firewall drops unsolicited UDP")
+    if not remote_types:
+        return "the peer offered no usable candidate"
+    if not has_relay:
+        return "no direct check succeeded and there is no relay (no TURN server, or it refused us)"
+    return "no check succeeded, not even through the relay"
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+@dataclass(frozen=True)
+class IceConfig:
+    """Where candidates come from. The STUN server is by default the SIP server (its SIP
+    UDP port answers STUN); the TURN server takes the SIP name and password."""
+
+    stun_server: tuple[str, int] | None = None
+    turn_server: tuple[str, int] | None = None
+    turn_username: str | None = None
+    turn_password: str | None = field(default=None, repr=False)
+    turn_transport: str = "auto"     # "udp", "tcp", or "auto": UDP, then TCP if that fails
+    host_addresses: tuple[str, ...] | None = None   # None: every address but loopback
+    use_ipv6: bool = True
+    gather_timeout: float = 1.6      # s for each STUN/TURN answer (3 tries at 0, 0.5, 1.5)
+    connect_timeout: float = 10.0    # s from the first check to a nominated pair
+
+    def __post_init__(self) -> None:
+        if self.turn_transport not in ("auto", "udp", "tcp"):
+            raise ValueError(f"turn_transport must be auto, udp or tcp: {self.turn_transport!r}")
+
+
+class _Connection(aioice.Connection):
+    """aioice's Connection with our gathering, pacing and preference for direct pairs.
+
+    Overrides aioice 0.13 internals (``_check_periodic``, ``check_incoming``, gathering):
+    the dependency is capped below 0.14 for that reason."""
+
+    def __init__(self, config: IceConfig, controlling: bool, pacer: Pacer) -> None:
+        super().__init__(ice_controlling=controlling, stun_server=config.stun_server,
+                         use_ipv6=config.use_ipv6)
+        self.config = config
+        self.session_pacer = Pacer(TA, MAX_CHECKS)
+        self.agent_pacer = pacer
+        self.relay_transport: str | None = None
+        self.mapping: str | None = None
+        self.relay_at = float("inf")
+        self.prflx_refused = False
+        self.limited: set[str] = set()   # whose check limit held a check back (logged once)
+        self.closing = asyncio.Event()   # set when close() starts (consent expiry calls it)
+
+    async def close(self) -> None:
+        # aioice emits ConnectionClosed only once a TURN allocation is deleted, up to 40 s
+        # later when the path to the server is dead too: tell waiters at once
+        self.closing.set()
+        await super().close()
+
+    # -- gathering
+    async def gather_candidates(self) -> None:
+        if self._local_candidates_start:
+            return
+        self._local_candidates_start = True
+        config = self.config
+        addresses = list(config.host_addresses) if config.host_addresses is not None else \
+            get_host_addresses(use_ipv4=True, use_ipv6=config.use_ipv6)
+        relay = asyncio.ensure_future(self._relay())
+        try:
+            found = await self.get_component_candidates(
+                component=1, addresses=addresses, timeout=config.gather_timeout)
+            await self._probe_mapping(found)
+        finally:
+            found_relay = await relay
+        self._local_candidates += found + found_relay
+        self._local_candidates_end = True
+
+    async def _relay(self) -> list[Candidate]:
+        config = self.config
+        if config.turn_server is None:
+            return []
+        transports = ["udp", "tcp"] if config.turn_transport == "auto" else [config.turn_transport]
+        for transport in transports:
+            try:
+                candidate, protocol = await asyncio.wait_for(relayed_candidate(
+                    component=1, hide_related_address=False,
+                    protocol_factory=lambda: StunProtocol(self),
+                    turn_server=config.turn_server, turn_username=config.turn_username,
+                    turn_password=config.turn_password, turn_ssl=False,
+                    turn_transport=transport), config.gather_timeout)
+            except (OSError, asyncio.TimeoutError, stun.TransactionError, ConnectionError) as e:
+                log.info("no relay from TURN %s over %s: %s", _show(config.turn_server),
+                         transport.upper(), _error(e))
+                continue
+            self._protocols.append(protocol)
+            self.relay_transport = transport
+            return [candidate]
+        return []
+
+    async def _probe_mapping(self, found: list[Candidate]) -> None:
+        """Ask a second server (the TURN server answers STUN too) what our host socket's
+        address is: another port than the STUN server saw means a symmetric NAT."""
+        srflx = [c for c in found if c.type == "srflx"]
+        if not srflx or self.config.turn_server is None:
+            return
+        protocol = next((p for p in self._protocols if p.local_candidate.type == "host"
+                         and p.local_candidate.host == srflx[0].related_address), None)
+        if protocol is None:
+            return
+        try:
+            server = await _resolve(self.config.turn_server)
+            if self.stun_server and server == await _resolve(self.stun_server):
+                return   # the same server twice tells nothing
+            response, _ = await asyncio.wait_for(protocol.request(
+                stun.Message(stun.Method.BINDING, stun.Class.REQUEST), server,
+                retransmissions=2), self.config.gather_timeout)
+        except (OSError, asyncio.TimeoutError, stun.TransactionError):
+            return
+        seen = response.attributes.get("XOR-MAPPED-ADDRESS")
+        if seen:
+            same = tuple(seen) == (srflx[0].host, srflx[0].port)
+            self.mapping = "endpoint-independent" if same else "per-destination"
+
+    # -- checks
+    def _check_periodic(self) -> bool:
+        """Start at most one new check, paced; hold relayed pairs back (see module doc).
+        connect() calls this every 20 ms for as long as it returns True."""
+        if self._check_list_done:
+            return False
+        now = time.monotonic()
+        if self.relay_at == float("inf"):
+            self.relay_at = now + RELAY_HOLD
+        waiting = [p for p in self._check_list if p.task is None and p.state in
+                   (CandidatePair.State.WAITING, CandidatePair.State.FROZEN)]
+        if now < self.relay_at and any(not _relayed(p) and p.state not in (
+                CandidatePair.State.SUCCEEDED, CandidatePair.State.FAILED)
+                for p in self._check_list):
+            startable = [p for p in waiting if not _relayed(p)]
+        else:
+            startable = waiting
+        if not startable:
+            return bool(waiting) or self._remote_candidates_expected()
+        if not (self.session_pacer.ready(now) and self.agent_pacer.ready(now)):
+            for pacer, whose in ((self.session_pacer, "this session"),
+                                 (self.agent_pacer, "the agent")):
+                if pacer.at_limit(now) and whose not in self.limited:
+                    self.limited.add(whose)
+                    log.warning("check held back: %s started %d checks already", whose,
+                                pacer.limit)
+            return True
+        pair = next((p for p in startable if p.state == CandidatePair.State.WAITING),
+                    startable[0])
+        self.session_pacer.take(now)
+        self.agent_pacer.take(now)
+        self.check_start_task(pair)
+        return True
+
+    def check_incoming(self, message: stun.Message, addr: tuple[str, int],
+                       protocol: StunProtocol) -> None:
+        """A check from the peer proves the path is open now: redo our own check on that
+        pair at once instead of waiting for its retransmission (RFC 8445 §7.3.1.4).
+
+        A check from an unknown address teaches a peer-reflexive candidate and starts a
+        check towards it; a peer spoofing source addresses could aim those at others, so
+        at most MAX_CANDIDATES are learnt (the check was already answered, one for one)."""
+        known = any(c._network_host == addr[0] and c.port == addr[1]
+                    for c in self._remote_candidates)
+        if not known:
+            learnt = sum(c.type == "prflx" for c in self._remote_candidates)
+            if learnt >= MAX_CANDIDATES:
+                if not self.prflx_refused:
+                    log.warning("%d peer-reflexive candidates learnt: no more checks towards "
+                                "new addresses", MAX_CANDIDATES)
+                    self.prflx_refused = True
+                return
+        for pair in self._check_list:
+            if (pair.protocol is protocol and pair.remote_addr == addr
+                    and pair.state == CandidatePair.State.IN_PROGRESS
+                    and pair.task is not None and not pair.task.done()):
+                pair.task.cancel()
+                pair.task = None
+                pair.state = CandidatePair.State.WAITING
+        super().check_incoming(message, addr, protocol)
+
+    @property
+    def selected(self) -> CandidatePair | None:
+        return self._nominated.get(1)
+
+
+def _relayed(pair: CandidatePair) -> bool:
+    return pair.local_candidate.type == "relay" or pair.remote_candidate.type == "relay"
+
+
+def _error(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+async def _resolve(server: tuple[str, int]) -> tuple[str, int]:
+    infos = await asyncio.get_running_loop().getaddrinfo(server[0], server[1],
+                                                         type=socket.SOCK_DGRAM)
+    return infos[0][4][0], infos[0][4][1]
+
+
+class IceSession:
+    """The ICE side of one session: ``gather()``, put ``local`` in the SDP, ``connect()``
+    with the peer's description, read ``path``, use ``connection`` (aioice) or take over
+    ``local_port``, ``close()``."""
+
+    def __init__(self, config: IceConfig, *, controlling: bool,
+                 pacer: Pacer = AGENT_PACER) -> None:
+        self.config = config
+        self.connection = _Connection(config, controlling, pacer)
+        self.local: IceDescription | None = None
+        self.remote: IceDescription | None = None
+        self.path: PathReport | None = None
+        self._closed_by_us = False
+
+    async def gather(self) -> IceDescription:
+        """Gather our candidates (host, srflx, relay) and return our description."""
+        await self.connection.gather_candidates()
+        self.local = IceDescription(self.connection.local_username,
+                                    self.connection.local_password,
+                                    self.connection.local_candidates)
+        log.info("gathered %s", ", ".join(f"{c.type} {_show((c.host, c.port))}"
+                                          for c in self.local.candidates) or "no candidates")
+        return self.local
+
+    @property
+    def allow_loopback(self) -> bool:
+        """Remote loopback candidates are used only when we gather on loopback ourselves."""
+        return any(ipaddress.ip_address(c.host).is_loopback
+                   for c in (self.local.candidates if self.local else []))
+
+    def read_remote(self, attributes: Iterable[tuple[str, str | None]]) -> IceDescription | None:
+        """:func:`parse` the peer's attributes (None: the peer does not do ICE)."""
+        return parse(attributes, allow_loopback=self.allow_loopback)
+
+    async def connect(self, remote: IceDescription) -> PathReport:
+        """Check the pairs and return the path; raise IceError (with ``report``) when there
+        is none within ``connect_timeout``."""
+        if self.local is None:
+            await self.gather()
+        self.remote = remote
+        if remote.refused:
+            log.warning("ignored %d of the peer's candidates: %s", len(remote.refused),
+                        "; ".join(remote.refused[:5]) + ("; ..." if len(remote.refused) > 5 else ""))
+        conn = self.connection
+        conn.remote_username, conn.remote_password = remote.ufrag, remote.pwd
+        for candidate in remote.candidates:
+            await conn.add_remote_candidate(candidate)
+        await conn.add_remote_candidate(None)
+        try:
+            await asyncio.wait_for(conn.connect(), self.config.connect_timeout)
+        except (ConnectionError, asyncio.TimeoutError) as e:
+            report = self._report(None)
+            self.path = report
+            await self.close()
+            reason = "timed out" if isinstance(e, asyncio.TimeoutError) else "every check failed"
+            raise IceError(f"no path to the peer ({reason}): {report.reason}; local "
+                           f"{self._candidates(self.local)}; remote "
+                           f"{self._candidates(remote)}", report) from None
+        self.path = self._report(conn.selected)
+        self.path.rtt = await self.measure_rtt()
+        log.info("path %s", self.path)
+        return self.path
+
+    async def measure_rtt(self) -> float | None:
+        """One authenticated Binding round trip on the selected pair (None: no answer)."""
+        conn = self.connection
+        pair = conn.selected
+        if pair is None or conn.remote_password is None:
+            return None
+        request = conn.build_request(pair, nominate=False)
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(pair.protocol.request(
+                request, pair.remote_addr, integrity_key=conn.remote_password.encode(),
+                retransmissions=2), 2.0)
+        except (stun.TransactionError, asyncio.TimeoutError, OSError):
+            return None
+        return time.monotonic() - start
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closing: by :meth:`close`, or because consent to
+        send expired (``consent_expired``; RFC 7675: aioice checks every 4-6 s and gives up
+        after 6 checks in a row went unanswered, about 30 s). The consent checks also keep
+        the NATs' mappings alive, well inside conntrack's 30 s for unanswered UDP."""
+        await self.connection.closing.wait()
+
+    @property
+    def consent_expired(self) -> bool:
+        """The connection closed by itself: the peer stopped answering consent checks."""
+        return self.connection.closing.is_set() and not self._closed_by_us
+
+    @property
+    def local_port(self) -> int | None:
+        """Our port of the selected pair: a host socket's port (an application may bind it
+        once the session is closed), or the relay's allocated port."""
+        pair = self.connection.selected
+        return pair.local_candidate.port if pair else None
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Close the sockets; a TURN allocation is deleted in the background if the server
+        does not answer within `timeout` (it expires by itself anyway)."""
+        self._closed_by_us = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.connection.close()), timeout)
+        except asyncio.TimeoutError:
+            log.info("TURN server did not confirm the deletion of our relay within %g s", timeout)
+
+    def _report(self, pair: CandidatePair | None) -> PathReport:
+        conn = self.connection
+        local = self.local.candidates if self.local else []
+        remote = self.remote.candidates if self.remote else []
+        facts = dict(local_types=[c.type for c in local], remote_types=[c.type for c in remote],
+                     nat_here=any(c.type == "srflx" and (c.host, c.port) !=
+                                  (c.related_address, c.related_port) for c in local),
+                     mapping=conn.mapping, relay_transport=conn.relay_transport,
+                     has_relay=any(c.type == "relay" for c in local + remote))
+        if pair is None:
+            checks = [f"{p.local_candidate.type} {_show(p.local_addr)} -> "
+                      f"{p.remote_candidate.type} {_show(p.remote_addr)}: "
+                      f"{p.state.name.lower()}" for p in conn._check_list]
+            return PathReport("none", explain("none", nat_there=False, **facts), checks=checks)
+        mine, theirs = pair.local_candidate, pair.remote_candidate
+        kind = "relayed" if _relayed(pair) else "direct"
+        reason = explain(kind, nat_there=theirs.type in ("srflx", "prflx"), **facts)
+        return PathReport(kind, reason, mine.type, (mine.host, mine.port), theirs.type,
+                          pair.remote_addr,
+                          relay_transport=conn.relay_transport if mine.type == "relay" else None)
+
+    @staticmethod
+    def _candidates(description: IceDescription | None) -> str:
+        if description is None or not description.candidates:
+            return "none"
+        return ", ".join(f"{c.type} {_show((c.host, c.port))}" for c in description.candidates)

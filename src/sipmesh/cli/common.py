@@ -1,0 +1,262 @@
+"""What the `sipmesh` subcommands (and `sip_app`) share: logging, option types,
+credentials, progress lines, the service kinds, and running an agent or daemon until
+a signal with the exit codes of agent/errors.py.
+
+The subcommands import this module, never cli/main.py (which imports them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import stat
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.params import Host, IPAddress, Port, Token
+
+if TYPE_CHECKING:
+    from sipmesh.daemon.config import AgentSection
+
+log = logging.getLogger("sipmesh.cli")
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+def setup_logging(verbose: int = 0, debug: bool = False, log_file: str | None = None, *,
+                  level: int | None = None, pid: bool = False) -> int:
+    """-v: protocol events; --debug: full SIP traces (credentials redacted). `level`
+    overrides what -v would give; `pid` puts the process id in each line (workers).
+    Returns the level."""
+    if level is None:
+        level = logging.DEBUG if debug or verbose > 1 else \
+            logging.INFO if verbose else logging.WARNING
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    process = "[%(process)d]" if pid else ""
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)-7s %(name)s{process}: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("sipmesh.trace").setLevel(logging.DEBUG if debug else logging.WARNING)
+    return level
+
+
+def add_output_options(parser: argparse.ArgumentParser, verbose_help: str) -> None:
+    out = parser.add_argument_group("output")
+    out.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+    out.add_argument("--debug", action="store_true",
+                     help="log full SIP messages (passwords redacted)")
+    out.add_argument("--log-file", metavar="FILE", help="write the log there instead of stderr")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+
+# ---------------------------------------------------------------------------- option types
+
+
+def typed(kind: Any, what: str) -> Callable[[str], str]:
+    """An argparse type from a parameter type of agent/params.py."""
+    def convert(text: str) -> str:
+        try:
+            return kind.check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
+    convert.__name__ = what
+    return convert
+
+
+def server_address(text: str) -> str:
+    """HOST[:PORT] (IPv6 in brackets) -> 'host:port' for UAConfig.domain."""
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise argparse.ArgumentTypeError(f"bad server address {text!r}")
+            port = rest[1:]
+        host = f"[{IPAddress().check(host)}]" if host else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        if not host.startswith("["):
+            host = Host().check(host)
+        if port is not None:
+            port = Port().check(port)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"server: {exc}") from None
+    return f"{host}:{port}" if port else host
+
+
+def positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def sip_port(text: str) -> int:
+    if text == "0":
+        return 0
+    try:
+        return int(Port().check(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"SIP port: {exc}") from None
+
+
+def user_name(text: str) -> str:
+    try:
+        return Token(64).check(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"user: {exc}") from None
+
+
+def default_config_path() -> Path:
+    """The daemon's configuration file when -c is not given."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "sipmesh" / "daemon.toml"
+
+
+# ---------------------------------------------------------------------------- credentials
+
+
+def read_credentials(path: Path) -> dict[str, str]:
+    """'key = value' lines (password, user, auth_user) or a lone password line."""
+    try:
+        text = path.read_text()
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise AgentError(f"cannot read the credentials file {path}: {exc.strerror}", Exit.USAGE) \
+            from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("the credentials file %s is readable by others: chmod 600 it", path)
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    if len(lines) == 1 and "=" not in lines[0]:
+        return {"password": lines[0]}
+    found: dict[str, str] = {}
+    for line in lines:
+        key, eq, value = line.partition("=")
+        key = key.strip().lower().replace("-", "_")
+        if not eq or key not in ("password", "user", "auth_user"):
+            raise AgentError(f"{path}: cannot read the line {line[:40]!r} (expected "
+                             "password = ..., user = ..., auth_user = ...)", Exit.USAGE)
+        found[key] = value.strip()
+    if "password" not in found:
+        raise AgentError(f"{path}: no password in it", Exit.USAGE)
+    return found
+
+
+def section_password(agent: AgentSection) -> str | None:
+    """The password of a daemon configuration's [agent] (password or credentials file)."""
+    if agent.credentials is not None:
+        return read_credentials(agent.credentials)["password"]
+    return agent.password
+
+
+# ---------------------------------------------------------------------------- service kinds
+
+
+def register_builtin_kinds() -> None:
+    """Hand the daemon the service kinds of sipmesh.apps (before loading a configuration)."""
+    from sipmesh.apps.kinds import KINDS
+    from sipmesh.daemon.registry import register_kinds
+
+    register_kinds(KINDS)
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def progress_printer(prog: str, quiet: bool) -> Callable[[str, dict], None]:
+    """Short lines on stderr for the session events a person wants to see."""
+
+    def show(event: str, data: dict) -> None:
+        if quiet:
+            return
+        text = {
+            "ready": lambda: f"ready: contact {data.get('contact')}",
+            "invite_sent": lambda: f"calling {data.get('target')}",
+            "invite_received": lambda: f"INVITE from {data.get('peer')}",
+            "busy": lambda: f"busy: refused a second session from {data.get('peer')} (486)",
+            "refused": lambda: f"refused a session: {data.get('status')} {data.get('text')}",
+            "child_started": lambda: f"started (pid {data.get('pid')}): "
+                                     f"{' '.join(data.get('argv') or [])}",
+            "established": lambda: f"session established with {data.get('peer')}",
+            "ended": lambda: f"session ended: {data.get('reason')}",
+        }.get(event)
+        if text is not None:
+            print(f"{prog}: {text()}", file=sys.stderr, flush=True)
+
+    return show
+
+
+# ---------------------------------------------------------------------------- running
+
+
+class Runner(Protocol):
+    ready: asyncio.Event
+
+    async def run(self) -> int: ...
+
+    def request_stop(self) -> None: ...
+
+
+def fail(prog: str, exc: AgentError) -> int:
+    """Say why we stop; the exit code that goes with it."""
+    print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+    return int(exc.code)
+
+
+AGENT_STOPPING = ("already stopping: ending the session and unregistering "
+                  "(the program gets SIGKILL after the grace period)")
+
+
+def run_until_signalled(prog: str, runner: Runner, *, on_hup: Callable[[], None] | None = None,
+                        on_ready: Callable[[], None] | None = None,
+                        again: str | None = AGENT_STOPPING) -> int:
+    """Run `runner` (an Agent or the Daemon) in a new event loop. SIGINT, SIGTERM and
+    SIGHUP (unless `on_hup` takes it) ask it to stop; a second one prints `again`.
+    `on_ready` runs once it is ready. An AgentError is printed and gives the exit code."""
+    return asyncio.run(_run(prog, runner, on_hup, on_ready, again))
+
+
+async def _run(prog: str, runner: Runner, on_hup: Callable[[], None] | None,
+               on_ready: Callable[[], None] | None, again: str | None) -> int:
+    loop = asyncio.get_running_loop()
+    stops = (signal.SIGINT, signal.SIGTERM) + (() if on_hup else (signal.SIGHUP,))
+    signals = 0
+
+    def on_stop() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 2 and again:
+            print(f"{prog}: {again}", file=sys.stderr, flush=True)
+        runner.request_stop()
+
+    async def announce() -> None:
+        await runner.ready.wait()
+        if on_ready is not None:
+            on_ready()
+
+    for sig in stops:
+        loop.add_signal_handler(sig, on_stop)
+    if on_hup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    announcer = asyncio.ensure_future(announce())
+    try:
+        return int(await runner.run())
+    except AgentError as exc:
+        return fail(prog, exc)
+    finally:
+        announcer.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)

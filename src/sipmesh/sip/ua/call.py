@@ -1,0 +1,260 @@
+"""An established call: one INVITE dialog on either side (RFC 3261 §12-15).
+
+What happens inside the dialog lives here: requests we send in it (BYE, re-INVITE,
+OPTIONS, INFO), the requests the peer sends in it, our ACK for each 2xx to our
+INVITEs (sent again for a retransmitted 2xx, §13.2.2.4) and the retransmission of
+our 2xx until the peer's ACK (§13.3.1.4). How the call came to be is in
+`invite_client` (we called) and `invite_server` (we answered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from sipmesh.sip.dialog import Dialog, DialogState
+from sipmesh.sip.errors import ParseError
+from sipmesh.sip.message import Request, Response, make_response
+from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction
+from sipmesh.sip.transport.base import Flow, response_target
+
+if TYPE_CHECKING:
+    from sipmesh.sip.ua.useragent import UserAgent
+
+log = logging.getLogger("sipmesh.sip.ua")
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS"
+USER_AGENT = "sipmesh/0.1"
+# §22: credentials the INVITE carried go into the ACK for its 2xx as well.
+_CREDENTIALS = ("Authorization", "Proxy-Authorization")
+
+
+class CallFailed(Exception):
+    """An INVITE or REGISTER ended without success; `status` as the peer or a timer said."""
+
+    def __init__(self, status: int, reason: str, response: Response | None = None) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.response = response
+
+
+class Call:
+    """One INVITE dialog, on either side. `contact` is the Contact we gave the peer."""
+
+    def __init__(self, ua: "UserAgent", dialog: Dialog, invite: Request, local_sdp: bytes,
+                 remote_sdp: bytes, outgoing: bool, *, contact: str | None = None) -> None:
+        self.ua = ua
+        self.dialog = dialog
+        self.invite = invite
+        self.local_sdp = local_sdp
+        self.remote_sdp = remote_sdp
+        self.outgoing = outgoing
+        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.acked = asyncio.Event()
+        self._contact = contact
+        self._acks: dict[int, tuple[Request, Flow]] = {}  # our ACK per INVITE CSeq, for resends
+        self._ack_events: dict[int, asyncio.Event] = {}  # our 2xx awaiting their ACK, by CSeq
+        self._reinviting = False
+
+    @property
+    def call_id(self) -> str:
+        return self.dialog.call_id
+
+    @property
+    def peer(self) -> str:
+        return str(self.dialog.remote_uri.uri)
+
+    def _end(self, reason: str) -> None:
+        self.dialog.state = DialogState.TERMINATED
+        self.ua.forget_call(self)
+        if not self.ended.done():
+            self.ended.set_result(reason)
+
+    # -- requests we send in the dialog -----------------------------------------------------
+    async def bye(self, headers: list[tuple[str, str]] | None = None) -> Response | None:
+        """End the session (§15.1.1). Returns once the BYE transaction has ended, with its
+        final response (None if the call had already ended or the BYE could not be sent).
+        `headers` go into the BYE (e.g. a Reason, RFC 3326)."""
+        if self.ended.done():
+            return None
+        self._end("local BYE")
+        request = self.dialog.create_request("BYE")
+        for name, value in headers or ():
+            request.headers.add(name, value)
+        try:
+            response = (await self._transact(request))[0]
+        except (OSError, CallFailed) as exc:
+            log.info("[%s] BYE not delivered: %s", self.call_id, exc)
+            return None
+        log.info("[%s] BYE answered %d %s", self.call_id, response.status, response.reason)
+        return response
+
+    async def request(self, method: str, *, headers: list[tuple[str, str]] | None = None,
+                      body: bytes = b"", content_type: str | None = None) -> Response:
+        """Send a non-INVITE request inside the dialog (OPTIONS, INFO, ...); its final response."""
+        method = method.upper()
+        if method in ("INVITE", "ACK", "CANCEL", "BYE"):
+            raise ValueError(f"use the Call's own methods for {method}")
+        if self.ended.done():
+            raise CallFailed(481, "Call/Transaction Does Not Exist")
+        request = self.dialog.create_request(method)
+        for name, value in headers or ():
+            request.headers.add(name, value)
+        if body:
+            request.headers.add("Content-Type", content_type or "application/octet-stream")
+            request.body = body
+        return (await self._transact(request))[0]
+
+    async def reinvite(self, sdp: bytes | None = None) -> Response:
+        """Re-INVITE (§14.1) offering `sdp` (default: the current local SDP); its final response.
+        On 2xx the ACK is sent, the answer becomes `remote_sdp` and the Contact the new target."""
+        if self.ended.done():
+            raise CallFailed(481, "Call/Transaction Does Not Exist")
+        if self._reinviting:
+            raise CallFailed(491, "Request Pending")
+        offer = self.local_sdp if sdp is None else sdp
+        contact = self._contact or str(self.ua.contact())
+        request = self.dialog.create_request("INVITE", contact=contact)
+        request.headers.add("Allow", ALLOW)
+        request.headers.add("Content-Type", "application/sdp")
+        request.body = offer
+        self._reinviting = True
+        try:
+            response, txn = await self._transact(request)
+        finally:
+            self._reinviting = False
+        if 200 <= response.status < 300:
+            self.dialog.update_target(response)
+            self.local_sdp = offer
+            if response.body:
+                self.remote_sdp = response.body
+            number = response.cseq[0]
+            await self.send_ack(number, txn.request)
+            self.ua.spawn(self._ack_retransmitted_2xx(txn, number))
+        return response
+
+    async def _transact(self, request: Request) -> tuple[Response, ClientTransaction]:
+        """Send an in-dialog request, answering a digest challenge from a proxy on the path;
+        a retry takes a new CSeq, which the dialog's local sequence follows."""
+        def follow(retry: Request) -> None:
+            self.dialog.local_seq = max(self.dialog.local_seq, retry.cseq[0])
+        return await self.ua.transact(request, on_retry=follow)
+
+    # -- the ACK for a 2xx to our INVITE ------------------------------------------------------
+    async def send_ack(self, cseq: int, invite: Request | None = None) -> None:
+        """ACK the 2xx to our INVITE number `cseq`; the same ACK again for a retransmitted 2xx."""
+        transactions = self.ua.transactions
+        assert transactions is not None
+        cached = self._acks.get(cseq)
+        if cached is None:
+            ack = self.dialog.create_request("ACK", cseq=cseq)
+            source = invite if invite is not None else self.invite
+            for name in _CREDENTIALS:
+                for value in source.headers.get_all(name):
+                    ack.headers.add(name, value)
+            flow = transactions.add_via(ack, await self.ua.flow_for(ack))
+            cached = self._acks[cseq] = (ack, flow)
+        transactions.send_stateless(*cached)
+
+    async def _ack_retransmitted_2xx(self, txn: ClientTransaction, cseq: int) -> None:
+        """ACK again every retransmission of the 2xx to a re-INVITE while its transaction lives."""
+        first = True
+        async for response in txn.responses():
+            if 200 <= response.status < 300:
+                if not first:
+                    await self.send_ack(cseq)
+                first = False
+
+    # -- our 2xx to an INVITE, until the peer's ACK ------------------------------------------
+    async def send_2xx(self, txn: ServerTransaction, response: Response,
+                       limit: float | None = None) -> bool:
+        """Answer the INVITE of `txn` with our 2xx `response` and resend it until the ACK
+        (§13.3.1.4) for `limit` seconds (default 64*T1). True once ACKed; False on
+        timeout or when the call ended first."""
+        number = self._respond_2xx(txn, response)
+        return await self._retransmit_2xx(response, txn.flow, number, limit)
+
+    def _respond_2xx(self, txn: ServerTransaction, response: Response) -> int:
+        number = txn.request.cseq[0]
+        self._ack_events[number] = asyncio.Event()  # before sending: the ACK may be quick
+        txn.respond(response)
+        return number
+
+    async def _retransmit_2xx(self, response: Response, flow: Flow, cseq: int,
+                              limit: float | None = None) -> bool:
+        """§13.3.1.4: resend our 2xx at T1, 2*T1, ... (at most T2 apart) until the ACK
+        arrives, for 64*T1 (`limit`). True once ACKed; False on timeout or when the call ended."""
+        transactions = self.ua.transactions
+        assert transactions is not None
+        timers = self.ua.config.timers
+        event = self._ack_events.setdefault(cseq, asyncio.Event())
+        target = response_target(response, flow)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (64 * timers.t1 if limit is None else limit)
+        interval = timers.t1
+        acked = asyncio.ensure_future(event.wait())
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if event.is_set():
+                    return True
+                if self.ended.done() or remaining <= 0:
+                    return False
+                await asyncio.wait({acked, self.ended}, timeout=min(interval, remaining),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not event.is_set() and not self.ended.done() and not flow.reliable \
+                        and loop.time() < deadline:
+                    transactions.send_stateless(response, target)
+                interval = min(2 * interval, timers.t2)
+        finally:
+            acked.cancel()
+            self._ack_events.pop(cseq, None)
+
+    # -- what the peer sends in the dialog ----------------------------------------------------
+    def on_request(self, txn: ServerTransaction) -> None:
+        """A request of the peer's inside this dialog (the UA found the dialog by its id)."""
+        request = txn.request
+        if not self.dialog.accept_remote_cseq(request):
+            txn.reply(500, "Out Of Order CSeq")
+            return
+        if request.method == "BYE":
+            txn.reply(200)
+            log.info("[%s] BYE received from %s", self.call_id, self.peer)
+            self._end("remote BYE")
+        elif request.method == "INVITE":  # session refresh: same session, same answer
+            if self._reinviting:  # §14.2: glare with our own re-INVITE
+                txn.reply(491)
+                return
+            self.dialog.update_target(request)
+            if request.body:
+                self.remote_sdp = request.body
+            response = make_response(request, 200)
+            response.headers.add("Contact", self._contact or str(self.ua.contact(txn.flow.transport)))
+            response.headers.add("Allow", ALLOW)
+            response.headers.add("Content-Type", "application/sdp")
+            response.body = self.local_sdp
+            number = self._respond_2xx(txn, response)
+            self.ua.spawn(self._await_reinvite_ack(response, txn.flow, number))
+        elif request.method in ("OPTIONS", "INFO"):
+            txn.reply(200, headers=[("Allow", ALLOW)])
+        else:  # UPDATE included: we cannot answer an offer in it
+            txn.reply(405, headers=[("Allow", ALLOW)])
+
+    async def _await_reinvite_ack(self, response: Response, flow: Flow, number: int) -> None:
+        if not await self._retransmit_2xx(response, flow, number) and not self.ended.done():
+            log.warning("[%s] no ACK for our 200 to the re-INVITE: ending the session",
+                        self.call_id)
+            await self.bye()
+
+    def on_ack(self, request: Request) -> None:
+        """The peer's ACK for a 2xx of ours in this dialog."""
+        self.acked.set()
+        try:
+            number = request.cseq[0]
+        except ParseError:
+            return
+        event = self._ack_events.get(number)
+        if event is not None:
+            event.set()

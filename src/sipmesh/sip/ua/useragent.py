@@ -1,0 +1,398 @@
+"""The user agent core (RFC 3261 §8, §10.2, §13-15): one identity, its REGISTER, its calls.
+
+It sits on the transaction layer and is its transaction user: it sends out-of-dialog
+requests (answering digest challenges), REGISTERs, and dispatches what arrives to the
+call it belongs to (`call.Call`), to the application as a new INVITE
+(`invite_server.IncomingCall`), or answers it itself. Calling out is
+`invite_client`. Applications see `Call` objects; they decide nothing about SIP
+beyond accept or reject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from sipmesh.sip.auth import AuthError, DigestClient, choose_challenge, is_stale
+from sipmesh.sip.dialog import dialog_id_of_request, new_tag
+from sipmesh.sip.errors import ParseError
+from sipmesh.sip.headers import Address
+from sipmesh.sip.message import Headers, Request, Response, make_response
+from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction, TransactionLayer
+from sipmesh.sip.transaction.timers import TimerValues
+from sipmesh.sip.transport.base import Flow, Inbound, local_address_towards, resolve, uri_target
+from sipmesh.sip.transport.layer import KEEPALIVE_INTERVAL, TransportLayer
+from sipmesh.sip.ua.call import ALLOW, USER_AGENT, Call, CallFailed
+from sipmesh.sip.ua.invite_client import ProgressHandler, send_invite
+from sipmesh.sip.ua.invite_server import IncomingCall
+from sipmesh.sip.uri import URI, SipURI, parse_sip_uri
+
+log = logging.getLogger("sipmesh.sip.ua")
+
+
+@dataclass(slots=True)
+class UAConfig:
+    user: str
+    domain: str  # host[:port] of the registrar/proxy, also the AOR's domain
+    password: str | None = None
+    auth_user: str | None = None
+    display_name: str | None = None
+    transport: str = "UDP"
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 5060
+    outbound_proxy: str | None = None  # sip: URI of the first hop for out-of-dialog requests
+    advertised_host: str | None = None  # the host in our Contact/Via when not the bound one
+    transports: tuple[str, ...] = ("UDP", "TCP")
+    timers: TimerValues = field(default_factory=TimerValues)
+    # TLS (only when "TLS" is in `transports`): it needs a port of its own (0: any free one).
+    tls_context: ssl.SSLContext | None = None  # server side: our certificate
+    tls_client_context: ssl.SSLContext | None = None  # verifies the peers we connect to
+    tls_port: int = 0
+    # While registered, keep the flow to the registrar open through NATs (RFC 5626 §4.4):
+    # seconds between keep-alives, 0 for none. See TransportLayer.keep_alive.
+    keepalive: float = KEEPALIVE_INTERVAL
+
+
+IncomingHandler = Callable[[IncomingCall], Awaitable[None]]
+
+
+class UserAgent:
+    """A SIP user agent bound to one identity. Also a TransactionUser."""
+
+    def __init__(self, config: UAConfig, on_invite: IncomingHandler | None = None) -> None:
+        self.config = config
+        self.on_invite = on_invite
+        self.transport: TransportLayer | None = None
+        self.transactions: TransactionLayer | None = None  # type: ignore[assignment]
+        # Call-IDs of our INVITEs still awaiting their outcome (see invite_client).
+        self.pending_invites: set[str] = set()
+        self._calls: dict[tuple[str, str, str], Call] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._incoming: dict[ServerTransaction, IncomingCall] = {}
+        self._ports: dict[str, int] = {}  # bound port per transport
+        self._digest = (DigestClient(config.auth_user or config.user, config.password)
+                        if config.password is not None else None)
+        self._keepalive: tuple[Flow, asyncio.Task[object]] | None = None
+        self._register_call_id = secrets.token_hex(12)
+        self._register_cseq = 0
+        self.aor = parse_sip_uri(f"sip:{config.user}@{config.domain}")
+        self.aor.port = None if self.aor.port == 5060 else self.aor.port
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.transport = TransportLayer(self._received)
+        self.transactions = TransactionLayer(self.transport, self, timers=self.config.timers)
+        if self.config.tls_client_context is not None:
+            self.transport.set_client_tls(self.config.tls_client_context)
+        port = self.config.listen_port
+        for name in (t.upper() for t in self.config.transports):
+            if name == "TLS":
+                if self.config.tls_context is None:
+                    raise ValueError("a TLS listener needs UAConfig.tls_context")
+                _, bound = await self.transport.listen("TLS", self.config.listen_host,
+                                                       self.config.tls_port,
+                                                       ssl_context=self.config.tls_context)
+                self._ports["TLS"] = bound
+                continue
+            _, bound = await self.transport.listen(name, self.config.listen_host, port)
+            self._ports[name] = bound
+            port = bound  # UDP and TCP share one port number
+        self.config.listen_port = port
+
+    def _received(self, inbound: Inbound) -> None:
+        """Everything the transport layer receives goes through the transaction layer."""
+        assert self.transactions is not None
+        self.transactions.receive(inbound)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.transactions is not None:
+            await self.transactions.close()
+        if self.transport is not None:
+            await self.transport.close()
+
+    @property
+    def calls(self) -> list[Call]:
+        return list(self._calls.values())
+
+    def contact(self, transport: str | None = None) -> Address:
+        transport = (transport or self.config.transport).upper()
+        host = self.config.advertised_host or self._local_host()
+        port = self._ports.get(transport, self.config.listen_port)
+        uri = SipURI(host=host, user=self.config.user, port=port)
+        if transport != "UDP":
+            uri.params["transport"] = transport.lower()
+        return Address(uri)
+
+    def _local_host(self) -> str:
+        host = self.config.listen_host
+        if host in ("0.0.0.0", "::"):
+            server = self.config.domain.rsplit(":", 1)[0].strip("[]")
+            return local_address_towards(server)
+        return host
+
+    def add_call(self, call: Call) -> None:
+        """Dispatch the requests of `call`'s dialog to it from now on."""
+        self._calls[call.dialog.id] = call
+
+    def forget_call(self, call: Call) -> None:
+        self._calls.pop(call.dialog.id, None)
+
+    # -- requests we send ------------------------------------------------------------------
+    def new_request(self, method: str, uri: URI, *, to: Address | None = None,
+                    call_id: str | None = None, from_tag: str | None = None, cseq: int = 1) -> Request:
+        """An out-of-dialog request from our AOR (a new From tag and Call-ID unless given)."""
+        headers = Headers()
+        if self.config.outbound_proxy:
+            route = parse_sip_uri(self.config.outbound_proxy)
+            route.params["lr"] = None
+            headers.add("Route", f"<{route}>")
+        headers.add("Max-Forwards", "70")
+        me = Address(self.aor.copy(), self.config.display_name, {"tag": from_tag or new_tag()})
+        headers.add("From", str(me))
+        headers.add("To", str(to or Address(uri)))
+        headers.add("Call-ID", call_id or secrets.token_hex(12))
+        headers.add("CSeq", f"{cseq} {method}")
+        headers.add("User-Agent", USER_AGENT)
+        return Request(headers=headers, method=method, uri=uri)
+
+    async def flow_for(self, request: Request) -> Flow:
+        """The first hop of `request`: its first Route if loose-routing, else its Request-URI."""
+        routes = request.addresses("Route")
+        hop = routes[0].uri if routes and isinstance(routes[0].uri, SipURI) and routes[0].uri.lr \
+            else request.uri
+        if not isinstance(hop, SipURI):
+            raise CallFailed(416, "Unsupported URI Scheme")
+        transport, host, port = uri_target(hop, self.config.transport)
+        try:
+            return Flow(transport, await resolve(host, port), port)
+        except OSError as exc:
+            raise CallFailed(503, f"cannot resolve {host}: {exc}") from None
+
+    async def send(self, request: Request) -> ClientTransaction:
+        """Start a client transaction for `request` towards its first hop (our Via added)."""
+        assert self.transactions is not None
+        flow = await self.flow_for(request)
+        flow = self.transactions.add_via(request, flow)
+        return self.transactions.send_request(request, flow)
+
+    async def _with_auth(self, request: Request, response: Response) -> Request | None:
+        """A copy of `request` answering the 401/407 challenge, or None if we cannot."""
+        if self._digest is None:
+            return None
+        name = "WWW-Authenticate" if response.status == 401 else "Proxy-Authenticate"
+        try:
+            challenge = choose_challenge(response.headers.get_all(name))
+            value = self._digest.authorize(challenge, request.method, str(request.uri), request.body)
+        except AuthError as exc:
+            log.warning("cannot answer the %d challenge: %s", response.status, exc)
+            return None
+        retry = Request(headers=request.headers.copy(), method=request.method, uri=request.uri,
+                        body=request.body)
+        retry.headers.pop_first("Via")
+        retry.headers.remove("Authorization" if response.status == 401 else "Proxy-Authorization")
+        retry.headers.add("Authorization" if response.status == 401 else "Proxy-Authorization", value)
+        number, method = request.cseq
+        retry.headers.set("CSeq", f"{number + 1} {method}")
+        return retry
+
+    async def answer_challenge(self, request: Request, response: Response,
+                               answered: set[int]) -> Request | None:
+        """The retry for a 401/407, at most once per kind of challenge unless it says stale
+        (so a proxy's 407 followed by the callee's 401 both get answered)."""
+        if response.status not in (401, 407):
+            return None
+        if response.status in answered and not _stale(response):
+            return None
+        retry = await self._with_auth(request, response)
+        if retry is not None:
+            answered.add(response.status)
+        return retry
+
+    async def request(self, request: Request) -> Response:
+        """Send a non-INVITE request; answer digest challenges (again if stale)."""
+        return (await self.transact(request))[0]
+
+    async def transact(self, request: Request, *, on_retry: Callable[[Request], None] | None = None
+                       ) -> tuple[Response, ClientTransaction]:
+        """Send `request` and await its final response, answering digest challenges (again
+        if stale); `on_retry` sees each retry made. The final response and its transaction."""
+        answered: set[int] = set()
+        for _attempt in range(3):
+            txn = await self.send(request)
+            response = await txn.wait_final()
+            retry = await self.answer_challenge(request, response, answered)
+            if retry is None:
+                break
+            if on_retry is not None:
+                on_retry(retry)
+            request = retry
+        return response, txn
+
+    async def register(self, expires: int = 3600) -> Response:
+        """REGISTER our Contact for `expires` seconds (0 removes it)."""
+        registrar = parse_sip_uri(f"sip:{self.config.domain}")
+        if self.config.transport != "UDP":
+            registrar.params["transport"] = self.config.transport.lower()
+        self._register_cseq += 1
+        request = self.new_request("REGISTER", registrar, to=Address(self.aor.copy()),
+                                    call_id=self._register_call_id, cseq=self._register_cseq)
+        request.headers.remove("Route")
+        contact = self.contact()
+        request.headers.add("Contact", str(contact))
+        request.headers.add("Expires", str(expires))
+        flow = await self.flow_for(request)
+        response = await self.request(request)
+        self._register_cseq = response.cseq[0] if response.cseq[1] == "REGISTER" else self._register_cseq
+        if 200 <= response.status < 300:
+            self._keep_alive(flow if expires > 0 else None)
+        return response
+
+    def _keep_alive(self, flow: Flow | None) -> None:
+        """Keep-alives on the registration's flow (one at a time), or none (None)."""
+        if self._keepalive is not None and self._keepalive[0] != flow:
+            self._keepalive[1].cancel()
+            self._keepalive = None
+        if flow is not None and self._keepalive is None and self.config.keepalive > 0:
+            assert self.transport is not None
+            self._keepalive = (flow, self.spawn(self.transport.keep_alive(flow, self.config.keepalive)))
+
+    async def invite(self, target: str | URI, sdp: bytes, *,
+                     on_progress: ProgressHandler | None = None,
+                     timeout: float | None = None) -> Call:
+        """Call `target` (a user name, 'user@host' or a SIP URI) and return the Call once
+        the 2xx is ACKed. Raises CallFailed with the final status otherwise.
+
+        With `timeout`, give up after that many seconds without an answer: the INVITE is
+        CANCELled (§9.1) and CallFailed(487) raised. Cancelling the awaiting task CANCELs too."""
+        return await send_invite(self, self.target_uri(target), sdp, on_progress=on_progress,
+                                 timeout=timeout)
+
+    def target_uri(self, target: str | URI) -> URI:
+        """The URI of `target`: a SIP URI, 'user@host', or a user name in our domain."""
+        if not isinstance(target, str):
+            return target
+        if target.startswith(("sip:", "sips:")):
+            return parse_sip_uri(target)
+        if "@" in target:
+            return parse_sip_uri(f"sip:{target}")
+        return parse_sip_uri(f"sip:{target}@{self.config.domain}")
+
+    # -- TransactionUser --------------------------------------------------------------------
+    def on_request(self, txn: ServerTransaction) -> None:
+        request = txn.request
+        try:
+            self._dispatch(txn, request)
+        except ParseError as exc:
+            _reply(txn, 400, f"Bad Request ({exc.reason})")
+
+    def _dispatch(self, txn: ServerTransaction, request: Request) -> None:
+        if not isinstance(request.uri, SipURI):  # §8.2.2.1 (RFC 4475 §3.3.2, §3.3.3)
+            _reply(txn, 416)
+            return
+        if request.headers.get("Require"):  # §8.2.2.3
+            _reply(txn, 420, headers=[("Unsupported", request.headers.get("Require") or "")])
+            return
+        dialog_id = dialog_id_of_request(request)
+        if dialog_id is not None:
+            call = self._calls.get(dialog_id)
+            if call is None:
+                txn.reply(481)
+            else:
+                call.on_request(txn)
+            return
+        if request.method == "INVITE":
+            if self.on_invite is None:
+                _reply(txn, 480, "No Handler")
+                return
+            incoming = IncomingCall(self, txn)
+            self._incoming[txn] = incoming
+            self.spawn(self._run_incoming(incoming))
+        elif request.method == "OPTIONS":
+            _reply(txn, 200, headers=[("Allow", ALLOW), ("Accept", "application/sdp"),
+                                      ("Supported", "")])
+        elif request.method == "BYE":
+            _reply(txn, 481)
+        elif request.method in ("REGISTER", "SUBSCRIBE", "NOTIFY", "MESSAGE", "INFO", "UPDATE",
+                                "PRACK", "REFER", "PUBLISH"):
+            _reply(txn, 405, headers=[("Allow", ALLOW)])
+        else:
+            _reply(txn, 501)
+
+    async def _run_incoming(self, incoming: IncomingCall) -> None:
+        assert self.on_invite is not None
+        try:
+            await self.on_invite(incoming)
+        except CallFailed:
+            pass
+        except Exception:
+            log.exception("[%s] the INVITE handler failed", incoming.call_id)
+        finally:
+            self._incoming.pop(incoming.txn, None)
+            if not incoming.txn.final_sent:
+                incoming.reject(500, "Server Internal Error")
+
+    def on_ack(self, request: Request, flow: Flow) -> None:
+        dialog_id = dialog_id_of_request(request)
+        call = self._calls.get(dialog_id) if dialog_id else None
+        if call is not None:
+            call.on_ack(request)
+
+    def on_cancel(self, txn: ServerTransaction) -> None:
+        incoming = self._incoming.get(txn)
+        if incoming is None:
+            txn.respond(make_response(txn.request, 487, to_tag=new_tag()))
+            return
+        log.info("[%s] the caller cancelled", incoming.call_id)
+        incoming.cancelled.set()
+        incoming.reject(487)
+
+    def on_stray_response(self, response: Response, flow: Flow) -> None:
+        try:
+            number, method = response.cseq
+            if method != "INVITE" or not 200 <= response.status < 300:
+                return
+            dialog_id = (response.call_id, response.from_.tag or "", response.to.tag or "")
+        except ParseError:
+            return
+        call = self._calls.get(dialog_id)
+        if call is not None:
+            self.spawn(call.send_ack(number))  # our ACK got lost: send it again
+        elif response.call_id in self.pending_invites:
+            pass  # the transaction still delivers it
+        else:
+            log.debug("stray 2xx for an unknown dialog %s", response.call_id)
+
+    def spawn(self, coro: Awaitable[object]) -> asyncio.Task[object]:
+        """Run `coro` as a task of this UA: cancelled by `stop`, its failure logged."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+
+def _reply(txn: ServerTransaction, status: int, reason: str | None = None,
+           headers: list[tuple[str, str]] | None = None) -> None:
+    """Answer an out-of-dialog request: a To tag is added when the request had none (§8.2.6.2)."""
+    txn.reply(status, reason, to_tag=new_tag(), headers=headers)
+
+
+def _stale(response: Response) -> bool:
+    for name in ("WWW-Authenticate", "Proxy-Authenticate"):
+        for value in response.headers.get_all(name):
+            try:
+                if is_stale(value):
+                    return True
+            except AuthError:  # not a Digest challenge
+                continue
+    return False
