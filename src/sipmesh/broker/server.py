@@ -31,6 +31,7 @@ import sqlite3
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -93,6 +94,10 @@ class BrokerConfig:
     commit_window: float = 0.005  # seconds REGISTERs may wait to share a database commit
     stats_interval: float = 60.0
     max_server_transactions: int = 300_000
+    # ops (broker/web.py): opt-in HTTP listeners for Prometheus and the status page
+    metrics: tuple[str, int] | None = None
+    status_page: tuple[str, int] | None = None
+    status_token_file: Path | None = None
 
     def __post_init__(self) -> None:
         self.transports = tuple(t.upper() for t in self.transports)
@@ -117,6 +122,17 @@ class Counters:
     forwarded: int = 0
     rate_limited: int = 0
     shed: int = 0
+    # ops: parsed requests by method, final responses by method and class (1-6); methods
+    # we do not know count as "other", so that no sender can make these grow
+    requests: Counter[str] = field(default_factory=Counter)
+    responses: Counter[tuple[str, int]] = field(default_factory=Counter)
+
+    def request(self, method: str) -> None:
+        self.requests[method if method in KNOWN_METHODS else "other"] += 1
+
+    def response(self, request: Request, response: Response) -> None:
+        method = request.method
+        self.responses[(method if method in KNOWN_METHODS else "other", response.status // 100)] += 1
 
 
 class Broker:
@@ -169,6 +185,7 @@ class Broker:
                                         stun_server=True)
         self.transactions = TransactionLayer(self.transport, self,
                                              max_server_transactions=config.max_server_transactions)
+        self.transactions.on_final = self.counters.response  # ops: responses by class
         self.proxy = Proxy(self.transactions, self.me, worker=self.worker,
                            record_route=config.record_route, timer_c=config.timer_c)
         self._early = []
@@ -335,6 +352,8 @@ class Broker:
             return
         assert self.transactions is not None
         message, flow = inbound.message, inbound.flow
+        if isinstance(message, Request):
+            self.counters.request(message.method)  # ops
         if isinstance(message, Request) and message.method not in ("ACK", "CANCEL"):
             if self.limiter is not None and flow.transport != "UDP":  # UDP: see _screen_datagram
                 wait = self.limiter.check(flow.host)
@@ -410,6 +429,9 @@ class Broker:
         items = [(reg.aor, partial(_decide, reg, now, worker, policy)) for reg in batch]
         try:
             results: list = self.location.update_many(items)
+        except sqlite3.Error as exc:  # disk full, read-only: 500 to each, and one line
+            log.error("the location service failed to save %d registrations: %s", len(batch), exc)
+            results = [exc] * len(batch)
         except Exception as exc:
             log.exception("the location service failed to save %d registrations", len(batch))
             results = [exc] * len(batch)
@@ -435,6 +457,7 @@ class Broker:
         if reg.to is not None and reg.to.tag is None:
             to = with_tag(to, _tag_for(reg.request))
         wire = stateless_response(reg.request, status, reason, headers, to)
+        self.counters.responses[("REGISTER", status // 100)] += 1  # ops (the transaction layer counts the rest)
         target = target_of_via(reg.request.via, reg.flow)
         if reg.key is not None and status != 401:  # a challenge consumes nothing: make it anew
             self.replies.put(reg.key, wire, target)

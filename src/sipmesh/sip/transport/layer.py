@@ -26,6 +26,7 @@ from sipmesh.sip.message import (DEFAULT_LIMITS, Limits, Request, Response, make
 from sipmesh.sip.transport import stun
 from sipmesh.sip.transport.base import RELIABLE, Flow, Inbound, response_target, stamp_received
 from sipmesh.sip.transport.framing import StreamFramer
+from sipmesh.sip.uri import is_ip
 
 log = logging.getLogger("sipmesh.sip.transport")
 trace = logging.getLogger("sipmesh.trace")
@@ -214,6 +215,8 @@ class TransportLayer:
     # -- sending ----------------------------------------------------------------------
     def try_send(self, message: Request | Response, flow: Flow) -> bool:
         """Send at once if no connection must be opened first; False means use send()."""
+        if not is_ip(flow.host):  # names are resolved above us (transport/resolve.py)
+            raise OSError(f"cannot send to {flow.host}: a host name, not an address")
         if flow.transport == "UDP":
             proto = self._udp_for(flow.host)
             if proto.transport is None or proto.transport.is_closing():

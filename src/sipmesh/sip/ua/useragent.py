@@ -24,8 +24,9 @@ from sipmesh.sip.headers import Address
 from sipmesh.sip.message import Headers, Request, Response, make_response
 from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction, TransactionLayer
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.transport.base import Flow, Inbound, local_address_towards, resolve, uri_target
+from sipmesh.sip.transport.base import Flow, Inbound, local_address_towards
 from sipmesh.sip.transport.layer import KEEPALIVE_INTERVAL, TransportLayer
+from sipmesh.sip.transport.resolve import ResolveError
 from sipmesh.sip.ua.call import ALLOW, USER_AGENT, Call, CallFailed
 from sipmesh.sip.ua.invite_client import ProgressHandler, send_invite
 from sipmesh.sip.ua.invite_server import IncomingCall
@@ -168,11 +169,11 @@ class UserAgent:
             else request.uri
         if not isinstance(hop, SipURI):
             raise CallFailed(416, "Unsupported URI Scheme")
-        transport, host, port = uri_target(hop, self.config.transport)
+        assert self.transactions is not None
         try:
-            return Flow(transport, await resolve(host, port), port)
-        except OSError as exc:
-            raise CallFailed(503, f"cannot resolve {host}: {exc}") from None
+            return await self.transactions.resolver.uri_flow(hop, self.config.transport)
+        except ResolveError as exc:
+            raise CallFailed(503, str(exc)) from None
 
     async def send(self, request: Request) -> ClientTransaction:
         """Start a client transaction for `request` towards its first hop (our Via added)."""
