@@ -244,7 +244,7 @@ def test_a_client_certificate_for_a_server_that_demands_one(tmp_path, pki):
                      abort=lambda: None if server.poll() is None else "s_server exited")
             result = run_agent(*agent_argv("serve", f"sips:localhost:{port}", "alice",
                                            "--ca-file", str(pki.cert), "--register-timeout",
-                                           "1", *extra, program=["/bin/true"]))
+                                           "3", *extra, program=["/bin/true"]))
             wait_for(lambda: any(end in log.read_text() for end in ("REGISTER", "ERROR")),
                      10, what="s_server done with the connection")
             return result, log.read_text()
