@@ -47,10 +47,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sipmesh.agent.params import MAX_VALUE_LENGTH, show
 
 __all__ = [
-    "CERT_ATTRIBUTE", "DEFAULT_DAYS", "MAX_SKEW", "ROLES", "SIG_ATTRIBUTE", "TS_ATTRIBUTE",
-    "MemberCertificate", "NetworkCA", "RevocationList", "TrustAnchor", "TrustError",
-    "VerifiedPeer", "generate_identity", "identity_public_text", "issue_member_certificate",
-    "load_identity", "parse_public_key", "save_identity", "sign_session", "verify_session",
+    "CERT_ATTRIBUTE", "DEFAULT_DAYS", "MAX_DAYS", "MAX_SKEW", "ROLES", "SIG_ATTRIBUTE",
+    "TS_ATTRIBUTE", "MemberCertificate", "NetworkCA", "RevocationList", "TrustAnchor",
+    "TrustError", "VerifiedPeer", "b64url", "check_member", "generate_identity",
+    "identity_public_text", "issue_member_certificate", "load_anchor", "load_certificate",
+    "load_identity", "load_revocations", "parse_public_key", "save_identity",
+    "session_message", "sign_session", "verify_session", "write_text",
 ]
 
 CERT_ATTRIBUTE, TS_ATTRIBUTE, SIG_ATTRIBUTE = "mesh-cert", "mesh-ts", "mesh-sig"

@@ -60,13 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="the CA's directory (made 0700; must not hold a CA yet)")
     c.set_defaults(func=run_ca_init)
 
-    c = casub.add_parser("revoke", help="revoke a member's certificate",
-                         description="Add a certificate to DIR/revoked, the CA-signed revocation "
-                                     "list, and print the list. Give the new DIR/revoked to the "
-                                     "broker (or to the members): they refuse the certificate "
-                                     "from then on.")
-    c.add_argument("network", metavar="NETWORK")
-    c.add_argument("--ca", type=Path, required=True, metavar="DIR", help="the CA's directory")
+    c = _admin_command(casub, "revoke", "revoke a member's certificate",
+                       "Add a certificate to DIR/revoked, the CA-signed revocation list, and "
+                       "print the list. Give the new DIR/revoked to the broker (or to the "
+                       "members): they refuse the certificate from then on.")
     which = c.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", type=int, help="the certificate's serial number")
     which.add_argument("--name", help="every unexpired certificate this CA issued to the member")
@@ -75,15 +72,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     cert = sub.add_parser("cert", help="member certificates: issue, show")
     certsub = cert.add_subparsers(dest="cert_command", metavar="issue|show", required=True)
-    c = certsub.add_parser("issue", help="issue a member's certificate (admin side)",
-                           description="Issue a certificate binding a member's name, mesh "
-                                       "address, groups, WireGuard public key and identity "
-                                       "public key, signed by the network's CA. It is printed "
-                                       "(or written to --out) and kept in DIR/issued/. "
-                                       "Certificates are short-lived: issue a new one before "
-                                       "the old one expires.")
-    c.add_argument("network", metavar="NETWORK")
-    c.add_argument("--ca", type=Path, required=True, metavar="DIR", help="the CA's directory")
+    c = _admin_command(certsub, "issue", "issue a member's certificate (admin side)",
+                       "Issue a certificate binding a member's name, mesh address, groups, "
+                       "WireGuard public key and identity public key, signed by the network's "
+                       "CA. It is printed (or written to --out) and kept in DIR/issued/. "
+                       "Certificates are short-lived: issue a new one before the old one "
+                       "expires.")
     c.add_argument("--name", required=True, help="the member's name (its SIP user name)")
     c.add_argument("--address", required=True, metavar="A.B.C.D/P",
                    help="the member's mesh address with the pool's prefix, e.g. 100.64.0.5/24")
@@ -123,6 +117,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _admin_command(sub: argparse._SubParsersAction, name: str, help_text: str,
+                   description: str) -> argparse.ArgumentParser:
+    """A command that uses the CA's private key: NETWORK and --ca DIR."""
+    c = sub.add_parser(name, help=help_text, description=description)
+    c.add_argument("network", metavar="NETWORK")
+    c.add_argument("--ca", type=Path, required=True, metavar="DIR", help="the CA's directory")
+    return c
 
 
 def _fail(exc: Exception) -> int:
