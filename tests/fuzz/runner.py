@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "fuzz" / "corpus"
 DATA = ROOT / "tests" / "data"
-TARGET_NAMES = ("message", "stream", "uri", "headers", "digest", "sdp", "attributes", "stun")
+TARGET_NAMES = ("message", "stream", "uri", "headers", "digest", "sdp", "attributes", "stun",
+                "trust")
 
 # Seeds beyond tests/fuzz/corpus/<target>: the RFC torture vectors, kept where the torture
 # tests read them.

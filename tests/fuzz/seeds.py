@@ -1,7 +1,7 @@
 """Make the committed seed corpus of the fuzz targets (tests/fuzz/corpus/<target>/).
 
     python -m tests.fuzz.seeds capture   # SIP from SIPp, Kamailio and baresip (root, tcpdump)
-    python -m tests.fuzz.seeds derive    # URI, header, digest, SDP, a=, stream and STUN seeds
+    python -m tests.fuzz.seeds derive    # URI, header, digest, SDP, a=, stream, STUN and trust seeds
 
 ``capture`` runs real third-party SIP software on loopback, as the tests do (SIPp
 registering with digest and calling through the sipmesh broker, SIPp through Kamailio,
@@ -250,6 +250,34 @@ def _stun_seeds() -> list[bytes]:
     return [bytes(m) for m in (request, v4, v6, error, allocate)]
 
 
+def _trust_seeds() -> list[bytes]:
+    """A signed offer under tests.fuzz.targets' fixed CA and clock (Ed25519 signs
+    deterministically: the same seeds on every run), its certificate, a revocation list."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sipmesh.agent.attributes import build_sdp
+    from sipmesh.agent.trust import (RevocationList, identity_public_text,
+                                     issue_member_certificate, sign_session)
+    from tests.fuzz.targets import TRUST_CA, TRUST_DIALOG, TRUST_NOW
+    identity = Ed25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
+    wg = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
+    cert = issue_member_certificate(TRUST_CA, name="alice", address="100.64.0.5/24",
+                                    wg_pubkey=wg, identity_pubkey=identity_public_text(identity),
+                                    groups=["lab", "admins"], now=TRUST_NOW, serial=4242)
+    attrs = [("ice-ufrag", "8hhY"), ("ice-pwd", "asd88fgpdd777uzjYhagZg"),
+             ("candidate", "1 1 udp 2130706431 10.0.1.1 51820 typ host"),
+             ("end-of-candidates", ""), ("wg-pubkey", wg), ("mesh-ip", "100.64.0.5")]
+    call_id, from_uri, to_uri = TRUST_DIALOG
+    attrs += sign_session(attrs, call_id=call_id, from_uri=from_uri, to_uri=to_uri, role="offer",
+                          certificate=cert, identity_key=identity, now=TRUST_NOW)
+    body = build_sdp(username="alice", address="192.0.2.1", media="application", proto="udp",
+                     port=9, attributes=attrs)
+    body = re.sub(rb"(?m)^o=(\S+) \d+ \d+ ", rb"o=\1 1169538046 1169538046 ", body)
+    crl = RevocationList.sign(TRUST_CA, [(4242, TRUST_NOW + 86400), (7, TRUST_NOW)], TRUST_NOW)
+    return [b"\0" + body, b"\0" + body.replace(b"typ host", b"typ relay"),
+            b"\1" + cert.to_bytes(), b"\2" + crl.to_text().encode()]
+
+
 def derive() -> None:
     for target in TARGET_NAMES:  # what an earlier derive wrote (regression inputs stay)
         if target != "message":
@@ -287,6 +315,8 @@ def derive() -> None:
         _write("stun", data, seen)
     for data in _digest_seeds():
         _write("digest", data, seen)
+    for data in _trust_seeds():
+        _write("trust", data, seen)
     for body in _attribute_seeds():
         _write("sdp", body, seen)
         _write("attributes", body + b"a=PORT:8000\r\n", seen)

@@ -17,8 +17,12 @@ from typing import Callable
 
 from aioice import stun as aioice_stun
 
-from sipmesh.agent.attributes import read_attributes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sipmesh.agent.attributes import read_attribute_list, read_attributes
 from sipmesh.agent.params import TYPES, Param, ParamError, param_type, validate
+from sipmesh.agent.trust import (MemberCertificate, NetworkCA, RevocationList, TrustError,
+                                 verify_session)
 from sipmesh.sip.auth import (AuthError, DigestClient, DigestServer, NonceManager, choose_challenge,
                               compute_ha1, is_stale, parse_auth_params)
 from sipmesh.sip.errors import ParseError
@@ -210,6 +214,37 @@ def attributes(data: bytes) -> None:
         pass
 
 
+# -- mesh trust ----------------------------------------------------------------------------
+
+# A fixed CA and clock: the seed corpus holds sessions signed under them (tests/fuzz/seeds.py),
+# so that mutations get past the certificate into the signature and binding checks.
+TRUST_CA = NetworkCA("lab", Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+TRUST_NOW = 1_800_000_000
+TRUST_DIALOG = ("fuzz-call@example.com", "sip:alice@lab.example", "sip:bob@lab.example")
+
+
+def trust(data: bytes) -> None:
+    """The first byte picks: a peer's signed SDP body (read as the agent reads it, then
+    verify_session), a member certificate's bytes, or a revocation list's text. An accepted
+    certificate must encode back to the same bytes."""
+    if not data:
+        return
+    kind, rest = data[0] % 3, data[1:]
+    try:
+        if kind == 0:
+            verify_session(read_attribute_list(rest), *TRUST_DIALOG, "offer",
+                           TRUST_CA.public_key, (), TRUST_NOW)
+        elif kind == 1:
+            cert = MemberCertificate.from_bytes(rest)
+            if cert.to_bytes() != rest:
+                raise AssertionError(f"a certificate re-encodes differently: {rest!r}")
+            cert.verify(TRUST_CA.public_key, TRUST_NOW)
+        else:
+            RevocationList.from_text(rest.decode("ascii", "replace"), TRUST_CA.public_key)
+    except (SDPError, ParamError, TrustError):
+        pass
+
+
 # -- STUN -----------------------------------------------------------------------------------
 
 def stun(data: bytes) -> None:
@@ -227,5 +262,5 @@ def stun(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "message": message, "stream": stream, "uri": uri, "headers": headers,
-    "digest": digest, "sdp": sdp, "attributes": attributes, "stun": stun,
+    "digest": digest, "sdp": sdp, "attributes": attributes, "stun": stun, "trust": trust,
 }
