@@ -14,21 +14,26 @@
     prints {"closed_after": seconds} once consent to send has expired.
 
     iceprobe.py stun PORT
-        a STUN Binding responder on UDP PORT (what the broker does on its SIP port)
+        a STUN Binding responder on UDP PORT (what the broker does on its SIP port);
+        prints {"ready": PORT} (the port it got, for PORT 0)
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import json
-import logging
-import socket
 import sys
 
-from aioice import stun
+if sys.path and sys.path[0] == __import__("os").path.dirname(__file__):
+    del sys.path[0]   # run as a script: tests/lab/dns.py would shadow dnspython
 
-from sipmesh.agent.ice import IceConfig, IceError, IceSession, render
+import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import socket  # noqa: E402
+
+from aioice import stun  # noqa: E402
+
+from sipmesh.agent.ice import IceConfig, IceError, IceSession, render  # noqa: E402
 
 
 def emit(**fields) -> None:
@@ -76,7 +81,7 @@ async def session(config: dict) -> None:
 def stun_responder(port: int) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("0.0.0.0", port))
-    emit(ready=port)
+    emit(ready=s.getsockname()[1])
     while True:
         data, addr = s.recvfrom(2048)
         try:
