@@ -5,6 +5,8 @@ NAT lab (a home router, a symmetric one, one that drops UDP)."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import socket
 import subprocess
 import sys
@@ -292,8 +294,33 @@ def test_cli_json_and_table(stun_responder, relay, tmp_path):
     assert "alice-pw" not in table + result.stdout
 
 
+def test_cli_shows_progress_on_a_terminal(stun_responder):
+    master, slave = pty.openpty()
+    try:
+        result = subprocess.run([SIPMESH, "netcheck", "--stun", f"127.0.0.1:{stun_responder[1]}"],
+                                stdout=subprocess.PIPE, stderr=slave, text=True, timeout=20)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:   # EIO: the terminal's other end is closed and read out
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert result.returncode == 0
+    assert b"sipmesh netcheck: asking 1 server (at most 2.5 s)..." in shown
+    assert "UDP:      works" in result.stdout
+
+
 def test_cli_without_any_server_says_what_to_give():
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SIPMESH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIPMESH_")}
     result = netcheck_cli(env=env)
     assert result.returncode == 2
     assert "give --server HOST[:PORT]" in result.stderr and "--stun" in result.stderr

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from aioice import stun
+from aioice.ice import get_host_addresses
 from aioice.turn import UDP_TRANSPORT, make_integrity_key
 
 from sipmesh.ops.listen import hostport
@@ -610,18 +611,10 @@ async def netcheck(config: NetcheckConfig, *,
     local: list[Address] = []
     await asyncio.gather(*(_udp(group, family, clock, local) for family, group in by_family.items()),
                          *(_tcp(e, clock) for e in over_tcp))
-    hosts = _host_addresses()
+    hosts = get_host_addresses(use_ipv4=True, use_ipv6=True)   # to recognise "no NAT"
     report = summarise(servers, [e.probe for e in exchanges], local[0] if local else None, hosts)
     for server in servers:
         if server.error:
             report.advice.insert(0, f"{server.role} server {server.name}: {server.error}")
     report.elapsed = clock() - started
     return report
-
-
-def _host_addresses() -> list[str]:
-    try:
-        from aioice.ice import get_host_addresses
-        return get_host_addresses(use_ipv4=True, use_ipv6=True)
-    except Exception:   # noqa: BLE001 - only used to recognise "no NAT"
-        return []
