@@ -380,9 +380,11 @@ def report(results: dict[str, dict[str, Tally]], throughput: float,
           f"{args.give_up} trials is given up), {elapsed:.0f} s in all")
     for row in [header] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    print(f"Nebula: start of both peers -> first ping reply (lighthouse on the internet, "
-          f"punchy on; +relay: one am_relay host)")
-    print(f"sipmesh: {SESSIONS_MEASURED}")
+    print("Nebula: from starting both peers (a Go binary: ~10 ms to the lighthouse) to the "
+          "first ping reply; punchy on with its default 1 s respond delay; +relay: one "
+          "am_relay host")
+    print(f"sipmesh: {SESSIONS_MEASURED}; processes already running")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"tunnel throughput, home<->home direct path, iperf3 TCP {args.iperf_seconds} s:")
     print(f"  wireguard-go configured by hand:   {throughput:7.0f} Mbit/s  (the reference)")
     print("  WireGuard through sipmesh, direct: n/a (pending: tunnels do not ride ICE yet)")

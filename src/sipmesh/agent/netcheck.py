@@ -111,6 +111,7 @@ class Exchange:
         self._step_start = now
         self._next_try = 0
         self._sent: dict[bytes, float] = {}    # transaction ID -> when that try went out
+        self.send_error: str | None = None     # why the last try could not be sent
 
     # -- what subclasses use
     def _request(self, make: Callable[[], stun.Message], now: float) -> None:
@@ -120,7 +121,8 @@ class Exchange:
         self._step_start, self._next_try = now, 0
         self._sent.clear()
 
-    def _finish(self, error: str | None = None) -> None:
+    def finish(self, error: str | None = None) -> None:
+        """The probe is over (`error`: why it failed, unless an earlier reason stands)."""
         if error is not None and self.probe.error is None:
             self.probe.error = error
         self.done = True
@@ -130,7 +132,8 @@ class Exchange:
         raise NotImplementedError
 
     def _expired(self) -> None:
-        self._finish(f"no answer within {self.timeout:g} s")
+        why = f" (cannot send: {self.send_error})" if self.send_error else ""
+        self.finish(f"no answer within {self.timeout:g} s{why}")
 
     # -- what the driver uses
     def outgoing(self, now: float) -> list[bytes]:
@@ -193,10 +196,10 @@ class BindingCheck(Exchange):
 
     def _answer(self, message: stun.Message, rtt: float, now: float) -> None:
         if message.message_class == stun.Class.ERROR:
-            self._finish(f"answered with an error: {_error_text(message)}")
+            self.finish(f"answered with an error: {_error_text(message)}")
             return
         self.probe.mapped = _mapped(message)
-        self._finish(None if self.probe.mapped else "answered without our address")
+        self.finish(None if self.probe.mapped else "answered without our address")
 
 
 class AllocateCheck(Exchange):
@@ -243,7 +246,7 @@ class AllocateCheck(Exchange):
     def _answer(self, message: stun.Message, rtt: float, now: float) -> None:
         probe = self.probe
         if self._deleting:
-            self._finish()
+            self.finish()
             return
         signed = self._key is not None
         if message.message_class == stun.Class.RESPONSE:
@@ -251,7 +254,7 @@ class AllocateCheck(Exchange):
                 return    # not from the server that knows our key: keep waiting
             relayed = message.attributes.get("XOR-RELAYED-ADDRESS")
             if not relayed:
-                self._finish("answered the Allocate without a relayed address")
+                self.finish("answered the Allocate without a relayed address")
                 return
             probe.relayed = (relayed[0], relayed[1])
             probe.mapped = _mapped(message)
@@ -264,7 +267,7 @@ class AllocateCheck(Exchange):
                 and "NONCE" in message.attributes:
             if not self.username or self._password is None:
                 probe.credentials = "missing"
-                self._finish("reachable; it wants a name and password")
+                self.finish("reachable; it wants a name and password")
                 return
             self._realm, self._nonce = message.attributes["REALM"], message.attributes["NONCE"]
             self._key = make_integrity_key(self.username, self._realm, self._password)
@@ -275,13 +278,13 @@ class AllocateCheck(Exchange):
             self._request(self._allocate, now)
         elif code in (401, 403, 441) and signed:
             probe.credentials = "refused"
-            self._finish(f"credentials refused ({_error_text(message)})")
+            self.finish(f"credentials refused ({_error_text(message)})")
         else:
-            self._finish(f"refused the allocation: {_error_text(message)}")
+            self.finish(f"refused the allocation: {_error_text(message)}")
 
     def _expired(self) -> None:
         if self._deleting:   # the allocation was made: what counted is done
-            self._finish()
+            self.finish()
         else:
             super()._expired()
 
@@ -506,7 +509,7 @@ async def _udp(exchanges: list[Exchange], family: int, clock: Callable[[], float
             lambda: _Receiver(exchanges, clock, wake), local_addr=bind, family=family)
     except OSError as e:
         for exchange in exchanges:
-            exchange._finish(f"cannot open a UDP socket: {e.strerror or e}")
+            exchange.finish(f"cannot open a UDP socket: {e.strerror or e}")
         return
     try:
         port = transport.get_extra_info("sockname")[1]
@@ -516,7 +519,7 @@ async def _udp(exchanges: list[Exchange], family: int, clock: Callable[[], float
             try:
                 transport.sendto(data, exchange.probe.server.address)
             except OSError as e:   # no route, say: the deadline reports it
-                exchange.probe.error = exchange.probe.error or f"cannot send: {e.strerror or e}"
+                exchange.send_error = e.strerror or str(e)
 
         await _drive(exchanges, send, clock, wake)
     finally:
@@ -540,10 +543,10 @@ async def _tcp(exchange: Exchange, clock: Callable[[], float]) -> None:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(*server),
                                                 max(0.0, exchange.deadline - clock()))
     except asyncio.TimeoutError:
-        exchange._finish(f"no TCP connection within {exchange.timeout:g} s")
+        exchange.finish(f"no TCP connection within {exchange.timeout:g} s")
         return
     except OSError as e:
-        exchange._finish(f"TCP connection failed: {e.strerror or e}")
+        exchange.finish(f"TCP connection failed: {e.strerror or e}")
         return
     wake = asyncio.Event()
 
@@ -556,7 +559,7 @@ async def _tcp(exchange: Exchange, clock: Callable[[], float]) -> None:
                 wake.set()
         except (asyncio.IncompleteReadError, OSError):
             if not exchange.done:
-                exchange._finish("the server closed the TCP connection")
+                exchange.finish("the server closed the TCP connection")
             wake.set()
 
     reading = asyncio.ensure_future(read())
