@@ -140,6 +140,37 @@ def default_config_path() -> Path:
 # ---------------------------------------------------------------------------- credentials
 
 
+def add_identity_options(group: Any, *,
+                         server_help: str = "SIP server (registrar and proxy); port 5060 if "
+                                            "omitted [$SIPMESH_SERVER]",
+                         user_help: str = "our name at the server (registered at start) "
+                                          "[$SIPMESH_USER]") -> None:
+    """--server, --user, --password | --credentials, --auth-user: who we are at the SIP
+    server (read them with :func:`sip_identity`)."""
+    group.add_argument("--server", metavar="HOST[:PORT]", type=server_address,
+                       default=os.environ.get("SIPMESH_SERVER"), help=server_help)
+    group.add_argument("--user", metavar="NAME", type=user_name,
+                       default=os.environ.get("SIPMESH_USER"), help=user_help)
+    secret = group.add_mutually_exclusive_group()
+    secret.add_argument("--password", metavar="PW",
+                        help="digest password (visible in the process list: prefer --credentials "
+                             "or $SIPMESH_PASSWORD)")
+    secret.add_argument("--credentials", metavar="FILE", type=Path,
+                        help="file with 'password = ...' (and optionally 'user = ...', "
+                             "'auth_user = ...'), or just the password on one line")
+    group.add_argument("--auth-user", metavar="NAME", help="digest user name if not --user")
+
+
+def sip_identity(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    """(user, password, auth_user) from the options of :func:`add_identity_options`, the
+    credentials file and $SIPMESH_PASSWORD."""
+    creds = read_credentials(args.credentials) if args.credentials is not None else {}
+    password = args.password or creds.get("password") or os.environ.get("SIPMESH_PASSWORD")
+    return (args.user or creds.get("user"), password,
+            args.auth_user or creds.get("auth_user"))
+
+
+
 def read_credentials(path: Path) -> dict[str, str]:
     """'key = value' lines (password, user, auth_user) or a lone password line."""
     try:
@@ -309,6 +340,12 @@ def progress_printer(prog: str, quiet: bool) -> Callable[[str, dict], None]:
             STATUS.wait(f"{prog}: waiting for {data.get('target')} to answer")
 
     return show
+
+
+def table(rows: list[list[str]], header: list[str]) -> list[str]:
+    """Columns as wide as their longest value: nothing is cut (a Call-ID is copied from here)."""
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
 
 
 # ---------------------------------------------------------------------------- running

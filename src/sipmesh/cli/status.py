@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.cli.common import table
 
 
 def find_socket(args: argparse.Namespace) -> Path:
@@ -47,12 +48,6 @@ def _clock(stamp: float | None, now: float) -> str:
     return f"{time.strftime('%H:%M:%S', time.localtime(stamp))} ({ago})"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> list[str]:
-    """Columns as wide as their longest value: nothing is cut (a Call-ID is copied from here)."""
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
-
-
 def render(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     daemon = status.get("daemon", {})
@@ -62,11 +57,11 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
     rows = [[r.get("aor", ""), r.get("state", ""), str(r.get("expires") or "-"),
              _clock(r.get("since"), now), r.get("contact", ""), r.get("error") or ""]
             for r in status.get("registrations", [])]
-    out += _table(rows, ["REGISTRATION", "STATE", "EXPIRES", "SINCE", "CONTACT", "ERROR"])
+    out += table(rows, ["REGISTRATION", "STATE", "EXPIRES", "SINCE", "CONTACT", "ERROR"])
     out.append("")
     rows = [[s["name"], s["kind"], f"{s['active']}/{s['max_sessions']}", ",".join(s["allow"])]
             for s in status.get("services", [])]
-    out += _table(rows, ["SERVICE", "KIND", "SESSIONS", "ALLOWED CALLERS"])
+    out += table(rows, ["SERVICE", "KIND", "SESSIONS", "ALLOWED CALLERS"])
     out.append("")
     sessions = status.get("sessions", [])
     rows = []
@@ -79,7 +74,7 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
                      _clock(s.get("since"), now), str(s.get("pid") or "-"),
                      ", ".join(parts) or "-"])
     if rows:
-        out += _table(rows, ["CALL-ID", "PEER", "SERVICE", "STATE", "SINCE", "PID", "ALLOCATED"])
+        out += table(rows, ["CALL-ID", "PEER", "SERVICE", "STATE", "SINCE", "PID", "ALLOCATED"])
     else:
         out.append("no sessions")
     return "\n".join(out)
