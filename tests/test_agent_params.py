@@ -190,7 +190,7 @@ def test_server_address_option():
 
 
 def test_server_uris_and_the_transport_they_mean():
-    from sipmesh.cli.serve import server_address
+    from sipmesh.cli.common import server_address
 
     sips = server_address("sips:sip.example.org")
     assert sips == "sip.example.org" and sips.transport == "tls" and sips.text() == "sips:sip.example.org"
