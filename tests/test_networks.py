@@ -82,7 +82,7 @@ def lab_db(tmp_path_factory):
     (("frobnicate",), "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(lab_db, args, message):
-    result = net(lab_db, *args) = net(db, *args)
+    result = net(lab_db, *args)
     assert result.returncode == 2, result
     assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("sipmesh broker network: ") and message in result.stderr
