@@ -128,7 +128,7 @@ class SqliteStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
-                self._setup(self._db)
+                self.setup_schema(self._db)
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         except BaseException:
@@ -143,7 +143,7 @@ class SqliteStore:
         except OSError:
             pass
 
-    def _setup(self, db: sqlite3.Connection) -> None:
+    def setup_schema(self, db: sqlite3.Connection) -> None:
         """Create or check the schema (called once, under the write lock)."""
 
     def close(self) -> None:
@@ -156,7 +156,7 @@ class SqliteStore:
             os.close(self._lock_fd)
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
+    def writing(self) -> Iterator[sqlite3.Connection]:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             self._db.execute("BEGIN IMMEDIATE")
@@ -182,7 +182,7 @@ class LocationService(SqliteStore):
         self.known_retention = known_retention
         super().__init__(path, auto_checkpoint=auto_checkpoint)
 
-    def _setup(self, db: sqlite3.Connection) -> None:
+    def setup_schema(self, db: sqlite3.Connection) -> None:
         db.executescript(_SCHEMA)  # in its own transaction
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
@@ -208,7 +208,7 @@ class LocationService(SqliteStore):
         a database error rolls everything back and is raised."""
         results: list[T | Exception] = []
         now = self.clock()
-        with self._writing() as db:
+        with self.writing() as db:
             current = self._select_many({aor for aor, _ in items}, now)
             upserts: dict[tuple[str, str], Binding] = {}
             deletes: set[tuple[str, str]] = set()
@@ -260,7 +260,7 @@ class LocationService(SqliteStore):
     def purge(self) -> int:
         """Delete expired bindings (and AORs not registered for `known_retention`)."""
         now = self.clock()
-        with self._writing() as db:
+        with self.writing() as db:
             db.execute("UPDATE aors SET last_registered=? WHERE aor IN "
                        "(SELECT aor FROM bindings WHERE expires <= ?)", (now, now))
             count = db.execute("DELETE FROM bindings WHERE expires <= ?", (now,)).rowcount
@@ -268,7 +268,7 @@ class LocationService(SqliteStore):
         return count
 
     def clear(self) -> None:
-        with self._writing() as db:
+        with self.writing() as db:
             db.execute("DELETE FROM bindings")
             db.execute("DELETE FROM aors")
 

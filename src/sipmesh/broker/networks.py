@@ -179,7 +179,7 @@ class Network:
 class NetworkStore(SqliteStore):
     """The networks in the broker's store; safe to use from several processes at once."""
 
-    def _setup(self, db: sqlite3.Connection) -> None:
+    def setup_schema(self, db: sqlite3.Connection) -> None:
         db.executescript(_SCHEMA)
         row = db.execute("SELECT version FROM store_versions WHERE part='networks'").fetchone()
         if row is None:
@@ -226,7 +226,7 @@ class NetworkStore(SqliteStore):
     def create(self, name: str, pool: str) -> Network:
         check_network_name(name)
         net = parse_pool(pool)
-        with self._writing() as db:
+        with self.writing() as db:
             if db.execute("SELECT 1 FROM networks WHERE name=?", (name,)).fetchone():
                 raise NetworkError(f"network {name!r} exists already")
             for other, other_pool in db.execute("SELECT name, pool FROM networks"):
@@ -240,7 +240,7 @@ class NetworkStore(SqliteStore):
 
     def remove(self, name: str) -> int:
         """Remove a network with its members and rules; the number of members it had."""
-        with self._writing() as db:
+        with self.writing() as db:
             network = self._require(db, name)
             for table, column in (("network_members", "network"), ("network_rules", "network"),
                                   ("networks", "name")):
@@ -255,7 +255,7 @@ class NetworkStore(SqliteStore):
             raise NetworkError("no user given")
         now = time.time()
         out: dict[str, str] = {}
-        with self._writing() as db:
+        with self.writing() as db:
             network = self._require(db, name)
             pool = ipaddress.ip_network(network.pool)
             taken = {r[0] for r in db.execute("SELECT address FROM network_members WHERE network=?",
@@ -288,7 +288,7 @@ class NetworkStore(SqliteStore):
         """Remove members (their addresses stay reserved for them); those that were members."""
         users = [check_user(u) for u in users]
         removed = []
-        with self._writing() as db:
+        with self.writing() as db:
             self._require(db, name)
             for user in users:
                 cursor = db.execute("UPDATE network_members SET active=0, since=? WHERE network=? AND "
@@ -300,7 +300,7 @@ class NetworkStore(SqliteStore):
     def allow(self, name: str, src: str, dst: str) -> bool:
         """Add the rule `src` may reach `dst`; False if it was there already."""
         src, dst = check_term(src), check_term(dst)
-        with self._writing() as db:
+        with self.writing() as db:
             self._require(db, name)
             cursor = db.execute("INSERT OR IGNORE INTO network_rules (network, src, dst) VALUES (?, ?, ?)",
                                 (name, src, dst))
@@ -309,7 +309,7 @@ class NetworkStore(SqliteStore):
     def disallow(self, name: str, src: str, dst: str) -> bool:
         """Remove a rule; False if there was no such rule."""
         src, dst = check_term(src), check_term(dst)
-        with self._writing() as db:
+        with self.writing() as db:
             self._require(db, name)
             cursor = db.execute("DELETE FROM network_rules WHERE network=? AND src=? AND dst=?",
                                 (name, src, dst))
