@@ -155,9 +155,10 @@ def _int(text: str | None, what: str) -> int | None:
     if text is None:
         return None
     text = text.strip()
-    if not text.isdigit() or len(text) > 10:
+    digits = text[1:] if text.startswith("-") else text
+    if not digits.isdigit() or len(digits) > 10:
         raise RegInfoError(f"{what} {text!r} is not a number")
-    return int(text)
+    return max(0, int(text))  # a server may write a just-expired contact's -1
 
 
 def parse(data: bytes) -> RegInfo:

@@ -184,11 +184,18 @@ class Subscription:
         if state.state == "terminated":
             self._end(f"terminated ({state.reason or 'no reason'})")
 
+    async def next_notification(self) -> Notification | None:
+        """The next NOTIFY (None once the subscription has ended). Safe to cancel, e.g.
+        by a timeout: nothing is lost."""
+        if self._queue.empty() and self.ended.done():
+            return None
+        item = await self._queue.get()
+        if item is None:
+            self._queue.put_nowait(None)  # for the next caller too
+        return item
+
     async def notifications(self) -> AsyncIterator[Notification]:
         """Each NOTIFY as it arrives, until the subscription ends."""
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                return
+        while (item := await self.next_notification()) is not None:
             yield item
 
