@@ -113,6 +113,7 @@ class RosterState:
         self.self_member: Member | None = None
         self.version: int | None = None
         self._contacts: dict[str, tuple[Member, float]] = {}  # key -> (member, expires at)
+        self._expiry: dict[str, float] = {}  # when each member's binding runs out, as last told
 
     # -- what the server says ---------------------------------------------------------------
     def from_reginfo(self, body: bytes) -> list[RosterEvent]:
@@ -179,10 +180,15 @@ class RosterState:
                 best[member.name] = (member, expires_at)
         self.self_member = best.pop(self.me, (None, 0.0))[0] if self.me is not None else None
         fresh = {name: member for name, (member, _) in best.items()}
+        now = self.clock()
         events = []
         for name, old in self.members.items():
             if name not in fresh:
-                events.append(RosterEvent("left", old, reasons.get(name, "unregistered")))
+                # A server that leaves a gone contact out (Kamailio) gives no reason: one
+                # whose time had run out expired.
+                reason = reasons.get(name) or ("expired" if self._expiry.get(name, now + 2) <= now + 1
+                                               else "unregistered")
+                events.append(RosterEvent("left", old, reason))
         for name, member in fresh.items():
             old = self.members.get(name)
             if old is None:
@@ -190,6 +196,7 @@ class RosterState:
             elif old != member:
                 events.append(RosterEvent("changed", member))
         self.members = fresh
+        self._expiry = {name: expires_at for name, (_, expires_at) in best.items()}
         return events
 
 
