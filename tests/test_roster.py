@@ -21,7 +21,7 @@ from sipmesh.sip.message import Response
 from tests.lab import wait_for_async
 from tests.lab.broker import start_broker
 from tests.peers.broker import make_broker, sip  # noqa: F401 (fixture)
-from tests.peers.roster import PASSWORDS, member_ua, roster_scenario  # noqa: F401 (fixture)
+from tests.peers.roster import PASSWORDS, make_ua, member_ua, roster_scenario  # noqa: F401 (fixture)
 from tests.peers.raw import RawPeer
 
 FAST = RegistrarPolicy(min_expires=2, max_expires=3600, default_expires=3600)

@@ -15,7 +15,7 @@ from sipmesh.agent.errors import AgentError
 from sipmesh.agent.roster import RosterClient
 from sipmesh.broker.users import UsersFile
 from tests.lab import Kamailio, kamailio_unavailable_reason, wait_for_async
-from tests.peers.roster import PASSWORDS, member_ua, roster_scenario  # noqa: F401 (fixture)
+from tests.peers.roster import PASSWORDS, make_ua, member_ua, roster_scenario  # noqa: F401 (fixture)
 
 DOCS_CFG = Path(__file__).resolve().parents[1] / "docs" / "kamailio" / "kamailio.cfg"
 MIGRATE = DOCS_CFG.with_name("users-to-dbtext.sh")

@@ -14,26 +14,20 @@ from pathlib import Path
 import pytest
 
 from sipmesh.agent.roster import RosterClient
-from sipmesh.sip.ua import UAConfig, UserAgent
+from sipmesh.sip.ua import UserAgent
 from tests.lab import spawn, wait_for_async
+from tests.peers.broker import make_ua  # noqa: F401 (fixture)
 
 PASSWORDS = {"alice": "a-pw", "bob": "b-pw", "carol": "c-pw", "mallory": "m-pw", "dave": "d-pw"}
 
 
 @pytest.fixture
-async def member_ua():
-    started: list[UserAgent] = []
-
+def member_ua(make_ua):  # noqa: F811
+    """A started UA of a member on the SIP server at "host:port", with its network password."""
     async def make(user: str, domain: str, password: str | None = None, transport: str = "UDP") -> UserAgent:
-        ua = UserAgent(UAConfig(user=user, domain=domain, password=password or PASSWORDS[user], listen_port=0,
-                                transport=transport, transports=(transport,)))
-        await ua.start()
-        started.append(ua)
-        return ua
-
-    yield make
-    for ua in started:
-        await ua.stop()
+        return await make_ua(user, domain, password=password or PASSWORDS[user], transport=transport,
+                             transports=(transport,))
+    return make
 
 
 def member_process(tmp_path: Path, domain: str, user: str, network: str = "lab", *extra: str):

@@ -299,22 +299,18 @@ class NetworkStore(SqliteStore):
 
     def allow(self, name: str, src: str, dst: str) -> bool:
         """Add the rule `src` may reach `dst`; False if it was there already."""
-        src, dst = check_term(src), check_term(dst)
-        with self.writing() as db:
-            self._require(db, name)
-            cursor = db.execute("INSERT OR IGNORE INTO network_rules (network, src, dst) VALUES (?, ?, ?)",
-                                (name, src, dst))
-            return cursor.rowcount > 0
+        return self._rule(name, src, dst, "INSERT OR IGNORE INTO network_rules (network, src, dst) "
+                                          "VALUES (?, ?, ?)")
 
     def disallow(self, name: str, src: str, dst: str) -> bool:
         """Remove a rule; False if there was no such rule."""
+        return self._rule(name, src, dst, "DELETE FROM network_rules WHERE network=? AND src=? AND dst=?")
+
+    def _rule(self, name: str, src: str, dst: str, statement: str) -> bool:
         src, dst = check_term(src), check_term(dst)
         with self.writing() as db:
             self._require(db, name)
-            cursor = db.execute("DELETE FROM network_rules WHERE network=? AND src=? AND dst=?",
-                                (name, src, dst))
-            return cursor.rowcount > 0
-
+            return db.execute(statement, (name, src, dst)).rowcount > 0
 
 def _free_address(pool: ipaddress.IPv4Network | ipaddress.IPv6Network, taken: set[str]) -> str | None:
     """The lowest host address of `pool` not in `taken` (never the network address, nor

@@ -25,19 +25,25 @@ class EventType:
         return self.package == other.package and self.id == other.id
 
 
-def parse_event(value: str | None) -> EventType:
+def _split(value: str | None, what: str) -> tuple[str, dict[str, str]]:
+    """`token;name=value;...` -> (token in lower case, {name: value})."""
     if value is None:
-        raise ParseError("no Event header field")
-    package, *params = (part.strip() for part in value.split(";"))
-    package = package.lower()
-    if not _TOKEN.fullmatch(package):
-        raise ParseError(f"bad Event package {package!r}")
-    event_id = None
+        raise ParseError(f"no {what} header field")
+    first, *params = (part.strip() for part in value.split(";"))
+    first = first.lower()
+    if not _TOKEN.fullmatch(first):
+        raise ParseError(f"bad {what} {first!r}")
+    found: dict[str, str] = {}
     for param in params:
         name, _, val = param.partition("=")
-        if name.strip().lower() == "id":
-            event_id = val.strip().strip('"')
-    return EventType(package, event_id)
+        found[name.strip().lower()] = val.strip()
+    return first, found
+
+
+def parse_event(value: str | None) -> EventType:
+    package, params = _split(value, "Event")
+    event_id = params.get("id")
+    return EventType(package, event_id.strip('"') if event_id is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,16 +68,7 @@ class SubscriptionState:
 
 
 def parse_subscription_state(value: str | None) -> SubscriptionState:
-    if value is None:
-        raise ParseError("no Subscription-State header field")
-    state, *params = (part.strip() for part in value.split(";"))
-    state = state.lower()
-    if not _TOKEN.fullmatch(state):
-        raise ParseError(f"bad Subscription-State {state!r}")
-    found: dict[str, str] = {}
-    for param in params:
-        name, _, val = param.partition("=")
-        found[name.strip().lower()] = val.strip()
+    state, found = _split(value, "Subscription-State")
 
     def number(name: str) -> int | None:
         text = found.get(name)
