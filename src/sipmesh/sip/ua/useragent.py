@@ -24,9 +24,9 @@ from sipmesh.sip.headers import Address
 from sipmesh.sip.message import Headers, Request, Response, make_response
 from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction, TransactionLayer
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.transport.base import Flow, local_address_towards
+from sipmesh.sip.transport.base import Flow, Inbound, local_address_towards
+from sipmesh.sip.transport.layer import KEEPALIVE_INTERVAL, TransportLayer
 from sipmesh.sip.transport.resolve import ResolveError
-from sipmesh.sip.transport.layer import TransportLayer
 from sipmesh.sip.ua.call import ALLOW, USER_AGENT, Call, CallFailed
 from sipmesh.sip.ua.invite_client import ProgressHandler, send_invite
 from sipmesh.sip.ua.invite_server import IncomingCall
@@ -54,6 +54,9 @@ class UAConfig:
     tls_context: ssl.SSLContext | None = None  # server side: our certificate
     tls_client_context: ssl.SSLContext | None = None  # verifies the peers we connect to
     tls_port: int = 0
+    # While registered, keep the flow to the registrar open through NATs (RFC 5626 §4.4):
+    # seconds between keep-alives, 0 for none. See TransportLayer.keep_alive.
+    keepalive: float = KEEPALIVE_INTERVAL
 
 
 IncomingHandler = Callable[[IncomingCall], Awaitable[None]]
@@ -75,6 +78,7 @@ class UserAgent:
         self._ports: dict[str, int] = {}  # bound port per transport
         self._digest = (DigestClient(config.auth_user or config.user, config.password)
                         if config.password is not None else None)
+        self._keepalive: tuple[Flow, asyncio.Task[object]] | None = None
         self._subscriptions: dict[tuple[str, str], Subscription] = {}  # by (Call-ID, our tag)
         # REGISTER's Call-ID and last CSeq per AOR we register (§10.2: one Call-ID per
         # registrar and AOR, CSeq increasing)
@@ -84,7 +88,8 @@ class UserAgent:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        self.transport = TransportLayer(lambda m, f: None)
+        self.transport = TransportLayer(self._received)
+        self.transactions = TransactionLayer(self.transport, self, timers=self.config.timers)
         if self.config.tls_client_context is not None:
             self.transport.set_client_tls(self.config.tls_client_context)
         port = self.config.listen_port
@@ -101,7 +106,11 @@ class UserAgent:
             self._ports[name] = bound
             port = bound  # UDP and TCP share one port number
         self.config.listen_port = port
-        self.transactions = TransactionLayer(self.transport, self, timers=self.config.timers)
+
+    def _received(self, inbound: Inbound) -> None:
+        """Everything the transport layer receives goes through the transaction layer."""
+        assert self.transactions is not None
+        self.transactions.receive(inbound)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -118,7 +127,10 @@ class UserAgent:
     def contact(self, transport: str | None = None) -> Address:
         transport = (transport or self.config.transport).upper()
         host = self.config.advertised_host or self._local_host()
-        port = self._ports.get(transport, self.config.listen_port)
+        port = self._ports.get(transport)
+        if port is None:  # e.g. TLS without a listener: our end of the connection
+            bound = self.transport.address(transport) if self.transport is not None else None
+            port = bound[1] if bound is not None else self.config.listen_port
         uri = SipURI(host=host, user=self.config.user, port=port)
         if transport != "UDP":
             uri.params["transport"] = transport.lower()
@@ -252,11 +264,26 @@ class UserAgent:
             request.headers.add("Contact", str(contact))
         if expires is not None:
             request.headers.add("Expires", str(expires))
+        flow = await self.flow_for(request)
         self._register_state[key] = (call_id, cseq + 1)
         response = await self.request(request)
         if response.cseq[1] == "REGISTER":  # a digest retry took the next CSeq
             self._register_state[key] = (call_id, max(cseq + 1, response.cseq[0]))
+        if 200 <= response.status < 300 and expires is not None:
+            if expires > 0:
+                self._keep_alive(flow)
+            elif key == str(self.aor):  # our own name leaves: no more keep-alives
+                self._keep_alive(None)
         return response
+
+    def _keep_alive(self, flow: Flow | None) -> None:
+        """Keep-alives on the registration's flow (one at a time), or none (None)."""
+        if self._keepalive is not None and self._keepalive[0] != flow:
+            self._keepalive[1].cancel()
+            self._keepalive = None
+        if flow is not None and self._keepalive is None and self.config.keepalive > 0:
+            assert self.transport is not None
+            self._keepalive = (flow, self.spawn(self.transport.keep_alive(flow, self.config.keepalive)))
 
     async def subscribe(self, target: str | URI, event: str, *, accept: str,
                         expires: int = 3600) -> Subscription:
