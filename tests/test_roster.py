@@ -259,3 +259,32 @@ async def test_a_broker_with_two_workers_notifies_changes_made_in_the_other(tmp_
     finally:
         proc.stop(grace=5)
     assert "Traceback" not in proc.log_text(), proc.log_tail()
+
+
+async def test_members_follow_the_roster_across_a_broker_restart(make_broker, member_ua, tmp_path):  # noqa: F811
+    """A broker that stops ends its subscriptions (deactivated); the members subscribe again,
+    to the broker that comes back on the same address and store, and miss no change."""
+    users = UsersFile(tmp_path / "users")
+    for user in ("alice", "bob"):
+        users.add("lab", user, PASSWORDS[user])
+    users.save()
+    store = NetworkStore(tmp_path / "broker.db")
+    store.create("lab", "100.64.1.0/24")
+    store.add_members("lab", ["alice", "bob"])
+    store.close()
+    settings = dict(users_file=tmp_path / "users", db_path=tmp_path / "broker.db", registrar=FAST)
+    first = await make_broker(**settings)
+    host, port = first.address()
+    alice = RosterClient(await member_ua("alice", f"{host}:{port}"), "lab", poll_interval=5)
+    await alice.start()
+    subscription = alice.subscription
+    await first.stop()
+    await asyncio.wait_for(subscription.ended, 5)
+    assert "deactivated" in subscription.ended.result()
+    await make_broker(listen=[(host, port)], **settings)  # the same address, the same store
+    bob = RosterClient(await member_ua("bob", f"{host}:{port}"), "lab")
+    await bob.start()
+    await wait_for_async(lambda: "bob" in alice.members, 5, what="alice sees bob through the new broker")
+    assert alice.mode == "push" and alice.subscription is not subscription
+    await bob.stop()
+    await alice.stop()

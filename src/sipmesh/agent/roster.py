@@ -227,6 +227,7 @@ class RosterClient:
         self._mesh_ip = mesh_ip
         self._events: asyncio.Queue[RosterEvent | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._no_push = False  # the server has no reg event package: poll, rarely try again
 
     @property
     def members(self) -> dict[str, Member]:
@@ -291,7 +292,8 @@ class RosterClient:
 
     # -- push ----------------------------------------------------------------------------------
     async def _subscribe(self) -> bool:
-        """SUBSCRIBE to the roster; False if the server will not push it."""
+        """SUBSCRIBE to the roster; False if the server will not push it now (`_no_push`
+        says whether it never will: no reg event package there)."""
         try:
             subscription = await self.ua.subscribe(self.aor, EVENT, accept=reginfo.CONTENT_TYPE,
                                                    expires=self.subscribe_expires)
@@ -300,8 +302,9 @@ class RosterClient:
             self.mode = "poll"
             return False
         if subscription.ended.done():
-            log.info("network %s: the server does not push the roster (%s): polling every %g s",
-                     self.network, subscription.ended.result(), self.poll_interval)
+            reason = subscription.ended.result()
+            self._no_push = reason[:3].isdigit() and int(reason[:3]) in _NO_PUSH
+            log.info("network %s: the server does not push the roster (%s): polling", self.network, reason)
             self.mode = "poll"
             return False
         self.subscription = subscription
@@ -309,20 +312,26 @@ class RosterClient:
         return True
 
     async def _run(self) -> None:
-        polls = 0
+        """Follow the subscription while there is one; without, poll, and subscribe again:
+        soon (1 s, doubling up to `poll_interval`) when the server was unreachable or
+        ended it, every RESUBSCRIBE_EVERY polls when it has no reg event package."""
+        polls, pause = 0, 1.0
         while self.mode != "stopped":
-            if self.mode == "push" and self.subscription is not None:
+            if self.subscription is not None:
                 await self._follow(self.subscription)
                 if self.mode == "stopped":
                     return
-                if not await self._subscribe():
-                    await self._poll_once()
-            else:
-                await asyncio.sleep(self.poll_interval)
-                polls += 1
-                if self.push and polls % RESUBSCRIBE_EVERY == 0 and await self._subscribe():
-                    continue  # the server pushes again
+                pause = 1.0
+                if await self._subscribe():
+                    continue
                 await self._poll_once()
+            slow = self._no_push or not self.push
+            await asyncio.sleep(self.poll_interval if slow else min(pause, self.poll_interval))
+            pause *= 2
+            polls += 1
+            if self.push and (not self._no_push or polls % RESUBSCRIBE_EVERY == 0) and await self._subscribe():
+                continue  # the server pushes (again)
+            await self._poll_once()
 
     async def _follow(self, subscription: Subscription) -> None:
         """Apply each NOTIFY, refresh before the subscription runs out; return when it ends."""

@@ -169,8 +169,21 @@ class Roster:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
+        self.closing = False
+        if worker == 0:
+            for name in set(self.networks.names()) & set(me.domains):
+                log.warning("network %s has the name of a served domain: both are realm %s, so the "
+                            "domain's passwords would let their users into the network", name, name)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 1.0) -> None:
+        """End every subscription (NOTIFY terminated;reason=deactivated: the members
+        subscribe again at once, to the broker that takes over), then stop."""
+        self.closing = True  # from now on a SUBSCRIBE gets 503: try the broker that takes over
+        for sub in list(self.subscriptions.values()):
+            self._drop(sub)
+            self._send(sub, terminated="deactivated")
+        if self._sends:
+            await asyncio.wait(list(self._sends), timeout=timeout)
         for task in [self._task, *self._sends]:
             if task is not None:
                 task.cancel()
@@ -219,6 +232,11 @@ class Roster:
         request = txn.request
         if request.method != "SUBSCRIBE" or not isinstance(request.uri, SipURI):
             return False
+        if self.closing and network_of_aor_user(request.to.uri.user if isinstance(request.to.uri, SipURI)
+                                                else None) is not None:
+            txn.reply(503, "Service Unavailable (stopping)", to_tag=request.to.tag or new_tag(),
+                      headers=[("Retry-After", "1")])
+            return True
         to_tag = request.to.tag
         if to_tag is not None:
             sub = self.subscriptions.get((request.call_id, to_tag, request.from_.tag or ""))
