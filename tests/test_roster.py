@@ -46,6 +46,21 @@ def test_reginfo_round_trip_and_hostile_documents():
             reginfo.parse(bad)
 
 
+def test_event_and_subscription_state_header_fields():
+    from sipmesh.sip.errors import ParseError
+    from sipmesh.sip.event import EventType, SubscriptionState, parse_event, parse_subscription_state
+
+    assert parse_event("Reg ; id=\"7\"") == EventType("reg", "7") and str(EventType("reg", "7")) == "reg;id=7"
+    assert not parse_event("reg").matches(EventType("reg", "7"))
+    state = parse_subscription_state("terminated;reason=deactivated;retry-after=5")
+    assert (state.state, state.reason, state.retry_after, state.expires) == ("terminated", "deactivated", 5, None)
+    assert parse_subscription_state("active;expires=600").expires == 600
+    assert str(SubscriptionState("active", expires=60)) == "active;expires=60"
+    for bad in (None, "", "a b", "reg@x"):
+        with pytest.raises(ParseError):
+            parse_event(bad)
+
+
 # Kamailio 5.6's pua_reginfo writes this (usrloc_cb.c: build_reginfo_full), other attributes and all.
 KAMAILIO_DOC = b"""<?xml version="1.0"?>
 <reginfo xmlns="urn:ietf:params:xml:ns:reginfo" version="0" state="full">

@@ -24,7 +24,7 @@ async def main() -> None:
     p.add_argument("user")
     p.add_argument("network")
     p.add_argument("--register-expires", type=int, default=300)
-    p.add_argument("--subscribe-expires", type=int, default=600)
+    p.add_argument("--subscribe-expires", type=int, default=120)
     p.add_argument("--mesh-ip")
     args = p.parse_args()
     ua = UserAgent(UAConfig(user=args.user, domain=args.server, password=os.environ["ROSTER_PASSWORD"],

@@ -209,7 +209,7 @@ class RosterClient:
 
     def __init__(self, ua: UserAgent, network: str, *, mesh_ip: str | None = None,
                  instance: str | None = None, register_expires: int = 300,
-                 subscribe_expires: int = 600, poll_interval: float = 30.0, push: bool = True,
+                 subscribe_expires: int = 120, poll_interval: float = 30.0, push: bool = True,
                  on_event: Callable[[RosterEvent], None] | None = None) -> None:
         self.ua = ua
         self.network = network
