@@ -107,7 +107,8 @@ def run_service_call(args: argparse.Namespace) -> int:
         transport = args.transport.upper() if args.server else agent.transport.upper()
         ua = UAConfig(user=user, domain=server, password=password,
                       auth_user=args.auth_user or (agent.auth_user if args.user is None else None),
-                      transport=transport, listen_host=args.bind, listen_port=args.sip_port)
+                      transport=transport, listen_host=args.bind, listen_port=args.sip_port,
+                      keepalive=agent.keepalive if args.keepalive is None else args.keepalive)
         agent_config = AgentConfig(ua=ua, mode="call", target=args.target,
                                    advertise=args.advertise or agent.advertise,
                                    register=False, invite_timeout=args.timeout,

@@ -16,10 +16,11 @@ from sipmesh.agent.errors import EXIT_HELP, AgentError, Exit
 from sipmesh.agent.params import IPAddress, IPv4, Port
 from sipmesh.agent.profile import AppProfile
 from sipmesh.agent.session import Agent, AgentConfig
-from sipmesh.cli.common import (add_output_options, fail, positive, progress_printer,
-                                read_credentials, run_until_signalled, server_address,
-                                setup_logging, sip_port, typed, user_name)
+from sipmesh.cli.common import (add_output_options, fail, keepalive_seconds, positive,
+                                progress_printer, read_credentials, run_until_signalled,
+                                server_address, setup_logging, sip_port, typed, user_name)
 from sipmesh.sip.ua import UAConfig
+from sipmesh.sip.ua.useragent import DEFAULT_KEEPALIVE
 
 APPS = ("exec", "openvpn")
 
@@ -67,6 +68,11 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
                      help="registration lifetime; refreshed at half of it (default: 3600)")
     sip.add_argument("--register-timeout", metavar="SECONDS", type=positive, default=10.0,
                      help="give up when the server does not answer a REGISTER (default: 10)")
+    sip.add_argument("--keepalive", metavar="SECONDS", type=keepalive_seconds, default=None,
+                     help="send the peer an OPTIONS in the session after this much silence, "
+                          "and end the session when it stops answering: within SECONDS + "
+                          "min(2*SECONDS, 32) of its last sign of life; 0: never "
+                          f"(default: {DEFAULT_KEEPALIVE:g})")
     app = parser.add_argument_group("application")
     app.add_argument("--app", choices=APPS, default="exec",
                      help="exec: run the program given after --; openvpn: run OpenVPN with a "
@@ -115,7 +121,8 @@ def ua_config(args: argparse.Namespace, *, listen_port: int | None = None) -> UA
     return UAConfig(user=user, domain=args.server, password=password,
                     auth_user=args.auth_user or creds.get("auth_user"), transport=transport,
                     listen_host=args.bind, listen_port=args.sip_port if listen_port is None
-                    else listen_port)
+                    else listen_port, keepalive=DEFAULT_KEEPALIVE if args.keepalive is None
+                    else args.keepalive)
 
 
 def build_profile(args: argparse.Namespace, mode: str) -> AppProfile:

@@ -53,7 +53,7 @@ def ua_config(agent: AgentSection, password: str | None = None) -> UAConfig:
                     password=password if password is not None else agent.password,
                     auth_user=agent.auth_user, display_name=agent.display_name,
                     transport=agent.transport.upper(), listen_host=agent.bind,
-                    listen_port=agent.sip_port)
+                    listen_port=agent.sip_port, keepalive=agent.keepalive)
 
 
 def session_json(session: Session) -> dict[str, Any]:

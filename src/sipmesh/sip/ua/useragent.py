@@ -30,6 +30,7 @@ from sipmesh.sip.transport.layer import TransportLayer
 from sipmesh.sip.ua.call import ALLOW, USER_AGENT, Call, CallFailed
 from sipmesh.sip.ua.invite_client import ProgressHandler, send_invite
 from sipmesh.sip.ua.invite_server import IncomingCall
+from sipmesh.sip.ua.liveness import DEFAULT_INTERVAL as DEFAULT_KEEPALIVE
 from sipmesh.sip.uri import URI, SipURI, parse_sip_uri
 
 log = logging.getLogger("sipmesh.sip.ua")
@@ -53,6 +54,9 @@ class UAConfig:
     tls_context: ssl.SSLContext | None = None  # server side: our certificate
     tls_client_context: ssl.SSLContext | None = None  # verifies the peers we connect to
     tls_port: int = 0
+    # Probe an established call's peer after this many seconds of silence, and end the
+    # call when it is gone (call.py, liveness.py); 0: never.
+    keepalive: float = DEFAULT_KEEPALIVE
 
 
 IncomingHandler = Callable[[IncomingCall], Awaitable[None]]
