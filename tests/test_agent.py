@@ -27,13 +27,13 @@ pytestmark = pytest.mark.slow  # real agent processes, Kamailio, our broker
 # ----------------------------------------------------------------------------- helpers
 
 
-def start_session(k, agents, tmp_path: Path, *, name: str = "call"):  # type: ignore[no-untyped-def]
-    """`serve` as 2500 and `call` 2500 from 2501, both running app_argv(run); (serve, call)
-    once both programs are up."""
-    serve = agents(agent_argv("serve", k.hostport, "2500", program=app_argv(tmp_path, "run")),
-                   name="serve")
+def start_session(k, agents, tmp_path: Path, *extra: str, name: str = "call"):  # type: ignore[no-untyped-def]
+    """`serve` as 2500 and `call` 2500 from 2501 (both with the options `extra`), both
+    running app_argv(run); (serve, call) once both programs are up."""
+    serve = agents(agent_argv("serve", k.hostport, "2500", *extra,
+                              program=app_argv(tmp_path, "run")), name="serve")
     wait_ready(serve)
-    call = agents(agent_argv("call", k.hostport, "2501", target="2500",
+    call = agents(agent_argv("call", k.hostport, "2501", *extra, target="2500",
                              program=app_argv(tmp_path, "run")), name=name)
     wait_for(lambda: record(tmp_path, "client") and record(tmp_path, "server"), 10,
              what="session up", abort=call.exit_reason)
@@ -450,6 +450,104 @@ def test_signal_while_idle_unregisters(k, agents, tmp_path):
     serve.popen.send_signal(signal.SIGTERM)
     assert wait_exit(serve) == 0
     assert not k.registered("2500")
+
+
+# ----------------------------------------------------------------------------- a peer that dies
+# Its agent SIGKILLed mid-session, with or without its program: no BYE ever comes. Our side
+# probes the silent peer with in-dialog OPTIONS and ends the session within
+# K + min(2K, 64*T1) of the peer's last sign of life (sip/ua/liveness.py), K = --keepalive.
+
+KEEPALIVE = 2.0
+LOST_BOUND = KEEPALIVE + min(2 * KEEPALIVE, 32.0)  # 6 s
+SLACK = 2.0  # stopping the program, polling, a loaded machine
+
+
+def sigkill_agent(agent, program_pid: int | None) -> float:
+    """SIGKILL `agent` (its program runs on in its own process group, unless its pid is
+    given: then it is killed too); when, by time.monotonic()."""
+    killed = time.monotonic()
+    os.kill(agent.pid, signal.SIGKILL)
+    if program_pid is not None:
+        os.kill(program_pid, signal.SIGKILL)
+    agent.wait(5)
+    return killed
+
+
+def end_orphan(pid: int) -> None:
+    """The dead agent's program, when the test let it run on."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.parametrize("program", ["runs on", "killed too"])
+def test_a_sigkilled_answering_agent_ends_the_callers_session_within_the_bound(
+        k, agents, tmp_path, program):
+    serve, call = start_session(k, agents, tmp_path, "--keepalive", f"{KEEPALIVE:g}")
+    orphan = record(tmp_path, "server")["pid"]
+    try:
+        killed = sigkill_agent(serve, orphan if program == "killed too" else None)
+        wait_for(lambda: (tmp_path / "client.stopped").exists(), LOST_BOUND + SLACK + 5,
+                 what="the caller's program stopped", abort=call.exit_reason)
+        stopped = time.monotonic() - killed
+        assert wait_exit(call, 10) == 11, call.log_text()  # Exit.PEER_LOST
+        exited = time.monotonic() - killed
+        print(f"\n{type(k).__name__}, program {program}: caller's program stopped "
+              f"{stopped:.2f} s after the SIGKILL, caller exited after {exited:.2f} s "
+              f"(bound {LOST_BOUND:g} s from the last answer)")
+        assert stopped <= LOST_BOUND + SLACK, stopped
+        says = "the peer stopped answering: no answer to 2 in-dialog OPTIONS in 4 s"
+        assert f"session ended: {says}" in call.log_text()
+        assert f"sipmesh call: {says} (session " in call.log_text()  # why it exits 11
+    finally:
+        end_orphan(orphan)
+    assert not k.registered("2501")  # the caller unregistered on its way out
+
+
+@pytest.mark.parametrize("program", ["runs on", "killed too"])
+def test_a_sigkilled_calling_agent_ends_the_answering_session_and_serve_goes_on(
+        k, agents, tmp_path, program):
+    serve, call = start_session(k, agents, tmp_path, "--keepalive", f"{KEEPALIVE:g}")
+    orphan = record(tmp_path, "client")["pid"]
+    try:
+        killed = sigkill_agent(call, orphan if program == "killed too" else None)
+        wait_for(lambda: (tmp_path / "server.stopped").exists(), LOST_BOUND + SLACK + 5,
+                 what="the answering side's program stopped", abort=serve.exit_reason)
+        stopped = time.monotonic() - killed
+        print(f"\n{type(k).__name__}, program {program}: answering program stopped "
+              f"{stopped:.2f} s after the SIGKILL (bound {LOST_BOUND:g} s from the last answer)")
+        assert stopped <= LOST_BOUND + SLACK, stopped
+        wait_for(lambda: "session ended: the peer stopped answering" in serve.log_text(), 5,
+                 what="the reason in the log")
+    finally:
+        end_orphan(orphan)
+    # serve goes on: the next caller gets a session
+    for name in ("server.json", "client.json", "server.stopped"):
+        (tmp_path / name).unlink(missing_ok=True)
+    again = agents(agent_argv("call", k.hostport, "2502", target="2500",
+                              program=app_argv(tmp_path, "exit", 0.2)), name="again")
+    assert wait_exit(again) == 0, again.log_text()
+    wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
+    assert serve.alive() and k.registered("2500")
+
+
+def test_a_peer_that_answers_the_probes_keeps_the_session(k, agents, tmp_path):
+    """Both sides probe every second of silence (bound 3 s); after five answered probes,
+    well past the bound, the session is still up."""
+    serve, call = start_session(k, agents, tmp_path, "--keepalive", "1", "-vv")
+
+    def answered() -> int:
+        return sum(p.log_text().count("in-dialog OPTIONS answered 200") for p in (serve, call))
+
+    wait_for(lambda: answered() >= 5, 20, what="five probes answered", abort=call.exit_reason)
+    assert serve.alive() and call.alive()
+    assert not (tmp_path / "server.stopped").exists() and not (tmp_path / "client.stopped").exists()
+    assert "stopped answering" not in serve.log_text() + call.log_text()
+    call.popen.send_signal(signal.SIGTERM)  # and it ends as usual
+    assert wait_exit(call) == 0, call.log_text()
+    wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
+    assert_no_orphans(tmp_path)
 
 
 # ----------------------------------------------------------------------------- hostile SDP

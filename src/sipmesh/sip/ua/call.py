@@ -182,9 +182,11 @@ class Call:
 
     async def _probe(self) -> None:
         try:
-            await self.request("OPTIONS")  # _transact tells the liveness what came back
+            response = await self.request("OPTIONS")  # _transact tells the liveness
         except (OSError, CallFailed) as exc:  # not sent: the next probe or the timeout decides
             log.debug("[%s] in-dialog OPTIONS not sent: %s", self.call_id, exc)
+            return
+        log.debug("[%s] in-dialog OPTIONS answered %d", self.call_id, response.status)
 
     def _alive(self) -> None:
         if self.liveness is not None:
