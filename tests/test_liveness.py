@@ -186,3 +186,21 @@ async def test_a_peer_answering_501_to_options_stays_up(make_ua, raw_peers):
         peer.reply(options, 501)
     assert not call.ended.done()
     assert call.dialog.state.name != "TERMINATED"
+
+
+# -- where the interval comes from --------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["serve", "call"])
+def test_the_command_line_sets_the_interval(mode, capsys):
+    from sipmesh.cli.main import build_parser
+    from sipmesh.cli.serve import ua_config
+
+    head = [mode] + (["2500"] if mode == "call" else []) + ["--server", "h", "--user", "u"]
+    parser = build_parser()
+    assert ua_config(parser.parse_args(head + ["--", "prog"])).keepalive == 15.0
+    assert ua_config(parser.parse_args(head + ["--keepalive", "2", "--", "prog"])).keepalive == 2
+    assert ua_config(parser.parse_args(head + ["--keepalive", "0", "--", "prog"])).keepalive == 0
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(head + ["--keepalive", "0.5", "--", "prog"])
+    assert info.value.code == 2
+    assert "keepalive: must be 0 (off) or 1..3600 seconds" in capsys.readouterr().err
