@@ -462,46 +462,41 @@ LOST_BOUND = KEEPALIVE + min(2 * KEEPALIVE, 32.0)  # 6 s
 SLACK = 2.0  # stopping the program, polling, a loaded machine
 
 
-def sigkill_agent(agent, program_pid: int | None) -> float:
-    """SIGKILL `agent` (its program runs on in its own process group, unless its pid is
-    given: then it is killed too); when, by time.monotonic()."""
-    killed = time.monotonic()
-    os.kill(agent.pid, signal.SIGKILL)
-    if program_pid is not None:
-        os.kill(program_pid, signal.SIGKILL)
-    agent.wait(5)
-    return killed
-
-
-def end_orphan(pid: int) -> None:
-    """The dead agent's program, when the test let it run on."""
+def kill_one_side(tmp_path: Path, dead, survivor, program: str) -> float:
+    """SIGKILL the agent `dead` (and its program if `program` is "killed too"; else the
+    program runs on in its own process group until the end); wait until `survivor` has
+    stopped its own program, within the bound. When the SIGKILL was (time.monotonic())."""
+    dead_role, our_role = ("server", "client") if dead.argv[1] == "serve" else ("client", "server")
+    orphan = record(tmp_path, dead_role)["pid"]
     try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        killed = time.monotonic()
+        os.kill(dead.pid, signal.SIGKILL)
+        if program == "killed too":
+            os.kill(orphan, signal.SIGKILL)
+        wait_for(lambda: (tmp_path / f"{our_role}.stopped").exists(), LOST_BOUND + SLACK + 5,
+                 what=f"the {our_role}'s program stopped", abort=survivor.exit_reason)
+        stopped = time.monotonic() - killed
+    finally:
+        try:
+            os.kill(orphan, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    print(f"\n{dead.argv[1]} SIGKILLed, its program {program}: the {our_role}'s program "
+          f"stopped after {stopped:.2f} s (bound {LOST_BOUND:g} s from the last answer)")
+    assert stopped <= LOST_BOUND + SLACK, stopped
+    return killed
 
 
 @pytest.mark.parametrize("program", ["runs on", "killed too"])
 def test_a_sigkilled_answering_agent_ends_the_callers_session_within_the_bound(
         k, agents, tmp_path, program):
     serve, call = start_session(k, agents, tmp_path, "--keepalive", f"{KEEPALIVE:g}")
-    orphan = record(tmp_path, "server")["pid"]
-    try:
-        killed = sigkill_agent(serve, orphan if program == "killed too" else None)
-        wait_for(lambda: (tmp_path / "client.stopped").exists(), LOST_BOUND + SLACK + 5,
-                 what="the caller's program stopped", abort=call.exit_reason)
-        stopped = time.monotonic() - killed
-        assert wait_exit(call, 10) == 11, call.log_text()  # Exit.PEER_LOST
-        exited = time.monotonic() - killed
-        print(f"\n{type(k).__name__}, program {program}: caller's program stopped "
-              f"{stopped:.2f} s after the SIGKILL, caller exited after {exited:.2f} s "
-              f"(bound {LOST_BOUND:g} s from the last answer)")
-        assert stopped <= LOST_BOUND + SLACK, stopped
-        says = "the peer stopped answering: no answer to 2 in-dialog OPTIONS in 4 s"
-        assert f"session ended: {says}" in call.log_text()
-        assert f"sipmesh call: {says} (session " in call.log_text()  # why it exits 11
-    finally:
-        end_orphan(orphan)
+    killed = kill_one_side(tmp_path, serve, call, program)
+    assert wait_exit(call, 10) == 11, call.log_text()  # Exit.PEER_LOST
+    print(f"{type(k).__name__}: the caller exited {time.monotonic() - killed:.2f} s after it")
+    says = "the peer stopped answering: no answer to 2 in-dialog OPTIONS in 4 s"
+    assert f"session ended: {says}" in call.log_text()
+    assert f"sipmesh call: {says} (session " in call.log_text()  # why it exits 11
     assert not k.registered("2501")  # the caller unregistered on its way out
 
 
@@ -509,19 +504,9 @@ def test_a_sigkilled_answering_agent_ends_the_callers_session_within_the_bound(
 def test_a_sigkilled_calling_agent_ends_the_answering_session_and_serve_goes_on(
         k, agents, tmp_path, program):
     serve, call = start_session(k, agents, tmp_path, "--keepalive", f"{KEEPALIVE:g}")
-    orphan = record(tmp_path, "client")["pid"]
-    try:
-        killed = sigkill_agent(call, orphan if program == "killed too" else None)
-        wait_for(lambda: (tmp_path / "server.stopped").exists(), LOST_BOUND + SLACK + 5,
-                 what="the answering side's program stopped", abort=serve.exit_reason)
-        stopped = time.monotonic() - killed
-        print(f"\n{type(k).__name__}, program {program}: answering program stopped "
-              f"{stopped:.2f} s after the SIGKILL (bound {LOST_BOUND:g} s from the last answer)")
-        assert stopped <= LOST_BOUND + SLACK, stopped
-        wait_for(lambda: "session ended: the peer stopped answering" in serve.log_text(), 5,
-                 what="the reason in the log")
-    finally:
-        end_orphan(orphan)
+    kill_one_side(tmp_path, call, serve, program)
+    wait_for(lambda: "session ended: the peer stopped answering" in serve.log_text(), 5,
+             what="the reason in the log")
     # serve goes on: the next caller gets a session
     for name in ("server.json", "client.json", "server.stopped"):
         (tmp_path / name).unlink(missing_ok=True)

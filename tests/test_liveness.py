@@ -15,10 +15,10 @@ import pytest
 from sipmesh.sip.message import make_response
 from sipmesh.sip.ua.liveness import Action, Liveness, check_interval
 from tests.lab import wait_for_async
-from tests.peers.helpers import Callee, no_errors_logged, sdp, start_ua
+from tests.peers.helpers import Callee, make_ua, no_errors_logged, sdp
 from tests.peers.raw import RawPeer, is_request
 
-__all__ = ["no_errors_logged"]
+__all__ = ["make_ua", "no_errors_logged"]  # fixtures
 
 
 # -- the rule, with a fake clock ------------------------------------------------------------
@@ -97,20 +97,6 @@ def test_the_configured_interval_is_off_or_one_second_to_an_hour(value, ok):
 
 
 # -- our UA on loopback ---------------------------------------------------------------------
-
-@pytest.fixture
-async def make_ua():
-    started = []
-
-    async def _make(user: str, **kwargs):
-        ua = await start_ua(user, **kwargs)
-        started.append(ua)
-        return ua
-
-    yield _make
-    for ua in reversed(started):
-        await ua.stop()
-
 
 async def test_a_peer_that_answers_keeps_the_call_up_and_each_side_probes(make_ua):
     callee = Callee()
