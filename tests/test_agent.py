@@ -492,11 +492,11 @@ def test_a_sigkilled_answering_agent_ends_the_callers_session_within_the_bound(
         k, agents, tmp_path, program):
     serve, call = start_session(k, agents, tmp_path, "--keepalive", f"{KEEPALIVE:g}")
     killed = kill_one_side(tmp_path, serve, call, program)
-    assert wait_exit(call, 10) == 11, call.log_text()  # Exit.PEER_LOST
+    assert wait_exit(call, 10) == 12, call.log_text()  # Exit.PEER_LOST
     print(f"{type(k).__name__}: the caller exited {time.monotonic() - killed:.2f} s after it")
     says = "the peer stopped answering: no answer to 2 in-dialog OPTIONS in 4 s"
     assert f"session ended: {says}" in call.log_text()
-    assert f"sipmesh call: {says} (session " in call.log_text()  # why it exits 11
+    assert f"sipmesh call: {says} (session " in call.log_text()  # why it exits 12
     assert not k.registered("2501")  # the caller unregistered on its way out
 
 

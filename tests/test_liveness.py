@@ -100,8 +100,8 @@ def test_the_configured_interval_is_off_or_one_second_to_an_hour(value, ok):
 
 async def test_a_peer_that_answers_keeps_the_call_up_and_each_side_probes(make_ua):
     callee = Callee()
-    bob = await make_ua("bob", on_invite=callee, keepalive=0.1)
-    alice = await make_ua("alice", keepalive=0.1)
+    bob = await make_ua("bob", on_invite=callee, peer_keepalive=0.1)
+    alice = await make_ua("alice", peer_keepalive=0.1)
     call = await alice.invite(str(bob.contact().uri), sdp("alice"))
     await wait_for_async(lambda: callee.calls, 3, what="the callee's Call")
     theirs = callee.calls[0]
@@ -118,8 +118,8 @@ async def test_a_peer_that_answers_keeps_the_call_up_and_each_side_probes(make_u
 @pytest.mark.parametrize("side", ["caller", "callee"])
 async def test_a_peer_that_vanishes_is_noticed_within_the_bound(make_ua, side):
     callee = Callee()
-    bob = await make_ua("bob", on_invite=callee, keepalive=0.1 if side == "callee" else 0)
-    alice = await make_ua("alice", keepalive=0.1 if side == "caller" else 0)
+    bob = await make_ua("bob", on_invite=callee, peer_keepalive=0.1 if side == "callee" else 0)
+    alice = await make_ua("alice", peer_keepalive=0.1 if side == "caller" else 0)
     call = await alice.invite(str(bob.contact().uri), sdp("alice"))
     await wait_for_async(lambda: callee.calls and callee.calls[0].acked.is_set(), 3,
                          what="the call confirmed")
@@ -153,7 +153,7 @@ async def call_a_raw_peer(alice, peer: RawPeer):
 async def test_481_to_a_probe_ends_the_call_at_once_and_sends_bye(make_ua, raw_peers):
     """A peer that restarted answers our probe 481; a BYE still goes out (best effort)."""
     peer = await raw_peers()
-    call = await call_a_raw_peer(await make_ua("alice", keepalive=0.1), peer)
+    call = await call_a_raw_peer(await make_ua("alice", peer_keepalive=0.1), peer)
     options, _ = await peer.expect(is_request("OPTIONS"), what="a probe")
     peer.reply(options, 481)
     reason = await asyncio.wait_for(call.ended, 2)
@@ -166,7 +166,7 @@ async def test_481_to_a_probe_ends_the_call_at_once_and_sends_bye(make_ua, raw_p
 async def test_a_peer_answering_501_to_options_stays_up(make_ua, raw_peers):
     """Like a UA that takes no OPTIONS in dialogs: any final answer proves it is there."""
     peer = await raw_peers()
-    call = await call_a_raw_peer(await make_ua("alice", keepalive=0.1), peer)
+    call = await call_a_raw_peer(await make_ua("alice", peer_keepalive=0.1), peer)
     for _ in range(5):  # five intervals, each probe answered 501
         options, _ = await peer.expect(is_request("OPTIONS"), what="a probe")
         peer.reply(options, 501)
@@ -183,9 +183,9 @@ def test_the_command_line_sets_the_interval(mode, capsys):
 
     head = [mode] + (["2500"] if mode == "call" else []) + ["--server", "h", "--user", "u"]
     parser = build_parser()
-    assert ua_config(parser.parse_args(head + ["--", "prog"])).keepalive == 15.0
-    assert ua_config(parser.parse_args(head + ["--keepalive", "2", "--", "prog"])).keepalive == 2
-    assert ua_config(parser.parse_args(head + ["--keepalive", "0", "--", "prog"])).keepalive == 0
+    assert ua_config(parser.parse_args(head + ["--", "prog"])).peer_keepalive == 15.0
+    assert ua_config(parser.parse_args(head + ["--keepalive", "2", "--", "prog"])).peer_keepalive == 2
+    assert ua_config(parser.parse_args(head + ["--keepalive", "0", "--", "prog"])).peer_keepalive == 0
     with pytest.raises(SystemExit) as info:
         parser.parse_args(head + ["--keepalive", "0.5", "--", "prog"])
     assert info.value.code == 2

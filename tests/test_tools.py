@@ -18,7 +18,9 @@ PROGRAMS = {
     "kamailio": "kamailio", "kamcmd": "kamailio", "sipp": "sip-tester", "baresip": "baresip-core",
     "openvpn": "openvpn", "wireguard-go": "wireguard-go", "wg": "wireguard-tools",
     "ip": "iproute2", "ss": "iproute2", "iptables": "iptables", "ping": "iputils-ping",
-    "socat": "socat", "setpriv": "util-linux",
+    "socat": "socat", "setpriv": "util-linux", "unshare": "util-linux", "stdbuf": "coreutils",
+    "turnserver": "coturn", "conntrack": "conntrack", "dnsmasq": "dnsmasq-base",
+    "systemd-analyze": "systemd", "chromium": "chromium", "openssl": "openssl",
 }
 
 

@@ -19,6 +19,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
+from sipmesh.broker import nat
 from sipmesh.broker.domains import LocalIdentity
 from sipmesh.sip.dialog import new_tag
 from sipmesh.sip.errors import ParseError
@@ -128,7 +129,7 @@ class ResponseContext:
         self.starting = False
         if self.done and not self.server.final_sent:
             self.server.respond(self._best())
-            self.proxy._finished(self)
+            self.proxy.answered(self)
 
     # -- responses from downstream -----------------------------------------------------
     async def pump(self, branch: Branch) -> None:
@@ -153,18 +154,18 @@ class ResponseContext:
             if branch.cancel_pending:
                 self.proxy._send_cancel(branch)
             if status > 100 and not self.server.final_sent:
-                self.server.respond(self._upstream(response))
+                self.server.respond(self._upstream(response, branch))
             return
         if 200 <= status < 300:
             first = branch.final is None
             branch.final = branch.final or response
             self._stop_timer_c(branch)
             if not self.server.final_sent:
-                self.server.respond(self._upstream(response))
-                self.proxy._finished(self)
+                self.server.respond(self._upstream(response, branch))
+                self.proxy.answered(self)
             elif self.invite:
                 # §16.7 step 9: every 2xx to an INVITE goes upstream, retransmissions too
-                up = self._upstream(response)
+                up = self._upstream(response, branch)
                 self.proxy.transactions.send_stateless(up, response_target(up, self.server.flow))
             if self.invite and first:
                 self.no_new_branches = True
@@ -179,7 +180,7 @@ class ResponseContext:
             self.cancel_others(branch, None)
         if self.done and not self.server.final_sent:
             self.server.respond(self._best())
-            self.proxy._finished(self)
+            self.proxy.answered(self)
 
     def fail(self, branch: Branch, status: int, reason: str) -> None:
         """End a branch that could not be sent (RFC 3263 §4.3: as if it got a 503)."""
@@ -191,12 +192,17 @@ class ResponseContext:
             branch.timer_c.cancel()
             branch.timer_c = None
 
-    def _upstream(self, response: Response) -> Response:
-        """§16.7 step 9: the response without our Via."""
+    def _upstream(self, response: Response, branch: Branch | None = None) -> Response:
+        """§16.7 step 9: the response without our Via; the Contact marked with the flow
+        it came on if it came from a UA behind NAT (the next hop was the Request-URI)."""
         headers = response.headers.copy()
         headers.pop_first("Via")
-        return Response(headers=headers, status=response.status, reason=response.reason,
-                        body=response.body)
+        up = Response(headers=headers, status=response.status, reason=response.reason,
+                      body=response.body)
+        if branch is not None and self.proxy.record_route and branch.request.headers.get("Route") is None \
+                and nat.response_from_nat(up, branch.flow):
+            nat.add_alias(up, branch.flow)
+        return up
 
     def _best(self) -> Response:
         """§16.7 steps 6-7: the best final response, challenges merged, a downstream 503
@@ -329,6 +335,8 @@ class Proxy:
         ctx = ResponseContext(self, server)
         self._contexts[server] = ctx
         loop = loop or loop_hash(server.request)
+        if self.record_route and nat.request_from_nat(server.request, server.flow):
+            nat.add_alias(server.request, server.flow)  # before the branches copy it
         pending: list[tuple[Request, Target]] = []
         for target in targets:
             copy = self._copy_for(server.request, target.uri)
@@ -483,16 +491,19 @@ class Proxy:
             log.info("Timer C fired for %s: cancelling the branch", branch.flow)
             self._send_cancel(branch, None)
 
-    def _finished(self, ctx: ResponseContext) -> None:
+    def answered(self, ctx: ResponseContext) -> None:
+        """`ctx`'s request has its final response upstream: a CANCEL for it now finds
+        no context (§16.10), and late 2xx still go upstream through `ctx` itself."""
         self._contexts.pop(ctx.server, None)
 
     # -- §16.11: stateless forwarding ------------------------------------------------------
-    def forward_stateless(self, request: Request) -> None:
+    def forward_stateless(self, request: Request, flow: Flow | None = None) -> None:
         """Forward an ACK for a 2xx (or another request not worth a transaction) to its
-        next hop, with a branch derived from the incoming one so that retransmissions
-        get the same branch."""
+        next hop (`flow` if known), with a branch derived from the incoming one so that
+        retransmissions get the same branch."""
         copy = self._copy_for(request, request.uri) if isinstance(request.uri, SipURI) else request
-        flow = self._next_hop_now(copy, None, self._route_hop(copy))
+        if flow is None:
+            flow = self._next_hop_now(copy, None, self._route_hop(copy))
         if flow is None:
             self._spawn(self._resolve_and_send(copy))
             return

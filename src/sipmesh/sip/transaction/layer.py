@@ -19,8 +19,8 @@ from sipmesh.sip.transaction.matching import (client_key, invite_key_for_cancel,
                                               server_key)
 from sipmesh.sip.transaction.server import ServerInviteTransaction, ServerNonInviteTransaction
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.transport.base import (UDP_SIZE_THRESHOLD, Flow, local_address_towards, make_via,
-                                        response_target)
+from sipmesh.sip.transport.base import (UDP_SIZE_THRESHOLD, Flow, Inbound, local_address_towards,
+                                        make_via, response_target)
 from sipmesh.sip.transport.layer import TransportLayer
 from sipmesh.sip.transport.resolve import Resolver, default_resolver
 from sipmesh.sip.uri import is_ip
@@ -130,7 +130,6 @@ class TransactionLayer:
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._sending: set[asyncio.Task[None]] = set()  # sends waiting for a connection or a name
         self._loop = asyncio.get_running_loop()
-        transport.on_message = self.receive
         # called with (request, final response) for every final response of a server transaction
         self.on_final: Callable[[Request, Response], None] | None = None
 
@@ -188,7 +187,9 @@ class TransactionLayer:
         self.send_stateless(response, response_target(response, flow))
 
     # -- receiving --------------------------------------------------------------------
-    def receive(self, message: Request | Response, flow: Flow) -> None:
+    def receive(self, inbound: Inbound) -> None:
+        """A message from the transport layer (its owner passes each one on)."""
+        message, flow = inbound.message, inbound.flow
         if isinstance(message, Response):
             entry = self._client.get(client_key(message))
             if entry is None:

@@ -33,6 +33,16 @@ class Flow:
         return f"{self.transport.lower()}:{host}:{self.port}"
 
 
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A received message, the flow it came from and its octets as received (the
+    broker answers a retransmitted REGISTER from a cache keyed by them)."""
+
+    message: Request | Response
+    flow: Flow
+    raw: bytes
+
+
 def stamp_received(request: Request, source: Flow) -> None:
     """Server side of §18.2.1 and RFC 3581: record the real source in the top Via."""
     value = request.headers.get("Via")

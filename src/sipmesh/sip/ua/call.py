@@ -7,7 +7,7 @@ our 2xx until the peer's ACK (§13.3.1.4). How the call came to be is in
 `invite_client` (we called) and `invite_server` (we answered).
 
 A peer that dies without a BYE (SIGKILL, a host gone, a NAT path cut) is noticed here:
-once the dialog is confirmed, a peer silent for `UAConfig.keepalive` seconds is sent
+once the dialog is confirmed, a peer silent for `UAConfig.peer_keepalive` seconds is sent
 in-dialog OPTIONS, and a 408 or 481 to any request of ours in the dialog, or a probe
 unanswered for min(2K, 64*T1), ends the call (RFC 3261 §12.2.1.2; the rule and the
 bound, K + min(2K, 64*T1), are in `liveness`). `ended` then completes with the reason,
@@ -67,8 +67,8 @@ class Call:
         self._reinviting = False
         self.liveness: Liveness | None = None  # once confirmed, with keepalive on
         self.lost: str | None = None  # why we decided the peer is gone, if we did
-        if ua.config.keepalive > 0:
-            ua.spawn(self._keep_alive(ua.config.keepalive))
+        if ua.config.peer_keepalive > 0:
+            ua.spawn(self._keep_alive(ua.config.peer_keepalive))
 
     @property
     def call_id(self) -> str:
