@@ -6,7 +6,7 @@
   ring until cancelled);
 * `no_errors_logged`, a fixture failing a test whose stack logged an error;
 * `make_ua`, a fixture: `await make_ua(user, **config)` starts a UA (`start_ua`), stopped
-  after the test.
+  after the test; `ua_fixture(**defaults)` makes one with other defaults.
 
 The raw UDP peer is in tests/peers/raw.py, the bounded poll in tests/lab/waiting.py.
 """
@@ -87,19 +87,27 @@ class Callee:
         self.ended.append(await asyncio.wait_for(call.ended, 60))
 
 
-@pytest.fixture
-async def make_ua():
-    """`await make_ua(user, **config)`: a started UA (`start_ua`), stopped after the test."""
-    started = []
+def ua_fixture(**defaults):
+    """A `make_ua` fixture: `await make_ua(user, **config)` starts a UA (`start_ua`, with
+    `defaults` under `config`), stopped after the test."""
 
-    async def _make(user: str, **kwargs):
-        ua = await start_ua(user, **kwargs)
-        started.append(ua)
-        return ua
+    @pytest.fixture
+    async def make_ua():
+        started = []
 
-    yield _make
-    for ua in reversed(started):
-        await ua.stop()
+        async def _make(user: str, **kwargs):
+            ua = await start_ua(user, **{**defaults, **kwargs})
+            started.append(ua)
+            return ua
+
+        yield _make
+        for ua in reversed(started):
+            await ua.stop()
+
+    return make_ua
+
+
+make_ua = ua_fixture()
 
 
 def unexpected_errors(records: list[logging.LogRecord]) -> list[str]:
