@@ -93,6 +93,15 @@ def positive(text: str) -> float:
     return value
 
 
+def keepalive_seconds(text: str) -> float:
+    """--keepalive: 0 (off) or 1..3600 seconds."""
+    from sipmesh.sip.ua.liveness import check_interval
+    try:
+        return check_interval(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"keepalive: {exc}") from None
+
+
 def sip_port(text: str) -> int:
     if text == "0":
         return 0

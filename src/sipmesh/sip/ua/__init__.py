@@ -5,7 +5,8 @@
 - `invite_client`: calling out (INVITE, forks, CANCEL, ACK of each 2xx);
 - `invite_server`: `IncomingCall`, an INVITE awaiting the application (ring, reject, accept);
 - `call`: `Call`, the established dialog (in-dialog requests, BYE, re-INVITE, the ACK
-  and 2xx retransmissions), and `CallFailed`;
+  and 2xx retransmissions, probing a silent peer), and `CallFailed`;
+- `liveness`: when a silent peer is probed and when it counts as gone (sans-I/O);
 - `subscription`: `Subscription`, an event subscription we hold (RFC 6665: SUBSCRIBE,
   NOTIFYs, refresh).
 """

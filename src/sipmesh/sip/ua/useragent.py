@@ -30,6 +30,7 @@ from sipmesh.sip.transport.resolve import ResolveError
 from sipmesh.sip.ua.call import ALLOW, USER_AGENT, Call, CallFailed
 from sipmesh.sip.ua.invite_client import ProgressHandler, send_invite
 from sipmesh.sip.ua.invite_server import IncomingCall
+from sipmesh.sip.ua.liveness import DEFAULT_INTERVAL as DEFAULT_PEER_KEEPALIVE
 from sipmesh.sip.ua.subscription import Subscription
 from sipmesh.sip.uri import URI, SipURI, parse_sip_uri
 
@@ -57,6 +58,9 @@ class UAConfig:
     # While registered, keep the flow to the registrar open through NATs (RFC 5626 §4.4):
     # seconds between keep-alives, 0 for none. See TransportLayer.keep_alive.
     keepalive: float = KEEPALIVE_INTERVAL
+    # Probe an established call's peer after this many seconds of silence, and end the
+    # call when it is gone (call.py, liveness.py); 0: never.
+    peer_keepalive: float = DEFAULT_PEER_KEEPALIVE
 
 
 IncomingHandler = Callable[[IncomingCall], Awaitable[None]]
