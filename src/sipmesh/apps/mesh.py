@@ -55,7 +55,7 @@ from sipmesh.agent.roster import Member, RosterClient, RosterEvent
 from sipmesh.agent.session import warning_value
 from sipmesh.agent.trust import (MemberCertificate, TrustError, load_anchor, load_certificate,
                                  load_identity, load_revocations, sign_session, verify_session)
-from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, _run, keypair
+from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, keypair
 from sipmesh.sip.sdp import SDPError
 from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig
 
@@ -223,7 +223,7 @@ class Interface:
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
         self.process = await asyncio.create_subprocess_exec(
             self.tools["wireguard-go"], "-f", self.name, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, start_new_session=True)
+            stdout=asyncio.subprocess.DEVNULL)
         deadline = time.monotonic() + SOCKET_WAIT
         while not sock.exists():
             if self.process.returncode is not None:
@@ -239,11 +239,18 @@ class Interface:
         await self.run(["ip", "link", "set", "dev", self.name, "mtu", str(MTU), "up"])
 
     async def run(self, argv: list[str]) -> None:
+        """wg or ip; the key goes to wg as a file name, never in argv or on a pipe we log."""
         command = [self.tools[argv[0]], *argv[1:]]
         try:
-            await asyncio.to_thread(_run, command)
-        except (RuntimeError, OSError) as exc:
-            raise AgentError(str(exc), Exit.PROGRAM) from None
+            process = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE)
+            _, err = await asyncio.wait_for(process.communicate(), 20)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise AgentError(f"{' '.join(command)}: {exc or 'timed out'}", Exit.PROGRAM) from None
+        if process.returncode != 0:
+            raise AgentError(f"{' '.join(command)}: {err.decode(errors='replace').strip()}",
+                             Exit.PROGRAM)
 
     async def set_peer(self, peer: PeerParams) -> None:
         await self.run(["wg", "set", self.name, "peer", peer.wg_pubkey, "allowed-ips",
