@@ -21,8 +21,6 @@ from sipmesh.broker.users import UsersFile
 from sipmesh.daemon.control import query
 from tests.lab import NatLab, spawn, wait_for, wait_udp_listening
 
-pytestmark = [pytest.mark.slow, pytest.mark.netns]
-
 SIPMESH = str(Path(sys.executable).parent / "sipmesh")
 PORT = 5060
 EXPIRES = 10  # the killed member's bound: its binding runs out after this many seconds
@@ -95,6 +93,8 @@ def full_mesh(members: list[Member], timeout: float = 20.0) -> None:
                               f"{m.proc.log_tail(20)}\n{other.proc.log_tail(20)}")
 
 
+@pytest.mark.slow
+@pytest.mark.netns
 def test_members_join_reach_each_other_and_leave(mesh):
     lab, server, run_dir = mesh
     members = [Member(lab, name, server, run_dir) for name in MEMBERS[:3]]
@@ -135,3 +135,44 @@ def test_members_join_reach_each_other_and_leave(mesh):
         wait_for(lambda: dave_key not in m.wg_peers(), EXPIRES + 5,
                  what=f"dave gone from {m.name}\n{m.proc.log_tail(20)}")
     assert alice.pings(bob.status()["mesh_ip"])  # the rest of the mesh stands
+
+
+def test_signed_sessions_are_read_back_and_a_swapped_key_is_refused(tmp_path):
+    """The offer/answer of apps/mesh.py with a network CA: what a peer signs is read back
+    with the certificate's values; a proxy that swaps a=wg-pubkey gets TrustError (no
+    network needed: the same functions the member runs)."""
+    from sipmesh.agent.trust import (NetworkCA, TrustError, generate_identity,
+                                     identity_public_text, issue_member_certificate,
+                                     save_identity)
+    from sipmesh.agent.trust import write_text
+    from sipmesh.apps.mesh import MeshTrust, describe, load_or_make_key, read_peer, \
+        session_attributes
+    from sipmesh.apps.wireguard import keypair
+
+    ca = NetworkCA.create("lab")
+    ca.save(tmp_path / "ca")
+    _, wg_pub = load_or_make_key(tmp_path)
+    assert (tmp_path / "wg.key").stat().st_mode & 0o777 == 0o600
+    identity = generate_identity()
+    save_identity(tmp_path / "id.key", identity)
+    cert = issue_member_certificate(ca, name="alice", address="100.64.0.1/24", wg_pubkey=wg_pub,
+                                    identity_pubkey=identity_public_text(identity))
+    write_text(tmp_path / "alice.cert", cert.to_text())
+    trust = MeshTrust(tmp_path / "ca", tmp_path / "alice.cert", tmp_path / "id.key")
+    trust.load("lab", wg_pub)
+    dialog = dict(call_id="c1", from_uri="sip:alice@192.0.2.1", to_uri="sip:bob@192.0.2.2")
+    body = describe(session_attributes(ip4="192.0.2.1", port=51000, wg_pubkey=wg_pub,
+                                       mesh_ip="100.64.0.1"),
+                    user="alice", ip4="192.0.2.1", port=51000, trust=trust, role="offer", **dialog)
+    peer = read_peer(body, name="alice", roster_ip=None, trust=trust, role="offer", **dialog)
+    assert (peer.wg_pubkey, peer.mesh_ip, peer.endpoint) == (wg_pub, "100.64.0.1", "192.0.2.1:51000")
+    swapped = body.replace(wg_pub.encode(), keypair()[1].encode())
+    with pytest.raises(TrustError) as refused:
+        read_peer(swapped, name="alice", roster_ip=None, trust=trust, role="offer", **dialog)
+    assert refused.value.reason == "wrong-wg-key"
+    with pytest.raises(TrustError) as refused:
+        read_peer(body.replace(b"51000", b"51001"), name="alice", roster_ip=None, trust=trust,
+                  role="offer", **dialog)
+    assert refused.value.reason == "bad-signature"
+    with pytest.raises(TrustError):  # bob's call answered by alice's certificate
+        read_peer(body, name="bob", roster_ip=None, trust=trust, role="offer", **dialog)
