@@ -25,6 +25,7 @@ SIPMESH = str(Path(sys.executable).parent / "sipmesh")
 PORT = 5060
 EXPIRES = 10  # the killed member's bound: its binding runs out after this many seconds
 MEMBERS = ["alice", "bob", "carol", "dave"]
+CREATED: list[str] = []  # interface names: a wireguard-go killed with SIGKILL leaves its socket
 
 
 class Member:
@@ -35,6 +36,7 @@ class Member:
         (self.dir / "creds").write_text(f"password = {name}-pw\n")
         os.chmod(self.dir / "creds", 0o600)
         self.ifname = f"smt{secrets.token_hex(3)}"  # wireguard-go's socket is machine-wide
+        CREATED.append(self.ifname)
         self.env = dict(os.environ, XDG_RUNTIME_DIR=str(self.dir / "run"))
         self.proc = spawn([SIPMESH, "up", "lab", "--server", server, "--user", name,
                            "--credentials", str(self.dir / "creds"), "--state-dir",
@@ -79,7 +81,11 @@ def mesh(nat_lab: NatLab, tmp_path: Path):
                     "-v"], netns=server.ns, log_path=tmp_path / "broker.log", name="broker",
                    cwd=tmp_path)
     wait_udp_listening(server.ip, PORT, server.ns, 15, proc=broker)
-    return nat_lab, f"{server.ip}:{PORT}", tmp_path
+    try:
+        yield nat_lab, f"{server.ip}:{PORT}", tmp_path
+    finally:
+        while CREATED:
+            Path(f"/var/run/wireguard/{CREATED.pop()}.sock").unlink(missing_ok=True)
 
 
 def full_mesh(members: list[Member], timeout: float = 20.0) -> None:
