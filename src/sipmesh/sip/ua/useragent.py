@@ -306,14 +306,15 @@ class UserAgent:
 
     async def invite(self, target: str | URI, sdp: bytes, *,
                      on_progress: ProgressHandler | None = None,
-                     timeout: float | None = None) -> Call:
+                     timeout: float | None = None, call_id: str | None = None) -> Call:
         """Call `target` (a user name, 'user@host' or a SIP URI) and return the Call once
-        the 2xx is ACKed. Raises CallFailed with the final status otherwise.
+        the 2xx is ACKed. Raises CallFailed with the final status otherwise. `call_id`:
+        the dialog's Call-ID, when the offer must name it (a signed session).
 
         With `timeout`, give up after that many seconds without an answer: the INVITE is
         CANCELled (§9.1) and CallFailed(487) raised. Cancelling the awaiting task CANCELs too."""
         return await send_invite(self, self.target_uri(target), sdp, on_progress=on_progress,
-                                 timeout=timeout)
+                                 timeout=timeout, call_id=call_id)
 
     def target_uri(self, target: str | URI) -> URI:
         """The URI of `target`: a SIP URI, 'user@host', or a user name in our domain."""
