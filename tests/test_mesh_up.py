@@ -105,7 +105,7 @@ def test_members_join_reach_each_other_and_leave(mesh):
     lab, server, run_dir = mesh
     members = [Member(lab, name, server, run_dir) for name in MEMBERS[:3]]
     for m in members:
-        wait_for(m.ready, 20, what=f"{m.name} up")
+        wait_for(m.ready, 20, what=f"{m.name} up", abort=m.proc.exit_reason)
     full_mesh(members)
     alice, bob, carol = members
     peers = {p["name"]: p for p in alice.status()["peers"]}

@@ -17,7 +17,7 @@ from sipmesh.agent.params import IPAddress, IPv4, Port
 from sipmesh.agent.profile import AppProfile
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.cli.common import (add_identity_options, add_output_options, add_tls_options,
-                                fail, keepalive_seconds, positive, progress_printer,
+                                add_keepalive_option, fail, positive, progress_printer,
                                 run_until_signalled, setup_logging, sip_identity, sip_port,
                                 tls_client, typed)
 from sipmesh.sip.ua import UAConfig
@@ -58,11 +58,7 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
                      help="registration lifetime; refreshed at half of it (default: 3600)")
     sip.add_argument("--register-timeout", metavar="SECONDS", type=positive, default=10.0,
                      help="give up when the server does not answer a REGISTER (default: 10)")
-    sip.add_argument("--keepalive", metavar="SECONDS", type=keepalive_seconds, default=None,
-                     help="send the peer an OPTIONS in the session after this much silence, "
-                          "and end the session when it stops answering: within SECONDS + "
-                          "min(2*SECONDS, 32) of its last sign of life; 0: never "
-                          f"(default: {DEFAULT_PEER_KEEPALIVE:g})")
+    add_keepalive_option(sip)
     app = parser.add_argument_group("application")
     app.add_argument("--app", choices=APPS, default="exec",
                      help="exec: run the program given after --; openvpn: run OpenVPN with a "

@@ -18,8 +18,9 @@ from typing import Any
 
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.params import IPAddress, IPv4, Port
-from sipmesh.cli.common import (add_identity_options, add_output_options, add_tls_options, positive,
-                                run_until_signalled, setup_logging, sip_port, typed)
+from sipmesh.cli.common import (add_identity_options, add_keepalive_option, add_output_options,
+                                add_tls_options, positive, run_until_signalled, setup_logging,
+                                sip_port, typed)
 
 log = logging.getLogger("sipmesh.cli.up")
 DOWN_WAIT = 30.0
@@ -167,6 +168,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      default="0.0.0.0", help="local address to listen on (default: all)")
     sip.add_argument("--transport", choices=("udp", "tcp", "tls"),
                      help="transport towards the server (default: udp)")
+    add_keepalive_option(sip)
     sip.add_argument("--expires", metavar="SECONDS", type=int, default=300,
                      help="roster registration lifetime: a member that vanishes is removed "
                           "from the others within it (default: 300)")
