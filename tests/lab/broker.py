@@ -46,13 +46,14 @@ class BrokerServer:
     sdp_rewrite = False
 
     def __init__(self, run_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
-                 netns=None, users: dict[str, str] | None = None) -> None:
+                 netns=None, users: dict[str, str] | None = None,
+                 extra: tuple[str, ...] | list[str] = ()) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.host, self.netns = host, netns
         self.port = port or (5060 if netns is not None else free_port("both", host))
         self.db = run_dir / "broker.db"
         argv = [SIPMESH, "broker", "--listen", f"{host}:{self.port}", "--db", str(self.db),
-                "--workers", "1"]
+                "--workers", "1", *extra]
         if users:
             users_file = run_dir / "users"
             for user, password in users.items():

@@ -35,7 +35,8 @@ EXIT_HELP = """exit status:
   6  the target is not registered
   7  the target is busy
   8  the target did not answer in time
-  9  the session was refused (e.g. parameters that do not validate)
+  9  the session was refused (e.g. parameters that do not validate), or the
+     redirects (3xx) towards the target ran in a loop or too far
  10  the session ran, but our program failed: it exited non-zero or was killed by a
      signal we did not send (call, serve --once; the program's own status is printed)
  11  TLS: the SIP server's certificate was refused (not signed by a trusted CA, or
@@ -115,6 +116,9 @@ def describe_status(status: int, reason: str, target: str) -> str:
     if status == 403:
         return (f"the SIP server refused the call ({status} {reason}): it may take calls only "
                 f"from its own users, with their password: {CHECK_CREDENTIALS}")
+    if status in (482, 483) and reason.startswith(("redirect loop", "too many redirects")):
+        return (f"cannot reach {target}: {reason} (the servers on the way send the call in "
+                "circles or too far; their configuration or registrations are wrong)")
     if status == 503:
         return f"the SIP server is unreachable or unavailable ({status} {reason}): {CHECK_SERVER}"
     return f"{target} refused the session ({status} {reason}): its agent's log says why"

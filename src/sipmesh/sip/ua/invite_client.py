@@ -19,6 +19,7 @@ from sipmesh.sip.message import Request, Response, make_response
 from sipmesh.sip.transaction.client import make_cancel
 from sipmesh.sip.transaction.layer import ClientTransaction
 from sipmesh.sip.ua.call import ALLOW, Call, CallFailed
+from sipmesh.sip.ua.redirect import Redirects, redirected
 from sipmesh.sip.uri import URI
 
 if TYPE_CHECKING:
@@ -40,17 +41,40 @@ async def send_invite(ua: "UserAgent", uri: URI, sdp: bytes, *,
     request.body = sdp
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
+    redirects = Redirects(uri)
+    while True:
+        try:
+            request, outcome = await _invite_once(ua, request, on_progress, deadline)
+        except (CallFailed, OSError) as exc:
+            if not redirects.sent:  # the first hop: as before
+                raise
+            log.info("[%s] cannot reach %s: %s", request.call_id, request.uri, exc)
+            outcome = make_response(request, 503, "Service Unavailable")
+        if isinstance(outcome, Call):
+            return outcome
+        redirects.on_response(request.uri, outcome)
+        target = redirects.next()
+        if target is None:
+            raise CallFailed(*redirects.failure(outcome))
+        log.info("[%s] %d %s: trying %s", request.call_id, outcome.status, outcome.reason, target)
+        request = redirected(request, target)
+
+
+async def _invite_once(ua: "UserAgent", request: Request, on_progress: ProgressHandler | None,
+                       deadline: float | None) -> tuple[Request, Call | Response]:
+    """INVITE `request`'s target, answering digest challenges: the last request sent and
+    the Call, or the final failure response."""
     answered: set[int] = set()
     for _attempt in range(3):
         txn = await ua.send(request)
         outcome = await Invitation(ua, request, txn).outcome(on_progress, deadline)
         if isinstance(outcome, Call):
-            return outcome
+            return request, outcome
         retry = await ua.answer_challenge(request, outcome, answered)
         if retry is None:
-            raise CallFailed(outcome.status, outcome.reason, outcome)
+            return request, outcome
         request = retry
-    raise CallFailed(outcome.status, outcome.reason, outcome)
+    return request, outcome
 
 
 class Invitation:

@@ -30,6 +30,7 @@ from sipmesh.sip.transport.resolve import ResolveError
 from sipmesh.sip.ua.call import ALLOW, USER_AGENT, Call, CallFailed
 from sipmesh.sip.ua.invite_client import ProgressHandler, send_invite
 from sipmesh.sip.ua.invite_server import IncomingCall
+from sipmesh.sip.ua.redirect import Redirects, redirected
 from sipmesh.sip.ua.liveness import DEFAULT_INTERVAL as DEFAULT_PEER_KEEPALIVE
 from sipmesh.sip.ua.subscription import Subscription
 from sipmesh.sip.uri import URI, SipURI, parse_sip_uri
@@ -232,18 +233,35 @@ class UserAgent:
     async def transact(self, request: Request, *, on_retry: Callable[[Request], None] | None = None
                        ) -> tuple[Response, ClientTransaction]:
         """Send `request` and await its final response, answering digest challenges (again
-        if stale); `on_retry` sees each retry made. The final response and its transaction."""
-        answered: set[int] = set()
-        for _attempt in range(3):
-            txn = await self.send(request)
-            response = await txn.wait_final()
-            retry = await self.answer_challenge(request, response, answered)
-            if retry is None:
-                break
+        if stale) and, out of a dialog (not REGISTER), following 3xx redirects (redirect.py);
+        `on_retry` sees each retry made. The final response and its transaction."""
+        follow = request.method != "REGISTER" and request.to.tag is None
+        redirects = Redirects(request.uri)
+        while True:
+            answered: set[int] = set()
+            for _attempt in range(3):
+                txn = await self.send(request)
+                response = await txn.wait_final()
+                retry = await self.answer_challenge(request, response, answered)
+                if retry is None:
+                    break
+                if on_retry is not None:
+                    on_retry(retry)
+                request = retry
+            if not follow:
+                return response, txn
+            redirects.on_response(request.uri, response)
+            target = redirects.next()
+            if target is None:
+                status, reason, final = redirects.failure(response)
+                if final.status != status:  # a loop or too many redirects: say so
+                    final = make_response(request, status, reason)
+                return final, txn
+            log.info("[%s] %d %s: trying %s", request.call_id, response.status, response.reason,
+                     target)
+            request = redirected(request, target)
             if on_retry is not None:
-                on_retry(retry)
-            request = retry
-        return response, txn
+                on_retry(request)
 
     async def register(self, expires: int = 3600, *, aor: SipURI | None = None,
                        contact: Address | None = None) -> Response:
