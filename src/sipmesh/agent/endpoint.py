@@ -76,7 +76,9 @@ class Endpoint:
         self.tls_server_name = tls_server_name  # default: the server's host name
         self.ua: UserAgent | None = None
         self.local_ip = ""
-        self.registration: Registration | None = None
+        self.registration: Registration | None = None  # at the first server
+        self.registrations: list[Registration] = []  # one per server (UAConfig.servers)
+        self._registering: set[asyncio.Task[None]] = set()
         self.sessions: dict[str, Session] = {}  # running (answering or calling), by Call-ID
         self.stopping = asyncio.Event()  # (asyncio events bind to a loop only when awaited)
         self._idle = asyncio.Event()
@@ -101,15 +103,47 @@ class Endpoint:
 
     async def register(self, *, expires: int = 3600, timeout: float = 10.0,
                        keep_trying: bool = False) -> None:
-        """Register and keep refreshing; `keep_trying`: see Registration.register."""
-        assert self.ua is not None, "listen() first"
-        connect = self.connect if self.config.transport.upper() in RELIABLE else None
-        self.registration = Registration(self.ua, expires=expires, timeout=timeout,
-                                         connect=connect)
-        await self.registration.register(keep_trying=keep_trying)
-        self.registration.start_refresh()
+        """Register and keep refreshing; `keep_trying`: see Registration.register.
 
-    async def connect(self) -> None:
+        With several servers, at each of them at once, each refreshed on its own: this
+        returns as soon as one accepted us (the others go on in the background, a failing
+        one retried every MIN_RETRY s); it fails only when every one failed."""
+        assert self.ua is not None, "listen() first"
+        reliable = self.config.transport.upper() in RELIABLE
+        servers = self.ua.servers
+        self.registrations = [
+            Registration(self.ua, expires=expires, timeout=timeout,
+                         server=server if index else None,
+                         connect=(lambda s=server: self.connect(s)) if reliable else None)
+            for index, server in enumerate(servers)]
+        self.registration = self.registrations[0]
+        if len(servers) == 1:
+            await self.registration.register(keep_trying=keep_trying)
+            self.registration.start_refresh()
+            return
+        errors: dict[Registration, AgentError] = {}
+
+        async def one(registration: Registration) -> None:
+            try:
+                await registration.register()
+            except AgentError as exc:
+                log.warning("%s", exc)
+                errors[registration] = exc
+                registration.interval = registration.min_retry
+            registration.start_refresh()
+
+        pending = {asyncio.ensure_future(one(r)) for r in self.registrations}
+        self._registering |= pending
+        for task in pending:
+            task.add_done_callback(self._registering.discard)
+        while pending and not any(r.state == "registered" for r in self.registrations):
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if any(r.state == "registered" for r in self.registrations) or keep_trying:
+            return
+        first = next(r for r in self.registrations if r in errors)
+        raise errors[first]
+
+    async def connect(self, server: str | None = None) -> None:
         """Over TCP or TLS: open the connection to the SIP server now, unless it is open,
         so that a refused connection or certificate is reported as such (a request would
         only see 503) and our Contact can name the connection (agent/link.py)."""
@@ -118,14 +152,15 @@ class Endpoint:
         if transport not in RELIABLE:
             return
         assert self.ua.transactions is not None
-        flow = await server_flow(self.ua.transactions.resolver, self.config.domain, transport)
-        name = tls_name(self.config.domain, self.tls_server_name)
+        server = server or self.config.domain
+        flow = await server_flow(self.ua.transactions.resolver, server, transport)
+        name = tls_name(server, self.tls_server_name)
         if transport == "TLS" and name is not None:
             self.ua.transport.expect_tls_name(flow.host, flow.port, name)
         try:
             await self.ua.transport.connect(flow)
         except OSError as exc:
-            raise connection_error(exc, self.config.domain, flow, name) from None
+            raise connection_error(exc, server, flow, name) from None
 
     def request_stop(self) -> None:
         """End the running sessions; run()s waiting on `stopping` return (signal handlers)."""
@@ -160,7 +195,9 @@ class Endpoint:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
             log.warning("%d sessions did not end in time", len(self.sessions))
-        if self.registration is not None:
-            await self.registration.unregister()
+        for task in list(self._registering):
+            task.cancel()
+        await asyncio.gather(*(r.unregister() for r in self.registrations),
+                             return_exceptions=True)
         if self.ua is not None:
             await self.ua.stop()

@@ -19,6 +19,7 @@ registration is refreshed within that (agent/registration.py).
 from __future__ import annotations
 
 import ssl
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -214,3 +215,25 @@ def client_tls(transport: str, tls: TLSClient) -> ssl.SSLContext | None:
         raise AgentError(f"{', '.join(given)}: only for TLS; add --transport tls or give the "
                          "server as sips:HOST[:PORT]", Exit.USAGE)
     return None
+
+
+INSTANCE_FILE = "instance-id"
+
+
+def instance_urn(state_dir: Path) -> str | None:
+    """Our +sip.instance (RFC 5626 §4.1): a UUID URN kept in `state_dir`, made on first
+    use, so every server we register at, and every restart, sees the same instance. None
+    (no instance) when the directory cannot be written."""
+    path = state_dir / INSTANCE_FILE
+    try:
+        text = path.read_text().strip()
+        return f"<urn:uuid:{uuid.UUID(text)}>"
+    except (OSError, ValueError):
+        pass
+    value = uuid.uuid4()
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{value}\n")
+    except OSError:
+        return None
+    return f"<urn:uuid:{value}>"

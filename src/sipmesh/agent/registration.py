@@ -78,8 +78,9 @@ class Registration:
     def __init__(self, ua: UserAgent, *, expires: int = 3600, timeout: float = 10.0,
                  min_retry: float = MIN_RETRY,
                  connect: Callable[[], Awaitable[None]] | None = None, aor: SipURI | None = None,
-                 contact: Address | None = None) -> None:
+                 contact: Address | None = None, server: str | None = None) -> None:
         self.ua = ua
+        self._server = server  # None: the UA's domain
         self.aor = aor  # None: the UA's own
         self.contact = contact  # None: the UA's own Contact
         self.expires = expires
@@ -95,7 +96,7 @@ class Registration:
 
     @property
     def server(self) -> str:
-        return self.ua.config.domain
+        return self._server or self.ua.config.domain
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state != self.state:
@@ -141,9 +142,10 @@ class Registration:
                              f"{CHECK_SERVER}", Exit.UNREACHABLE) from None
 
     def _request(self, expires: int) -> Awaitable[Response]:
+        where = {"server": self._server} if self._server else {}
         if self.aor is None and self.contact is None:
-            return self.ua.register(expires)
-        return self.ua.register(expires, aor=self.aor, contact=self.contact)
+            return self.ua.register(expires, **where)
+        return self.ua.register(expires, aor=self.aor, contact=self.contact, **where)
 
     async def register(self, *, keep_trying: bool = False) -> None:
         """The first REGISTER; raises AgentError with the reason if it fails. With
@@ -184,12 +186,12 @@ class Registration:
                 ok, detail = False, str(exc)
             if ok:
                 self._granted(response)
-                log.info("registration refreshed (%d s)", self.granted)
+                log.info("registration at %s refreshed (%d s)", self.server, self.granted)
             else:
                 self.interval = next_interval(self.interval, success=False, expires=self.expires,
                                               floor=self.min_retry)
-                log.warning("registration refresh failed (%s): next try in %g s", detail,
-                            self.interval)
+                log.warning("registration refresh at %s failed (%s): next try in %g s",
+                            self.server, detail, self.interval)
 
     async def unregister(self) -> None:
         """Expires 0 for our binding; failures are logged, not raised (we are leaving)."""

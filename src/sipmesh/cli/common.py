@@ -167,7 +167,9 @@ def add_identity_options(group: Any, *,
     """--server, --user, --password | --credentials, --auth-user: who we are at the SIP
     server (read them with :func:`sip_identity`)."""
     group.add_argument("--server", metavar="HOST[:PORT]", type=server_address,
-                       default=os.environ.get("SIPMESH_SERVER"), help=server_help)
+                       action=ServersAction, default=os.environ.get("SIPMESH_SERVER"),
+                       help=server_help + "; repeat it for several servers: we register at "
+                       "each, and calls go through the next when one fails")
     group.add_argument("--user", metavar="NAME", type=user_name,
                        default=os.environ.get("SIPMESH_USER"), help=user_help)
     secret = group.add_mutually_exclusive_group()
@@ -178,6 +180,32 @@ def add_identity_options(group: Any, *,
                         help="file with 'password = ...' (and optionally 'user = ...', "
                              "'auth_user = ...'), or just the password on one line")
     group.add_argument("--auth-user", metavar="NAME", help="digest user name if not --user")
+
+
+class ServersAction(argparse.Action):
+    """--server, repeatable: `server` is the first given, `servers` all of them."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        servers = getattr(namespace, "servers", None) or []
+        if not servers:
+            namespace.server = values
+        if values not in servers:
+            servers.append(values)
+        namespace.servers = servers
+
+
+def more_servers(args: argparse.Namespace, transport: str) -> tuple[str, ...]:
+    """The servers given after the first --server (UAConfig.servers); each must mean the
+    same transport as the first."""
+    more = tuple(getattr(args, "servers", None) or ())[1:]
+    for server in more:
+        try:
+            server.with_transport(transport)
+        except ValueError as exc:
+            raise AgentError(f"--server: {exc} (every server takes the same transport)",
+                             Exit.USAGE) from None
+    return more
 
 
 def sip_identity(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from sipmesh.agent.errors import EXIT_HELP, AgentError, Exit
-from sipmesh.agent.link import TRANSPORTS, ServerAddress, client_tls
+from sipmesh.agent.link import TRANSPORTS, ServerAddress, client_tls, instance_urn
+from sipmesh.apps.certs import default_state_dir
 from sipmesh.agent.params import IPAddress, IPv4, Port
 from sipmesh.agent.profile import AppProfile
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.cli.common import (add_identity_options, add_output_options, add_tls_options,
-                                add_keepalive_option, fail, positive, progress_printer,
+                                add_keepalive_option, fail, more_servers, positive, progress_printer,
                                 run_until_signalled, setup_logging, sip_identity, sip_port,
                                 tls_client, typed)
 from sipmesh.sip.ua import UAConfig
@@ -102,12 +103,15 @@ def ua_config(args: argparse.Namespace, *, listen_port: int | None = None) -> UA
     if not user:
         raise AgentError("--user is required (or $SIPMESH_USER)", Exit.USAGE)
     transport = chosen_transport(args.server, args.transport)
+    servers = more_servers(args, transport)
     return UAConfig(user=user, domain=args.server, password=password,
                     auth_user=auth_user, transport=transport.upper(),
                     tls_client_context=client_tls(transport, tls_client(args)),
                     listen_host=args.bind, listen_port=args.sip_port if listen_port is None
                     else listen_port, peer_keepalive=DEFAULT_PEER_KEEPALIVE
-                    if args.keepalive is None else args.keepalive)
+                    if args.keepalive is None else args.keepalive,
+                    servers=servers, instance=instance_urn(args.state_dir or default_state_dir())
+                    if servers else None)
 
 
 def chosen_transport(server: ServerAddress, option: str | None) -> str:

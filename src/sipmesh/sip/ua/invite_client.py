@@ -42,14 +42,29 @@ async def send_invite(ua: "UserAgent", uri: URI, sdp: bytes, *,
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     redirects = Redirects(uri)
+    alternatives = ua.alternatives(uri)  # our other servers, should this one fail
     while True:
+        server = ua.server_of(request.uri) if alternatives else None
         try:
-            request, outcome = await _invite_once(ua, request, on_progress, deadline)
+            request, outcome = await _invite_once(
+                ua, request, on_progress, deadline,
+                ua.config.failover_wait if server is not None else None)
         except (CallFailed, OSError) as exc:
-            if not redirects.sent:  # the first hop: as before
+            if not redirects.sent and server is None:  # the first hop: as before
                 raise
             log.info("[%s] cannot reach %s: %s", request.call_id, request.uri, exc)
             outcome = make_response(request, 503, "Service Unavailable")
+        if server is not None:
+            # unavailable (503), or nothing came back (our own 408, without a To tag)
+            failed = isinstance(outcome, Response) and (outcome.status == 503 or (
+                outcome.status == 408 and outcome.to.tag is None))
+            ua.server_failed(server, failed)
+            if failed and alternatives:
+                target = alternatives.pop(0)
+                log.warning("[%s] the SIP server %s failed (%d %s): trying %s", request.call_id,
+                            server, outcome.status, outcome.reason, target)
+                request = redirected(request, target)
+                continue
         if isinstance(outcome, Call):
             return outcome
         redirects.on_response(request.uri, outcome)
@@ -61,13 +76,28 @@ async def send_invite(ua: "UserAgent", uri: URI, sdp: bytes, *,
 
 
 async def _invite_once(ua: "UserAgent", request: Request, on_progress: ProgressHandler | None,
-                       deadline: float | None) -> tuple[Request, Call | Response]:
+                       deadline: float | None, silence: float | None = None
+                       ) -> tuple[Request, Call | Response]:
     """INVITE `request`'s target, answering digest challenges: the last request sent and
-    the Call, or the final failure response."""
+    the Call, or the final failure response (408 when nothing at all came within
+    `silence` s, if given: a server that is down)."""
     answered: set[int] = set()
     for _attempt in range(3):
         txn = await ua.send(request)
-        outcome = await Invitation(ua, request, txn).outcome(on_progress, deadline)
+        invitation = Invitation(ua, request, txn)
+        if silence is not None:
+            transactions = ua.transactions
+            assert transactions is not None
+
+            def silent(invitation: Invitation = invitation, txn: ClientTransaction = txn) -> None:
+                if not (invitation.provisional or invitation.final):
+                    transactions.give_up(txn, 0)
+            watch = asyncio.get_running_loop().call_later(silence, silent)
+        try:
+            outcome = await invitation.outcome(on_progress, deadline)
+        finally:
+            if silence is not None:
+                watch.cancel()
         if isinstance(outcome, Call):
             return request, outcome
         retry = await ua.answer_challenge(request, outcome, answered)

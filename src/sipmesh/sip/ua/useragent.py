@@ -62,6 +62,13 @@ class UAConfig:
     # Probe an established call's peer after this many seconds of silence, and end the
     # call when it is gone (call.py, liveness.py); 0: never.
     peer_keepalive: float = DEFAULT_PEER_KEEPALIVE
+    # More SIP servers (host[:port]) after `domain`: we register at each, and a new request
+    # to one of them goes to the next when it fails (no answer within `failover_wait` s,
+    # 503, transport error); see `alternatives`.
+    servers: tuple[str, ...] = ()
+    failover_wait: float = 2.0
+    # Our +sip.instance in REGISTER (RFC 5626 §4.1), e.g. "<urn:uuid:...>"; None: none.
+    instance: str | None = None
 
 
 IncomingHandler = Callable[[IncomingCall], Awaitable[None]]
@@ -83,11 +90,12 @@ class UserAgent:
         self._ports: dict[str, int] = {}  # bound port per transport
         self._digest = (DigestClient(config.auth_user or config.user, config.password)
                         if config.password is not None else None)
-        self._keepalive: tuple[Flow, asyncio.Task[object]] | None = None
+        self._keepalive: dict[str, tuple[Flow, asyncio.Task[object]]] = {}  # by server
+        self._server_failed: dict[str, float] = {}  # server -> when a request to it last failed
         self._subscriptions: dict[tuple[str, str], Subscription] = {}  # by (Call-ID, our tag)
         # REGISTER's Call-ID and last CSeq per AOR we register (§10.2: one Call-ID per
         # registrar and AOR, CSeq increasing)
-        self._register_state: dict[str, tuple[str, int]] = {}
+        self._register_state: dict[tuple[str, str], tuple[str, int]] = {}
         self.aor = parse_sip_uri(f"sip:{config.user}@{config.domain}")
         self.aor.port = None if self.aor.port == 5060 else self.aor.port
 
@@ -264,21 +272,28 @@ class UserAgent:
                 on_retry(request)
 
     async def register(self, expires: int = 3600, *, aor: SipURI | None = None,
-                       contact: Address | None = None) -> Response:
+                       contact: Address | None = None, server: str | None = None) -> Response:
         """REGISTER our Contact for `expires` seconds (0 removes it), under our AOR or
-        under `aor` (another address-of-record, e.g. a mesh network's) with `contact`."""
-        return await self._register(aor, contact or self.contact(), expires)
+        under `aor` (another address-of-record, e.g. a mesh network's) with `contact`,
+        at `server` (default: `domain`). Our own Contact carries our +sip.instance."""
+        if contact is None:
+            contact = self.contact()
+            if self.config.instance:
+                contact.params["+sip.instance"] = f'"{self.config.instance}"'
+        return await self._register(aor, contact, expires, server)
 
     async def fetch_bindings(self, aor: SipURI | None = None) -> Response:
         """REGISTER without a Contact (RFC 3261 §10.2.3): the 200 lists `aor`'s bindings."""
         return await self._register(aor, None, None)
 
-    async def _register(self, aor: SipURI | None, contact: Address | None, expires: int | None) -> Response:
-        registrar = parse_sip_uri(f"sip:{self.config.domain}")
+    async def _register(self, aor: SipURI | None, contact: Address | None, expires: int | None,
+                        server: str | None = None) -> Response:
+        server = server or self.config.domain
+        registrar = parse_sip_uri(f"sip:{server}")
         if self.config.transport != "UDP":
             registrar.params["transport"] = self.config.transport.lower()
         aor = (aor or self.aor).copy()
-        key = str(aor)
+        key = (server, str(aor))
         call_id, cseq = self._register_state.get(key) or (secrets.token_hex(12), 0)
         request = self.new_request("REGISTER", registrar, to=Address(aor), call_id=call_id, cseq=cseq + 1)
         request.headers.remove("Route")
@@ -293,19 +308,21 @@ class UserAgent:
             self._register_state[key] = (call_id, max(cseq + 1, response.cseq[0]))
         if 200 <= response.status < 300 and expires is not None:
             if expires > 0:
-                self._keep_alive(flow)
-            elif key == str(self.aor):  # our own name leaves: no more keep-alives
-                self._keep_alive(None)
+                self._keep_alive(server, flow)
+            elif key[1] == str(self.aor):  # our own name leaves: no more keep-alives
+                self._keep_alive(server, None)
         return response
 
-    def _keep_alive(self, flow: Flow | None) -> None:
-        """Keep-alives on the registration's flow (one at a time), or none (None)."""
-        if self._keepalive is not None and self._keepalive[0] != flow:
-            self._keepalive[1].cancel()
-            self._keepalive = None
-        if flow is not None and self._keepalive is None and self.config.keepalive > 0:
+    def _keep_alive(self, server: str, flow: Flow | None) -> None:
+        """Keep-alives on the flow of the registration at `server` (one each), or none."""
+        current = self._keepalive.get(server)
+        if current is not None and current[0] != flow:
+            current[1].cancel()
+            del self._keepalive[server]
+        if flow is not None and server not in self._keepalive and self.config.keepalive > 0:
             assert self.transport is not None
-            self._keepalive = (flow, self.spawn(self.transport.keep_alive(flow, self.config.keepalive)))
+            self._keepalive[server] = (flow, self.spawn(self.transport.keep_alive(
+                flow, self.config.keepalive)))
 
     async def subscribe(self, target: str | URI, event: str, *, accept: str,
                         expires: int = 3600) -> Subscription:
@@ -342,7 +359,47 @@ class UserAgent:
             return parse_sip_uri(target)
         if "@" in target:
             return parse_sip_uri(f"sip:{target}")
-        return parse_sip_uri(f"sip:{target}@{self.config.domain}")
+        return parse_sip_uri(f"sip:{target}@{self.live_servers()[0]}")
+
+    # -- several servers ----------------------------------------------------------------
+    @property
+    def servers(self) -> list[str]:
+        """Our SIP servers (host[:port]): `domain` first, then `servers`."""
+        return [self.config.domain, *(s for s in self.config.servers if s != self.config.domain)]
+
+    def live_servers(self) -> list[str]:
+        """`servers`, those a request failed at last in the end (the longest ago first)."""
+        return sorted(self.servers, key=lambda s: self._server_failed.get(s, 0.0))
+
+    def server_failed(self, server: str, failed: bool = True) -> None:
+        """A request to `server` failed (or, `failed` False, succeeded)."""
+        if failed:
+            self._server_failed[server] = asyncio.get_running_loop().time()
+        else:
+            self._server_failed.pop(server, None)
+
+    def server_of(self, uri: URI) -> str | None:
+        """Which of our servers `uri` names by its host and port, if any."""
+        if not isinstance(uri, SipURI):
+            return None
+        for server in self.servers:
+            if _host_port(server) == _host_port(uri):
+                return server
+        return None
+
+    def alternatives(self, uri: URI) -> list[SipURI]:
+        """`uri` sent to each of our other servers instead (live ones first), when it
+        names one of ours and we have several; else nothing."""
+        server = self.server_of(uri)
+        if server is None or len(self.servers) < 2:
+            return []
+        assert isinstance(uri, SipURI)
+        found = []
+        for other in self.live_servers():
+            if other != server:
+                at = parse_sip_uri(f"sip:{other}")
+                found.append(uri.copy(host=at.host, port=at.port))
+        return found
 
     # -- TransactionUser --------------------------------------------------------------------
     def on_request(self, txn: ServerTransaction) -> None:
@@ -462,3 +519,9 @@ def _stale(response: Response) -> bool:
             except AuthError:  # not a Digest challenge
                 continue
     return False
+
+
+def _host_port(where: str | SipURI) -> str:
+    """host:port of a server (host[:port]) or URI, for comparing them (5060 if none)."""
+    uri = parse_sip_uri(f"sip:{where}") if isinstance(where, str) else where
+    return f"{uri.host.lower().strip('[]')}:{uri.port or (5061 if uri.secure else 5060)}"
