@@ -239,7 +239,7 @@ def test_a_full_state_directory_refuses_registers_and_corrupts_nothing(tmp_path)
         before = len(registrar.refused)
         for i in range(sent, sent + 20):
             registrar.send(f"r{i:04d}")
-        registrar.drain(wait=1.0)
+        registrar.drain(wait=5.0, until=lambda: len(registrar.refused) >= before + 20)
         assert len(registrar.refused) >= before + 20
         # space again (the filler file goes): registrations are accepted again
         pid = int((tmp_path / "broker.pid").read_text())
