@@ -348,3 +348,99 @@ async def test_broker_process_in_radius_mode(raw_peers, freeradius, tmp_path):
     assert SECRET not in log  # not even at --debug
     proc.stop()
     assert SECRET not in proc.log_text()
+
+
+# ------------------------------------------------------------------ cross-check: Kamailio's auth_radius
+
+KAMAILIO_CFG = """#!KAMAILIO
+debug=2
+log_stderror=yes
+children=1
+auto_aliases=no
+listen=udp:127.0.0.1:{port}
+mpath="/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+loadmodule "kex.so"
+loadmodule "corex.so"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "xlog.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+loadmodule "auth.so"
+loadmodule "auth_radius.so"
+modparam("usrloc", "db_mode", 0)
+modparam("auth_radius", "radius_config", "{run}/radiusclient.conf")
+modparam("auth_radius", "append_realm_to_username", 0)
+request_route {{
+	if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
+	if (is_method("REGISTER")) {{
+		if (!radius_www_authorize("$td")) {{
+			www_challenge("$td", "1");
+			exit;
+		}}
+		if (!save("location")) {{ sl_reply_error(); }}
+		exit;
+	}}
+	sl_send_reply("501", "Not Implemented");
+}}
+"""
+
+
+def _start_kamailio(run: Path, radius: FreeRadius, spawn_proc):
+    """Kamailio 5.6 as a registrar whose digest check is auth_radius (radcli) at `radius`."""
+    from tests.lab import free_port, kamailio_unavailable_reason, wait_udp_listening
+
+    if (reason := kamailio_unavailable_reason()) is not None:
+        pytest.skip(reason)
+    if not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/auth_radius.so").exists():
+        pytest.skip("Kamailio's auth_radius is not installed (Debian kamailio-radius-modules)")
+    run.mkdir(parents=True, exist_ok=True)
+    port = free_port("udp")
+    (run / "kamailio.cfg").write_text(KAMAILIO_CFG.format(port=port, run=run))
+    (run / "radiusclient.conf").write_text(
+        f"nas-identifier kamailio-test\nauthserver {radius.hostport}\nacctserver {radius.hostport}\n"
+        f"servers {run}/servers\ndictionary {run}/dictionary\ndefault_realm\n"
+        "radius_timeout 1\nradius_retries 1\nbindaddr *\n")
+    servers = run / "servers"
+    servers.write_text(f"127.0.0.1 {radius.secret}\n")
+    servers.chmod(0o600)
+    (run / "dictionary").write_text("$INCLUDE /etc/radcli/dictionary\n$INCLUDE /etc/radcli/dictionary.sip\n"
+                                    "$INCLUDE /etc/kamailio/dictionary.kamailio\n"
+                                    "VALUE Service-Type Sip-Session 15\n")  # what auth_radius asks for
+    proc = spawn_proc(["kamailio", "-f", str(run / "kamailio.cfg"), "-DD", "-E", "-m", "64", "-M", "8",
+                       "-P", str(run / "kamailio.pid"), "-Y", str(run), "-w", str(run)], name="kamailio-radius")
+    wait_udp_listening("127.0.0.1", port, proc=proc)
+    return proc, port
+
+
+@pytest.mark.slow
+@needs_freeradius
+async def test_kamailio_auth_radius_and_the_broker_agree_on_the_same_freeradius(raw_peers, spawn_proc,
+                                                                                tmp_path):
+    # radcli 1.2 (Kamailio's RADIUS client) sends no Message-Authenticator; the broker does
+    radius = FreeRadius(tmp_path / "radius", secret=SECRET, users=PASSWORDS, groups=GROUPS,
+                        require_message_authenticator=False).start()
+    try:
+        kamailio, kamailio_port = _start_kamailio(tmp_path / "kamailio", radius, spawn_proc)
+        broker, broker_port = start_broker(tmp_path, extra=[
+            "--radius", radius.hostport, "--radius-secret-file", str(_secret_file(tmp_path)),
+            "--radius-timeout", "1", "--radius-retries", "1"])
+        peer = await raw_peers()
+        outcomes = {}
+        for name, port in (("kamailio", kamailio_port), ("broker", broker_port)):
+            results = []
+            for user, password in (("alice", "wonderland"), ("alice", "not-it"), ("mallory", "x")):
+                _, answer = await _register(peer, ("127.0.0.1", port), user, password)
+                assert answer is not None, name
+                results.append(answer.status)
+            outcomes[name] = results
+        assert outcomes == {"kamailio": [200, 401, 401], "broker": [200, 401, 401]}, kamailio.log_tail()
+        log = radius.log_text()
+        assert log.count("Digest-Attributes look OK") == 6  # both dialects are what the module reads
+        assert log.count("Sent Access-Accept") == 2
+    finally:
+        radius.stop()

@@ -44,7 +44,9 @@ class FreeRadius:
 
     def __init__(self, run_dir: str | Path, *, secret: str, users: Mapping[str, str],
                  groups: Mapping[str, Sequence[str]] | None = None, port: int | None = None,
-                 ip: str = "127.0.0.1") -> None:
+                 ip: str = "127.0.0.1", require_message_authenticator: bool = True) -> None:
+        """`require_message_authenticator` False: for clients that send none (Kamailio's
+        auth_radius through radcli 1.2)."""
         self.run_dir = Path(run_dir)
         self.conf = self.run_dir / "raddb"
         self.ip = ip
@@ -52,6 +54,7 @@ class FreeRadius:
         self.secret = secret
         self.users = dict(users)
         self.groups = {name: list(values) for name, values in (groups or {}).items()}
+        self.require_message_authenticator = require_message_authenticator
         self.proc: ManagedProcess | None = None
         self.starts = 0
 
@@ -116,7 +119,7 @@ $INCLUDE sites-enabled/
 client localhost {{
 	ipaddr = {self.ip}
 	secret = {_quoted(self.secret)}
-	require_message_authenticator = yes
+	require_message_authenticator = {"yes" if self.require_message_authenticator else "no"}
 }}
 """,
             "mods-enabled/files": "files {\n\tfilename = ${modconfdir}/files/authorize\n}\n",

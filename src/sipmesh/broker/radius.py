@@ -5,7 +5,9 @@ The broker keeps challenging and checking nonces itself (sip.auth); only the las
 holds the passwords (or HA1s). The Access-Request speaks what FreeRADIUS 3.2's `digest`
 module reads, draft-sterman-aaa-sip-00 (Kamailio's and Cisco's dialect):
 
-    User-Name           the digest username
+    User-Name           the digest username (without the realm: Kamailio's
+                        append_realm_to_username=0; the realm is Digest-Realm)
+    Service-Type        15, SIP-Session (as Kamailio sends)
     Digest-Response     (206) the response, 32 hex digits
     Digest-Attributes   (207), one per parameter, each holding one sub-attribute
                         [type, length, value]: 1 Realm, 2 Nonce, 3 Method, 4 URI, 5 QOP,
@@ -54,11 +56,13 @@ log = logging.getLogger("sipmesh.broker.radius")
 
 DEFAULT_PORT = 1812
 NAS_IDENTIFIER = "sipmesh-broker"
+SIP_SESSION = 15  # the Service-Type of draft-sterman (FreeRADIUS's dictionary calls 15 IAPP-Register)
 GROUP_ATTRIBUTES = ("Filter-Id", "Class")
 # The attributes we send and read. Replies are read as octets and decoded here: a value
 # from the network that is not UTF-8 is dropped, not half-decoded.
 DICTIONARY = """
 ATTRIBUTE User-Name 1 string
+ATTRIBUTE Service-Type 6 integer
 ATTRIBUTE Filter-Id 11 octets
 ATTRIBUTE Reply-Message 18 octets
 ATTRIBUTE Class 25 octets
@@ -253,6 +257,7 @@ class RadiusClient:
         client = await self._open()
         request = client.CreateAuthPacket()  # with a Message-Authenticator
         request["User-Name"] = c.username
+        request["Service-Type"] = SIP_SESSION
         request["NAS-Identifier"] = NAS_IDENTIFIER
         request["Digest-Response"] = c.response
         for value in attributes:
