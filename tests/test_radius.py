@@ -313,9 +313,11 @@ async def test_a_silent_server_gives_503_with_retry_after_and_bounded_checks(mak
 
 @pytest.mark.slow
 @needs_freeradius
-async def test_broker_process_in_radius_mode(raw_peers, freeradius, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_broker_process_in_radius_mode(raw_peers, freeradius, tmp_path, workers):
     proc, port = start_broker(tmp_path, extra=[
-        "--radius", freeradius.hostport, "--radius-secret-file", str(_secret_file(tmp_path)),
+        "--workers", str(workers), "--radius", freeradius.hostport,
+        "--radius-secret-file", str(_secret_file(tmp_path)),
         "--radius-timeout", "0.5", "--radius-retries", "1", "--debug"])
     server = ("127.0.0.1", port)
     peer = await raw_peers()
