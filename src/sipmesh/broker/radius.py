@@ -232,7 +232,7 @@ class RadiusClient:
         self.outstanding += 1
         try:
             reply = await asyncio.wait_for(self._ask(c, attributes), self.config.deadline + 1.0)
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (OSError, asyncio.TimeoutError) as exc:  # no answer, refused, unresolvable
             self.stats.unavailable += 1
             self._warn_unavailable(exc)
             return RadiusAnswer(Verdict.UNAVAILABLE)
