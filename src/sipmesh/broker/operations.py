@@ -64,7 +64,7 @@ class WorkerOperations:
         if auth is not None:
             auth.reload_users()
         if self.worker == 0:
-            log.info("SIGHUP: %s", f"{len(auth.users)} users in {auth.users.path}" if auth else
+            log.info("SIGHUP: %s", f"{len(auth.users)} users in {auth.users.path}" if auth and auth.users is not None else
                      "nothing to reload (no users file)")
         self.board.post(self.worker, self.broker)
         self.board.ready(self.worker)

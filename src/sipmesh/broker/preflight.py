@@ -2,9 +2,9 @@
 
 A worker that cannot start because of its configuration fails the same way each
 time it is restarted. So the parent process reads what the workers will read (the
-users file, the TLS certificate and key, the location database and its directory)
-and tries the listen addresses, and stops with one line that names the file and
-the reason: `ConfigError` (exit 2) for the configuration, `OSError` (exit 1, as
+users file, the RADIUS secret, the TLS certificate and key, the location database and
+its directory) and tries the listen addresses, and stops with one line that names the
+file and the reason: `ConfigError` (exit 2) for the configuration, `OSError` (exit 1, as
 when a worker cannot bind) for an address that is in use or not ours.
 """
 
@@ -15,6 +15,7 @@ import sqlite3
 import ssl
 
 from sipmesh.broker.location import LocationService
+from sipmesh.broker.radius import RadiusError, read_secret
 from sipmesh.broker.server import BrokerConfig
 from sipmesh.broker.users import UsersFile, UsersFileError
 
@@ -32,6 +33,11 @@ def check(config: BrokerConfig) -> None:
             raise ConfigError(str(exc)) from None  # it says "file:line: reason" already
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{config.users_file}: cannot read the users file: {_reason(exc)}") from None
+    if config.radius is not None:
+        try:
+            read_secret(config.radius.secret_file)
+        except RadiusError as exc:
+            raise ConfigError(str(exc)) from None  # it names the file, never the secret
     if "TLS" in config.transports:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:

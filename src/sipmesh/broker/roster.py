@@ -203,6 +203,10 @@ class Roster:
             return (403, "Forbidden (networks need digest authentication: start the broker with --users)",
                     []), None
         check = self.auth.check(request, network.realm)
+        if check.pending is not None:  # a network's members come from the users file only
+            check.pending.close()
+            return (403, "Forbidden (network members are checked against the users file, "
+                         "not RADIUS)", []), None
         if not check.ok:
             return (check.status, check.reason, check.headers), None
         member = check.username
@@ -266,6 +270,11 @@ class Roster:
             txn.reply(403, "Forbidden (networks need digest authentication)", to_tag=tag)
             return None
         check = self.auth.check(request, network.realm)
+        if check.pending is not None:  # as for REGISTER: members come from the users file
+            check.pending.close()
+            txn.reply(403, "Forbidden (network members are checked against the users file)",
+                      to_tag=tag)
+            return None
         if not check.ok:
             txn.reply(check.status, check.reason, to_tag=tag, headers=check.headers)
             return None

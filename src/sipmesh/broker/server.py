@@ -37,11 +37,12 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from sipmesh.broker.auth import DEFAULT_ALGORITHMS, Authenticator, may_register, may_send_as
+from sipmesh.broker.auth import DEFAULT_ALGORITHMS, AuthCheck, Authenticator, may_register, may_send_as
 from sipmesh.broker.domains import Listener, LocalIdentity
 from sipmesh.broker.location import Binding, Changes, LocationService, default_db_path
 from sipmesh.broker.nat import take_alias
 from sipmesh.broker.proxy import Proxy, Target, loop_hash
+from sipmesh.broker.radius import RadiusClient, RadiusConfig, read_secret
 from sipmesh.broker.ratelimit import LoadShedder, RateLimiter, retry_after, triage
 from sipmesh.broker.redirect import REDIRECTABLE, redirect_contacts
 from sipmesh.broker.registrar import Outcome, RegistrarPolicy, process_register
@@ -75,6 +76,7 @@ class BrokerConfig:
     transports: tuple[str, ...] = ("UDP", "TCP")
     domains: list[str] = field(default_factory=list)
     users_file: Path | None = None
+    radius: RadiusConfig | None = None  # digest checked by a RADIUS server (broker/radius.py)
     db_path: Path | None = None  # None: $XDG_STATE_HOME/sipmesh/broker.db
     mode: str = "proxy"
     workers: int = 1
@@ -111,6 +113,11 @@ class BrokerConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
+        if self.radius is not None and self.domains:
+            served = {d.lower() for d in self.domains}
+            for realm in self.radius.realms:
+                if realm.lower() not in served:
+                    raise ValueError(f"--radius-realm {realm}: not a --domain of this broker")
 
     @property
     def database(self) -> Path:
@@ -161,6 +168,9 @@ class Broker:
         self.steer: Callable[[bytes, Flow], bool] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: list[_Registration] = []  # REGISTERs waiting for the next commit
+        # checks with the RADIUS server, and the UDP REGISTERs (reply-cache keys) they are for
+        self._auth_tasks: set[asyncio.Future[AuthCheck]] = set()
+        self._authenticating: set[tuple] = set()
         # messages that arrived while we were still binding (we are not ourselves yet)
         self._early: list[Inbound] | None = None
         self._started = False
@@ -175,11 +185,18 @@ class Broker:
                      config.database, self.location.count(), purged)
         if config.users_file is not None:
             self.users = UsersFile(config.users_file)
-            self.auth = Authenticator(self.users, nonce_secret=config.nonce_secret,
-                                      nonce_lifetime=config.nonce_lifetime,
-                                      algorithms=config.auth_algorithms)
             log.info("digest authentication on: %d users in %s (realms: %s)", len(self.users),
                      config.users_file, ", ".join(sorted(self.users.realms)) or "none yet")
+        if config.users_file is not None or config.radius is not None:
+            radius = None
+            if config.radius is not None:
+                radius = RadiusClient(config.radius, read_secret(config.radius.secret_file))
+                log.info("digest authentication through the RADIUS server %s%s (realms: %s)",
+                         config.radius.server, ", after the users file" if self.users else "",
+                         ", ".join(config.radius.realms) or "all")
+            self.auth = Authenticator(self.users, nonce_secret=config.nonce_secret,
+                                      nonce_lifetime=config.nonce_lifetime,
+                                      algorithms=config.auth_algorithms, radius=radius)
         # Every datagram passes _screen_datagram before it is parsed; every parsed
         # message reaches _on_inbound, which sends REGISTERs for us to the registrar
         # and everything else through the transaction layer to on_request & co.
@@ -246,6 +263,11 @@ class Broker:
         self._tasks.clear()
         if self.roster is not None:  # mesh networks
             await self.roster.close()
+        for check in list(self._auth_tasks):
+            check.cancel()
+        await asyncio.gather(*self._auth_tasks, return_exceptions=True)
+        if self.auth is not None and self.auth.radius is not None:
+            await self.auth.radius.close()
         if self.proxy is not None:
             await self.proxy.close()
         if self.transactions is not None:
@@ -320,6 +342,8 @@ class Broker:
                 assert self.transactions is not None
                 self.transactions.send_stateless(cached[0], cached[1])  # type: ignore[arg-type]
                 return True
+            if self._authenticating and (flow, data) in self._authenticating:
+                return True  # a retransmission while the RADIUS server checks the first one
         if not data.startswith(b"SIP/") and data[:data.find(b" ")] not in (b"ACK", b"CANCEL", b"BYE"):
             if self.limiter is not None:
                 wait = self.limiter.check(flow.host)
@@ -378,7 +402,8 @@ class Broker:
 
     # -- registrar ----------------------------------------------------------------------
     def _begin_register(self, reg: "_Registration") -> None:
-        """Steps 1-5 of §10.3 now; steps 6-8 at the next group commit."""
+        """Steps 1-5 of §10.3 now (3-4 when the RADIUS server has answered); steps 6-8 at
+        the next group commit."""
         self.counters.registers += 1
         try:
             reg.to = reg.request.to
@@ -387,7 +412,25 @@ class Broker:
             refusal = (400, f"Bad Request ({exc.reason})", [])
         if refusal is not None:
             self._finish_register(reg, *refusal)
+        elif self.auth is None or reg.network is not None:
+            self._queue_register(reg)
+        else:  # steps 3-4
+            assert reg.domain is not None
+            self._authenticate(reg.request, reg.domain, partial(self._register_authenticated, reg),
+                               reg.key)
+
+    def _register_authenticated(self, reg: "_Registration", check: AuthCheck) -> None:
+        if not check.ok:
+            self._finish_register(reg, check.status, check.reason, check.headers)
             return
+        assert check.username is not None and reg.to is not None and isinstance(reg.to.uri, SipURI)
+        if not may_register(check.username, reg.to.uri.user):
+            log.info("%s tried to register %s: 403", check.username, reg.aor)
+            self._finish_register(reg, 403, "Forbidden (you may only register your own address-of-record)", [])
+            return
+        self._queue_register(reg)
+
+    def _queue_register(self, reg: "_Registration") -> None:
         self._pending.append(reg)
         # Group commit: REGISTERs arriving within `commit_window` share one SQLite
         # transaction (a commit costs as much as the rest of a REGISTER).
@@ -415,20 +458,37 @@ class Broker:
         if aor is None or domain is None or self.me.domain_of(to_uri.host) != domain:
             return 404, "Not Found (address-of-record not in this domain)", []  # step 5
         network = self.roster.network_for(to_uri) if self.roster is not None else None
-        if network is not None:  # mesh: a network's AOR (broker/roster.py)
+        if network is not None:  # mesh: a network's AOR (broker/roster.py checks its credentials)
             reg.aor = aor
             refusal, reg.network = self.roster.check_register(request, network)  # type: ignore[union-attr]
             return refusal
-        if self.auth is not None:  # steps 3-4
-            check = self.auth.check(request, domain)
-            if not check.ok:
-                return check.status, check.reason, check.headers
-            assert check.username is not None
-            if not may_register(check.username, to_uri.user):
-                log.info("%s tried to register %s: 403", check.username, aor)
-                return 403, "Forbidden (you may only register your own address-of-record)", []
-        reg.aor = aor
+        reg.aor, reg.domain = aor, domain
         return None
+
+    def _authenticate(self, request: Request, realm: str, then: Callable[[AuthCheck], None],
+                      key: tuple | None = None) -> None:
+        """`then(check)` now, or once the RADIUS server has answered: the event loop never
+        waits for it. `key`: the REGISTER datagram whose retransmissions to absorb meanwhile."""
+        assert self.auth is not None
+        check = self.auth.check(request, realm)
+        if check.pending is None:
+            then(check)
+            return
+        task = asyncio.ensure_future(check.pending)
+        self._auth_tasks.add(task)
+        if key is not None:
+            self._authenticating.add(key)
+
+        def done(task: asyncio.Future[AuthCheck]) -> None:
+            self._auth_tasks.discard(task)
+            if key is not None:
+                self._authenticating.discard(key)
+            if not task.cancelled():
+                try:
+                    then(task.result())
+                except Exception:
+                    log.exception("%s after the RADIUS check failed", request.method)
+        task.add_done_callback(done)
 
     def _commit_registrations(self) -> None:
         """Steps 6-8 for every REGISTER that arrived since the last commit: one SQLite
@@ -528,8 +588,16 @@ class Broker:
             txn.reply(501 if method not in KNOWN_METHODS else 481 if method == "BYE" else 405,
                       headers=[("Allow", ALLOW_LOCAL)] if method in KNOWN_METHODS else None)
             return
-        if self.auth is not None and not self._authorised(txn):
-            return
+        if self.auth is not None:
+            self._authorise(txn, partial(self._deliver, txn, loop))
+        else:
+            self._deliver(txn, loop)
+
+    def _deliver(self, txn: ServerTransaction, loop: str) -> None:
+        """A request for a user of ours, authorised: to its bindings (or 302, 404, 480)."""
+        assert self.location is not None
+        request = txn.request
+        assert isinstance(request.uri, SipURI)
         aor = self.me.aor(request.uri)
         assert aor is not None
         bindings = self.location.lookup(aor)
@@ -580,26 +648,37 @@ class Broker:
         assert self.transport is not None
         return not flow.reliable or self.transport.has_connection(flow)
 
-    def _authorised(self, txn: ServerTransaction) -> bool:
-        """Digest (407) for requests from our users; they must send as themselves."""
-        assert self.auth is not None
+    def _authorise(self, txn: ServerTransaction, then: Callable[[], None]) -> None:
+        """Digest (407) for requests from our users; they must send as themselves. `then()`
+        once they have (now, or when the RADIUS server has answered)."""
         request = txn.request
         from_uri = request.from_.uri
         realm = self.me.domain_of(from_uri.host) if isinstance(from_uri, SipURI) else None
         if realm is None:
             txn.reply(403, "Forbidden (caller's domain is not served here)", to_tag=_tag_for(request))
-            return False
-        check = self.auth.check(request, realm)
+            return
+        self._authenticate(request, realm, partial(self._authorised, txn, realm, then))
+
+    def _authorised(self, txn: ServerTransaction, realm: str, then: Callable[[], None],
+                    check: AuthCheck) -> None:
+        if txn.final_sent:  # answered while the RADIUS server was asked (CANCEL: 487)
+            return
+        request = txn.request
         if not check.ok:
             txn.reply(check.status, check.reason, to_tag=_tag_for(request), headers=check.headers)
-            return False
+            return
+        from_uri = request.from_.uri
         assert check.username is not None and isinstance(from_uri, SipURI)
         if not may_send_as(check.username, from_uri.user):
             log.info("%s tried to send as %s: 403", check.username, from_uri)
             txn.reply(403, "Forbidden (From is not the authenticated user)", to_tag=_tag_for(request))
-            return False
+            return
         _consume_credentials(request, realm)
-        return True
+        try:
+            then()
+        except ParseError as exc:
+            if not txn.final_sent:
+                txn.reply(400, f"Bad Request ({exc.reason})")
 
     def _addressed_to_us(self, request: Request) -> bool:
         uri = request.uri
@@ -662,6 +741,7 @@ class _Registration:
     to: Address | None = None
     aor: str | None = None
     network: NetworkRegistration | None = None  # a network AOR's (broker/roster.py)
+    domain: str | None = None  # the realm of its credentials
 
 
 def _decide(reg: _Registration, now: float, worker: int, policy: RegistrarPolicy,

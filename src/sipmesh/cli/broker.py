@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from sipmesh.broker.location import default_db_path
+from sipmesh.broker.radius import GROUP_ATTRIBUTES, RadiusConfig, parse_server
 from sipmesh.broker.registrar import RegistrarPolicy
 from sipmesh.broker.server import MODES, BrokerConfig
 from sipmesh.broker.users import UsersFile, UsersFileError
@@ -46,6 +47,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--auth-algorithms", default="SHA-256,MD5", metavar="LIST",
                    help="digest algorithms offered, most preferred first; clients that only read the "
                         "first challenge and know only MD5 (SIPp, old phones) need MD5 [SHA-256,MD5]")
+    radius = p.add_argument_group("central accounts: digest checked by a RADIUS server (docs/radius.md)")
+    radius.add_argument("--radius", metavar="HOST[:PORT]",
+                        help="RADIUS server (port 1812 by default) that checks the credentials of "
+                             "users not in --users (FreeRADIUS: its digest module)")
+    radius.add_argument("--radius-secret-file", type=Path, metavar="FILE",
+                        help="file whose first line is the secret shared with the RADIUS server")
+    radius.add_argument("--radius-realm", action="append", default=[], metavar="REALM",
+                        help="a realm checked through RADIUS, repeatable [every realm served]")
+    radius.add_argument("--radius-timeout", type=float, default=2.0, metavar="SECONDS",
+                        help="wait this long for each answer [2]")
+    radius.add_argument("--radius-retries", type=int, default=2, metavar="N",
+                        help="send a request again this many times before answering 503 [2]")
+    radius.add_argument("--radius-max-outstanding", type=int, default=64, metavar="N",
+                        help="checks waiting for the server at once, per worker; more get 503 [64]")
+    radius.add_argument("--radius-groups-attribute", choices=GROUP_ATTRIBUTES, default="Filter-Id",
+                        help="the Access-Accept attribute whose values name the user's groups "
+                             "(mesh networks) [Filter-Id]")
     p.add_argument("--db", type=Path, metavar="FILE", default=None,
                    help=f"location database (SQLite) [default: {default_db_path()}]")
     p.add_argument("--mode", choices=MODES, default="proxy",
@@ -137,12 +155,27 @@ def build_config(args: argparse.Namespace) -> BrokerConfig:
     policy = RegistrarPolicy(min_expires=args.min_expires, max_expires=args.max_expires,
                              default_expires=args.max_expires)
     return BrokerConfig(listen=listen, transports=transports, domains=list(args.domain),
-                        users_file=args.users, db_path=args.db, mode=args.mode, workers=args.workers,
+                        users_file=args.users, radius=_radius_config(args), db_path=args.db,
+                        mode=args.mode, workers=args.workers,
                         forward_foreign=args.forward_foreign, tls_cert=args.tls_cert,
                         tls_key=args.tls_key, registrar=policy, rate_limit=args.rate_limit,
                         shed_load=not args.no_load_shedding, auth_algorithms=algorithms,
                         metrics=args.metrics, status_page=args.status_page,
                         status_token_file=args.status_token_file)
+
+
+def _radius_config(args: argparse.Namespace) -> RadiusConfig | None:
+    if args.radius is None:
+        if args.radius_secret_file is not None or args.radius_realm:
+            raise ValueError("--radius-secret-file and --radius-realm need --radius HOST[:PORT]")
+        return None
+    if args.radius_secret_file is None:
+        raise ValueError("--radius needs --radius-secret-file FILE (the secret shared with the server)")
+    host, port = parse_server(args.radius)
+    return RadiusConfig(host, port, args.radius_secret_file, timeout=args.radius_timeout,
+                        retries=args.radius_retries, realms=tuple(args.radius_realm),
+                        max_outstanding=args.radius_max_outstanding,
+                        groups_attribute=args.radius_groups_attribute)
 
 
 def run_broker(args: argparse.Namespace) -> int:
@@ -161,7 +194,7 @@ def run_broker(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"sipmesh broker: cannot start: {exc}{startup_hint(exc)}", file=sys.stderr)
         return 1
-    if config.users_file is None:
+    if config.users_file is None and config.radius is None:
         log.warning("no --users file: anyone may register any name and call through this broker")
     if not config.domains:
         log.warning("no --domain given: serving only requests addressed to this host's addresses")

@@ -27,7 +27,7 @@ from typing import Any
 from sipmesh.sip import grammar
 
 __all__ = [
-    "AuthError", "AuthOutcome", "AuthResult", "DigestClient", "DigestServer", "NonceManager",
+    "AuthError", "AuthOutcome", "AuthResult", "DigestClient", "DigestCredentials", "DigestServer", "NonceManager",
     "NonceState", "SUPPORTED_ALGORITHMS", "choose_challenge", "compute_ha1", "compute_response",
     "format_auth_params", "is_stale", "parse_auth_params",
 ]
@@ -361,6 +361,27 @@ class AuthResult:
         return self.outcome is AuthOutcome.OK
 
 
+@dataclass(frozen=True, slots=True)
+class DigestCredentials:
+    """An Authorization value that passed `DigestServer.parse_credentials`: the digest
+    parameters (algorithm canonical, qop lower case, nc only with a qop, response lower
+    case) and the state of its nonce."""
+
+    username: str
+    realm: str
+    nonce: str
+    uri: str
+    response: str
+    algorithm: str
+    qop: str | None
+    nc: str | None
+    cnonce: str | None
+    state: NonceState
+
+    def result(self, outcome: AuthOutcome) -> AuthResult:
+        return AuthResult(outcome, self.username, self.uri, self.algorithm)
+
+
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _REQUIRED = frozenset({"username", "realm", "nonce", "uri", "response"})
 
@@ -396,6 +417,15 @@ class DigestServer:
                ha1_lookup: Callable[[str, str, str], str | None], body: bytes = b"") -> AuthResult:
         """Check an Authorization value.  ``ha1_lookup(username, realm, algorithm)`` returns
         the stored hex HA1 (base algorithm name for -sess) or None for an unknown user."""
+        credentials = self.parse_credentials(authorization)
+        if isinstance(credentials, AuthResult):
+            return credentials
+        return self.check_response(credentials, method, ha1_lookup, body)
+
+    def parse_credentials(self, authorization: str) -> DigestCredentials | AuthResult:
+        """Every check of an Authorization value but the response hash: its syntax, realm,
+        algorithm, qop and nonce.  The credentials, for `check_response` here or for a
+        verifier that holds the password (a RADIUS server), or the failure."""
         def res(outcome: AuthOutcome) -> AuthResult:
             return AuthResult(outcome, p.get("username"), p.get("uri"), p.get("algorithm"))
 
@@ -432,19 +462,31 @@ class DigestServer:
         state = self.nonces.check(p["nonce"])
         if state is NonceState.INVALID:
             return res(AuthOutcome.MALFORMED)
-        ha1 = ha1_lookup(p["username"], p["realm"], base)
+        return DigestCredentials(p["username"], p["realm"], p["nonce"], p["uri"], response.lower(),
+                                 algorithm, qop, nc if qop else None, cnonce, state)
+
+    def check_response(self, c: DigestCredentials, method: str,
+                       ha1_lookup: Callable[[str, str, str], str | None], body: bytes = b"") -> AuthResult:
+        """Finish `verify` with a stored HA1."""
+        base, sess = _algo(c.algorithm)
+        ha1 = ha1_lookup(c.username, c.realm, base)
         if ha1 is None:
-            return res(AuthOutcome.UNKNOWN_USER)
+            return c.result(AuthOutcome.UNKNOWN_USER)
         ha1 = ha1.lower()
         if sess:
-            ha1 = _h(base, f"{ha1}:{p['nonce']}:{cnonce}")
-        expected = compute_response(ha1, p["nonce"], method, p["uri"], algorithm=algorithm, qop=qop,
-                                    nc=nc if qop else None, cnonce=cnonce if qop else None, body=body)
-        # both are ASCII: response matched _HEX
-        if not hmac.compare_digest(expected, response.lower()):
-            return res(AuthOutcome.BAD_CREDENTIALS)
-        if state is NonceState.STALE:
-            return res(AuthOutcome.STALE)
-        if not self.nonces.record_use(p["nonce"], int(nc, 16) if qop and nc else None):
-            return res(AuthOutcome.REPLAY)
-        return res(AuthOutcome.OK)
+            ha1 = _h(base, f"{ha1}:{c.nonce}:{c.cnonce}")
+        expected = compute_response(ha1, c.nonce, method, c.uri, algorithm=c.algorithm, qop=c.qop,
+                                    nc=c.nc, cnonce=c.cnonce if c.qop else None, body=body)
+        # both are ASCII: the response matched _HEX
+        return self.conclude(c, hmac.compare_digest(expected, c.response))
+
+    def conclude(self, c: DigestCredentials, matched: bool) -> AuthResult:
+        """The outcome once the response hash was checked (`matched`): only then does a
+        stale nonce say so, and only then is the nonce count recorded (replays)."""
+        if not matched:
+            return c.result(AuthOutcome.BAD_CREDENTIALS)
+        if c.state is NonceState.STALE:
+            return c.result(AuthOutcome.STALE)
+        if not self.nonces.record_use(c.nonce, int(c.nc, 16) if c.nc else None):
+            return c.result(AuthOutcome.REPLAY)
+        return c.result(AuthOutcome.OK)
