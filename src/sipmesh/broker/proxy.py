@@ -376,14 +376,8 @@ class Proxy:
     def _route_hop(self, request: Request) -> SipURI | None:
         """The first Route's URI, after the strict-router rewrite of §16.6 step 6
         (which changes `request`: call once per request copy)."""
-        first = request.headers.get("Route")
-        if first is None:
-            return None
-        try:
-            route = parse_address(first).uri
-        except ParseError:
-            return None
-        if not isinstance(route, SipURI):
+        route = _first_route(request)
+        if route is None:
             return None
         if not route.lr:  # strict router next: it wants the Request-URI to be itself
             routes = request.headers.get_all("Route")

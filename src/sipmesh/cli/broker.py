@@ -183,7 +183,7 @@ def run_broker(args: argparse.Namespace) -> int:
         return 2
     _setup_logging(args)
     from sipmesh.broker import preflight
-    from sipmesh.broker.workers import serve, startup_hint
+    from sipmesh.broker.workers import serve
 
     try:
         config = build_config(args)
@@ -192,8 +192,7 @@ def run_broker(args: argparse.Namespace) -> int:
         print(f"sipmesh broker: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"sipmesh broker: cannot start: {exc}{startup_hint(exc)}", file=sys.stderr)
-        return 1
+        return _cannot_start(exc)
     if config.users_file is None and config.radius is None:
         log.warning("no --users file: anyone may register any name and call through this broker")
     if not config.domains:
@@ -201,8 +200,7 @@ def run_broker(args: argparse.Namespace) -> int:
     try:
         return serve(config, loop=args.loop)
     except OSError as exc:
-        print(f"sipmesh broker: cannot start: {exc}{startup_hint(exc)}", file=sys.stderr)
-        return 1
+        return _cannot_start(exc)
     except RuntimeError as exc:
         print(f"sipmesh broker: {exc}", file=sys.stderr)
         return 1
@@ -270,3 +268,9 @@ def run_users(args: argparse.Namespace) -> int:
         print(f"sipmesh broker users: {exc}", file=sys.stderr)
         return 1
     return 2
+
+
+def _cannot_start(exc: OSError) -> int:
+    from sipmesh.broker.workers import startup_hint
+    print(f"sipmesh broker: cannot start: {exc}{startup_hint(exc)}", file=sys.stderr)
+    return 1
