@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -239,3 +242,142 @@ async def test_no_mapping_is_asked_for_loopback_host_candidates():
         assert session.connection.port_mapper.mapping is None
     finally:
         await session.close()
+
+
+# ----------------------------------------------------------------------- miniupnpd in the NAT lab
+
+
+@pytest.fixture
+def upnp_lab(lab):
+    """The ICE lab (tests/test_ice.py: broker with STUN and coturn, home hosts a and b, ...)
+    plus m, behind a symmetric NAT router that runs miniupnpd."""
+    reason = miniupnpd_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    router = lab.add_router("symmetric", upnp=True)
+    lab.add_host("m", behind=router)
+    return lab
+
+
+def mapped(result: dict) -> list[str]:
+    """The srflx candidates of one side's description that carry the router's mapping."""
+    return [value for name, value in result["local"] if name == "candidate"
+            and "typ srflx" in value]
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.parametrize("protocols, used", [
+    (list(PROTOCOLS), "PCP"), (["nat-pmp"], "NAT-PMP"), (["upnp"], "UPnP-IGD")])
+def test_a_mapped_port_makes_a_host_behind_a_symmetric_nat_reachable(upnp_lab, protocols, used):
+    router = upnp_lab["m"].router
+    results = session(upnp_lab, "a", "m", portmap={"m": protocols})
+    a, m = results
+    assert m["mapping"] and m["mapping"].startswith(f"{used} {router.wan_ip}:"), m["mapping"]
+    for side in results:
+        assert "error" not in side, side
+        assert side["path"]["kind"] == "direct", side["path"]
+    external = m["mapping"].split()[1]
+    assert a["path"]["remote_address"] == [router.wan_ip, int(external.split(":")[1])]
+    assert m["data"] == ["ping 0", "ping 1", "ping 2"]
+    assert m["closed"] and router.upnp.redirects() == [], router.upnp.log_tail()
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_without_port_mapping_the_same_pair_is_relayed(upnp_lab):
+    results = session(upnp_lab, "a", "m")
+    for side in results:
+        assert "error" not in side, side
+        assert side["path"]["kind"] == "relayed", side["path"]
+    assert results[1]["mapping"] is None
+    assert upnp_lab["m"].router.upnp.redirects() == []
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_the_host_behind_the_mapping_can_call_too(upnp_lab):
+    results = session(upnp_lab, "m", "a", portmap={"m": list(PROTOCOLS)})
+    for side in results:
+        assert "error" not in side, side
+        assert side["path"]["kind"] == "direct", side["path"]
+    assert results[1]["data"] == ["ping 0", "ping 1", "ping 2"]
+    assert upnp_lab["m"].router.upnp.redirects() == []
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_a_router_that_maps_nothing_is_not_fatal(upnp_lab):
+    """s's symmetric router runs no miniupnpd (ICMP port unreachable for all three): no
+    mapping, the session goes through the relay as before."""
+    start = time.monotonic()
+    results = session(upnp_lab, "a", "s", portmap={"s": list(PROTOCOLS)})
+    for side in results:
+        assert "error" not in side, side
+        assert side["path"]["kind"] == "relayed", side["path"]
+    assert results[1]["mapping"] is None and results[1]["closed"]
+    assert time.monotonic() - start < 10
+
+
+EXIT_SCRIPT = """
+import asyncio, json, sys
+from aioice.candidate import Candidate
+from sipmesh.agent.portmap import PortMapper
+
+async def main():
+    mapper = PortMapper([sys.argv[1]])
+    host = Candidate(foundation="1", component=1, transport="udp", priority=1,
+                     host=sys.argv[2], port=int(sys.argv[3]), type="host")
+    found = await mapper.candidate([host])
+    print(json.dumps([found.host, found.port] if found else None), flush=True)
+    sys.stdin.readline()   # exits without closing the mapper: atexit deletes the mapping
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_mapping_left_open_is_deleted_at_process_exit(upnp_lab, protocol):
+    m = upnp_lab["m"]
+    proc = upnp_lab.popen(m, [sys.executable, "-c", EXIT_SCRIPT, protocol, m.ip, "41234"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        found = json.loads(proc.stdout.readline())
+        assert found and found[0] == m.router.wan_ip, found
+        assert m.router.upnp.redirects() == [(found[1], m.ip, 41234)]
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+        assert m.router.upnp.redirects() == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_a_router_that_refuses_pcp_is_asked_by_nat_pmp(monkeypatch, caplog):
+    """PCP says NOT_AUTHORIZED to the MAP (its ANNOUNCE was answered): NAT-PMP, the next
+    in order, makes the mapping."""
+    def answer(data: bytes) -> bytes:
+        if data[0] == 2:
+            return pcp_answer(opcode=0, lifetime=0) if data[1] == 0 else \
+                pcp_answer(result=2, nonce=data[24:36])
+        if data[1] == 0:
+            return bytes.fromhex("0080 0000 00000e10") + bytes([203, 0, 113, 3])
+        return bytes.fromhex("0081 0000 00000e10") + data[4:6] + data[4:6] + data[8:12]
+
+    transport, server, port = await scripted_server(answer)
+    monkeypatch.setattr(portmap, "SERVER_PORT", port)
+    mapper = PortMapper(["pcp", "nat-pmp"], gateway="127.0.0.1")
+    try:
+        with caplog.at_level("INFO", "sipmesh.agent.portmap"):
+            candidate = await mapper.candidate([host_candidate("127.0.0.1", 40000)])
+        assert (candidate.host, candidate.port) == ("203.0.113.3", 40000)
+        assert mapper.mapping.protocol == "nat-pmp" and mapper.mapping.lifetime == 7200
+        assert [r.getMessage() for r in caplog.records] == [
+            "router port mapping: NAT-PMP 203.0.113.3:40000 -> 127.0.0.1:40000 for 7200 s"]
+        await mapper.close()
+        assert server.requests[-1] == natpmp_map_request(40000, 0, 0)
+    finally:
+        transport.close()
+        await mapper.close()

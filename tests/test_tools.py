@@ -21,6 +21,7 @@ PROGRAMS = {
     "socat": "socat", "setpriv": "util-linux", "unshare": "util-linux", "stdbuf": "coreutils",
     "turnserver": "coturn", "conntrack": "conntrack", "dnsmasq": "dnsmasq-base",
     "systemd-analyze": "systemd", "chromium": "chromium", "openssl": "openssl",
+    "miniupnpd": "miniupnpd-nftables", "nft": "nftables",
 }
 
 

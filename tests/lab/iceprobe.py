@@ -5,7 +5,9 @@
                 {"controlling": bool, "stun": [ip, port] | null, "turn": [ip, port] | null,
                       "user": str, "password": str, "transport": "auto"|"udp"|"tcp",
                       "timeout": seconds, "portmap": ["pcp", "nat-pmp", "upnp"] | null}
-    prints  {"local": [[name, value], ...], "started": t}   our a= lines; when gathering began
+    prints  {"local": [[name, value], ...], "started": t, "mapping": str | null}
+                                                our a= lines; when gathering began; the
+                                                router's port mapping ("PCP 203.0.113.3:...")
     reads   [[name, value], ...]                        the peer's a= lines (one JSON line)
     prints  {"path": {...}} or {"error": str, "path": {...}}
     then the controlling side sends "ping N" and the other answers "pong N" (3 times) and
@@ -54,7 +56,10 @@ async def session(config: dict) -> None:
         controlling=config["controlling"])
     try:
         started = time.monotonic()   # CLOCK_MONOTONIC: one clock for every namespace
-        emit(local=render(await ice.gather()), started=started)
+        local = render(await ice.gather())
+        mapper = ice.connection.port_mapper
+        emit(local=local, started=started,
+             mapping=mapper.mapping.describe() if mapper and mapper.mapping else None)
         line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         remote = ice.read_remote([tuple(a) for a in json.loads(line)])
         try:
