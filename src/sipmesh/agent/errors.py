@@ -21,6 +21,7 @@ class Exit(enum.IntEnum):
     REFUSED = 9        # the session was refused: 488, bad parameters either way, other errors
     APPLICATION = 10   # the session ran, but our program ended it by failing (non-zero, signal)
     UNTRUSTED = 11     # TLS: we refused the SIP server's certificate (wrong CA or name)
+    PEER_LOST = 12     # the session ran, but the peer stopped answering (no BYE): we ended it
 
 
 EXIT_HELP = """exit status:
@@ -39,6 +40,8 @@ EXIT_HELP = """exit status:
      signal we did not send (call, serve --once; the program's own status is printed)
  11  TLS: the SIP server's certificate was refused (not signed by a trusted CA, or
      not for the server's name)
+ 12  the session ran, but the peer stopped answering without ending it (its agent or
+     host died, or the path to it was cut): we stopped the program (call, serve --once)
   1  any other failure"""
 
 

@@ -116,8 +116,10 @@ class Session:
 
     @property
     def failure(self) -> str | None:
-        """How our program ended the session by failing (non-zero status or a signal we
-        did not send), for people; None if it did not."""
+        """How the session ended by failing, for people: our program failed (non-zero
+        status or a signal we did not send) or the peer stopped answering; None if neither."""
+        if self.call is not None and self.call.lost:
+            return f"{self.call.lost} (session {self.call_id} with {self.peer})"
         if self.app_status in (None, 0):
             return None
         return (f"the application {describe_exit(self.app_status)} "
@@ -357,7 +359,7 @@ class Session:
             await call.bye()
             await child.stop(self.grace)
         elif call.ended.done():
-            self.reason = f"the peer ended the session ({call.ended.result()})"
+            self.reason = call.lost or f"the peer ended the session ({call.ended.result()})"
             log.info("[%s] %s: stopping the application", call.call_id, self.reason)
             await child.stop(self.grace)
         else:
@@ -410,7 +412,7 @@ class Agent:
         self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise,
                                  tls_server_name=config.tls_server_name)
         self.sessions = 0  # established so far
-        self.app_failure: str | None = None  # how the last session's program failed
+        self.app_failure: AgentError | None = None  # how the last session failed
         self.ready = asyncio.Event()  # set once registered (or, without registering, started)
 
     @property
@@ -454,7 +456,7 @@ class Agent:
         finally:
             await endpoint.close(self.config.grace + 10)
         if self.app_failure is not None and (self.config.mode == "call" or self.config.once):
-            raise AgentError(self.app_failure, Exit.APPLICATION)
+            raise self.app_failure
         return Exit.OK
 
     def _session(self) -> Session:
@@ -486,4 +488,6 @@ class Agent:
         """After an established session."""
         self.sessions += 1
         if session.failure is not None:
-            self.app_failure = session.failure
+            lost = session.call is not None and session.call.lost
+            self.app_failure = AgentError(session.failure,
+                                          Exit.PEER_LOST if lost else Exit.APPLICATION)

@@ -93,6 +93,25 @@ def positive(text: str) -> float:
     return value
 
 
+def keepalive_seconds(text: str) -> float:
+    """--keepalive: 0 (off) or 1..3600 seconds."""
+    from sipmesh.sip.ua.liveness import check_interval
+    try:
+        return check_interval(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"keepalive: {exc}") from None
+
+
+def add_keepalive_option(group: Any) -> None:
+    """--keepalive: how long a session's peer may stay silent before it is probed."""
+    from sipmesh.sip.ua.useragent import DEFAULT_PEER_KEEPALIVE
+    group.add_argument("--keepalive", metavar="SECONDS", type=keepalive_seconds, default=None,
+                       help="send the peer an OPTIONS in the session after this much silence, "
+                            "and end the session when it stops answering: within SECONDS + "
+                            "min(2*SECONDS, 32) of its last sign of life; 0: never "
+                            f"(default: {DEFAULT_PEER_KEEPALIVE:g})")
+
+
 def sip_port(text: str) -> int:
     if text == "0":
         return 0

@@ -17,9 +17,11 @@ from sipmesh.agent.params import IPAddress, IPv4, Port
 from sipmesh.agent.profile import AppProfile
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.cli.common import (add_identity_options, add_output_options, add_tls_options,
-                                fail, positive, progress_printer, run_until_signalled,
-                                setup_logging, sip_identity, sip_port, tls_client, typed)
+                                add_keepalive_option, fail, positive, progress_printer,
+                                run_until_signalled, setup_logging, sip_identity, sip_port,
+                                tls_client, typed)
 from sipmesh.sip.ua import UAConfig
+from sipmesh.sip.ua.useragent import DEFAULT_PEER_KEEPALIVE
 
 APPS = ("exec", "openvpn")
 
@@ -56,6 +58,7 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
                      help="registration lifetime; refreshed at half of it (default: 3600)")
     sip.add_argument("--register-timeout", metavar="SECONDS", type=positive, default=10.0,
                      help="give up when the server does not answer a REGISTER (default: 10)")
+    add_keepalive_option(sip)
     app = parser.add_argument_group("application")
     app.add_argument("--app", choices=APPS, default="exec",
                      help="exec: run the program given after --; openvpn: run OpenVPN with a "
@@ -103,7 +106,8 @@ def ua_config(args: argparse.Namespace, *, listen_port: int | None = None) -> UA
                     auth_user=auth_user, transport=transport.upper(),
                     tls_client_context=client_tls(transport, tls_client(args)),
                     listen_host=args.bind, listen_port=args.sip_port if listen_port is None
-                    else listen_port)
+                    else listen_port, peer_keepalive=DEFAULT_PEER_KEEPALIVE
+                    if args.keepalive is None else args.keepalive)
 
 
 def chosen_transport(server: ServerAddress, option: str | None) -> str:
