@@ -330,6 +330,8 @@ async def main():
                      host=sys.argv[2], port=int(sys.argv[3]), type="host")
     found = await mapper.candidate([host])
     print(json.dumps([found.host, found.port] if found else None), flush=True)
+    sys.stdin.readline()
+    print(json.dumps([await mapper.renew(), mapper.mapping.external]), flush=True)
     sys.stdin.readline()   # exits without closing the mapper: atexit deletes the mapping
 
 asyncio.run(main())
@@ -339,13 +341,17 @@ asyncio.run(main())
 @pytest.mark.slow
 @pytest.mark.netns
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_a_mapping_left_open_is_deleted_at_process_exit(upnp_lab, protocol):
+def test_a_mapping_is_renewed_and_deleted_at_process_exit_if_left_open(upnp_lab, protocol):
     m = upnp_lab["m"]
     proc = upnp_lab.popen(m, [sys.executable, "-c", EXIT_SCRIPT, protocol, m.ip, "41234"],
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         found = json.loads(proc.stdout.readline())
         assert found and found[0] == m.router.wan_ip, found
+        assert m.router.upnp.redirects() == [(found[1], m.ip, 41234)]
+        proc.stdin.write("renew\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == [True, found]   # the same port again
         assert m.router.upnp.redirects() == [(found[1], m.ip, 41234)]
         proc.stdin.close()
         assert proc.wait(10) == 0

@@ -65,6 +65,7 @@ TRIES = (0.0, 0.1, 0.3, 0.6)  # s after the start that each try of a datagram re
 LIFETIME = 7200              # s we ask for (RFC 6887 §15: suggests 2 h for a MAP)
 MAX_LIFETIME = 86400         # s: a longer lifetime from the router is taken as this
 MIN_RENEW = 5.0              # s between renewals, whatever the router grants
+RETRY_EXPIRED = 60.0         # s between tries once a mapping expired unrenewed
 UDP = 17
 
 T = TypeVar("T")
@@ -489,19 +490,33 @@ class PortMapper:
         await _MAP[protocol](mapping, self.lifetime)
         return mapping
 
+    async def renew(self) -> bool:
+        """Ask the router again now for the mapping we hold (the renewal task does this at
+        half its lifetime); whether it said yes. Logs when the external address moved."""
+        mapping = self.mapping
+        if mapping is None:
+            return False
+        before = mapping.external
+        try:
+            await _MAP[mapping.protocol](mapping, self.lifetime)
+        except (PortmapError, OSError) as e:
+            log.info("router port mapping %s not renewed: %s", mapping.describe(), e)
+            return False
+        if mapping.external != before:
+            log.warning("router port mapping moved: %s (the peer has the old address)",
+                        mapping.describe())
+        return True
+
     async def _renew(self) -> None:
+        """Renew at half the time left; past expiry (the router forgot us, or is gone) try
+        again every RETRY_EXPIRED seconds."""
+        loop = asyncio.get_running_loop()
+        expires = loop.time() + (self.mapping.lifetime if self.mapping else 0)
         while self.mapping is not None:
-            mapping = self.mapping
-            await asyncio.sleep(max(mapping.lifetime / 2, MIN_RENEW))
-            before = mapping.external
-            try:
-                await _MAP[mapping.protocol](mapping, self.lifetime)
-            except (PortmapError, OSError) as e:
-                log.info("router port mapping %s not renewed: %s", mapping.describe(), e)
-                continue
-            if mapping.external != before:
-                log.warning("router port mapping moved: %s (the peer has the old address)",
-                            mapping.describe())
+            left = expires - loop.time()
+            await asyncio.sleep(max(left / 2, MIN_RENEW) if left > 0 else RETRY_EXPIRED)
+            if await self.renew() and self.mapping is not None:
+                expires = loop.time() + self.mapping.lifetime
 
 
 # Each of these asks the router to map `mapping.internal` for `lifetime` seconds (again:
