@@ -35,6 +35,7 @@ import atexit
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import socket
 import struct
@@ -82,19 +83,22 @@ class _NotForUs(PortmapError):
 # --------------------------------------------------------------------------- the gateway (pure)
 
 
+_HEX32 = re.compile(r"[0-9A-Fa-f]{8}")
+
+
 def default_gateway(route_table: str) -> str | None:
     """The next hop of the IPv4 default route in ``/proc/net/route`` text (the lowest
     metric wins), None if there is none."""
     best: tuple[int, str] | None = None
     for line in route_table.splitlines()[1:]:
         fields = line.split()
-        if len(fields) < 8:
+        if len(fields) < 8 or not all(_HEX32.fullmatch(f) for f in (fields[1], fields[2],
+                                                                     fields[7])) \
+                or not re.fullmatch(r"[0-9A-Fa-f]{1,4}", fields[3]) \
+                or not re.fullmatch(r"[0-9]{1,10}", fields[6]):
             continue
-        try:
-            destination, gateway, flags = int(fields[1], 16), int(fields[2], 16), int(fields[3], 16)
-            metric, mask = int(fields[6]), int(fields[7], 16)
-        except ValueError:
-            continue
+        destination, gateway, mask = (int(fields[i], 16) for i in (1, 2, 7))
+        flags, metric = int(fields[3], 16), int(fields[6])
         if destination == 0 and mask == 0 and flags & 0x3 == 0x3 and gateway:   # UP, GATEWAY
             address = socket.inet_ntoa(struct.pack("<I", gateway))
             if best is None or metric < best[0]:
