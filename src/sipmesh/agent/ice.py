@@ -355,9 +355,10 @@ class _Connection(aioice.Connection):
         # aioice emits ConnectionClosed only once a TURN allocation is deleted, up to 40 s
         # later when the path to the server is dead too: tell waiters at once
         self.closing.set()
+        closing = [super().close()]
         if self.port_mapper is not None:   # -- port mapping: it ends with the session
-            await self.port_mapper.close()
-        await super().close()
+            closing.append(self.port_mapper.close())
+        await asyncio.gather(*closing)
 
     # -- gathering
     async def gather_candidates(self) -> None:
