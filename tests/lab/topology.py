@@ -152,7 +152,10 @@ class Host:
 class NatLab:
     """The internet namespace and the hosts and routers added to it (see the module doc)."""
 
-    def __init__(self, factory: NetnsFactory | None = None) -> None:
+    def __init__(self, factory: NetnsFactory | None = None, *,
+                 run_dir: str | Path | None = None) -> None:
+        """`run_dir`: where the lab's own daemons keep their files (default: a temporary
+        directory, deleted by :meth:`close`)."""
         self._own_factory = factory is None
         self.factory = factory or NetnsFactory()
         self.hosts: dict[str, Host] = {}
@@ -161,7 +164,8 @@ class NatLab:
         next(self._addresses)  # .1 is the lab's STUN responder, when a router needs one
         self._ports = 0  # veth ends on the bridge: p0, p1, ...
         self._lans = 0
-        self._dir: Path | None = None
+        self._dir: Path | None = Path(run_dir) if run_dir is not None else None
+        self._own_dir = run_dir is None
         self._stun_server: tuple[str, int] | None = None
         try:
             [self.internet] = self.factory.add_many(["inet"])
@@ -283,9 +287,10 @@ class NatLab:
 
     @property
     def _run_dir(self) -> Path:
-        """Files of the lab's own daemons (deleted by close)."""
+        """Files of the lab's own daemons."""
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="natlab-"))
+        self._dir.mkdir(parents=True, exist_ok=True)
         return self._dir
 
     def _stun(self) -> tuple[str, int]:
@@ -327,7 +332,7 @@ class NatLab:
         made itself: a factory passed in is closed by its owner)."""
         if self._own_factory:
             self.factory.close()
-        if self._dir is not None:
+        if self._dir is not None and self._own_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> "NatLab":
