@@ -332,9 +332,13 @@ def lab(nat_lab, coturn):
 
 
 def session(lab, caller: str, callee: str, *, password: str = "alice-pw",
-            turn: bool = True, timeout: float = 10.0, hold: bool = False) -> list[dict]:
+            turn: bool = True, timeout: float = 10.0, hold: bool = False,
+            portmap: dict[str, list[str]] | None = None) -> list[dict]:
     """Run iceprobe on both hosts, swap their descriptions as an offer and an answer
-    would, and return each side's results: [{"local", "path" | "error", "data"}, ...]."""
+    would, and return each side's results: [{"local", "path" | "error", "data"}, ...].
+    `portmap`: {host: protocols} asks those hosts' routers for a port mapping; the
+    session is then closed before this returns ("closed" in their results)."""
+    portmap = portmap or {}
     broker = lab["broker"]
     procs = []
     try:
@@ -346,7 +350,7 @@ def session(lab, caller: str, callee: str, *, password: str = "alice-pw",
                 "controlling": controlling, "stun": [broker.ip, SIP_PORT],
                 "turn": [broker.ip, lab.relay.port] if turn else None,
                 "user": "alice", "password": password, "timeout": timeout,
-                "hold": hold}) + "\n")
+                "hold": hold, "portmap": portmap.get(host)}) + "\n")
             proc.stdin.flush()
         results = [read(p) for p in procs]
         for proc, peer in zip(procs, reversed(results)):
@@ -362,6 +366,9 @@ def session(lab, caller: str, callee: str, *, password: str = "alice-pw",
                 proc.stdin.write("cut\n")
                 proc.stdin.flush()
             for proc, result in zip(procs, results):
+                result.update(read(proc))
+        for host, proc, result in zip((caller, callee), procs, results):
+            if portmap.get(host):
                 result.update(read(proc))
         return results
     finally:

@@ -118,3 +118,13 @@ def test_lab_is_removed_even_when_the_test_fails():
 def test_unknown_router_kind_is_refused(nat_lab):
     with pytest.raises(ValueError, match="unknown router kind"):
         nat_lab.add_host("x", behind="carrier-grade")
+
+
+def test_a_router_made_first_takes_hosts_behind_it(nat_lab):
+    router = nat_lab.add_router("home")
+    hosts = nat_lab.add_hosts({"x": router, "y": router, "p": "public"})
+    assert [h.router for h in (hosts["x"], hosts["y"])] == [router, router]
+    assert hosts["x"].public_ip == router.wan_ip and router.upnp is None
+    assert nat_lab.run("x", ["ping", "-c1", "-W2", hosts["p"].ip], check=False).returncode == 0
+    with pytest.raises(ValueError, match="unknown router kind"):
+        nat_lab.add_router("public")

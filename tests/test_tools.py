@@ -22,6 +22,7 @@ PROGRAMS = {
     "turnserver": "coturn", "conntrack": "conntrack", "dnsmasq": "dnsmasq-base",
     "systemd-analyze": "systemd", "chromium": "chromium", "openssl": "openssl",
     "freeradius": "freeradius",
+    "miniupnpd": "miniupnpd-nftables", "nft": "nftables",
 }
 
 

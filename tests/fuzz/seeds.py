@@ -1,7 +1,7 @@
 """Make the committed seed corpus of the fuzz targets (tests/fuzz/corpus/<target>/).
 
     python -m tests.fuzz.seeds capture   # SIP from SIPp, Kamailio and baresip (root, tcpdump)
-    python -m tests.fuzz.seeds derive    # URI, header, digest, SDP, a=, stream, STUN and trust seeds
+    python -m tests.fuzz.seeds derive    # URI, header, digest, SDP, a=, stream, STUN, trust, portmap seeds
 
 ``capture`` runs real third-party SIP software on loopback, as the tests do (SIPp
 registering with digest and calling through the sipmesh broker, SIPp through Kamailio,
@@ -278,6 +278,33 @@ def _trust_seeds() -> list[bytes]:
             b"\1" + cert.to_bytes(), b"\2" + crl.to_text().encode()]
 
 
+def _portmap_seeds() -> list[bytes]:
+    """Answers as miniupnpd 2.3.1 sends them (captured in the NAT lab, the nonce and port
+    of tests.fuzz.targets), each after its selector byte; a routing table."""
+    pcp_map = bytes.fromhex("0281000000001c2000000000000000000000000000000000"
+                            "000102030405060708090a0b110000009c409c40"
+                            "00000000000000000000ffffcb007102")
+    ssdp = (b"HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\n"
+            b"ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n"
+            b"USN: uuid:e8911a21-7349-495a-9b32-13f4c34e5d8f::"
+            b"urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\nEXT:\r\n"
+            b"SERVER: Debian/12 UPnP/1.1 MiniUPnPd/2.3.1\r\n"
+            b"LOCATION: http://192.168.1.1:37371/rootDesc.xml\r\n"
+            b"OPT: \"http://schemas.upnp.org/upnp/1/0/\"; ns=01\r\n01-NLS: 1796524901\r\n"
+            b"BOOTID.UPNP.ORG: 1796524901\r\nCONFIGID.UPNP.ORG: 1337\r\n\r\n")
+    routes = (b"Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+              b"eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+              b"eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")
+    return [b"\0" + pcp_map,
+            b"\0" + pcp_map[:4] + b"\0\0\0\0" + pcp_map[8:],             # deleted
+            b"\0" + pcp_map[:3] + b"\x02" + pcp_map[4:],                   # NOT_AUTHORIZED
+            b"\1" + bytes.fromhex("028000000000000000000000000000000000000000000000"),
+            b"\2" + bytes.fromhex("0080000000000000cb007102"),
+            b"\3" + bytes.fromhex("00810000000000009c409c4000001c20"),
+            b"\3" + bytes.fromhex("00810000000000009c40000000000000"),
+            b"\4" + ssdp, b"\5" + routes]
+
+
 def derive() -> None:
     for target in TARGET_NAMES:  # what an earlier derive wrote (regression inputs stay)
         if target != "message":
@@ -317,6 +344,8 @@ def derive() -> None:
         _write("digest", data, seen)
     for data in _trust_seeds():
         _write("trust", data, seen)
+    for data in _portmap_seeds():
+        _write("portmap", data, seen)
     for body in _attribute_seeds():
         _write("sdp", body, seen)
         _write("attributes", body + b"a=PORT:8000\r\n", seen)

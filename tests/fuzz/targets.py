@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sipmesh.agent.attributes import read_attribute_list, read_attributes
 from sipmesh.agent.params import TYPES, Param, ParamError, param_type, validate
+from sipmesh.agent.portmap import (PortmapError, default_gateway, parse_natpmp_address,
+                                   parse_natpmp_map, parse_pcp, parse_ssdp)
 from sipmesh.agent.trust import (MemberCertificate, NetworkCA, RevocationList, TrustError,
                                  verify_session)
 from sipmesh.sip.auth import (AuthError, DigestClient, DigestServer, NonceManager, choose_challenge,
@@ -260,7 +262,38 @@ def stun(data: bytes) -> None:
     message.message_method, message.message_class, message.transaction_id, message.attributes
 
 
+# -- router port mapping -------------------------------------------------------------------
+
+PORTMAP_NONCE = bytes(range(12))   # the nonce and port of the seeds' PCP/NAT-PMP mapping
+PORTMAP_PORT = 40000
+
+
+def portmap(data: bytes) -> None:
+    """What the agent reads from its router (agent/portmap.py): PCP answers to MAP and
+    ANNOUNCE, NAT-PMP answers, an SSDP answer (the first byte picks which), and the routing
+    table the gateway is read from."""
+    if not data:
+        return
+    kind, body = data[0] % 6, data[1:]
+    try:
+        if kind == 0:
+            parse_pcp(body, 1, PORTMAP_NONCE, PORTMAP_PORT)
+        elif kind == 1:
+            parse_pcp(body, 0)
+        elif kind == 2:
+            parse_natpmp_address(body)
+        elif kind == 3:
+            parse_natpmp_map(body, PORTMAP_PORT)
+        elif kind == 4:
+            parse_ssdp(body, "192.168.1.1")
+        else:
+            default_gateway(body.decode("ascii", "replace"))
+    except PortmapError:
+        pass
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "message": message, "stream": stream, "uri": uri, "headers": headers,
     "digest": digest, "sdp": sdp, "attributes": attributes, "stun": stun, "trust": trust,
+    "portmap": portmap,
 }

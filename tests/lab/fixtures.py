@@ -91,8 +91,8 @@ def lo_only_netns(netns_factory: NetnsFactory) -> Netns:
 
 
 @pytest.fixture
-def nat_lab(netns_factory: NetnsFactory) -> NatLab:
-    return NatLab(netns_factory)
+def nat_lab(netns_factory: NetnsFactory, tmp_path: Path) -> NatLab:
+    return NatLab(netns_factory, run_dir=tmp_path / "natlab")
 
 
 @pytest.fixture

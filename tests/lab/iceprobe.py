@@ -4,14 +4,18 @@
         reads   CONFIG_JSON (one line; credentials stay off the command line):
                 {"controlling": bool, "stun": [ip, port] | null, "turn": [ip, port] | null,
                       "user": str, "password": str, "transport": "auto"|"udp"|"tcp",
-                      "timeout": seconds}
-    prints  {"local": [[name, value], ...], "started": t}   our a= lines; when gathering began
+                      "timeout": seconds, "portmap": ["pcp", "nat-pmp", "upnp"] | null}
+    prints  {"local": [[name, value], ...], "started": t, "mapping": str | null}
+                                                our a= lines; when gathering began; the
+                                                router's port mapping ("PCP 203.0.113.3:...")
     reads   [[name, value], ...]                        the peer's a= lines (one JSON line)
     prints  {"path": {...}} or {"error": str, "path": {...}}
     then the controlling side sends "ping N" and the other answers "pong N" (3 times) and
     prints {"data": [...], "first": t} with what it received and when the first datagram
     came (t: time.monotonic(), one clock for every namespace: bench/nat.py subtracts them).
-    With "hold": true it then reads one more line (sent when the test cuts the path) and
+    With "portmap", it prints {"closed": true} once the session is closed (the router's
+    port mapping deleted). With "hold": true it then reads one more line (sent when the
+    test cuts the path) and
     prints {"closed_after": seconds} once consent to send has expired.
 
     iceprobe.py stun PORT
@@ -48,10 +52,14 @@ async def session(config: dict) -> None:
         turn_server=tuple(config["turn"]) if config.get("turn") else None,
         turn_username=config.get("user"), turn_password=config.get("password"),
         turn_transport=config.get("transport", "auto"), use_ipv6=False,
-        connect_timeout=config.get("timeout", 10.0)), controlling=config["controlling"])
+        connect_timeout=config.get("timeout", 10.0), portmap=tuple(config.get("portmap") or ())),
+        controlling=config["controlling"])
     try:
         started = time.monotonic()   # CLOCK_MONOTONIC: one clock for every namespace
-        emit(local=render(await ice.gather()), started=started)
+        local = render(await ice.gather())
+        mapper = ice.connection.port_mapper
+        emit(local=local, started=started,
+             mapping=mapper.mapping.describe() if mapper and mapper.mapping else None)
         line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         remote = ice.read_remote([tuple(a) for a in json.loads(line)])
         try:
@@ -81,6 +89,8 @@ async def session(config: dict) -> None:
                  consent_expired=ice.consent_expired)
     finally:
         await ice.close()
+        if config.get("portmap"):
+            emit(closed=True)
 
 
 def stun_responder(port: int) -> None:

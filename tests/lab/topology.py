@@ -29,6 +29,17 @@ Router kinds (``KINDS``), as TESTING.md and the research note measured them:
 ``plain``
     ``MASQUERADE`` without the WAN filter: the deliberately nasty NAT of TESTING.md.
 
+A router that maps ports when asked (UPnP-IGD, NAT-PMP, PCP: miniupnpd, see
+``tests/lab/miniupnpd.py``) is made first, then hosts are put behind it::
+
+    r = lab.add_router("symmetric", upnp=True)
+    m = lab.add_host("m", behind=r)
+    r.upnp.redirects()                                 # [(external port, ip, port), ...]
+
+Its firewall lets in what miniupnpd forwards (``--ctstate DNAT``) and leaves the router's
+own packets' ports alone (miniupnpd checks with STUN that nothing in front of it changes
+ports). The lab then runs a STUN responder of its own on the internet, at 203.0.113.1.
+
 Building costs a few ``ip -batch`` processes plus one ``iptables-restore`` per router, run
 in parallel: ``add_hosts`` builds several hosts at once, cheaper than one ``add_host`` each.
 Everything is deleted by :meth:`NatLab.close` (context exit, or the ``nat_lab`` fixture),
@@ -38,32 +49,40 @@ even when building fails half way.
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from .miniupnpd import MiniUPnPd
 from .netns import Netns, NetnsFactory, ip_batch
 from .netns import popen as _popen
 from .netns import run as _run
-from .procs import ManagedProcess, spawn
+from .procs import ManagedProcess, spawn, wait_udp_listening
 
 __all__ = ["INTERNET", "KINDS", "Host", "NatLab", "Router"]
 
 INTERNET = ipaddress.ip_network("203.0.113.0/24")
 KINDS = ("public", "home", "symmetric", "udp_blocked", "plain")
 WAN, LAN = "wan", "lan"  # router interface names (a bridge on the LAN side)
+STUN_IP, STUN_PORT = "203.0.113.1", 3478   # the lab's STUN responder (add_router(upnp=True))
 
 
-def _firewall(kind: str) -> str:
-    """The ``iptables-restore`` input of a router of `kind`."""
+def _firewall(kind: str, upnp: bool = False) -> str:
+    """The ``iptables-restore`` input of a router of `kind` (`upnp`: miniupnpd runs on it)."""
     masquerade = f"-A POSTROUTING -o {WAN} -j MASQUERADE"
     if kind == "symmetric":
         masquerade += " --random-fully"
-    rules = ["*nat", masquerade, "COMMIT", "*filter"]
+    own = [f"-A POSTROUTING -o {WAN} -m addrtype --src-type LOCAL -j RETURN"] if upnp else []
+    rules = ["*nat", *own, masquerade, "COMMIT", "*filter"]
     if kind != "plain":
         for chain in ("INPUT", "FORWARD"):
             rules += [f"-A {chain} -i {WAN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+                      *([f"-A {chain} -i {WAN} -m conntrack --ctstate DNAT -j ACCEPT"]
+                        if upnp and chain == "FORWARD" else []),
                       f"-A {chain} -i {WAN} -m conntrack --ctstate NEW -j DROP",
                       f"-A {chain} -i {WAN} -j DROP"]
     if kind == "udp_blocked":
@@ -80,6 +99,7 @@ class Router:
     wan_ip: str
     lan: ipaddress.IPv4Network
     hosts: list["Host"] = field(default_factory=list)
+    upnp: MiniUPnPd | None = None    # miniupnpd, when the router maps ports (add_router)
 
     @property
     def lan_ip(self) -> str:
@@ -132,15 +152,21 @@ class Host:
 class NatLab:
     """The internet namespace and the hosts and routers added to it (see the module doc)."""
 
-    def __init__(self, factory: NetnsFactory | None = None) -> None:
+    def __init__(self, factory: NetnsFactory | None = None, *,
+                 run_dir: str | Path | None = None) -> None:
+        """`run_dir`: where the lab's own daemons keep their files (default: a temporary
+        directory, deleted by :meth:`close`)."""
         self._own_factory = factory is None
         self.factory = factory or NetnsFactory()
         self.hosts: dict[str, Host] = {}
         self.routers: list[Router] = []
         self._addresses = iter(INTERNET.hosts())
-        next(self._addresses)  # .1 stays free (a gateway, if a test ever needs one)
+        next(self._addresses)  # .1 is the lab's STUN responder, when a router needs one
         self._ports = 0  # veth ends on the bridge: p0, p1, ...
         self._lans = 0
+        self._dir: Path | None = Path(run_dir) if run_dir is not None else None
+        self._own_dir = run_dir is None
+        self._stun_server: tuple[str, int] | None = None
         try:
             [self.internet] = self.factory.add_many(["inet"])
             ip_batch(["link set lo up", "link add br0 type bridge",
@@ -176,37 +202,16 @@ class NatLab:
         firewalls: dict[Netns, str] = {}
         made: dict[str, Host] = {}
 
-        def on_internet(ns: Netns, dev: str) -> str:
-            port = f"p{self._ports}"
-            self._ports += 1
-            address = str(next(self._addresses))
-            setup.append(f"link add {port} netns {self.internet.name} type veth "
-                         f"peer name {dev} netns {ns.name}")
-            inside.setdefault(self.internet, []).extend(
-                [f"link set {port} master br0", f"link set {port} up"])
-            inside[ns] += [f"addr add {address}/{INTERNET.prefixlen} dev {dev}",
-                           f"link set {dev} up"]
-            return address
-
         for name, behind in spec.items():
             ns = host_ns[name]
             if behind == "public":
-                made[name] = Host(name, ns, on_internet(ns, "eth0"))
+                made[name] = Host(name, ns, self._on_internet(ns, "eth0", setup, inside))
                 continue
             if isinstance(behind, Router):
                 router = behind
             else:
-                self._lans += 1
-                prefix = lans.get(name) or (f"192.168.{self._lans}.0/24" if behind == "symmetric"
-                                            else f"10.{self._lans}.0.0/24")
-                rns = router_ns[name]
-                router = Router(behind, rns, on_internet(rns, WAN),
-                                ipaddress.ip_network(prefix))
-                inside[rns] += ["link add lan type bridge",
-                                f"addr add {router.lan_ip}/{router.lan.prefixlen} dev {LAN}",
-                                f"link set {LAN} up"]
-                firewalls[rns] = _firewall(behind)
-                self.routers.append(router)
+                router = self._plan_router(router_ns[name], behind, lans.get(name), setup,
+                                           inside, firewalls)
             index = len(router.hosts) + 2
             address = str(router.lan.network_address + index)
             port = f"h{index}"
@@ -220,6 +225,57 @@ class NatLab:
             router.hosts.append(host)
             made[name] = host
 
+        self._apply(setup, inside, firewalls)
+        self.hosts.update(made)
+        return made
+
+    def add_router(self, kind: str, *, upnp: bool = False, lan: str | None = None) -> Router:
+        """A router of `kind` without hosts (add them with ``behind=router``); with `upnp`,
+        miniupnpd on it maps ports for its LAN (UPnP-IGD, NAT-PMP, PCP)."""
+        if kind not in KINDS or kind == "public":
+            raise ValueError(f"unknown router kind {kind!r} (one of {', '.join(KINDS[1:])})")
+        [rns] = self.factory.add_many([f"r{kind}"])
+        setup: list[str] = []
+        inside: dict[Netns, list[str]] = {rns: ["link set lo up"]}
+        firewalls: dict[Netns, str] = {}
+        router = self._plan_router(rns, kind, lan, setup, inside, firewalls, upnp=upnp)
+        self._apply(setup, inside, firewalls)
+        if upnp:
+            router.upnp = MiniUPnPd(router, self._run_dir / rns.name, stun=self._stun()).start()
+        return router
+
+    # -- building blocks: commands collected, then run at once by _apply
+    def _on_internet(self, ns: Netns, dev: str, setup: list[str],
+                     inside: dict[Netns, list[str]]) -> str:
+        """Plan a veth from `ns` (as `dev`) to the internet bridge; its new address."""
+        port = f"p{self._ports}"
+        self._ports += 1
+        address = str(next(self._addresses))
+        setup.append(f"link add {port} netns {self.internet.name} type veth "
+                     f"peer name {dev} netns {ns.name}")
+        inside.setdefault(self.internet, []).extend(
+            [f"link set {port} master br0", f"link set {port} up"])
+        inside[ns] += [f"addr add {address}/{INTERNET.prefixlen} dev {dev}",
+                       f"link set {dev} up"]
+        return address
+
+    def _plan_router(self, rns: Netns, kind: str, lan: str | None, setup: list[str],
+                     inside: dict[Netns, list[str]], firewalls: dict[Netns, str], *,
+                     upnp: bool = False) -> Router:
+        self._lans += 1
+        prefix = lan or (f"192.168.{self._lans}.0/24" if kind == "symmetric"
+                         else f"10.{self._lans}.0.0/24")
+        router = Router(kind, rns, self._on_internet(rns, WAN, setup, inside),
+                        ipaddress.ip_network(prefix))
+        inside[rns] += ["link add lan type bridge",
+                        f"addr add {router.lan_ip}/{router.lan.prefixlen} dev {LAN}",
+                        f"link set {LAN} up"]
+        firewalls[rns] = _firewall(kind, upnp)
+        self.routers.append(router)
+        return router
+
+    def _apply(self, setup: list[str], inside: dict[Netns, list[str]],
+               firewalls: dict[Netns, str]) -> None:
         ip_batch(setup)
         procs = [(["ip", "-n", ns.name, "-batch", "-"], "\n".join(lines) + "\n")
                  for ns, lines in inside.items()]
@@ -228,8 +284,25 @@ class NatLab:
                            "net.ipv4.ip_forward=1"], ""))
             procs.append((["ip", "netns", "exec", rns.name, "iptables-restore"], rules))
         _run_all(procs)
-        self.hosts.update(made)
-        return made
+
+    @property
+    def _run_dir(self) -> Path:
+        """Files of the lab's own daemons."""
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="natlab-"))
+        self._dir.mkdir(parents=True, exist_ok=True)
+        return self._dir
+
+    def _stun(self) -> tuple[str, int]:
+        """A STUN responder of the lab's own on the internet (for miniupnpd), started once."""
+        if self._stun_server is None:
+            ip_batch([f"addr add {STUN_IP}/{INTERNET.prefixlen} dev br0"], self.internet)
+            probe = str(Path(__file__).with_name("iceprobe.py"))
+            proc = spawn([sys.executable, probe, "stun", str(STUN_PORT)], netns=self.internet,
+                         name="lab-stun", log_path=self._run_dir / "stun.log")
+            wait_udp_listening("0.0.0.0", STUN_PORT, self.internet, 10, proc=proc)
+            self._stun_server = (STUN_IP, STUN_PORT)
+        return self._stun_server
 
     # -- using
     def __getitem__(self, name: str) -> Host:
@@ -259,6 +332,8 @@ class NatLab:
         made itself: a factory passed in is closed by its owner)."""
         if self._own_factory:
             self.factory.close()
+        if self._dir is not None and self._own_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> "NatLab":
         return self

@@ -51,6 +51,8 @@ from aioice import stun
 from aioice.candidate import Candidate
 from aioice.ice import CandidatePair, StunProtocol, get_host_addresses, relayed_candidate
 
+from sipmesh.agent.portmap import PortMapper
+
 __all__ = [
     "AGENT_MAX_CHECKS", "AGENT_TA", "AGENT_WINDOW", "MAX_CANDIDATES", "MAX_CANDIDATE_LENGTH",
     "MAX_CHECKS", "RELAY_HOLD", "TA",
@@ -320,6 +322,7 @@ class IceConfig:
     host_addresses: tuple[str, ...] | None = None   # None: every address but loopback
     use_ipv6: bool = True
     gather_timeout: float = 1.6      # s for each STUN/TURN answer (3 tries at 0, 0.5, 1.5)
+    portmap: tuple[str, ...] = ()    # router port mapping protocols, in order (agent/portmap.py)
     connect_timeout: float = 10.0    # s from the first check to a nominated pair
 
     def __post_init__(self) -> None:
@@ -345,12 +348,17 @@ class _Connection(aioice.Connection):
         self.prflx_refused = False
         self.limited: set[str] = set()   # whose check limit held a check back (logged once)
         self.closing = asyncio.Event()   # set when close() starts (consent expiry calls it)
+        # -- port mapping (agent/portmap.py): the router's mapping of our host port
+        self.port_mapper = PortMapper(config.portmap) if config.portmap else None
 
     async def close(self) -> None:
         # aioice emits ConnectionClosed only once a TURN allocation is deleted, up to 40 s
         # later when the path to the server is dead too: tell waiters at once
         self.closing.set()
-        await super().close()
+        closing = [super().close()]
+        if self.port_mapper is not None:   # -- port mapping: it ends with the session
+            closing.append(self.port_mapper.close())
+        await asyncio.gather(*closing)
 
     # -- gathering
     async def gather_candidates(self) -> None:
@@ -368,6 +376,11 @@ class _Connection(aioice.Connection):
         finally:
             found_relay = await relay
         self._local_candidates += found + found_relay
+        if self.port_mapper is not None:   # -- port mapping: one more srflx candidate
+            mapped = await self.port_mapper.candidate(found)
+            if mapped is not None and all((c.host, c.port) != (mapped.host, mapped.port)
+                                          for c in self._local_candidates):
+                self._local_candidates.append(mapped)
         self._local_candidates_end = True
 
     async def _relay(self) -> list[Candidate]:
