@@ -79,6 +79,11 @@ STDLIB_PRIVATE = {
     "*._make": "namedtuple API (public despite the underscore)",
     "argparse._SubParsersAction": "the type add_subparsers() returns has no public name "
                                   "(annotations only)",
+    "keep.transport._TurnTransport__inner_protocol": "aioice keeps the TURN client of a relayed "
+                                                     "candidate private; the relay proxy "
+                                                     "(agent/handover.py) sends ChannelData on "
+                                                     "it (aioice's sendto costs a task per "
+                                                     "datagram); aioice is pinned below 0.14",
     "subparsers._parser_class": "argparse has no public way to give one subcommand its own "
                                 "parser class (ProgramArgumentParser splits off the program "
                                 "after --)",
