@@ -25,7 +25,8 @@ from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.ice import IceConfig, IceOptions
 from sipmesh.agent.params import IPAddress
 from sipmesh.agent.registration import Registration
-from sipmesh.sip.transport.base import local_address_towards, resolve, uri_target
+from sipmesh.sip.transport.base import local_address_towards
+from sipmesh.sip.transport.resolve import resolve_uri
 from sipmesh.sip.uri import parse_sip_uri
 from sipmesh.sip.ua import IncomingCall, UAConfig, UserAgent
 
@@ -42,13 +43,11 @@ async def advertised_address(advertise: str | None, domain: str) -> str:
             return IPAddress().check(advertise)
         except ValueError as exc:
             raise AgentError(f"--advertise: {exc}", Exit.USAGE) from None
-    _, host, port = uri_target(parse_sip_uri(f"sip:{domain}"))
     try:
-        server = await resolve(host, port)
+        server = await resolve_uri(parse_sip_uri(f"sip:{domain}"))
     except OSError as exc:
-        raise AgentError(f"cannot resolve the SIP server {host}: {exc}", Exit.UNREACHABLE) \
-            from None
-    return local_address_towards(server)
+        raise AgentError(f"cannot resolve the SIP server: {exc}", Exit.UNREACHABLE) from None
+    return local_address_towards(server.host)
 
 
 class Endpoint:
