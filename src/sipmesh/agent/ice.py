@@ -466,7 +466,9 @@ class _Connection(aioice.Connection):
                 task.cancel()
             for task in done:
                 if task.exception() is None:
-                    found.append(task.result()[0])
+                    srflx = task.result()[0]
+                    if (srflx.host, srflx.port) != (srflx.related_address, srflx.related_port):
+                        found.append(srflx)   # (no NAT: the same address twice says nothing)
                 else:
                     log.info("no answer from STUN %s: %s", _show(self.stun_server),
                              _error(task.exception()))
@@ -690,17 +692,23 @@ class IceSession:
         try:
             await asyncio.wait_for(conn.connect(), self.config.connect_timeout)
         except (ConnectionError, asyncio.TimeoutError) as e:
-            report = self._report(None)
-            self.path = report
-            await self.close()
             reason = "timed out" if isinstance(e, asyncio.TimeoutError) else "every check failed"
-            raise IceError(f"no path to the peer ({reason}): {report.reason}; local "
-                           f"{self._candidates(self.local)}; remote "
-                           f"{self._candidates(remote)}", report) from None
+            report = self.path = self.snapshot()
+            await self.close()
+            raise IceError(f"no path to the peer ({reason}): {self.summary()}", report) from None
         self.path = self._report(conn.selected)
         self.path.rtt = await self.measure_rtt()
         log.info("path %s", self.path)
         return self.path
+
+    def snapshot(self) -> PathReport:
+        """Where the checks stand, as a path of kind "none": the reason and each check."""
+        return self._report(None)
+
+    def summary(self) -> str:
+        """Why there is no path, our candidates and the peer's, for an error message."""
+        return (f"{self._report(None).reason}; local {self._candidates(self.local)}; "
+                f"remote {self._candidates(self.remote)}")
 
     async def measure_rtt(self) -> float | None:
         """One authenticated Binding round trip on the selected pair (None: no answer). The

@@ -461,6 +461,11 @@ class Session:
             stopping.cancel()
         if not connecting.done():
             connecting.cancel()
+            if call.ended.done() and f"cause={NO_PATH_CAUSE}" in (call.bye_reason or ""):
+                # the peer's checks gave up before ours: there is no path for us either
+                self._no_path(ice.snapshot(), f"the peer found none ({call.bye_reason}); "
+                                              f"{ice.summary()}")
+                return False
             self.reason = f"the peer ended the session ({call.ended.result()})" \
                 if call.ended.done() else "shutting down"
             log.info("[%s] %s while checking paths", self.call_id, self.reason)
@@ -470,12 +475,7 @@ class Session:
         try:
             self.path = connecting.result()
         except IceError as exc:
-            self.path = exc.report or PathReport("none", str(exc))
-            checks = "; ".join(self.path.checks[:8]) or "none"
-            self._no_path_message = f"no network path to {self.peer}: {exc}; checks: {checks}"
-            self.reason = "no network path"
-            log.warning("[%s] %s", self.call_id, self._no_path_message)
-            self._emit("no_path", call_id=self.call_id, text=self._no_path_message)
+            self._no_path(exc.report or PathReport("none", str(exc)), str(exc))
             await _bye(call, NO_PATH_CAUSE, f"no network path: {self.path.reason}")
             return False
         self._emit("path", call_id=self.call_id, path=str(self.path), kind=self.path.kind)
@@ -483,6 +483,14 @@ class Session:
         self.handover = await Handover.take(ice, consent_timeout=timeout)
         self.info.path = self.handover.endpoint
         return True
+
+    def _no_path(self, report: PathReport, why: str) -> None:
+        self.path = report
+        checks = "; ".join(report.checks[:8]) or "none"
+        self._no_path_message = f"no network path to {self.peer}: {why}; checks: {checks}"
+        self.reason = "no network path"
+        log.warning("[%s] %s", self.call_id, self._no_path_message)
+        self._emit("no_path", call_id=self.call_id, text=self._no_path_message)
 
     async def _close_path(self) -> None:
         if self.handover is not None:
