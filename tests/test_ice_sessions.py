@@ -309,3 +309,71 @@ async def main():
         await ua.stop()
 print(json.dumps(asyncio.run(main())))
 '''
+
+
+def test_status_shows_the_path_of_each_session_and_why(ice_lab):
+    """A daemon on the symmetric host s serves an exec UDP echo; a calls it from behind its
+    home router. While the session runs, `sipmesh status` on s shows it relayed, with the
+    selected pair and its candidate types, the RTT and, in words, why."""
+    s, run = ice_lab["s"], ice_lab.run
+    config = run / "daemon-s.toml"
+    config.write_text(f'''
+[agent]
+server = "{ice_lab.server}"
+user = "sd"
+password = "{password('sd')}"
+turn = "{ice_lab.turn}"
+control_socket = "{run / 'ctl' / 'sd.sock'}"
+
+[allocators.udp]
+type = "ports"
+range = "41000-41009"
+protocols = ["udp"]
+
+[[service]]
+name = "echo"
+kind = "exec"
+transport = "udp"
+allow = ["*"]
+answer.command = ["{PYTHON}", "{PAIR}", "echo", "{run}"]
+call.command = ["{PYTHON}", "{PAIR}", "ping", "{run}", "heartbeat"]
+[service.params.PORT]
+type = "port"
+from = "allocator"
+allocator = "udp"
+''')
+    daemon = spawn([SIPMESH, "daemon", "-c", str(config), "-v"], netns=s.ns, cwd=run,
+                   log_path=run / "daemon-s.log", name="daemon-s")
+    caller = None
+    try:
+        wait_for(lambda: "ready as" in daemon.log_text(), 20, what="daemon registered",
+                 abort=daemon.exit_reason)
+        before = ice_lab.records("client")
+        caller = spawn([SIPMESH, "call", "sd", "--service", "echo", "-c", str(config),
+                        "--server", ice_lab.server, "--user", "ac", "--password", password("ac"),
+                        "--turn", ice_lab.turn, "--no-register", "-v"],
+                       netns=ice_lab["a"].ns, cwd=run, log_path=run / "call-status.log",
+                       name="call-status")
+        call_id = wait_for(lambda: ice_lab.records("client") - before or None, 30,
+                           what="the session's programs", abort=caller.exit_reason).pop()
+        wait_for(lambda: len((ice_lab.record("client", call_id) or {"got": []})["got"]) >= 2,
+                 15, what="echoes flowing", abort=caller.exit_reason)
+        out = subprocess.run([SIPMESH, "status", "--socket", str(run / "ctl" / "sd.sock")],
+                             capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out.stderr
+        text = out.stdout
+        assert call_id in text and "relayed" in text, text
+        line = next(l for l in text.splitlines() if l.startswith(f"{call_id}: relayed"))
+        assert " -> " in line and "rtt " in line and " ms" in line, line
+        assert any(t in line for t in ("relay ", "prflx ", "srflx ")), line
+        assert "our NAT maps per destination (symmetric)" in text, text
+        assert "program: binds UDP 4100" in text, text
+        data = json.loads(subprocess.run([SIPMESH, "status", "--json", "--socket",
+                                          str(run / "ctl" / "sd.sock")], capture_output=True,
+                                         text=True, timeout=20).stdout)
+        [session_status] = [x for x in data["sessions"] if x["call_id"] == call_id]
+        assert session_status["path"]["kind"] == "relayed" and session_status["path"]["rtt"] > 0
+    finally:
+        if caller is not None:
+            caller.stop(grace=10)
+        daemon.stop(grace=10)
