@@ -658,6 +658,10 @@ class IceSession:
     async def gather(self) -> IceDescription:
         """Gather our candidates (host, srflx, relay) and return our description."""
         await self.connection.gather_candidates()
+        for candidate in self.connection.local_candidates:
+            # aioice's foundations are 32 hex digits; 8 tell them apart as well and keep
+            # an offer with three candidates under the size that sends SIP over TCP
+            candidate.foundation = candidate.foundation[:8]
         self.local = IceDescription(self.connection.local_username,
                                     self.connection.local_password,
                                     self.connection.local_candidates)
