@@ -23,17 +23,12 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import socket
 import sys
 
-# run as a script, this directory comes first on sys.path, and its dns.py (the dnsmasq
-# helper) would shadow dnspython, which aioice imports
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(__file__)]
+from aioice import stun
 
-from aioice import stun  # noqa: E402
-
-from sipmesh.agent.ice import IceConfig, IceError, IceSession, render  # noqa: E402
+from sipmesh.agent.ice import IceConfig, IceError, IceSession, render
 
 
 def emit(**fields) -> None:
