@@ -5,7 +5,8 @@ super-daemon (daemon/server.py:Daemon) each run one Endpoint; what they add is
 their answer to an INVITE (`on_invite`), never a second copy of this:
 
     endpoint = Endpoint(ua_config, on_invite=..., advertise=..., tls_server_name=...)
-    await endpoint.listen()     # the UA's sockets, and the address we send in a=IP4/IP6
+    await endpoint.listen()     # the UA's sockets, the address we send in a=IP4/IP6, and
+                                # where ICE gathers (`ice_config`: host address, STUN, TURN)
     await endpoint.register()   # REGISTER, refreshed at half the granted time (over
                                 # TCP/TLS: each opens the connection first, see connect())
     ...                         # sessions run (agent/session.py:Session), each in
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
 from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.ice import IceConfig, IceOptions
 from sipmesh.agent.link import connection_error, server_flow, tls_name
 from sipmesh.agent.params import IPAddress
 from sipmesh.agent.registration import Registration
@@ -69,13 +71,16 @@ class Endpoint:
 
     def __init__(self, config: UAConfig, *,
                  on_invite: Callable[[IncomingCall], Awaitable[None]],
-                 advertise: str | None = None, tls_server_name: str | None = None) -> None:
+                 advertise: str | None = None, tls_server_name: str | None = None,
+                 ice: IceOptions | None = None) -> None:
         self.config = config
         self.on_invite = on_invite
         self.advertise = advertise
         self.tls_server_name = tls_server_name  # default: the server's host name
+        self.ice = ice if ice is not None else IceOptions()
         self.ua: UserAgent | None = None
         self.local_ip = ""
+        self.ice_config: IceConfig | None = None  # None: ICE is off
         self.registration: Registration | None = None  # at the first server
         self.registrations: list[Registration] = []  # one per server (UAConfig.servers)
         self._registering: set[asyncio.Task[None]] = set()
@@ -100,6 +105,24 @@ class Endpoint:
                                        self.config.listen_port) from None
         self.ua = ua
         self.local_ip = await advertised_address(self.advertise, self.config.domain)
+        if self.ice.enabled:
+            self.ice_config = await self._ice_config()
+
+    async def _ice_config(self) -> IceConfig:
+        """Candidates on our address towards the SIP server; STUN at the SIP server (its
+        SIP UDP port answers STUN) unless another is given; TURN with our SIP credentials."""
+        try:
+            flow = await resolve_uri(parse_sip_uri(f"sip:{self.config.domain}"))
+        except OSError as exc:
+            raise AgentError(f"cannot resolve the SIP server: {exc}", Exit.UNREACHABLE) from None
+        server = flow.host
+        options = self.ice
+        return IceConfig(stun_server=options.stun or (server, flow.port),
+                         turn_server=options.turn,
+                         turn_username=self.config.auth_user or self.config.user,
+                         turn_password=self.config.password,
+                         turn_transport=options.turn_transport,
+                         host_addresses=(local_address_towards(server),), use_ipv6=False)
 
     async def register(self, *, expires: int = 3600, timeout: float = 10.0,
                        keep_trying: bool = False) -> None:

@@ -22,6 +22,7 @@ class Exit(enum.IntEnum):
     APPLICATION = 10   # the session ran, but our program ended it by failing (non-zero, signal)
     UNTRUSTED = 11     # TLS: we refused the SIP server's certificate (wrong CA or name)
     PEER_LOST = 12     # the session ran, but the peer stopped answering (no BYE): we ended it
+    NO_PATH = 13       # no network path to the peer: ICE found none (nothing was started)
 
 
 EXIT_HELP = """exit status:
@@ -42,7 +43,10 @@ EXIT_HELP = """exit status:
  11  TLS: the SIP server's certificate was refused (not signed by a trusted CA, or
      not for the server's name)
  12  the session ran, but the peer stopped answering without ending it (its agent or
-     host died, or the path to it was cut): we stopped the program (call, serve --once)
+     host died, or the path to it was cut: SIP probes unanswered, or nothing came on
+     the ICE path for the consent timeout): we stopped the program (call, serve --once)
+ 13  no network path to the peer: every ICE check failed (the message lists the
+     candidates, the checks and why); nothing was started
   1  any other failure"""
 
 

@@ -14,7 +14,7 @@ from sipmesh.cli.common import (default_config_path, fail, positive, progress_pr
                                 read_credentials, register_builtin_kinds, run_until_signalled,
                                 section_password, setup_logging, tls_client)
 from sipmesh.cli.serve import (add_agent_options, add_program_parser, chosen_transport,
-                               run_from_args)
+                               ice_options, run_from_args)
 from sipmesh.daemon.config import load_config
 from sipmesh.sip.ua import UAConfig
 
@@ -122,7 +122,8 @@ def run_service_call(args: argparse.Namespace) -> int:
                                    advertise=args.advertise or agent.advertise,
                                    tls_server_name=tls.server_name,
                                    register=False, invite_timeout=args.timeout,
-                                   register_timeout=args.register_timeout, grace=args.grace)
+                                   register_timeout=args.register_timeout, grace=args.grace,
+                                   ice=ice_options(args, agent.ice))
     except AgentError as exc:  # ProfileError is one
         return fail(prog, exc)
     return run_until_signalled(prog, Agent(agent_config, profile,

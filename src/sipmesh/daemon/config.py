@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sipmesh.agent.errors import AgentError, Exit, ProfileError
+from sipmesh.agent.ice import IceOptions, parse_turn_uri
 from sipmesh.agent.link import TRANSPORTS, TLSClient, parse_server
 from sipmesh.agent.params import Host, IPAddress, Token
 from sipmesh.daemon.allocators import AddressPool, Allocator, PortRange
@@ -47,7 +48,8 @@ _SERVICE_COMMON = {"name", "kind", "allow", "max_sessions", "description", "call
 _AGENT_KEYS = {"server", "user", "password", "credentials", "auth_user", "display_name",
                "transport", "bind", "sip_port", "advertise", "expires", "register_timeout",
                "grace", "max_sessions", "default_service", "control_socket", "state_dir",
-               "ca_file", "cert", "key", "tls_server_name", "keepalive"}
+               "ca_file", "cert", "key", "tls_server_name", "keepalive",
+               "ice", "stun", "turn", "consent_timeout"}
 
 
 class ConfigError(AgentError):
@@ -78,6 +80,7 @@ class AgentSection:
     control_socket: Path | None = None
     state_dir: Path | None = None
     tls: TLSClient = field(default_factory=TLSClient)  # ca_file, cert, key, tls_server_name
+    ice: IceOptions = field(default_factory=IceOptions)  # ice, stun, turn, consent_timeout
 
     @property
     def domain_host(self) -> str:
@@ -308,6 +311,24 @@ class _Builder:
         if transport != "tls" and (files or agent.tls.server_name):
             key = next(iter(files), "tls_server_name")
             raise fail(key, 'only for TLS: add transport = "tls" or give server = "sips:HOST"')
+        ice = table.get("ice", True)
+        if not isinstance(ice, bool):
+            raise fail("ice", f"must be true or false, not {ice!r}")
+        try:
+            stun = text("stun")
+            stun_server = parse_turn_uri(f"turn:{stun}")[:2] if stun else None
+        except ValueError as exc:
+            raise fail("stun", f"HOST[:PORT]: {exc}") from None
+        try:
+            turn = text("turn")
+            turn_server = parse_turn_uri(turn) if turn else None
+        except ValueError as exc:
+            raise fail("turn", str(exc)) from None
+        agent.ice = IceOptions(enabled=ice, stun=stun_server,
+                               turn=turn_server[:2] if turn_server else None,
+                               turn_transport=turn_server[2] if turn_server else "auto",
+                               consent_timeout=float(number("consent_timeout", 30.0, 0, 3600,
+                                                            False)))
         return agent
 
     # -- [allocators.NAME] -------------------------------------------------------------------
