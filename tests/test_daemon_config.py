@@ -132,6 +132,13 @@ def test_the_peer_keepalive_of_agent_reaches_the_ua() -> None:
         assert agent.keepalive == value and ua_config(agent).peer_keepalive == value
 
 
+def test_router_port_mapping_is_on_unless_the_agent_table_says_no() -> None:
+    assert load(GOOD).agent.ice.portmap is True
+    assert load(GOOD.replace('user = "home"', 'user = "home"\nportmap = false')).agent.ice.portmap is False
+    with pytest.raises(ConfigError, match="portmap: must be true or false"):
+        load(GOOD.replace('user = "home"', 'user = "home"\nportmap = "no"'))
+
+
 def test_reserved_and_unknown_things() -> None:
     text = GOOD.replace("[service.params.A]", "[service.params.CALL_ID]").replace("{A}", "x")
     with pytest.raises(ConfigError, match="params.CALL_ID: 'CALL_ID' is reserved"):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.ice import IceConfig, IceOptions
+from sipmesh.agent.portmap import PROTOCOLS as PORTMAP_PROTOCOLS
 from sipmesh.agent.link import connection_error, server_flow, tls_name
 from sipmesh.agent.params import IPAddress
 from sipmesh.agent.registration import Registration
@@ -122,6 +123,7 @@ class Endpoint:
                          turn_username=self.config.auth_user or self.config.user,
                          turn_password=self.config.password,
                          turn_transport=options.turn_transport,
+                         portmap=PORTMAP_PROTOCOLS if options.portmap else (),
                          host_addresses=(local_address_towards(server),), use_ipv6=False)
 
     async def register(self, *, expires: int = 3600, timeout: float = 10.0,

@@ -363,6 +363,7 @@ class IceOptions:
     turn: tuple[str, int] | None = None
     turn_transport: str = "auto"
     consent_timeout: float = 30.0
+    portmap: bool = True  # ask the router to map our port (agent/portmap.py)
 
 
 def parse_turn_uri(text: str) -> tuple[str, int, str]:

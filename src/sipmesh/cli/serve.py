@@ -117,6 +117,8 @@ def add_ice_options(parser: argparse.ArgumentParser) -> None:
     nat.add_argument("--consent-timeout", metavar="SECONDS", type=float, default=30.0,
                      help="end the session when nothing came from the peer for this long "
                           "(default: 30, RFC 7675; 0: never)")
+    nat.add_argument("--no-portmap", action="store_true",
+                     help="do not ask the router to map our port (PCP, NAT-PMP, UPnP-IGD)")
 
 
 def ice_options(args: argparse.Namespace, base: IceOptions | None = None) -> IceOptions:
@@ -126,7 +128,8 @@ def ice_options(args: argparse.Namespace, base: IceOptions | None = None) -> Ice
     return IceOptions(enabled=base.enabled and not args.no_ice, stun=args.stun or base.stun,
                       turn=turn[:2] if turn else base.turn,
                       turn_transport=turn[2] if turn else base.turn_transport,
-                      consent_timeout=max(0.0, args.consent_timeout))
+                      consent_timeout=max(0.0, args.consent_timeout),
+                      portmap=base.portmap and not args.no_portmap)
 
 
 def ua_config(args: argparse.Namespace, *, listen_port: int | None = None) -> UAConfig:

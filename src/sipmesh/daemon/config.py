@@ -49,7 +49,7 @@ _AGENT_KEYS = {"server", "user", "password", "credentials", "auth_user", "displa
                "transport", "bind", "sip_port", "advertise", "expires", "register_timeout",
                "grace", "max_sessions", "default_service", "control_socket", "state_dir",
                "ca_file", "cert", "key", "tls_server_name", "keepalive",
-               "ice", "stun", "turn", "consent_timeout"}
+               "ice", "stun", "turn", "consent_timeout", "portmap"}
 
 
 class ConfigError(AgentError):
@@ -311,9 +311,10 @@ class _Builder:
         if transport != "tls" and (files or agent.tls.server_name):
             key = next(iter(files), "tls_server_name")
             raise fail(key, 'only for TLS: add transport = "tls" or give server = "sips:HOST"')
-        ice = table.get("ice", True)
-        if not isinstance(ice, bool):
-            raise fail("ice", f"must be true or false, not {ice!r}")
+        ice, portmap = table.get("ice", True), table.get("portmap", True)
+        for key, value in (("ice", ice), ("portmap", portmap)):
+            if not isinstance(value, bool):
+                raise fail(key, f"must be true or false, not {value!r}")
         try:
             stun = text("stun")
             stun_server = parse_turn_uri(f"turn:{stun}")[:2] if stun else None
@@ -328,7 +329,8 @@ class _Builder:
                                turn=turn_server[:2] if turn_server else None,
                                turn_transport=turn_server[2] if turn_server else "auto",
                                consent_timeout=float(number("consent_timeout", 30.0, 0, 3600,
-                                                            False)))
+                                                            False)),
+                               portmap=portmap)
         return agent
 
     # -- [allocators.NAME] -------------------------------------------------------------------
