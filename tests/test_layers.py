@@ -85,7 +85,14 @@ STDLIB_PRIVATE = {
 }
 
 # Deliberate exceptions in our own code: "module: expression" -> why it stays.
-ALLOWED_PRIVATE: dict[str, str] = {}
+ALLOWED_PRIVATE: dict[str, str] = {
+    "agent/streams.py: self.tls._request_client_certificate":
+        "aioquic's server asks for a client certificate only in its own tests; the caller "
+        "must be authenticated by its a=fingerprint too",
+    "agent/streams.py: stream.sender._buffer":
+        "a stream's unacknowledged bytes (the send-side back-pressure); aioquic has no "
+        "public accessor",
+}
 
 # Reach-ins of today's code that the #10 refactor removes (sip core split, agent/daemon/apps,
 # broker); the lead empties this list once those branches are merged.

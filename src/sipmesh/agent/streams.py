@@ -45,13 +45,13 @@ import itertools
 import logging
 import socket
 import ssl
+import struct
 from typing import Protocol
 
 from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import (MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection,
-                                     QuicConnectionState)
+from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, pull_quic_header
 from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
 
@@ -274,17 +274,22 @@ class _Pipe(asyncio.Protocol):
             self.tcp.resume_reading()
             self.owner.paused.discard(self)
 
-    def abort(self, code: int | None) -> None:
-        """End both halves now: RST to the program, RESET_STREAM/STOP_SENDING to the peer
-        (`code`; None when both halves had ended cleanly anyway)."""
+    def abort(self, code: int | None, *, tell_peer: bool = True) -> None:
+        """End both halves now: RST to the program and RESET_STREAM/STOP_SENDING to the
+        peer with `code` (None: both halves had ended cleanly, a plain close)."""
         if self.done:
             return
         self.done = True
         if self.tcp is not None:
+            sock = self.tcp.get_extra_info("socket")
+            if code is not None and sock is not None:
+                try:   # the program sees a reset, not a clean end of its data
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
             self.tcp.abort()
         quic = self.owner.quic
-        if code is not None and self.stream_id is not None and quic is not None \
-                and quic._state not in _ENDED:
+        if code is not None and tell_peer and self.stream_id is not None and quic is not None:
             if not self.fin_sent:
                 quic.reset_stream(self.stream_id, code)
             if not self.fin_received:
@@ -294,10 +299,6 @@ class _Pipe(asyncio.Protocol):
                     pass  # a stream the peer never saw
             self.owner._wake()
         self.owner._forget(self)
-
-
-_ENDED = (QuicConnectionState.CLOSING, QuicConnectionState.DRAINING,
-          QuicConnectionState.TERMINATED)
 
 
 # --------------------------------------------------------------------------- the transport
@@ -387,7 +388,7 @@ class StreamTransport:
             server.close()
         if not self._closed.done():
             self._close_reason = reason
-            if self.quic is not None and self.quic._state not in _ENDED:
+            if self.quic is not None:   # (aioquic ignores this once the peer closed)
                 self.quic.close(error_code=CLOSING, reason_phrase=reason[:100])
                 self._wake()
                 try:   # the CONNECTION_CLOSE goes out, then aioquic waits 3 PTO to drain
@@ -492,7 +493,9 @@ class StreamTransport:
             problem = ("the peer's certificate is not the one its SDP named "
                        f"(a=fingerprint:{self.peer_fingerprint}, got {got or 'no certificate'})")
             log.warning("%s: closing the QUIC connection", problem)
+            # a transport-level close: its reason survives in a Handshake packet
             self.quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED,
+                            frame_type=QuicFrameType.CRYPTO,
                             reason_phrase="certificate fingerprint mismatch")
             self._wake()
             if not self._established.done():
@@ -522,7 +525,7 @@ class StreamTransport:
         for server in self._servers:
             server.close()
         for pipe in list(self.pipes.values()):
-            pipe.abort(None)
+            pipe.abort(CLOSING, tell_peer=False)   # the programs see their data cut short
         for handle in (self._timer, self._keepalive):
             if handle is not None:
                 handle.cancel()
