@@ -72,6 +72,9 @@ SEND_HIGH = 1 << 20           # stop reading a TCP connection above this many un
 SEND_LOW = 256 << 10          # ... and read again below this
 TCP_HIGH = 256 << 10          # a TCP connection's write buffer: resume_writing below TCP_LOW
 TCP_LOW = 64 << 10
+SOCKET_BUFFER = 4 << 20       # bytes of the ICE socket's buffers (capped by net.core.*mem_max)
+COALESCE_DELAY = 0.001        # s: while data streams in, TCP writes are this far apart ...
+COALESCE_BYTES = 64 << 10     # ... or this big
 KEEPALIVE = 5.0               # s between PINGs
 IDLE_TIMEOUT = 20.0           # s without a packet from the peer before the connection ends
 HANDSHAKE_TIMEOUT = 10.0
@@ -172,8 +175,10 @@ class _Pipe(asyncio.Protocol):
         self.owner = owner
         self.stream_id = stream_id
         self.tcp: asyncio.Transport | None = None
-        self.pending: list[bytes] = []   # from the peer, before our TCP connection is up
-        self.pending_eof = False
+        self.outgoing = bytearray()      # from the peer, not yet written to TCP
+        self.outgoing_eof = False
+        self.flush_handle: asyncio.TimerHandle | None = None
+        self.flushed_at = float("-inf")
         self.base = 0 if stream_id is None else len(OPEN_TCP)  # stream bytes not for TCP
         self.written = 0                 # bytes handed to the TCP connection
         self.fin_sent = False            # TCP -> stream ended
@@ -197,11 +202,7 @@ class _Pipe(asyncio.Protocol):
                 transport.abort()
                 self.done = True
                 return
-        for data in self.pending:
-            self._write(data)
-        self.pending.clear()
-        if self.pending_eof:
-            self._write_eof()
+        self.flush()
         self.owner._wake()
 
     def data_received(self, data: bytes) -> None:
@@ -233,24 +234,38 @@ class _Pipe(asyncio.Protocol):
 
     # -- stream side (from StreamTransport)
     def from_stream(self, data: bytes, end: bool) -> None:
-        if self.tcp is None:
-            self.pending.append(data)
-            self.pending_eof = self.pending_eof or end
+        """Data from the peer. A datagram holds 1.3 kB, and one write per datagram costs
+        more than all of QUIC: while data keeps coming, it is written every COALESCE_DELAY
+        or COALESCE_BYTES; the first bytes after a pause go at once."""
+        self.outgoing += data
+        self.outgoing_eof = self.outgoing_eof or end
+        if self.tcp is None or self.flush_handle is not None:
+            if len(self.outgoing) >= COALESCE_BYTES and self.tcp is not None:
+                self.flush()
             return
-        self._write(data)
-        if end:
-            self._write_eof()
+        loop = self.owner.loop
+        if end or len(self.outgoing) >= COALESCE_BYTES or \
+                loop.time() - self.flushed_at >= COALESCE_DELAY:
+            self.flush()
+        else:
+            self.flush_handle = loop.call_later(COALESCE_DELAY, self.flush)
 
-    def _write(self, data: bytes) -> None:
-        if data and not self.tcp.is_closing():
-            self.tcp.write(data)
-            self.written += len(data)
-
-    def _write_eof(self) -> None:
-        self.fin_received = True
-        if not self.tcp.is_closing() and self.tcp.can_write_eof():
-            self.tcp.write_eof()
-        self._maybe_finished()
+    def flush(self) -> None:
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self.flush_handle = None
+        if self.done or self.tcp is None:
+            return
+        self.flushed_at = self.owner.loop.time()
+        if self.outgoing and not self.tcp.is_closing():
+            self.tcp.write(bytes(self.outgoing))
+            self.written += len(self.outgoing)
+            self.outgoing.clear()
+        if self.outgoing_eof and not self.fin_received:
+            self.fin_received = True
+            if not self.tcp.is_closing() and self.tcp.can_write_eof():
+                self.tcp.write_eof()
+            self._maybe_finished()
 
     def _maybe_finished(self) -> None:
         if self.fin_sent and self.fin_received and not self.done:
@@ -280,6 +295,8 @@ class _Pipe(asyncio.Protocol):
         if self.done:
             return
         self.done = True
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
         if self.tcp is not None:
             sock = self.tcp.get_extra_info("socket")
             if code is not None and sock is not None:
@@ -302,6 +319,21 @@ class _Pipe(asyncio.Protocol):
 
 
 # --------------------------------------------------------------------------- the transport
+
+
+def _grow_socket_buffers(path: DatagramPath) -> None:
+    """Give the ICE pair's socket room for a window of datagrams: the kernel's default
+    (about 200 kB) overflows while Python catches up, and each drop halves QUIC's rate."""
+    pair = getattr(path, "selected", None)   # agent/ice.py's connection names its pair
+    transport = getattr(getattr(pair, "protocol", None), "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        except OSError:
+            pass
 
 
 class StreamTransport:
@@ -334,9 +366,9 @@ class StreamTransport:
         self.streams_carried = 0
         self._highest_peer_stream = -1
         self._servers: list[asyncio.AbstractServer] = []
-        self._loop = asyncio.get_running_loop()
-        self._established: asyncio.Future[None] = self._loop.create_future()
-        self._closed: asyncio.Future[str] = self._loop.create_future()
+        self.loop = asyncio.get_running_loop()
+        self._established: asyncio.Future[None] = self.loop.create_future()
+        self._closed: asyncio.Future[str] = self.loop.create_future()
         self._close_reason: str | None = None   # set when we close
         self._wake_event = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
@@ -349,11 +381,12 @@ class StreamTransport:
     async def start(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
         """Run the handshake; raise StreamError if it fails or the peer's certificate is
         not the one its SDP named."""
+        _grow_socket_buffers(self.path)
         self._spawn(self._receive_loop())
         self._spawn(self._send_loop())
         if self.client:
             self.quic = _Connection(self, configuration=self.configuration)
-            self.quic.connect(_PEER, now=self._loop.time())
+            self.quic.connect(_PEER, now=self.loop.time())
             self._wake()
         try:
             await asyncio.wait_for(asyncio.shield(self._established), timeout)
@@ -364,11 +397,11 @@ class StreamTransport:
         except StreamError:
             await self._stop_tasks()
             raise
-        self._keepalive = self._loop.call_later(self.keepalive, self._ping)
+        self._keepalive = self.loop.call_later(self.keepalive, self._ping)
 
     async def listen(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Carry each TCP connection made to host:port over a new stream; the bound port."""
-        server = await self._loop.create_server(lambda: _Pipe(self), host, port,
+        server = await self.loop.create_server(lambda: _Pipe(self), host, port,
                                                 reuse_address=True)
         self._servers.append(server)
         return server.sockets[0].getsockname()[1]
@@ -411,7 +444,7 @@ class StreamTransport:
                     continue
                 self.quic = _Connection(self, configuration=self.configuration,
                                         original_destination_connection_id=self._odcid)
-            self.quic.receive_datagram(data, _PEER, now=self._loop.time())
+            self.quic.receive_datagram(data, _PEER, now=self.loop.time())
             self._events()
             for pipe in list(self.paused):
                 pipe.acked()
@@ -436,7 +469,7 @@ class StreamTransport:
             quic = self.quic
             if quic is None:
                 continue
-            for data, _ in quic.datagrams_to_send(now=self._loop.time()):
+            for data, _ in quic.datagrams_to_send(now=self.loop.time()):
                 try:
                     await self.path.sendto(data, 1)
                 except ConnectionError:
@@ -454,13 +487,13 @@ class StreamTransport:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = at
-        self._timer = self._loop.call_at(at, self._on_timer) if at is not None else None
+        self._timer = self.loop.call_at(at, self._on_timer) if at is not None else None
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
         if self.quic is None:
             return
-        self.quic.handle_timer(now=self._loop.time())
+        self.quic.handle_timer(now=self.loop.time())
         self._events()
         self._wake()
 
@@ -468,7 +501,7 @@ class StreamTransport:
         if self.quic is not None and not self._closed.done():
             self.quic.send_ping(next(self._pings))
             self._wake()
-            self._keepalive = self._loop.call_later(self.keepalive, self._ping)
+            self._keepalive = self.loop.call_later(self.keepalive, self._ping)
 
     def _events(self) -> None:
         quic = self.quic
@@ -590,7 +623,7 @@ class StreamTransport:
     async def _connect(self, pipe: _Pipe) -> None:
         host, port = self.target
         try:
-            await asyncio.wait_for(self._loop.create_connection(lambda: pipe, host, port),
+            await asyncio.wait_for(self.loop.create_connection(lambda: pipe, host, port),
                                    CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("cannot connect to %s:%d for the peer: %s", host, port,
