@@ -1,7 +1,9 @@
 """TCP over QUIC streams on an ICE-checked path (sipmesh.agent.streams): two real ICE sessions
 on loopback, a real TCP service behind the answering side, programs connecting to the
 calling side's local port. Many streams at once, 50 MB byte-identical, half-close both
-ways, back-pressure, certificates that do not match, a peer that goes away."""
+ways, back-pressure, certificates that do not match, a peer that goes away. Then in the NAT
+lab (tests/lab/topology.py, the lab of test_ice.py): an HTTP fetch between two home hosts
+(direct) and from a symmetric NAT to a home host (through coturn)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import concurrent.futures
 import hashlib
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +22,9 @@ import pytest
 from sipmesh.agent.certs import host_certificate
 from sipmesh.agent.ice import IceConfig, IceSession, render
 from sipmesh.agent.streams import STREAM_WINDOW, StreamError, StreamTransport
+from tests.lab import wait_tcp_listening
 from tests.peers.tcp import Target, digest_then_reply, echo
+from tests.test_ice import lab, session  # noqa: F401 (fixture)
 
 MB = 1 << 20
 
@@ -297,3 +302,46 @@ async def test_keepalive_holds_an_idle_connection_and_a_silent_peer_ends_it(stre
     reason = await asyncio.wait_for(a.wait_closed(), 10)
     assert "the peer stopped answering" in reason
     assert 1.5 <= time.monotonic() - start <= 4
+
+
+# ----------------------------------------------------------------------- the NAT lab
+
+FETCH = """
+import hashlib, sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/{sys.argv[2]}", timeout=60) as r:
+    print(hashlib.sha256(r.read()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.parametrize("caller, callee, kind", [
+    ("a", "b", "direct"),        # home <-> home: the hole ICE punched
+    ("s", "a", "relayed"),       # symmetric <-> home: through coturn
+])
+def test_http_through_streams_across_nat(lab, tmp_path, caller, callee, kind):
+    """An HTTP server on the answering host, reachable only on its own loopback, fetched
+    from the calling host's loopback port: over QUIC streams on the path ICE chose."""
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("<h1>home</h1>\n")
+    (root / "big.bin").write_bytes(os.urandom(5 * MB))
+    expected = {name: hashlib.sha256((root / name).read_bytes()).hexdigest()
+                for name in ("index.html", "big.bin")}
+    http = lab.spawn(callee, [sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                              "--directory", str(root), "8080"], log_path=tmp_path / "http.log")
+    wait_tcp_listening("127.0.0.1", 8080, lab[callee].ns, 10, proc=http)
+    fetched = {}
+
+    def fetch(results: list[dict]) -> None:
+        for name in expected:
+            done = lab.run(caller, [sys.executable, "-c", FETCH, str(results[0]["streams"]), name],
+                           timeout=90)
+            assert done.returncode == 0, done.stderr
+            fetched[name] = done.stdout.strip()
+
+    results = session(lab, caller, callee, streams=({}, {"target": ["127.0.0.1", 8080]}),
+                      during=fetch)
+    assert [r["path"]["kind"] for r in results] == [kind, kind]
+    assert fetched == expected
+    assert results[0]["stopped"] == results[1]["stopped"] == "running"  # up until we stopped it

@@ -12,6 +12,11 @@
     prints {"data": [...]} with what it received.
     With "hold": true it then reads one more line (sent when the test cuts the path) and
     prints {"closed_after": seconds} once consent to send has expired.
+    With "streams": {"target": [ip, port] | null} our a= lines also carry a=fingerprint
+    (a fresh host certificate); after the data it runs TCP over QUIC streams on the pair
+    (sipmesh.agent.streams): the controlling side listens on 127.0.0.1 and prints
+    {"streams": port}, the other prints {"streams": 0}; both then read one line and print
+    {"stopped": why the transport ended, or "running"}.
 
     iceprobe.py stun PORT
         a STUN Binding responder on UDP PORT (what the broker does on its SIP port)
@@ -23,12 +28,17 @@ import asyncio
 import dataclasses
 import json
 import logging
+import shutil
 import socket
 import sys
+import tempfile
+from pathlib import Path
 
 from aioice import stun
 
+from sipmesh.agent.certs import host_certificate
 from sipmesh.agent.ice import IceConfig, IceError, IceSession, render
+from sipmesh.agent.streams import StreamTransport
 
 
 def emit(**fields) -> None:
@@ -42,10 +52,17 @@ async def session(config: dict) -> None:
         turn_username=config.get("user"), turn_password=config.get("password"),
         turn_transport=config.get("transport", "auto"), use_ipv6=False,
         connect_timeout=config.get("timeout", 10.0)), controlling=config["controlling"])
+    streams = config.get("streams")
+    directory = tempfile.mkdtemp(prefix="iceprobe-")
     try:
-        emit(local=render(await ice.gather()))
+        local = render(await ice.gather())
+        if streams is not None:
+            cert = host_certificate(Path(directory))
+            local.append(("fingerprint", cert.fingerprint))
+        emit(local=local)
         line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        remote = ice.read_remote([tuple(a) for a in json.loads(line)])
+        attributes = [tuple(a) for a in json.loads(line)]
+        remote = ice.read_remote(attributes)
         try:
             path = await ice.connect(remote)
         except IceError as e:
@@ -63,6 +80,16 @@ async def session(config: dict) -> None:
                 await conn.sendto(data.replace(b"ping", b"pong"), 1)
             got.append(data.decode())
         emit(data=got)
+        if streams is not None:
+            transport = StreamTransport(
+                conn, client=config["controlling"], certificate=cert,
+                peer_fingerprint=dict(attributes)["fingerprint"],
+                target=tuple(streams["target"]) if streams.get("target") else None)
+            await transport.start()
+            emit(streams=await transport.listen() if config["controlling"] else 0)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            emit(stopped=await transport.wait_closed() if transport.closed else "running")
+            await transport.close()
         if config.get("hold"):
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
             start = asyncio.get_running_loop().time()
@@ -71,6 +98,7 @@ async def session(config: dict) -> None:
                  consent_expired=ice.consent_expired)
     finally:
         await ice.close()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def stun_responder(port: int) -> None:
