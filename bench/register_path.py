@@ -2,10 +2,10 @@
 """CPU per REGISTER inside one broker worker, without the kernel and without SIPp.
 
 Feeds SIPp-like REGISTER datagrams (no auth, or the full 401 + digest exchange) to a
-real `Broker` on 127.0.0.1 through the same entry points a received datagram takes
-(`datagram_filter`, then the transport layer), lets each group commit run, and
-reports the process CPU time per registration, less what playing the client cost. The answers really go out over UDP
-to a socket of ours, which reads and checks them. What it leaves out on purpose:
+real `Broker` on 127.0.0.1 through the entry point a received datagram takes
+(`TransportLayer.receive_datagram`: the broker's datagram filter, then the parser),
+lets each group commit run, and reports the process CPU time per registration, less
+what playing the client cost. The answers really go out over UDP to a socket of ours, which reads and checks them. What it leaves out on purpose:
 the recvfrom() of the request and the event loop's wake-up, which
 bench/broker_vs_kamailio.py measures with the rest under real load.
 
@@ -76,8 +76,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     transport = broker.transport
 
     def feed(data: bytes) -> None:
-        if not broker._on_datagram(data, flow):
-            transport.receive_datagram(data, flow)
+        transport.receive_datagram(data, flow)
 
     answers: dict[int, int] = {}
     client = [0.0]  # CPU seconds spent playing the client: not the broker's

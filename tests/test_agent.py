@@ -17,26 +17,14 @@ import pytest
 
 from sipmesh.sip.message import Request, Response
 from tests.lab import free_port, wait_for
-from tests.lab.agents import (SIPMESH, agents, app_argv, assert_no_orphans, no_orphans,  # noqa: F401
-                              processes_of, record, wait_exit)
+from tests.lab.agents import (SIPMESH, agent_argv, agents, app_argv, assert_no_orphans, no_orphans,  # noqa: F401
+                              processes_of, record, wait_exit, wait_ready)
 from tests.lab.broker import BrokerServer
 from tests.peers.raw import RawPeer, is_final, is_response
 
 pytestmark = pytest.mark.slow  # real agent processes, Kamailio, our broker
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def agent_argv(mode: str, server: str, user: str, *extra: str, program: list[str] | None = None,
-               target: str | None = None) -> list[str]:
-    argv = [SIPMESH, mode] + ([target] if target else []) + ["--server", server, "--user", user,
-                                                              "-v", *extra]
-    return argv + (["--", *program] if program else [])
-
-
-def wait_ready(proc, timeout: float = 10.0) -> None:
-    wait_for(lambda: "ready: contact" in proc.log_text(), timeout, what="agent registered",
-             abort=proc.exit_reason)
 
 
 def start_session(k, agents, tmp_path: Path, *, name: str = "call"):  # type: ignore[no-untyped-def]
@@ -218,6 +206,30 @@ def test_the_callers_program_failing_is_the_exit_status(k, agents, tmp_path, pro
     wait_for(lambda: "the peer ended the session" in serve.log_text(), 10,
              what="the BYE at the answering side")
     assert serve.alive() and k.registered("2500") and not k.registered("2501")
+    assert_no_orphans(tmp_path)
+
+
+@pytest.mark.parametrize("crashes", ["client", "server"])
+def test_a_crashing_program_ends_the_session_within_a_second(k, agents, tmp_path, crashes):
+    """The program on one side dies by SIGKILL (a crash: no chance to clean up): its agent
+    sends BYE and the other side's program is stopped, all within a second."""
+    serve, call = start_session(k, agents, tmp_path)
+    other = "server" if crashes == "client" else "client"
+    victim = record(tmp_path, crashes)
+    assert victim is not None
+    crashed = time.monotonic()
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: (tmp_path / f"{other}.stopped").exists(), 10, interval=0.005,
+             what=f"the {other}'s program stopped")
+    took = time.monotonic() - crashed
+    assert took < 1.0, f"{took:.3f} s from the crash to the other program's SIGTERM"
+    ender = call if crashes == "client" else serve
+    assert "the application was killed by SIGKILL" in ender.log_text()
+    if crashes == "client":
+        assert wait_exit(call) == 10, call.log_text()
+    else:
+        assert wait_exit(call) == 0, call.log_text()  # ended by the peer's BYE: no failure of ours
+    assert serve.alive()
     assert_no_orphans(tmp_path)
 
 

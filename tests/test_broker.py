@@ -13,7 +13,7 @@ from sipmesh.broker.ratelimit import LoadShedder
 from sipmesh.broker.server import Broker
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.auth import DigestClient, is_stale, parse_auth_params
-from sipmesh.sip.message import Request, Response
+from sipmesh.sip.message import Request, Response, parse_message
 from sipmesh.sip.transport.base import response_target
 from sipmesh.sip.uri import parse_sip_uri
 from sipmesh.sip.ua import CallFailed, IncomingCall, UAConfig, UserAgent
@@ -237,18 +237,129 @@ async def test_responses_follow_via_received_and_rport(make_broker, raw_peers):
     assert r.status == 200 and r.via.received == "127.0.0.1" and r.via.rport == peer.port
 
 
+async def invite_natted(broker: Broker, raw_peers, call_id: str) -> tuple[RawPeer, RawPeer, Request]:
+    """A UA registered from behind NAT (`natted`; its Contact names a private address, its
+    REGISTER came from natted's port), INVITEd by `caller`: (natted, caller, the INVITE)."""
+    natted, caller = await raw_peers(), await raw_peers()
+    await raw_register(natted, broker, "nat", contact="<sip:nat@10.99.0.1:5060>")
+    caller.send(sip("INVITE", f"sip:nat@{broker.hostport}", caller, call_id=call_id, body=SDP_A),
+                broker.address())
+    return natted, caller, await natted.request("INVITE")
+
+
 async def test_nated_user_is_reached_where_its_register_came_from(make_broker, raw_peers):
     broker = await make_broker()
-    natted, caller = await raw_peers(), await raw_peers()
-    # The Contact names a private address; the REGISTER arrived from natted's port.
-    await raw_register(natted, broker, "nat", contact="<sip:nat@10.99.0.1:5060>")
-    caller.send(sip("INVITE", f"sip:nat@{broker.hostport}", caller, call_id="nat-inv", body=SDP_A),
-                broker.address())
-    invite = await natted.request("INVITE")
+    natted, caller, invite = await invite_natted(broker, raw_peers, "nat-inv")
     assert str(invite.uri) == "sip:nat@10.99.0.1:5060"
     assert invite.body == SDP_A
     natted.reply(invite, 486, to_tag="n1")
     assert (await caller.final("nat-inv")).status == 486
+
+
+def in_dialog(method: str, target: str, routes: list[str], peer: RawPeer, invite: Request,
+              response: Response, *, cseq: int, from_caller: bool = True) -> str:
+    """An in-dialog request as text: Request-URI `target`, Route `routes` (§12.2.1.1)."""
+    ours, theirs = ((invite.headers.get("From"), response.headers.get("To")) if from_caller
+                    else (response.headers.get("To"), invite.headers.get("From")))
+    lines = [f"{method} {target} SIP/2.0",
+             f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
+             "Max-Forwards: 70", f"From: {ours}", f"To: {theirs}",
+             f"Call-ID: {invite.call_id}", f"CSeq: {cseq} {method}",
+             *[f"Route: {route}" for route in routes], "Content-Length: 0"]
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
+async def test_in_dialog_requests_reach_a_natted_callee_on_its_flow(make_broker, raw_peers):
+    """The callee's 200 names its private address; the broker marks that Contact with the
+    flow it came on (;alias=, like Kamailio's set_contact_alias), and the caller's ACK and
+    BYE, sent to that Contact through the broker, arrive on the callee's flow."""
+    broker = await make_broker()
+    natted, caller, invite = await invite_natted(broker, raw_peers, "nat-dlg")
+    natted.reply(invite, 200, to_tag="n1", body=SDP_B, headers=[
+        ("Contact", "<sip:nat@10.99.0.1:5060>"), *[("Record-Route", v) for v in invite.headers.get_all("Record-Route")]])
+    ok = await caller.final("nat-dlg")
+    assert ok.status == 200
+    target = ok.contacts[0].uri
+    assert target.host == "10.99.0.1" and target.params["alias"] == f"127.0.0.1~{natted.port}~1"
+    routes = list(reversed(ok.headers.get_all("Record-Route")))
+    for method, cseq in (("ACK", 1), ("INFO", 2), ("BYE", 3)):
+        caller.send(in_dialog(method, str(target), routes, caller, invite, ok, cseq=cseq),
+                    broker.address())
+        request = await natted.request(method)
+        assert str(request.uri) == "sip:nat@10.99.0.1:5060"  # its own Contact, alias removed
+        if method != "ACK":
+            natted.reply(request, 200)
+            assert (await caller.final("nat-dlg", method=method)).status == 200
+
+
+async def test_a_natted_callers_contact_is_marked_so_the_callees_bye_reaches_it(make_broker, raw_peers):
+    broker = await make_broker()
+    callee, natted = await raw_peers(), await raw_peers()
+    await raw_register(callee, broker, "bob")
+    # Sent from natted's port, but its Via and Contact name a private address.
+    text = sip("INVITE", f"sip:bob@{broker.hostport}", natted, call_id="nat-caller", body=SDP_A,
+               via_port=5060)
+    text = text.replace("Via: SIP/2.0/UDP 127.0.0.1:5060", "Via: SIP/2.0/UDP 10.99.0.2:5060")
+    text = text.replace(f"Contact: <sip:alice@127.0.0.1:{natted.port}>", "Contact: <sip:alice@10.99.0.2:5060>")
+    natted.send(text, broker.address())
+    invite = await callee.request("INVITE")
+    contact = invite.contacts[0].uri
+    assert contact.host == "10.99.0.2" and contact.params["alias"] == f"127.0.0.1~{natted.port}~1"
+    ok = callee.reply(invite, 200, to_tag="b1", body=SDP_B, headers=[
+        ("Contact", f"<sip:bob@127.0.0.1:{callee.port}>"),
+        *[("Record-Route", v) for v in invite.headers.get_all("Record-Route")]])
+    assert (await natted.final("nat-caller")).status == 200
+    routes = invite.headers.get_all("Record-Route")
+    callee.send(in_dialog("BYE", str(contact), routes, callee, invite, ok, cseq=1, from_caller=False),
+                broker.address())
+    bye = await natted.request("BYE")
+    assert str(bye.uri) == "sip:alice@10.99.0.2:5060"
+
+
+async def test_a_request_for_a_lost_tcp_flow_fails_with_430(make_broker, raw_peers):
+    """An alias naming a TCP connection the broker does not hold: it is never opened
+    towards a NAT; 430 Flow Failed tells the caller (RFC 5626 §5.3)."""
+    broker = await make_broker()
+    caller = await raw_peers()
+    host, port = broker.address()
+    text = sip("BYE", f"sip:nat@10.99.0.1:5060;transport=tcp;alias=127.0.0.1~9~2", caller,
+               call_id="lost-flow", to="<sip:nat@127.0.0.1>;tag=x1",
+               headers=[f"Route: <sip:{host}:{port};lr>"])
+    caller.send(text, broker.address())
+    assert (await caller.final("lost-flow")).status == 430
+
+
+async def test_the_broker_answers_stun_binding_requests_on_its_sip_port(make_broker):
+    """RFC 5626 §8 / RFC 7983: the first byte tells STUN from SIP on the same UDP port."""
+    from aioice import stun
+
+    broker = await make_broker()
+    client = RawPeer()  # its socket read here, by hand: STUN is no SIP for its parser
+    loop = asyncio.get_running_loop()
+
+    async def datagram() -> bytes:
+        return await asyncio.wait_for(loop.sock_recv(client.sock, 65535), 3)
+
+    request = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+    client.send(bytes(request), broker.address())
+    answer = stun.parse_message(await datagram())
+    assert answer.message_class == stun.Class.RESPONSE
+    assert answer.transaction_id == request.transaction_id
+    assert answer.attributes["XOR-MAPPED-ADDRESS"] == ("127.0.0.1", client.port)
+    # An RFC 3489 client (no magic cookie) gets the plain MAPPED-ADDRESS.
+    old = bytearray(bytes(request))
+    old[4:8] = b"\x00\x01\x02\x03"
+    client.send(bytes(old), broker.address())
+    assert stun.parse_message(await datagram()).attributes["MAPPED-ADDRESS"] == ("127.0.0.1", client.port)
+    # Responses, indications and garbage are not answered; SIP on the port still works
+    # (UDP on loopback keeps the order: the OPTIONS answer is the next datagram).
+    for junk in (bytes(stun.Message(stun.Method.BINDING, stun.Class.RESPONSE)),
+                 bytes(stun.Message(stun.Method.BINDING, stun.Class.INDICATION)),
+                 b"\x00\x01\x00\x08" + b"\xff" * 16):
+        client.send(junk, broker.address())
+    client.send(sip("OPTIONS", f"sip:{broker.hostport}", client, call_id="after-stun"), broker.address())
+    assert parse_message(await datagram()).headers.get("Call-ID") == "after-stun"
+    client.close()
 
 
 # ------------------------------------------------------------------ forking and CANCEL

@@ -12,7 +12,7 @@ from sipmesh.broker.users import UsersFile
 from tests.lab import free_port, sipp_args, wait_tcp_listening
 from tests.lab.broker import start_broker
 
-CALL_BEHAVIOURS = ["-default_behaviors", "all,-abortunexp"]
+from tests.lab.sipp import CALL_BEHAVIOURS
 
 
 def bindings_in(db: Path) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from sipmesh.broker.domains import Listener, LocalIdentity
 from sipmesh.broker.location import Binding, Changes, LocationService
+from sipmesh.broker.nat import add_alias, format_alias, parse_alias, response_from_nat, take_alias
 from sipmesh.broker.proxy import BRANCH_PREFIX, branch_worker, loop_hash, make_branch
 from sipmesh.broker.ratelimit import LoadShedder, RateLimiter, receive_queue_fill, retry_after, triage
 from sipmesh.broker.registrar import RegistrarPolicy, behind_nat, contact_key, process_register
@@ -21,6 +22,7 @@ from sipmesh.broker.workers import owner_of
 from sipmesh.sip.auth import compute_ha1
 from sipmesh.sip.headers import parse_via
 from sipmesh.sip.message import make_response, parse_message
+from sipmesh.sip.transport import stun as stun_codec
 from sipmesh.sip.transport.base import Flow
 from sipmesh.sip.uri import parse_sip_uri
 from tests.lab import wait_for_async
@@ -396,6 +398,57 @@ def test_nat_is_recognised_from_the_via_and_the_contact():
                           parse_sip_uri("sip:a@93.184.216.34:5060"), source)
     assert behind_nat(parse_via("SIP/2.0/UDP 203.0.113.5:40000;branch=z9hG4bK1"),
                       parse_sip_uri("sip:a@192.168.1.20:5060"), source)
+
+
+def test_an_alias_names_a_flow_and_survives_the_round_trip():
+    for flow in (Flow("UDP", "203.0.113.5", 40000), Flow("TCP", "198.51.100.1", 5060),
+                 Flow("TLS", "2001:db8::1", 5061)):
+        assert parse_alias(format_alias(flow)) == flow
+    assert format_alias(Flow("TCP", "203.0.113.5", 40000)) == "203.0.113.5~40000~2"  # Kamailio's
+    for bad in ("", "203.0.113.5~40000", "203.0.113.5~0~1", "203.0.113.5~70000~1",
+                "example.org~5060~1", "203.0.113.5~5060~9", "203.0.113.5~x~1", None):
+        assert parse_alias(bad) is None, bad
+
+
+def test_only_the_last_proxy_follows_an_alias_and_the_ua_gets_its_contact_back():
+    bye = parse_message(b"BYE sip:nat@10.0.0.2:5060;alias=203.0.113.5~40000~1 SIP/2.0\r\n"
+                        b"Via: SIP/2.0/UDP 192.0.2.7:5060;branch=z9hG4bK-al\r\n"
+                        b"From: <sip:b@example.org>;tag=1\r\nTo: <sip:nat@example.org>;tag=2\r\n"
+                        b"Call-ID: al\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n")
+    routed = parse_message(bye.to_bytes().replace(b"Content-Length", b"Route: <sip:192.0.2.99;lr>\r\nContent-Length"))
+    assert take_alias(routed) is None and "alias" in routed.uri.params  # a Route still ahead
+    assert take_alias(bye) == Flow("UDP", "203.0.113.5", 40000)
+    assert str(bye.uri) == "sip:nat@10.0.0.2:5060"
+
+
+def test_a_natted_uas_contact_is_marked_with_the_flow_its_answer_came_on():
+    invite = parse_message(register("<sip:alice@10.0.0.2:5060>").to_bytes().replace(b"REGISTER", b"INVITE"))
+    flow = Flow("UDP", "203.0.113.5", 40000)
+    ok = make_response(invite, 200, to_tag="t")
+    ok.headers.add("Contact", '"Al" <sip:alice@10.0.0.2:5060;transport=udp>;expires=60')
+    ok.headers.add("Contact", "<sip:other@192.0.2.1>")
+    assert response_from_nat(ok, flow)
+    add_alias(ok, flow)
+    first = ok.contacts[0]
+    assert first.display_name == "Al" and first.params == {"expires": "60"}
+    assert first.uri.params == {"transport": "udp", "alias": "203.0.113.5~40000~1"}
+    assert str(ok.contacts[1].uri) == "sip:other@192.0.2.1"
+    assert not response_from_nat(ok, flow)  # marked once, not twice
+    public = make_response(invite, 200, to_tag="t")
+    public.headers.add("Contact", "<sip:alice@203.0.113.5:40000>")
+    assert not response_from_nat(public, flow)
+    assert not response_from_nat(make_response(invite, 486, to_tag="t"), flow)
+
+
+def test_stun_binding_answers_carry_the_source_and_nothing_else_is_answered():
+    tid, request = stun_codec.binding_request()
+    assert stun_codec.is_stun(request) and not stun_codec.is_stun(b"OPTIONS sip:x SIP/2.0\r\n" * 2)
+    answer = stun_codec.binding_response(request, ("198.51.100.7", 4242))
+    assert stun_codec.mapped_address(answer) == (tid, ("198.51.100.7", 4242))
+    assert stun_codec.binding_response(answer, ("198.51.100.7", 4242)) is None  # a response
+    for junk in (request[:19], request + b"x", b"\x00\x01" + b"\xff" * 40, b"\x01" * 600):
+        assert stun_codec.binding_response(junk, ("198.51.100.7", 4242)) is None
+        assert stun_codec.mapped_address(junk) is None
 
 
 def test_the_worker_collector_still_reclaims_young_and_old_cycles():

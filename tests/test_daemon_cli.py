@@ -16,15 +16,7 @@ import pytest
 
 from tests.lab import free_port, spawn, wait_for, wait_tcp_listening, wait_udp_listening
 from tests.lab.agents import SIPMESH
-from tests.lab.broker import start_broker
 from tests.peers.daemon import RECORDER, config_text
-
-
-@pytest.fixture
-def broker(tmp_path: Path):
-    proc, port = start_broker(tmp_path)
-    yield f"127.0.0.1:{port}"
-    proc.stop(grace=5)
 
 
 def sipmesh(*args: str, timeout: float = 20, **kwargs) -> subprocess.CompletedProcess:
@@ -46,7 +38,7 @@ def test_a_bad_configuration_is_refused_at_start_with_its_line(tmp_path: Path) -
     assert result.returncode == 2 and "invalid TOML" in result.stderr and "line 1" in result.stderr
 
 
-def test_daemon_status_reload_and_a_forward_through_sipmesh_call(tmp_path: Path, broker: str) -> None:
+def test_daemon_status_reload_and_a_forward_through_sipmesh_call(tmp_path: Path, broker_address: str) -> None:
     out = tmp_path / "rec"
     out.mkdir()
     (out / "recorder.py").write_text(RECORDER)
@@ -59,7 +51,7 @@ def test_daemon_status_reload_and_a_forward_through_sipmesh_call(tmp_path: Path,
     wait_tcp_listening("127.0.0.1", http_port, None, 10, proc=http)
     config = tmp_path / "daemon.toml"
     socket_path = tmp_path / "run" / "home.sock"
-    text = config_text(broker, out).replace(
+    text = config_text(broker_address, out).replace(
         "[agent]\n", f'[agent]\ncontrol_socket = "{socket_path}"\n') + f'''
 [[service]]
 name = "web"
@@ -79,7 +71,7 @@ local_port = {local}
 
     # the calling half: the same file, another identity on the command line
     caller = spawn([SIPMESH, "call", "home", "--service", "web", "-c", str(config),
-                    "--user", "alice", "--server", broker, "--bind", "127.0.0.1",
+                    "--user", "alice", "--server", broker_address, "--bind", "127.0.0.1",
                     "--advertise", "127.0.0.1", "-v"],
                    log_path=tmp_path / "caller.log", name="caller")
     wait_for(lambda: f"reachable at 127.0.0.1:{local}" in caller.log_text(), 20,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -24,7 +25,7 @@ from tests.lab import (
     wait_for,
 )
 
-CALL_BEHAVIOURS = ["-default_behaviors", "all,-abortunexp"]
+from tests.lab.sipp import CALL_BEHAVIOURS
 
 
 # ----------------------------------------------------------------- harness basics (fast)
@@ -207,3 +208,54 @@ def test_kamailio_and_sipp_inside_a_namespace(netns_factory, kamailio, sipp):
     res = sipp.run(sipp_args("reg_noauth", k.hostport, local_port=5062, calls=3,
                              extra=["-inf", str(users.users_csv)]), timeout=30, netns=ns, name="reg_ns")
     assert res.ok and res.successful == 3, str(res)
+
+
+# ----------------------------------------------------------------- the lossy relay
+
+
+def test_lossy_relay_drops_reorders_and_duplicates_as_configured():
+    """2,000 numbered datagrams through LossyRelay(loss=0.3) and echoed back: about 30 %
+    lost each way, some duplicated, some overtaken by later ones."""
+    from tests.lab import LossyRelay
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for sock in (server, client):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.5)
+
+    def drain(sock: socket.socket) -> list[tuple[int, tuple]]:
+        got = []
+        while True:
+            try:
+                data, source = sock.recvfrom(100)
+            except socket.timeout:
+                return got
+            got.append((int(data), source))
+
+    def send_paced(sock: socket.socket, numbers: list[int], to: tuple) -> None:
+        for i, number in enumerate(numbers):
+            sock.sendto(str(number).encode(), to)
+            if i % 100 == 99:
+                time.sleep(0.01)  # at a pace the relay thread keeps up with
+
+    n = 2000
+    with LossyRelay(server.getsockname(), loss=0.3, reorder=0.2, duplicate=0.1, max_delay=0.02,
+                    seed=7) as relay:
+        try:
+            send_paced(client, list(range(n)), relay.address)
+            received = drain(server)
+            arrived = [number for number, _ in received]
+            send_paced(server, arrived, received[0][1])  # echoed, back to the client through the relay
+            echoed = [number for number, _ in drain(client)]
+        finally:
+            server.close()
+            client.close()
+        stats = relay.stats
+    unique = set(arrived)
+    assert 0.62 * n < len(unique) < 0.78 * n, len(unique)  # 30 % lost, give or take
+    assert len(arrived) > len(unique)  # duplicated
+    assert any(b < a for a, b in zip(arrived, arrived[1:]))  # reordered
+    assert 0.62 * len(unique) < len(set(echoed)) < 0.85 * len(unique), (len(set(echoed)), len(unique))
+    assert stats.received == n + len(arrived) and len(stats.clients) == 1 and stats.overflow == 0

@@ -669,7 +669,8 @@ async def _netns_probe(vector_dir: Path) -> dict:
     answers: list[bytes] = []
     alive = asyncio.Event()
 
-    def on_message(message: Request | Response, flow) -> None:
+    def on_message(inbound) -> None:
+        message, flow = inbound.message, inbound.flow
         if isinstance(message, Request):
             delivered.append(["request", message.method, message.headers.get("Call-ID")])
             if message.method == "OPTIONS":

@@ -16,7 +16,7 @@ from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Limits, Request, Response, make_response, parse_message
 from sipmesh.sip.transport.framing import StreamFramer
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
-from sipmesh.sip.transport import UDP_SIZE_THRESHOLD, Flow, TransportLayer, response_target
+from sipmesh.sip.transport import UDP_SIZE_THRESHOLD, Flow, Inbound, TransportLayer, response_target
 from tests.lab import ipv6_loopback, wait_for_async
 from tests.peers.raw import RawPeer
 
@@ -60,8 +60,8 @@ class Inbox:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[Request | Response, Flow]] = asyncio.Queue()
 
-    def __call__(self, message: Request | Response, flow: Flow) -> None:
-        self.queue.put_nowait((message, flow))
+    def __call__(self, inbound: Inbound) -> None:
+        self.queue.put_nowait((inbound.message, inbound.flow))
 
     async def get(self, timeout: float = 5.0) -> tuple[Request | Response, Flow]:
         return await asyncio.wait_for(self.queue.get(), timeout)
@@ -77,8 +77,9 @@ class Echo(Inbox):
 
     layer: TransportLayer
 
-    def __call__(self, message: Request | Response, flow: Flow) -> None:
-        super().__call__(message, flow)
+    def __call__(self, inbound: Inbound) -> None:
+        super().__call__(inbound)
+        message, flow = inbound.message, inbound.flow
         if isinstance(message, Request) and message.method != "ACK":
             response = make_response(message, 200, to_tag="srv")
             asyncio.ensure_future(self.layer.send(response, response_target(response, flow)))
@@ -417,10 +418,10 @@ class _SilentTU:
 
 
 async def test_full_transaction_table_answers_503_with_retry_after(layers, raw_peers) -> None:
-    server = layers(Inbox())
-    host, port = await server.listen("UDP", "127.0.0.1", 0)
+    server = layers(lambda inbound: transactions.receive(inbound))
     tu = _SilentTU()
     transactions = TransactionLayer(server, tu, max_server_transactions=2)
+    host, port = await server.listen("UDP", "127.0.0.1", 0)
     try:
         peer = await raw_peers(lenient=True)
         for n in (1, 2, 3):
@@ -466,3 +467,62 @@ def test_local_address_towards_is_remembered_briefly(monkeypatch) -> None:
     assert base.local_address_towards("127.0.0.1") == "127.0.0.1"
     assert len(opened) == 2  # expired: asked the kernel again
     assert base.local_address_towards("::1") == "::1"
+
+
+# ----------------------------------------------------------------------------- keep-alives
+
+async def test_udp_keep_alives_are_stun_and_tell_our_public_address(layers, raw_peers) -> None:
+    """RFC 5626 §4.4.2: a STUN Binding on the flow, answered by a server layer; a layer
+    that is no STUN server leaves Binding requests unanswered."""
+    server = layers(Echo(), stun_server=True)
+    host, port = await server.listen("UDP", "127.0.0.1", 0)
+    client = layers(Inbox())
+    _, client_port = await client.listen("UDP", "127.0.0.1", 0)
+    flow = Flow("UDP", host, port)
+    keeping = asyncio.ensure_future(client.keep_alive(flow, interval=0.05))
+    try:
+        await wait_for_async(lambda: client.public_address.get(flow) == ("127.0.0.1", client_port),
+                             5, what="our address from a STUN answer")
+    finally:
+        keeping.cancel()
+    assert await client.stun_binding(flow) == ("127.0.0.1", client_port)
+
+    mute = layers(Echo())
+    _, mute_port = await mute.listen("UDP", "127.0.0.1", 0)
+    with pytest.raises(asyncio.TimeoutError):
+        await client.stun_binding(Flow("UDP", "127.0.0.1", mute_port), timeout=0.3)
+    # ...and SIP still works on both ports after STUN
+    peer = await raw_peers(lenient=True)
+    peer.send(options("SIP/2.0/UDP 127.0.0.1:9;rport"), ("127.0.0.1", mute_port))
+    assert (await next_message(peer)).status == 200
+
+
+async def test_tcp_keep_alives_are_double_crlf_on_our_own_connection(layers) -> None:
+    """RFC 5626 §4.4.1; without a connection nothing is sent (none is opened for it)."""
+    received = bytearray()
+    got_ping = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(4096):
+            received.extend(data)
+            if received.endswith(b"\r\n\r\n\r\n\r\n"):  # the message's blank line, then a ping
+                got_ping.set()
+        writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client = layers(Inbox())
+    await client.listen("TCP", "127.0.0.1", 0)
+    flow = Flow("TCP", "127.0.0.1", port)
+    keeping = asyncio.ensure_future(client.keep_alive(flow, interval=0.05))
+    try:
+        await asyncio.sleep(0.2)  # a few keep-alives find no connection: nothing is sent
+        assert not client.has_connection(flow)
+        await client.send(parse_message(options("SIP/2.0/TCP 127.0.0.1:9")), flow)
+        await asyncio.wait_for(got_ping.wait(), 5)
+    finally:
+        keeping.cancel()
+        listener.close()
+        await listener.wait_closed()
+    assert received.startswith(b"OPTIONS ")
+

@@ -16,6 +16,7 @@ from .kamailio import (
     render_config,
     write_subscriber_table,
 )
+from .dns import Dnsmasq, dnsmasq_unavailable_reason
 from .netns import Netns, NetnsFactory, NetnsUnavailable, Veth, list_netns, netns_unavailable_reason
 from .netns import popen as netns_popen
 from .netns import run as netns_run
@@ -32,6 +33,7 @@ from .procs import (
     wait_udp_listening,
 )
 from .topology import INTERNET, KINDS, Host, NatLab, Router
+from .relay import LossyRelay, RelayStats
 from .sipp import (
     SCENARIOS,
     SippProcess,
@@ -49,6 +51,7 @@ from .waiting import LabTimeout, wait_for, wait_for_async
 
 __all__ = [
     "DENIED_PEERS", "Coturn", "coturn_unavailable_reason",
+    "Dnsmasq", "dnsmasq_unavailable_reason", "LossyRelay", "RelayStats",
     "AUTH_MODES", "CFG_TEMPLATE", "Kamailio", "KamailioError", "kamailio_unavailable_reason",
     "render_config", "write_subscriber_table",
     "Netns", "NetnsFactory", "NetnsUnavailable", "Veth", "list_netns", "netns_unavailable_reason",

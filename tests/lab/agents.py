@@ -22,6 +22,7 @@ import pytest
 
 from .fixtures import stopped_gracefully
 from .procs import pid_alive
+from .waiting import wait_for
 from .waiting import LabTimeout, wait_for
 
 BIN = Path(sys.executable).parent
@@ -112,3 +113,15 @@ def agents(kamailio, spawn_proc):
     """spawn_proc whose processes are stopped before Kamailio is (so they can unregister)."""
     with stopped_gracefully(spawn_proc) as start:
         yield start
+
+
+def agent_argv(mode: str, server: str, user: str, *extra: str, program: list[str] | None = None,
+               target: str | None = None) -> list[str]:
+    argv = [SIPMESH, mode] + ([target] if target else []) + ["--server", server, "--user", user,
+                                                              "-v", *extra]
+    return argv + (["--", *program] if program else [])
+
+
+def wait_ready(proc, timeout: float = 10.0) -> None:
+    wait_for(lambda: "ready: contact" in proc.log_text(), timeout, what="agent registered",
+             abort=proc.exit_reason)

@@ -198,3 +198,13 @@ def tls_contexts(tmp_path_factory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     server.load_cert_chain(cert_file, key_file)
     client = ssl.create_default_context(cafile=str(cert_file))
     return server, client
+
+
+@pytest.fixture
+def broker_address(tmp_path: Path) -> Iterator[str]:
+    """A ``sipmesh broker`` process on loopback (no users file); its ``host:port``."""
+    from .broker import start_broker
+
+    proc, port = start_broker(tmp_path)
+    yield f"127.0.0.1:{port}"
+    proc.stop(grace=5)

@@ -17,11 +17,13 @@ connected to the host's network unless a test explicitly asks for a host-side ve
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import ipaddress
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ __all__ = [
 
 PREFIX = "smt-"
 IFNAMSIZ_MAX = 15
+_CLONE_NEWNET = 0x40000000
 
 
 class NetnsUnavailable(RuntimeError):
@@ -192,6 +195,28 @@ class Netns:
 
     def exec_prefix(self) -> list[str]:
         return netns_prefix(self.name)
+
+    def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM) -> socket.socket:
+        """A socket inside this namespace, for use by the test process itself: a thread
+        enters the namespace just long enough to create it (setns affects that thread only)."""
+        made: list[socket.socket | BaseException] = []
+
+        def create() -> None:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                with open(f"/var/run/netns/{self.name}") as handle:
+                    if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), f"setns into {self.name}")
+                made.append(socket.socket(family, kind))
+            except BaseException as exc:  # handed to the caller's thread
+                made.append(exc)
+
+        thread = threading.Thread(target=create, name=f"setns-{self.name}")
+        thread.start()
+        thread.join()
+        if isinstance(made[0], BaseException):
+            raise made[0]
+        return made[0]
 
     # -- configuration
     def add_addr(self, dev: str, cidr: str) -> None:

@@ -36,10 +36,10 @@ class RawPeer:
 
     _ids = itertools.count(1)
 
-    def __init__(self, host: str = "127.0.0.1", *, lenient: bool = False) -> None:
+    def __init__(self, host: str = "127.0.0.1", *, lenient: bool = False, port: int = 0) -> None:
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                                   socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
         self.sock.setblocking(False)
         self.host, self.port = self.sock.getsockname()[:2]
         self.lenient = lenient
@@ -48,9 +48,10 @@ class RawPeer:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    async def open(cls, host: str = "127.0.0.1", *, lenient: bool = False) -> "RawPeer":
+    async def open(cls, host: str = "127.0.0.1", *, lenient: bool = False,
+                   port: int = 0) -> "RawPeer":
         """A peer whose datagrams the running event loop reads into ``inbox`` as they come."""
-        peer = cls(host, lenient=lenient)
+        peer = cls(host, lenient=lenient, port=port)
         peer._loop = asyncio.get_running_loop()
         peer._loop.add_reader(peer.sock.fileno(), peer._drain)
         return peer

@@ -5,7 +5,8 @@ super-daemon (daemon/server.py:Daemon) each run one Endpoint; what they add is
 their answer to an INVITE (`on_invite`), never a second copy of this:
 
     endpoint = Endpoint(ua_config, on_invite=..., advertise=...)
-    await endpoint.listen()     # the UA's sockets, and the address we send in a=IP4/IP6
+    await endpoint.listen()     # the UA's sockets, the address we send in a=IP4/IP6, and
+                                # where ICE gathers (`ice_config`: host address, STUN, TURN)
     await endpoint.register()   # REGISTER, refreshed at half the granted time
     ...                         # sessions run (agent/session.py:Session), each in
                                 # `endpoint.sessions` while it lasts
@@ -21,9 +22,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
 from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.ice import IceConfig, IceOptions
 from sipmesh.agent.params import IPAddress
 from sipmesh.agent.registration import Registration
-from sipmesh.sip.transport.base import local_address_towards, resolve, uri_target
+from sipmesh.sip.transport.base import local_address_towards
+from sipmesh.sip.transport.resolve import resolve_uri
 from sipmesh.sip.uri import parse_sip_uri
 from sipmesh.sip.ua import IncomingCall, UAConfig, UserAgent
 
@@ -40,13 +43,11 @@ async def advertised_address(advertise: str | None, domain: str) -> str:
             return IPAddress().check(advertise)
         except ValueError as exc:
             raise AgentError(f"--advertise: {exc}", Exit.USAGE) from None
-    _, host, port = uri_target(parse_sip_uri(f"sip:{domain}"))
     try:
-        server = await resolve(host, port)
+        server = await resolve_uri(parse_sip_uri(f"sip:{domain}"))
     except OSError as exc:
-        raise AgentError(f"cannot resolve the SIP server {host}: {exc}", Exit.UNREACHABLE) \
-            from None
-    return local_address_towards(server)
+        raise AgentError(f"cannot resolve the SIP server: {exc}", Exit.UNREACHABLE) from None
+    return local_address_towards(server.host)
 
 
 class Endpoint:
@@ -54,12 +55,14 @@ class Endpoint:
 
     def __init__(self, config: UAConfig, *,
                  on_invite: Callable[[IncomingCall], Awaitable[None]],
-                 advertise: str | None = None) -> None:
+                 advertise: str | None = None, ice: IceOptions | None = None) -> None:
         self.config = config
         self.on_invite = on_invite
         self.advertise = advertise
+        self.ice = ice if ice is not None else IceOptions()
         self.ua: UserAgent | None = None
         self.local_ip = ""
+        self.ice_config: IceConfig | None = None  # None: ICE is off
         self.registration: Registration | None = None
         self.sessions: dict[str, Session] = {}  # running (answering or calling), by Call-ID
         self.stopping = asyncio.Event()  # (asyncio events bind to a loop only when awaited)
@@ -77,6 +80,24 @@ class Endpoint:
                              Exit.UNREACHABLE) from None
         self.ua = ua
         self.local_ip = await advertised_address(self.advertise, self.config.domain)
+        if self.ice.enabled:
+            self.ice_config = await self._ice_config()
+
+    async def _ice_config(self) -> IceConfig:
+        """Candidates on our address towards the SIP server; STUN at the SIP server (its
+        SIP UDP port answers STUN) unless another is given; TURN with our SIP credentials."""
+        _, host, port = uri_target(parse_sip_uri(f"sip:{self.config.domain}"))
+        try:
+            server = await resolve(host, port)
+        except OSError as exc:
+            raise AgentError(f"cannot resolve the SIP server {host}: {exc}", Exit.UNREACHABLE) \
+                from None
+        options = self.ice
+        return IceConfig(stun_server=options.stun or (server, port), turn_server=options.turn,
+                         turn_username=self.config.auth_user or self.config.user,
+                         turn_password=self.config.password,
+                         turn_transport=options.turn_transport,
+                         host_addresses=(local_address_towards(server),), use_ipv6=False)
 
     async def register(self, *, expires: int = 3600, timeout: float = 10.0,
                        keep_trying: bool = False) -> None:

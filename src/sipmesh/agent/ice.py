@@ -49,13 +49,20 @@ from typing import Iterable, Sequence
 import aioice
 from aioice import stun
 from aioice.candidate import Candidate
-from aioice.ice import CandidatePair, StunProtocol, get_host_addresses, relayed_candidate
+from aioice.candidate import candidate_foundation, candidate_priority
+from aioice.ice import (CandidatePair, StunProtocol, get_host_addresses, relayed_candidate,
+                        server_reflexive_candidate)
+from aioice.turn import UDP_SOCKET_BUFFER_SIZE, TurnClientProtocol
+
+from sipmesh.sip.errors import ParseError
+from sipmesh.sip.uri import split_hostport
 
 __all__ = [
     "AGENT_MAX_CHECKS", "AGENT_TA", "AGENT_WINDOW", "MAX_CANDIDATES", "MAX_CANDIDATE_LENGTH",
-    "MAX_CHECKS", "RELAY_HOLD", "TA",
-    "Candidate", "IceConfig", "IceDescription", "IceError", "IceSession", "Pacer",
-    "PathReport", "check_candidate", "explain", "parse", "render",
+    "MAX_CHECKS", "RELAY_HOLD", "SETTLE_TIMEOUT", "TA",
+    "Candidate", "IceConfig", "IceDescription", "IceError", "IceOptions", "IceSession", "Pacer",
+    "PathReport", "check_candidate", "explain", "parse", "parse_turn_uri",
+    "render",
 ]
 
 log = logging.getLogger("sipmesh.agent.ice")
@@ -68,6 +75,10 @@ MAX_CHECKS = 100             # checks one session starts (the pair limit of RFC 
 AGENT_MAX_CHECKS = 1000      # checks all sessions start ...
 AGENT_WINDOW = 10.0          # ... within this many seconds
 RELAY_HOLD = 0.5             # s the relayed pairs wait for a direct pair to succeed
+SETTLE_TIMEOUT = 2.0         # s we keep answering checks after our path is chosen (see settle)
+# Marks the Binding request a side sends once its path is chosen (SOFTWARE, RFC 8489 §14.14):
+# the peer keeps answering checks until it has seen it (IceSession.settle).
+DONE_MARK = "sipmesh path chosen"
 
 _ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
 _UFRAG = re.compile(r"[A-Za-z0-9+/]{4,256}")
@@ -327,16 +338,52 @@ class IceConfig:
             raise ValueError(f"turn_transport must be auto, udp or tcp: {self.turn_transport!r}")
 
 
+@dataclass(frozen=True)
+class IceOptions:
+    """What a user chooses (command line, the daemon's [agent]): ICE on or off, the STUN
+    server (None: the SIP server's host and port), a TURN server (the SIP name and password
+    are its credentials), and how long a path may stay silent (0: not watched)."""
+
+    enabled: bool = True
+    stun: tuple[str, int] | None = None
+    turn: tuple[str, int] | None = None
+    turn_transport: str = "auto"
+    consent_timeout: float = 30.0
+
+
+def parse_turn_uri(text: str) -> tuple[str, int, str]:
+    """``turn:HOST[:PORT][?transport=udp|tcp]`` (RFC 7065) -> (host, port, transport);
+    transport "auto" (UDP, else TCP) when not given. ValueError if malformed."""
+    if not text.startswith("turn:"):
+        raise ValueError(f"{text!r}: a TURN server is turn:HOST[:PORT][?transport=tcp]")
+    rest, _, query = text[5:].partition("?")
+    transport = "auto"
+    if query:
+        key, _, value = query.partition("=")
+        if key != "transport" or value not in ("udp", "tcp"):
+            raise ValueError(f"{text!r}: only ?transport=udp or ?transport=tcp may follow")
+        transport = value
+    try:
+        host, port = split_hostport(rest)
+    except ParseError as e:
+        raise ValueError(f"{text!r}: {e}") from None
+    return host.strip("[]"), port or 3478, transport
+
+
 class _Connection(aioice.Connection):
     """aioice's Connection with our gathering, pacing and preference for direct pairs.
 
     Overrides aioice 0.13 internals (``_check_periodic``, ``check_incoming``, gathering):
     the dependency is capped below 0.14 for that reason."""
 
-    def __init__(self, config: IceConfig, controlling: bool, pacer: Pacer) -> None:
+    def __init__(self, config: IceConfig, controlling: bool, pacer: Pacer,
+                 port: int = 0) -> None:
         super().__init__(ice_controlling=controlling, stun_server=config.stun_server,
                          use_ipv6=config.use_ipv6)
         self.config = config
+        self.port = port                 # of our host sockets (0: any)
+        self.peer_done = asyncio.Event()  # the peer's DONE_MARK arrived
+        self.retriggered: set[int] = set()  # pairs whose check an incoming check restarted
         self.session_pacer = Pacer(TA, MAX_CHECKS)
         self.agent_pacer = pacer
         self.relay_transport: str | None = None
@@ -362,13 +409,60 @@ class _Connection(aioice.Connection):
             get_host_addresses(use_ipv4=True, use_ipv6=config.use_ipv6)
         relay = asyncio.ensure_future(self._relay())
         try:
-            found = await self.get_component_candidates(
-                component=1, addresses=addresses, timeout=config.gather_timeout)
+            found = await self._host_candidates(addresses)
             await self._probe_mapping(found)
         finally:
             found_relay = await relay
         self._local_candidates += found + found_relay
         self._local_candidates_end = True
+
+    async def _host_candidates(self, addresses: list[str]) -> list[Candidate]:
+        """Host candidates on ``self.port`` (the application's port: a direct path hands
+        exactly that port to the program), and what the STUN server sees of each.
+
+        Raises OSError when ``self.port`` is taken. A STUN server is not asked from a
+        loopback address: it could only repeat that address."""
+        loop = asyncio.get_running_loop()
+        protocols: list[StunProtocol] = []
+        try:
+            for address in addresses:
+                transport, protocol = await loop.create_datagram_endpoint(
+                    lambda: StunProtocol(self), local_addr=(address, self.port))
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_SOCKET_BUFFER_SIZE)
+                host, port = transport.get_extra_info("sockname")[:2]
+                protocol.local_candidate = Candidate(
+                    foundation=candidate_foundation("host", "udp", host), component=1,
+                    transport="udp", priority=candidate_priority(1, "host"), host=host,
+                    port=port, type="host")
+                protocols.append(protocol)
+        except OSError:
+            for protocol in protocols:
+                await protocol.close()
+            raise
+        self._protocols += protocols
+        found = [p.local_candidate for p in protocols]
+        asking = [p for p in protocols if self.stun_server is not None
+                  and ipaddress.ip_address(p.local_candidate.host).version == 4
+                  and not ipaddress.ip_address(p.local_candidate.host).is_loopback]
+        if asking:
+            assert self.stun_server is not None
+            tasks = [asyncio.ensure_future(server_reflexive_candidate(p, self.stun_server))
+                     for p in asking]
+            done, pending = await asyncio.wait(tasks, timeout=self.config.gather_timeout)
+            for task in pending:
+                task.cancel()
+            for task in done:
+                if task.exception() is None:
+                    found.append(task.result()[0])
+                else:
+                    log.info("no answer from STUN %s: %s", _show(self.stun_server),
+                             _error(task.exception()))
+            if pending:
+                log.info("no answer from STUN %s within %g s", _show(self.stun_server),
+                         self.config.gather_timeout)
+        return found
 
     async def _relay(self) -> list[Candidate]:
         config = self.config
@@ -458,7 +552,10 @@ class _Connection(aioice.Connection):
         A check from an unknown address teaches a peer-reflexive candidate and starts a
         check towards it; a peer spoofing source addresses could aim those at others, so
         at most MAX_CANDIDATES are learnt (the check was already answered, one for one)."""
-        known = any(c._network_host == addr[0] and c.port == addr[1]
+        if message.attributes.get("SOFTWARE") == DONE_MARK:
+            self.peer_done.set()
+        # (our candidates are addresses, never names: `host` is what aioice resolved too)
+        known = any(c.host == addr[0] and c.port == addr[1]
                     for c in self._remote_candidates)
         if not known:
             learnt = sum(c.type == "prflx" for c in self._remote_candidates)
@@ -471,7 +568,11 @@ class _Connection(aioice.Connection):
         for pair in self._check_list:
             if (pair.protocol is protocol and pair.remote_addr == addr
                     and pair.state == CandidatePair.State.IN_PROGRESS
-                    and pair.task is not None and not pair.task.done()):
+                    and pair.task is not None and not pair.task.done()
+                    and id(pair) not in self.retriggered):
+                # once per pair: when both sides check at the same moment, each side's
+                # check would otherwise cancel the other's, forever and unpaced
+                self.retriggered.add(id(pair))
                 pair.task.cancel()
                 pair.task = None
                 pair.state = CandidatePair.State.WAITING
@@ -480,6 +581,37 @@ class _Connection(aioice.Connection):
     @property
     def selected(self) -> CandidatePair | None:
         return self._nominated.get(1)
+
+    @property
+    def check_list(self) -> list[CandidatePair]:
+        return self._check_list
+
+    async def hand_over(self, timeout: float) -> TurnClientProtocol | None:
+        """Stop checks and consent, close every socket but the selected pair's relay;
+        return that relay's TURN client (None when our side of the pair is not a relay).
+
+        Host sockets close at once (their port is free for the program); other TURN
+        allocations are deleted within `timeout` or left to expire."""
+        self._closing = True   # aioice: incoming checks are ignored from now on
+        consent = self._query_consent_task
+        self._query_consent_task = None
+        tasks = [p.task for p in self._check_list if p.task is not None]
+        for task in tasks + ([consent] if consent is not None else []):
+            task.cancel()
+        if tasks or consent is not None:
+            await asyncio.wait(tasks + ([consent] if consent is not None else []))
+        pair = self.selected
+        keep = pair.protocol if pair is not None and pair.local_candidate.type == "relay" \
+            else None
+        closing = [p for p in self._protocols if p is not keep]
+        self._protocols = [keep] if keep is not None else []
+        if closing:
+            await asyncio.wait([asyncio.ensure_future(p.close()) for p in closing],
+                               timeout=timeout)
+        if keep is None:
+            return None
+        # aioice keeps the TURN client of a relayed candidate private to its TurnTransport
+        return keep.transport._TurnTransport__inner_protocol  # type: ignore[attr-defined]
 
 
 def _relayed(pair: CandidatePair) -> bool:
@@ -502,9 +634,9 @@ class IceSession:
     ``local_port``, ``close()``."""
 
     def __init__(self, config: IceConfig, *, controlling: bool,
-                 pacer: Pacer = AGENT_PACER) -> None:
+                 pacer: Pacer = AGENT_PACER, port: int = 0) -> None:
         self.config = config
-        self.connection = _Connection(config, controlling, pacer)
+        self.connection = _Connection(config, controlling, pacer, port)
         self.local: IceDescription | None = None
         self.remote: IceDescription | None = None
         self.path: PathReport | None = None
@@ -560,12 +692,14 @@ class IceSession:
         return self.path
 
     async def measure_rtt(self) -> float | None:
-        """One authenticated Binding round trip on the selected pair (None: no answer)."""
+        """One authenticated Binding round trip on the selected pair (None: no answer). The
+        request carries DONE_MARK: it tells the peer our path is chosen (see settle)."""
         conn = self.connection
         pair = conn.selected
         if pair is None or conn.remote_password is None:
             return None
         request = conn.build_request(pair, nominate=False)
+        request.attributes["SOFTWARE"] = DONE_MARK
         start = time.monotonic()
         try:
             await asyncio.wait_for(pair.protocol.request(
@@ -574,6 +708,26 @@ class IceSession:
         except (stun.TransactionError, asyncio.TimeoutError, OSError):
             return None
         return time.monotonic() - start
+
+    async def settle(self, timeout: float = SETTLE_TIMEOUT) -> bool:
+        """Wait until the peer's path is chosen too (its DONE_MARK arrived; False if it did
+        not within `timeout`, e.g. a peer that is not sipmesh).
+
+        The controlled side may still need our answer to its check of the nominated pair
+        after our own connect() returned; handing our socket to a program before that
+        would leave the peer without a path, and the program with the peer's checks."""
+        try:
+            await asyncio.wait_for(self.connection.peer_done.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            log.info("the peer did not confirm its path within %g s", timeout)
+            return False
+
+    async def hand_over(self, timeout: float = 2.0) -> TurnClientProtocol | None:
+        """Stop checking and close our sockets but the selected relay's (returned, None
+        when the selected pair does not start at our relay): agent/handover.py's part."""
+        self._closed_by_us = True
+        return await self.connection.hand_over(timeout)
 
     async def wait_closed(self) -> None:
         """Return once the connection is closing: by :meth:`close`, or because consent to
@@ -586,6 +740,12 @@ class IceSession:
     def consent_expired(self) -> bool:
         """The connection closed by itself: the peer stopped answering consent checks."""
         return self.connection.closing.is_set() and not self._closed_by_us
+
+    @property
+    def host_port(self) -> int | None:
+        """The port of our host sockets: what a program binds after the hand-over."""
+        hosts = [c.port for c in (self.local.candidates if self.local else []) if c.type == "host"]
+        return hosts[0] if hosts else None
 
     @property
     def local_port(self) -> int | None:
@@ -615,7 +775,7 @@ class IceSession:
         if pair is None:
             checks = [f"{p.local_candidate.type} {_show(p.local_addr)} -> "
                       f"{p.remote_candidate.type} {_show(p.remote_addr)}: "
-                      f"{p.state.name.lower()}" for p in conn._check_list]
+                      f"{p.state.name.lower()}" for p in conn.check_list]
             return PathReport("none", explain("none", nat_there=False, **facts), checks=checks)
         mine, theirs = pair.local_candidate, pair.remote_candidate
         kind = "relayed" if _relayed(pair) else "direct"

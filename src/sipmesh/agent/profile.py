@@ -14,19 +14,30 @@ is stopped, the ChildSpec's cleanup runs.
 
 Calling side: `check` -> `offer` -> INVITE -> 200 OK validated against
 `answer_params` -> ACK -> `caller_child` starts -> ...
+
+A profile whose program talks UDP says so (``transport = "udp"``): the agent then runs
+ICE (agent/ice.py) in the offer and the answer, and once a path is chosen the program
+starts with it in ``SessionInfo.path`` (agent/handover.py:UdpEndpoint: bind
+``local_port``, send to ``remote_ip``:``remote_port``). On the answering side the 200 OK
+goes out first and the program starts after the path is known, built by `answer_child`
+from the plan. A peer without ICE (the prototype, SIPp) gets the paper's a=IP4/a=PORT
+and ``path`` stays None. ``transport = "tcp"`` is the hook for TCP streams carried over the
+checked path (agent/streams.py); until it exists such programs use a=IP4/a=PORT.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from sipmesh.agent.handover import UdpEndpoint
 
 from sipmesh.agent.params import IPv4, IPv6, Param, Port, Token
 from sipmesh.agent.supervisor import Child, ChildSpec
 
 __all__ = ["AppProfile", "Plan", "SessionInfo", "COMMON_OFFER", "IP_PARAMS", "PORT", "endpoint_env",
-           "offered_ip"]
+           "offered_ip", "path_values"]
 
 # What every offer may carry: the caller's address (IP4 or IP6) and the kind of
 # application it wants (absent in the paper's INVITEs, which had no body).
@@ -44,6 +55,7 @@ class SessionInfo:
     local_user: str
     peer: str  # the peer's SIP URI
     local_ip: str  # the address the peer can reach us at (our a=IP4 / a=IP6)
+    path: UdpEndpoint | None = None  # the path ICE chose, once handed over (UDP programs)
 
 
 @dataclass
@@ -52,7 +64,8 @@ class Plan:
 
     attributes: dict[str, str]
     child: ChildSpec
-    port: int = 9  # for the m= line (informational, proxies rewrite it)
+    port: int = 9  # for the m= line (informational, proxies rewrite it); ICE's host port
+    context: dict[str, Any] = field(default_factory=dict)  # the profile's, for answer_child
 
 
 def endpoint_env(values: dict[str, str], *, role: str, info: SessionInfo,
@@ -71,7 +84,17 @@ def endpoint_env(values: dict[str, str], *, role: str, info: SessionInfo,
         env["SIPMESH_PORT"] = port
     for name, value in values.items():
         env["SIPMESH_" + name.upper().replace("-", "_").replace(".", "_")] = value
+    env.update({"SIPMESH_" + k: v for k, v in path_values(info.path).items()})
     return env
+
+
+def path_values(path: UdpEndpoint | None) -> dict[str, str]:
+    """The chosen path as values for a program: LOCAL_PORT (bind it), REMOTE_IP and
+    REMOTE_PORT (send there), PATH (direct or relayed); {} without ICE."""
+    if path is None:
+        return {}
+    return {"LOCAL_PORT": str(path.local_port), "REMOTE_IP": path.remote_ip,
+            "REMOTE_PORT": str(path.remote_port), "PATH": path.kind}
 
 
 def offered_ip(values: dict[str, str]) -> str | None:
@@ -84,6 +107,7 @@ class AppProfile(abc.ABC):
     name: ClassVar[str]
     media: ClassVar[str] = "application"
     proto: ClassVar[str] = "sipmesh"
+    transport: ClassVar[str | None] = None  # "udp": the program takes the ICE path (above)
     offer_params: tuple[Param, ...] = COMMON_OFFER
     answer_params: tuple[Param, ...] = IP_PARAMS + (PORT,)
 
@@ -110,6 +134,11 @@ class AppProfile(abc.ABC):
     @abc.abstractmethod
     async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
         """The answering side: choose its values (port, ...) for a validated offer."""
+
+    def answer_child(self, info: SessionInfo, plan: Plan) -> ChildSpec:
+        """The answering side's program once ``info.path`` is known (UDP profiles, ICE).
+        Default: the plan's."""
+        return plan.child
 
     async def wait_ready(self, plan: Plan, child: Child) -> None:
         """Return once the answering side's program can take the caller's first packet

@@ -21,18 +21,30 @@ Answering (`Session.answer`; the daemon runs the same steps, choosing a service)
 Calling (`Session.place`): offer -> INVITE -> read the answer (a bad one is ACKed and
 ended with BYE, nothing started) -> start the program -> supervise.
 
+ICE (agent/ice.py), for profiles whose program talks UDP (``profile.transport``), when the
+endpoint has it on (the default; ``--no-ice``): the caller gathers candidates and puts
+them in its offer beside a=IP4; an answering side that finds ICE in the offer gathers on
+the port its plan chose, answers with its candidates beside a=IP4/a=PORT, and starts its
+checks as the 200 OK goes out (before the ACK); the caller (controlling) starts its
+checks once the answer is read. Each side starts its program only once a path is chosen,
+handed over (agent/handover.py) and put in ``SessionInfo.path``; the answering side
+therefore starts its program after the 200 OK, not before. No path: BYE with a Reason,
+nothing started, the caller exits with Exit.NO_PATH. A peer without ICE attributes gets
+the paper's a=IP4/a=PORT exactly as before. While the program runs, a path whose peer
+falls silent (consent lost, see agent/handover.py) ends the session with BYE.
+
 Supervision: the program exits -> BYE at once; BYE received -> the program is stopped
 (SIGTERM to its group, SIGKILL after the grace period); a stop request (SIGINT,
 SIGTERM, SIGHUP in the CLI) -> BYE, stop the program. A program that ended its
 session by failing (non-zero status, or a signal we did not send) makes call mode
 (and serve mode with ``once``) fail with Exit.APPLICATION; a program we stopped never does.
 
-Connection parameters (addresses, ports, keys; ICE candidates next) are produced
-by the profile (`profile.offer` when calling, `profile.answer` when answering) and
+Connection parameters (addresses, ports, keys, ICE candidates) are produced by the
+profile (`profile.offer` when calling, `profile.answer` when answering) and by ICE, and
 cross the network in two places only: `_describe` writes ours into SDP, and
 `_read_offer` + `_validate_offer` (answering) or `_read_answer` (calling) read and
-validate the peer's. Only ``a=`` lines are ever read; ``m=``, ``c=`` and ``o=`` are
-for proxies.
+validate the peer's (`_peer_ice` its ICE attributes). Only ``a=`` lines are ever read;
+``m=``, ``c=`` and ``o=`` are for proxies.
 """
 
 from __future__ import annotations
@@ -40,13 +52,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-from sipmesh.agent.attributes import build_sdp, read_attributes
+from sipmesh.agent.attributes import build_sdp, read_attribute_list, read_attributes
 from sipmesh.agent.endpoint import Endpoint
 from sipmesh.agent.errors import (AgentError, Exhausted, Exit, describe_exit, describe_status,
                                   exit_for_status)
+from sipmesh.agent.handover import Handover
+from sipmesh.agent.ice import IceDescription, IceError, IceOptions, IceSession, PathReport, render
+from sipmesh.agent.ice import parse as parse_ice
 from sipmesh.agent.params import ParamError, validate
 from sipmesh.agent.profile import AppProfile, Plan, SessionInfo
 from sipmesh.agent.supervisor import Child, ChildSpec
@@ -57,6 +72,11 @@ from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
 log = logging.getLogger("sipmesh.agent")
 
 EventHook = Callable[[str, dict], None]
+# Program transports that take the path ICE checked; "tcp" joins once agent/streams.py
+# (branch quic) carries TCP streams over it.
+ICE_TRANSPORTS = frozenset({"udp"})
+NO_PATH_CAUSE = 480   # Reason of the BYE when ICE found no path (RFC 3326)
+CONSENT_CAUSE = 408   # ... when a running path lost consent
 # Who serves an INVITE, from its a= lines (not yet validated): (profile, SessionInfo), or
 # raise Refusal.
 Chooser = Callable[[IncomingCall, dict[str, str]], tuple[AppProfile, SessionInfo]]
@@ -108,6 +128,10 @@ class Session:
         self.child: Child | None = None
         self.call: Call | None = None
         self.reason: str | None = None  # why it ended
+        self.ice: IceSession | None = None
+        self.handover: Handover | None = None
+        self.path: PathReport | None = None  # the path ICE chose (or "none" and why)
+        self._no_path_message = ""
         # The program's exit status when the program itself ended the session (negative:
         # killed by that signal); None when the peer or a stop request ended it and we
         # stopped the program (whatever status that gave is ours, not the program's).
@@ -145,26 +169,88 @@ class Session:
                 self.state = "ending"
                 if self.child is not None and not self.child.finished.done():
                     await self.child.stop(self.grace)  # refused, failed or cancelled half-way
+                await self._close_path()
 
     async def _answer(self, incoming: IncomingCall, profile: AppProfile, info: SessionInfo,
                       attributes: dict[str, str]) -> bool:
         try:
             offer = self._validate_offer(profile, attributes)
+            remote = self._offered_ice(profile, incoming)
             incoming.ringing()
             plan = await self._plan(profile, info, offer)
-            sdp = self._describe_answer(profile, plan)
-            await self._start_answering(profile, plan)
+            if remote is None:
+                sdp = self._describe_answer(profile, plan)
+                await self._start_answering(profile, plan)
+            else:
+                sdp = await self._describe_ice_answer(profile, plan)
         except Refusal as refusal:
             self._refuse(incoming, refusal)
             return False
+        connecting = None
+        if remote is not None:
+            # the checks start as the 200 goes out: the caller's first checks may come
+            # before its ACK, and the path is often chosen before the ACK arrives
+            connecting = asyncio.ensure_future(self.ice.connect(self._reread(remote)))
         try:
             self.call = await incoming.accept(sdp)
         except CallFailed as exc:
             log.warning("[%s] the session was not established (%s): stopping %s",
                         self.call_id, exc, profile.label)
+            if connecting is not None:
+                connecting.cancel()
+                _cleanup(plan)
             return False
+        if connecting is not None:
+            started = False
+            try:
+                if not await self._take_path(connecting):
+                    return True
+                plan.child = profile.answer_child(info, plan)
+                await self._start_answering(profile, plan)
+                started = True
+            except Refusal as refusal:
+                await _bye(self.call, refusal.status, refusal.text)
+                return True
+            finally:
+                if not started:
+                    _cleanup(plan)
         await self._run()
         return True
+
+    def _offered_ice(self, profile: AppProfile, incoming: IncomingCall) -> list[tuple[str, str]] | None:
+        """The offer's ICE attributes when this session takes an ICE path (None: the
+        paper's a=IP4/a=PORT); 488 if they are malformed."""
+        if not self._uses_ice(profile):
+            return None
+        attributes = read_attribute_list(incoming.sdp)  # _read_offer parsed it already
+        try:
+            found = parse_ice(attributes, allow_loopback=True)   # its credentials, for now
+        except IceError as exc:
+            raise Refusal(488, str(exc)) from None
+        return attributes if found is not None else None
+
+    def _reread(self, attributes: list[tuple[str, str]]) -> IceDescription:
+        """The peer's description, checked against our own candidates (loopback is used
+        only when we are on loopback ourselves)."""
+        assert self.ice is not None
+        remote = self.ice.read_remote(attributes)
+        assert remote is not None
+        return remote
+
+    async def _describe_ice_answer(self, profile: AppProfile, plan: Plan) -> bytes:
+        """The 200 OK's SDP with our candidates, gathered on the plan's port."""
+        try:
+            validate(profile.answer_params, plan.attributes)
+        except ValueError as exc:
+            if plan.child.cleanup is not None:
+                plan.child.cleanup()
+            raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
+        try:
+            local = await self._gather(controlling=False, port=plan.port)
+        except (AgentError, OSError) as exc:
+            _cleanup(plan)
+            raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
+        return self._describe(profile, plan.attributes, plan.port, local)
 
     def _read_offer(self, incoming: IncomingCall) -> dict[str, str]:
         """The offer's a= lines, not yet validated (that needs the profile)."""
@@ -235,17 +321,32 @@ class Session:
         self.info = info = SessionInfo(role="client", call_id="", local_user=ua.config.user,
                                        peer=self.peer, local_ip=self.endpoint.local_ip)
         offer = profile.offer(info)
-        sdp = self._describe(profile, offer, 9)
+        local = await self._gather(controlling=True, port=0) if self._uses_ice(profile) else None
+        sdp = self._describe(profile, offer, 9, local)
         log.info("calling %s", self.peer)
         self._emit("invite_sent", target=self.peer)
-        call = await self._invite(target, sdp, timeout)
+        try:
+            call = await self._invite(target, sdp, timeout)
+        except BaseException:
+            await self._close_path()
+            raise
         if call is None:
+            await self._close_path()
             return False
         self.call, self.call_id = call, call.call_id
         info.call_id = call.call_id
         with self.endpoint.running(self):
             try:
-                answer = await self._read_answer(call, profile, target)
+                answer, remote = await self._read_answer(call, profile, target)
+                if remote is not None:
+                    if not await self._take_path(asyncio.ensure_future(self.ice.connect(remote))):
+                        if self.path is not None and self.path.kind == "none":
+                            raise AgentError(self._no_path_message, Exit.NO_PATH)
+                        return True   # the peer or a stop request ended it meanwhile
+                elif self.ice is not None:
+                    log.info("[%s] the peer does not do ICE: its a=IP4/a=PORT are used",
+                             call.call_id)
+                    await self._close_path()
                 try:
                     spec = profile.caller_child(info, offer, answer)
                     self.child = await self._start(spec, answer.get("PORT"))
@@ -257,6 +358,7 @@ class Session:
                 self.state = "ending"
                 if self.child is not None and not self.child.finished.done():
                     await self.child.stop(self.grace)  # cancelled half-way
+                await self._close_path()
         return True
 
     async def _invite(self, target: str, sdp: bytes, timeout: float) -> Call | None:
@@ -291,13 +393,21 @@ class Session:
         except OSError as exc:
             raise AgentError(f"cannot reach the SIP server: {exc}", Exit.UNREACHABLE) from None
 
-    async def _read_answer(self, call: Call, profile: AppProfile, target: str) -> dict[str, str]:
-        """The answer's a= lines, validated; a bad answer ends the session (BYE)."""
+    async def _read_answer(self, call: Call, profile: AppProfile, target: str
+                           ) -> tuple[dict[str, str], IceDescription | None]:
+        """The answer's a= lines, validated, and its ICE description if we offered ICE and
+        the peer answered with it; a bad answer ends the session (BYE)."""
         try:
             answer = validate(profile.answer_params, read_attributes(call.remote_sdp))
             if not (answer.get("IP4") or answer.get("IP6")):
                 raise ParamError("IP4", "missing (the answer must say where to connect)")
-            return answer
+            remote = None
+            if self.ice is not None:
+                try:
+                    remote = self.ice.read_remote(read_attribute_list(call.remote_sdp))
+                except IceError as exc:
+                    raise ParamError("ice", str(exc)) from None
+            return answer, remote
         except (SDPError, ParamError) as exc:
             log.warning("[%s] refusing the answer of %s: %s", call.call_id, call.peer, exc)
             self._emit("refused", status=488, text=str(exc))
@@ -305,13 +415,78 @@ class Session:
             raise AgentError(f"refused the answer of {target}: {exc}", Exit.REFUSED) from None
 
     # -- both sides ----------------------------------------------------------------------
-    def _describe(self, profile: AppProfile, attributes: dict[str, str], port: int) -> bytes:
-        """Our offer or answer: `attributes` as a= lines of an SDP body."""
+    def _describe(self, profile: AppProfile, attributes: dict[str, str], port: int,
+                  ice: IceDescription | None = None) -> bytes:
+        """Our offer or answer: `attributes` (and our ICE description) as a= lines."""
         ua = self.endpoint.ua
         assert ua is not None
+        lines = list(attributes.items()) + (render(ice) if ice is not None else [])
         return build_sdp(username=ua.config.user, address=self.endpoint.local_ip,
                          media=profile.media, proto=profile.proto, port=port,
-                         attributes=attributes)
+                         attributes=lines)
+
+    # -- the path (ICE) ------------------------------------------------------------------
+    def _uses_ice(self, profile: AppProfile) -> bool:
+        return self.endpoint.ice_config is not None and profile.transport in ICE_TRANSPORTS
+
+    async def _gather(self, *, controlling: bool, port: int) -> IceDescription:
+        """Our candidates; host sockets on `port` (the answer's a=PORT) when it is free."""
+        config = self.endpoint.ice_config
+        assert config is not None
+        self.ice = IceSession(config, controlling=controlling, port=port)
+        try:
+            return await self.ice.gather()
+        except OSError as exc:
+            if not port:
+                raise AgentError(f"cannot gather ICE candidates: {exc}") from None
+            log.warning("[%s] UDP port %d is taken (%s): ICE gathers on another port",
+                        self.call_id, port, exc.strerror or exc)
+            await self.ice.close()
+            self.ice = IceSession(config, controlling=controlling, port=0)
+            return await self.ice.gather()
+
+    async def _take_path(self, connecting: asyncio.Future[PathReport]) -> bool:
+        """Wait for the checks (ending early if the peer or a stop request ends the
+        session), then hand the path over (``info.path``). False when there is no path to
+        run the program on: the session is over (BYE sent for a failed path)."""
+        assert self.call is not None and self.ice is not None and self.info is not None
+        call, ice = self.call, self.ice
+        stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
+        try:
+            await asyncio.wait({connecting, call.ended, stopping},
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            self.reason = f"the peer ended the session ({call.ended.result()})" \
+                if call.ended.done() else "shutting down"
+            log.info("[%s] %s while checking paths", self.call_id, self.reason)
+            if not call.ended.done():
+                await call.bye()
+            return False
+        try:
+            self.path = connecting.result()
+        except IceError as exc:
+            self.path = exc.report or PathReport("none", str(exc))
+            checks = "; ".join(self.path.checks[:8]) or "none"
+            self._no_path_message = f"no network path to {self.peer}: {exc}; checks: {checks}"
+            self.reason = "no network path"
+            log.warning("[%s] %s", self.call_id, self._no_path_message)
+            self._emit("no_path", call_id=self.call_id, text=self._no_path_message)
+            await _bye(call, NO_PATH_CAUSE, f"no network path: {self.path.reason}")
+            return False
+        self._emit("path", call_id=self.call_id, path=str(self.path), kind=self.path.kind)
+        timeout = self.endpoint.ice.consent_timeout
+        self.handover = await Handover.take(ice, consent_timeout=timeout)
+        self.info.path = self.handover.endpoint
+        return True
+
+    async def _close_path(self) -> None:
+        if self.handover is not None:
+            await self.handover.close()
+        elif self.ice is not None:
+            await self.ice.close()
 
     async def _start(self, spec: ChildSpec, port: str | None) -> Child:
         assert self.profile is not None
@@ -338,12 +513,21 @@ class Session:
         assert self.call is not None and self.child is not None
         call, child = self.call, self.child
         stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
+        lost = asyncio.ensure_future(self.handover.lost()) if self.handover else None
         try:
-            await asyncio.wait({child.exited, call.ended, stopping},
+            await asyncio.wait({child.exited, call.ended, stopping} | ({lost} if lost else set()),
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
-        if child.exited.done():
+            if lost is not None and not lost.done():
+                lost.cancel()
+        if lost is not None and lost.done() and not lost.cancelled() \
+                and not child.exited.done() and not call.ended.done():
+            self.reason = lost.result()
+            log.warning("[%s] %s: sending BYE, stopping the application", call.call_id,
+                        self.reason)
+            await asyncio.gather(_bye(call, CONSENT_CAUSE, self.reason), child.stop(self.grace))
+        elif child.exited.done():
             self.app_status = status = child.exited.result()
             self.reason = f"the application {describe_exit(status)}"
             log.info("[%s] %s: sending BYE", call.call_id, self.reason)
@@ -358,6 +542,12 @@ class Session:
             log.info("[%s] shutting down: BYE and stopping the application", call.call_id)
             await asyncio.gather(call.bye(), child.stop(self.grace))
         return self.reason
+
+
+def _cleanup(plan: Plan) -> None:
+    """What a plan holds, when its program never started."""
+    if plan.child.cleanup is not None:
+        plan.child.cleanup()
 
 
 async def _bye(call: Call, cause: int, text: str) -> None:
@@ -383,6 +573,7 @@ class AgentConfig:
     invite_timeout: float = 30.0
     grace: float = 5.0  # SIGTERM -> SIGKILL
     once: bool = False  # serve mode: stop after the first session
+    ice: IceOptions = field(default_factory=IceOptions)  # ICE on, STUN at the SIP server
 
 
 class Agent:
@@ -399,7 +590,8 @@ class Agent:
         self.config = config
         self.profile = profile
         self.on_event = on_event
-        self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise)
+        self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise,
+                                 ice=config.ice)
         self.sessions = 0  # established so far
         self.app_failure: str | None = None  # how the last session's program failed
         self.ready = asyncio.Event()  # set once registered (or, without registering, started)

@@ -7,14 +7,40 @@ else the next free one, as the prototype's ``-v``) and sends ``a=IP4`` and
 ``a=VPN_LOCAL_ADDR`` and ``a=VPN_REMOTE_ADDR``. Both sides start their program with:
 
 * ``SIPMESH_*`` environment variables (ROLE, CALL_ID, PEER, LOCAL_IP, REMOTE_IP,
-  PORT, and one per negotiated value, e.g. SIPMESH_VPN_LOCAL_ADDR);
+  PORT, and one per negotiated value, e.g. SIPMESH_VPN_LOCAL_ADDR; with a path
+  also LOCAL_PORT, REMOTE_PORT and PATH);
 * ``{NAME}`` placeholders in the arguments replaced by validated values
-  (PORT, IP4, LOCAL_IP, REMOTE_IP, VPN_LOCAL_ADDR, VPN_REMOTE_ADDR), in the
-  daemon's template language (daemon/templates.py), except that a name it does
-  not know stays as written (the braces may be the program's own);
+  (PORT, IP4, LOCAL_IP, REMOTE_IP, LOCAL_PORT, REMOTE_PORT, VPN_LOCAL_ADDR,
+  VPN_REMOTE_ADDR), in the daemon's template language (daemon/templates.py),
+  except that a name it does not know stays as written (the braces may be the
+  program's own);
 * with `append_args`, the prototype's arguments appended after the user's:
   answering side ``PORT VPN_LOCAL_ADDR VPN_REMOTE_ADDR``, calling side
-  ``IP4 PORT VPN_LOCAL_ADDR VPN_REMOTE_ADDR`` (values as received).
+  ``IP4 PORT VPN_LOCAL_ADDR VPN_REMOTE_ADDR``.
+
+The contract, per transport (``transport``, ``--app-transport``, a service's
+``transport`` key), the same in the prototype's names and the new ones:
+
+``udp`` (the default; the prototype's OpenVPN)
+    The program binds UDP ``{LOCAL_PORT}`` and exchanges datagrams with
+    ``{REMOTE_IP}:{REMOTE_PORT}``. The answering side's ``{PORT}`` is its
+    ``{LOCAL_PORT}``; the calling side's ``{IP4}``/``{PORT}`` are ``{REMOTE_IP}``/
+    ``{REMOTE_PORT}``. With ICE on both sides these are the path ICE checked
+    (agent/handover.py): direct through both NATs, or through the TURN relay (where our
+    side relays, ``{REMOTE_IP}:{REMOTE_PORT}`` is sipmesh's proxy on 127.0.0.1).
+    Binding ``{LOCAL_PORT}`` matters behind a NAT: it is the port the checks opened.
+    The program sends something at least every 15 s (a heartbeat), because NATs forget
+    silent flows and the session ends when nothing came from the peer for 30 s.
+    Both programs start once the path is chosen, at about the same time: a datagram
+    sent before the peer's program is up may be lost, so send again (UDP programs do).
+    Against a peer without ICE the values are the paper's: the answering side's
+    ``a=IP4``/``a=PORT`` (``{LOCAL_PORT}`` 0 on the calling side: any port).
+``tcp``
+    The answering program listens on TCP ``{PORT}``, the calling one connects to
+    ``{IP4}:{PORT}`` (``{REMOTE_IP}:{REMOTE_PORT}``), as in the prototype; the answering
+    program starts before the 200 OK. Across NATs this needs TCP streams over the
+    checked path (agent/streams.py, branch quic: `session.ICE_TRANSPORTS` is the hook);
+    until then a TCP session uses the paper's values and no ICE.
 
 ExecService, ``kind = "exec"``: any program, with its parameters declared in the
 daemon's configuration file.
@@ -56,11 +82,12 @@ from sipmesh.agent.params import (TYPES, Base64Key, Choice, Fingerprint, Integer
                                   param_type)
 from sipmesh.agent.ports import pick_port
 from sipmesh.agent.profile import (COMMON_OFFER, IP_PARAMS, PORT, AppProfile, Plan, SessionInfo,
-                                   endpoint_env, offered_ip)
+                                   endpoint_env, offered_ip, path_values)
 from sipmesh.agent.supervisor import ChildSpec, resolve_program
 from sipmesh.daemon import templates
 from sipmesh.daemon.service import ConfigValueError, ServiceProfile
 
+TRANSPORTS = ("udp", "tcp")
 VPN_LOCAL = Param("VPN_LOCAL_ADDR", IPv4())
 VPN_REMOTE = Param("VPN_REMOTE_ADDR", IPv4())
 DEFAULT_VPN_LOCAL = "192.168.234.1"
@@ -89,9 +116,14 @@ class ExecProfile(AppProfile):
     def __init__(self, argv: list[str], *, app_port: int = DEFAULT_APP_PORT,
                  port_protocols: tuple[str, ...] = ("udp", "tcp"),
                  vpn: tuple[str, str] | None = None, append_args: bool = False,
-                 media: str = "application", proto: str = "sipmesh") -> None:
+                 media: str = "application", proto: str = "sipmesh",
+                 transport: str = "udp") -> None:
         if not argv:
             raise AgentError("no program given (put it after --)", Exit.USAGE)
+        if transport not in TRANSPORTS:
+            raise AgentError(f"the program's transport is udp or tcp, not {transport!r}",
+                             Exit.USAGE)
+        self.transport = transport  # type: ignore[misc]
         self.argv = list(argv)
         self.app_port = app_port
         self.port_protocols = port_protocols
@@ -114,17 +146,43 @@ class ExecProfile(AppProfile):
         attributes = {ip_name: info.local_ip, "PORT": str(port)}
         if self.vpn is not None:
             attributes["VPN_LOCAL_ADDR"], attributes["VPN_REMOTE_ADDR"] = self.vpn
-        remote_ip = offered_ip(offer)
-        values = dict(attributes, LOCAL_IP=info.local_ip, REMOTE_IP=remote_ip or "")
-        appended = [str(port)] + (list(self.vpn) if self.vpn else [])
-        return Plan(attributes=attributes, port=port,
-                    child=self._spec(info, values, appended, remote_ip, str(port), attributes,
-                                     "server"))
+        return Plan(attributes=attributes, port=port, context={"offer": offer},
+                    child=self._server_child(info, attributes, offer))
+
+    def answer_child(self, info: SessionInfo, plan: Plan) -> ChildSpec:
+        return self._server_child(info, plan.attributes, plan.context["offer"])
+
+    def _server_child(self, info: SessionInfo, attributes: dict[str, str],
+                      offer: dict[str, str]) -> ChildSpec:
+        """PORT is the port to bind: the one in our a=PORT, or the path's (the same port
+        unless it was taken); REMOTE_IP is the caller's a=IP4, or the path's."""
+        path = info.path
+        attributes = dict(attributes)
+        if path is not None:
+            attributes["PORT"] = str(path.local_port)
+        port = attributes["PORT"]
+        remote_ip = path.remote_ip if path else offered_ip(offer)
+        values = dict(attributes, LOCAL_IP=info.local_ip, REMOTE_IP=remote_ip or "",
+                      LOCAL_PORT=port, REMOTE_PORT="0")
+        values.update(path_values(path))
+        appended = [port] + (list(self.vpn) if self.vpn else [])
+        return self._spec(info, values, appended, remote_ip, port, attributes, "server")
 
     def caller_child(self, info: SessionInfo, offer: dict[str, str],
                      answer: dict[str, str]) -> ChildSpec:
+        """IP4 (or IP6) and PORT say where the peer's program is: its a=IP4/a=PORT, or the
+        path's remote end (the same on paths the paper's values would work on)."""
+        path = info.path
+        answer = dict(answer)
+        if path is not None:
+            answer.pop("IP4", None)
+            answer.pop("IP6", None)
+            answer["IP6" if ":" in path.remote_ip else "IP4"] = path.remote_ip
+            answer["PORT"] = str(path.remote_port)
         remote_ip = offered_ip(answer) or ""
-        values = dict(answer, LOCAL_IP=info.local_ip, REMOTE_IP=remote_ip)
+        values = dict(answer, LOCAL_IP=info.local_ip, REMOTE_IP=remote_ip, LOCAL_PORT="0",
+                      REMOTE_PORT=answer["PORT"])
+        values.update(path_values(path))
         values.setdefault("IP4", remote_ip)
         appended = [remote_ip, answer["PORT"]]
         if self.vpn is not None:

@@ -49,6 +49,7 @@ class Authenticator:
         self.reload_interval = reload_interval
         self._servers: dict[str, DigestServer] = {}
         self._next_reload = 0.0
+        self.failures = 0  # credentials given and refused (metrics)
 
     def _server(self, realm: str) -> DigestServer:
         server = self._servers.get(realm)
@@ -66,6 +67,11 @@ class Authenticator:
                     log.info("users file %s reloaded: %d users", self.users.path, len(self.users))
             except (OSError, ValueError) as exc:
                 log.error("users file %s not reloaded, keeping the previous one: %s", self.users.path, exc)
+
+    def reload_users(self) -> None:
+        """Re-read the users file now (SIGHUP) rather than at the next check."""
+        self._next_reload = 0.0
+        self._refresh_users()
 
     def challenge(self, realm: str, *, proxy: bool, stale: bool = False,
                   reason: str | None = None) -> AuthCheck:
@@ -91,6 +97,7 @@ class Authenticator:
             return AuthCheck(username=result.username)
         if result.outcome is AuthOutcome.STALE:
             return self.challenge(realm, proxy=proxy, stale=True)
+        self.failures += 1
         log.info("authentication of %r in realm %s failed: %s", result.username, realm,
                  result.outcome.value)
         return self.challenge(realm, proxy=proxy)

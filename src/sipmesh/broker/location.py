@@ -121,29 +121,30 @@ class LocationService:
         self.clock = clock
         self.known_retention = known_retention
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._checkpointer: sqlite3.Connection | None = None  # checkpoint()'s own connection
         self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
                                    check_same_thread=False, cached_statements=64)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)  # in its own transaction
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path}: location database version {version}, this broker "
-                                   f"knows {SCHEMA_VERSION}: move the file away and let it be recreated")
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(_SCHEMA)  # in its own transaction
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                elif version != SCHEMA_VERSION:
+                    raise RuntimeError(f"{self.path}: location database version {version}, this broker "
+                                       f"knows {SCHEMA_VERSION}: move the file away and let it be recreated")
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         except BaseException:
             self.close()
             raise
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA temp_store=MEMORY")
         if not auto_checkpoint:
             self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._checkpointer: sqlite3.Connection | None = None  # checkpoint()'s own connection
         try:
             os.chmod(self.path, 0o600)
         except OSError:
@@ -166,10 +167,13 @@ class LocationService:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT (disk full, I/O error) may leave the transaction open:
+                # end it, or every later write would fail too.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
@@ -281,7 +285,8 @@ class LocationService:
         return self._db.execute("SELECT COUNT(*) FROM bindings WHERE expires > ?",
                                 (self.clock(),)).fetchone()[0]
 
-    def all(self) -> list[Binding]:
-        rows = self._db.execute(f"SELECT {_COLUMNS} FROM bindings WHERE expires > ? ORDER BY aor, q DESC",
-                                (self.clock(),)).fetchall()
+    def all(self, limit: int = -1) -> list[Binding]:
+        """The live bindings by AOR (the first `limit` of them; -1: every one)."""
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM bindings WHERE expires > ? ORDER BY aor, q DESC "
+                                "LIMIT ?", (self.clock(), limit)).fetchall()
         return [Binding(*row) for row in rows]

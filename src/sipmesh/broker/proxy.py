@@ -19,6 +19,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
+from sipmesh.broker import nat
 from sipmesh.broker.domains import LocalIdentity
 from sipmesh.sip.dialog import new_tag
 from sipmesh.sip.errors import ParseError
@@ -26,7 +27,8 @@ from sipmesh.sip.headers import parse_address, parse_via
 from sipmesh.sip.message import Request, Response, make_response, with_tag
 from sipmesh.sip.transaction.client import make_cancel
 from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction, TransactionLayer
-from sipmesh.sip.transport.base import Flow, resolve, response_target, uri_target
+from sipmesh.sip.transport.base import Flow, response_target, uri_target
+from sipmesh.sip.transport.resolve import ResolveError
 from sipmesh.sip.uri import SipURI, is_ip
 
 log = logging.getLogger("sipmesh.broker.proxy")
@@ -92,6 +94,9 @@ class Branch:
     cancel_pending: bool = False
     cancelled: bool = False
     timer_c: asyncio.TimerHandle | None = None
+    # The branch never went out (its next hop does not resolve, say): its final response
+    # was made here from the request as received, and has no Via of ours to remove.
+    local: bool = False
 
 
 def _status_rank(response: Response) -> tuple[int, int]:
@@ -124,7 +129,7 @@ class ResponseContext:
         self.starting = False
         if self.done and not self.server.final_sent:
             self.server.respond(self._best())
-            self.proxy._finished(self)
+            self.proxy.answered(self)
 
     # -- responses from downstream -----------------------------------------------------
     async def pump(self, branch: Branch) -> None:
@@ -149,18 +154,18 @@ class ResponseContext:
             if branch.cancel_pending:
                 self.proxy._send_cancel(branch)
             if status > 100 and not self.server.final_sent:
-                self.server.respond(self._upstream(response))
+                self.server.respond(self._upstream(response, branch))
             return
         if 200 <= status < 300:
             first = branch.final is None
             branch.final = branch.final or response
             self._stop_timer_c(branch)
             if not self.server.final_sent:
-                self.server.respond(self._upstream(response))
-                self.proxy._finished(self)
+                self.server.respond(self._upstream(response, branch))
+                self.proxy.answered(self)
             elif self.invite:
                 # §16.7 step 9: every 2xx to an INVITE goes upstream, retransmissions too
-                up = self._upstream(response)
+                up = self._upstream(response, branch)
                 self.proxy.transactions.send_stateless(up, response_target(up, self.server.flow))
             if self.invite and first:
                 self.no_new_branches = True
@@ -175,36 +180,50 @@ class ResponseContext:
             self.cancel_others(branch, None)
         if self.done and not self.server.final_sent:
             self.server.respond(self._best())
-            self.proxy._finished(self)
+            self.proxy.answered(self)
+
+    def fail(self, branch: Branch, status: int, reason: str) -> None:
+        """End a branch that could not be sent (RFC 3263 §4.3: as if it got a 503)."""
+        branch.local = True
+        self.on_response(branch, make_response(self.request, status, reason))
 
     def _stop_timer_c(self, branch: Branch) -> None:
         if branch.timer_c is not None:
             branch.timer_c.cancel()
             branch.timer_c = None
 
-    def _upstream(self, response: Response) -> Response:
-        """§16.7 step 9: the response without our Via."""
+    def _upstream(self, response: Response, branch: Branch | None = None) -> Response:
+        """§16.7 step 9: the response without our Via; the Contact marked with the flow
+        it came on if it came from a UA behind NAT (the next hop was the Request-URI)."""
         headers = response.headers.copy()
         headers.pop_first("Via")
-        return Response(headers=headers, status=response.status, reason=response.reason,
-                        body=response.body)
+        up = Response(headers=headers, status=response.status, reason=response.reason,
+                      body=response.body)
+        if branch is not None and self.proxy.record_route and branch.request.headers.get("Route") is None \
+                and nat.response_from_nat(up, branch.flow):
+            nat.add_alias(up, branch.flow)
+        return up
 
     def _best(self) -> Response:
-        """§16.7 steps 6-7: the best final response, challenges merged, 503 as 500."""
-        finals = [b.final for b in self.branches if b.final is not None]
-        if not finals:  # no branch was ever started
+        """§16.7 steps 6-7: the best final response, challenges merged, a downstream 503
+        as 500 (ours, for a next hop that cannot be reached, stays 503)."""
+        ended = [b for b in self.branches if b.final is not None]
+        if not ended:  # no branch was ever started
             return make_response(self.request, 487 if self.server.cancelled else 480, to_tag=new_tag())
-        best = min(finals, key=_status_rank)
-        up = self._upstream(best)
+        chosen = min(ended, key=lambda b: _status_rank(b.final))  # type: ignore[arg-type]
+        best = chosen.final
+        assert best is not None
+        up = best if chosen.local else self._upstream(best)
         if best.status in (401, 407):
-            for other in finals:
-                if other is best or other.status not in (401, 407):
+            for other in (b.final for b in ended):
+                if other is best or other is None or other.status not in (401, 407):
                     continue
                 for name in ("WWW-Authenticate", "Proxy-Authenticate"):
                     for value in other.headers.get_all(name):
                         if value not in up.headers.get_all(name):
                             up.headers.add(name, value)
-        if up.status == 503:  # §16.7 step 6: a 503 is not passed on, it would stop the caller
+        if up.status == 503 and not chosen.local:
+            # §16.7 step 6: a downstream 503 is not passed on, it would stop the caller
             up.status, up.reason = 500, "Server Internal Error"
         _ensure_to_tag(up)
         return up
@@ -316,6 +335,8 @@ class Proxy:
         ctx = ResponseContext(self, server)
         self._contexts[server] = ctx
         loop = loop or loop_hash(server.request)
+        if self.record_route and nat.request_from_nat(server.request, server.flow):
+            nat.add_alias(server.request, server.flow)  # before the branches copy it
         pending: list[tuple[Request, Target]] = []
         for target in targets:
             copy = self._copy_for(server.request, target.uri)
@@ -380,16 +401,15 @@ class Proxy:
                 break
             hop = _first_route(copy) or copy.uri
             assert isinstance(hop, SipURI)
-            transport, host, port = uri_target(hop)
             try:
-                address = await resolve(host, port)
-            except OSError as exc:
-                log.info("cannot resolve %s: %s", host, exc)
-                branch = Branch(copy, Flow(transport, host, port))
+                flow = await self.transactions.resolver.uri_flow(hop)
+            except ResolveError as exc:
+                log.info("%s %s not forwarded: %s", copy.method, copy.call_id, exc)
+                branch = Branch(copy, Flow(*uri_target(hop)))
                 ctx.branches.append(branch)
-                ctx.on_response(branch, _synthetic(copy, 404, "Not Found (DNS)"))
+                ctx.fail(branch, 503, "Service Unavailable (next hop does not resolve)")
                 continue
-            self._start_branch(ctx, copy, Flow(transport, address, port), loop)
+            self._start_branch(ctx, copy, flow, loop)
         ctx.started()
 
     def _start_branch(self, ctx: ResponseContext, request: Request, flow: Flow, loop: str) -> None:
@@ -403,7 +423,7 @@ class Proxy:
             branch.client = self.transactions.send_request(request, flow)
         except OSError as exc:
             log.info("cannot forward %s to %s: %s", request.method, flow, exc)
-            ctx.on_response(branch, _synthetic(request, 503, "Service Unavailable"))
+            ctx.fail(branch, 503, "Service Unavailable")
             return
         self._spawn(ctx.pump(branch))
 
@@ -471,16 +491,19 @@ class Proxy:
             log.info("Timer C fired for %s: cancelling the branch", branch.flow)
             self._send_cancel(branch, None)
 
-    def _finished(self, ctx: ResponseContext) -> None:
+    def answered(self, ctx: ResponseContext) -> None:
+        """`ctx`'s request has its final response upstream: a CANCEL for it now finds
+        no context (§16.10), and late 2xx still go upstream through `ctx` itself."""
         self._contexts.pop(ctx.server, None)
 
     # -- §16.11: stateless forwarding ------------------------------------------------------
-    def forward_stateless(self, request: Request) -> None:
+    def forward_stateless(self, request: Request, flow: Flow | None = None) -> None:
         """Forward an ACK for a 2xx (or another request not worth a transaction) to its
-        next hop, with a branch derived from the incoming one so that retransmissions
-        get the same branch."""
+        next hop (`flow` if known), with a branch derived from the incoming one so that
+        retransmissions get the same branch."""
         copy = self._copy_for(request, request.uri) if isinstance(request.uri, SipURI) else request
-        flow = self._next_hop_now(copy, None, self._route_hop(copy))
+        if flow is None:
+            flow = self._next_hop_now(copy, None, self._route_hop(copy))
         if flow is None:
             self._spawn(self._resolve_and_send(copy))
             return
@@ -500,13 +523,12 @@ class Proxy:
         hop = _first_route(request) or request.uri
         if not isinstance(hop, SipURI):
             return
-        transport, host, port = uri_target(hop)
         try:
-            address = await resolve(host, port)
-        except OSError as exc:
-            log.info("cannot resolve %s: %s", host, exc)
+            flow = await self.transactions.resolver.uri_flow(hop)
+        except ResolveError as exc:
+            log.info("%s %s dropped: %s", request.method, request.call_id, exc)
             return
-        self._send_stateless(request, Flow(transport, address, port))
+        self._send_stateless(request, flow)
 
     def forward_response(self, response: Response) -> bool:
         """A response without client transaction: if the top Via is ours, pass it on to
@@ -560,6 +582,3 @@ def _first_route(request: Request) -> SipURI | None:
         return None
     return uri if isinstance(uri, SipURI) else None
 
-
-def _synthetic(request: Request, status: int, reason: str) -> Response:
-    return make_response(request, status, reason)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import email.utils
 import functools
 import hashlib
-import ipaddress
 from dataclasses import dataclass, field
 
 from sipmesh.broker.location import Binding, Changes
+from sipmesh.broker.nat import behind_nat
 from sipmesh.sip.errors import ParseError
-from sipmesh.sip.headers import Via
 from sipmesh.sip.message import Request
-from sipmesh.sip.transport.base import DEFAULT_PORTS, Flow
+from sipmesh.sip.transport.base import Flow
 from sipmesh.sip.uri import SipURI
 
 # §19.1.4: these URI parameters must match when present in either URI; others only
@@ -143,26 +142,6 @@ def process_register(request: Request, aor: str, current: list[Binding], *, now:
             return _fail(403, f"Too Many Contacts (at most {policy.max_contacts} per address-of-record)")
         ordered = sorted(after.values(), key=lambda b: (-b.q, -b.updated))
     return _ok(policy, ordered, now), Changes(upsert=tuple(upserts.values()), delete=tuple(deletes))
-
-
-def behind_nat(via: Via, contact: SipURI, source: Flow) -> bool:
-    """Did this REGISTER pass a NAT (like Kamailio's nat_uac_test 19)? Yes when it did not
-    come from where its top Via says it was sent (the transport stamped received/rport
-    with other values), or when the Contact names a private address other than the source.
-    A third-party registration (from somewhere else, for a contact that is reachable as
-    it is) is not NAT: its requests go to the Contact."""
-    via_port = via.port or DEFAULT_PORTS.get(source.transport, 5060)
-    if via.host != source.host or via_port != source.port:
-        return True
-    return contact.host != source.host and _is_private(contact.host)
-
-
-@functools.lru_cache(maxsize=1024)
-def _is_private(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_private
-    except ValueError:
-        return False  # a name
 
 
 def via_digest(request: Request) -> str:

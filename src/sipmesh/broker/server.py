@@ -2,10 +2,12 @@
 
 `Broker` wires the parts together like Kamailio's routing script wires its modules:
 
-    UDP datagram (raw) -> reply cache (retransmitted REGISTER: same answer again)
-                       -> rate limit per source, load shedding: 503 without parsing
-                       -> [multi-worker: hand over to the worker that owns it]
-    parse (core) ----------> REGISTER for us: auth (401) -> registrar -> location
+    UDP datagram (raw) -> _screen_datagram: reply cache (a retransmitted REGISTER
+                          gets the same answer again), rate limit per source, load
+                          shedding (503 without parsing), [multi-worker: hand over
+                          to the worker that owns it]
+    parse (transport) ---> _on_inbound(Inbound(message, flow, raw)):
+                           REGISTER for us: auth (401) -> registrar -> location
                              service (SQLite, group commit) -> 200/4xx, stateless
                            anything else: transaction layer -> on_request:
           routed to us (in a dialog we record-routed) -> proxy to the next hop
@@ -29,6 +31,7 @@ import sqlite3
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,6 +40,7 @@ from typing import Callable
 from sipmesh.broker.auth import DEFAULT_ALGORITHMS, Authenticator, may_register, may_send_as
 from sipmesh.broker.domains import Listener, LocalIdentity
 from sipmesh.broker.location import Binding, Changes, LocationService, default_db_path
+from sipmesh.broker.nat import take_alias
 from sipmesh.broker.proxy import Proxy, Target, loop_hash
 from sipmesh.broker.ratelimit import LoadShedder, RateLimiter, retry_after, triage
 from sipmesh.broker.redirect import REDIRECTABLE, redirect_contacts
@@ -47,8 +51,9 @@ from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import Address
 from sipmesh.sip.message import Headers, Request, Response, reason_for, with_tag
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
-from sipmesh.sip.transport.base import Flow, target_of_via
+from sipmesh.sip.transport.base import Flow, Inbound, target_of_via
 from sipmesh.sip.transport.layer import TransportLayer
+from sipmesh.sip.transport.stun import is_stun
 from sipmesh.sip.uri import SipURI, parse_sip_uri
 
 log = logging.getLogger("sipmesh.broker")
@@ -89,6 +94,10 @@ class BrokerConfig:
     commit_window: float = 0.005  # seconds REGISTERs may wait to share a database commit
     stats_interval: float = 60.0
     max_server_transactions: int = 300_000
+    # ops (broker/web.py): opt-in HTTP listeners for Prometheus and the status page
+    metrics: tuple[str, int] | None = None
+    status_page: tuple[str, int] | None = None
+    status_token_file: Path | None = None
 
     def __post_init__(self) -> None:
         self.transports = tuple(t.upper() for t in self.transports)
@@ -113,6 +122,17 @@ class Counters:
     forwarded: int = 0
     rate_limited: int = 0
     shed: int = 0
+    # ops: parsed requests by method, final responses by method and class (1-6); methods
+    # we do not know count as "other", so that no sender can make these grow
+    requests: Counter[str] = field(default_factory=Counter)
+    responses: Counter[tuple[str, int]] = field(default_factory=Counter)
+
+    def request(self, method: str) -> None:
+        self.requests[method if method in KNOWN_METHODS else "other"] += 1
+
+    def response(self, request: Request, response: Response) -> None:
+        method = request.method
+        self.responses[(method if method in KNOWN_METHODS else "other", response.status // 100)] += 1
 
 
 class Broker:
@@ -139,7 +159,8 @@ class Broker:
         self.steer: Callable[[bytes, Flow], bool] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: list[_Registration] = []  # REGISTERs waiting for the next commit
-        self._datagram: tuple[Flow, bytes] | None = None
+        # messages that arrived while we were still binding (we are not ourselves yet)
+        self._early: list[Inbound] | None = None
         self._started = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -157,8 +178,17 @@ class Broker:
                                       algorithms=config.auth_algorithms)
             log.info("digest authentication on: %d users in %s (realms: %s)", len(self.users),
                      config.users_file, ", ".join(sorted(self.users.realms)) or "none yet")
-        early: list[tuple[Request | Response, Flow]] = []  # arrived while we were still binding
-        self.transport = TransportLayer(lambda message, flow: early.append((message, flow)))
+        # Every datagram passes _screen_datagram before it is parsed; every parsed
+        # message reaches _on_inbound, which sends REGISTERs for us to the registrar
+        # and everything else through the transaction layer to on_request & co.
+        self.transport = TransportLayer(self._on_inbound, datagram_filter=self._screen_datagram,
+                                        stun_server=True)
+        self.transactions = TransactionLayer(self.transport, self,
+                                             max_server_transactions=config.max_server_transactions)
+        self.transactions.on_final = self.counters.response  # ops: responses by class
+        self.proxy = Proxy(self.transactions, self.me, worker=self.worker,
+                           record_route=config.record_route, timer_c=config.timer_c)
+        self._early = []
         try:
             await self._listen()
         except BaseException:
@@ -166,12 +196,6 @@ class Broker:
             self.location.close()
             raise
         self.me.listeners = list(self.listeners)
-        self.transactions = TransactionLayer(self.transport, self,
-                                             max_server_transactions=config.max_server_transactions)
-        self.transport.on_message = self._on_message  # REGISTER bypasses the transaction layer
-        self.transport.datagram_filter = self._on_datagram
-        self.proxy = Proxy(self.transactions, self.me, worker=self.worker,
-                           record_route=config.record_route, timer_c=config.timer_c)
         if config.shed_load:
             self.shedder = LoadShedder(self.transport.udp_sockets())
         if self.worker == 0 and config.purge_interval > 0:
@@ -181,8 +205,9 @@ class Broker:
         if config.stats_interval > 0:
             self._tasks.append(asyncio.ensure_future(self._stats_loop()))
         self._started = True
-        for message, flow in early:
-            self._on_message(message, flow)
+        early, self._early = self._early, None
+        for inbound in early:
+            self._on_inbound(inbound)
         if self.worker == 0:
             log.info("broker ready (%s mode), domains: %s", config.mode,
                      ", ".join(self.me.domains) or f"{self.me.default_domain} (our address)")
@@ -277,9 +302,11 @@ class Broker:
                      c.shed, self.transactions.server_transactions)
 
     # -- entry points: every UDP datagram, then every parsed message ---------------------------
-    def _on_datagram(self, data: bytes, flow: Flow) -> bool:
+    def _screen_datagram(self, data: bytes, flow: Flow) -> bool:
         """Before parsing: refuse floods and overload cheaply, then let a multi-worker
         broker hand the datagram to its owner. True if the datagram was dealt with."""
+        if is_stun(data):  # answered by the transport layer, within the rate limit
+            return self.limiter is not None and self.limiter.check(flow.host) > 0
         if data.startswith(b"REGISTER "):
             cached = self.replies.get((flow, data))  # a retransmission: same bytes, same source
             if cached is not None:
@@ -302,16 +329,12 @@ class Broker:
                 if kind == "stray":  # what _route would answer, without parsing
                     self._refuse(data, flow, [], 404)
                     return True
-        if self.steer is not None and self.steer(data, flow):
-            return True
-        self._datagram = (flow, data)  # the raw form of what _on_message gets next
-        return False
+        return self.steer is not None and self.steer(data, flow)
 
     def receive_handed_over(self, data: bytes, flow: Flow) -> None:
-        """A datagram another worker received for us (see workers.Steering)."""
+        """A datagram another worker received and screened for us (see workers.Steering)."""
         assert self.transport is not None
-        self._datagram = (flow, data)
-        self.transport.receive_datagram(data, flow)
+        self.transport.receive_datagram(data, flow, filtered=True)
 
     def _refuse(self, data: bytes, flow: Flow, headers: list[tuple[str, str]], status: int = 503) -> None:
         assert self.transactions is not None
@@ -319,11 +342,20 @@ class Broker:
         if reply is not None:
             self.transactions.send_stateless(reply[0], reply[1])  # type: ignore[arg-type]
 
-    def _on_message(self, message: Request | Response, flow: Flow) -> None:
+    def _on_inbound(self, inbound: Inbound) -> None:
+        """The two roads of a parsed message: a REGISTER for one of our domains goes
+        straight to the registrar, answered without a transaction (a retransmission
+        over UDP is answered from the reply cache, see _screen_datagram); anything
+        else goes through the transaction layer."""
+        if self._early is not None:
+            self._early.append(inbound)
+            return
         assert self.transactions is not None
-        raw, self._datagram = self._datagram, None
+        message, flow = inbound.message, inbound.flow
+        if isinstance(message, Request):
+            self.counters.request(message.method)  # ops
         if isinstance(message, Request) and message.method not in ("ACK", "CANCEL"):
-            if self.limiter is not None and flow.transport != "UDP":  # UDP: see _on_datagram
+            if self.limiter is not None and flow.transport != "UDP":  # UDP: see _screen_datagram
                 wait = self.limiter.check(flow.host)
                 if wait > 0:
                     self.counters.rate_limited += 1
@@ -332,10 +364,10 @@ class Broker:
                     return
             if message.method == "REGISTER" and isinstance(message.uri, SipURI) \
                     and self.me.is_ours(message.uri):
-                key = raw if raw is not None and raw[0] == flow else None  # UDP only: TCP does not repeat
+                key = (flow, inbound.raw) if flow.transport == "UDP" else None  # TCP does not repeat
                 self._begin_register(_Registration(message, flow, key))
                 return
-        self.transactions.receive(message, flow)
+        self.transactions.receive(inbound)
 
     # -- registrar ----------------------------------------------------------------------
     def _begin_register(self, reg: "_Registration") -> None:
@@ -397,6 +429,9 @@ class Broker:
         items = [(reg.aor, partial(_decide, reg, now, worker, policy)) for reg in batch]
         try:
             results: list = self.location.update_many(items)
+        except sqlite3.Error as exc:  # disk full, read-only: 500 to each, and one line
+            log.error("the location service failed to save %d registrations: %s", len(batch), exc)
+            results = [exc] * len(batch)
         except Exception as exc:
             log.exception("the location service failed to save %d registrations", len(batch))
             results = [exc] * len(batch)
@@ -422,6 +457,7 @@ class Broker:
         if reg.to is not None and reg.to.tag is None:
             to = with_tag(to, _tag_for(reg.request))
         wire = stateless_response(reg.request, status, reason, headers, to)
+        self.counters.responses[("REGISTER", status // 100)] += 1  # ops (the transaction layer counts the rest)
         target = target_of_via(reg.request.via, reg.flow)
         if reg.key is not None and status != 401:  # a challenge consumes nothing: make it anew
             self.replies.put(reg.key, wire, target)
@@ -449,7 +485,11 @@ class Broker:
         routed = self.proxy.preprocess_routes(request)
         if in_dialog:
             if routed or request.headers.get("Route") is not None:
-                self._forward(txn, [Target(request.uri)], loop)  # type: ignore[arg-type]
+                flow = take_alias(request)  # a UA behind NAT, reached where it spoke from
+                if flow is not None and not self._reachable(flow):
+                    txn.reply(430, "Flow Failed")  # RFC 5626 §5.3: it must connect again
+                    return
+                self._forward(txn, [Target(request.uri, flow)], loop)  # type: ignore[arg-type]
             elif self._addressed_to_us(request):
                 self._answer_locally(txn)
             else:
@@ -518,6 +558,12 @@ class Broker:
             return source if binding.worker == self.worker else None
         return source if binding.nat else None
 
+    def _reachable(self, flow: Flow) -> bool:
+        """Can we send over `flow` (a NATed UA's) now? A TCP/TLS flow only over the UA's
+        own connection: the NAT would drop a connection opened towards it."""
+        assert self.transport is not None
+        return not flow.reliable or self.transport.has_connection(flow)
+
     def _authorised(self, txn: ServerTransaction) -> bool:
         """Digest (407) for requests from our users; they must send as themselves."""
         assert self.auth is not None
@@ -571,7 +617,11 @@ class Broker:
             mf = request.headers.get("Max-Forwards")
             if (mf is not None and int(mf) == 0) or self.proxy.looped(request):
                 return
-            self.proxy.forward_stateless(request)
+            target = take_alias(request)
+            if target is not None and not self._reachable(target):
+                log.info("ACK for %s dropped: its TCP/TLS connection is gone", target)
+                return
+            self.proxy.forward_stateless(request, target)
         except ParseError as exc:
             log.debug("dropped a bad ACK from %s: %s", flow, exc.reason)
 

@@ -151,13 +151,20 @@ class UsersFile:
         return self._entries.pop((realm.lower(), user), None) is not None
 
     def save(self) -> None:
-        """Write atomically (temporary file + rename), readable by the owner only."""
+        """Write atomically (temporary file + rename), readable by the owner only. Root
+        editing a service's file (sudo sipmesh broker users ...) leaves it the service's."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            previous: os.stat_result | None = self.path.stat()
+        except FileNotFoundError:
+            previous = None
         lines = [_HEADER] + [f"{e.realm} {e.user} {e.ha1_md5} {e.ha1_sha256}\n" for e in self]
         fd, tmp = tempfile.mkstemp(prefix=".users-", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 os.fchmod(f.fileno(), 0o600)
+                if previous is not None and os.geteuid() == 0:
+                    os.fchown(f.fileno(), previous.st_uid, previous.st_gid)
                 f.writelines(lines)
                 f.flush()
                 os.fsync(f.fileno())

@@ -28,11 +28,16 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import sys
+import time
 import zlib
+from collections import deque
 from dataclasses import dataclass, replace
 
+from sipmesh.broker.board import Board
 from sipmesh.broker.location import LocationService
+from sipmesh.broker.operations import WorkerOperations
 from sipmesh.broker.proxy import BRANCH_PREFIX
 from sipmesh.broker.server import Broker, BrokerConfig, free_port_pair
 from sipmesh.sip.transport.base import Flow
@@ -42,8 +47,15 @@ log = logging.getLogger("sipmesh.broker.workers")
 _CALL_ID = re.compile(rb"^(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _OUR_BRANCH = re.compile(rb"^(?:via|v)[ \t]*:[^\r\n]*?branch=" + re.escape(BRANCH_PREFIX.encode()) + rb"(\d+)\.",
                          re.IGNORECASE | re.MULTILINE)
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _PR_SET_PDEATHSIG = 1
 IPC_BUFFER = 4 * 1024 * 1024
+# A worker that dies is restarted after a pause that doubles with each death in the
+# window (the first at once); more deaths than this in the window stop the broker.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
+RESTART_FIRST_PAUSE = 0.5
+RESTART_MAX_PAUSE = 10.0
 
 
 def owner_of(data: bytes, workers: int) -> int | None:
@@ -184,8 +196,14 @@ def _run(coro, loop: str) -> int:
     return asyncio.run(coro)
 
 
-async def _serve_one(config: BrokerConfig, worker: int, ipc: Ipc | None) -> int:
+async def _serve_one(config: BrokerConfig, worker: int, ipc: Ipc | None, board: Board) -> int:
     broker = Broker(config, worker=worker, reuse_port=config.workers > 1)
+    # A stop signal that arrives while the worker is still starting must stop it too.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork
     await broker.start()
     # A worker makes many short-lived objects and few long-lived ones: collect the young
     # generation less often, and never scan what was built at start-up (~7% less CPU).
@@ -199,13 +217,12 @@ async def _serve_one(config: BrokerConfig, worker: int, ipc: Ipc | None) -> int:
         assert broker.transport is not None
         for sock in broker.transport.udp_sockets():
             spread_randomly(sock, config.workers)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    operations = WorkerOperations(broker, board)  # ops: board, SIGHUP, readiness, listeners
     try:
+        await operations.start()
         await stop.wait()
     finally:
+        await operations.stop()
         collector.cancel()
         if steering is not None:
             steering.uninstall()
@@ -246,15 +263,17 @@ def _concrete_ports(config: BrokerConfig) -> BrokerConfig:
 
 
 def serve(config: BrokerConfig, *, loop: str = "auto") -> int:
-    """Run the broker in the foreground until SIGINT/SIGTERM; returns the exit status."""
+    """Run the broker in the foreground until SIGINT/SIGTERM; returns the exit status.
+    (`sipmesh broker` checks its configuration with preflight.check first.)"""
     loop = choose_loop(loop)
+    board = Board(config.workers)  # ops: what workers post for the operator, readiness
     if config.workers == 1:
-        return _run(_serve_one(config, 0, None), loop)
-    return _Supervisor(config, loop).run()
+        return _run(_serve_one(config, 0, None, board), loop)
+    return _Supervisor(config, loop, board).run()
 
 
 class _Supervisor:
-    def __init__(self, config: BrokerConfig, loop: str) -> None:
+    def __init__(self, config: BrokerConfig, loop: str, board: Board) -> None:
         if config.nonce_secret is None:
             config = replace(config, nonce_secret=os.urandom(32))
         self.config = _concrete_ports(config)
@@ -262,6 +281,9 @@ class _Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker
         self.stopping = False
         self.ipc: list[socket.socket] = []
+        self.board = board
+        self.deaths: deque[float] = deque()  # when workers died, within RESTART_WINDOW
+        self.restarts: list[tuple[float, int]] = []  # (when, worker) restarts waiting for their pause
 
     def run(self) -> int:
         LocationService(self.config.database).close()  # create the schema once, before the workers
@@ -273,17 +295,22 @@ class _Supervisor:
         peers = [s.getsockname()[:2] for s in self.ipc]
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self.board.supervise(self.children)  # ops: SIGUSR1 (a worker is ready), SIGHUP (reload)
         log.info("starting %d workers (%s event loop)", self.config.workers, self.loop)
         for worker in range(self.config.workers):
             self._fork(worker, peers)
         status = 0
-        while self.children:
+        while self.children or (self.restarts and not self.stopping):
+            self._start_due(peers)
             try:
-                pid, wstatus = os.wait()
+                reaped = self._reap()
             except ChildProcessError:
                 break
             except InterruptedError:
                 continue
+            if reaped is None:
+                continue
+            pid, wstatus = reaped
             worker = self.children.pop(pid, None)
             if worker is None:
                 continue
@@ -295,14 +322,60 @@ class _Supervisor:
                 status = 1
                 self._stop_all()
                 continue
-            log.error("worker %d (pid %d) died with status %d: restarting it", worker, pid, code)
-            self._fork(worker, peers)
+            how = f"was killed by signal {-code}" if code < 0 else f"died with status {code}"
+            pause = self._pause_after_death()
+            if pause is None:
+                log.error("worker %d (pid %d) %s; %d worker deaths within %g s: giving up, "
+                          "stopping the broker", worker, pid, how, len(self.deaths), RESTART_WINDOW)
+                status = 1
+                self._stop_all()
+                continue
+            log.error("worker %d (pid %d) %s: restarting it%s", worker, pid, how,
+                      f" in {pause:g} s" if pause else "")
+            self.restarts.append((time.monotonic() + pause, worker))
         return status
+
+    def _pause_after_death(self) -> float | None:
+        """How long to wait before restarting a worker that just died; None: give up."""
+        now = time.monotonic()
+        self.deaths.append(now)
+        while self.deaths and self.deaths[0] < now - RESTART_WINDOW:
+            self.deaths.popleft()
+        earlier = len(self.deaths) - 1
+        if earlier >= RESTART_LIMIT:
+            return None
+        return 0.0 if earlier == 0 else min(RESTART_FIRST_PAUSE * 2 ** (earlier - 1), RESTART_MAX_PAUSE)
+
+    def _start_due(self, peers: list[tuple[str, int]]) -> None:
+        now = time.monotonic()
+        for due, worker in sorted(self.restarts):
+            if due <= now and not self.stopping:
+                self.restarts.remove((due, worker))
+                self._fork(worker, peers)
+
+    def _reap(self) -> tuple[int, int] | None:
+        """The next worker that exits; None when a restart is due first."""
+        if not self.restarts or self.stopping:
+            return os.wait()
+        deadline = min(due for due, _ in self.restarts)
+        while time.monotonic() < deadline and not self.stopping:
+            try:
+                pid, wstatus = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:  # every worker is waiting for its restart
+                pid, wstatus = 0, 0
+            if pid:
+                return pid, wstatus
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return None
 
     def _fork(self, worker: int, peers: list[tuple[str, int]]) -> None:
         parent = os.getpid()
+        # The child keeps stop signals pending until its event loop handles them: one
+        # that arrives while it starts would otherwise kill it before it can stop cleanly.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self.children[pid] = worker
             return
         code = 1
@@ -313,10 +386,12 @@ class _Supervisor:
             for i, s in enumerate(self.ipc):
                 if i != worker:
                     s.close()
-            code = _run(_serve_one(self.config, worker, Ipc(self.ipc[worker], peers)), self.loop)
+            code = _run(_serve_one(self.config, worker, Ipc(self.ipc[worker], peers), self.board), self.loop)
         except OSError as exc:
             log.error("worker %d cannot start: %s%s", worker, exc, startup_hint(exc))
             code = 3
+        except (ValueError, sqlite3.Error, RuntimeError) as exc:  # what it read changed since the start
+            log.error("worker %d failed: %s", worker, exc)
         except BaseException:
             log.exception("worker %d failed", worker)
         finally:

@@ -14,6 +14,7 @@ from sipmesh.broker.registrar import RegistrarPolicy
 from sipmesh.broker.server import MODES, BrokerConfig
 from sipmesh.broker.users import UsersFile, UsersFileError
 from sipmesh.cli.common import setup_logging
+from sipmesh.ops.listen import listen_argument
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.uri import split_hostport
 
@@ -60,6 +61,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(503 + Retry-After above it) [500]")
     p.add_argument("--no-load-shedding", action="store_true",
                    help="do not answer 503 when the receive queue fills up")
+    ops = p.add_argument_group("for the operator (docs/operations.md)")
+    ops.add_argument("--metrics", type=listen_argument, metavar="[HOST:]PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (a bare PORT: on "
+                          "127.0.0.1)")
+    ops.add_argument("--status-page", type=listen_argument, metavar="[HOST:]PORT",
+                     help="serve a read-only status page (registrations) at http://HOST:PORT/ (a "
+                          "bare PORT: on 127.0.0.1; any other address needs --status-token-file)")
+    ops.add_argument("--status-token-file", type=Path, metavar="FILE",
+                     help="the status page asks for the token in FILE (open it once as "
+                          "http://HOST:PORT/?token=TOKEN)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="[info]")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request (log level debug)")
     p.add_argument("--debug", action="store_true",
@@ -114,6 +125,10 @@ def build_config(args: argparse.Namespace) -> BrokerConfig:
     if args.users is not None and not args.users.exists():
         raise ValueError(f"users file {args.users} does not exist: create it with "
                          f"'sipmesh broker users add --users {args.users} --realm DOMAIN USER'")
+    if args.status_page or args.status_token_file:  # ops: refuse a page open to the network
+        from sipmesh.broker.web import check_status_page
+
+        check_status_page(args.status_page, args.status_token_file)
     algorithms = tuple(a.strip().upper() for a in args.auth_algorithms.split(",") if a.strip())
     if not algorithms or any(a not in ("MD5", "SHA-256") for a in algorithms):
         raise ValueError(f"--auth-algorithms {args.auth_algorithms!r}: use MD5 and/or SHA-256")
@@ -123,24 +138,31 @@ def build_config(args: argparse.Namespace) -> BrokerConfig:
                         users_file=args.users, db_path=args.db, mode=args.mode, workers=args.workers,
                         forward_foreign=args.forward_foreign, tls_cert=args.tls_cert,
                         tls_key=args.tls_key, registrar=policy, rate_limit=args.rate_limit,
-                        shed_load=not args.no_load_shedding, auth_algorithms=algorithms)
+                        shed_load=not args.no_load_shedding, auth_algorithms=algorithms,
+                        metrics=args.metrics, status_page=args.status_page,
+                        status_token_file=args.status_token_file)
 
 
 def run_broker(args: argparse.Namespace) -> int:
     if getattr(args, "broker_command", None):
         return 2
     _setup_logging(args)
+    from sipmesh.broker import preflight
+    from sipmesh.broker.workers import serve, startup_hint
+
     try:
         config = build_config(args)
+        preflight.check(config)  # once, here: a worker would fail the same way at every restart
     except ValueError as exc:
         print(f"sipmesh broker: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"sipmesh broker: cannot start: {exc}{startup_hint(exc)}", file=sys.stderr)
+        return 1
     if config.users_file is None:
         log.warning("no --users file: anyone may register any name and call through this broker")
     if not config.domains:
         log.warning("no --domain given: serving only requests addressed to this host's addresses")
-    from sipmesh.broker.workers import serve, startup_hint
-
     try:
         return serve(config, loop=args.loop)
     except OSError as exc:

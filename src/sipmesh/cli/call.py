@@ -12,7 +12,7 @@ from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.cli.common import (default_config_path, fail, positive, progress_printer,
                                 read_credentials, register_builtin_kinds, run_until_signalled,
                                 section_password, setup_logging)
-from sipmesh.cli.serve import add_agent_options, add_program_parser, run_from_args
+from sipmesh.cli.serve import add_agent_options, add_program_parser, ice_options, run_from_args
 from sipmesh.daemon.config import load_config
 from sipmesh.sip.ua import UAConfig
 
@@ -111,7 +111,8 @@ def run_service_call(args: argparse.Namespace) -> int:
         agent_config = AgentConfig(ua=ua, mode="call", target=args.target,
                                    advertise=args.advertise or agent.advertise,
                                    register=False, invite_timeout=args.timeout,
-                                   register_timeout=args.register_timeout, grace=args.grace)
+                                   register_timeout=args.register_timeout, grace=args.grace,
+                                   ice=ice_options(args))
     except AgentError as exc:  # ProfileError is one
         return fail(prog, exc)
     return run_until_signalled(prog, Agent(agent_config, profile,

@@ -45,6 +45,8 @@ def setup_logging(verbose: int = 0, debug: bool = False, log_file: str | None = 
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("sipmesh.trace").setLevel(logging.DEBUG if debug else logging.WARNING)
+    # aioice's own check-by-check lines only with -vv or --debug (ours say what matters)
+    logging.getLogger("aioice").setLevel(logging.INFO if debug or verbose > 1 else logging.WARNING)
     return level
 
 
@@ -91,6 +93,27 @@ def server_address(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"server: {exc}") from None
     return f"{host}:{port}" if port else host
+
+
+def stun_server(text: str) -> tuple[str, int]:
+    """--stun HOST[:PORT] (3478 if omitted)."""
+    from sipmesh.agent.ice import parse_turn_uri
+
+    try:
+        host, port, _ = parse_turn_uri(f"turn:{text}")
+        return host, port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"STUN server: {exc}") from None
+
+
+def turn_server(text: str) -> tuple[str, int, str]:
+    """--turn turn:HOST[:PORT][?transport=udp|tcp] -> (host, port, transport)."""
+    from sipmesh.agent.ice import parse_turn_uri
+
+    try:
+        return parse_turn_uri(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive(text: str) -> float:
@@ -190,6 +213,8 @@ def progress_printer(prog: str, quiet: bool) -> Callable[[str, dict], None]:
             "refused": lambda: f"refused a session: {data.get('status')} {data.get('text')}",
             "child_started": lambda: f"started (pid {data.get('pid')}): "
                                      f"{' '.join(data.get('argv') or [])}",
+            "path": lambda: f"path {data.get('path')}",
+            "no_path": lambda: str(data.get("text")),
             "established": lambda: f"session established with {data.get('peer')}",
             "ended": lambda: f"session ended: {data.get('reason')}",
         }.get(event)

@@ -17,6 +17,8 @@ from sipmesh.cli.common import (add_output_options, default_config_path, fail,
                                 setup_logging)
 from sipmesh.daemon.config import DaemonConfig, load_config
 from sipmesh.daemon.server import Daemon, ua_config
+from sipmesh.ops.listen import listen_argument
+from sipmesh.ops.notify import Notifier
 
 
 def _raise_fd_limit() -> None:
@@ -58,20 +60,31 @@ def _run(args: argparse.Namespace) -> int:
     except AgentError as exc:
         return fail(prog, exc)
     _raise_fd_limit()
+    notifier = Notifier()  # ops: systemd's Type=notify (READY=1, RELOADING=1)
 
     def on_reload() -> None:
+        notifier.reloading()
         ok, message = daemon.reload()
+        notifier.ready(message)
         if not args.quiet:
             print(f"{prog}: {message}", file=sys.stderr, flush=True)
 
     def on_ready() -> None:
+        registrations = daemon.status()["registrations"]
+        notifier.ready(f"{registrations[0]['state']} as {registrations[0]['aor']}" if registrations
+                       else "serving")
         if not args.quiet:
             print(f"{prog}: ready as {daemon.ua.aor if daemon.ua else '?'}, "
                   f"{len(daemon.config.services)} services ({', '.join(daemon.config.services)}); "
                   f"status: sipmesh status --socket {daemon.control_path}",
                   file=sys.stderr, flush=True)
 
-    return run_until_signalled(prog, daemon, on_hup=on_reload, on_ready=on_ready, again=None)
+    runner = daemon
+    if args.metrics is not None:  # ops
+        from sipmesh.daemon.metrics import ServingMetrics  # aiohttp: only when asked for
+
+        runner = ServingMetrics(daemon, args.metrics)
+    return run_until_signalled(prog, runner, on_hup=on_reload, on_ready=on_ready, again=None)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -95,5 +108,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="control socket for sipmesh status (default: [agent] "
                              "control_socket, else $XDG_RUNTIME_DIR/sipmesh/daemon-USER.sock)")
     add_output_options(parser, "log sessions (-vv: more)")
+    parser.add_argument("--metrics", type=listen_argument, metavar="[HOST:]PORT",  # ops
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (a bare PORT: "
+                             "on 127.0.0.1; docs/operations.md)")
     parser.set_defaults(func=_run)
     return parser

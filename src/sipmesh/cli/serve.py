@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from sipmesh.agent.errors import EXIT_HELP, AgentError, Exit
+from sipmesh.agent.ice import IceOptions
 from sipmesh.agent.params import IPAddress, IPv4, Port
 from sipmesh.agent.profile import AppProfile
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.cli.common import (add_output_options, fail, positive, progress_printer,
                                 read_credentials, run_until_signalled, server_address,
-                                setup_logging, sip_port, typed, user_name)
+                                setup_logging, sip_port, stun_server, turn_server, typed,
+                                user_name)
 from sipmesh.sip.ua import UAConfig
 
 APPS = ("exec", "openvpn")
@@ -88,6 +90,12 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
         app.add_argument("--vpn-remote", metavar="ADDR", type=typed(IPv4(), "vpn-remote"),
                          help="the caller's tunnel address, a=VPN_REMOTE_ADDR (default: "
                               "--vpn-local + 1)")
+    app.add_argument("--app-transport", choices=("udp", "tcp"), default="udp",
+                     help="exec: how the program talks to its peer. udp (default): it binds "
+                          "{LOCAL_PORT} and exchanges datagrams with {REMOTE_IP}:{REMOTE_PORT}, "
+                          "the path ICE checked across NATs; tcp: the prototype's listen on "
+                          "{PORT} / connect to {IP4}:{PORT}")
+    add_ice_options(parser)
     app.add_argument("--vpn", action="store_true",
                      help="exec: the paper's VPN parameters (VPN_LOCAL_ADDR, VPN_REMOTE_ADDR)")
     app.add_argument("--append-args", action="store_true",
@@ -100,6 +108,30 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
                      help="where the host certificate lives (default: "
                           "$XDG_STATE_HOME/sipmesh or ~/.local/state/sipmesh)")
     add_output_options(parser, "log protocol events (-vv: more)")
+
+def add_ice_options(parser: argparse.ArgumentParser) -> None:
+    nat = parser.add_argument_group("NAT traversal (ICE)")
+    nat.add_argument("--no-ice", action="store_true",
+                     help="no ICE: send only the paper's a=IP4/a=PORT (the program then "
+                          "reaches the peer only where it could without NATs)")
+    nat.add_argument("--stun", metavar="HOST[:PORT]", type=stun_server,
+                     help="STUN server for our reflexive address (default: the SIP server, "
+                          "which answers STUN on its SIP port)")
+    nat.add_argument("--turn", metavar="turn:HOST[:PORT][?transport=tcp]", type=turn_server,
+                     help="TURN relay, used with our SIP name and password, for paths no NAT "
+                          "lets through (UDP, falling back to TCP unless ?transport= says)")
+    nat.add_argument("--consent-timeout", metavar="SECONDS", type=float, default=30.0,
+                     help="end the session when nothing came from the peer for this long "
+                          "(default: 30, RFC 7675; 0: never)")
+
+
+def ice_options(args: argparse.Namespace) -> IceOptions:
+    turn = args.turn
+    return IceOptions(enabled=not args.no_ice, stun=args.stun,
+                      turn=turn[:2] if turn else None,
+                      turn_transport=turn[2] if turn else "auto",
+                      consent_timeout=max(0.0, args.consent_timeout))
+
 
 def ua_config(args: argparse.Namespace, *, listen_port: int | None = None) -> UAConfig:
     creds: dict[str, str] = {}
@@ -139,7 +171,8 @@ def build_profile(args: argparse.Namespace, mode: str) -> AppProfile:
             vpn = (local, vpn_remote or next_address(local))
         except ValueError as exc:
             raise AgentError(str(exc), Exit.USAGE) from None
-    return ExecProfile(args.program, app_port=app_port, vpn=vpn, append_args=args.append_args)
+    return ExecProfile(args.program, app_port=app_port, vpn=vpn, append_args=args.append_args,
+                       transport=args.app_transport)
 
 
 def run_from_args(args: argparse.Namespace, mode: str, **settings: Any) -> int:
@@ -151,7 +184,7 @@ def run_from_args(args: argparse.Namespace, mode: str, **settings: Any) -> int:
         profile = build_profile(args, mode)
         config = AgentConfig(ua=ua_config(args), mode=mode, advertise=args.advertise,
                              expires=args.expires, register_timeout=args.register_timeout,
-                             grace=args.grace, **settings)
+                             grace=args.grace, ice=ice_options(args), **settings)
     except AgentError as exc:
         return fail(prog, exc)
     return run_until_signalled(prog, Agent(config, profile,

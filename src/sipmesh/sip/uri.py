@@ -75,6 +75,7 @@ def _escape(text: str, unsafe: re.Pattern[str], safe: str) -> str:
 
 
 @functools.lru_cache(maxsize=1024)  # a pure function of a string; hosts repeat a lot
+@functools.lru_cache(maxsize=4096)  # asked before every send: addresses repeat a lot
 def is_ip(host: str) -> bool:
     """An IPv4 or IPv6 address (IPv6 without brackets)."""
     try:

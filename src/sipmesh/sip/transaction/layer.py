@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 from sipmesh.sip.message import Request, Response, make_response
 from sipmesh.sip.transaction.client import ClientInviteTransaction, ClientNonInviteTransaction
@@ -19,9 +19,11 @@ from sipmesh.sip.transaction.matching import (client_key, invite_key_for_cancel,
                                               server_key)
 from sipmesh.sip.transaction.server import ServerInviteTransaction, ServerNonInviteTransaction
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.transport.base import (UDP_SIZE_THRESHOLD, Flow, local_address_towards, make_via,
-                                        response_target)
+from sipmesh.sip.transport.base import (UDP_SIZE_THRESHOLD, Flow, Inbound, local_address_towards,
+                                        make_via, response_target)
 from sipmesh.sip.transport.layer import TransportLayer
+from sipmesh.sip.transport.resolve import Resolver, default_resolver
+from sipmesh.sip.uri import is_ip
 
 log = logging.getLogger("sipmesh.sip.transaction")
 
@@ -61,6 +63,8 @@ class ServerTransaction:
             return
         if response.status >= 200:
             self.final_sent = True
+            if self._layer.on_final is not None:  # e.g. a broker's metrics
+                self._layer.on_final(self.request, response)
         self._layer._run(self._machine, self._machine.respond(response, self._layer.now()))
         if response.status >= 300 and isinstance(self._machine, ServerInviteTransaction):
             self._layer._alias_ack_key(self._machine)
@@ -111,8 +115,12 @@ class ClientTransaction:
 
 class TransactionLayer:
     def __init__(self, transport: TransportLayer, tu: TransactionUser, *,
-                 timers: TimerValues = TimerValues(), max_server_transactions: int = 10_000) -> None:
+                 timers: TimerValues = TimerValues(), max_server_transactions: int = 10_000,
+                 resolver: Resolver | None = None) -> None:
         self.transport = transport
+        # Host names (a Via's sent-by, a Route, a Contact) become addresses here, never
+        # in the transport layer, which takes addresses only.
+        self.resolver = resolver or default_resolver()
         self.tu = tu
         self.timers = timers
         self.max_server_transactions = max_server_transactions
@@ -120,8 +128,10 @@ class TransactionLayer:
         self._server: dict[tuple, tuple[Machine, ServerTransaction]] = {}
         self._flows: dict[int, Flow] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._sending: set[asyncio.Task[None]] = set()  # sends waiting for a connection or a name
         self._loop = asyncio.get_running_loop()
-        transport.on_message = self.receive
+        # called with (request, final response) for every final response of a server transaction
+        self.on_final: Callable[[Request, Response], None] | None = None
 
     def now(self) -> float:
         return self._loop.time()
@@ -129,6 +139,10 @@ class TransactionLayer:
     @property
     def server_transactions(self) -> int:
         return len(self._server)
+
+    @property
+    def client_transactions(self) -> int:
+        return len(self._client)
 
     # -- client side ------------------------------------------------------------------
     def add_via(self, request: Request, flow: Flow, *, branch: str | None = None) -> Flow:
@@ -173,7 +187,9 @@ class TransactionLayer:
         self.send_stateless(response, response_target(response, flow))
 
     # -- receiving --------------------------------------------------------------------
-    def receive(self, message: Request | Response, flow: Flow) -> None:
+    def receive(self, inbound: Inbound) -> None:
+        """A message from the transport layer (its owner passes each one on)."""
+        message, flow = inbound.message, inbound.flow
         if isinstance(message, Response):
             entry = self._client.get(client_key(message))
             if entry is None:
@@ -309,18 +325,22 @@ class TransactionLayer:
         self._run(machine, machine.on_timer(max(self.now(), deadline)))
 
     def _transmit(self, message: Request | Response, flow: Flow, machine: Machine | None) -> None:
-        try:
-            if self.transport.try_send(message, flow):
+        if is_ip(flow.host):
+            try:
+                if self.transport.try_send(message, flow):
+                    return
+            except OSError as exc:
+                self._send_failed(message, flow, machine, exc)
                 return
-        except OSError as exc:
-            self._send_failed(message, flow, machine, exc)
-            return
-        asyncio.ensure_future(self._send(message, flow, machine))
+        task = asyncio.ensure_future(self._send(message, flow, machine))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _send(self, message: Request | Response, flow: Flow, machine: Machine | None) -> None:
         try:
+            flow = await self.resolver.flow(flow)  # RFC 3263 §5 for a response's Via
             await self.transport.send(message, flow)
-        except OSError as exc:
+        except OSError as exc:  # including ResolveError: a name that does not resolve
             self._send_failed(message, flow, machine, exc)
 
     def _send_failed(self, message: Request | Response, flow: Flow, machine: Machine | None,

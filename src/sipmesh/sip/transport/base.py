@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from dataclasses import dataclass
 
 from sipmesh.sip.headers import Via
 from sipmesh.sip.message import Request, Response
-from sipmesh.sip.uri import SipURI, is_ip
+from sipmesh.sip.uri import SipURI
 
 RELIABLE = frozenset({"TCP", "TLS"})
 DEFAULT_PORTS = {"UDP": 5060, "TCP": 5060, "TLS": 5061}
@@ -32,6 +31,16 @@ class Flow:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.transport.lower()}:{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A received message, the flow it came from and its octets as received (the
+    broker answers a retransmitted REGISTER from a cache keyed by them)."""
+
+    message: Request | Response
+    flow: Flow
+    raw: bytes
 
 
 def stamp_received(request: Request, source: Flow) -> None:
@@ -78,7 +87,8 @@ def target_of_via(via: Via, arrived_on: Flow | None = None) -> Flow:
 
 
 def uri_target(uri: SipURI, default_transport: str = "UDP") -> tuple[str, str, int]:
-    """Transport, host and port to reach a SIP URI (RFC 3263 without NAPTR/SRV)."""
+    """Transport, host (maybe a name) and port to reach a SIP URI, before any DNS
+    (resolve.py does RFC 3263's SRV and A/AAAA lookups)."""
     maddr = uri.params.get("maddr")
     host = maddr or uri.host
     if uri.secure:
@@ -87,17 +97,6 @@ def uri_target(uri: SipURI, default_transport: str = "UDP") -> tuple[str, str, i
         transport = (uri.transport or default_transport).upper()
     port = uri.port or DEFAULT_PORTS.get(transport, 5060)
     return transport, host, port
-
-
-async def resolve(host: str, port: int) -> str:
-    """A hostname to one IP address (IPv4 preferred), IP addresses unchanged."""
-    if is_ip(host):
-        return host
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    if not infos:
-        raise OSError(f"cannot resolve {host}")
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    return str(infos[0][4][0])
 
 
 # Answers of local_address_towards, briefly: a proxy bound to 0.0.0.0 asks for every

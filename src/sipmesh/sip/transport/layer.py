@@ -1,9 +1,14 @@
 """The asyncio transport layer: UDP, TCP and TLS listeners and connections.
 
 Thin I/O around the parser: datagrams and framed stream messages are parsed,
-stamped with received/rport, and handed to one callback together with their
-Flow. Malformed requests are answered with 400 where a response can be formed;
-nothing malformed ever stops a listener.
+stamped with received/rport, and handed as an `Inbound` (message, flow, octets)
+to the one callback given to the constructor. An optional datagram filter sees
+each UDP datagram before it is parsed. Malformed requests are answered with 400
+where a response can be formed; nothing malformed ever stops a listener.
+
+STUN shares the UDP port (stun.py): a server layer answers Binding requests, and
+`keep_alive` keeps a flow's NAT binding open (RFC 5626 §4.4), learning from the
+answers the address our peer sees (`public_address`).
 """
 
 from __future__ import annotations
@@ -18,13 +23,23 @@ from typing import Callable
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import (DEFAULT_LIMITS, Limits, Request, Response, make_response,
                                  parse_message)
-from sipmesh.sip.transport.base import RELIABLE, Flow, response_target, stamp_received
+from sipmesh.sip.transport import stun
+from sipmesh.sip.transport.base import RELIABLE, Flow, Inbound, response_target, stamp_received
 from sipmesh.sip.transport.framing import StreamFramer
+from sipmesh.sip.uri import is_ip
 
 log = logging.getLogger("sipmesh.sip.transport")
 trace = logging.getLogger("sipmesh.trace")
 
-MessageHandler = Callable[[Request | Response, Flow], None]
+# RFC 5626 §4.4.1 asks for keep-alives every 95-120 s; a NAT's UDP binding may be
+# gone after 30 s without an answer (Linux conntrack), so we send one every 25 s.
+KEEPALIVE_INTERVAL = 25.0
+STUN_TIMEOUT = 3.0
+
+MessageHandler = Callable[[Inbound], None]
+# Sees a raw datagram before it is parsed; True means it took the datagram (answered
+# it from a cache, refused it, handed it to another process).
+DatagramFilter = Callable[[bytes, Flow], bool]
 _SECRET_HEADERS = re.compile(rb"^((?:proxy-)?authorization[ \t]*:).*$", re.IGNORECASE | re.MULTILINE)
 
 
@@ -85,20 +100,22 @@ class _Datagram(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
-        flow = Flow("UDP", addr[0], addr[1])
-        steer = self.layer.datagram_filter
-        if steer is not None and steer(data, flow):
-            return
-        self.layer._received(data, flow, stream=False)
+        self.layer.receive_datagram(data, Flow("UDP", addr[0], addr[1]))
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP error: %s", exc)
 
 
 class TransportLayer:
-    def __init__(self, on_message: MessageHandler, *, limits: Limits = DEFAULT_LIMITS,
+    def __init__(self, on_message: MessageHandler, *, datagram_filter: DatagramFilter | None = None,
+                 stun_server: bool = False, limits: Limits = DEFAULT_LIMITS,
                  idle_timeout: float = 300.0, connect_timeout: float = 5.0) -> None:
-        self.on_message = on_message
+        self._on_message = on_message
+        self._datagram_filter = datagram_filter
+        self.stun_server = stun_server  # answer STUN Binding requests on our UDP ports
+        # our address as seen by the far end of a flow (from STUN answers)
+        self.public_address: dict[Flow, tuple[str, int]] = {}
+        self._stun_pending: dict[bytes, tuple[Flow, asyncio.Future[tuple[str, int]]]] = {}
         self.limits = limits
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -108,9 +125,6 @@ class TransportLayer:
         self._connecting: dict[Flow, asyncio.Future[_Connection]] = {}
         self._client_tls: ssl.SSLContext | None = None
         self._reaper: asyncio.Task[None] | None = None
-        # Optional: sees each raw datagram first; returning True means it took the
-        # datagram (e.g. a multi-process server handing it to the process that owns it).
-        self.datagram_filter: Callable[[bytes, Flow], bool] | None = None
 
     # -- set-up -----------------------------------------------------------------------
     async def listen(self, transport: str, host: str, port: int, *,
@@ -170,8 +184,11 @@ class TransportLayer:
         """Is a TCP/TLS connection for `flow` open (so sending needs no connect)?"""
         return flow in self._connections
 
-    def receive_datagram(self, data: bytes, flow: Flow) -> None:
-        """Process a datagram as if it had arrived from `flow`, bypassing `datagram_filter`."""
+    def receive_datagram(self, data: bytes, flow: Flow, *, filtered: bool = False) -> None:
+        """Process a datagram from `flow` as the UDP listener does; `filtered`: it has
+        passed the datagram filter already (in this process or another)."""
+        if not filtered and self._datagram_filter is not None and self._datagram_filter(data, flow):
+            return
         self._received(data, flow, stream=False)
 
     @property
@@ -198,6 +215,8 @@ class TransportLayer:
     # -- sending ----------------------------------------------------------------------
     def try_send(self, message: Request | Response, flow: Flow) -> bool:
         """Send at once if no connection must be opened first; False means use send()."""
+        if not is_ip(flow.host):  # names are resolved above us (transport/resolve.py)
+            raise OSError(f"cannot send to {flow.host}: a host name, not an address")
         if flow.transport == "UDP":
             proto = self._udp_for(flow.host)
             if proto.transport is None or proto.transport.is_closing():
@@ -215,6 +234,56 @@ class TransportLayer:
         if not self.try_send(message, flow):
             conn = await self._connect(flow)
             conn.write(self._serialise(message, flow))
+
+    # -- keep-alives and STUN -------------------------------------------------------------
+    async def keep_alive(self, flow: Flow, interval: float = KEEPALIVE_INTERVAL) -> None:
+        """Keep `flow` (to our SIP server) open through NATs until cancelled (RFC 5626
+        §4.4): over UDP a STUN Binding request every `interval` seconds, whose answer
+        also updates `public_address`; over TCP/TLS a double CRLF on the connection,
+        while it is open (a keep-alive never opens one)."""
+        while True:
+            await asyncio.sleep(interval)  # the request that made the flow just refreshed it
+            try:
+                if flow.transport == "UDP":
+                    await self.stun_binding(flow, timeout=min(STUN_TIMEOUT, interval))
+                else:
+                    conn = self._connections.get(flow)
+                    if conn is not None:
+                        conn.write(b"\r\n\r\n")
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.debug("keep-alive to %s: %s", flow, exc or "no answer")
+
+    async def stun_binding(self, flow: Flow, timeout: float = STUN_TIMEOUT) -> tuple[str, int]:
+        """Our address as the STUN server at `flow` (UDP, usually our SIP server) sees it,
+        asked from our SIP port. Raises asyncio.TimeoutError without an answer."""
+        transaction_id, request = stun.binding_request()
+        future: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        self._stun_pending[transaction_id] = (flow, future)
+        try:
+            proto = self._udp_for(flow.host)
+            if proto.transport is None or proto.transport.is_closing():
+                raise OSError("UDP listener closed")
+            proto.transport.sendto(request, (flow.host, flow.port))
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            del self._stun_pending[transaction_id]
+
+    def _stun_received(self, data: bytes, flow: Flow) -> None:
+        answer = stun.mapped_address(data)
+        if answer is not None:
+            pending = self._stun_pending.get(answer[0])
+            if pending is not None and pending[0] == flow and not pending[1].done():
+                if self.public_address.get(flow) != answer[1]:
+                    log.info("%s sees us as %s:%d", flow, *answer[1])
+                    self.public_address[flow] = answer[1]
+                pending[1].set_result(answer[1])
+            return
+        if self.stun_server:
+            response = stun.binding_response(data, (flow.host, flow.port))
+            if response is not None:
+                proto = self._udp_for(flow.host)
+                if proto.transport is not None and not proto.transport.is_closing():
+                    proto.transport.sendto(response, (flow.host, flow.port))
 
     @staticmethod
     def _serialise(message: Request | Response, flow: Flow) -> bytes:
@@ -266,8 +335,12 @@ class TransportLayer:
                 del self._connections[flow]
 
     def _received(self, data: bytes, flow: Flow, *, stream: bool) -> None:
-        if not stream and data.strip(b"\r\n") == b"":
-            return  # RFC 5626 keep-alive
+        if not stream:
+            if stun.is_stun(data):
+                self._stun_received(data, flow)
+                return
+            if data.strip(b"\r\n") == b"":
+                return  # RFC 5626 keep-alive
         if trace.isEnabledFor(logging.DEBUG):
             trace.debug("received from %s:\n%s", flow, redact(data))
         try:
@@ -282,7 +355,7 @@ class TransportLayer:
                 self._reject(exc, flow)
                 return
         try:
-            self.on_message(message, flow)
+            self._on_message(Inbound(message, flow, data))
         except Exception:  # a bug above must not kill the listener
             log.exception("error handling a message from %s", flow)
 

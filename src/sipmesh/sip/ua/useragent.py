@@ -24,8 +24,9 @@ from sipmesh.sip.headers import Address
 from sipmesh.sip.message import Headers, Request, Response, make_response
 from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction, TransactionLayer
 from sipmesh.sip.transaction.timers import TimerValues
-from sipmesh.sip.transport.base import Flow, local_address_towards, resolve, uri_target
-from sipmesh.sip.transport.layer import TransportLayer
+from sipmesh.sip.transport.base import Flow, Inbound, local_address_towards
+from sipmesh.sip.transport.layer import KEEPALIVE_INTERVAL, TransportLayer
+from sipmesh.sip.transport.resolve import ResolveError
 from sipmesh.sip.ua.call import ALLOW, USER_AGENT, Call, CallFailed
 from sipmesh.sip.ua.invite_client import ProgressHandler, send_invite
 from sipmesh.sip.ua.invite_server import IncomingCall
@@ -52,6 +53,9 @@ class UAConfig:
     tls_context: ssl.SSLContext | None = None  # server side: our certificate
     tls_client_context: ssl.SSLContext | None = None  # verifies the peers we connect to
     tls_port: int = 0
+    # While registered, keep the flow to the registrar open through NATs (RFC 5626 §4.4):
+    # seconds between keep-alives, 0 for none. See TransportLayer.keep_alive.
+    keepalive: float = KEEPALIVE_INTERVAL
 
 
 IncomingHandler = Callable[[IncomingCall], Awaitable[None]]
@@ -73,6 +77,7 @@ class UserAgent:
         self._ports: dict[str, int] = {}  # bound port per transport
         self._digest = (DigestClient(config.auth_user or config.user, config.password)
                         if config.password is not None else None)
+        self._keepalive: tuple[Flow, asyncio.Task[object]] | None = None
         self._register_call_id = secrets.token_hex(12)
         self._register_cseq = 0
         self.aor = parse_sip_uri(f"sip:{config.user}@{config.domain}")
@@ -80,7 +85,8 @@ class UserAgent:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        self.transport = TransportLayer(lambda m, f: None)
+        self.transport = TransportLayer(self._received)
+        self.transactions = TransactionLayer(self.transport, self, timers=self.config.timers)
         if self.config.tls_client_context is not None:
             self.transport.set_client_tls(self.config.tls_client_context)
         port = self.config.listen_port
@@ -97,7 +103,11 @@ class UserAgent:
             self._ports[name] = bound
             port = bound  # UDP and TCP share one port number
         self.config.listen_port = port
-        self.transactions = TransactionLayer(self.transport, self, timers=self.config.timers)
+
+    def _received(self, inbound: Inbound) -> None:
+        """Everything the transport layer receives goes through the transaction layer."""
+        assert self.transactions is not None
+        self.transactions.receive(inbound)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -159,11 +169,11 @@ class UserAgent:
             else request.uri
         if not isinstance(hop, SipURI):
             raise CallFailed(416, "Unsupported URI Scheme")
-        transport, host, port = uri_target(hop, self.config.transport)
+        assert self.transactions is not None
         try:
-            return Flow(transport, await resolve(host, port), port)
-        except OSError as exc:
-            raise CallFailed(503, f"cannot resolve {host}: {exc}") from None
+            return await self.transactions.resolver.uri_flow(hop, self.config.transport)
+        except ResolveError as exc:
+            raise CallFailed(503, str(exc)) from None
 
     async def send(self, request: Request) -> ClientTransaction:
         """Start a client transaction for `request` towards its first hop (our Via added)."""
@@ -237,9 +247,21 @@ class UserAgent:
         contact = self.contact()
         request.headers.add("Contact", str(contact))
         request.headers.add("Expires", str(expires))
+        flow = await self.flow_for(request)
         response = await self.request(request)
         self._register_cseq = response.cseq[0] if response.cseq[1] == "REGISTER" else self._register_cseq
+        if 200 <= response.status < 300:
+            self._keep_alive(flow if expires > 0 else None)
         return response
+
+    def _keep_alive(self, flow: Flow | None) -> None:
+        """Keep-alives on the registration's flow (one at a time), or none (None)."""
+        if self._keepalive is not None and self._keepalive[0] != flow:
+            self._keepalive[1].cancel()
+            self._keepalive = None
+        if flow is not None and self._keepalive is None and self.config.keepalive > 0:
+            assert self.transport is not None
+            self._keepalive = (flow, self.spawn(self.transport.keep_alive(flow, self.config.keepalive)))
 
     async def invite(self, target: str | URI, sdp: bytes, *,
                      on_progress: ProgressHandler | None = None,
