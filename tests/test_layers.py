@@ -92,9 +92,6 @@ STDLIB_PRIVATE = {
 
 # Deliberate exceptions in our own code: "module: expression" -> why it stays.
 ALLOWED_PRIVATE: dict[str, str] = {
-    # aioice is pinned below 0.14 for exactly these (docs/DESIGN.md, dependencies)
-    "agent/ice.py: c._network_host": "aioice's parsed candidate address, to recognise a known peer",
-    "agent/ice.py: conn._check_list": "aioice's check list, to say which checks failed when no path is found",
     "agent/streams.py: self.tls._request_client_certificate":
         "aioquic's server asks for a client certificate only in its own tests; the caller "
         "must be authenticated by its a=fingerprint too",
