@@ -86,14 +86,14 @@ class Endpoint:
     async def _ice_config(self) -> IceConfig:
         """Candidates on our address towards the SIP server; STUN at the SIP server (its
         SIP UDP port answers STUN) unless another is given; TURN with our SIP credentials."""
-        _, host, port = uri_target(parse_sip_uri(f"sip:{self.config.domain}"))
         try:
-            server = await resolve(host, port)
+            flow = await resolve_uri(parse_sip_uri(f"sip:{self.config.domain}"))
         except OSError as exc:
-            raise AgentError(f"cannot resolve the SIP server {host}: {exc}", Exit.UNREACHABLE) \
-                from None
+            raise AgentError(f"cannot resolve the SIP server: {exc}", Exit.UNREACHABLE) from None
+        server = flow.host
         options = self.ice
-        return IceConfig(stun_server=options.stun or (server, port), turn_server=options.turn,
+        return IceConfig(stun_server=options.stun or (server, flow.port),
+                         turn_server=options.turn,
                          turn_username=self.config.auth_user or self.config.user,
                          turn_password=self.config.password,
                          turn_transport=options.turn_transport,

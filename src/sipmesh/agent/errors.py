@@ -20,7 +20,7 @@ class Exit(enum.IntEnum):
     NO_ANSWER = 8      # no final answer in time (408, our timeout)
     REFUSED = 9        # the session was refused: 488, bad parameters either way, other errors
     APPLICATION = 10   # the session ran, but our program ended it by failing (non-zero, signal)
-    NO_PATH = 11       # ICE found no network path to the peer (nothing was started)
+    NO_PATH = 11       # no network path to the peer: ICE found none, or it died (consent)
 
 
 EXIT_HELP = """exit status:
@@ -38,7 +38,8 @@ EXIT_HELP = """exit status:
  10  the session ran, but our program failed: it exited non-zero or was killed by a
      signal we did not send (call, serve --once; the program's own status is printed)
  11  no network path to the peer: every ICE check failed (the message lists the
-     candidates, the checks and why); nothing was started
+     candidates, the checks and why; nothing was started), or the path died during
+     the session (nothing came from the peer for the consent timeout: BYE sent)
   1  any other failure"""
 
 

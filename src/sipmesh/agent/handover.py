@@ -26,10 +26,12 @@ once it was answered):
   (WireGuard's PersistentKeepalive, OpenVPN's --ping, a heartbeat of an exec program);
 - the agent watches the peer's traffic: a raw socket with a classic BPF filter that
   passes only the peer's datagrams to the program's port (copies: the program still gets
-  them; at most one read a second), or the proxy's own counters. No datagram from the peer
-  for ``consent_timeout`` seconds (30, RFC 7675's) means consent is lost: the session ends
-  with BYE and ``Reason: SIP ;cause=408 ;text="consent lost: ..."``. Without CAP_NET_RAW a
-  direct path is not watched (logged once): liveness is then the program's alone;
+  them; at most one read a second), or the proxy's own counters. Once the peer's program
+  has sent its first datagram, none for ``consent_timeout`` seconds (30, RFC 7675's) means
+  consent is lost: the session ends with BYE and ``Reason: SIP ;cause=408 ;text="consent
+  lost: ..."`` (a program that never uses the path, e.g. a TCP one, is never ended by
+  this). Without CAP_NET_RAW a direct path is not watched (logged once): liveness is
+  then the program's alone;
 - our proxy keeps its flow to the TURN server alive by itself (a Binding request when it
   sent nothing for ``KEEPALIVE`` s) and refreshes its channel binding every 5 minutes
   (aioice refreshes the allocation); losing the allocation ends the session too.
@@ -143,7 +145,6 @@ class Handover:
         return source.last_seen if source is not None else None
 
     async def _guard(self) -> None:
-        started = time.monotonic()
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             now = time.monotonic()
@@ -154,8 +155,8 @@ class Handover:
             if source is None or not self.consent_timeout:
                 continue
             source.poll(now)
-            seen = source.last_seen or started
-            if now - seen > self.consent_timeout:
+            seen = source.last_seen
+            if seen is not None and now - seen > self.consent_timeout:
                 self._lose(f"consent lost: no packet from the peer ({self.peer[0]}:"
                            f"{self.peer[1]}) for {self.consent_timeout:g} s")
                 return
@@ -167,18 +168,14 @@ class Handover:
 
     def describe(self) -> dict[str, Any]:
         """The path for `sipmesh status` (JSON-able)."""
-        r = self.report
         seen = self.last_seen
-        out: dict[str, Any] = {
-            "kind": r.kind, "reason": r.reason, "rtt": r.rtt,
-            "local": f"{r.local_type} {_show(r.local_address)}",
-            "remote": f"{r.remote_type} {_show(r.remote_address)}",
-            "relay_transport": r.relay_transport,
+        out: dict[str, Any] = self.report.describe()
+        out.update({
             "program": {"local_port": self.endpoint.local_port,
                         "remote": _show(self.endpoint.remote), "proxied": self.endpoint.proxied},
             "watched": self.proxy is not None or self.watch is not None,
             "last_seen": None if seen is None else round(time.monotonic() - seen, 1),
-        }
+        })
         if self.proxy is not None:
             out["proxy"] = self.proxy.counters()
         return out

@@ -266,6 +266,17 @@ class PathReport:
     relay_transport: str | None = None   # "udp" or "tcp" when our side relays
     checks: list[str] = field(default_factory=list)   # "local -> remote: state", when none
 
+    def describe(self) -> dict[str, object]:
+        """For `sipmesh status` (JSON-able): kind, reason, rtt, the pair as "type address"."""
+        out: dict[str, object] = {"kind": self.kind, "reason": self.reason, "rtt": self.rtt}
+        if self.local_type is not None:
+            out["local"] = f"{self.local_type} {_show(self.local_address)}"
+            out["remote"] = f"{self.remote_type} {_show(self.remote_address)}"
+            out["relay_transport"] = self.relay_transport
+        if self.checks:
+            out["checks"] = list(self.checks)
+        return out
+
     def __str__(self) -> str:
         if self.kind == "none":
             return f"none: {self.reason}"

@@ -64,7 +64,8 @@ class Plan:
 
     attributes: dict[str, str]
     child: ChildSpec
-    port: int = 9  # for the m= line (informational, proxies rewrite it); ICE's host port
+    port: int = 9  # for the m= line (informational, proxies rewrite it)
+    path_port: int = 0  # the UDP port ICE gathers on: the program's, on a direct path (0: any)
     context: dict[str, Any] = field(default_factory=dict)  # the profile's, for answer_child
 
 

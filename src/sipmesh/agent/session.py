@@ -77,6 +77,7 @@ EventHook = Callable[[str, dict], None]
 ICE_TRANSPORTS = frozenset({"udp"})
 NO_PATH_CAUSE = 480   # Reason of the BYE when ICE found no path (RFC 3326)
 CONSENT_CAUSE = 408   # ... when a running path lost consent
+BYE_WAIT = 4.0        # s we wait for the answer to that BYE before we go on
 # Who serves an INVITE, from its a= lines (not yet validated): (profile, SessionInfo), or
 # raise Refusal.
 Chooser = Callable[[IncomingCall, dict[str, str]], tuple[AppProfile, SessionInfo]]
@@ -132,6 +133,7 @@ class Session:
         self.handover: Handover | None = None
         self.path: PathReport | None = None  # the path ICE chose (or "none" and why)
         self._no_path_message = ""
+        self.path_lost = False  # the session ended because its path lost consent
         # The program's exit status when the program itself ended the session (negative:
         # killed by that signal); None when the peer or a stop request ended it and we
         # stopped the program (whatever status that gave is ours, not the program's).
@@ -246,7 +248,7 @@ class Session:
                 plan.child.cleanup()
             raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
         try:
-            local = await self._gather(controlling=False, port=plan.port)
+            local = await self._gather(controlling=False, port=plan.path_port)
         except (AgentError, OSError) as exc:
             _cleanup(plan)
             raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
@@ -524,9 +526,12 @@ class Session:
         if lost is not None and lost.done() and not lost.cancelled() \
                 and not child.exited.done() and not call.ended.done():
             self.reason = lost.result()
+            self.path_lost = True
             log.warning("[%s] %s: sending BYE, stopping the application", call.call_id,
                         self.reason)
-            await asyncio.gather(_bye(call, CONSENT_CAUSE, self.reason), child.stop(self.grace))
+            # the BYE may well take the dead path's fate (a cut link): do not wait for it
+            bye = asyncio.ensure_future(_bye(call, CONSENT_CAUSE, self.reason))
+            await asyncio.gather(asyncio.wait({bye}, timeout=BYE_WAIT), child.stop(self.grace))
         elif child.exited.done():
             self.app_status = status = child.exited.result()
             self.reason = f"the application {describe_exit(status)}"
@@ -594,6 +599,7 @@ class Agent:
                                  ice=config.ice)
         self.sessions = 0  # established so far
         self.app_failure: str | None = None  # how the last session's program failed
+        self.path_lost: str | None = None  # call mode: the session's path died (consent)
         self.ready = asyncio.Event()  # set once registered (or, without registering, started)
 
     @property
@@ -629,10 +635,14 @@ class Agent:
                 if await session.place(self.config.target, self.profile,
                                        timeout=self.config.invite_timeout):
                     self._ended(session)
+                    if session.path_lost:
+                        self.path_lost = f"{session.reason} (session {session.call_id})"
         finally:
             await endpoint.close(self.config.grace + 10)
         if self.app_failure is not None and (self.config.mode == "call" or self.config.once):
             raise AgentError(self.app_failure, Exit.APPLICATION)
+        if self.path_lost is not None:
+            raise AgentError(self.path_lost, Exit.NO_PATH)
         return Exit.OK
 
     def _session(self) -> Session:

@@ -146,7 +146,7 @@ class ExecProfile(AppProfile):
         attributes = {ip_name: info.local_ip, "PORT": str(port)}
         if self.vpn is not None:
             attributes["VPN_LOCAL_ADDR"], attributes["VPN_REMOTE_ADDR"] = self.vpn
-        return Plan(attributes=attributes, port=port, context={"offer": offer},
+        return Plan(attributes=attributes, port=port, path_port=port, context={"offer": offer},
                     child=self._server_child(info, attributes, offer))
 
     def answer_child(self, info: SessionInfo, plan: Plan) -> ChildSpec:
@@ -344,7 +344,7 @@ def _command(key: str, table: Any) -> tuple[list[str] | None, dict[str, str]]:
 
 class ExecService(ServiceProfile):
     name = "exec"
-    options = ("params", "answer")
+    options = ("params", "answer", "transport")
     call_options = ("command", "env")
 
     def configure(self, options: dict[str, Any], call: dict[str, Any]) -> None:
@@ -373,6 +373,11 @@ class ExecService(ServiceProfile):
                 raise ConfigValueError("call.command", "the program itself cannot be a template")
         if self.answer_command and templates.names(self.answer_command[0]):
             raise ConfigValueError("answer.command", "the program itself cannot be a template")
+        transport = options.get("transport", "udp")
+        if transport not in TRANSPORTS:
+            raise ConfigValueError("transport", f"must be \"udp\" or \"tcp\" (how the programs "
+                                                f"talk to each other), not {transport!r}")
+        self.transport = transport  # type: ignore[misc]
         self.offer_params = COMMON_OFFER + tuple(d.param for d in self.decls
                                                  if d.source == "peer")
         self.answer_params = IP_PARAMS + tuple(Param(d.name, d.type) for d in self.decls
@@ -420,12 +425,30 @@ class ExecService(ServiceProfile):
         ip_name = "IP6" if ":" in info.local_ip else "IP4"
         attributes = {ip_name: info.local_ip}
         attributes.update({d.name: values[d.name] for d in self.decls if d.sent_in_answer})
+        decl = self._port_decl(answered=True)
+        port = int(values[decl.name]) if decl is not None else 0
+        return Plan(attributes=attributes, child=self._server_child(info, values, offer),
+                    port=port or 9, path_port=port, context={"values": values, "offer": offer})
+
+    def answer_child(self, info: SessionInfo, plan: Plan) -> ChildSpec:
+        return self._server_child(info, plan.context["values"], plan.context["offer"])
+
+    def _server_child(self, info: SessionInfo, values: dict[str, str],
+                      offer: dict[str, str]) -> ChildSpec:
+        values = dict(values)
         remote_ip = offered_ip(offer)
-        child = self._spec(info, "server", values, remote_ip, self.answer_command or [],
-                           self.answer_env, getattr(self, "answer_program", None))
-        port = next((int(values[d.name]) for d in self.decls
-                     if d.sent_in_answer and isinstance(d.type, Port)), 9)
-        return Plan(attributes=attributes, child=child, port=port)
+        if info.path is not None:
+            remote_ip = info.path.remote_ip
+            port = self._port_decl(answered=True)
+            if port is not None:      # the port the program binds: the path's
+                values[port.name] = str(info.path.local_port)
+        return self._spec(info, "server", values, remote_ip, self.answer_command or [],
+                          self.answer_env, getattr(self, "answer_program", None))
+
+    def _port_decl(self, *, answered: bool) -> ParamDecl | None:
+        """The port the answering side sends (its program's port), if one is declared."""
+        return next((d for d in self.decls if d.sent_in_answer == answered
+                     and isinstance(d.type, Port)), None)
 
     # -- calling side ---------------------------------------------------------------------
     def _own_value(self, decl: ParamDecl, pairs: dict[str, tuple[str, str]], info: SessionInfo) -> str:
@@ -459,7 +482,13 @@ class ExecService(ServiceProfile):
                 values[decl.name] = getattr(self, "_offered", {}).get(decl.name, "")
             else:
                 values[decl.name] = self._own_value(decl, pairs, info)
-        spec = self._spec(info, "client", values, offered_ip(answer), self.call_command or [],
+        remote_ip = offered_ip(answer)
+        if info.path is not None:
+            remote_ip = info.path.remote_ip
+            port = self._port_decl(answered=True)
+            if port is not None:      # where the peer's program is: the path's remote end
+                values[port.name] = str(info.path.remote_port)
+        spec = self._spec(info, "client", values, remote_ip, self.call_command or [],
                           self.call_env, getattr(self, "call_program", None))
         spec.cleanup = self.release_caller_lease
         return spec
@@ -471,7 +500,9 @@ class ExecService(ServiceProfile):
                                f"{'answering' if role == 'server' else 'calling'} side")
         context = dict(values, LOCAL_IP=info.local_ip, REMOTE_IP=remote_ip or "",
                        CALL_ID=info.call_id, PEER=info.peer, LOCAL_USER=info.local_user,
-                       SERVICE=self.service_name, ROLE=role)
+                       SERVICE=self.service_name, ROLE=role, LOCAL_PORT="0", REMOTE_PORT="0",
+                       PATH="")
+        context.update(path_values(info.path))
         argv = [program or command[0]] + [templates.render(a, context) for a in command[1:]]
         port = next((values[d.name] for d in self.decls if isinstance(d.type, Port)), None)
         env = endpoint_env(values, role=role, info=info, remote_ip=remote_ip, port=port)

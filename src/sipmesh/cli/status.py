@@ -68,21 +68,45 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
             for s in status.get("services", [])]
     out += _table(rows, ["SERVICE", "KIND", "SESSIONS", "ALLOWED CALLERS"])
     out.append("")
-    sessions = status.get("sessions", [])
+    sessions = sorted(status.get("sessions", []), key=lambda s: s.get("since") or 0)
     rows = []
-    for s in sorted(sessions, key=lambda s: s.get("since") or 0):
+    for s in sessions:
         allocated = s.get("allocated", {})
         parts = [f"port {p}" for p in allocated.get("ports", [])]
         if allocated.get("addresses"):
             parts.append("addr " + " ".join(allocated["addresses"]))
+        path = s.get("path") or {}
         rows.append([s["call_id"], s["peer"], s["service"], s["state"],
                      _clock(s.get("since"), now), str(s.get("pid") or "-"),
-                     ", ".join(parts) or "-"])
+                     path.get("kind", "-"), ", ".join(parts) or "-"])
     if rows:
-        out += _table(rows, ["CALL-ID", "PEER", "SERVICE", "STATE", "SINCE", "PID", "ALLOCATED"])
+        out += _table(rows, ["CALL-ID", "PEER", "SERVICE", "STATE", "SINCE", "PID", "PATH",
+                             "ALLOCATED"])
+        out += [line for s in sessions if s.get("path") for line in path_lines(s)]
     else:
         out.append("no sessions")
     return "\n".join(out)
+
+
+def path_lines(session: dict[str, Any]) -> list[str]:
+    """Why a session's packets go the way they go: the pair, the RTT, the reason."""
+    path = session["path"]
+    head = f"{session['call_id']}: {path.get('kind')}"
+    if path.get("local"):
+        head += f" {path['local']} -> {path['remote']}"
+        if path.get("relay_transport"):
+            head += f" (our relay over {str(path['relay_transport']).upper()})"
+    if path.get("rtt") is not None:
+        head += f", rtt {path['rtt'] * 1000:.1f} ms"
+    lines = [head, f"  {path.get('reason')}"]
+    program = path.get("program")
+    if program:
+        via = " (our relay proxy)" if program.get("proxied") else ""
+        lines.append(f"  program: binds UDP {program['local_port']}, sends to "
+                     f"{program['remote']}{via}")
+    for check in (path.get("checks") or [])[:6]:
+        lines.append(f"  check {check}")
+    return lines
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -111,7 +135,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "status", help="show a running daemon's registrations and sessions",
         description="Ask a running `sipmesh daemon` over its local control socket for its "
                     "registration, services and sessions (peer, service, state, since, child "
-                    "PID, allocated ports and addresses).")
+                    "PID, allocated ports and addresses) and each session's network path: "
+                    "direct, relayed or none, the selected candidate pair, the RTT and why.")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--socket", metavar="PATH", type=Path, help="the daemon's control socket")
     source.add_argument("-c", "--config", metavar="FILE", type=Path,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sipmesh.agent.errors import AgentError, Exit, ProfileError
+from sipmesh.agent.ice import IceOptions, parse_turn_uri
 from sipmesh.agent.params import Host, IPAddress, Port, Token
 from sipmesh.daemon.allocators import AddressPool, Allocator, PortRange
 from sipmesh.daemon.registry import get_kind
@@ -44,7 +45,8 @@ DEFAULT_DAEMON_MAX = 4096  # the whole daemon
 _SERVICE_COMMON = {"name", "kind", "allow", "max_sessions", "description", "call"}
 _AGENT_KEYS = {"server", "user", "password", "credentials", "auth_user", "display_name",
                "transport", "bind", "sip_port", "advertise", "expires", "register_timeout",
-               "grace", "max_sessions", "default_service", "control_socket", "state_dir"}
+               "grace", "max_sessions", "default_service", "control_socket", "state_dir",
+               "ice", "stun", "turn", "consent_timeout"}
 
 
 class ConfigError(AgentError):
@@ -73,6 +75,7 @@ class AgentSection:
     default_service: str | None = None
     control_socket: Path | None = None
     state_dir: Path | None = None
+    ice: IceOptions = field(default_factory=IceOptions)  # ice, stun, turn, consent_timeout
 
     @property
     def domain_host(self) -> str:
@@ -289,6 +292,24 @@ class _Builder:
             value = text(key)
             if value is not None:
                 setattr(agent, key, self.base_dir / value)
+        ice = table.get("ice", True)
+        if not isinstance(ice, bool):
+            raise fail("ice", f"must be true or false, not {ice!r}")
+        try:
+            stun = text("stun")
+            stun_server = parse_turn_uri(f"turn:{stun}")[:2] if stun else None
+        except ValueError as exc:
+            raise fail("stun", f"HOST[:PORT]: {exc}") from None
+        try:
+            turn = text("turn")
+            turn_server = parse_turn_uri(turn) if turn else None
+        except ValueError as exc:
+            raise fail("turn", str(exc)) from None
+        agent.ice = IceOptions(enabled=ice, stun=stun_server,
+                               turn=turn_server[:2] if turn_server else None,
+                               turn_transport=turn_server[2] if turn_server else "auto",
+                               consent_timeout=float(number("consent_timeout", 30.0, 0, 3600,
+                                                            False)))
         return agent
 
     # -- [allocators.NAME] -------------------------------------------------------------------

@@ -63,7 +63,20 @@ def session_json(session: Session) -> dict[str, Any]:
     return {"call_id": session.call_id, "peer": session.peer, "service": info.service,
             "kind": info.kind, "state": session.state, "since": session.since,
             "pid": session.child.pid if session.child is not None else None,
-            "generation": info.generation, "allocated": info.lease.describe()}
+            "generation": info.generation, "allocated": info.lease.describe(),
+            "path": session_path(session)}
+
+
+def session_path(session: Session) -> dict[str, Any] | None:
+    """The session's network path for `sipmesh status`: direct, relayed or none, the
+    selected pair with candidate types, the RTT and the reason in words (None: no ICE)."""
+    if session.handover is not None:
+        return session.handover.describe()
+    if session.path is not None:   # none, or chosen but not yet handed over
+        return session.path.describe()
+    if session.ice is not None:
+        return {"kind": "checking", "reason": "ICE checks in progress"}
+    return None
 
 
 class Daemon:
@@ -83,7 +96,7 @@ class Daemon:
             default_socket(self.ua_config.user)
         self.control = ControlServer(self.control_path, self._control) if control else None
         self.endpoint = Endpoint(self.ua_config, on_invite=self._on_invite,
-                                 advertise=config.agent.advertise)
+                                 advertise=config.agent.advertise, ice=config.agent.ice)
         self.started = time.time()
         self.ready = asyncio.Event()
 

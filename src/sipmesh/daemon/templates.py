@@ -22,6 +22,9 @@ BUILTINS = {
     "LOCAL_USER": "our user name",
     "SERVICE": "the service's name",
     "ROLE": "'server' on the answering side, 'client' on the calling side",
+    "LOCAL_PORT": "the UDP port our program binds: the path ICE chose (0 without ICE: any)",
+    "REMOTE_PORT": "the UDP port of the peer's program on that path (0 without ICE)",
+    "PATH": "'direct' or 'relayed' (empty without ICE)",
 }
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}|[{}]")
