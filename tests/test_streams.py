@@ -22,7 +22,8 @@ import pytest
 from sipmesh.agent.certs import host_certificate
 from sipmesh.agent.ice import IceConfig, IceSession, render
 from sipmesh.agent.streams import STREAM_WINDOW, StreamError, StreamTransport
-from tests.lab import wait_tcp_listening
+from tests.lab import free_port, wait_tcp_listening
+from tests.peers.broker import make_broker  # noqa: F401 (fixture)
 from tests.peers.tcp import Target, digest_then_reply, echo
 from tests.test_ice import lab, session  # noqa: F401 (fixture)
 
@@ -345,3 +346,73 @@ def test_http_through_streams_across_nat(lab, tmp_path, caller, callee, kind):
     assert [r["path"]["kind"] for r in results] == [kind, kind]
     assert fetched == expected
     assert results[0]["stopped"] == results[1]["stopped"] == "running"  # up until we stopped it
+
+
+# ----------------------------------------------------------------------- a whole session
+
+ECHO_SERVER = """
+import os, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(os.environ["SIPMESH_PORT"])))
+s.listen(4)
+while True:
+    c, _ = s.accept()
+    while chunk := c.recv(65536):
+        c.sendall(chunk)
+    c.close()
+"""
+
+ECHO_CLIENT = """
+import hashlib, os, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+payload = os.urandom(4 << 20)
+with socket.create_connection((host, port), timeout=20) as c:
+    c.sendall(payload)
+    c.shutdown(socket.SHUT_WR)
+    got = bytearray()
+    while chunk := c.recv(65536):
+        got += chunk
+print("echo", "ok" if bytes(got) == payload else "BAD", host, port, os.environ.get("SIPMESH_PATH"),
+      flush=True)
+sys.exit(0 if bytes(got) == payload else 1)
+"""
+
+
+async def test_an_exec_tcp_session_carries_its_connection_over_streams(make_broker, tmp_path):
+    """`sipmesh serve`/`call` with a TCP program pair, ICE on: the caller's program
+    connects to {REMOTE_IP}:{PORT}, which is sipmesh's on 127.0.0.1, and its echo comes
+    back through the QUIC streams; the program's exit ends the session."""
+    from sipmesh.agent.session import Agent, AgentConfig
+    from sipmesh.apps.exec import ExecProfile
+    from sipmesh.sip.ua import UAConfig
+
+    broker = await make_broker()
+    host, port = broker.address("UDP")
+    events: list[tuple[str, dict]] = []
+    out = tmp_path / "client.out"
+
+    def agent(user: str, mode: str, argv: list[str], **extra) -> Agent:
+        return Agent(AgentConfig(ua=UAConfig(user=user, domain=f"{host}:{port}", listen_port=0),
+                                 mode=mode, advertise="127.0.0.1", grace=2, **extra),
+                     ExecProfile(argv, transport="tcp", app_port=free_port("tcp")),
+                     on_event=lambda event, data: events.append((user + ":" + event, data)))
+
+    server = agent("home", "serve", [sys.executable, "-c", ECHO_SERVER])
+    client = agent("alice", "call", ["/bin/sh", "-c",
+                                     f'exec "$0" -c "$1" "$2" "$3" > {out}', sys.executable,
+                                     ECHO_CLIENT, "{REMOTE_IP}", "{PORT}"], target="home")
+    serving = asyncio.ensure_future(server.run())
+    try:
+        await asyncio.wait_for(server.ready.wait(), 10)
+        assert await asyncio.wait_for(client.run(), 60) == 0
+    finally:
+        server.request_stop()
+        await asyncio.wait_for(serving, 20)
+    words = out.read_text().split()
+    assert words[:3] == ["echo", "ok", "127.0.0.1"] and words[4] == "direct", words
+    # not the answering program's own port: sipmesh's, whose connections cross as streams
+    (answered,) = [data["port"] for event, data in events if event == "home:child_started"]
+    assert int(words[3]) != int(answered)
+    paths = [data for event, data in events if event.endswith(":path")]
+    assert [p["kind"] for p in paths] == ["direct", "direct"]

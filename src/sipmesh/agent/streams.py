@@ -56,10 +56,12 @@ from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, pu
 from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
 
 from sipmesh.agent.certs import HostCertificate, fingerprint
+from sipmesh.agent.handover import Handover, UdpEndpoint
+from sipmesh.agent.ice import IceSession, PathReport
 
 __all__ = ["ALPN", "CONNECTION_WINDOW", "DATAGRAM_SIZE", "IDLE_TIMEOUT", "KEEPALIVE",
            "MAX_STREAMS", "OPEN_TCP", "SEND_HIGH", "STREAM_WINDOW", "DatagramPath",
-           "StreamError", "StreamTransport"]
+           "StreamError", "StreamPath", "StreamTransport"]
 
 log = logging.getLogger("sipmesh.agent.streams")
 
@@ -79,7 +81,8 @@ KEEPALIVE = 5.0               # s between PINGs
 IDLE_TIMEOUT = 20.0           # s without a packet from the peer before the connection ends
 HANDSHAKE_TIMEOUT = 10.0
 MAX_STREAMS = 64              # TCP connections carried at once
-CONNECT_TIMEOUT = 10.0        # s to connect to the local program for a stream
+CONNECT_TIMEOUT = 10.0        # s to connect to the local program for a stream ...
+CONNECT_RETRY = 0.05          # ... retrying a refused connection this often
 
 # application error codes (RFC 9000 §20.2), in RESET_STREAM / STOP_SENDING / CONNECTION_CLOSE
 REFUSED = 0x101               # no target here, too many streams, bad first byte
@@ -189,6 +192,9 @@ class _Pipe(asyncio.Protocol):
     # -- TCP side (asyncio)
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        if self.done:      # the stream ended while we were connecting
+            transport.abort()
+            return
         self.tcp = transport
         transport.set_write_buffer_limits(high=TCP_HIGH, low=TCP_LOW)
         sock = transport.get_extra_info("socket")
@@ -621,16 +627,96 @@ class StreamTransport:
         self._spawn(self._connect(pipe))
 
     async def _connect(self, pipe: _Pipe) -> None:
+        """Connect the stream to our target; a refused connection is retried until
+        CONNECT_TIMEOUT, because the program may still be starting (both sides start
+        theirs once the path is up)."""
         host, port = self.target
-        try:
-            await asyncio.wait_for(self.loop.create_connection(lambda: pipe, host, port),
-                                   CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("cannot connect to %s:%d for the peer: %s", host, port,
-                        exc or "timed out")
+        deadline = self.loop.time() + CONNECT_TIMEOUT
+        while not pipe.done:
+            try:
+                await asyncio.wait_for(self.loop.create_connection(lambda: pipe, host, port),
+                                       max(0.1, deadline - self.loop.time()))
+                return
+            except ConnectionRefusedError as exc:
+                if self.loop.time() < deadline:
+                    await asyncio.sleep(CONNECT_RETRY)
+                    continue
+                problem = str(exc)
+            except (OSError, asyncio.TimeoutError) as exc:
+                problem = str(exc) or "timed out"
+            log.warning("cannot connect to %s:%d for the peer: %s", host, port, problem)
             pipe.abort(CONNECT_FAILED)
+            return
 
     def _forget(self, pipe: _Pipe) -> None:
         if self.pipes.get(pipe.stream_id) is pipe:
             del self.pipes[pipe.stream_id]
         self.paused.discard(pipe)
+
+
+# --------------------------------------------------------------------------- the session's side
+
+
+class StreamPath(Handover):
+    """A session's ICE path carrying its TCP program's connections: what `Handover` is for
+    a UDP program, for the session the same (``endpoint``, ``lost()``, ``describe()``,
+    ``close()``), except that the path is not handed over: aioice keeps it (its consent
+    checks go on) and the stream transport runs on it.
+
+    The program's side (``endpoint``, a `UdpEndpoint` whose remote end is on this host):
+    the calling program connects to ``remote_ip:remote_port``, where we listen; the
+    answering program listens on ``local_port`` (its a=PORT) where each stream is connected."""
+
+    def __init__(self, ice: IceSession, transport: StreamTransport, endpoint: UdpEndpoint) -> None:
+        pair = ice.connection.selected
+        super().__init__(ice, endpoint, pair.remote_addr if pair else ("?", 0), 0)
+        self.transport = transport
+
+    @classmethod
+    async def take(cls, ice: IceSession, *, client: bool, certificate: HostCertificate,
+                   peer_fingerprint: str, target: tuple[str, int] | None = None,
+                   listen: tuple[str, int] | None = None,
+                   max_streams: int = MAX_STREAMS) -> "StreamPath":
+        """Start the stream transport on `ice`'s chosen pair (``ice.connect()`` returned):
+        the caller listens on `listen`, the answerer connects streams to `target`. Raises
+        StreamError (the transport is closed again, `ice` is not)."""
+        transport = StreamTransport(ice.connection, client=client, certificate=certificate,
+                                    peer_fingerprint=peer_fingerprint, target=target,
+                                    max_streams=max_streams)
+        await transport.start()
+        kind = ice.path.kind if ice.path else "direct"
+        try:
+            if listen is not None:
+                host, port = listen
+                port = await transport.listen(host, port)
+                shown = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+                endpoint = UdpEndpoint(kind, 0, shown, port, proxied=True)
+            else:
+                endpoint = UdpEndpoint(kind, target[1] if target else 0, "127.0.0.1", 0,
+                                       proxied=True)
+        except OSError as exc:
+            await transport.close(f"cannot listen on {listen}")
+            raise StreamError(f"cannot listen on {listen[0]}:{listen[1]}: "
+                              f"{exc.strerror or exc}") from None
+        log.info("TCP streams over the %s path: %s", kind,
+                 f"connections to {endpoint.remote_ip}:{endpoint.remote_port} go to the peer"
+                 if listen is not None else f"the peer's connections go to {target}")
+        return cls(ice, transport, endpoint)
+
+    async def lost(self) -> str:
+        """Return why the path died (the peer went silent or closed, ICE consent
+        expired); never returns while it lives."""
+        reason = await self.transport.wait_closed()
+        if self.ice.consent_expired:
+            return "consent lost: the peer stopped answering ICE consent checks"
+        return f"the stream transport ended: {reason}"
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["streams"] = {"open": len(self.transport.pipes),
+                          "carried": self.transport.streams_carried}
+        return out
+
+    async def close(self) -> None:
+        await self.transport.close()
+        await super().close()
