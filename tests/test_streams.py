@@ -272,7 +272,7 @@ async def test_a_target_that_is_down_resets_the_programs_connection(streams):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         down = s.getsockname()[1]   # bound, never listening: connections are refused
-        _, b, port = await streams(("127.0.0.1", down))
+        _, b, port = await streams(("127.0.0.1", down), connect_timeout=1.0)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"x")
         with pytest.raises(ConnectionResetError):

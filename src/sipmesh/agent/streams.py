@@ -352,13 +352,14 @@ class StreamTransport:
     def __init__(self, path: DatagramPath, *, client: bool, certificate: HostCertificate,
                  peer_fingerprint: str, target: tuple[str, int] | None = None,
                  max_streams: int = MAX_STREAMS, idle_timeout: float = IDLE_TIMEOUT,
-                 keepalive: float = KEEPALIVE) -> None:
+                 keepalive: float = KEEPALIVE, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.path = path
         self.client = client
         self.peer_fingerprint = peer_fingerprint.strip()
         self.target = target
         self.max_streams = max_streams
         self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
         self.configuration = QuicConfiguration(
             is_client=client, alpn_protocols=[ALPN], idle_timeout=idle_timeout,
             max_datagram_size=DATAGRAM_SIZE, max_data=CONNECTION_WINDOW,
@@ -628,10 +629,10 @@ class StreamTransport:
 
     async def _connect(self, pipe: _Pipe) -> None:
         """Connect the stream to our target; a refused connection is retried until
-        CONNECT_TIMEOUT, because the program may still be starting (both sides start
+        `connect_timeout`, because the program may still be starting (both sides start
         theirs once the path is up)."""
         host, port = self.target
-        deadline = self.loop.time() + CONNECT_TIMEOUT
+        deadline = self.loop.time() + self.connect_timeout
         while not pipe.done:
             try:
                 await asyncio.wait_for(self.loop.create_connection(lambda: pipe, host, port),
