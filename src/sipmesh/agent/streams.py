@@ -161,10 +161,11 @@ class _Connection(QuicConnection):
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
 
-    def unacknowledged(self, stream_id: int) -> int:
-        """Bytes written to a stream and not yet acknowledged by the peer."""
-        stream = self._streams.get(stream_id)
-        return len(stream.sender._buffer) if stream is not None else 0
+    def unacknowledged(self, stream_id: int | None = None) -> int:
+        """Bytes written to a stream (None: to any) and not yet acknowledged by the peer."""
+        streams = self._streams.values() if stream_id is None else \
+            [self._streams.get(stream_id)]
+        return sum(len(stream.sender._buffer) for stream in streams if stream is not None)
 
 
 # --------------------------------------------------------------------------- one TCP connection
@@ -455,7 +456,14 @@ class StreamTransport:
             self._events()
             for pipe in list(self.paused):
                 pipe.acked()
-            self._wake()
+            # What a datagram may call for at once: handshake messages, or (being
+            # acknowledgements) more of our data. ACKs for the peer's data wait for
+            # aioquic's ack timer anyway; asking aioquic for datagrams after each of the
+            # peer's 1.3-kB datagrams would cost a quarter of the receiver's time.
+            if not self._established.done() or self.quic.unacknowledged():
+                self._wake()
+            else:
+                self._arm_timer()
 
     def _first_initial(self, data: bytes) -> bool:
         try:
