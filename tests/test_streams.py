@@ -24,7 +24,7 @@ from sipmesh.agent.ice import IceConfig, IceSession, render
 from sipmesh.agent.streams import STREAM_WINDOW, StreamError, StreamTransport
 from tests.lab import free_port, wait_tcp_listening
 from tests.peers.broker import make_broker  # noqa: F401 (fixture)
-from tests.peers.tcp import Target, digest_then_reply, echo
+from tests.peers.tcp import Target, digest_then_reply, echo, read_digest
 from tests.test_ice import lab, session  # noqa: F401 (fixture)
 
 MB = 1 << 20
@@ -151,10 +151,7 @@ async def test_the_far_end_speaks_first_and_half_closes_first(streams):
     def banner_then_read(conn: socket.socket) -> None:
         conn.sendall(b"220 hello\r\n")
         conn.shutdown(socket.SHUT_WR)
-        h = hashlib.sha256()
-        while chunk := conn.recv(1 << 16):
-            h.update(chunk)
-        heard.set_result(h.hexdigest())
+        heard.set_result(read_digest(conn))
         conn.close()
 
     with Target(banner_then_read) as target:
@@ -179,10 +176,7 @@ async def test_back_pressure_reaches_the_writer(streams):
 
     def slow_reader(conn: socket.socket) -> None:
         release.wait(60)
-        h = hashlib.sha256()
-        while chunk := conn.recv(1 << 16):
-            h.update(chunk)
-        received.set_result(h.hexdigest())
+        received.set_result(read_digest(conn))
         conn.close()
 
     with Target(slow_reader) as target:

@@ -47,12 +47,17 @@ class Target:
         self.close()
 
 
-def digest_then_reply(conn: socket.socket) -> None:
-    """Read to EOF (the client's half-close), then answer with the SHA-256 and close."""
+def read_digest(conn: socket.socket) -> str:
+    """Read to EOF (the client's half-close): the SHA-256 of what came, in hex."""
     h = hashlib.sha256()
     while chunk := conn.recv(1 << 16):
         h.update(chunk)
-    conn.sendall(h.hexdigest().encode())
+    return h.hexdigest()
+
+
+def digest_then_reply(conn: socket.socket) -> None:
+    """Read to EOF, then answer with the SHA-256 and close."""
+    conn.sendall(read_digest(conn).encode())
     conn.close()
 
 

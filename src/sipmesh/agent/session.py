@@ -499,13 +499,11 @@ class Session:
         try:
             self.path = connecting.result()
         except IceError as exc:
-            self.path = exc.report or PathReport("none", str(exc))
-            checks = "; ".join(self.path.checks[:8]) or "none"
-            self._no_path_message = f"no network path to {self.peer}: {exc}; checks: {checks}"
-            self.reason = "no network path"
-            log.warning("[%s] %s", self.call_id, self._no_path_message)
-            self._emit("no_path", call_id=self.call_id, text=self._no_path_message)
-            await _bye(call, NO_PATH_CAUSE, f"no network path: {self.path.reason}")
+            report = exc.report or PathReport("none", str(exc))
+            checks = "; ".join(report.checks[:8]) or "none"
+            await self._no_path(report, f"no network path to {self.peer}: {exc}; "
+                                f"checks: {checks}", "no network path",
+                                f"no network path: {report.reason}")
             return False
         self._emit("path", call_id=self.call_id, path=str(self.path), kind=self.path.kind)
         profile = self.profile
@@ -520,18 +518,23 @@ class Session:
                     listen=None if plan else profile.stream_listen(self.info),
                     max_streams=profile.max_streams)
             except StreamError as exc:
-                self.path = PathReport("none", f"no TCP streams over the path: {exc}")
-                self._no_path_message = f"no TCP streams with {self.peer}: {exc}"
-                self.reason = "no stream transport"
-                log.warning("[%s] %s", self.call_id, self._no_path_message)
-                self._emit("no_path", call_id=self.call_id, text=self._no_path_message)
-                await _bye(call, NO_PATH_CAUSE, f"no TCP streams: {exc}")
+                await self._no_path(PathReport("none", f"no TCP streams over the path: {exc}"),
+                                    f"no TCP streams with {self.peer}: {exc}",
+                                    "no stream transport", f"no TCP streams: {exc}")
                 return False
         else:
             timeout = self.endpoint.ice.consent_timeout
             self.handover = await Handover.take(ice, consent_timeout=timeout)
         self.info.path = self.handover.endpoint
         return True
+
+    async def _no_path(self, report: PathReport, message: str, reason: str, bye: str) -> None:
+        """No path to run the program on: say why, end the session with BYE."""
+        assert self.call is not None
+        self.path, self._no_path_message, self.reason = report, message, reason
+        log.warning("[%s] %s", self.call_id, message)
+        self._emit("no_path", call_id=self.call_id, text=message)
+        await _bye(self.call, NO_PATH_CAUSE, bye)
 
     async def _close_path(self) -> None:
         if self.handover is not None:
