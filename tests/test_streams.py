@@ -373,10 +373,14 @@ sys.exit(0 if bytes(got) == payload else 1)
 """
 
 
-async def test_an_exec_tcp_session_carries_its_connection_over_streams(make_broker, tmp_path):
+@pytest.mark.parametrize("caller_ice", [True, False])
+async def test_an_exec_tcp_session_carries_its_connection_over_streams(make_broker, tmp_path,
+                                                                        caller_ice):
     """`sipmesh serve`/`call` with a TCP program pair, ICE on: the caller's program
     connects to {REMOTE_IP}:{PORT}, which is sipmesh's on 127.0.0.1, and its echo comes
-    back through the QUIC streams; the program's exit ends the session."""
+    back through the QUIC streams; the program's exit ends the session. A caller without
+    ICE gets the paper's a=IP4/a=PORT and connects to the answering program itself."""
+    from sipmesh.agent.ice import IceOptions
     from sipmesh.agent.session import Agent, AgentConfig
     from sipmesh.apps.exec import ExecProfile
     from sipmesh.sip.ua import UAConfig
@@ -395,7 +399,8 @@ async def test_an_exec_tcp_session_carries_its_connection_over_streams(make_brok
     server = agent("home", "serve", [sys.executable, "-c", ECHO_SERVER])
     client = agent("alice", "call", ["/bin/sh", "-c",
                                      f'exec "$0" -c "$1" "$2" "$3" > {out}', sys.executable,
-                                     ECHO_CLIENT, "{REMOTE_IP}", "{PORT}"], target="home")
+                                     ECHO_CLIENT, "{REMOTE_IP}", "{PORT}"], target="home",
+                   ice=IceOptions(enabled=caller_ice))
     serving = asyncio.ensure_future(server.run())
     try:
         await asyncio.wait_for(server.ready.wait(), 10)
@@ -404,9 +409,12 @@ async def test_an_exec_tcp_session_carries_its_connection_over_streams(make_brok
         server.request_stop()
         await asyncio.wait_for(serving, 20)
     words = out.read_text().split()
-    assert words[:3] == ["echo", "ok", "127.0.0.1"] and words[4] == "direct", words
-    # not the answering program's own port: sipmesh's, whose connections cross as streams
+    assert words[:3] == ["echo", "ok", "127.0.0.1"], words
     (answered,) = [data["port"] for event, data in events if event == "home:child_started"]
-    assert int(words[3]) != int(answered)
     paths = [data for event, data in events if event.endswith(":path")]
-    assert [p["kind"] for p in paths] == ["direct", "direct"]
+    if caller_ice:
+        # not the answering program's own port: sipmesh's, whose connections cross as streams
+        assert int(words[3]) != int(answered) and words[4] == "direct"
+        assert [p["kind"] for p in paths] == ["direct", "direct"]
+    else:
+        assert int(words[3]) == int(answered) and words[4] == "None" and paths == []

@@ -36,6 +36,12 @@ sipmesh adds to aioquic, and why:
 - Keep-alive: a PING every ``KEEPALIVE`` s (below conntrack's 30 s for UDP), and the
   connection ends after ``IDLE_TIMEOUT`` s without a packet from the peer; the session
   learns why from :meth:`StreamTransport.wait_closed` and ends with BYE.
+- CPU: every datagram costs Python time on both sides, so TCP writes are coalesced while
+  data streams in, and aioquic is asked for datagrams after a received one only when it
+  may have some (handshake, our data in flight; its ACKs go by its timer).
+
+:class:`StreamPath` is the session's side (agent/session.py): what agent/handover.py's
+`Handover` is for a UDP program, for a TCP one.
 """
 
 from __future__ import annotations
