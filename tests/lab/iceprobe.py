@@ -28,17 +28,22 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import socket
 import sys
 import tempfile
 from pathlib import Path
 
-from aioice import stun
+# run as a script, this directory comes first on sys.path, and its dns.py (the dnsmasq
+# helper) would shadow dnspython, which aioice imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(__file__)]
 
-from sipmesh.agent.certs import host_certificate
-from sipmesh.agent.ice import IceConfig, IceError, IceSession, render
-from sipmesh.agent.streams import StreamTransport
+from aioice import stun  # noqa: E402
+
+from sipmesh.agent.certs import host_certificate  # noqa: E402
+from sipmesh.agent.ice import IceConfig, IceError, IceSession, render  # noqa: E402
+from sipmesh.agent.streams import StreamTransport  # noqa: E402
 
 
 def emit(**fields) -> None:

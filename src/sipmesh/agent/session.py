@@ -490,6 +490,11 @@ class Session:
             stopping.cancel()
         if not connecting.done():
             connecting.cancel()
+            if call.ended.done() and f"cause={NO_PATH_CAUSE}" in (call.bye_reason or ""):
+                # the peer's checks gave up before ours: there is no path for us either
+                self._no_path(ice.snapshot(), f"the peer found none ({call.bye_reason}); "
+                                              f"{ice.summary()}")
+                return False
             self.reason = f"the peer ended the session ({call.ended.result()})" \
                 if call.ended.done() else "shutting down"
             log.info("[%s] %s while checking paths", self.call_id, self.reason)
@@ -499,11 +504,8 @@ class Session:
         try:
             self.path = connecting.result()
         except IceError as exc:
-            report = exc.report or PathReport("none", str(exc))
-            checks = "; ".join(report.checks[:8]) or "none"
-            await self._no_path(report, f"no network path to {self.peer}: {exc}; "
-                                f"checks: {checks}", "no network path",
-                                f"no network path: {report.reason}")
+            self._no_path(exc.report or PathReport("none", str(exc)), str(exc))
+            await _bye(call, NO_PATH_CAUSE, f"no network path: {self.path.reason}")
             return False
         self._emit("path", call_id=self.call_id, path=str(self.path), kind=self.path.kind)
         profile = self.profile
@@ -518,9 +520,9 @@ class Session:
                     listen=None if plan else profile.stream_listen(self.info),
                     max_streams=profile.max_streams)
             except StreamError as exc:
-                await self._no_path(PathReport("none", f"no TCP streams over the path: {exc}"),
-                                    f"no TCP streams with {self.peer}: {exc}",
-                                    "no stream transport", f"no TCP streams: {exc}")
+                why = f"no TCP streams over the path: {exc}"
+                self._no_path(PathReport("none", why), why)
+                await _bye(call, NO_PATH_CAUSE, f"no TCP streams: {exc}")
                 return False
         else:
             timeout = self.endpoint.ice.consent_timeout
@@ -528,13 +530,13 @@ class Session:
         self.info.path = self.handover.endpoint
         return True
 
-    async def _no_path(self, report: PathReport, message: str, reason: str, bye: str) -> None:
-        """No path to run the program on: say why, end the session with BYE."""
-        assert self.call is not None
-        self.path, self._no_path_message, self.reason = report, message, reason
-        log.warning("[%s] %s", self.call_id, message)
-        self._emit("no_path", call_id=self.call_id, text=message)
-        await _bye(self.call, NO_PATH_CAUSE, bye)
+    def _no_path(self, report: PathReport, why: str) -> None:
+        self.path = report
+        checks = "; ".join(report.checks[:8]) or "none"
+        self._no_path_message = f"no network path to {self.peer}: {why}; checks: {checks}"
+        self.reason = "no network path"
+        log.warning("[%s] %s", self.call_id, self._no_path_message)
+        self._emit("no_path", call_id=self.call_id, text=self._no_path_message)
 
     async def _close_path(self) -> None:
         if self.handover is not None:

@@ -52,6 +52,7 @@ class Call:
         self.remote_sdp = remote_sdp
         self.outgoing = outgoing
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.bye_reason: str | None = None  # the Reason header of the peer's BYE (RFC 3326)
         self.acked = asyncio.Event()
         self._contact = contact
         self._acks: dict[int, tuple[Request, Flow]] = {}  # our ACK per INVITE CSeq, for resends
@@ -222,6 +223,7 @@ class Call:
         if request.method == "BYE":
             txn.reply(200)
             log.info("[%s] BYE received from %s", self.call_id, self.peer)
+            self.bye_reason = request.headers.get("Reason")
             self._end("remote BYE")
         elif request.method == "INVITE":  # session refresh: same session, same answer
             if self._reinviting:  # §14.2: glare with our own re-INVITE

@@ -1,0 +1,379 @@
+"""Sessions across NAT, end to end (issue 11): `sipmesh serve` / `sipmesh call` with the exec
+``udp`` contract (tests/peers/udp_pair.py) in the NAT lab of tests/lab/topology.py, our
+broker as SIP server and STUN server (on its SIP port), coturn beside it as the relay.
+
+One lab for the module (building it and starting the broker, coturn and one answering
+agent per host costs a few seconds; each test is one or two sessions): public hosts p
+and x, home hosts a and b, symmetric hosts s and s2, u behind a router that drops UDP.
+Every answering agent runs the echo program; every caller the ping program, which exits
+once five echoes came back: data moved both ways. A test that cuts a router restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from sipmesh.broker.users import UsersFile
+from sipmesh.sip.auth import compute_ha1
+from tests.lab import (Coturn, Host, ManagedProcess, NatLab, coturn_unavailable_reason,
+                       netns_unavailable_reason, spawn, wait_for, wait_udp_listening)
+
+pytestmark = [pytest.mark.slow, pytest.mark.netns]
+
+PYTHON = sys.executable
+SIPMESH = str(Path(sys.executable).parent / "sipmesh")
+PAIR = str(Path(__file__).parent / "peers" / "udp_pair.py")
+SIP_PORT = 5060
+ANSWERING = ("p", "a", "b", "s", "s2")     # hosts running `sipmesh serve` as themselves
+
+
+def password(user: str) -> str:
+    return f"{user}-secret"
+
+
+@dataclass
+class IceLab:
+    lab: NatLab
+    run: Path
+    broker: Host
+    serve: dict[str, ManagedProcess]
+    coturn: Coturn
+
+    def __getitem__(self, name: str) -> Host:
+        return self.lab[name]
+
+    @property
+    def server(self) -> str:
+        return f"{self.broker.ip}:{SIP_PORT}"
+
+    @property
+    def turn(self) -> str:
+        return f"turn:{self.broker.ip}:{self.coturn.port}"
+
+    def agent_argv(self, mode: str, user: str, *extra: str) -> list[str]:
+        return [SIPMESH, mode, "--server", self.server, "--user", user,
+                "--password", password(user), "--turn", self.turn, "-v", *extra]
+
+    def call(self, caller: str, callee: str, *extra: str, program: str = "5",
+             turn: str | None = None) -> ManagedProcess:
+        """`sipmesh call CALLEE` from host `caller` as user CALLERc, running the ping program."""
+        argv = self.agent_argv("call", f"{caller}c", *extra) + [callee, "--timeout", "15",
+                                                                "--register-timeout", "3"]
+        if turn is not None:
+            argv[argv.index("--turn") + 1] = turn
+        argv += ["--", PYTHON, PAIR, "ping", str(self.run), program]
+        n = len(list(self.run.glob("call-*.log")))
+        return spawn(argv, netns=self[caller].ns, cwd=self.run,
+                     log_path=self.run / f"call-{n}-{caller}-{callee}.log", name=f"call-{caller}")
+
+    def record(self, role: str, call_id: str) -> dict | None:
+        path = self.run / f"{role}-{call_id}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def records(self, role: str) -> set[str]:
+        return {p.stem.split("-", 1)[1] for p in self.run.glob(f"{role}-*.json")}
+
+    def diagnosis(self, *procs: ManagedProcess) -> str:
+        parts = [f"--- {p.name}:\n{p.log_tail(40)}" for p in procs]
+        parts += [f"--- serve {name}:\n{proc.log_tail(15)}" for name, proc in self.serve.items()]
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def ice_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceLab]:
+    for reason in (netns_unavailable_reason(), coturn_unavailable_reason()):
+        if reason:
+            pytest.skip(reason)
+    run = tmp_path_factory.mktemp("icelab")
+    procs: list[ManagedProcess] = []
+    with NatLab() as lab:
+        hosts = lab.add_hosts({"broker": "public", "p": "public", "x": "public", "v": "public",
+                               "a": "home",
+                               "b": "home", "s": "symmetric", "s2": "symmetric",
+                               "u": "udp_blocked"})
+        broker = hosts["broker"]
+        users = UsersFile(run / "users")
+        names = [n for n in hosts if n != "broker"]
+        everyone = names + [f"{n}c" for n in names] + ["sd"]
+        for user in everyone:
+            users.add(broker.ip, user, password(user))
+        users.save()
+        coturn = Coturn(run / "coturn", broker.ip, netns=broker.ns, realm=broker.ip,
+                        users={u: compute_ha1(u, broker.ip, password(u)) for u in everyone})
+        try:
+            coturn.start()
+            proc = spawn([SIPMESH, "broker", "--listen", f"{broker.ip}:{SIP_PORT}",
+                          "--db", str(run / "broker.db"), "--workers", "1", "--users",
+                          str(run / "users"), "--rate-limit", "0", "-v"],
+                         netns=broker.ns, cwd=run, log_path=run / "broker.log", name="broker")
+            procs.append(proc)
+            wait_udp_listening(broker.ip, SIP_PORT, broker.ns, 15, proc=proc)
+            serve: dict[str, ManagedProcess] = {}
+            for name in ANSWERING:
+                argv = [SIPMESH, "serve", "--server", f"{broker.ip}:{SIP_PORT}", "--user", name,
+                        "--password", password(name), "--turn",
+                        f"turn:{broker.ip}:{coturn.port}", "-v", "--app-port", "40000",
+                        "--", PYTHON, PAIR, "echo", str(run)]
+                serve[name] = spawn(argv, netns=hosts[name].ns, cwd=run,
+                                    log_path=run / f"serve-{name}.log", name=f"serve-{name}")
+                procs.append(serve[name])
+            for name, agent in serve.items():
+                wait_for(lambda: "ready: contact" in agent.log_text(), 20,
+                         what=f"serve {name} registered", abort=agent.exit_reason)
+            yield IceLab(lab, run, broker, serve, coturn)
+        finally:
+            for proc in reversed(procs):
+                proc.stop(grace=5)
+            coturn.stop()
+
+
+def session(ice: IceLab, caller: str, callee: str, *extra: str) -> tuple[dict, dict, str]:
+    """One session from `caller` to `callee`: (ping record, echo record, the caller's log)
+    once the caller's program got its echoes and the callee's program was stopped."""
+    before = ice.records("client")
+    call = ice.call(caller, callee, *extra)
+    try:
+        rc = call.wait(40)
+    except subprocess.TimeoutExpired:
+        rc = None
+    assert rc == 0, f"call {caller} -> {callee}: {rc}\n{ice.diagnosis(call)}"
+    [call_id] = ice.records("client") - before
+    ping = ice.record("client", call_id)
+    # the answering side stopped its program on our BYE: the agent is free for the next one
+    echo = wait_for(lambda: (r := ice.record("server", call_id)) and r["stopped"] and r, 10,
+                    what=f"{callee}'s program stopped", abort=ice.serve[callee].exit_reason)
+    return ping, echo, call.log_text()
+
+
+EXPECTED = {  # (caller, callee): path; public <-> any, home <-> home, symmetric <-> public direct
+    ("p", "a"): "direct", ("a", "p"): "direct", ("p", "b"): "direct", ("b", "p"): "direct",
+    ("p", "s"): "direct", ("s", "p"): "direct", ("a", "b"): "direct", ("b", "a"): "direct",
+    ("a", "s"): "relayed", ("s", "a"): "relayed", ("b", "s"): "relayed", ("s", "b"): "relayed",
+    ("s", "s2"): "relayed",
+}
+
+
+@pytest.mark.parametrize("caller, callee", list(EXPECTED), ids=[f"{c}-{d}" for c, d in EXPECTED])
+def test_udp_session_across_nat(ice_lab, caller, callee):
+    ping, echo, log = session(ice_lab, caller, callee)
+    kind = EXPECTED[caller, callee]
+    assert (ping["path"], echo["path"]) == (kind, kind), (ping, echo, log)
+    # data both ways: the caller's pings arrived and their echoes came back
+    assert len(set(ping["got"])) >= 5 and all(g.startswith("echo ping") for g in ping["got"])
+    assert echo["got"] and all(g.startswith("ping") for g in echo["got"])
+    assert f"path {kind}: " in log
+    if kind == "direct":
+        # the program sent from the port ICE checked, to the address ICE checked
+        assert "127.0.0.1" not in ping["remote"][0]
+        if callee != "p":
+            assert ping["remote"][0] == ice_lab[callee].public_ip
+    if kind == "relayed" and "s" in (caller, callee) and caller == "s":
+        assert "our NAT maps per destination (symmetric)" in log, log
+
+
+def test_udp_blocked_host_is_relayed_over_turn_tcp(ice_lab):
+    """u's router drops all UDP: SIP over TCP, no reflexive address, the relay over TCP."""
+    ping, echo, log = session(ice_lab, "u", "a", "--transport", "tcp")
+    assert (ping["path"], echo["path"]) == ("relayed", "relayed")
+    assert "UDP is blocked on our network: relayed over TURN/TCP" in log, log
+    assert ping["remote"][0] == "127.0.0.1"   # our relay proxy: u's side owns the allocation
+    assert len(set(ping["got"])) >= 5 and echo["got"]
+
+
+def test_no_path_fails_clearly_and_leaves_nothing(ice_lab):
+    """UDP blocked and the relay down (nothing listens where --turn points): the caller
+    says which candidates and checks it tried, exits 11, and no program ever ran."""
+    before = ice_lab.records("client") | ice_lab.records("server")
+    start = time.monotonic()
+    call = ice_lab.call("u", "a", "--transport", "tcp",
+                        turn=f"turn:{ice_lab.broker.ip}:3479")
+    try:
+        rc = call.wait(40)
+    except subprocess.TimeoutExpired:
+        rc = None
+    elapsed = time.monotonic() - start
+    log = call.log_text()
+    assert rc == 11, f"{rc}\n{ice_lab.diagnosis(call)}"
+    assert elapsed < 30, elapsed
+    assert "no network path to" in log and "no relay" in log, log
+    assert "local host 10." in log and "remote host" in log and "checks: " in log, log
+    assert (ice_lab.records("client") | ice_lab.records("server")) == before  # nothing ran
+    wait_for(lambda: "no network path" in ice_lab.serve["a"].log_text(), 20,
+             what="a gave up too")
+    assert "started (pid" not in ice_lab.serve["a"].log_text().split("INVITE from")[-1]
+
+
+def test_consent_loss_ends_the_session_with_bye(ice_lab):
+    """A session between two home hosts moves a datagram a second; a's router then drops
+    everything: both sides say "consent lost" within the documented 30 s (plus the 1 s
+    watch interval) of the last datagram, send BYE, stop their programs; the caller
+    exits 11."""
+    before = ice_lab.records("client")
+    call = ice_lab.call("a", "b", program="heartbeat")
+    router = ice_lab["a"].router
+    try:
+        call_id = wait_for(lambda: (ice_lab.records("client") - before or None), 20,
+                           what="the session's programs", abort=call.exit_reason).pop()
+        wait_for(lambda: len((ice_lab.record("client", call_id) or {"got": []})["got"]) >= 3,
+                 15, what="echoes flowing", abort=call.exit_reason)
+        router.cut()
+        cut = time.monotonic()
+        wait_for(lambda: "consent lost" in call.log_text(), 40, what="consent lost (caller)",
+                 abort=call.exit_reason)
+        lost_after = time.monotonic() - cut
+        assert 28 <= lost_after <= 34, lost_after
+        assert call.wait(20) == 11
+        wait_for(lambda: "consent lost" in ice_lab.serve["b"].log_text(), 10,
+                 what="consent lost (b)")
+        echo = wait_for(lambda: (r := ice_lab.record("server", call_id)) and r["stopped"] and r,
+                        10, what="b's program stopped")
+        assert echo["got"]
+    finally:
+        router.restore()
+    log = call.log_text()
+    assert "sending BYE" in log and "no packet from the peer" in log, log
+
+
+def test_a_hostile_offer_through_a_real_session_stays_under_the_cap(ice_lab):
+    """x INVITEs p with candidates that all name ports of the public host v (a third
+    party). 1,000 of them do not fit in a body the agent accepts: refused, nothing sent. As
+    many as fit: p answers, checks at most 20 of them (from its two bases, each check sent
+    at most 5 times within its 10 s), finds no path and ends the session; v counts what
+    arrived.
+
+    (The offer is a large message: the broker forwards it over TCP, RFC 3261 §18.1.1, which
+    reaches a public agent only.)"""
+    v = ice_lab["v"]
+    v.run(["iptables", "-I", "INPUT", "-p", "udp", "--dport", "2000:2999", "-j", "DROP"])
+    try:
+        results = {}
+        for count in (1000, 130):
+            out = ice_lab["x"].run([PYTHON, "-c", HOSTILE, ice_lab.server, password("x"),
+                                    v.ip, str(count)], timeout=60, check=False)
+            assert out.returncode == 0, out.stderr
+            results[count] = (json.loads(out.stdout), _counted(v))
+    finally:
+        v.run(["iptables", "-D", "INPUT", "-p", "udp", "--dport", "2000:2999", "-j", "DROP"])
+    (refused, none_sent), (answered, packets) = results[1000], results[130]
+    assert refused["status"] >= 400 and none_sent == 0, refused
+    assert answered == {"status": 200, "ended": "remote BYE"}, answered
+    # 20 remote candidates, each paired with p's two bases (host, relay), each check sent at
+    # 0, 0.5, 1.5, 3.5 and 7.5 s within the 10 s the checks may take: 200 at most
+    assert 20 <= packets <= 20 * 2 * 5, packets
+    log = ice_lab.serve["p"].log_text()
+    assert "ignored 110 of the peer's candidates" in log and "no network path to sip:x@" in log
+
+
+def _counted(host: Host) -> int:
+    table = host.run(["iptables", "-L", "INPUT", "-v", "-x", "-n"]).stdout
+    return int(next(line.split()[0] for line in table.splitlines() if "dpts:2000:2999" in line))
+
+
+# x's hostile caller: an INVITE whose offer carries COUNT candidates naming VICTIM's ports;
+# prints the final status and, once answered, why the session ended (a's BYE).
+HOSTILE = r'''
+import asyncio, json, sys
+from sipmesh.agent.attributes import build_sdp
+from sipmesh.sip.ua import CallFailed, UAConfig, UserAgent
+server, pw, victim, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+lines = [("IP4", "203.0.113.99"), ("APP", "exec"), ("ice-ufrag", "Ab3x"),
+         ("ice-pwd", "Jk8s0dLq2vTz9PmWc4Rn7e")]
+lines += [("candidate", f"{i} 1 udp 2130706431 {victim} {2000 + i} typ host")
+          for i in range(count)] + [("end-of-candidates", None)]
+body = build_sdp(username="x", address="203.0.113.99", media="application", proto="sipmesh",
+                 port=9, attributes=lines)
+async def main():
+    ua = UserAgent(UAConfig(user="x", domain=server, password=pw, transport="TCP",
+                            listen_host="0.0.0.0", listen_port=0))
+    await ua.start()
+    try:
+        try:
+            call = await ua.invite("p", body, timeout=15)
+        except CallFailed as e:
+            return {"status": e.status}
+        try:
+            ended = await asyncio.wait_for(asyncio.shield(call.ended), 30)
+        except asyncio.TimeoutError:
+            ended = "not ended"
+            await call.bye()
+        return {"status": 200, "ended": ended}
+    finally:
+        await ua.stop()
+print(json.dumps(asyncio.run(main())))
+'''
+
+
+def test_status_shows_the_path_of_each_session_and_why(ice_lab):
+    """A daemon on the symmetric host s serves an exec UDP echo; a calls it from behind its
+    home router. While the session runs, `sipmesh status` on s shows it relayed, with the
+    selected pair and its candidate types, the RTT and, in words, why."""
+    s, run = ice_lab["s"], ice_lab.run
+    config = run / "daemon-s.toml"
+    config.write_text(f'''
+[agent]
+server = "{ice_lab.server}"
+user = "sd"
+password = "{password('sd')}"
+turn = "{ice_lab.turn}"
+control_socket = "{run / 'ctl' / 'sd.sock'}"
+
+[allocators.udp]
+type = "ports"
+range = "41000-41009"
+protocols = ["udp"]
+
+[[service]]
+name = "echo"
+kind = "exec"
+transport = "udp"
+allow = ["*"]
+answer.command = ["{PYTHON}", "{PAIR}", "echo", "{run}"]
+call.command = ["{PYTHON}", "{PAIR}", "ping", "{run}", "heartbeat"]
+[service.params.PORT]
+type = "port"
+from = "allocator"
+allocator = "udp"
+''')
+    daemon = spawn([SIPMESH, "daemon", "-c", str(config), "-v"], netns=s.ns, cwd=run,
+                   log_path=run / "daemon-s.log", name="daemon-s")
+    caller = None
+    try:
+        wait_for(lambda: "ready as" in daemon.log_text(), 20, what="daemon registered",
+                 abort=daemon.exit_reason)
+        before = ice_lab.records("client")
+        caller = spawn([SIPMESH, "call", "sd", "--service", "echo", "-c", str(config),
+                        "--server", ice_lab.server, "--user", "ac", "--password", password("ac"),
+                        "--turn", ice_lab.turn, "--no-register", "-v"],
+                       netns=ice_lab["a"].ns, cwd=run, log_path=run / "call-status.log",
+                       name="call-status")
+        call_id = wait_for(lambda: ice_lab.records("client") - before or None, 30,
+                           what="the session's programs", abort=caller.exit_reason).pop()
+        wait_for(lambda: len((ice_lab.record("client", call_id) or {"got": []})["got"]) >= 2,
+                 15, what="echoes flowing", abort=caller.exit_reason)
+        out = subprocess.run([SIPMESH, "status", "--socket", str(run / "ctl" / "sd.sock")],
+                             capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out.stderr
+        text = out.stdout
+        assert call_id in text and "relayed" in text, text
+        line = next(l for l in text.splitlines() if l.startswith(f"{call_id}: relayed"))
+        assert " -> " in line and "rtt " in line and " ms" in line, line
+        assert any(t in line for t in ("relay ", "prflx ", "srflx ")), line
+        assert "our NAT maps per destination (symmetric)" in text, text
+        assert "program: binds UDP 4100" in text, text
+        data = json.loads(subprocess.run([SIPMESH, "status", "--json", "--socket",
+                                          str(run / "ctl" / "sd.sock")], capture_output=True,
+                                         text=True, timeout=20).stdout)
+        [session_status] = [x for x in data["sessions"] if x["call_id"] == call_id]
+        assert session_status["path"]["kind"] == "relayed" and session_status["path"]["rtt"] > 0
+    finally:
+        if caller is not None:
+            caller.stop(grace=10)
+        daemon.stop(grace=10)
