@@ -358,10 +358,16 @@ while True:
 """
 
 ECHO_CLIENT = """
-import hashlib, os, socket, sys
+import os, socket, sys, time
 host, port = sys.argv[1], int(sys.argv[2])
 payload = os.urandom(4 << 20)
-with socket.create_connection((host, port), timeout=20) as c:
+for attempt in range(100):    # without ICE the answering program may still be starting
+    try:
+        c = socket.create_connection((host, port), timeout=20)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.05)
+with c:
     c.sendall(payload)
     c.shutdown(socket.SHUT_WR)
     got = bytearray()
