@@ -246,7 +246,7 @@ def test_sip_app_command_line_is_the_prototypes():
 
 
 def test_openvpn_config_is_made_of_validated_values(tmp_path):
-    from sipmesh.apps.certs import host_certificate
+    from sipmesh.agent.certs import host_certificate
     from sipmesh.apps.openvpn import OpenVPNProfile
 
     profile = OpenVPNProfile(state_dir=tmp_path)

@@ -23,6 +23,7 @@ from sipmesh.daemon.config import load_config
 from sipmesh.sip.ua import UAConfig
 from tests.lab import free_port, wait_for, wait_for_async, wait_tcp_listening
 from tests.peers.daemon import DaemonLab, config_text, lab  # noqa: F401 (fixture)
+from tests.peers.tcp import Target, digest_then_reply
 
 TOKEN = base64.b64encode(b"0123456789abcdef").decode()
 
@@ -35,48 +36,6 @@ def half(mode: str, listen: int, other: int, spawn_proc, token: str = TOKEN):
                       name=f"forward-{mode}")
     wait_tcp_listening("127.0.0.1", listen, None, 10, proc=proc)
     return proc
-
-
-class Target:
-    """A TCP server: per connection, `behaviour(conn)` in a thread."""
-
-    def __init__(self, behaviour) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.behaviour = behaviour
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self.behaviour, args=(conn,), daemon=True).start()
-
-    def close(self) -> None:
-        # shutdown wakes the blocked accept(); a bare close() would leave the thread in it,
-        # and a retried accept() could then take connections of a socket that reuses the fd
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.thread.join(5)
-        self.sock.close()
-
-
-def digest_then_reply(conn: socket.socket) -> None:
-    """Read to EOF (the client's half-close), then answer with the SHA-256 and close."""
-    h = hashlib.sha256()
-    while chunk := conn.recv(1 << 16):
-        h.update(chunk)
-    conn.sendall(h.hexdigest().encode())
-    conn.close()
 
 
 @pytest.fixture

@@ -333,16 +333,21 @@ def lab(nat_lab, coturn):
 
 def session(lab, caller: str, callee: str, *, password: str = "alice-pw",
             turn: bool = True, timeout: float = 10.0, hold: bool = False,
-            portmap: dict[str, list[str]] | None = None) -> list[dict]:
+            portmap: dict[str, list[str]] | None = None,
+            streams: tuple[dict, dict] | None = None, during=None) -> list[dict]:
     """Run iceprobe on both hosts, swap their descriptions as an offer and an answer
     would, and return each side's results: [{"local", "path" | "error", "data"}, ...].
     `portmap`: {host: protocols} asks those hosts' routers for a port mapping; the
-    session is then closed before this returns ("closed" in their results)."""
+    session is then closed before this returns ("closed" in their results).
+
+    With `streams` (each side's "streams" option), TCP over QUIC streams runs on the
+    path: ``during(results)`` is called while it does (results[0]["streams"] is the
+    caller's local port), then each result gets "stopped"."""
     portmap = portmap or {}
     broker = lab["broker"]
     procs = []
     try:
-        for host, controlling in ((caller, True), (callee, False)):
+        for n, (host, controlling) in enumerate(((caller, True), (callee, False))):
             proc = lab.popen(host, [sys.executable, PROBE], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(proc)
@@ -350,7 +355,8 @@ def session(lab, caller: str, callee: str, *, password: str = "alice-pw",
                 "controlling": controlling, "stun": [broker.ip, SIP_PORT],
                 "turn": [broker.ip, lab.relay.port] if turn else None,
                 "user": "alice", "password": password, "timeout": timeout,
-                "hold": hold, "portmap": portmap.get(host)}) + "\n")
+                "hold": hold, "portmap": portmap.get(host),
+                "streams": streams[n] if streams else None}) + "\n")
             proc.stdin.flush()
         results = [read(p) for p in procs]
         for proc, peer in zip(procs, reversed(results)):
@@ -359,6 +365,15 @@ def session(lab, caller: str, callee: str, *, password: str = "alice-pw",
         for proc, result in zip(procs, results):
             result.update(read(proc))
             if "error" not in result:
+                result.update(read(proc))
+        if streams is not None:
+            for proc, result in zip(procs, results):
+                result.update(read(proc))
+            if during is not None:
+                during(results)
+            for proc, result in zip(procs, results):
+                proc.stdin.write("stop\n")
+                proc.stdin.flush()
                 result.update(read(proc))
         if hold:
             lab[caller].router.cut()

@@ -493,9 +493,12 @@ async def test_invite_answers_a_407_and_acks_with_the_credentials(make_ua, raw_p
         alice = await make_ua("alice", domain=server.peer.hostport, password="secret")
         call = await alice.invite(f"sip:bob@{server.peer.hostport}", sdp("alice"))
         assert call.remote_sdp == sdp("uas")
-        first, second = server.of("INVITE")
+        transactions: dict[str, Request] = {}
+        for invite in server.of("INVITE"):  # a loaded machine may retransmit one
+            transactions.setdefault(invite.via.branch, invite)
+        first, second = transactions.values()
         assert first.call_id == second.call_id and first.from_.tag == second.from_.tag
-        assert second.cseq == (2, "INVITE") and second.via.branch != first.via.branch
+        assert second.cseq == (2, "INVITE")
         await wait_for_async(lambda: len(server.of("ACK")) == 2, 3, what="two ACKs")  # the 407's ACK and the 200's
         ack_407, ack_200 = server.of("ACK")
         assert ack_407.via.branch == first.via.branch and ack_407.to.tag == "challenger"

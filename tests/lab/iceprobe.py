@@ -17,6 +17,11 @@
     port mapping deleted). With "hold": true it then reads one more line (sent when the
     test cuts the path) and
     prints {"closed_after": seconds} once consent to send has expired.
+    With "streams": {"target": [ip, port] | null} our a= lines also carry a=fingerprint
+    (a fresh host certificate); after the data it runs TCP over QUIC streams on the pair
+    (sipmesh.agent.streams): the controlling side listens on 127.0.0.1 and prints
+    {"streams": port}, the other prints {"streams": 0}; both then read one line and print
+    {"stopped": why the transport ended, or "running"}.
 
     iceprobe.py stun PORT
         a STUN Binding responder on UDP PORT (what the broker does on its SIP port);
@@ -26,20 +31,25 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 if sys.path and sys.path[0] == __import__("os").path.dirname(__file__):
-    del sys.path[0]   # run as a script: tests/lab/dns.py would shadow dnspython
+    del sys.path[0]   # run as a script: a module here could shadow an installed one
 
 import asyncio  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
 
 from aioice import stun  # noqa: E402
 
+from sipmesh.agent.certs import host_certificate  # noqa: E402
 from sipmesh.agent.ice import IceConfig, IceError, IceSession, render  # noqa: E402
+from sipmesh.agent.streams import StreamTransport  # noqa: E402
 
 
 def emit(**fields) -> None:
@@ -54,14 +64,20 @@ async def session(config: dict) -> None:
         turn_transport=config.get("transport", "auto"), use_ipv6=False,
         connect_timeout=config.get("timeout", 10.0), portmap=tuple(config.get("portmap") or ())),
         controlling=config["controlling"])
+    streams = config.get("streams")
+    directory = tempfile.mkdtemp(prefix="iceprobe-")
     try:
         started = time.monotonic()   # CLOCK_MONOTONIC: one clock for every namespace
         local = render(await ice.gather())
+        if streams is not None:
+            cert = host_certificate(Path(directory))
+            local.append(("fingerprint", cert.fingerprint))
         mapper = ice.connection.port_mapper
         emit(local=local, started=started,
              mapping=mapper.mapping.describe() if mapper and mapper.mapping else None)
         line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        remote = ice.read_remote([tuple(a) for a in json.loads(line)])
+        attributes = [tuple(a) for a in json.loads(line)]
+        remote = ice.read_remote(attributes)
         try:
             path = await ice.connect(remote)
         except IceError as e:
@@ -81,6 +97,16 @@ async def session(config: dict) -> None:
             first = first or time.monotonic()
             got.append(data.decode())
         emit(data=got, first=first)
+        if streams is not None:
+            transport = StreamTransport(
+                conn, client=config["controlling"], certificate=cert,
+                peer_fingerprint=dict(attributes)["fingerprint"],
+                target=tuple(streams["target"]) if streams.get("target") else None)
+            await transport.start()
+            emit(streams=await transport.listen() if config["controlling"] else 0)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            emit(stopped=await transport.wait_closed() if transport.closed else "running")
+            await transport.close()
         if config.get("hold"):
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
             start = asyncio.get_running_loop().time()
@@ -91,6 +117,7 @@ async def session(config: dict) -> None:
         await ice.close()
         if config.get("portmap"):
             emit(closed=True)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def stun_responder(port: int) -> None:

@@ -21,8 +21,13 @@ starts with it in ``SessionInfo.path`` (agent/handover.py:UdpEndpoint: bind
 ``local_port``, send to ``remote_ip``:``remote_port``). On the answering side the 200 OK
 goes out first and the program starts after the path is known, built by `answer_child`
 from the plan. A peer without ICE (the prototype, SIPp) gets the paper's a=IP4/a=PORT
-and ``path`` stays None. ``transport = "tcp"`` is the hook for TCP streams carried over the
-checked path (agent/streams.py); until it exists such programs use a=IP4/a=PORT.
+and ``path`` stays None.
+
+``transport = "tcp"``: the program's TCP connections are carried as QUIC streams over the
+checked path (agent/streams.py; each side sends its certificate's ``a=fingerprint``).
+The calling side listens on `stream_listen` and its program gets that address as
+``path.remote_ip``:``path.remote_port``; each connection made there is connected, on the
+answering side, to `stream_target` (by default its program on 127.0.0.1, its a=PORT).
 """
 
 from __future__ import annotations
@@ -108,7 +113,8 @@ class AppProfile(abc.ABC):
     name: ClassVar[str]
     media: ClassVar[str] = "application"
     proto: ClassVar[str] = "sipmesh"
-    transport: ClassVar[str | None] = None  # "udp": the program takes the ICE path (above)
+    transport: ClassVar[str | None] = None  # "udp"/"tcp": the program takes the ICE path
+    max_streams: int = 64   # "tcp": TCP connections carried at once
     offer_params: tuple[Param, ...] = COMMON_OFFER
     answer_params: tuple[Param, ...] = IP_PARAMS + (PORT,)
 
@@ -140,6 +146,14 @@ class AppProfile(abc.ABC):
         """The answering side's program once ``info.path`` is known (UDP profiles, ICE).
         Default: the plan's."""
         return plan.child
+
+    def stream_target(self, info: SessionInfo, plan: Plan) -> tuple[str, int]:
+        """"tcp", answering side: where each connection the caller makes goes."""
+        return ("127.0.0.1", plan.port)
+
+    def stream_listen(self, info: SessionInfo) -> tuple[str, int]:
+        """"tcp", calling side: where the connections to carry come in (port 0: any)."""
+        return ("127.0.0.1", 0)
 
     async def wait_ready(self, plan: Plan, child: Child) -> None:
         """Return once the answering side's program can take the caller's first packet

@@ -21,9 +21,9 @@ Answering (`Session.answer`; the daemon runs the same steps, choosing a service)
 Calling (`Session.place`): offer -> INVITE -> read the answer (a bad one is ACKed and
 ended with BYE, nothing started) -> start the program -> supervise.
 
-ICE (agent/ice.py), for profiles whose program talks UDP (``profile.transport``), when the
-endpoint has it on (the default; ``--no-ice``): the caller gathers candidates and puts
-them in its offer beside a=IP4; an answering side that finds ICE in the offer gathers on
+ICE (agent/ice.py), for profiles whose program talks UDP or TCP (``profile.transport``),
+when the endpoint has it on (the default; ``--no-ice``): the caller gathers candidates and
+puts them in its offer beside a=IP4; an answering side that finds ICE in the offer gathers on
 the port its plan chose, answers with its candidates beside a=IP4/a=PORT, and starts its
 checks as the 200 OK goes out (before the ACK); the caller (controlling) starts its
 checks once the answer is read. Each side starts its program only once a path is chosen,
@@ -31,7 +31,10 @@ handed over (agent/handover.py) and put in ``SessionInfo.path``; the answering s
 therefore starts its program after the 200 OK, not before. No path: BYE with a Reason,
 nothing started, the caller exits with Exit.NO_PATH. A peer without ICE attributes gets
 the paper's a=IP4/a=PORT exactly as before. While the program runs, a path whose peer
-falls silent (consent lost, see agent/handover.py) ends the session with BYE.
+falls silent (consent lost, see agent/handover.py) ends the session with BYE. A TCP
+program's path is not handed over: its connections are carried as QUIC streams over it
+(agent/streams.py:StreamPath), each side sending its certificate's a=fingerprint; the
+end of that transport (the peer silent, consent lost) ends the session the same way.
 
 Supervision: the program exits -> BYE at once; BYE received -> the program is stopped
 (SIGTERM to its group, SIGKILL after the grace period); a stop request (SIGINT,
@@ -56,14 +59,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sipmesh.agent.attributes import build_sdp, read_attribute_list, read_attributes
+from sipmesh.agent.certs import HostCertificate, default_state_dir, host_certificate
 from sipmesh.agent.endpoint import Endpoint
 from sipmesh.agent.errors import (CHECK_SERVER, AgentError, Exhausted, Exit, describe_exit,
                                   describe_status, exit_for_status)
 from sipmesh.agent.handover import Handover
 from sipmesh.agent.ice import IceDescription, IceError, IceOptions, IceSession, PathReport, render
 from sipmesh.agent.ice import parse as parse_ice
-from sipmesh.agent.params import ParamError, validate
+from sipmesh.agent.params import Fingerprint, ParamError, validate
 from sipmesh.agent.profile import AppProfile, Plan, SessionInfo
+from sipmesh.agent.streams import StreamError, StreamPath
 from sipmesh.agent.supervisor import Child, ChildSpec
 from sipmesh.sip.headers import quote_string
 from sipmesh.sip.message import Response
@@ -73,9 +78,10 @@ from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
 log = logging.getLogger("sipmesh.agent")
 
 EventHook = Callable[[str, dict], None]
-# Program transports that take the path ICE checked; "tcp" joins once agent/streams.py
-# (branch quic) carries TCP streams over it.
-ICE_TRANSPORTS = frozenset({"udp"})
+# Program transports that take the path ICE checked: UDP programs get it handed over
+# (agent/handover.py), TCP programs' connections are carried over it (agent/streams.py)
+ICE_TRANSPORTS = frozenset({"udp", "tcp"})
+STREAM_FINGERPRINT = Fingerprint(("sha-256",))   # a=fingerprint of a "tcp" session's peer
 NO_PATH_CAUSE = 480   # Reason of the BYE when ICE found no path (RFC 3326)
 CONSENT_CAUSE = 408   # ... when a running path lost consent
 BYE_WAIT = 4.0        # s we wait for the answer to that BYE before we go on
@@ -131,7 +137,8 @@ class Session:
         self.call: Call | None = None
         self.reason: str | None = None  # why it ended
         self.ice: IceSession | None = None
-        self.handover: Handover | None = None
+        self.handover: Handover | None = None   # a StreamPath for "tcp" programs
+        self.peer_fingerprint: str | None = None  # its a=fingerprint, for TCP streams
         self.path: PathReport | None = None  # the path ICE chose (or "none" and why)
         self._no_path_message = ""
         self.path_lost = False  # the session ended because its path lost consent
@@ -210,7 +217,7 @@ class Session:
         if connecting is not None:
             started = False
             try:
-                if not await self._take_path(connecting):
+                if not await self._take_path(connecting, plan):
                     return True
                 plan.child = profile.answer_child(info, plan)
                 await self._start_answering(profile, plan)
@@ -232,7 +239,13 @@ class Session:
         attributes = read_attribute_list(incoming.sdp)  # _read_offer parsed it already
         try:
             found = parse_ice(attributes, allow_loopback=True)   # its credentials, for now
-        except IceError as exc:
+            if found is not None and profile.transport == "tcp":
+                self.peer_fingerprint = _stream_fingerprint(attributes)
+                if self.peer_fingerprint is None:
+                    log.info("[%s] the offer has ICE but no a=fingerprint for TCP streams: "
+                             "answering with the paper's a=IP4/a=PORT", self.call_id)
+                    return None
+        except (IceError, ParamError) as exc:
             raise Refusal(488, str(exc)) from None
         return attributes if found is not None else None
 
@@ -415,10 +428,17 @@ class Session:
                 raise ParamError("IP4", "missing (the answer must say where to connect)")
             remote = None
             if self.ice is not None:
+                lines = read_attribute_list(call.remote_sdp)
                 try:
-                    remote = self.ice.read_remote(read_attribute_list(call.remote_sdp))
+                    remote = self.ice.read_remote(lines)
                 except IceError as exc:
                     raise ParamError("ice", str(exc)) from None
+                if remote is not None and profile.transport == "tcp":
+                    self.peer_fingerprint = _stream_fingerprint(lines)
+                    if self.peer_fingerprint is None:
+                        log.info("[%s] the answer has ICE but no a=fingerprint for TCP "
+                                 "streams", call.call_id)
+                        remote = None
             return answer, remote
         except (SDPError, ParamError) as exc:
             log.warning("[%s] refusing the answer of %s: %s", call.call_id, call.peer, exc)
@@ -434,6 +454,8 @@ class Session:
         ua = self.endpoint.ua
         assert ua is not None
         lines = list(attributes.items()) + (render(ice) if ice is not None else [])
+        if ice is not None and profile.transport == "tcp":
+            lines.append(("fingerprint", self._certificate().fingerprint))
         return build_sdp(username=ua.config.user, address=self.endpoint.local_ip,
                          media=profile.media, proto=profile.proto, port=port,
                          attributes=lines)
@@ -458,10 +480,17 @@ class Session:
             self.ice = IceSession(config, controlling=controlling, port=0)
             return await self.ice.gather()
 
-    async def _take_path(self, connecting: asyncio.Future[PathReport]) -> bool:
+    def _certificate(self) -> HostCertificate:
+        """This host's certificate for TCP streams (made on first use)."""
+        return host_certificate(default_state_dir() / "streams")
+
+    async def _take_path(self, connecting: asyncio.Future[PathReport],
+                         plan: Plan | None = None) -> bool:
         """Wait for the checks (ending early if the peer or a stop request ends the
-        session), then hand the path over (``info.path``). False when there is no path to
-        run the program on: the session is over (BYE sent for a failed path)."""
+        session), then hand the path over (``info.path``), or, for a "tcp" program, start
+        carrying its connections over it (answering: to the `plan`'s target). False when
+        there is no path to run the program on: the session is over (BYE sent for a
+        failed path)."""
         assert self.call is not None and self.ice is not None and self.info is not None
         call, ice = self.call, self.ice
         stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
@@ -490,8 +519,25 @@ class Session:
             await _bye(call, NO_PATH_CAUSE, f"no network path: {self.path.reason}")
             return False
         self._emit("path", call_id=self.call_id, path=str(self.path), kind=self.path.kind)
-        timeout = self.endpoint.ice.consent_timeout
-        self.handover = await Handover.take(ice, consent_timeout=timeout)
+        profile = self.profile
+        assert profile is not None
+        if profile.transport == "tcp":
+            assert self.peer_fingerprint is not None
+            try:
+                self.handover = await StreamPath.take(
+                    ice, client=self.role == "client", certificate=self._certificate(),
+                    peer_fingerprint=self.peer_fingerprint,
+                    target=profile.stream_target(self.info, plan) if plan else None,
+                    listen=None if plan else profile.stream_listen(self.info),
+                    max_streams=profile.max_streams)
+            except StreamError as exc:
+                why = f"no TCP streams over the path: {exc}"
+                self._no_path(PathReport("none", why), why)
+                await _bye(call, NO_PATH_CAUSE, f"no TCP streams: {exc}")
+                return False
+        else:
+            timeout = self.endpoint.ice.consent_timeout
+            self.handover = await Handover.take(ice, consent_timeout=timeout)
         self.info.path = self.handover.endpoint
         return True
 
@@ -566,6 +612,20 @@ class Session:
             log.info("[%s] shutting down: BYE and stopping the application", call.call_id)
             await asyncio.gather(call.bye(), child.stop(self.grace))
         return self.reason
+
+
+def _stream_fingerprint(attributes: list[tuple[str, str | None]]) -> str | None:
+    """The peer's a=fingerprint for TCP streams (None: it sent none); ParamError if it
+    sent a malformed one or several."""
+    values = [value or "" for name, value in attributes if name == "fingerprint"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ParamError("fingerprint", "repeated")
+    try:
+        return STREAM_FINGERPRINT.check(values[0])
+    except ValueError as exc:
+        raise ParamError("fingerprint", str(exc)) from None
 
 
 def _cleanup(plan: Plan) -> None:

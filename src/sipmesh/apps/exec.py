@@ -36,11 +36,17 @@ The contract, per transport (``transport``, ``--app-transport``, a service's
     Against a peer without ICE the values are the paper's: the answering side's
     ``a=IP4``/``a=PORT`` (``{LOCAL_PORT}`` 0 on the calling side: any port).
 ``tcp``
-    The answering program listens on TCP ``{PORT}``, the calling one connects to
-    ``{IP4}:{PORT}`` (``{REMOTE_IP}:{REMOTE_PORT}``), as in the prototype; the answering
-    program starts before the 200 OK. Across NATs this needs TCP streams over the
-    checked path (agent/streams.py, branch quic: `session.ICE_TRANSPORTS` is the hook);
-    until then a TCP session uses the paper's values and no ICE.
+    The answering program listens on TCP ``{PORT}`` (on 127.0.0.1 or any address), the
+    calling one connects to ``{IP4}:{PORT}`` (``{REMOTE_IP}:{REMOTE_PORT}``), as in the
+    prototype. With ICE on both sides that address is sipmesh's, on 127.0.0.1 of the
+    calling host: each connection made there is carried as a QUIC stream over the path
+    ICE checked (agent/streams.py: direct through both NATs, or through the TURN relay)
+    and connected, on the answering host, to 127.0.0.1:``{PORT}``. Half-closes and
+    resets travel; the peers are authenticated by the certificates whose fingerprints
+    the SDP carries. Both programs start once the path is chosen; a connection made
+    before the answering program listens is retried for 10 s. Against a peer without
+    ICE the values are the paper's: ``a=IP4``/``a=PORT``, the answering program started
+    before the 200 OK.
 
 ExecService, ``kind = "exec"``: any program, with its parameters declared in the
 daemon's configuration file.

@@ -10,6 +10,15 @@ Two halves, each the supervised program of its side of a session:
   port (``local_port``, default any free one, printed on stderr) and joins each
   connection to the answering side's ``a=IP4``:``a=PORT``, token first.
 
+When both agents do ICE (the default), the two halves are not used: the agents carry
+each connection themselves, as a QUIC stream over the path ICE checked
+(agent/streams.py), so the forward works across NATs and through a TURN relay. The
+caller's agent listens on ``local_host:local_port``, the answering agent connects each
+stream to the target; the peers authenticate each other by the certificate fingerprints
+in the SDP, so no token is needed. Each side then runs this module in ``streams`` mode,
+which only says where the service is reachable and holds the session (stopping it ends
+the session). Against a peer without ICE, the halves below run as before.
+
 Data flows directly between the two halves, never through the SIP server. Each
 direction is pumped by its own thread with blocking sockets, so back-pressure is
 the kernel's: a slow reader fills the socket buffers and the writer blocks. On
@@ -274,6 +283,7 @@ class ForwardService(ServiceProfile):
 
     name = "forward"
     proto = "TCP"
+    transport = "tcp"     # with ICE: the connections cross as QUIC streams (module doc)
     offer_params = COMMON_OFFER
     answer_params = IP_PARAMS + (PORT, TOKEN)
     options = ("target", "listen", "port", "max_connections")
@@ -290,8 +300,8 @@ class ForwardService(ServiceProfile):
         self.listen_host = self.typed(options, "listen", IPAddress(unicast=False)) \
             if "listen" in options else None
         self.port_allocator = self.allocator_option(options, "port", "ports")
-        self.max_connections = self.int_option(options, "max_connections",
-                                               DEFAULT_MAX_CONNECTIONS, 1, 10_000)
+        self.max_connections = self.max_streams = self.int_option(
+            options, "max_connections", DEFAULT_MAX_CONNECTIONS, 1, 10_000)
         self.local_port = int(self.typed(call, "local_port", Port())) \
             if call.get("local_port") not in (None, 0) else 0
         self.local_host = self.typed(call, "local_host", IPAddress(unicast=False)) \
@@ -327,8 +337,29 @@ class ForwardService(ServiceProfile):
                            remote_ip=offered_ip(offer), port=str(port))
         return Plan(attributes=attributes, child=ChildSpec(argv=argv, env=env), port=port)
 
+    # -- over QUIC streams (both sides do ICE: info.path is set)
+    def stream_target(self, info: SessionInfo, plan: Plan) -> tuple[str, int]:
+        assert self.target is not None
+        return self.target
+
+    def stream_listen(self, info: SessionInfo) -> tuple[str, int]:
+        return (self.local_host, self.local_port)
+
+    def answer_child(self, info: SessionInfo, plan: Plan) -> ChildSpec:
+        if info.path is None:
+            return plan.child
+        return ChildSpec(argv=_module_argv("streams"), env=plan.child.env,
+                         cleanup=plan.child.cleanup)
+
     def caller_child(self, info: SessionInfo, offer: dict[str, str],
                      answer: dict[str, str]) -> ChildSpec:
+        if info.path is not None:
+            path = info.path
+            env = endpoint_env({}, role="client", info=info, remote_ip=path.remote_ip,
+                               port=str(path.remote_port))
+            return ChildSpec(argv=_module_argv(
+                "streams", "--reachable", _join_hostport(path.remote_ip, path.remote_port),
+                "--service", self.service_name), env=env)
         remote = offered_ip(answer) or ""
         argv = _module_argv("connect", "--listen",
                             _join_hostport(self.local_host, self.local_port),
@@ -361,15 +392,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sipmesh.apps.forward",
                                      description="one half of a sipmesh TCP forward "
                                                  "(the token comes in $SIPMESH_TOKEN)")
-    parser.add_argument("mode", choices=("serve", "connect"))
-    parser.add_argument("--listen", required=True, metavar="HOST:PORT")
+    parser.add_argument("mode", choices=("serve", "connect", "streams"))
+    parser.add_argument("--listen", metavar="HOST:PORT")
     parser.add_argument("--target", metavar="HOST:PORT", help="serve: the TCP service")
     parser.add_argument("--remote", metavar="HOST:PORT", help="connect: the answering half")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
     parser.add_argument("--service", default="forward", help="connect: the name to announce")
+    parser.add_argument("--reachable", metavar="HOST:PORT",
+                        help="streams: where the agent carries connections to the peer")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="forward: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if args.mode == "streams":   # the agent carries the connections: hold the session
+        if args.reachable:
+            print(f"sipmesh forward: service {args.service!r} is reachable at "
+                  f"{args.reachable} (over the session's QUIC streams)", file=sys.stderr,
+                  flush=True)
+        while True:
+            signal.pause()
+    if not args.listen:
+        parser.error(f"{args.mode} needs --listen")
     token = _token_from_env()
     try:
         host, port = _hostport(args.listen, "--listen")

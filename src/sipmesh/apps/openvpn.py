@@ -34,7 +34,7 @@ from sipmesh.agent.ports import pick_port
 from sipmesh.agent.profile import (COMMON_OFFER, IP_PARAMS, PORT, AppProfile, Plan, SessionInfo,
                                    endpoint_env)
 from sipmesh.agent.supervisor import ChildSpec, resolve_program
-from sipmesh.apps.certs import HostCertificate, default_state_dir, host_certificate
+from sipmesh.agent.certs import HostCertificate, default_state_dir, host_certificate
 from sipmesh.apps.exec import DEFAULT_APP_PORT, DEFAULT_VPN_LOCAL, VPN_LOCAL, VPN_REMOTE, next_address
 from sipmesh.daemon.service import ConfigValueError, ServiceProfile
 

@@ -91,7 +91,7 @@ def write_private_key(directory: Path, key: bytes) -> Path:
 def _state_dir(state_dir: Path | None) -> Path:
     if state_dir is not None:
         return Path(state_dir)
-    from sipmesh.apps.certs import default_state_dir
+    from sipmesh.agent.certs import default_state_dir
     return default_state_dir()
 
 

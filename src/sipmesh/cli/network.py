@@ -32,7 +32,7 @@ from sipmesh.agent.trust import (DEFAULT_DAYS, MAX_DAYS, MemberCertificate, Netw
                                  TrustError, generate_identity, identity_public_text,
                                  issue_member_certificate, load_anchor, load_certificate,
                                  load_identity, load_revocations, save_identity, write_text)
-from sipmesh.apps.certs import default_state_dir
+from sipmesh.agent.certs import default_state_dir
 
 PROG = "sipmesh network"
 REVOKED = "revoked"   # DIR/revoked: the CA-signed revocation list

@@ -14,7 +14,7 @@ from typing import Any
 from sipmesh.agent.errors import EXIT_HELP, AgentError, Exit
 from sipmesh.agent.ice import IceOptions
 from sipmesh.agent.link import TRANSPORTS, ServerAddress, client_tls, instance_urn
-from sipmesh.apps.certs import default_state_dir
+from sipmesh.agent.certs import default_state_dir
 from sipmesh.agent.params import IPAddress, IPv4, Port
 from sipmesh.agent.profile import AppProfile
 from sipmesh.agent.session import Agent, AgentConfig

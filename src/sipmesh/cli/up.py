@@ -76,7 +76,7 @@ class UpRunner:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from sipmesh.apps.certs import default_state_dir
+    from sipmesh.agent.certs import default_state_dir
     from sipmesh.apps.mesh import MeshConfig, MeshMember, MeshTrust
     from sipmesh.cli.serve import ua_config
 

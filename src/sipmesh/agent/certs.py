@@ -1,4 +1,5 @@
-"""This host's self-signed certificate, whose fingerprint travels in SDP (RFC 8122).
+"""This host's self-signed certificate, whose fingerprint travels in SDP (RFC 8122): OpenVPN's
+(apps/openvpn.py) and the QUIC streams' (agent/streams.py).
 
 Peers authenticate each other by the fingerprint the other side sent through
 SIP (``a=fingerprint:sha-256 AB:CD:...``), as DTLS-SRTP does: no CA is needed,
@@ -36,9 +37,14 @@ class HostCertificate:
 
 def fingerprint_of(cert_pem: bytes) -> str:
     from cryptography import x509
+
+    return fingerprint(x509.load_pem_x509_certificate(cert_pem))
+
+
+def fingerprint(cert) -> str:
+    """A `cryptography` certificate's SHA-256 fingerprint as in a=fingerprint."""
     from cryptography.hazmat.primitives import hashes
 
-    cert = x509.load_pem_x509_certificate(cert_pem)
     digest = cert.fingerprint(hashes.SHA256())
     return "sha-256 " + ":".join(f"{b:02X}" for b in digest)
 
