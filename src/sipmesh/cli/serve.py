@@ -23,7 +23,7 @@ from sipmesh.cli.common import (add_output_options, fail, positive, progress_pri
                                 user_name)
 from sipmesh.sip.ua import UAConfig
 
-APPS = ("exec", "openvpn")
+APPS = ("exec", "openvpn", "wireguard")
 
 
 class ProgramArgumentParser(argparse.ArgumentParser):
@@ -72,7 +72,8 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
     app = parser.add_argument_group("application")
     app.add_argument("--app", choices=APPS, default="exec",
                      help="exec: run the program given after --; openvpn: run OpenVPN with a "
-                          "per-session configuration (default: exec)")
+                          "per-session configuration; wireguard: a WireGuard tunnel "
+                          "(wireguard-go) with a fresh key pair per session (default: exec)")
     app.add_argument("--advertise", metavar="ADDR", type=typed(IPAddress(), "advertise"),
                      help="the address the peer can reach us at (sent as a=IP4/a=IP6; "
                           "default: our address towards the SIP server)")
@@ -85,8 +86,8 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
                          help="application port offered to callers; the next free one if it "
                               "is taken (default: 8000)")
         app.add_argument("--vpn-local", metavar="ADDR", type=typed(IPv4(), "vpn-local"),
-                         help="our tunnel address, sent as a=VPN_LOCAL_ADDR (openvpn: default "
-                              "192.168.234.1; exec: sent only when given)")
+                         help="our tunnel address, sent as a=VPN_LOCAL_ADDR (openvpn, wireguard: "
+                              "default 192.168.234.1; exec: sent only when given)")
         app.add_argument("--vpn-remote", metavar="ADDR", type=typed(IPv4(), "vpn-remote"),
                          help="the caller's tunnel address, a=VPN_REMOTE_ADDR (default: "
                               "--vpn-local + 1)")
@@ -153,6 +154,7 @@ def ua_config(args: argparse.Namespace, *, listen_port: int | None = None) -> UA
 def build_profile(args: argparse.Namespace, mode: str) -> AppProfile:
     from sipmesh.apps.exec import DEFAULT_VPN_LOCAL, ExecProfile, next_address
     from sipmesh.apps.openvpn import OpenVPNProfile
+    from sipmesh.apps.wireguard import WireGuardProfile
 
     app_port = int(getattr(args, "app_port", 8000))
     vpn_local = getattr(args, "vpn_local", None)
@@ -161,6 +163,11 @@ def build_profile(args: argparse.Namespace, mode: str) -> AppProfile:
         return OpenVPNProfile(openvpn=args.openvpn, state_dir=args.state_dir, app_port=app_port,
                               vpn_local=vpn_local or DEFAULT_VPN_LOCAL, vpn_remote=vpn_remote,
                               extra_args=args.program)
+    if args.app == "wireguard":
+        if args.program:
+            raise AgentError("--app wireguard takes no program after --", Exit.USAGE)
+        return WireGuardProfile(app_port=app_port, vpn_local=vpn_local or DEFAULT_VPN_LOCAL,
+                                vpn_remote=vpn_remote, state_dir=args.state_dir)
     if not args.program:
         raise AgentError("no program to run: give it after --, e.g. "
                          f"'sipmesh {mode} ... -- ./myprog --port {{PORT}}'", Exit.USAGE)
@@ -207,7 +214,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "{LOCAL_IP}, {REMOTE_IP}, {VPN_LOCAL_ADDR}, {VPN_REMOTE_ADDR}; the "
                     "program also gets SIPMESH_* environment variables.",
         usage="sipmesh serve --server HOST[:PORT] --user NAME [options] "
-              "[--app exec -- PROGRAM [ARGS...] | --app openvpn [-- OPENVPN-OPTIONS...]]")
+              "[--app exec -- PROGRAM [ARGS...] | --app openvpn [-- OPENVPN-OPTIONS...] | "
+              "--app wireguard]")
     add_agent_options(parser, "serve")
     parser.add_argument("--once", action="store_true",
                         help="exit after the first session, with status 10 if its application "
