@@ -344,7 +344,7 @@ class Proxy:
             if flow is None:
                 pending.append((copy, target))
             else:
-                self._start_branch(ctx, copy, flow, loop)
+                self._start_branch(ctx, copy, flow, loop, pinned=flow == target.flow)
         if pending:
             self._spawn(self._resolve_and_start(ctx, pending, loop))
         else:
@@ -412,13 +412,16 @@ class Proxy:
             self._start_branch(ctx, copy, flow, loop)
         ctx.started()
 
-    def _start_branch(self, ctx: ResponseContext, request: Request, flow: Flow, loop: str) -> None:
+    def _start_branch(self, ctx: ResponseContext, request: Request, flow: Flow, loop: str,
+                      pinned: bool = False) -> None:
+        """`pinned`: the flow a NATed UA registered over, kept whatever the request's size."""
         if self.record_route and request.method in DIALOG_CREATING and _no_to_tag(request):
             self._add_record_route(request, ctx.server.flow, flow)
         branch = Branch(request, flow)
         ctx.branches.append(branch)
         try:
-            flow = self.transactions.add_via(request, flow, branch=make_branch(self.worker, loop))
+            flow = self.transactions.add_via(request, flow, branch=make_branch(self.worker, loop),
+                                             pinned=pinned)
             branch.flow = flow
             branch.client = self.transactions.send_request(request, flow)
         except OSError as exc:
