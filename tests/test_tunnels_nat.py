@@ -146,3 +146,27 @@ def _session(site: NatSite, host: str, service: str) -> dict | None:
         if session["service"] == service and (session.get("path") or {}).get("program"):
             return session
     return None
+
+
+@pytest.mark.parametrize("app", ["wireguard", "openvpn"])
+def test_serve_and_call_app_across_nat(tunnel_lab: TunnelLab, app: str) -> None:
+    """`sipmesh serve --app APP` behind one home router, `sipmesh call --app APP` behind
+    another: the same tunnel on the direct path, with the paper's tunnel addresses."""
+    lab, site = tunnel_lab.lab, tunnel_lab.site
+    serve = site.serve("b", "bw", "--app", app, "--vpn-local", "10.90.0.1", "--once")
+    call = site.call("a", "aw", "bw", "--app", app)
+    try:
+        wait_for(lambda: "path direct: " in call.log_text(), 30, what="the caller's path",
+                 abort=call.exit_reason)
+        wait_for(lambda: _tunnel_route(lab["a"], "10.90.0.1"), 20, what="the caller's tunnel",
+                 abort=call.exit_reason)
+        ping = lab["a"].run(["ping", "-c", "1", "-w", "20", "10.90.0.1"], check=False,
+                            timeout=30)
+        assert ping.returncode == 0, ping.stdout + call.log_tail(30) + serve.log_tail(30)
+        assert "path direct: " in serve.log_text()
+    finally:
+        call.stop(grace=10)
+    assert call.returncode == 0, call.log_tail(30)
+    assert serve.wait(20) == 0, serve.log_tail(30)   # --once: done after the session
+    wait_for(lambda: not tunnel_links(lab["a"]) and not tunnel_links(lab["b"]), 15,
+             what="both tunnel interfaces gone")

@@ -2,7 +2,8 @@
 daemons and callers on the others, as a user runs them.
 
     site = NatSite(lab, run_dir, users=["a", "b", "ac"]).start()   # on lab["broker"]
-    daemon = site.daemon("b", services=WIREGUARD_SERVICE)          # `sipmesh daemon`, ready
+    daemon = site.daemon("b", tunnel_services("10.99.0.0/24"))     # `sipmesh daemon`, ready
+    serve = site.serve("b", "bw", "--app", "wireguard")           # `sipmesh serve`, registered
     call = site.call("a", "ac", "b", "--service", "vpn")           # `sipmesh call b ...`
     site.status(daemon)                                             # `sipmesh status --json`
 
@@ -152,12 +153,24 @@ class NatSite:
             argv = [SIPMESH, "call", target, "-c", str(self.config(user, services))]
         else:
             argv = [SIPMESH, "call", target, "--server", self.server, "--user", user,
-                    "--password", password(user)]
+                    "--password", password(user), "--state-dir", str(self.run / f"state-{user}")]
         argv += ["--turn", self.turn, "-v", *extra]
         n = len(list(self.run.glob("call-*.log")))
         proc = spawn(argv, netns=self.lab[host].ns, cwd=self.run, name=f"call-{user}",
                      log_path=self.run / f"call-{n}-{user}-{target}.log")
         self.procs.append(proc)
+        return proc
+
+    def serve(self, host: str, user: str, *extra: str) -> ManagedProcess:
+        """`sipmesh serve` on `host` as `user`, once registered."""
+        proc = spawn([SIPMESH, "serve", "--server", self.server, "--user", user, "--password",
+                      password(user), "--turn", self.turn, "--state-dir",
+                      str(self.run / f"state-{user}"), "-v", *extra],
+                     netns=self.lab[host].ns, cwd=self.run, name=f"serve-{user}",
+                     log_path=self.run / f"serve-{user}.log")
+        self.procs.append(proc)
+        wait_for(lambda: "ready: contact" in proc.log_text(), 20,
+                 what=f"serve {user} registered", abort=proc.exit_reason)
         return proc
 
     def status(self, host: str, user: str | None = None) -> dict:
