@@ -189,6 +189,25 @@ def test_server_address_option():
             server_address(bad)
 
 
+def test_server_uris_and_the_transport_they_mean():
+    from sipmesh.cli.serve import server_address
+
+    sips = server_address("sips:sip.example.org")
+    assert sips == "sip.example.org" and sips.transport == "tls" and sips.text() == "sips:sip.example.org"
+    assert sips.with_transport(None) == "tls" and sips.with_transport("tls") == "tls"
+    with pytest.raises(ValueError, match="means TLS, not UDP"):
+        sips.with_transport("udp")
+    assert server_address("sips:[::1]:5071") == "[::1]:5071"
+    tcp = server_address("sip:10.0.0.1:5070;transport=tcp")
+    assert tcp == "10.0.0.1:5070" and tcp.transport == "tcp"
+    plain = server_address("10.0.0.1")
+    assert plain.transport is None and plain.with_transport(None) == "udp"
+    assert plain.with_transport("tls") == "tls"
+    for bad in ("sip:alice@10.0.0.1", "sips:", "sip:10.0.0.1;transport=sctp"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            server_address(bad)
+
+
 def test_credentials_file(tmp_path):
     from sipmesh.agent.errors import AgentError
     from sipmesh.cli.serve import read_credentials

@@ -260,6 +260,16 @@ def test_users_file_rejects_what_looks_like_a_password():
         parse_users("example.org alice\n")
 
 
+def test_users_file_refuses_a_name_or_realm_with_a_trailing_newline(tmp_path):
+    """A regex `$` matches before a final newline: 'alice\n' once passed, and split the
+    file's line in two when saved."""
+    users = UsersFile(tmp_path / "users")
+    with pytest.raises(UsersFileError, match="user name"):
+        users.add("example.org", "alice\n", "x")
+    with pytest.raises(UsersFileError, match="realm"):
+        users.add("example.org\n", "alice", "x")
+
+
 # ------------------------------------------------------------------ protection
 
 def test_token_bucket_per_source():

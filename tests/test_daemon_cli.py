@@ -8,15 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.lab import free_port, spawn, wait_for, wait_tcp_listening, wait_udp_listening
+from tests.lab import spawn, wait_for
 from tests.lab.agents import SIPMESH
-from tests.peers.daemon import RECORDER, config_text
+from tests.peers.daemon import config_text, web_forward_config
 
 
 def sipmesh(*args: str, timeout: float = 20, **kwargs) -> subprocess.CompletedProcess:
@@ -39,29 +38,10 @@ def test_a_bad_configuration_is_refused_at_start_with_its_line(tmp_path: Path) -
 
 
 def test_daemon_status_reload_and_a_forward_through_sipmesh_call(tmp_path: Path, broker_address: str) -> None:
-    out = tmp_path / "rec"
-    out.mkdir()
-    (out / "recorder.py").write_text(RECORDER)
-    www = tmp_path / "www"
-    www.mkdir()
-    (www / "hello.txt").write_text("hello through sipmesh\n")
-    http_port, local = free_port("tcp"), free_port("tcp")
-    http = spawn([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
-                  str(www), str(http_port)], log_path=tmp_path / "http.log", name="http")
-    wait_tcp_listening("127.0.0.1", http_port, None, 10, proc=http)
     config = tmp_path / "daemon.toml"
     socket_path = tmp_path / "run" / "home.sock"
-    text = config_text(broker_address, out).replace(
-        "[agent]\n", f'[agent]\ncontrol_socket = "{socket_path}"\n') + f'''
-[[service]]
-name = "web"
-kind = "forward"
-target = "127.0.0.1:{http_port}"
-port = "tcp"
-allow = ["alice"]
-[service.call]
-local_port = {local}
-'''
+    text, http, local = web_forward_config(tmp_path, broker_address, "hello through sipmesh\n",
+                                           agent=f'control_socket = "{socket_path}"\n')
     config.write_text(text)
     daemon = spawn([SIPMESH, "daemon", "-c", str(config), "-v"], log_path=tmp_path / "daemon.log",
                    name="daemon")

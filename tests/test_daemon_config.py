@@ -68,6 +68,19 @@ def test_a_good_configuration() -> None:
     assert config.services["two"].profile.target == ("127.0.0.1", 22)
 
 
+def test_tls_in_the_agent_table() -> None:
+    config = load(GOOD.replace('server = "127.0.0.1:5060"', 'server = "sips:sip.example.org"\n'
+                               'ca_file = "ca.crt"\ntls_server_name = "sip.example.org"'))
+    agent = config.agent
+    assert (agent.server, agent.transport) == ("sip.example.org", "tls")
+    assert agent.tls.ca_file is not None and agent.tls.ca_file.name == "ca.crt"
+    assert agent.tls.ca_file.is_absolute()  # relative to the file
+    assert agent.tls.server_name == "sip.example.org" and agent.tls.cert is None
+    plain = load(GOOD.replace('server = "127.0.0.1:5060"', 'server = "127.0.0.1:5061"\n'
+                              'transport = "tls"')).agent
+    assert (plain.server, plain.transport) == ("127.0.0.1:5061", "tls")
+
+
 def test_the_example_configuration_loads() -> None:
     config = load_config(ROOT / "examples" / "daemon.toml", side="call")
     assert set(config.services) == {"ssh", "vpn", "ovpn", "echo"}
@@ -93,6 +106,10 @@ def test_the_example_configuration_loads() -> None:
     ((f'["{PY}", "-c"', '["/nonexistent/prog", "-c"'), "t.toml:16: service 'one': answer.command: program not found"),
     (('user = "home"', 'user = "ho me"'), "t.toml:4: [agent] user: "),
     (('user = "home"', 'usr = "home"'), "t.toml:4: [agent] usr: unknown key"),
+    (('user = "home"', 'user = "home"\ntransport = "sctp"'), "t.toml:5: [agent] transport: must be \"udp\", \"tcp\" or \"tls\""),
+    (('user = "home"', 'user = "home"\nca_file = "ca.crt"'), "t.toml:5: [agent] ca_file: only for TLS"),
+    (('server = "127.0.0.1:5060"', 'server = "sips:127.0.0.1"\ntransport = "tcp"'), "t.toml:4: [agent] transport: 'tcp', but server 'sips:127.0.0.1' means 'tls'"),
+    (('server = "127.0.0.1:5060"', 'server = "sip:bob@127.0.0.1"'), "t.toml:3: [agent] server: 'sip:bob@127.0.0.1': give the server alone"),
     (('[[service]]\nname = "two"', '[[service]]\nmax_sessions = 0\nname = "two"'), "t.toml:28: service 'two': max_sessions: must be a positive integer"),
     (('[[service]]\nname = "two"', '[[service]]\nallow = ["a b"]\nname = "two"'), "t.toml:28: service 'two': allow: 'a b' is not a caller pattern"),
     (('from = "allocator"\nallocator = "tcp"', 'from = "config"'), "t.toml:17: service 'one': params.PORT.value: missing"),

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -101,13 +102,15 @@ class Registrar:
         except OSError:
             pass  # the broker is gone (ICMP): this one is simply not acknowledged
 
-    def drain(self, wait: float = 0.0) -> None:
+    def drain(self, wait: float = 0.0, until: Callable[[], bool] | None = None) -> None:
+        """Read the answers that came; with `wait`, go on reading that long (or until
+        `until()` holds)."""
         deadline = time.monotonic() + wait
         while True:
             try:
                 data = self.sock.recv(65535)
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or (until is not None and until()):
                     return
                 time.sleep(0.005)
                 continue
@@ -147,7 +150,9 @@ def test_no_acknowledged_registration_is_lost_when_the_broker_is_sigkilled(tmp_p
         for i in range(total):
             registrar.send(f"r{i:04d}")
             if i % 20 == 19:
-                registrar.drain()
+                # at most ~100 REGISTERs in flight, so that on a loaded machine too the
+                # kill lands while registrations are still being sent
+                registrar.drain(wait=2.0, until=lambda: len(registrar.acked) >= i + 1 - 100)
                 time.sleep(0.01)
             if killed_after is None and len(registrar.acked) >= 400:
                 broker.signal_group(signal.SIGKILL)  # supervisor and workers, no warning

@@ -190,7 +190,7 @@ def test_udp_blocked_host_is_relayed_over_turn_tcp(ice_lab):
 
 def test_no_path_fails_clearly_and_leaves_nothing(ice_lab):
     """UDP blocked and the relay down (nothing listens where --turn points): the caller
-    says which candidates and checks it tried, exits 11, and no program ever ran."""
+    says which candidates and checks it tried, exits 12, and no program ever ran."""
     before = ice_lab.records("client") | ice_lab.records("server")
     start = time.monotonic()
     call = ice_lab.call("u", "a", "--transport", "tcp",
@@ -201,7 +201,7 @@ def test_no_path_fails_clearly_and_leaves_nothing(ice_lab):
         rc = None
     elapsed = time.monotonic() - start
     log = call.log_text()
-    assert rc == 11, f"{rc}\n{ice_lab.diagnosis(call)}"
+    assert rc == 12, f"{rc}\n{ice_lab.diagnosis(call)}"
     assert elapsed < 30, elapsed
     assert "no network path to" in log and "no relay" in log, log
     assert "local host 10." in log and "remote host" in log and "checks: " in log, log
@@ -215,7 +215,7 @@ def test_consent_loss_ends_the_session_with_bye(ice_lab):
     """A session between two home hosts moves a datagram a second; a's router then drops
     everything: both sides say "consent lost" within the documented 30 s (plus the 1 s
     watch interval) of the last datagram, send BYE, stop their programs; the caller
-    exits 11."""
+    exits 12."""
     before = ice_lab.records("client")
     call = ice_lab.call("a", "b", program="heartbeat")
     router = ice_lab["a"].router
@@ -230,7 +230,7 @@ def test_consent_loss_ends_the_session_with_bye(ice_lab):
                  abort=call.exit_reason)
         lost_after = time.monotonic() - cut
         assert 28 <= lost_after <= 34, lost_after
-        assert call.wait(20) == 11
+        assert call.wait(20) == 12
         wait_for(lambda: "consent lost" in ice_lab.serve["b"].log_text(), 10,
                  what="consent lost (b)")
         echo = wait_for(lambda: (r := ice_lab.record("server", call_id)) and r["stopped"] and r,
@@ -309,3 +309,71 @@ async def main():
         await ua.stop()
 print(json.dumps(asyncio.run(main())))
 '''
+
+
+def test_status_shows_the_path_of_each_session_and_why(ice_lab):
+    """A daemon on the symmetric host s serves an exec UDP echo; a calls it from behind its
+    home router. While the session runs, `sipmesh status` on s shows it relayed, with the
+    selected pair and its candidate types, the RTT and, in words, why."""
+    s, run = ice_lab["s"], ice_lab.run
+    config = run / "daemon-s.toml"
+    config.write_text(f'''
+[agent]
+server = "{ice_lab.server}"
+user = "sd"
+password = "{password('sd')}"
+turn = "{ice_lab.turn}"
+control_socket = "{run / 'ctl' / 'sd.sock'}"
+
+[allocators.udp]
+type = "ports"
+range = "41000-41009"
+protocols = ["udp"]
+
+[[service]]
+name = "echo"
+kind = "exec"
+transport = "udp"
+allow = ["*"]
+answer.command = ["{PYTHON}", "{PAIR}", "echo", "{run}"]
+call.command = ["{PYTHON}", "{PAIR}", "ping", "{run}", "heartbeat"]
+[service.params.PORT]
+type = "port"
+from = "allocator"
+allocator = "udp"
+''')
+    daemon = spawn([SIPMESH, "daemon", "-c", str(config), "-v"], netns=s.ns, cwd=run,
+                   log_path=run / "daemon-s.log", name="daemon-s")
+    caller = None
+    try:
+        wait_for(lambda: "ready as" in daemon.log_text(), 20, what="daemon registered",
+                 abort=daemon.exit_reason)
+        before = ice_lab.records("client")
+        caller = spawn([SIPMESH, "call", "sd", "--service", "echo", "-c", str(config),
+                        "--server", ice_lab.server, "--user", "ac", "--password", password("ac"),
+                        "--turn", ice_lab.turn, "--no-register", "-v"],
+                       netns=ice_lab["a"].ns, cwd=run, log_path=run / "call-status.log",
+                       name="call-status")
+        call_id = wait_for(lambda: ice_lab.records("client") - before or None, 30,
+                           what="the session's programs", abort=caller.exit_reason).pop()
+        wait_for(lambda: len((ice_lab.record("client", call_id) or {"got": []})["got"]) >= 2,
+                 15, what="echoes flowing", abort=caller.exit_reason)
+        out = subprocess.run([SIPMESH, "status", "--socket", str(run / "ctl" / "sd.sock")],
+                             capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out.stderr
+        text = out.stdout
+        assert call_id in text and "relayed" in text, text
+        line = next(l for l in text.splitlines() if l.startswith(f"{call_id}: relayed"))
+        assert " -> " in line and "rtt " in line and " ms" in line, line
+        assert any(t in line for t in ("relay ", "prflx ", "srflx ")), line
+        assert "our NAT maps per destination (symmetric)" in text, text
+        assert "program: binds UDP 4100" in text, text
+        data = json.loads(subprocess.run([SIPMESH, "status", "--json", "--socket",
+                                          str(run / "ctl" / "sd.sock")], capture_output=True,
+                                         text=True, timeout=20).stdout)
+        [session_status] = [x for x in data["sessions"] if x["call_id"] == call_id]
+        assert session_status["path"]["kind"] == "relayed" and session_status["path"]["rtt"] > 0
+    finally:
+        if caller is not None:
+            caller.stop(grace=10)
+        daemon.stop(grace=10)

@@ -772,3 +772,96 @@ def test_vectors_over_udp_in_netns(lo_only_netns) -> None:
                 assert mine[0]["reason"].startswith("Bad Request (")
     # dblreq: the INVITE after the REGISTER's Content-Length was never processed.
     assert "dblreq.0ha0isnda977644900765@192.0.2.15" not in delivered_ids
+
+
+# -- live: RFC 4475 and RFC 5118 to a broker process (uvloop) in an lo-only namespace ------------
+
+DATA_5118 = DATA.parent / "rfc5118"
+# Valid messages the RFC has a registrar answer with 400 (§3.3.4: To must be a SIP or SIPS AOR).
+_REGISTRAR_400 = {"unksm2.dat"}
+_BROKER_PORT = 5062  # the vectors' Vias say 5060 (or nothing): answers come to our sender there
+
+
+def broker_torture_main(broker_port: int, *paths: str) -> None:
+    """Runs inside the namespace: each vector to the broker over UDP from 127.0.0.1:5060 (and
+    :5050, quotbal's Via), one at a time; the answers that carry the vector's Call-ID and
+    arrive before the next vector is sent are its answers. Prints a JSON report."""
+    import select
+    import socket
+    import time
+
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.1", 5060))
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.1", 5050))
+    target = ("127.0.0.1", broker_port)
+
+    def collect(call_id: str | None, seconds: float) -> list[int]:
+        statuses, deadline = [], time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([sender, other], [], [], max(0.0, deadline - time.monotonic()))
+            for sock in ready:
+                data = sock.recv(65535)
+                code = re.match(rb"SIP/2\.0 (\d{3})", data)
+                if code and _ids(data)[0] == call_id:
+                    statuses.append(int(code.group(1)))
+                    if statuses[-1] >= 200:
+                        deadline = min(deadline, time.monotonic() + 0.05)  # retransmissions, if any
+        return statuses
+
+    report = {}
+    for path in paths:
+        data = Path(path).read_bytes()
+        sender.sendto(data, target)
+        report[Path(path).name] = collect(_ids(data)[0], 0.3)
+    alive = _ALIVE.replace(b"sip:probe@127.0.0.1:5062", f"sip:127.0.0.1:{broker_port}".encode())
+    sender.sendto(alive, target)
+    report["alive"] = collect(_ALIVE_CALL_ID, 5.0)
+    time.sleep(1.0)  # branches still resolving names or failing to send, whose errors we look for
+    print(json.dumps(report))
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("forward", [False, True], ids=["our-domain", "forward-foreign"])
+def test_vectors_to_a_broker_process_with_uvloop(lo_only_netns, tmp_path, forward) -> None:
+    """The RFC 4475 and RFC 5118 vectors, live, to `sipmesh broker` as production runs it
+    (uvloop, two workers), serving example.com or relaying every domain: no traceback or
+    escaped task exception in its log, no valid vector answered 400, still answering after."""
+    argv = [sys.executable, "-m", "sipmesh", "broker", "--listen", f"127.0.0.1:{_BROKER_PORT}",
+            "--domain", "example.com", "--db", str(tmp_path / "broker.db"), "--rate-limit", "0",
+            "--workers", "2", "--loop", "uvloop", *(["--forward-foreign"] if forward else [])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    broker = lo_only_netns.spawn(argv, log_path=tmp_path / "broker.log", env=env, cwd=tmp_path, name="broker")
+    from tests.lab import wait_udp_listening
+    wait_udp_listening("127.0.0.1", _BROKER_PORT, netns=lo_only_netns, proc=broker)
+    paths = sorted(DATA.glob("*.dat")) + sorted(DATA_5118.glob("*.dat"))
+    assert len(paths) == 49 + 12
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'src')!r}]; "
+            f"from tests.test_torture import broker_torture_main; "
+            f"broker_torture_main({_BROKER_PORT}, *{[str(p) for p in paths]!r})")
+    result = lo_only_netns.run([sys.executable, "-c", code], timeout=120, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    valid = {f"{v.name}.dat" for v in ORDERED if v.live == "deliver"} | \
+        {p.name for p in sorted(DATA_5118.glob("*.dat")) if _parses(p.read_bytes())}
+    assert len(valid) > 20
+    problems = [f"{name} is valid but was answered {statuses}" for name, statuses in report.items()
+                if name in valid and name not in _REGISTRAR_400 and 400 in statuses]
+    if not (report["alive"] and report["alive"][-1] == 200):
+        problems.append(f"no 200 to OPTIONS after the vectors: {report['alive']}")
+    if not broker.alive():
+        problems.append(f"the broker exited: {broker.exit_reason()}")
+    log = broker.log_text()
+    for error in ("Traceback", "Task exception was never retrieved", "Exception in callback", "died with"):
+        if error in log:
+            problems.append(f"{error!r} in the broker's log:\n" + log[max(0, log.find(error) - 1500):][:4000])
+    assert not problems, "\n".join(problems)
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        parse_message(data)
+    except ParseError:
+        return False
+    return True

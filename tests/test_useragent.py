@@ -433,7 +433,9 @@ class DigestPeer:
             message, _, addr = await self.peer.inbox.get()
             if not isinstance(message, Request):
                 continue
-            self.requests.append(message)
+            if not any(r.via.branch == message.via.branch and r.method == message.method
+                       for r in self.requests):  # a retransmission is not a new request
+                self.requests.append(message)
             if message.method == "ACK":
                 continue
             if message.method in ("BYE", "CANCEL"):

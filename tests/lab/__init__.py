@@ -16,7 +16,7 @@ from .kamailio import (
     render_config,
     write_subscriber_table,
 )
-from .dns import Dnsmasq, dnsmasq_unavailable_reason
+from .dnsmasq import Dnsmasq, dnsmasq_unavailable_reason
 from .netns import Netns, NetnsFactory, NetnsUnavailable, Veth, list_netns, netns_unavailable_reason
 from .netns import popen as netns_popen
 from .netns import run as netns_run

@@ -235,3 +235,33 @@ async def lab(tmp_path: Path) -> AsyncIterator[DaemonLab]:
 
 def read_record(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def web_forward_config(tmp_path: Path, server: str, content: str, *, agent: str = ""):  # type: ignore[no-untyped-def]
+    """A web server (a ManagedProcess) serving /hello.txt with `content`, and the text of a
+    daemon configuration: config_text's services, `agent` lines added to [agent], and a
+    forward service 'web' to that server for alice, reachable on the calling side at a
+    local port. (text, web server, local port); the caller stops the web server."""
+    from tests.lab import free_port, spawn, wait_tcp_listening
+
+    out = tmp_path / "rec"
+    out.mkdir()
+    (out / "recorder.py").write_text(RECORDER)
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "hello.txt").write_text(content)
+    http_port, local = free_port("tcp"), free_port("tcp")
+    http = spawn([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
+                  str(www), str(http_port)], log_path=tmp_path / "http.log", name="http")
+    wait_tcp_listening("127.0.0.1", http_port, None, 10, proc=http)
+    text = config_text(server, out).replace("[agent]\n", f"[agent]\n{agent}") + f'''
+[[service]]
+name = "web"
+kind = "forward"
+target = "127.0.0.1:{http_port}"
+port = "tcp"
+allow = ["alice"]
+[service.call]
+local_port = {local}
+'''
+    return text, http, local

@@ -4,10 +4,11 @@
 super-daemon (daemon/server.py:Daemon) each run one Endpoint; what they add is
 their answer to an INVITE (`on_invite`), never a second copy of this:
 
-    endpoint = Endpoint(ua_config, on_invite=..., advertise=...)
+    endpoint = Endpoint(ua_config, on_invite=..., advertise=..., tls_server_name=...)
     await endpoint.listen()     # the UA's sockets, the address we send in a=IP4/IP6, and
                                 # where ICE gathers (`ice_config`: host address, STUN, TURN)
-    await endpoint.register()   # REGISTER, refreshed at half the granted time
+    await endpoint.register()   # REGISTER, refreshed at half the granted time (over
+                                # TCP/TLS: each opens the connection first, see connect())
     ...                         # sessions run (agent/session.py:Session), each in
                                 # `endpoint.sessions` while it lasts
     endpoint.request_stop()     # (a signal) running sessions end, then:
@@ -17,15 +18,17 @@ their answer to an INVITE (`on_invite`), never a second copy of this:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.ice import IceConfig, IceOptions
+from sipmesh.agent.link import connection_error, server_flow, tls_name
 from sipmesh.agent.params import IPAddress
 from sipmesh.agent.registration import Registration
-from sipmesh.sip.transport.base import local_address_towards
+from sipmesh.sip.transport.base import RELIABLE, local_address_towards
 from sipmesh.sip.transport.resolve import resolve_uri
 from sipmesh.sip.uri import parse_sip_uri
 from sipmesh.sip.ua import IncomingCall, UAConfig, UserAgent
@@ -46,8 +49,21 @@ async def advertised_address(advertise: str | None, domain: str) -> str:
     try:
         server = await resolve_uri(parse_sip_uri(f"sip:{domain}"))
     except OSError as exc:
-        raise AgentError(f"cannot resolve the SIP server: {exc}", Exit.UNREACHABLE) from None
+        raise AgentError(f"cannot resolve the SIP server ({exc}): check the host name in "
+                         "--server", Exit.UNREACHABLE) from None
     return local_address_towards(server.host)
+
+
+def listen_error(exc: OSError, host: str, port: int) -> AgentError:
+    """We cannot listen for SIP: why, and which option to change."""
+    where = f"{host}:{port}" if port else f"{host} (any port)"
+    hint = {errno.EADDRINUSE: "another program uses that port: choose another --sip-port "
+                              "(daemon: [agent] sip_port; 0 picks a free one), or stop it",
+            errno.EACCES: "ports below 1024 need root: choose a --sip-port above 1023",
+            errno.EADDRNOTAVAIL: "that address is not one of this host's: check --bind "
+                                 "(daemon: [agent] bind)"}.get(exc.errno or 0)
+    return AgentError(f"cannot listen for SIP on {where}: {exc.strerror or exc}"
+                      + (f" ({hint})" if hint else ""), Exit.UNREACHABLE)
 
 
 class Endpoint:
@@ -55,10 +71,12 @@ class Endpoint:
 
     def __init__(self, config: UAConfig, *,
                  on_invite: Callable[[IncomingCall], Awaitable[None]],
-                 advertise: str | None = None, ice: IceOptions | None = None) -> None:
+                 advertise: str | None = None, tls_server_name: str | None = None,
+                 ice: IceOptions | None = None) -> None:
         self.config = config
         self.on_invite = on_invite
         self.advertise = advertise
+        self.tls_server_name = tls_server_name  # default: the server's host name
         self.ice = ice if ice is not None else IceOptions()
         self.ua: UserAgent | None = None
         self.local_ip = ""
@@ -71,13 +89,18 @@ class Endpoint:
 
     async def listen(self) -> None:
         """Start the UA; find the address we advertise."""
-        ua = UserAgent(self.config, on_invite=self._on_invite)
-        try:
-            await ua.start()
-        except OSError as exc:
-            raise AgentError(f"cannot listen for SIP on {self.config.listen_host}:"
-                             f"{self.config.listen_port}: {exc.strerror or exc}",
-                             Exit.UNREACHABLE) from None
+        any_port = self.config.listen_port == 0
+        for attempt in range(1, 6):
+            ua = UserAgent(self.config, on_invite=self._on_invite)
+            try:
+                await ua.start()
+                break
+            except OSError as exc:
+                await ua.stop()
+                # any free port: UDP's number may be taken for TCP; another number will do
+                if not (any_port and exc.errno == errno.EADDRINUSE and attempt < 5):
+                    raise listen_error(exc, self.config.listen_host,
+                                       self.config.listen_port) from None
         self.ua = ua
         self.local_ip = await advertised_address(self.advertise, self.config.domain)
         if self.ice.enabled:
@@ -103,9 +126,29 @@ class Endpoint:
                        keep_trying: bool = False) -> None:
         """Register and keep refreshing; `keep_trying`: see Registration.register."""
         assert self.ua is not None, "listen() first"
-        self.registration = Registration(self.ua, expires=expires, timeout=timeout)
+        connect = self.connect if self.config.transport.upper() in RELIABLE else None
+        self.registration = Registration(self.ua, expires=expires, timeout=timeout,
+                                         connect=connect)
         await self.registration.register(keep_trying=keep_trying)
         self.registration.start_refresh()
+
+    async def connect(self) -> None:
+        """Over TCP or TLS: open the connection to the SIP server now, unless it is open,
+        so that a refused connection or certificate is reported as such (a request would
+        only see 503) and our Contact can name the connection (agent/link.py)."""
+        assert self.ua is not None and self.ua.transport is not None, "listen() first"
+        transport = self.config.transport.upper()
+        if transport not in RELIABLE:
+            return
+        assert self.ua.transactions is not None
+        flow = await server_flow(self.ua.transactions.resolver, self.config.domain, transport)
+        name = tls_name(self.config.domain, self.tls_server_name)
+        if transport == "TLS" and name is not None:
+            self.ua.transport.expect_tls_name(flow.host, flow.port, name)
+        try:
+            await self.ua.transport.connect(flow)
+        except OSError as exc:
+            raise connection_error(exc, self.config.domain, flow, name) from None
 
     def request_stop(self) -> None:
         """End the running sessions; run()s waiting on `stopping` return (signal handlers)."""

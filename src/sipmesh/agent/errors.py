@@ -20,7 +20,8 @@ class Exit(enum.IntEnum):
     NO_ANSWER = 8      # no final answer in time (408, our timeout)
     REFUSED = 9        # the session was refused: 488, bad parameters either way, other errors
     APPLICATION = 10   # the session ran, but our program ended it by failing (non-zero, signal)
-    NO_PATH = 11       # no network path to the peer: ICE found none, or it died (consent)
+    UNTRUSTED = 11     # TLS: we refused the SIP server's certificate (wrong CA or name)
+    NO_PATH = 12       # no network path to the peer: ICE found none, or it died (consent)
 
 
 EXIT_HELP = """exit status:
@@ -37,10 +38,20 @@ EXIT_HELP = """exit status:
   9  the session was refused (e.g. parameters that do not validate)
  10  the session ran, but our program failed: it exited non-zero or was killed by a
      signal we did not send (call, serve --once; the program's own status is printed)
- 11  no network path to the peer: every ICE check failed (the message lists the
+ 11  TLS: the SIP server's certificate was refused (not signed by a trusted CA, or
+     not for the server's name)
+ 12  no network path to the peer: every ICE check failed (the message lists the
      candidates, the checks and why; nothing was started), or the path died during
      the session (nothing came from the peer for the consent timeout: BYE sent)
   1  any other failure"""
+
+
+# What to do next, for the messages of more than one failure.
+CHECK_CREDENTIALS = ("check the password (--password, --credentials FILE or $SIPMESH_PASSWORD; "
+                     "daemon: [agent] password or credentials) and the user name (--user, "
+                     "--auth-user)")
+CHECK_SERVER = ("check --server (host and port) and --transport, and that the SIP server "
+                "runs (sipmesh broker, or your registrar)")
 
 
 class AgentError(Exception):
@@ -88,17 +99,23 @@ def exit_for_status(status: int) -> Exit:
 def describe_status(status: int, reason: str, target: str) -> str:
     """A sentence for a failed INVITE."""
     if status in (404, 604):
-        return f"{target} is not registered at the SIP server ({status} {reason})"
+        return (f"{target} is not registered at the SIP server ({status} {reason}): check the "
+                "name, and that its agent (sipmesh serve or daemon) runs and registered at "
+                "the same server")
     if status == 480:
-        return f"{target} is not reachable now ({status} {reason})"
+        return (f"{target} is not reachable now ({status} {reason}): its agent is not "
+                "registered at the moment; start it, or try again later")
     if status in (486, 600):
-        return f"{target} is busy in another session ({status} {reason})"
+        return (f"{target} is busy in another session ({status} {reason}): try again later "
+                "(sipmesh serve answers one session at a time, sipmesh daemon many)")
     if status == 408:
-        return f"{target} did not answer ({status} {reason})"
+        return (f"{target} did not answer ({status} {reason}): is its agent running and "
+                "reachable from the SIP server?")
     if status in (401, 407):
-        return f"the SIP server rejected our credentials ({status} {reason})"
+        return f"the SIP server rejected our credentials ({status} {reason}): {CHECK_CREDENTIALS}"
     if status == 403:
-        return f"the SIP server refused the call ({status} {reason})"
+        return (f"the SIP server refused the call ({status} {reason}): it may take calls only "
+                f"from its own users, with their password: {CHECK_CREDENTIALS}")
     if status == 503:
-        return f"the SIP server is unreachable or unavailable ({status} {reason})"
-    return f"{target} refused the session ({status} {reason})"
+        return f"the SIP server is unreachable or unavailable ({status} {reason}): {CHECK_SERVER}"
+    return f"{target} refused the session ({status} {reason}): its agent's log says why"

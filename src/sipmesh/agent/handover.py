@@ -65,7 +65,7 @@ from typing import Any
 from aioice import stun
 from aioice.turn import TurnClientProtocol, TurnClientTcpProtocol
 
-from sipmesh.agent.ice import IceSession, PathReport
+from sipmesh.agent.ice import IceSession, PathReport, show_address
 
 __all__ = ["CONSENT_TIMEOUT", "KEEPALIVE", "Handover", "UdpEndpoint"]
 
@@ -114,19 +114,21 @@ class Handover:
                    ) -> "Handover":
         """Hand `ice`'s chosen path over (``ice.connect()`` has returned)."""
         pair = ice.connection.selected
-        assert pair is not None and ice.host_port is not None, "no path chosen"
+        assert pair is not None, "no path chosen"
         await ice.settle()
         peer = pair.remote_addr
         kind = ice.path.kind if ice.path else "direct"
         turn = await ice.hand_over()
         if turn is None:
-            endpoint = UdpEndpoint(kind, ice.host_port, peer[0], peer[1])
+            endpoint = UdpEndpoint(kind, pair.local_candidate.port, peer[0], peer[1])
             self = cls(ice, endpoint, peer, consent_timeout)
-            self.watch = FlowWatch.open(peer, ice.host_port) if consent_timeout else None
+            self.watch = FlowWatch.open(peer, endpoint.local_port) if consent_timeout else None
         else:
-            proxy = RelayProxy(turn, peer, ice.host_port)
+            # the program's port: our host port (the answer's a=PORT), free again now
+            local_port = ice.host_port or _free_udp_port()
+            proxy = RelayProxy(turn, peer, local_port)
             port = await proxy.start()
-            endpoint = UdpEndpoint(kind, ice.host_port, "127.0.0.1", port, proxied=True)
+            endpoint = UdpEndpoint(kind, local_port, "127.0.0.1", port, proxied=True)
             self = cls(ice, endpoint, peer, consent_timeout)
             self.proxy = proxy
         self._task = asyncio.ensure_future(self._guard())
@@ -172,7 +174,7 @@ class Handover:
         out: dict[str, Any] = self.report.describe()
         out.update({
             "program": {"local_port": self.endpoint.local_port,
-                        "remote": _show(self.endpoint.remote), "proxied": self.endpoint.proxied},
+                        "remote": show_address(self.endpoint.remote), "proxied": self.endpoint.proxied},
             "watched": self.proxy is not None or self.watch is not None,
             "last_seen": None if seen is None else round(time.monotonic() - seen, 1),
         })
@@ -191,11 +193,10 @@ class Handover:
         await self.ice.close()
 
 
-def _show(address: tuple[str, int] | None) -> str:
-    if address is None:
-        return "?"
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------ watching a direct path

@@ -62,7 +62,7 @@ __all__ = [
     "MAX_CHECKS", "RELAY_HOLD", "SETTLE_TIMEOUT", "TA",
     "Candidate", "IceConfig", "IceDescription", "IceError", "IceOptions", "IceSession", "Pacer",
     "PathReport", "check_candidate", "explain", "parse", "parse_turn_uri",
-    "render",
+    "render", "show_address",
 ]
 
 log = logging.getLogger("sipmesh.agent.ice")
@@ -270,8 +270,8 @@ class PathReport:
         """For `sipmesh status` (JSON-able): kind, reason, rtt, the pair as "type address"."""
         out: dict[str, object] = {"kind": self.kind, "reason": self.reason, "rtt": self.rtt}
         if self.local_type is not None:
-            out["local"] = f"{self.local_type} {_show(self.local_address)}"
-            out["remote"] = f"{self.remote_type} {_show(self.remote_address)}"
+            out["local"] = f"{self.local_type} {show_address(self.local_address)}"
+            out["remote"] = f"{self.remote_type} {show_address(self.remote_address)}"
             out["relay_transport"] = self.relay_transport
         if self.checks:
             out["checks"] = list(self.checks)
@@ -281,11 +281,11 @@ class PathReport:
         if self.kind == "none":
             return f"none: {self.reason}"
         rtt = f", rtt {self.rtt * 1000:.1f} ms" if self.rtt is not None else ""
-        return (f"{self.kind}: {self.local_type} {_show(self.local_address)} -> "
-                f"{self.remote_type} {_show(self.remote_address)}{rtt} ({self.reason})")
+        return (f"{self.kind}: {self.local_type} {show_address(self.local_address)} -> "
+                f"{self.remote_type} {show_address(self.remote_address)}{rtt} ({self.reason})")
 
 
-def _show(address: tuple[str, int] | None) -> str:
+def show_address(address: tuple[str, int] | None) -> str:
     if address is None:
         return "?"
     host, port = address
@@ -470,10 +470,10 @@ class _Connection(aioice.Connection):
                     if (srflx.host, srflx.port) != (srflx.related_address, srflx.related_port):
                         found.append(srflx)   # (no NAT: the same address twice says nothing)
                 else:
-                    log.info("no answer from STUN %s: %s", _show(self.stun_server),
+                    log.info("no answer from STUN %s: %s", show_address(self.stun_server),
                              _error(task.exception()))
             if pending:
-                log.info("no answer from STUN %s within %g s", _show(self.stun_server),
+                log.info("no answer from STUN %s within %g s", show_address(self.stun_server),
                          self.config.gather_timeout)
         return found
 
@@ -491,7 +491,7 @@ class _Connection(aioice.Connection):
                     turn_password=config.turn_password, turn_ssl=False,
                     turn_transport=transport), config.gather_timeout)
             except (OSError, asyncio.TimeoutError, stun.TransactionError, ConnectionError) as e:
-                log.info("no relay from TURN %s over %s: %s", _show(config.turn_server),
+                log.info("no relay from TURN %s over %s: %s", show_address(config.turn_server),
                          transport.upper(), _error(e))
                 continue
             self._protocols.append(protocol)
@@ -658,10 +658,14 @@ class IceSession:
     async def gather(self) -> IceDescription:
         """Gather our candidates (host, srflx, relay) and return our description."""
         await self.connection.gather_candidates()
+        for candidate in self.connection.local_candidates:
+            # aioice's foundations are 32 hex digits; 8 tell them apart as well and keep
+            # an offer with three candidates under the size that sends SIP over TCP
+            candidate.foundation = candidate.foundation[:8]
         self.local = IceDescription(self.connection.local_username,
                                     self.connection.local_password,
                                     self.connection.local_candidates)
-        log.info("gathered %s", ", ".join(f"{c.type} {_show((c.host, c.port))}"
+        log.info("gathered %s", ", ".join(f"{c.type} {show_address((c.host, c.port))}"
                                           for c in self.local.candidates) or "no candidates")
         return self.local
 
@@ -792,8 +796,8 @@ class IceSession:
                      mapping=conn.mapping, relay_transport=conn.relay_transport,
                      has_relay=any(c.type == "relay" for c in local + remote))
         if pair is None:
-            checks = [f"{p.local_candidate.type} {_show(p.local_addr)} -> "
-                      f"{p.remote_candidate.type} {_show(p.remote_addr)}: "
+            checks = [f"{p.local_candidate.type} {show_address(p.local_addr)} -> "
+                      f"{p.remote_candidate.type} {show_address(p.remote_addr)}: "
                       f"{p.state.name.lower()}" for p in conn.check_list]
             return PathReport("none", explain("none", nat_there=False, **facts), checks=checks)
         mine, theirs = pair.local_candidate, pair.remote_candidate
@@ -807,4 +811,4 @@ class IceSession:
     def _candidates(description: IceDescription | None) -> str:
         if description is None or not description.candidates:
             return "none"
-        return ", ".join(f"{c.type} {_show((c.host, c.port))}" for c in description.candidates)
+        return ", ".join(f"{c.type} {show_address((c.host, c.port))}" for c in description.candidates)

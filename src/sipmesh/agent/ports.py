@@ -27,5 +27,6 @@ def pick_port(first: int, protocols: tuple[str, ...] = ("udp", "tcp"), *, tries:
     for port in range(first, min(first + tries, 65536)):
         if port_is_free(port, protocols, host):
             return port
-    raise AgentError(f"no free {'/'.join(protocols)} port in {first}..{first + tries - 1}",
+    raise AgentError(f"no free {'/'.join(protocols)} port in {first}..{first + tries - 1}: "
+                     "stop what holds them, or start from another port (--app-port)",
                      Exit.FAILURE)

@@ -4,6 +4,9 @@ As in the prototype: REGISTER at start (Expires 3600 by default), refresh at
 half the granted time; when a refresh fails the next try comes after half the
 previous interval, never sooner than 10 s; at the end Expires 0 removes the
 binding. `state`, `since` and `error` say how it stands (`sipmesh status` shows them).
+Over TCP and TLS the server reaches us over the connection we opened, which either
+end closes after 300 s without traffic: each REGISTER first (re)opens it, and a
+refresh comes within CONNECTION_REFRESH seconds whatever the granted time.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable, Callable
 
-from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.errors import CHECK_CREDENTIALS, CHECK_SERVER, AgentError, Exit
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Response
 from sipmesh.sip.ua import CallFailed, UserAgent
@@ -21,6 +25,7 @@ log = logging.getLogger("sipmesh.agent.registration")
 
 MIN_RETRY = 10.0
 UNREGISTER_TIMEOUT = 3.0
+CONNECTION_REFRESH = 240.0  # s; below the 300 s after which an idle connection is closed
 
 
 def granted_expires(response: Response, contact_uri: str, requested: int) -> int:
@@ -48,26 +53,30 @@ def next_interval(current: float, *, success: bool, expires: int, floor: float =
 
 def registration_error(status: int, reason: str, server: str) -> AgentError:
     if status in (401, 407):
-        return AgentError(f"the SIP server {server} rejected our credentials ({status} {reason})",
-                          Exit.AUTH)
+        return AgentError(f"the SIP server {server} rejected our credentials ({status} {reason}): "
+                          f"{CHECK_CREDENTIALS}", Exit.AUTH)
     if status == 403:
-        return AgentError(f"the SIP server {server} forbids this registration ({status} {reason})",
-                          Exit.AUTH)
+        return AgentError(f"the SIP server {server} forbids this registration ({status} {reason}): "
+                          "is the user name one it serves, with a password? "
+                          f"{CHECK_CREDENTIALS}", Exit.AUTH)
     if status in (408, 503):
-        return AgentError(f"the SIP server {server} is unreachable ({status} {reason})",
-                          Exit.UNREACHABLE)
-    return AgentError(f"registration at {server} failed ({status} {reason})", Exit.FAILURE)
+        return AgentError(f"the SIP server {server} is unreachable ({status} {reason}): "
+                          f"{CHECK_SERVER}", Exit.UNREACHABLE)
+    return AgentError(f"registration at {server} failed ({status} {reason}): the SIP server's "
+                      "log says why", Exit.FAILURE)
 
 
 class Registration:
     """The binding of our AOR to our Contact at the registrar."""
 
     def __init__(self, ua: UserAgent, *, expires: int = 3600, timeout: float = 10.0,
-                 min_retry: float = MIN_RETRY) -> None:
+                 min_retry: float = MIN_RETRY,
+                 connect: Callable[[], Awaitable[None]] | None = None) -> None:
         self.ua = ua
         self.expires = expires
         self.timeout = timeout
         self.min_retry = min_retry
+        self.connect = connect  # TCP/TLS: open the connection to the server (AgentError)
         self.granted: int | None = None
         self.interval = expires / 2
         self.state = "unregistered"  # -> registered | failing (the last REGISTER's outcome)
@@ -101,6 +110,8 @@ class Registration:
 
     async def _send(self, expires: int, timeout: float | None) -> Response:
         timeout = self.timeout if timeout is None else timeout
+        if self.connect is not None and expires > 0:  # (leaving: no new connection for it)
+            await self.connect()
         try:
             response = await asyncio.wait_for(self.ua.register(expires), timeout)
             if response.status == 423 and expires > 0:  # §10.2.8: Interval Too Brief
@@ -112,12 +123,13 @@ class Registration:
             return response
         except asyncio.TimeoutError:
             raise AgentError(f"the SIP server {self.server} did not answer our REGISTER within "
-                             f"{timeout:g} s", Exit.UNREACHABLE) from None
+                             f"{timeout:g} s: {CHECK_SERVER}; a firewall may drop SIP on the "
+                             "way", Exit.UNREACHABLE) from None
         except CallFailed as exc:
             raise registration_error(exc.status, exc.reason, self.server) from None
         except OSError as exc:
-            raise AgentError(f"cannot reach the SIP server {self.server}: {exc}",
-                             Exit.UNREACHABLE) from None
+            raise AgentError(f"the SIP server {self.server} is unreachable ({exc}): "
+                             f"{CHECK_SERVER}", Exit.UNREACHABLE) from None
 
     async def register(self, *, keep_trying: bool = False) -> None:
         """The first REGISTER; raises AgentError with the reason if it fails. With
@@ -140,6 +152,8 @@ class Registration:
         self.granted = granted_expires(response, str(self.ua.contact().uri), self.expires)
         self.interval = next_interval(self.interval, success=True, expires=self.granted,
                                       floor=self.min_retry)
+        if self.connect is not None:
+            self.interval = min(self.interval, CONNECTION_REFRESH)
 
     def start_refresh(self) -> None:
         if self._task is None:

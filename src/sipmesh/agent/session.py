@@ -57,8 +57,8 @@ from typing import Callable
 
 from sipmesh.agent.attributes import build_sdp, read_attribute_list, read_attributes
 from sipmesh.agent.endpoint import Endpoint
-from sipmesh.agent.errors import (AgentError, Exhausted, Exit, describe_exit, describe_status,
-                                  exit_for_status)
+from sipmesh.agent.errors import (CHECK_SERVER, AgentError, Exhausted, Exit, describe_exit,
+                                  describe_status, exit_for_status)
 from sipmesh.agent.handover import Handover
 from sipmesh.agent.ice import IceDescription, IceError, IceOptions, IceSession, PathReport, render
 from sipmesh.agent.ice import parse as parse_ice
@@ -66,6 +66,7 @@ from sipmesh.agent.params import ParamError, validate
 from sipmesh.agent.profile import AppProfile, Plan, SessionInfo
 from sipmesh.agent.supervisor import Child, ChildSpec
 from sipmesh.sip.headers import quote_string
+from sipmesh.sip.message import Response
 from sipmesh.sip.sdp import SDPError
 from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
 
@@ -366,8 +367,7 @@ class Session:
     async def _invite(self, target: str, sdp: bytes, timeout: float) -> Call | None:
         ua = self.endpoint.ua
         assert ua is not None
-        invite = asyncio.ensure_future(ua.invite(
-            target, sdp, on_progress=lambda r: log.info("%d %s", r.status, r.reason)))
+        invite = asyncio.ensure_future(ua.invite(target, sdp, on_progress=self._provisional))
         stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
         try:
             done, _ = await asyncio.wait({invite, stopping}, timeout=timeout,
@@ -383,7 +383,8 @@ class Session:
             if self.endpoint.stopping.is_set():
                 log.info("stopped while calling %s", target)
                 return None
-            raise AgentError(f"{target} did not answer within {timeout:g} s", Exit.NO_ANSWER)
+            raise AgentError(f"{target} did not answer within {timeout:g} s: is its agent "
+                             "running? (--timeout waits longer)", Exit.NO_ANSWER)
         try:
             return invite.result()
         except CallFailed as exc:
@@ -393,7 +394,12 @@ class Session:
                 message += f"; the peer says: {warning}"
             raise AgentError(message, exit_for_status(exc.status)) from None
         except OSError as exc:
-            raise AgentError(f"cannot reach the SIP server: {exc}", Exit.UNREACHABLE) from None
+            raise AgentError(f"the SIP server is unreachable ({exc}): {CHECK_SERVER}",
+                             Exit.UNREACHABLE) from None
+
+    def _provisional(self, response: Response) -> None:
+        log.info("%d %s", response.status, response.reason)
+        self._emit("provisional", status=response.status, reason=response.reason)
 
     async def _read_answer(self, call: Call, profile: AppProfile, target: str
                            ) -> tuple[dict[str, str], IceDescription | None]:
@@ -414,7 +420,8 @@ class Session:
             log.warning("[%s] refusing the answer of %s: %s", call.call_id, call.peer, exc)
             self._emit("refused", status=488, text=str(exc))
             await _bye(call, 488, f"bad parameter {exc}")
-            raise AgentError(f"refused the answer of {target}: {exc}", Exit.REFUSED) from None
+            raise AgentError(f"refused the answer of {target}: {exc} (does it run the same "
+                             "application, --app or --service, as we do?)", Exit.REFUSED) from None
 
     # -- both sides ----------------------------------------------------------------------
     def _describe(self, profile: AppProfile, attributes: dict[str, str], port: int,
@@ -580,6 +587,7 @@ class AgentConfig:
     mode: str = "serve"  # or "call"
     target: str | None = None  # call mode: user name, user@domain or SIP URI
     advertise: str | None = None  # our a=IP4/IP6; default: local address towards the server
+    tls_server_name: str | None = None  # TLS: the name the server's certificate shows
     register: bool = True
     expires: int = 3600
     register_timeout: float = 10.0
@@ -604,7 +612,7 @@ class Agent:
         self.profile = profile
         self.on_event = on_event
         self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise,
-                                 ice=config.ice)
+                                 tls_server_name=config.tls_server_name, ice=config.ice)
         self.sessions = 0  # established so far
         self.app_failure: str | None = None  # how the last session's program failed
         self.path_lost: str | None = None  # call mode: the session's path died (consent)
@@ -630,8 +638,13 @@ class Agent:
             if endpoint.stopping.is_set():  # a signal while starting
                 return Exit.OK
             if self.config.register:
+                assert endpoint.ua is not None
+                emit(self.on_event, "registering", aor=str(endpoint.ua.aor),
+                     server=self.config.ua.domain)
                 await endpoint.register(expires=self.config.expires,
                                         timeout=self.config.register_timeout)
+            else:
+                await endpoint.connect()
             assert endpoint.ua is not None
             emit(self.on_event, "ready", contact=str(endpoint.ua.contact().uri))
             self.ready.set()

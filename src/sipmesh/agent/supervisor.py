@@ -53,20 +53,23 @@ def resolve_program(program: str) -> str:
     if os.sep in program:
         path = os.path.abspath(program)
         if not os.path.lexists(path):
-            raise ProfileError(f"program not found: {program}", Exit.PROGRAM)
+            raise ProfileError(f"program not found: {program} (check the path)", Exit.PROGRAM)
     else:
         found = shutil.which(program)
         if found is None:
-            raise ProfileError(f"program not found in PATH: {program}", Exit.PROGRAM)
+            raise ProfileError(f"program not found in PATH: {program} (install it, or give "
+                               "its full path)", Exit.PROGRAM)
         path = os.path.abspath(found)
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
         raise ProfileError(f"program not usable: {program}: {exc.strerror}", Exit.PROGRAM) from None
     if stat.S_ISDIR(mode):
-        raise ProfileError(f"program is a directory: {program}", Exit.PROGRAM)
+        raise ProfileError(f"program is a directory: {program} (give the program in it)",
+                           Exit.PROGRAM)
     if not stat.S_ISREG(mode) or not os.access(path, os.X_OK):
-        raise ProfileError(f"program is not executable: {program}", Exit.PROGRAM)
+        raise ProfileError(f"program is not executable: {program} (chmod +x it, or run it "
+                           "through its interpreter)", Exit.PROGRAM)
     return path
 
 

@@ -82,5 +82,6 @@ def _generate(directory: Path, cert_path: Path, key_path: Path, common_name: str
             f.write(key_pem)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     except OSError as exc:
-        raise ProfileError(f"cannot create the host certificate in {directory}: {exc}",
+        raise ProfileError(f"cannot create the host certificate in {directory}: {exc} (choose "
+                           "a writable directory: --state-dir; daemon: [agent] state_dir)",
                            Exit.FAILURE) from None

@@ -73,7 +73,8 @@ class OpenVPNProfile(AppProfile):
     def check(self) -> None:
         self.openvpn = resolve_program(self.openvpn)
         if not os.path.exists("/dev/net/tun"):
-            raise ProfileError("/dev/net/tun is missing: OpenVPN cannot make a tunnel here",
+            raise ProfileError("/dev/net/tun is missing: OpenVPN cannot make a tunnel here "
+                               "(a container needs --device /dev/net/tun and CAP_NET_ADMIN)",
                                Exit.PROGRAM)
         self.cert = host_certificate(self.state_dir / "openvpn")
         if os.geteuid() != 0:

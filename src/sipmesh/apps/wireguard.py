@@ -138,7 +138,8 @@ class WireGuardSessions:
             except ProfileError as exc:
                 raise self.program_error(key, exc) from None
         if not os.path.exists("/dev/net/tun"):
-            raise ProfileError("/dev/net/tun is missing: no tunnel can be made here",
+            raise ProfileError("/dev/net/tun is missing: no tunnel can be made here (a "
+                               "container needs --device /dev/net/tun and CAP_NET_ADMIN)",
                                Exit.PROGRAM)
 
     def program_error(self, key: str, exc: ProfileError) -> Exception:
@@ -189,7 +190,8 @@ class WireGuardSessions:
         while not ready.exists():
             if child.exited.done():
                 raise ProfileError("the WireGuard program exited during setup "
-                                   f"(status {child.exited.result()})")
+                                   f"(status {child.exited.result()}; its output is in our "
+                                   "log, -v shows more)")
             if time.monotonic() > deadline:
                 raise ProfileError(f"the WireGuard interface was not up within "
                                    f"{READY_WAIT:g} s")

@@ -26,8 +26,8 @@ ALGORITHMS = ("MD5", "SHA-256")
 _HEX = {"MD5": re.compile(r"^[0-9a-f]{32}$"), "SHA-256": re.compile(r"^[0-9a-f]{64}$")}
 # A SIP user part may carry more than this, but the file format needs a token without
 # whitespace and '#'; these are what people use as account names.
-_NAME = re.compile(r"^[A-Za-z0-9\-_.!~*'()&=+$,;?/%]+$")
-_REALM = re.compile(r"^[A-Za-z0-9\-_.:\[\]]+$")
+_NAME = re.compile(r"^[A-Za-z0-9\-_.!~*'()&=+$,;?/%]+\Z")
+_REALM = re.compile(r"^[A-Za-z0-9\-_.:\[\]]+\Z")
 _HEADER = ("# sipmesh broker users: realm user MD5-HA1 SHA-256-HA1 (hashes only, never passwords)\n"
            "# manage with: sipmesh broker users add|remove|list --users FILE\n")
 

@@ -8,11 +8,13 @@ import os
 from pathlib import Path
 
 from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.link import client_tls
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.cli.common import (default_config_path, fail, positive, progress_printer,
                                 read_credentials, register_builtin_kinds, run_until_signalled,
-                                section_password, setup_logging)
-from sipmesh.cli.serve import add_agent_options, add_program_parser, ice_options, run_from_args
+                                section_password, setup_logging, tls_client)
+from sipmesh.cli.serve import (add_agent_options, add_program_parser, chosen_transport,
+                               ice_options, run_from_args)
 from sipmesh.daemon.config import load_config
 from sipmesh.sip.ua import UAConfig
 
@@ -105,15 +107,22 @@ def run_service_call(args: argparse.Namespace) -> int:
         if password is None and args.user is None:  # the configuration's identity
             password = section_password(agent)
         password = password or os.environ.get("SIPMESH_PASSWORD")
-        transport = args.transport.upper() if args.server else agent.transport.upper()
+        if args.server:  # the command line's server, and how to reach it
+            transport = chosen_transport(args.server, args.transport)
+            tls = tls_client(args)
+        else:  # the configuration's
+            transport = (args.transport or agent.transport).lower()
+            tls = agent.tls.merged(tls_client(args))
         ua = UAConfig(user=user, domain=server, password=password,
                       auth_user=args.auth_user or (agent.auth_user if args.user is None else None),
-                      transport=transport, listen_host=args.bind, listen_port=args.sip_port)
+                      transport=transport.upper(), tls_client_context=client_tls(transport, tls),
+                      listen_host=args.bind, listen_port=args.sip_port)
         agent_config = AgentConfig(ua=ua, mode="call", target=args.target,
                                    advertise=args.advertise or agent.advertise,
+                                   tls_server_name=tls.server_name,
                                    register=False, invite_timeout=args.timeout,
                                    register_timeout=args.register_timeout, grace=args.grace,
-                                   ice=ice_options(args))
+                                   ice=ice_options(args, agent.ice))
     except AgentError as exc:  # ProfileError is one
         return fail(prog, exc)
     return run_until_signalled(prog, Agent(agent_config, profile,

@@ -14,11 +14,14 @@ import os
 import signal
 import stat
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from sipmesh.agent.errors import AgentError, Exit
-from sipmesh.agent.params import Host, IPAddress, Port, Token
+from sipmesh.agent.link import ServerAddress, TLSClient, parse_server
+from sipmesh.agent.params import Host, Port, Token
 
 if TYPE_CHECKING:
     from sipmesh.daemon.config import AgentSection
@@ -37,7 +40,7 @@ def setup_logging(verbose: int = 0, debug: bool = False, log_file: str | None = 
     if level is None:
         level = logging.DEBUG if debug or verbose > 1 else \
             logging.INFO if verbose else logging.WARNING
-    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else _AboveStatus()
     process = "[%(process)d]" if pid else ""
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s %(levelname)-7s %(name)s{process}: %(message)s"))
@@ -73,26 +76,13 @@ def typed(kind: Any, what: str) -> Callable[[str], str]:
     return convert
 
 
-def server_address(text: str) -> str:
-    """HOST[:PORT] (IPv6 in brackets) -> 'host:port' for UAConfig.domain."""
-    host, port = text, None
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":"):
-                raise argparse.ArgumentTypeError(f"bad server address {text!r}")
-            port = rest[1:]
-        host = f"[{IPAddress().check(host)}]" if host else ""
-    elif text.count(":") == 1:
-        host, port = text.split(":")
+def server_address(text: str) -> ServerAddress:
+    """HOST[:PORT] ([V6]:PORT) or sip:/sips: URI -> 'host:port' for UAConfig.domain, with
+    the transport the text implies (agent/link.py)."""
     try:
-        if not host.startswith("["):
-            host = Host().check(host)
-        if port is not None:
-            port = Port().check(port)
+        return parse_server(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"server: {exc}") from None
-    return f"{host}:{port}" if port else host
 
 
 def stun_server(text: str) -> tuple[str, int]:
@@ -142,6 +132,28 @@ def user_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"user: {exc}") from None
 
 
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    tls = parser.add_argument_group("TLS to the SIP server (--transport tls or --server sips:HOST)")
+    tls.add_argument("--ca-file", metavar="FILE", type=Path,
+                     help="CA certificates (PEM) that the server's certificate must be signed "
+                          "by (default: the system's trust store)")
+    tls.add_argument("--tls-server-name", metavar="NAME", type=typed(Host(), "tls-server-name"),
+                     help="the name the server's certificate must show (default: the host "
+                          "of --server; needed when --server is an IP address the "
+                          "certificate does not list)")
+    tls.add_argument("--cert", metavar="FILE", type=Path,
+                     help="our client certificate (PEM), for servers that ask for one")
+    tls.add_argument("--key", metavar="FILE", type=Path,
+                     help="the private key of --cert (PEM, unencrypted; default: in the "
+                          "--cert file)")
+
+
+def tls_client(args: argparse.Namespace) -> TLSClient:
+    """The TLS settings of add_tls_options."""
+    return TLSClient(ca_file=args.ca_file, cert=args.cert, key=args.key,
+                     server_name=args.tls_server_name)
+
+
 def default_config_path() -> Path:
     """The daemon's configuration file when -c is not given."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
@@ -157,8 +169,9 @@ def read_credentials(path: Path) -> dict[str, str]:
         text = path.read_text()
         mode = path.stat().st_mode
     except OSError as exc:
-        raise AgentError(f"cannot read the credentials file {path}: {exc.strerror}", Exit.USAGE) \
-            from None
+        raise AgentError(f"cannot read the credentials file {path}: {exc.strerror} (it holds "
+                         "'password = ...'; check the path and that we may read it)",
+                         Exit.USAGE) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("the credentials file %s is readable by others: chmod 600 it", path)
     lines = [line.strip() for line in text.splitlines()
@@ -174,7 +187,7 @@ def read_credentials(path: Path) -> dict[str, str]:
                              "password = ..., user = ..., auth_user = ...)", Exit.USAGE)
         found[key] = value.strip()
     if "password" not in found:
-        raise AgentError(f"{path}: no password in it", Exit.USAGE)
+        raise AgentError(f"{path}: no password in it (add a line 'password = ...')", Exit.USAGE)
     return found
 
 
@@ -199,11 +212,107 @@ def register_builtin_kinds() -> None:
 # ---------------------------------------------------------------------------- progress
 
 
+class StatusLine:
+    """What we are waiting for (registering, a call being answered, a daemon starting),
+    as one line at the bottom of a terminal, redrawn every second with the time waited
+    so far. Where stderr is not a terminal (a script, a log file, a pipe) it shows
+    nothing, so logs hold only whole lines. Lines printed through `say` go above it."""
+
+    def __init__(self) -> None:
+        self.what: str | None = None
+        self.detail = ""
+        self.started = 0.0
+        self._shown = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def live() -> bool:
+        """Is stderr a terminal that can redraw a line?"""
+        try:
+            return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+        except (AttributeError, ValueError):  # replaced or closed
+            return False
+
+    def wait(self, what: str) -> None:
+        """Show `what` (with the seconds since now) until done() or the next wait()."""
+        self.done()
+        if not self.live():
+            return
+        self.what, self.detail = what, ""
+        self.started = time.monotonic()
+        self._draw()
+
+    def note(self, detail: str) -> None:
+        """Something that happened while waiting, e.g. '180 Ringing'."""
+        if self.what is not None:
+            self.detail = detail
+            self._draw()
+
+    def done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._erase()
+        self.what = None
+
+    def say(self, line: str) -> None:
+        """Print a whole line on stderr, above the status line."""
+        with self.above():
+            print(line, file=sys.stderr, flush=True)
+
+    @contextmanager
+    def above(self) -> Iterator[None]:
+        """Write whole lines to stderr inside this block (log records, messages)."""
+        self._erase()
+        try:
+            yield
+        finally:
+            if self.what is not None:
+                self._draw()
+
+    def _draw(self) -> None:
+        seconds = int(time.monotonic() - self.started)
+        text = f"{self.what} ... {seconds} s" + (f" ({self.detail})" if self.detail else "")
+        sys.stderr.write(f"\r\x1b[K{text}")
+        sys.stderr.flush()
+        self._shown = True
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            self._timer = asyncio.get_running_loop().call_later(1.0, self._draw)
+        except RuntimeError:  # no loop: a still line
+            self._timer = None
+
+    def _erase(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._shown = False
+
+
+STATUS = StatusLine()  # stderr's
+
+
+class _AboveStatus(logging.StreamHandler):
+    """Log records on stderr go above the status line, never through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with STATUS.above():
+            super().emit(record)
+
+
 def progress_printer(prog: str, quiet: bool) -> Callable[[str, dict], None]:
-    """Short lines on stderr for the session events a person wants to see."""
+    """Short lines on stderr for the session events a person wants to see, and on a
+    terminal the status line of what we wait for (registration, the answer)."""
 
     def show(event: str, data: dict) -> None:
         if quiet:
+            return
+        if event == "registering":
+            STATUS.wait(f"{prog}: registering {data.get('aor')}")
+            return
+        if event == "provisional":
+            STATUS.note(f"{data.get('status')} {data.get('reason')}")
             return
         text = {
             "ready": lambda: f"ready: contact {data.get('contact')}",
@@ -219,7 +328,10 @@ def progress_printer(prog: str, quiet: bool) -> Callable[[str, dict], None]:
             "ended": lambda: f"session ended: {data.get('reason')}",
         }.get(event)
         if text is not None:
-            print(f"{prog}: {text()}", file=sys.stderr, flush=True)
+            STATUS.done()
+            STATUS.say(f"{prog}: {text()}")
+        if event == "invite_sent":
+            STATUS.wait(f"{prog}: waiting for {data.get('target')} to answer")
 
     return show
 
@@ -237,6 +349,7 @@ class Runner(Protocol):
 
 def fail(prog: str, exc: AgentError) -> int:
     """Say why we stop; the exit code that goes with it."""
+    STATUS.done()
     print(f"{prog}: {exc}", file=sys.stderr, flush=True)
     return int(exc.code)
 
@@ -247,15 +360,17 @@ AGENT_STOPPING = ("already stopping: ending the session and unregistering "
 
 def run_until_signalled(prog: str, runner: Runner, *, on_hup: Callable[[], None] | None = None,
                         on_ready: Callable[[], None] | None = None,
-                        again: str | None = AGENT_STOPPING) -> int:
+                        again: str | None = AGENT_STOPPING, waiting: str | None = None) -> int:
     """Run `runner` (an Agent or the Daemon) in a new event loop. SIGINT, SIGTERM and
     SIGHUP (unless `on_hup` takes it) ask it to stop; a second one prints `again`.
-    `on_ready` runs once it is ready. An AgentError is printed and gives the exit code."""
-    return asyncio.run(_run(prog, runner, on_hup, on_ready, again))
+    `on_ready` runs once it is ready; until then a terminal shows `waiting` (if given).
+    An AgentError is printed and gives the exit code."""
+    return asyncio.run(_run(prog, runner, on_hup, on_ready, again, waiting))
 
 
 async def _run(prog: str, runner: Runner, on_hup: Callable[[], None] | None,
-               on_ready: Callable[[], None] | None, again: str | None) -> int:
+               on_ready: Callable[[], None] | None, again: str | None,
+               waiting: str | None) -> int:
     loop = asyncio.get_running_loop()
     stops = (signal.SIGINT, signal.SIGTERM) + (() if on_hup else (signal.SIGHUP,))
     signals = 0
@@ -264,11 +379,13 @@ async def _run(prog: str, runner: Runner, on_hup: Callable[[], None] | None,
         nonlocal signals
         signals += 1
         if signals == 2 and again:
-            print(f"{prog}: {again}", file=sys.stderr, flush=True)
+            STATUS.say(f"{prog}: {again}")
         runner.request_stop()
 
     async def announce() -> None:
         await runner.ready.wait()
+        if waiting is not None:
+            STATUS.done()
         if on_ready is not None:
             on_ready()
 
@@ -277,11 +394,14 @@ async def _run(prog: str, runner: Runner, on_hup: Callable[[], None] | None,
     if on_hup is not None:
         loop.add_signal_handler(signal.SIGHUP, on_hup)
     announcer = asyncio.ensure_future(announce())
+    if waiting is not None:
+        STATUS.wait(f"{prog}: {waiting}")
     try:
         return int(await runner.run())
     except AgentError as exc:
         return fail(prog, exc)
     finally:
+        STATUS.done()
         announcer.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)

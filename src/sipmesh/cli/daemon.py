@@ -84,7 +84,10 @@ def _run(args: argparse.Namespace) -> int:
         from sipmesh.daemon.metrics import ServingMetrics  # aiohttp: only when asked for
 
         runner = ServingMetrics(daemon, args.metrics)
-    return run_until_signalled(prog, runner, on_hup=on_reload, on_ready=on_ready, again=None)
+    waiting = None if args.quiet else \
+        f"registering sip:{config.agent.user}@{config.agent.server}"
+    return run_until_signalled(prog, runner, on_hup=on_reload, on_ready=on_ready, again=None,
+                               waiting=waiting)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -77,8 +77,16 @@ def summarise(text: str) -> str:
             label += f" Expires {headers.get('expires', '?')}"
     if body.strip():
         params = [line[2:] for line in body.splitlines() if line.startswith("a=")]
+        ice = [p for p in params if p.split(":")[0] in ICE_ATTRIBUTES]
+        params = [p for p in params if p not in ice]
         label += "  [" + " ".join(params) + "]" if params else "  [SDP]"
+        candidates = sum(p.startswith("candidate:") for p in ice)
+        if ice:   # the application's a= lines are the story; ICE's are told in one word
+            label += f" + ICE ({candidates} candidate{'s' if candidates != 1 else ''})"
     return label
+
+
+ICE_ATTRIBUTES = {"ice-ufrag", "ice-pwd", "ice-options", "candidate", "end-of-candidates"}
 
 
 def draw(hops: list[Hop], lanes: dict[int, str], order: list[str]) -> list[str]:

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from sipmesh import __version__
-from sipmesh.cli import broker, call, daemon, demo, serve, status
+from sipmesh.cli import broker, call, daemon, demo, network, serve, status
 
 # The subcommands, in the order `sipmesh --help` lists them.
-_COMMANDS = [broker, serve, call, daemon, status, demo]
+_COMMANDS = [broker, serve, call, daemon, status, demo, network]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,13 +14,14 @@ from typing import Any
 
 from sipmesh.agent.errors import EXIT_HELP, AgentError, Exit
 from sipmesh.agent.ice import IceOptions
+from sipmesh.agent.link import TRANSPORTS, ServerAddress, client_tls
 from sipmesh.agent.params import IPAddress, IPv4, Port
 from sipmesh.agent.profile import AppProfile
 from sipmesh.agent.session import Agent, AgentConfig
-from sipmesh.cli.common import (add_output_options, fail, positive, progress_printer,
-                                read_credentials, run_until_signalled, server_address,
-                                setup_logging, sip_port, stun_server, turn_server, typed,
-                                user_name)
+from sipmesh.cli.common import (add_output_options, add_tls_options, fail, positive,
+                                progress_printer, read_credentials, run_until_signalled,
+                                server_address, setup_logging, sip_port, stun_server, tls_client,
+                                turn_server, typed, user_name)
 from sipmesh.sip.ua import UAConfig
 
 APPS = ("exec", "openvpn", "wireguard")
@@ -46,9 +47,9 @@ class ProgramArgumentParser(argparse.ArgumentParser):
 def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
     sip = parser.add_argument_group("SIP")
     sip.add_argument("--server", metavar="HOST[:PORT]", type=server_address,
-                     default=os.environ.get("SIPMESH_SERVER"),
-                     help="SIP server (registrar and proxy); port 5060 if omitted "
-                          "[$SIPMESH_SERVER]")
+                     default=_env_server(),
+                     help="SIP server (registrar and proxy); port 5060 if omitted; "
+                          "sips:HOST[:PORT] for TLS (port 5061 if omitted) [$SIPMESH_SERVER]")
     sip.add_argument("--user", metavar="NAME", type=user_name, default=os.environ.get("SIPMESH_USER"),
                      help="our name at the server (registered at start) [$SIPMESH_USER]")
     secret = sip.add_mutually_exclusive_group()
@@ -63,8 +64,9 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
                      help="local SIP port for UDP and TCP (default: any free port)")
     sip.add_argument("--bind", metavar="ADDR", type=typed(IPAddress(unicast=False), "bind"),
                      default="0.0.0.0", help="local address to listen on (default: all)")
-    sip.add_argument("--transport", choices=("udp", "tcp"), default="udp",
-                     help="transport towards the server (default: udp)")
+    sip.add_argument("--transport", choices=TRANSPORTS,
+                     help="transport towards the server (default: udp; tls for a sips: "
+                          "server)")
     sip.add_argument("--expires", metavar="SECONDS", type=int, default=3600,
                      help="registration lifetime; refreshed at half of it (default: 3600)")
     sip.add_argument("--register-timeout", metavar="SECONDS", type=positive, default=10.0,
@@ -108,6 +110,7 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
     app.add_argument("--state-dir", metavar="DIR", type=Path,
                      help="where the host certificate lives (default: "
                           "$XDG_STATE_HOME/sipmesh or ~/.local/state/sipmesh)")
+    add_tls_options(parser)
     add_output_options(parser, "log protocol events (-vv: more)")
 
 def add_ice_options(parser: argparse.ArgumentParser) -> None:
@@ -126,13 +129,19 @@ def add_ice_options(parser: argparse.ArgumentParser) -> None:
                           "(default: 30, RFC 7675; 0: never)")
 
 
-def ice_options(args: argparse.Namespace) -> IceOptions:
+def ice_options(args: argparse.Namespace, base: IceOptions | None = None) -> IceOptions:
+    """The command line's ICE choices over `base` (a daemon configuration's [agent])."""
+    base = base or IceOptions()
     turn = args.turn
-    return IceOptions(enabled=not args.no_ice, stun=args.stun,
-                      turn=turn[:2] if turn else None,
-                      turn_transport=turn[2] if turn else "auto",
+    return IceOptions(enabled=base.enabled and not args.no_ice, stun=args.stun or base.stun,
+                      turn=turn[:2] if turn else base.turn,
+                      turn_transport=turn[2] if turn else base.turn_transport,
                       consent_timeout=max(0.0, args.consent_timeout))
 
+
+def _env_server() -> ServerAddress | None:
+    value = os.environ.get("SIPMESH_SERVER")
+    return server_address(value) if value else None  # (argparse converts only strings)
 
 def ua_config(args: argparse.Namespace, *, listen_port: int | None = None) -> UAConfig:
     creds: dict[str, str] = {}
@@ -144,11 +153,21 @@ def ua_config(args: argparse.Namespace, *, listen_port: int | None = None) -> UA
     if not user:
         raise AgentError("--user is required (or $SIPMESH_USER)", Exit.USAGE)
     password = args.password or creds.get("password") or os.environ.get("SIPMESH_PASSWORD")
-    transport = args.transport.upper()
+    transport = chosen_transport(args.server, args.transport)
     return UAConfig(user=user, domain=args.server, password=password,
-                    auth_user=args.auth_user or creds.get("auth_user"), transport=transport,
+                    auth_user=args.auth_user or creds.get("auth_user"),
+                    transport=transport.upper(),
+                    tls_client_context=client_tls(transport, tls_client(args)),
                     listen_host=args.bind, listen_port=args.sip_port if listen_port is None
                     else listen_port)
+
+
+def chosen_transport(server: ServerAddress, option: str | None) -> str:
+    """udp, tcp or tls: --transport, else what --server implies (sips: is TLS)."""
+    try:
+        return server.with_transport(option)
+    except ValueError as exc:
+        raise AgentError(str(exc), Exit.USAGE) from None
 
 
 def build_profile(args: argparse.Namespace, mode: str) -> AppProfile:
@@ -190,6 +209,7 @@ def run_from_args(args: argparse.Namespace, mode: str, **settings: Any) -> int:
     try:
         profile = build_profile(args, mode)
         config = AgentConfig(ua=ua_config(args), mode=mode, advertise=args.advertise,
+                             tls_server_name=args.tls_server_name,
                              expires=args.expires, register_timeout=args.register_timeout,
                              grace=args.grace, ice=ice_options(args), **settings)
     except AgentError as exc:

@@ -13,6 +13,10 @@ arguments: server ``PORT VPN_LOCAL_ADDR VPN_REMOTE_ADDR``, client
 SIPMESH_* environment variables. `-d` logs the protocol (to `-f log_file` if
 given). The prototype had its digest credentials compiled in; here they come
 from $SIPMESH_PASSWORD, or from the file named by $SIPMESH_CREDENTIALS.
+``-s sips:proxy[:port]`` talks TLS to the server (port 5061 by default), verified
+against the system's trust store or $SIPMESH_CA_FILE, the name checked against
+the proxy's host or $SIPMESH_TLS_SERVER_NAME; $SIPMESH_CERT and $SIPMESH_KEY give
+a client certificate.
 Usage errors print the usage line and exit 1, as the prototype did. Other exit
 statuses are those of `sipmesh call` (agent/errors.py): in client mode, 10 when the
 program ended the session by failing (non-zero status, or a signal we did not send).
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.link import ServerAddress, TLSClient, client_tls
 from sipmesh.agent.params import IPv4, Port, Token
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.apps.exec import ExecProfile, next_address
@@ -49,7 +54,7 @@ class UsageError(Exception):
 
 @dataclass
 class Options:
-    server: str = ""
+    server: ServerAddress = ServerAddress("")
     user: str = ""
     sip_port: int = SIP_PORT
     target: str | None = None
@@ -132,6 +137,16 @@ def _credentials() -> tuple[str | None, str | None]:
     return None, password
 
 
+def _tls() -> TLSClient:
+    """TLS settings from $SIPMESH_CA_FILE, $SIPMESH_CERT, $SIPMESH_KEY, $SIPMESH_TLS_SERVER_NAME."""
+    def path(name: str) -> Path | None:
+        return Path(os.environ[name]) if os.environ.get(name) else None
+
+    return TLSClient(ca_file=path("SIPMESH_CA_FILE"), cert=path("SIPMESH_CERT"),
+                     key=path("SIPMESH_KEY"),
+                     server_name=os.environ.get("SIPMESH_TLS_SERVER_NAME") or None)
+
+
 def build(opts: Options) -> tuple[Agent, str]:
     try:
         vpn_remote = opts.vpn_remote or next_address(opts.vpn_local)
@@ -140,15 +155,19 @@ def build(opts: Options) -> tuple[Agent, str]:
     profile = ExecProfile(opts.program, app_port=opts.app_port, vpn=(opts.vpn_local, vpn_remote),
                           append_args=True, media="application/vpn", proto="OpenVPN")
     auth_user, password = _credentials()
+    transport = opts.server.with_transport(None)
+    tls = _tls() if transport == "tls" else TLSClient()
     ua = UAConfig(user=opts.user, domain=opts.server, password=password, auth_user=auth_user,
+                  transport=transport.upper(), tls_client_context=client_tls(transport, tls),
                   listen_host="0.0.0.0", listen_port=opts.sip_port)
-    config = AgentConfig(ua=ua, mode="call" if opts.target else "serve", target=opts.target)
+    config = AgentConfig(ua=ua, mode="call" if opts.target else "serve", target=opts.target,
+                         tls_server_name=tls.server_name)
     return Agent(config, profile), vpn_remote
 
 
 def _banner(opts: Options, vpn_remote: str) -> None:
     """The prototype's start-up lines."""
-    server = f"sip:{opts.server}"
+    server = opts.server.text() if opts.server.transport else f"sip:{opts.server}"
     lines = [f"PROXY {server}", f"FROM sip:{opts.user}@{opts.server}",
              f"TO sip:{opts.target + '@' + opts.server if opts.target else ''}",
              f"PROGRAM {opts.program[0]}"]

@@ -33,7 +33,8 @@ from typing import Any, Mapping
 
 from sipmesh.agent.errors import AgentError, Exit, ProfileError
 from sipmesh.agent.ice import IceOptions, parse_turn_uri
-from sipmesh.agent.params import Host, IPAddress, Port, Token
+from sipmesh.agent.link import TRANSPORTS, TLSClient, parse_server
+from sipmesh.agent.params import Host, IPAddress, Token
 from sipmesh.daemon.allocators import AddressPool, Allocator, PortRange
 from sipmesh.daemon.registry import get_kind
 from sipmesh.daemon.service import NAME_RE, ConfigValueError, Service, compile_pattern
@@ -46,6 +47,7 @@ _SERVICE_COMMON = {"name", "kind", "allow", "max_sessions", "description", "call
 _AGENT_KEYS = {"server", "user", "password", "credentials", "auth_user", "display_name",
                "transport", "bind", "sip_port", "advertise", "expires", "register_timeout",
                "grace", "max_sessions", "default_service", "control_socket", "state_dir",
+               "ca_file", "cert", "key", "tls_server_name",
                "ice", "stun", "turn", "consent_timeout"}
 
 
@@ -75,6 +77,7 @@ class AgentSection:
     default_service: str | None = None
     control_socket: Path | None = None
     state_dir: Path | None = None
+    tls: TLSClient = field(default_factory=TLSClient)  # ca_file, cert, key, tls_server_name
     ice: IceOptions = field(default_factory=IceOptions)  # ice, stun, turn, consent_timeout
 
     @property
@@ -258,11 +261,13 @@ class _Builder:
             return value
 
         server = text("server")
+        implied = None
         if server is not None:
             try:
-                agent.server = server_address(server)
+                address = parse_server(server)
             except ValueError as exc:
                 raise fail("server", str(exc)) from None
+            agent.server, implied = str(address), address.transport
         elif self.side == "answer":
             raise self.error(("agent",), "[agent] server: missing (the SIP server, HOST[:PORT])")
         agent.user = text("user", Token(64))
@@ -276,9 +281,11 @@ class _Builder:
             agent.credentials = self.base_dir / credentials
         agent.auth_user = text("auth_user")
         agent.display_name = text("display_name")
-        transport = (text("transport") or "udp").lower()
-        if transport not in ("udp", "tcp"):
-            raise fail("transport", f"must be \"udp\" or \"tcp\", not {transport!r}")
+        transport = (text("transport") or implied or "udp").lower()
+        if transport not in TRANSPORTS:
+            raise fail("transport", f"must be \"udp\", \"tcp\" or \"tls\", not {transport!r}")
+        if implied and transport != implied:
+            raise fail("transport", f"{transport!r}, but server {server!r} means {implied!r}")
         agent.transport = transport
         agent.bind = text("bind", IPAddress(unicast=False)) or "0.0.0.0"
         agent.sip_port = number("sip_port", 0, 0, 65535)
@@ -292,6 +299,12 @@ class _Builder:
             value = text(key)
             if value is not None:
                 setattr(agent, key, self.base_dir / value)
+        files = {key: self.base_dir / value for key in ("ca_file", "cert", "key")
+                 if (value := text(key)) is not None}
+        agent.tls = TLSClient(**files, server_name=text("tls_server_name", Host()))
+        if transport != "tls" and (files or agent.tls.server_name):
+            key = next(iter(files), "tls_server_name")
+            raise fail(key, 'only for TLS: add transport = "tls" or give server = "sips:HOST"')
         ice = table.get("ice", True)
         if not isinstance(ice, bool):
             raise fail("ice", f"must be true or false, not {ice!r}")
@@ -423,22 +436,3 @@ class _Builder:
         return Service(name=name, kind=kind.name, profile=profile, allow=allow,
                        max_sessions=max_sessions, line=self.locator.line(path),
                        description=description, table=table)
-
-
-def server_address(text: str) -> str:
-    """'host[:port]' ('[v6]:port') checked and normalised, for UAConfig.domain."""
-    host, port = text, None
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"{text!r} is not HOST[:PORT]")
-        port = rest[1:] or None
-        host = f"[{IPAddress().check(host)}]"
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-        host = Host().check(host)
-    else:
-        host = Host().check(host)
-    if port is not None:
-        port = Port().check(port)
-    return f"{host}:{port}" if port else host

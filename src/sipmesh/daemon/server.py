@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from sipmesh.agent.endpoint import Endpoint
 from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.link import client_tls
 from sipmesh.agent.params import ParamError
 from sipmesh.agent.session import Refusal, Session
 from sipmesh.daemon.allocators import Lease, Ledger
@@ -52,8 +53,9 @@ def ua_config(agent: AgentSection, password: str | None = None) -> UAConfig:
     return UAConfig(user=agent.user, domain=agent.server,
                     password=password if password is not None else agent.password,
                     auth_user=agent.auth_user, display_name=agent.display_name,
-                    transport=agent.transport.upper(), listen_host=agent.bind,
-                    listen_port=agent.sip_port)
+                    transport=agent.transport.upper(),
+                    tls_client_context=client_tls(agent.transport, agent.tls),
+                    listen_host=agent.bind, listen_port=agent.sip_port)
 
 
 def session_json(session: Session) -> dict[str, Any]:
@@ -96,7 +98,9 @@ class Daemon:
             default_socket(self.ua_config.user)
         self.control = ControlServer(self.control_path, self._control) if control else None
         self.endpoint = Endpoint(self.ua_config, on_invite=self._on_invite,
-                                 advertise=config.agent.advertise, ice=config.agent.ice)
+                                 advertise=config.agent.advertise,
+                                 tls_server_name=config.agent.tls.server_name,
+                                 ice=config.agent.ice)
         self.started = time.time()
         self.ready = asyncio.Event()
 

@@ -118,6 +118,11 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
     s = (_FOLD.sub(" ", value) if "\n" in value else value).strip(" \t")  # unfold LWS
     if "\r" in s or "\n" in s or "\0" in s:
         raise AuthError("control characters in header value")
+    if not s.isascii():  # the message parser keeps bytes that are not UTF-8 as surrogates
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AuthError("header value is not UTF-8") from None
     m = _SCHEME.match(s)
     if not m:
         raise AuthError("missing or malformed auth scheme")

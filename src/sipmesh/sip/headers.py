@@ -46,6 +46,7 @@ LIST_HEADERS = frozenset({"via", "route", "record-route", "contact", "path"})
 
 # Bound here, not imported by name: grammar.py says why.
 _TOKEN, _DIGITS, _QUOTED_PAIR = grammar.TOKEN, grammar.DIGITS, grammar.QUOTED_PAIR
+_WSP_RUN = re.compile(rf"[{grammar.WSP}]+")
 _BAD_PARAM_VALUE = re.compile(r'[ \t"<>,]')
 
 
@@ -162,7 +163,8 @@ def format_header_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
-_QUOTED_STRING = re.compile(r'"([^"\\]*(?:\\.[^"\\]*)*)"', re.DOTALL)
+# qdtext and quoted-pair (§25.1) never hold CR or LF: unfolding has removed those of LWS
+_QUOTED_STRING = re.compile(r'"([^"\\\r\n]*(?:\\[^\r\n][^"\\\r\n]*)*)"')
 # quoted-pair can carry %x00-09 / %x0B-0C / %x0E-7F; CR and LF cannot be carried at all.
 _NEEDS_QUOTED_PAIR = re.compile(r'[\\"\x00-\x08\x0b\x0c\x0e-\x1f\x7f]')
 
@@ -235,7 +237,9 @@ def parse_address(value: str) -> Address:
     if lt >= 0 and (lt == 0 or display is None):
         if display is None and lt > 0:
             token_name = text[:lt].strip(WSP)
-            if token_name and not all(_TOKEN.fullmatch(w) for w in token_name.split()):
+            # *(token LWS): split on SP and HTAB only (str.split() would also take CR, VT,
+            # NEL, ... as separators and keep them in a name that cannot be serialised)
+            if token_name and not all(_TOKEN.fullmatch(w) for w in _WSP_RUN.split(token_name)):
                 raise ParseError(f"bad display name {token_name[:40]!r} (must be tokens or quoted)")
             display = token_name or None
         gt = text.find(">", lt)

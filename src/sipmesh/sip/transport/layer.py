@@ -51,12 +51,14 @@ def redact(data: bytes) -> str:
 class _Connection(asyncio.Protocol):
     """One TCP or TLS connection, inbound or outbound."""
 
-    def __init__(self, layer: "TransportLayer", transport_name: str) -> None:
+    def __init__(self, layer: "TransportLayer", transport_name: str, outbound: bool = False) -> None:
         self.layer = layer
         self.name = transport_name
+        self.outbound = outbound
         self.framer = StreamFramer(layer.limits)
         self.transport: asyncio.Transport | None = None
         self.flow: Flow | None = None
+        self.local: tuple[str, int] | None = None  # our end of it
         self.last_activity = 0.0
         self.closed = asyncio.get_running_loop().create_future()
 
@@ -65,6 +67,8 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.flow = Flow(self.name, peer[0], peer[1])
+        local = transport.get_extra_info("sockname")
+        self.local = (local[0], local[1]) if local else None
         self.last_activity = asyncio.get_running_loop().time()
         self.layer._register(self)
 
@@ -81,6 +85,8 @@ class _Connection(asyncio.Protocol):
             self.layer._received(raw, self.flow, stream=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.outbound:  # e.g. a TLS server refusing us after the handshake
+            log.warning("the server closed our connection %s: %s", self.flow, exc)
         self.layer._unregister(self)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -124,6 +130,9 @@ class TransportLayer:
         self._connections: dict[Flow, _Connection] = {}
         self._connecting: dict[Flow, asyncio.Future[_Connection]] = {}
         self._client_tls: ssl.SSLContext | None = None
+        # The name a TLS server's certificate must show, by (IP, port) we connect to: the
+        # name the user gave for that server (else the certificate must name the IP).
+        self._tls_names: dict[tuple[str, int], str] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     # -- set-up -----------------------------------------------------------------------
@@ -160,12 +169,29 @@ class TransportLayer:
     def set_client_tls(self, context: ssl.SSLContext) -> None:
         self._client_tls = context
 
+    def expect_tls_name(self, host: str, port: int, name: str) -> None:
+        """Verify the certificate of the TLS server at host:port (an IP) against `name`."""
+        self._tls_names[(host, port)] = name
+
+    async def connect(self, flow: Flow) -> None:
+        """Open the TCP/TLS connection for `flow` now, unless it is open: a refused
+        connection or certificate raises OSError here (its __cause__ the original error)
+        rather than failing a transaction later."""
+        if flow not in self._connections:
+            await self._connect(flow)
+
     def address(self, transport: str, family_of: str | None = None) -> tuple[str, int] | None:
         """A listening (host, port) for `transport`, of the same IP family as `family_of`."""
         transport = transport.upper()
         want_v6 = family_of is not None and ":" in family_of
         candidates = ([addr for _, addr in self._udp] if transport == "UDP" else
                       [addr for name, _, addr in self._servers if name == transport])
+        if not candidates and transport in RELIABLE:
+            # No listener (a UA with no certificate of its own connects out over TLS): the
+            # local end of our first open connection, so that a Via or Contact naming it
+            # is reached over that connection (RFC 3261 §18.2.2).
+            candidates = [conn.local for flow, conn in self._connections.items()
+                          if flow.transport == transport and conn.local is not None]
         for addr in candidates:
             if (":" in addr[0]) == want_v6 or family_of is None:
                 return addr
@@ -306,13 +332,15 @@ class TransportLayer:
         fut: asyncio.Future[_Connection] = asyncio.get_running_loop().create_future()
         self._connecting[flow] = fut
         try:
-            context = None
+            context, name = None, None
             if flow.transport == "TLS":
                 context = self._client_tls or ssl.create_default_context()
+                name = self._tls_names.get((flow.host, flow.port))
             loop = asyncio.get_running_loop()
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, flow.transport), flow.host, flow.port,
-                                       ssl=context), self.connect_timeout)
+                loop.create_connection(lambda: _Connection(self, flow.transport, True),
+                                       flow.host, flow.port,
+                                       ssl=context, server_hostname=name), self.connect_timeout)
             # Outbound connections are indexed by the target we asked for.
             self._connections[flow] = conn
             fut.set_result(conn)
@@ -320,7 +348,7 @@ class TransportLayer:
         except BaseException as exc:
             fut.set_exception(OSError(f"cannot connect to {flow}: {exc}"))
             fut.exception()  # retrieved: waiters re-raise it
-            raise OSError(f"cannot connect to {flow}: {exc}") from None
+            raise OSError(f"cannot connect to {flow}: {exc}") from exc
         finally:
             del self._connecting[flow]
 

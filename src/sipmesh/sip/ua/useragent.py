@@ -124,7 +124,10 @@ class UserAgent:
     def contact(self, transport: str | None = None) -> Address:
         transport = (transport or self.config.transport).upper()
         host = self.config.advertised_host or self._local_host()
-        port = self._ports.get(transport, self.config.listen_port)
+        port = self._ports.get(transport)
+        if port is None:  # e.g. TLS without a listener: our end of the connection
+            bound = self.transport.address(transport) if self.transport is not None else None
+            port = bound[1] if bound is not None else self.config.listen_port
         uri = SipURI(host=host, user=self.config.user, port=port)
         if transport != "UDP":
             uri.params["transport"] = transport.lower()
