@@ -36,7 +36,7 @@ from sipmesh.agent.profile import (COMMON_OFFER, IP_PARAMS, PORT, AppProfile, Pl
                                    endpoint_env)
 from sipmesh.agent.supervisor import ChildSpec, resolve_program
 from sipmesh.apps.certs import HostCertificate, default_state_dir, host_certificate
-from sipmesh.apps.exec import DEFAULT_APP_PORT, DEFAULT_VPN_LOCAL, VPN_LOCAL, VPN_REMOTE, next_address
+from sipmesh.apps.exec import DEFAULT_APP_PORT, DEFAULT_VPN_LOCAL, VPN_LOCAL, VPN_REMOTE, vpn_pair
 from sipmesh.daemon.service import ConfigValueError, ServiceProfile
 
 log = logging.getLogger("sipmesh.apps.openvpn")
@@ -61,11 +61,7 @@ class OpenVPNProfile(AppProfile):
         self.openvpn = openvpn
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         self.app_port = app_port
-        self.vpn_local = VPN_LOCAL.parse(vpn_local)
-        try:
-            self.vpn_remote = VPN_REMOTE.parse(vpn_remote or next_address(self.vpn_local))
-        except ValueError as exc:
-            raise AgentError(str(exc), Exit.USAGE) from None
+        self.vpn_local, self.vpn_remote = vpn_pair(vpn_local, vpn_remote)
         self.extra_args = list(extra_args or [])
         self.ping, self.ping_exit, self.verb = ping, ping_exit, verb
         self.cert: HostCertificate | None = None

@@ -43,7 +43,7 @@ from sipmesh.agent.ports import pick_port
 from sipmesh.agent.profile import COMMON_OFFER, IP_PARAMS, PORT, AppProfile, Plan, SessionInfo, \
     endpoint_env, offered_ip
 from sipmesh.agent.supervisor import ChildSpec, resolve_program
-from sipmesh.apps.exec import DEFAULT_VPN_LOCAL, VPN_LOCAL, VPN_REMOTE, next_address
+from sipmesh.apps.exec import DEFAULT_VPN_LOCAL, VPN_LOCAL, VPN_REMOTE, vpn_pair
 from sipmesh.daemon.service import ConfigValueError, ServiceProfile
 
 log = logging.getLogger("sipmesh.apps.wireguard")
@@ -293,11 +293,7 @@ class WireGuardProfile(WireGuardSessions, AppProfile):
                  keepalive: int = 25, mtu: int = 1420, wireguard_go: str = "wireguard-go",
                  wg: str = "wg", ip: str = "ip") -> None:
         self.app_port = app_port
-        self.vpn_local = VPN_LOCAL.parse(vpn_local)
-        try:
-            self.vpn_remote = VPN_REMOTE.parse(vpn_remote or next_address(self.vpn_local))
-        except ValueError as exc:
-            raise AgentError(str(exc), Exit.USAGE) from None
+        self.vpn_local, self.vpn_remote = vpn_pair(vpn_local, vpn_remote)
         self.state_dir = state_dir
         self.keepalive, self.mtu = keepalive, mtu
         self.programs = {"wireguard_go": wireguard_go, "wg": wg, "ip": ip}

@@ -171,7 +171,7 @@ def chosen_transport(server: ServerAddress, option: str | None) -> str:
 
 
 def build_profile(args: argparse.Namespace, mode: str) -> AppProfile:
-    from sipmesh.apps.exec import DEFAULT_VPN_LOCAL, ExecProfile, next_address
+    from sipmesh.apps.exec import DEFAULT_VPN_LOCAL, ExecProfile, vpn_pair
     from sipmesh.apps.openvpn import OpenVPNProfile
     from sipmesh.apps.wireguard import WireGuardProfile
 
@@ -192,11 +192,7 @@ def build_profile(args: argparse.Namespace, mode: str) -> AppProfile:
                          f"'sipmesh {mode} ... -- ./myprog --port {{PORT}}'", Exit.USAGE)
     vpn = None
     if args.vpn or vpn_local or vpn_remote:
-        local = vpn_local or DEFAULT_VPN_LOCAL
-        try:
-            vpn = (local, vpn_remote or next_address(local))
-        except ValueError as exc:
-            raise AgentError(str(exc), Exit.USAGE) from None
+        vpn = vpn_pair(vpn_local or DEFAULT_VPN_LOCAL, vpn_remote)
     return ExecProfile(args.program, app_port=app_port, vpn=vpn, append_args=args.append_args,
                        transport=args.app_transport)
 
