@@ -7,7 +7,8 @@ For each pair kind the session's path is direct or relayed as the daemon's `sipm
 --json` and the caller's progress say, ping crosses the tunnel both ways, and the tunnel
 program uses the path ICE checked: it is bound to the path's local port and sends to the
 path's remote end (the peer's NAT, or our relay proxy on 127.0.0.1). Ending the call
-(SIGTERM: BYE) removes both ends.
+(SIGTERM: BYE) removes both ends. A host whose router drops all UDP gets its tunnel
+through the relay over TURN/TCP.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns,
                                  reason="needs openvpn, wireguard-go, wg and ping")]
 
 ANSWERING = ("a", "b", "s2")
-CALLING = ("p", "a", "s")
+CALLING = ("p", "a", "s", "u")
 POOLS = {"a": "10.91.0.0/24", "b": "10.92.0.0/24", "s2": "10.93.0.0/24",
-         "p": "10.94.0.0/24", "s": "10.95.0.0/24"}
+         "p": "10.94.0.0/24", "s": "10.95.0.0/24",
+         "u": "10.89.0.0/24"}
 
 @dataclass
 class TunnelLab:
@@ -53,7 +55,7 @@ def tunnel_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunnelLab]:
     run = tmp_path_factory.mktemp("tunnels")
     with NatLab() as lab:
         lab.add_hosts({"broker": "public", "p": "public", "a": "home", "b": "home",
-                       "s": "symmetric", "s2": "symmetric"})
+                       "s": "symmetric", "s2": "symmetric", "u": "udp_blocked"})
         users = list(ANSWERING) + [f"{h}c" for h in CALLING] + ["aw", "bw"]
         site = NatSite(lab, run, users).start()
         try:
@@ -169,4 +171,31 @@ def test_serve_and_call_app_across_nat(tunnel_lab: TunnelLab, app: str) -> None:
     assert call.returncode == 0, call.log_tail(30)
     assert serve.wait(20) == 0, serve.log_tail(30)   # --once: done after the session
     wait_for(lambda: not tunnel_links(lab["a"]) and not tunnel_links(lab["b"]), 15,
+             what="both tunnel interfaces gone")
+
+
+@pytest.mark.parametrize("service", ["vpn", "ovpn"])
+def test_tunnel_from_a_network_without_udp(tunnel_lab: TunnelLab, service: str) -> None:
+    """u's router drops every UDP packet: SIP over TCP, the tunnel's datagrams through our
+    relay proxy as ChannelData over TURN/TCP."""
+    lab, site = tunnel_lab.lab, tunnel_lab.site
+    call = site.call("u", "uc", "a", "--service", service, "--transport", "tcp",
+                     services=tunnel_lab.services("u"))
+    try:
+        session = wait_for(lambda: _session(site, "a", service), 30,
+                           what=f"a's {service} session on a path", abort=call.exit_reason)
+        assert session["path"]["kind"] == "relayed"
+        wait_for(lambda: "UDP is blocked on our network: relayed over TURN/TCP" in
+                 call.log_text(), 10, what="the caller's path", abort=call.exit_reason)
+        local, remote = session["allocated"]["addresses"]
+        wait_for(lambda: _tunnel_route(lab["u"], local), 20, what="u's tunnel up",
+                 abort=call.exit_reason)
+        ping = lab["u"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
+        assert ping.returncode == 0, ping.stdout + call.log_tail(40)
+        back = lab["a"].run(["ping", "-c", "1", "-w", "5", remote], check=False, timeout=15)
+        assert back.returncode == 0, back.stdout
+    finally:
+        call.stop(grace=10)
+    assert call.returncode == 0, call.log_tail(30)
+    wait_for(lambda: not tunnel_links(lab["u"]) and not tunnel_links(lab["a"]), 15,
              what="both tunnel interfaces gone")
