@@ -258,6 +258,16 @@ async def test_large_udp_request_leaves_over_tcp(layers) -> None:
         got, arrived = await server_inbox.get()
         assert arrived.transport == "TCP" and got.body == b"x" * UDP_SIZE_THRESHOLD
         assert got.via.transport == "TCP"
+
+        # a pinned flow (a NATed UA's registered UDP flow, the only way to it) stays UDP
+        pinned = parse_message(options("SIP/2.0/UDP 127.0.0.1:5060", branch="z9hG4bK-pin",
+                                       body=b"y" * UDP_SIZE_THRESHOLD))
+        pinned.headers.remove("Via")
+        flow = transactions.add_via(pinned, Flow("UDP", host, port), pinned=True)
+        assert flow == Flow("UDP", host, port) and pinned.via.transport == "UDP"
+        transactions.send_request(pinned, flow)
+        got, arrived = await server_inbox.get()
+        assert arrived.transport == "UDP" and got.body == b"y" * UDP_SIZE_THRESHOLD
     finally:
         await transactions.close()
 

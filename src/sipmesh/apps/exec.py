@@ -109,6 +109,16 @@ def next_address(address: str) -> str:
     return str(ip + 1)
 
 
+def vpn_pair(local: str, remote: str | None) -> tuple[str, str]:
+    """The tunnel address pair (ours, the peer's), the peer's local + 1 by default;
+    AgentError (usage) when one is not an IPv4 address or there is no local + 1."""
+    try:
+        local = VPN_LOCAL.parse(local)
+        return local, VPN_REMOTE.parse(remote or next_address(local))
+    except ValueError as exc:
+        raise AgentError(str(exc), Exit.USAGE) from None
+
+
 def substitute(args: list[str], values: dict[str, str]) -> list[str]:
     """Replace {NAME} by values[NAME] (validated values only); unknown names stay as they are."""
     return [templates.render(a, values, strict=False) for a in args]

@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from sipmesh.agent.errors import AgentError, Exit, ProfileError
+from sipmesh.agent.handover import KEEPALIVE, UdpEndpoint
 from sipmesh.agent.params import Fingerprint, Param
 from sipmesh.agent.ports import pick_port
 from sipmesh.agent.profile import (COMMON_OFFER, IP_PARAMS, PORT, AppProfile, Plan, SessionInfo,
                                    endpoint_env)
 from sipmesh.agent.supervisor import ChildSpec, resolve_program
 from sipmesh.agent.certs import HostCertificate, default_state_dir, host_certificate
-from sipmesh.apps.exec import DEFAULT_APP_PORT, DEFAULT_VPN_LOCAL, VPN_LOCAL, VPN_REMOTE, next_address
+from sipmesh.apps.exec import DEFAULT_APP_PORT, DEFAULT_VPN_LOCAL, VPN_LOCAL, VPN_REMOTE, vpn_pair
 from sipmesh.daemon.service import ConfigValueError, ServiceProfile
 
 log = logging.getLogger("sipmesh.apps.openvpn")
@@ -47,6 +48,7 @@ class OpenVPNProfile(AppProfile):
     name = "openvpn"
     media = "application/vpn"
     proto = "OpenVPN"
+    transport = "udp"
     offer_params = COMMON_OFFER + (FINGERPRINT,)
     answer_params = IP_PARAMS + (PORT, VPN_LOCAL, VPN_REMOTE, FINGERPRINT)
 
@@ -54,14 +56,12 @@ class OpenVPNProfile(AppProfile):
                  app_port: int = DEFAULT_APP_PORT, vpn_local: str = DEFAULT_VPN_LOCAL,
                  vpn_remote: str | None = None, extra_args: list[str] | None = None,
                  ping: int = 10, ping_exit: int = 30, verb: int = 3) -> None:
+        if not 0 < ping <= KEEPALIVE:   # NATs forget a silent flow (agent/handover.py)
+            raise AgentError(f"OpenVPN's ping must be 1..{KEEPALIVE:g} s", Exit.USAGE)
         self.openvpn = openvpn
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         self.app_port = app_port
-        self.vpn_local = VPN_LOCAL.parse(vpn_local)
-        try:
-            self.vpn_remote = VPN_REMOTE.parse(vpn_remote or next_address(self.vpn_local))
-        except ValueError as exc:
-            raise AgentError(str(exc), Exit.USAGE) from None
+        self.vpn_local, self.vpn_remote = vpn_pair(vpn_local, vpn_remote)
         self.extra_args = list(extra_args or [])
         self.ping, self.ping_exit, self.verb = ping, ping_exit, verb
         self.cert: HostCertificate | None = None
@@ -90,19 +90,45 @@ class OpenVPNProfile(AppProfile):
         attributes = {"IP6" if ":" in info.local_ip else "IP4": info.local_ip,
                       "PORT": str(port), "VPN_LOCAL_ADDR": self.vpn_local,
                       "VPN_REMOTE_ADDR": self.vpn_remote, "fingerprint": cert.fingerprint}
-        lines = [f"lport {port}", f"ifconfig {self.vpn_local} {self.vpn_remote}",
+        return Plan(attributes=attributes, child=self._server_child(info, attributes, offer),
+                    port=port, path_port=port, context={"offer": offer})
+
+    def answer_child(self, info: SessionInfo, plan: Plan) -> ChildSpec:
+        """On a path: the plan's program with the path's port and peer (its configuration
+        directory replaced)."""
+        if plan.child.cleanup is not None:
+            plan.child.cleanup()
+        return self._server_child(info, plan.attributes, plan.context["offer"])
+
+    def _server_child(self, info: SessionInfo, attributes: dict[str, str],
+                      offer: dict[str, str]) -> ChildSpec:
+        """The TLS server on our a=PORT, taking the first peer that comes; on a path, on
+        its port and towards its remote end."""
+        lines = [*self._path_lines(info.path, attributes["PORT"]),
+                 f"ifconfig {attributes['VPN_LOCAL_ADDR']} {attributes['VPN_REMOTE_ADDR']}",
                  "tls-server", "dh none", "float"]
-        child = self._child(info, "server", lines, offer["fingerprint"], attributes,
-                            remote_ip=offer.get("IP4") or offer.get("IP6"), port=str(port))
-        return Plan(attributes=attributes, child=child, port=port)
+        return self._child(info, "server", lines, offer["fingerprint"], attributes,
+                           remote_ip=offer.get("IP4") or offer.get("IP6"),
+                           port=attributes["PORT"])
 
     def caller_child(self, info: SessionInfo, offer: dict[str, str],
                      answer: dict[str, str]) -> ChildSpec:
         remote = answer.get("IP4") or answer["IP6"]
-        lines = [f"remote {remote} {answer['PORT']}", "nobind",
-                 f"ifconfig {answer['VPN_REMOTE_ADDR']} {answer['VPN_LOCAL_ADDR']}", "tls-client"]
+        path = info.path
+        lines = [f"remote {remote} {answer['PORT']}", "nobind"] if path is None \
+            else [*self._path_lines(path, answer["PORT"]), "float"]
+        lines += [f"ifconfig {answer['VPN_REMOTE_ADDR']} {answer['VPN_LOCAL_ADDR']}",
+                  "tls-client"]
         return self._child(info, "client", lines, answer["fingerprint"], answer,
                            remote_ip=remote, port=answer["PORT"])
+
+    @staticmethod
+    def _path_lines(path: UdpEndpoint | None, port: str) -> list[str]:
+        """Where OpenVPN binds and sends: on a path (agent/handover.py) the port ICE
+        checked and the peer's end of it; without one the answering side's a=PORT."""
+        if path is None:
+            return [f"lport {port}"]
+        return [f"lport {path.local_port}", f"remote {path.remote_ip} {path.remote_port}"]
 
     def _child(self, info: SessionInfo, role: str, role_lines: list[str], peer_fingerprint: str,
                values: dict[str, str], *, remote_ip: str | None, port: str) -> ChildSpec:
@@ -148,6 +174,7 @@ class OpenVPNService(ServiceProfile):
     name = "openvpn"
     media = OpenVPNProfile.media
     proto = OpenVPNProfile.proto
+    transport = OpenVPNProfile.transport
     offer_params = OpenVPNProfile.offer_params
     answer_params = OpenVPNProfile.answer_params
     options = ("port", "addresses", "openvpn", "extra_args")
@@ -184,6 +211,9 @@ class OpenVPNService(ServiceProfile):
         port = lease.port(self.port_allocator, ("udp",))
         local, remote = lease.pair(self.pool)
         return await self._profile(port, local, remote).answer(info, offer)
+
+    def answer_child(self, info: SessionInfo, plan: Plan) -> ChildSpec:
+        return self._profile().answer_child(info, plan)   # the plan holds the session's values
 
     def caller_child(self, info: SessionInfo, offer: dict[str, str],
                      answer: dict[str, str]) -> ChildSpec:

@@ -32,21 +32,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sipmesh.agent.errors import Exit, ProfileError
+from sipmesh.agent.errors import AgentError, Exit, ProfileError
+from sipmesh.agent.handover import KEEPALIVE, UdpEndpoint
 from sipmesh.agent.params import Base64Key, IPv4, Param
-from sipmesh.agent.profile import COMMON_OFFER, IP_PARAMS, PORT, Plan, SessionInfo, \
+from sipmesh.agent.ports import pick_port
+from sipmesh.agent.profile import COMMON_OFFER, IP_PARAMS, PORT, AppProfile, Plan, SessionInfo, \
     endpoint_env, offered_ip
 from sipmesh.agent.supervisor import ChildSpec, resolve_program
+from sipmesh.apps.exec import DEFAULT_VPN_LOCAL, VPN_LOCAL, VPN_REMOTE, vpn_pair
 from sipmesh.daemon.service import ConfigValueError, ServiceProfile
 
 log = logging.getLogger("sipmesh.apps.wireguard")
 
 PUBKEY = Param("wg-pubkey", Base64Key(32))
-VPN_LOCAL = Param("VPN_LOCAL_ADDR", IPv4())
-VPN_REMOTE = Param("VPN_REMOTE_ADDR", IPv4())
+DEFAULT_PORT = 51820
 UAPI_DIR = Path("/var/run/wireguard")
 IFNAME_PREFIX = "smwg"
 SOCKET_WAIT = 10.0
@@ -95,15 +98,162 @@ def _state_dir(state_dir: Path | None) -> Path:
     return default_state_dir()
 
 
-class WireGuardService(ServiceProfile):
-    """kind = "wireguard": options port (a UDP allocator), addresses (an IPv4 pool),
-    keepalive, mtu, wireguard_go, wg, ip, ifname_prefix."""
+class WireGuardSessions:
+    """The session half both kinds share (`WireGuardProfile` for ``sipmesh serve/call --app
+    wireguard``, `WireGuardService` for the daemon): keys, the program, the path.
+
+    Without a path (ICE off, or a peer without ICE) as before: the answering side listens
+    on its a=PORT and waits; the caller points its peer at a=IP4:a=PORT from any port.
+    With a path (``info.path``, agent/handover.py) both sides bind ``path.local_port``
+    (wireguard-go's listen-port: the port ICE checked) and point their peer at
+    ``path.remote_ip:remote_port`` with a persistent keepalive of at most
+    ``handover.KEEPALIVE`` s, under conntrack's 30 s. Both sides knowing the endpoint also
+    settles which program starts first: each one initiates a handshake as its interface
+    comes up, and the later of the two finds the other listening (no 5 s retry).
+
+    A class using it provides ``keepalive``, ``mtu``, ``programs``, ``prefix``,
+    ``state_dir`` and `choose` (the answering side's port and address pair)."""
 
     name = "wireguard"
     media = "application/vpn"
     proto = "WireGuard"
+    transport = "udp"
     offer_params = COMMON_OFFER + (PUBKEY,)
     answer_params = IP_PARAMS + (PORT, VPN_LOCAL, VPN_REMOTE, PUBKEY)
+    keepalive: int
+    mtu: int
+    programs: dict[str, str]
+    prefix: str
+    state_dir: Path | None
+    _private: bytes | None = None
+
+    def choose(self, info: SessionInfo) -> tuple[int, str, str]:
+        """The answering side's UDP port and tunnel address pair (ours, the caller's)."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        for key, program in self.programs.items():
+            try:
+                self.programs[key] = resolve_program(program)
+            except ProfileError as exc:
+                raise self.program_error(key, exc) from None
+        if not os.path.exists("/dev/net/tun"):
+            raise ProfileError("/dev/net/tun is missing: no tunnel can be made here (a "
+                               "container needs --device /dev/net/tun and CAP_NET_ADMIN)",
+                               Exit.PROGRAM)
+
+    def program_error(self, key: str, exc: ProfileError) -> Exception:
+        return exc
+
+    # -- the calling side: our key pair is made with the offer -------------------------
+    def offer(self, info: SessionInfo) -> dict[str, str]:
+        self._private, public = keypair()
+        return dict(super().offer(info), **{"wg-pubkey": public})  # type: ignore[misc]
+
+    def caller_child(self, info: SessionInfo, offer: dict[str, str],
+                     answer: dict[str, str]) -> ChildSpec:
+        assert self._private is not None, "offer() makes the key pair"
+        remote = offered_ip(answer) or ""
+        tunnel = Tunnel(self._key_file(self._private), interface_name(self.prefix),
+                        address=answer["VPN_REMOTE_ADDR"], peer_address=answer["VPN_LOCAL_ADDR"],
+                        peer_key=answer["wg-pubkey"], endpoint=_hostport(remote, answer["PORT"]),
+                        keepalive=self.keepalive)
+        return self._spec(info, "client", tunnel, values=answer, remote_ip=remote,
+                          port=answer["PORT"])
+
+    # -- the answering side ---------------------------------------------------------
+    async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
+        port, local, remote = self.choose(info)
+        private, public = keypair()
+        attributes = {"IP6" if ":" in info.local_ip else "IP4": info.local_ip,
+                      "PORT": str(port), "VPN_LOCAL_ADDR": local, "VPN_REMOTE_ADDR": remote,
+                      "wg-pubkey": public}
+        tunnel = Tunnel(self._key_file(private), interface_name(self.prefix), address=local,
+                        peer_address=remote, peer_key=offer["wg-pubkey"], listen_port=port)
+        child = self._spec(info, "server", tunnel, values=attributes,
+                           remote_ip=offered_ip(offer), port=str(port))
+        return Plan(attributes=attributes, child=child, port=port, path_port=port,
+                    context={"tunnel": tunnel, "offer": offer})
+
+    def answer_child(self, info: SessionInfo, plan: Plan) -> ChildSpec:
+        """The same key and interface as the plan's program, on the path."""
+        offer = plan.context["offer"]
+        return self._spec(info, "server", plan.context["tunnel"], values=plan.attributes,
+                          remote_ip=offered_ip(offer), port=plan.attributes["PORT"])
+
+    async def wait_ready(self, plan: Plan, child: Any) -> None:
+        """The answering side's program waits until our end is configured: without a path
+        the 200 OK waits for it (a caller whose first handshake found nobody would wait
+        for WireGuard's 5 s retry)."""
+        ready = Path(plan.child.argv[plan.child.argv.index("--ready-file") + 1])
+        deadline = time.monotonic() + READY_WAIT
+        while not ready.exists():
+            if child.exited.done():
+                raise ProfileError("the WireGuard program exited during setup "
+                                   f"(status {child.exited.result()}; its output is in our "
+                                   "log, -v shows more)")
+            if time.monotonic() > deadline:
+                raise ProfileError(f"the WireGuard interface was not up within "
+                                   f"{READY_WAIT:g} s")
+            await asyncio.sleep(0.01)
+
+    def _key_file(self, private: bytes) -> Path:
+        return write_private_key(_state_dir(self.state_dir) / "run", private)
+
+    def _spec(self, info: SessionInfo, role: str, tunnel: "Tunnel", *, values: dict[str, str],
+              remote_ip: str | None, port: str) -> ChildSpec:
+        if info.path is not None:
+            tunnel = tunnel.on(info.path)
+        argv = [sys.executable, "-m", "sipmesh.apps.wireguard", "up", *tunnel.argv(),
+                "--mtu", str(self.mtu),
+                "--wireguard-go", self.programs["wireguard_go"], "--wg", self.programs["wg"],
+                "--ip", self.programs["ip"]]
+        env = endpoint_env(values, role=role, info=info, remote_ip=remote_ip, port=port)
+        env["SIPMESH_IFNAME"] = tunnel.ifname
+        directory = tunnel.key_file.parent
+        return ChildSpec(argv=argv, env=env,
+                         cleanup=lambda: shutil.rmtree(directory, ignore_errors=True))
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """One end's settings: what ``up`` is told."""
+
+    key_file: Path
+    ifname: str
+    address: str
+    peer_address: str
+    peer_key: str
+    listen_port: int | None = None
+    endpoint: str | None = None
+    keepalive: int = 0
+
+    def on(self, path: UdpEndpoint) -> "Tunnel":
+        """This end on the path ICE chose: its port, the peer there, kept alive."""
+        keepalive = min(self.keepalive, int(KEEPALIVE)) if self.keepalive else int(KEEPALIVE)
+        return replace(self, listen_port=path.local_port,
+                       endpoint=_hostport(path.remote_ip, str(path.remote_port)),
+                       keepalive=keepalive)
+
+    def argv(self) -> list[str]:
+        argv = ["--ifname", self.ifname, "--key-file", str(self.key_file),
+                "--address", self.address, "--peer-address", self.peer_address,
+                "--peer-key", self.peer_key, "--ready-file", str(self.key_file.parent / "ready")]
+        if self.listen_port is not None:
+            argv += ["--listen-port", str(self.listen_port)]
+        if self.endpoint is not None:
+            argv += ["--endpoint", self.endpoint, "--keepalive", str(self.keepalive)]
+        return argv
+
+
+def _hostport(host: str, port: str) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class WireGuardService(WireGuardSessions, ServiceProfile):
+    """kind = "wireguard": options port (a UDP allocator), addresses (an IPv4 pool),
+    keepalive, mtu, wireguard_go, wg, ip, ifname_prefix."""
+
     options = ("port", "addresses", "keepalive", "mtu", "wireguard_go", "wg", "ip",
                "ifname_prefix")
 
@@ -121,86 +271,36 @@ class WireGuardService(ServiceProfile):
         self.prefix = self.option_str(options, "ifname_prefix", IFNAME_PREFIX)
         if not self.prefix.isalnum() or len(self.prefix) > 7:
             raise ConfigValueError("ifname_prefix", "at most 7 letters and digits")
-        self._private: bytes | None = None
+        self._private = None
 
-    def check(self) -> None:
-        for key, program in self.programs.items():
-            try:
-                self.programs[key] = resolve_program(program)
-            except ProfileError as exc:
-                raise ConfigValueError(key, str(exc)) from None
-        if not os.path.exists("/dev/net/tun"):
-            raise ProfileError("/dev/net/tun is missing: no tunnel can be made here (a "
-                               "container needs --device /dev/net/tun and CAP_NET_ADMIN)",
-                               Exit.PROGRAM)
+    def program_error(self, key: str, exc: ProfileError) -> Exception:
+        return ConfigValueError(key, str(exc))
 
-    # -- the calling side: our key pair is made with the offer -------------------------
-    def offer(self, info: SessionInfo) -> dict[str, str]:
-        self._private, public = keypair()
-        return dict(super().offer(info), **{"wg-pubkey": public})
-
-    def caller_child(self, info: SessionInfo, offer: dict[str, str],
-                     answer: dict[str, str]) -> ChildSpec:
-        assert self._private is not None, "offer() makes the key pair"
-        remote = offered_ip(answer) or ""
-        endpoint = f"[{remote}]:{answer['PORT']}" if ":" in remote else \
-            f"{remote}:{answer['PORT']}"
-        return self._spec(info, "client", self._private, address=answer["VPN_REMOTE_ADDR"],
-                          peer_address=answer["VPN_LOCAL_ADDR"],
-                          peer_key=answer["wg-pubkey"], listen_port=None, endpoint=endpoint,
-                          values=answer, remote_ip=remote, port=answer["PORT"])
-
-    # -- the answering side ---------------------------------------------------------
-    async def answer(self, info: SessionInfo, offer: dict[str, str]) -> Plan:
+    def choose(self, info: SessionInfo) -> tuple[int, str, str]:
         assert self.pool is not None
         lease = self.lease_of(info)
         port = lease.port(self.port_allocator, ("udp",))
         local, remote = lease.pair(self.pool)
-        private, public = keypair()
-        attributes = {"IP6" if ":" in info.local_ip else "IP4": info.local_ip,
-                      "PORT": str(port), "VPN_LOCAL_ADDR": local, "VPN_REMOTE_ADDR": remote,
-                      "wg-pubkey": public}
-        child = self._spec(info, "server", private, address=local, peer_address=remote,
-                           peer_key=offer["wg-pubkey"], listen_port=port, endpoint=None,
-                           values=attributes, remote_ip=offered_ip(offer), port=str(port))
-        return Plan(attributes=attributes, child=child, port=port)
+        return port, local, remote
 
-    async def wait_ready(self, plan: Plan, child: Any) -> None:
-        """The 200 OK waits until our end is configured: a caller whose first handshake
-        found nobody would otherwise wait for WireGuard's 5 s retry."""
-        ready = Path(plan.child.argv[plan.child.argv.index("--ready-file") + 1])
-        deadline = time.monotonic() + READY_WAIT
-        while not ready.exists():
-            if child.exited.done():
-                raise ProfileError("the WireGuard program exited during setup "
-                                   f"(status {child.exited.result()}; its output is in our "
-                                   "log, -v shows more)")
-            if time.monotonic() > deadline:
-                raise ProfileError(f"the WireGuard interface was not up within "
-                                   f"{READY_WAIT:g} s")
-            await asyncio.sleep(0.01)
 
-    def _spec(self, info: SessionInfo, role: str, private: bytes, *, address: str,
-              peer_address: str, peer_key: str, listen_port: int | None,
-              endpoint: str | None, values: dict[str, str], remote_ip: str | None,
-              port: str) -> ChildSpec:
-        key_file = write_private_key(_state_dir(self.state_dir) / "run", private)
-        ifname = interface_name(self.prefix)
-        argv = [sys.executable, "-m", "sipmesh.apps.wireguard", "up",
-                "--ifname", ifname, "--key-file", str(key_file),
-                "--address", address, "--peer-address", peer_address,
-                "--peer-key", peer_key, "--mtu", str(self.mtu),
-                "--wireguard-go", self.programs["wireguard_go"], "--wg", self.programs["wg"],
-                "--ip", self.programs["ip"],
-                "--ready-file", str(key_file.parent / "ready")]
-        if listen_port is not None:
-            argv += ["--listen-port", str(listen_port)]
-        if endpoint is not None:
-            argv += ["--endpoint", endpoint, "--keepalive", str(self.keepalive)]
-        env = endpoint_env(values, role=role, info=info, remote_ip=remote_ip, port=port)
-        env["SIPMESH_IFNAME"] = ifname
-        return ChildSpec(argv=argv, env=env,
-                         cleanup=lambda: shutil.rmtree(key_file.parent, ignore_errors=True))
+class WireGuardProfile(WireGuardSessions, AppProfile):
+    """``sipmesh serve/call --app wireguard``: one session at a time, the answering side on
+    its application port (the next free one) with a fixed tunnel address pair."""
+
+    def __init__(self, *, app_port: int = DEFAULT_PORT, vpn_local: str = DEFAULT_VPN_LOCAL,
+                 vpn_remote: str | None = None, state_dir: Path | None = None,
+                 keepalive: int = 25, mtu: int = 1420, wireguard_go: str = "wireguard-go",
+                 wg: str = "wg", ip: str = "ip") -> None:
+        self.app_port = app_port
+        self.vpn_local, self.vpn_remote = vpn_pair(vpn_local, vpn_remote)
+        self.state_dir = state_dir
+        self.keepalive, self.mtu = keepalive, mtu
+        self.programs = {"wireguard_go": wireguard_go, "wg": wg, "ip": ip}
+        self.prefix = IFNAME_PREFIX
+
+    def choose(self, info: SessionInfo) -> tuple[int, str, str]:
+        return pick_port(self.app_port, ("udp",)), self.vpn_local, self.vpn_remote
 
 
 # ---------------------------------------------------------------------------- the program

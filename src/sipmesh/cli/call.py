@@ -53,7 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "stopped by us (BYE from the peer, a signal), 10 if it exited non-zero "
                     "or was killed by a signal we did not send.",
         usage="sipmesh call TARGET --server HOST[:PORT] --user NAME [options] "
-              "[--app exec -- PROGRAM [ARGS...] | --app openvpn [-- OPENVPN-OPTIONS...]]")
+              "[--app exec -- PROGRAM [ARGS...] | --app openvpn [-- OPENVPN-OPTIONS...] | "
+              "--app wireguard]")
     parser.add_argument("target", metavar="TARGET", type=target_name,
                         help="who to call: a registered name (2500), user@domain or a SIP URI")
     add_agent_options(parser, "call")

@@ -25,7 +25,7 @@ from sipmesh.cli.common import (add_identity_options, add_output_options, add_tl
 from sipmesh.sip.ua import UAConfig
 from sipmesh.sip.ua.useragent import DEFAULT_PEER_KEEPALIVE
 
-APPS = ("exec", "openvpn")
+APPS = ("exec", "openvpn", "wireguard")
 
 
 class ProgramArgumentParser(argparse.ArgumentParser):
@@ -64,7 +64,8 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
     app = parser.add_argument_group("application")
     app.add_argument("--app", choices=APPS, default="exec",
                      help="exec: run the program given after --; openvpn: run OpenVPN with a "
-                          "per-session configuration (default: exec)")
+                          "per-session configuration; wireguard: a WireGuard tunnel "
+                          "(wireguard-go) with a fresh key pair per session (default: exec)")
     app.add_argument("--advertise", metavar="ADDR", type=typed(IPAddress(), "advertise"),
                      help="the address the peer can reach us at (sent as a=IP4/a=IP6; "
                           "default: our address towards the SIP server)")
@@ -77,8 +78,8 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
                          help="application port offered to callers; the next free one if it "
                               "is taken (default: 8000)")
         app.add_argument("--vpn-local", metavar="ADDR", type=typed(IPv4(), "vpn-local"),
-                         help="our tunnel address, sent as a=VPN_LOCAL_ADDR (openvpn: default "
-                              "192.168.234.1; exec: sent only when given)")
+                         help="our tunnel address, sent as a=VPN_LOCAL_ADDR (openvpn, wireguard: "
+                              "default 192.168.234.1; exec: sent only when given)")
         app.add_argument("--vpn-remote", metavar="ADDR", type=typed(IPv4(), "vpn-remote"),
                          help="the caller's tunnel address, a=VPN_REMOTE_ADDR (default: "
                               "--vpn-local + 1)")
@@ -159,8 +160,9 @@ def chosen_transport(server: ServerAddress, option: str | None) -> str:
 
 
 def build_profile(args: argparse.Namespace, mode: str) -> AppProfile:
-    from sipmesh.apps.exec import DEFAULT_VPN_LOCAL, ExecProfile, next_address
+    from sipmesh.apps.exec import DEFAULT_VPN_LOCAL, ExecProfile, vpn_pair
     from sipmesh.apps.openvpn import OpenVPNProfile
+    from sipmesh.apps.wireguard import WireGuardProfile
 
     app_port = int(getattr(args, "app_port", 8000))
     vpn_local = getattr(args, "vpn_local", None)
@@ -169,16 +171,17 @@ def build_profile(args: argparse.Namespace, mode: str) -> AppProfile:
         return OpenVPNProfile(openvpn=args.openvpn, state_dir=args.state_dir, app_port=app_port,
                               vpn_local=vpn_local or DEFAULT_VPN_LOCAL, vpn_remote=vpn_remote,
                               extra_args=args.program)
+    if args.app == "wireguard":
+        if args.program:
+            raise AgentError("--app wireguard takes no program after --", Exit.USAGE)
+        return WireGuardProfile(app_port=app_port, vpn_local=vpn_local or DEFAULT_VPN_LOCAL,
+                                vpn_remote=vpn_remote, state_dir=args.state_dir)
     if not args.program:
         raise AgentError("no program to run: give it after --, e.g. "
                          f"'sipmesh {mode} ... -- ./myprog --port {{PORT}}'", Exit.USAGE)
     vpn = None
     if args.vpn or vpn_local or vpn_remote:
-        local = vpn_local or DEFAULT_VPN_LOCAL
-        try:
-            vpn = (local, vpn_remote or next_address(local))
-        except ValueError as exc:
-            raise AgentError(str(exc), Exit.USAGE) from None
+        vpn = vpn_pair(vpn_local or DEFAULT_VPN_LOCAL, vpn_remote)
     return ExecProfile(args.program, app_port=app_port, vpn=vpn, append_args=args.append_args,
                        transport=args.app_transport)
 
@@ -216,7 +219,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "{LOCAL_IP}, {REMOTE_IP}, {VPN_LOCAL_ADDR}, {VPN_REMOTE_ADDR}; the "
                     "program also gets SIPMESH_* environment variables.",
         usage="sipmesh serve --server HOST[:PORT] --user NAME [options] "
-              "[--app exec -- PROGRAM [ARGS...] | --app openvpn [-- OPENVPN-OPTIONS...]]")
+              "[--app exec -- PROGRAM [ARGS...] | --app openvpn [-- OPENVPN-OPTIONS...] | "
+              "--app wireguard]")
     add_agent_options(parser, "serve")
     parser.add_argument("--once", action="store_true",
                         help="exit after the first session, with status 10 if its application "
