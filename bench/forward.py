@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Throughput of the `forward` service against a direct TCP connection, on loopback.
+"""Throughput of the `forward` service against a direct TCP connection and against socat
+relaying the same two hops, on loopback.
 
 A real session: `sipmesh broker`, `sipmesh daemon` with a forward service whose target
 is a sink server, and `sipmesh call HOME --service fwd` -- the caller's local port then
 reaches the sink through the two forward halves (caller half -> answering half ->
 sink), peer to peer, never through the broker. The same source then sends --size MB
-to the sink, alternately directly and through the forward, --runs times each, and
-the medians are compared. The sink reads to EOF and answers with the byte count; the
+to the sink, in turn directly, through the forward and through two chained socat relays
+(``socat TCP-LISTEN:a,fork TCP:127.0.0.1:b`` and ``... b -> sink``: the same two hops,
+what a user would run instead of sipmesh when both ends are reachable), --runs times
+each, and the medians are compared. The sink reads to EOF and answers with the byte count; the
 source (this process) times from connect to that answer.
 
-Also reported: the CPU time each forward half spends per GB (from /proc), because on
+Also reported: the CPU time each forward half (and socat) spends per GB (from /proc), because on
 loopback everything here is CPU-bound: a forwarded byte crosses three TCP connections
 instead of one, and each hop costs about as much CPU as the direct connection's
 sender and receiver together. The ratio therefore depends on the number of cores,
@@ -92,8 +95,14 @@ def send(port: int, size: int) -> float:
 
 
 def cpu_s(pid: int) -> float:
+    """CPU time of `pid` and of its children that have ended (socat forks one per connection)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def children(procs: list[subprocess.Popen]) -> list[str]:
+    return [c for p in procs for c in
+            Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
 
 
 def busy_s() -> float:
@@ -183,21 +192,35 @@ def main() -> int:
                  "bench", "--bind", "127.0.0.1", "-q"],
                 stderr=open(work / "caller.log", "wb"), **common))
             ours = {proc.pid for proc in procs}
+            socat_in, socat_mid = free_port(), free_port()
+            socats = [subprocess.Popen(
+                ["socat", f"TCP-LISTEN:{listen},bind=127.0.0.1,fork,reuseaddr",
+                 f"TCP:127.0.0.1:{to}"], stderr=subprocess.DEVNULL, **common)
+                for listen, to in ((socat_mid, sink_port), (socat_in, socat_mid))]
+            procs += socats
             wait(lambda: connectable(local) and len(forward_halves(ours)) == 2, 30,
                  "the forward to come up")
+            wait(lambda: connectable(socat_in), 10, "socat to listen")
             halves = forward_halves(ours)
             warm = min(size, 64 * CHUNK)  # warm up both paths (and the buffers' autotuning)
             send(local, warm)
             send(sink_port, warm)
-            direct, forwarded = [], []
+            send(socat_in, warm)
+            wait(lambda: not children(socats), 10, "socat's children to end")
+            direct, forwarded, relayed = [], [], []
             halves["sink"], halves["source"] = sink_pid, os.getpid()
-            cpu = {path: {name: 0.0 for name in halves} for path in ("direct", "forward")}
+            halves["socat 1"], halves["socat 2"] = socats[1].pid, socats[0].pid
+            paths = ("direct", "forward", "socat")
+            cpu = {path: {name: 0.0 for name in halves} for path in paths}
             started, busy_before = time.monotonic(), busy_s()
             for _ in range(args.runs):
                 for path, port, results in (("direct", sink_port, direct),
-                                            ("forward", local, forwarded)):
+                                            ("forward", local, forwarded),
+                                            ("socat", socat_in, relayed)):
                     before = {name: cpu_s(pid) for name, pid in halves.items()}
                     results.append(size / send(port, size))
+                    if path == "socat":   # its forked children end (and are reaped) after
+                        wait(lambda: not children(socats), 10, "socat's children to end")
                     for name, pid in halves.items():
                         cpu[path][name] += cpu_s(pid) - before[name]
             wall, busy = time.monotonic() - started, busy_s() - busy_before
@@ -217,17 +240,24 @@ def main() -> int:
             if sink_pid:
                 os.kill(sink_pid, signal.SIGKILL)
                 os.waitpid(sink_pid, 0)
-    d, f = statistics.median(direct), statistics.median(forwarded)
+    d, f, r = (statistics.median(x) for x in (direct, forwarded, relayed))
     gb = args.runs * size / (1 << 30)
+
+    def spread(values: list[float]) -> str:
+        return f"({min(values) / 1e6:.0f}-{max(values) / 1e6:.0f})"
+
     print(f"{args.runs} runs of {args.size} MB each way on loopback, {os.cpu_count()} CPUs "
           f"(median; min-max)")
-    print(f"  direct TCP:        {d / 1e6:8.0f} MB/s  ({min(direct) / 1e6:.0f}-{max(direct) / 1e6:.0f})")
-    print(f"  through forward:   {f / 1e6:8.0f} MB/s  ({min(forwarded) / 1e6:.0f}-"
-          f"{max(forwarded) / 1e6:.0f})")
+    print(f"  direct TCP:        {d / 1e6:8.0f} MB/s  {spread(direct)}")
+    print(f"  through forward:   {f / 1e6:8.0f} MB/s  {spread(forwarded)}")
+    print(f"  through socat x2:  {r / 1e6:8.0f} MB/s  {spread(relayed)}  (the same two hops)")
     pairs = statistics.median(fw / di for di, fw in zip(direct, forwarded))
-    print(f"  ratio:             {f / d:8.2f}  (target >= 0.8; median of the {args.runs} "
+    print(f"  forward / direct:  {f / d:8.2f}  (target >= 0.8; median of the {args.runs} "
           f"back-to-back pairs' ratios {pairs:.2f})")
-    for path in ("direct", "forward"):
+    pairs = statistics.median(fw / so for so, fw in zip(relayed, forwarded))
+    print(f"  forward / socat:   {f / r:8.2f}  (median of the pairs' ratios {pairs:.2f}); "
+          f"socat / direct {r / d:.2f}")
+    for path in paths:
         total = sum(cpu[path].values()) / gb
         print(f"  CPU, {path + ':':<8}    {total:.2f} s/GB in all (" + ", ".join(
             f"{name} {seconds / gb:.2f}" for name, seconds in cpu[path].items() if seconds)

@@ -27,13 +27,13 @@ pytestmark = pytest.mark.slow  # real agent processes, Kamailio, our broker
 # ----------------------------------------------------------------------------- helpers
 
 
-def start_session(k, agents, tmp_path: Path, *, name: str = "call"):  # type: ignore[no-untyped-def]
-    """`serve` as 2500 and `call` 2500 from 2501, both running app_argv(run); (serve, call)
-    once both programs are up."""
-    serve = agents(agent_argv("serve", k.hostport, "2500", program=app_argv(tmp_path, "run")),
-                   name="serve")
+def start_session(k, agents, tmp_path: Path, *extra: str, name: str = "call"):  # type: ignore[no-untyped-def]
+    """`serve` as 2500 and `call` 2500 from 2501 (both with the options `extra`), both
+    running app_argv(run); (serve, call) once both programs are up."""
+    serve = agents(agent_argv("serve", k.hostport, "2500", *extra,
+                              program=app_argv(tmp_path, "run")), name="serve")
     wait_ready(serve)
-    call = agents(agent_argv("call", k.hostport, "2501", target="2500",
+    call = agents(agent_argv("call", k.hostport, "2501", *extra, target="2500",
                              program=app_argv(tmp_path, "run")), name=name)
     wait_for(lambda: record(tmp_path, "client") and record(tmp_path, "server"), 10,
              what="session up", abort=call.exit_reason)
@@ -450,6 +450,89 @@ def test_signal_while_idle_unregisters(k, agents, tmp_path):
     serve.popen.send_signal(signal.SIGTERM)
     assert wait_exit(serve) == 0
     assert not k.registered("2500")
+
+
+# ----------------------------------------------------------------------------- a peer that dies
+# Its agent SIGKILLed mid-session, with or without its program: no BYE ever comes. Our side
+# probes the silent peer with in-dialog OPTIONS and ends the session within
+# K + min(2K, 64*T1) of the peer's last sign of life (sip/ua/liveness.py), K = --keepalive.
+
+KEEPALIVE = 2.0
+LOST_BOUND = KEEPALIVE + min(2 * KEEPALIVE, 32.0)  # 6 s
+SLACK = 2.0  # stopping the program, polling, a loaded machine
+
+
+def kill_one_side(tmp_path: Path, dead, survivor, program: str) -> float:
+    """SIGKILL the agent `dead` (and its program if `program` is "killed too"; else the
+    program runs on in its own process group until the end); wait until `survivor` has
+    stopped its own program, within the bound. When the SIGKILL was (time.monotonic())."""
+    dead_role, our_role = ("server", "client") if dead.argv[1] == "serve" else ("client", "server")
+    orphan = record(tmp_path, dead_role)["pid"]
+    try:
+        killed = time.monotonic()
+        os.kill(dead.pid, signal.SIGKILL)
+        if program == "killed too":
+            os.kill(orphan, signal.SIGKILL)
+        wait_for(lambda: (tmp_path / f"{our_role}.stopped").exists(), LOST_BOUND + SLACK + 5,
+                 what=f"the {our_role}'s program stopped", abort=survivor.exit_reason)
+        stopped = time.monotonic() - killed
+    finally:
+        try:
+            os.kill(orphan, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    print(f"\n{dead.argv[1]} SIGKILLed, its program {program}: the {our_role}'s program "
+          f"stopped after {stopped:.2f} s (bound {LOST_BOUND:g} s from the last answer)")
+    assert stopped <= LOST_BOUND + SLACK, stopped
+    return killed
+
+
+@pytest.mark.parametrize("program", ["runs on", "killed too"])
+def test_a_sigkilled_answering_agent_ends_the_callers_session_within_the_bound(
+        k, agents, tmp_path, program):
+    serve, call = start_session(k, agents, tmp_path, "--keepalive", f"{KEEPALIVE:g}")
+    killed = kill_one_side(tmp_path, serve, call, program)
+    assert wait_exit(call, 10) == 12, call.log_text()  # Exit.PEER_LOST
+    print(f"{type(k).__name__}: the caller exited {time.monotonic() - killed:.2f} s after it")
+    says = "the peer stopped answering: no answer to 2 in-dialog OPTIONS in 4 s"
+    assert f"session ended: {says}" in call.log_text()
+    assert f"sipmesh call: {says} (session " in call.log_text()  # why it exits 12
+    assert not k.registered("2501")  # the caller unregistered on its way out
+
+
+@pytest.mark.parametrize("program", ["runs on", "killed too"])
+def test_a_sigkilled_calling_agent_ends_the_answering_session_and_serve_goes_on(
+        k, agents, tmp_path, program):
+    serve, call = start_session(k, agents, tmp_path, "--keepalive", f"{KEEPALIVE:g}")
+    kill_one_side(tmp_path, call, serve, program)
+    wait_for(lambda: "session ended: the peer stopped answering" in serve.log_text(), 5,
+             what="the reason in the log")
+    # serve goes on: the next caller gets a session
+    for name in ("server.json", "client.json", "server.stopped"):
+        (tmp_path / name).unlink(missing_ok=True)
+    again = agents(agent_argv("call", k.hostport, "2502", target="2500",
+                              program=app_argv(tmp_path, "exit", 0.2)), name="again")
+    assert wait_exit(again) == 0, again.log_text()
+    wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
+    assert serve.alive() and k.registered("2500")
+
+
+def test_a_peer_that_answers_the_probes_keeps_the_session(k, agents, tmp_path):
+    """Both sides probe every second of silence (bound 3 s); after five answered probes,
+    well past the bound, the session is still up."""
+    serve, call = start_session(k, agents, tmp_path, "--keepalive", "1", "-vv")
+
+    def answered() -> int:
+        return sum(p.log_text().count("in-dialog OPTIONS answered 200") for p in (serve, call))
+
+    wait_for(lambda: answered() >= 5, 20, what="five probes answered", abort=call.exit_reason)
+    assert serve.alive() and call.alive()
+    assert not (tmp_path / "server.stopped").exists() and not (tmp_path / "client.stopped").exists()
+    assert "stopped answering" not in serve.log_text() + call.log_text()
+    call.popen.send_signal(signal.SIGTERM)  # and it ends as usual
+    assert wait_exit(call) == 0, call.log_text()
+    wait_for(lambda: (tmp_path / "server.stopped").exists(), 10, what="server program stopped")
+    assert_no_orphans(tmp_path)
 
 
 # ----------------------------------------------------------------------------- hostile SDP

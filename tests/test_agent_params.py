@@ -179,7 +179,7 @@ async def test_exec_profile_builds_argv_and_environment_like_sip_app():
 
 
 def test_server_address_option():
-    from sipmesh.cli.serve import server_address
+    from sipmesh.cli.common import server_address
 
     assert server_address("10.0.0.1") == "10.0.0.1"
     assert server_address("sip.example.org:5070") == "sip.example.org:5070"
@@ -190,7 +190,7 @@ def test_server_address_option():
 
 
 def test_server_uris_and_the_transport_they_mean():
-    from sipmesh.cli.serve import server_address
+    from sipmesh.cli.common import server_address
 
     sips = server_address("sips:sip.example.org")
     assert sips == "sip.example.org" and sips.transport == "tls" and sips.text() == "sips:sip.example.org"
@@ -210,7 +210,7 @@ def test_server_uris_and_the_transport_they_mean():
 
 def test_credentials_file(tmp_path):
     from sipmesh.agent.errors import AgentError
-    from sipmesh.cli.serve import read_credentials
+    from sipmesh.cli.common import read_credentials
 
     f = tmp_path / "c"
     f.write_text("# mine\nuser = 2500\npassword = s3cret = x\n")

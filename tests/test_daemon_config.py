@@ -110,6 +110,7 @@ def test_the_example_configuration_loads() -> None:
     (('user = "home"', 'user = "home"\nca_file = "ca.crt"'), "t.toml:5: [agent] ca_file: only for TLS"),
     (('server = "127.0.0.1:5060"', 'server = "sips:127.0.0.1"\ntransport = "tcp"'), "t.toml:4: [agent] transport: 'tcp', but server 'sips:127.0.0.1' means 'tls'"),
     (('server = "127.0.0.1:5060"', 'server = "sip:bob@127.0.0.1"'), "t.toml:3: [agent] server: 'sip:bob@127.0.0.1': give the server alone"),
+    (('user = "home"', 'user = "home"\nkeepalive = 0.5'), "t.toml:5: [agent] keepalive: must be 0 (off) or 1..3600 seconds, not 0.5"),
     (('[[service]]\nname = "two"', '[[service]]\nmax_sessions = 0\nname = "two"'), "t.toml:28: service 'two': max_sessions: must be a positive integer"),
     (('[[service]]\nname = "two"', '[[service]]\nallow = ["a b"]\nname = "two"'), "t.toml:28: service 'two': allow: 'a b' is not a caller pattern"),
     (('from = "allocator"\nallocator = "tcp"', 'from = "config"'), "t.toml:17: service 'one': params.PORT.value: missing"),
@@ -121,6 +122,14 @@ def test_bad_configurations_are_refused_with_line_and_reason(change, expected) -
         load(GOOD.replace(old, new, 1))
     assert str(info.value).startswith(expected), str(info.value)
     assert info.value.code == 2
+
+
+def test_the_peer_keepalive_of_agent_reaches_the_ua() -> None:
+    from sipmesh.daemon.server import ua_config
+    assert ua_config(load(GOOD).agent).peer_keepalive == 15.0  # the default: a dead peer within 45 s
+    for value in (0, 2, 30.5):
+        agent = load(GOOD.replace('user = "home"', f'user = "home"\nkeepalive = {value}')).agent
+        assert agent.keepalive == value and ua_config(agent).peer_keepalive == value
 
 
 def test_reserved_and_unknown_things() -> None:

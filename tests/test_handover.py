@@ -28,6 +28,7 @@ def udp(port: int = 0) -> socket.socket:
     ("turn:203.0.113.2", ("203.0.113.2", 3478, "auto")),
     ("turn:relay.example:443?transport=tcp", ("relay.example", 443, "tcp")),
     ("turn:[2001:db8::1]:3479?transport=udp", ("2001:db8::1", 3479, "udp")),
+    ("203.0.113.2:3479", ("203.0.113.2", 3479, "auto")),    # as sipmesh netcheck --turn
 ])
 def test_turn_uris(text, expected):
     assert parse_turn_uri(text) == expected

@@ -190,7 +190,7 @@ def test_udp_blocked_host_is_relayed_over_turn_tcp(ice_lab):
 
 def test_no_path_fails_clearly_and_leaves_nothing(ice_lab):
     """UDP blocked and the relay down (nothing listens where --turn points): the caller
-    says which candidates and checks it tried, exits 12, and no program ever ran."""
+    says which candidates and checks it tried, exits 13, and no program ever ran."""
     before = ice_lab.records("client") | ice_lab.records("server")
     start = time.monotonic()
     call = ice_lab.call("u", "a", "--transport", "tcp",
@@ -201,7 +201,7 @@ def test_no_path_fails_clearly_and_leaves_nothing(ice_lab):
         rc = None
     elapsed = time.monotonic() - start
     log = call.log_text()
-    assert rc == 12, f"{rc}\n{ice_lab.diagnosis(call)}"
+    assert rc == 13, f"{rc}\n{ice_lab.diagnosis(call)}"
     assert elapsed < 30, elapsed
     assert "no network path to" in log and "no relay" in log, log
     assert "local host 10." in log and "remote host" in log and "checks: " in log, log
@@ -215,7 +215,7 @@ def test_consent_loss_ends_the_session_with_bye(ice_lab):
     """A session between two home hosts moves a datagram a second; a's router then drops
     everything: both sides say "consent lost" within the documented 30 s (plus the 1 s
     watch interval) of the last datagram, send BYE, stop their programs; the caller
-    exits 12."""
+    exits 12 (the peer is lost)."""
     before = ice_lab.records("client")
     call = ice_lab.call("a", "b", program="heartbeat")
     router = ice_lab["a"].router

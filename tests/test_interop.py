@@ -25,28 +25,14 @@ from sipmesh.sip.message import Request, Response
 from sipmesh.sip.transaction.timers import TimerValues
 from sipmesh.sip.ua import CallFailed, UserAgent
 from tests.lab import free_port, listening_sockets, wait_for, wait_for_async
-from tests.peers.helpers import Callee, no_errors_logged, sdp, start_ua
+from tests.peers.helpers import Callee, no_errors_logged, sdp, ua_fixture
 from tests.peers.sippy_run import needs_sippy, sippy_events, start_sippy
 
 __all__ = ["no_errors_logged"]  # an autouse fixture: fail tests that log errors
 
 RFC_TIMERS = TimerValues()
 SIPP_TRANSPORT = {"UDP": "u1", "TCP": "t1"}
-
-
-@pytest.fixture
-async def make_ua():
-    started: list[UserAgent] = []
-
-    async def _make(user: str, **kwargs) -> UserAgent:
-        kwargs.setdefault("timers", RFC_TIMERS)
-        ua = await start_ua(user, **kwargs)
-        started.append(ua)
-        return ua
-
-    yield _make
-    for ua in reversed(started):
-        await ua.stop()
+make_ua = ua_fixture(timers=RFC_TIMERS)  # a fixture: UAs with the RFC's timers
 
 
 def record_requests(ua: UserAgent) -> list[Request]:

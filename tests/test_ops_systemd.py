@@ -94,8 +94,11 @@ def test_installed_units_verify_cleanly_and_stay_hardened(tmp_path: Path) -> Non
     checked = [units / "sipmesh-broker.service", units / "sipmesh@home.service"]
     verify = subprocess.run(["systemd-analyze", "verify", *map(str, checked)], capture_output=True,
                             text=True, timeout=60)
-    # verify exits 0 on unknown keys and bad values, but says so: nothing may be said
-    assert verify.returncode == 0 and verify.stderr == "" and verify.stdout == "", verify.stderr
+    # verify exits 0 on unknown keys and bad values, but says so: nothing may be said about
+    # ours (it also loads the machine's other units, whose warnings are not ours to judge)
+    ours = [line for line in (verify.stdout + verify.stderr).splitlines()
+            if not line.startswith(("/lib/systemd/", "/usr/lib/systemd/", "/etc/systemd/"))]
+    assert verify.returncode == 0 and not ours, "\n".join(ours)
     for path in checked:
         security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(path)],
                                   capture_output=True, text=True, timeout=60)

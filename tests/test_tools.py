@@ -36,3 +36,12 @@ def test_program_is_installed_by_scripts_install(program: str) -> None:
     assert package in apt_packages(), f"{package} (for {program}) is not in scripts/install's APT_PACKAGES"
     assert shutil.which(program) or Path("/usr/sbin", program).exists(), \
         f"{program} is not installed: run 'bash scripts/install --test' (Debian package {package})"
+
+
+def test_kamailios_presence_modules_are_installed() -> None:
+    """The mesh roster on Kamailio (tests/test_roster_kamailio.py) loads these modules."""
+    assert "kamailio-presence-modules" in apt_packages()
+    modules = sorted(Path("/usr/lib").glob("*/kamailio/modules")) + [Path("/usr/lib/kamailio/modules")]
+    for name in ("presence", "presence_reginfo", "pua", "pua_reginfo"):
+        assert any((d / f"{name}.so").exists() for d in modules), \
+            f"Kamailio's {name} module is missing: run 'bash scripts/install --test' (kamailio-presence-modules)"

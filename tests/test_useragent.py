@@ -17,26 +17,12 @@ from sipmesh.sip.message import Request, Response, make_response
 from sipmesh.sip.uri import parse_sip_uri
 from sipmesh.sip.ua import ALLOW, CallFailed
 from tests.lab import ipv6_loopback, wait_for_async
-from tests.peers.helpers import FAST, Callee, no_errors_logged, sdp, start_ua
+from tests.peers.helpers import FAST, Callee, make_ua, no_errors_logged, sdp, start_ua
 from tests.peers.raw import RawPeer, is_request, is_response, raw_request
 
-__all__ = ["no_errors_logged"]  # an autouse fixture: fail tests that log errors
+__all__ = ["make_ua", "no_errors_logged"]  # fixtures (the second, autouse, fails on errors)
 
 # -- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def make_ua():
-    started = []
-
-    async def _make(user: str, **kwargs):
-        ua = await start_ua(user, **kwargs)
-        started.append(ua)
-        return ua
-
-    yield _make
-    for ua in reversed(started):
-        await ua.stop()
 
 
 def transport_config(transport: str, tls_contexts) -> dict:

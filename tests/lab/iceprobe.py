@@ -5,30 +5,37 @@
                 {"controlling": bool, "stun": [ip, port] | null, "turn": [ip, port] | null,
                       "user": str, "password": str, "transport": "auto"|"udp"|"tcp",
                       "timeout": seconds}
-    prints  {"local": [[name, value], ...]}           our a= lines
+    prints  {"local": [[name, value], ...], "started": t}   our a= lines; when gathering began
     reads   [[name, value], ...]                        the peer's a= lines (one JSON line)
     prints  {"path": {...}} or {"error": str, "path": {...}}
     then the controlling side sends "ping N" and the other answers "pong N" (3 times) and
-    prints {"data": [...]} with what it received.
+    prints {"data": [...], "first": t} with what it received and when the first datagram
+    came (t: time.monotonic(), one clock for every namespace: bench/nat.py subtracts them).
     With "hold": true it then reads one more line (sent when the test cuts the path) and
     prints {"closed_after": seconds} once consent to send has expired.
 
     iceprobe.py stun PORT
-        a STUN Binding responder on UDP PORT (what the broker does on its SIP port)
+        a STUN Binding responder on UDP PORT (what the broker does on its SIP port);
+        prints {"ready": PORT} (the port it got, for PORT 0)
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import json
-import logging
-import socket
 import sys
 
-from aioice import stun
+if sys.path and sys.path[0] == __import__("os").path.dirname(__file__):
+    del sys.path[0]   # run as a script: tests/lab/dns.py would shadow dnspython
 
-from sipmesh.agent.ice import IceConfig, IceError, IceSession, render
+import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+
+from aioice import stun  # noqa: E402
+
+from sipmesh.agent.ice import IceConfig, IceError, IceSession, render  # noqa: E402
 
 
 def emit(**fields) -> None:
@@ -43,7 +50,8 @@ async def session(config: dict) -> None:
         turn_transport=config.get("transport", "auto"), use_ipv6=False,
         connect_timeout=config.get("timeout", 10.0)), controlling=config["controlling"])
     try:
-        emit(local=render(await ice.gather()))
+        started = time.monotonic()   # CLOCK_MONOTONIC: one clock for every namespace
+        emit(local=render(await ice.gather()), started=started)
         line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         remote = ice.read_remote([tuple(a) for a in json.loads(line)])
         try:
@@ -53,6 +61,7 @@ async def session(config: dict) -> None:
             return
         emit(path=dataclasses.asdict(path))
         got = []
+        first = None
         conn = ice.connection
         for n in range(3):
             if config["controlling"]:
@@ -61,8 +70,9 @@ async def session(config: dict) -> None:
             else:
                 data, _ = await asyncio.wait_for(conn.recvfrom(), 5)
                 await conn.sendto(data.replace(b"ping", b"pong"), 1)
+            first = first or time.monotonic()
             got.append(data.decode())
-        emit(data=got)
+        emit(data=got, first=first)
         if config.get("hold"):
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
             start = asyncio.get_running_loop().time()
@@ -76,7 +86,7 @@ async def session(config: dict) -> None:
 def stun_responder(port: int) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("0.0.0.0", port))
-    emit(ready=port)
+    emit(ready=s.getsockname()[1])
     while True:
         data, addr = s.recvfrom(2048)
         try:

@@ -77,11 +77,12 @@ async def make_broker(tmp_path: Path) -> AsyncIterator[Callable[..., "asyncio.Fu
 async def make_ua() -> AsyncIterator[Callable[..., "asyncio.Future[UserAgent]"]]:
     started: list[UserAgent] = []
 
-    async def _make(user: str, broker: Broker, *, transport: str = "UDP", password: str | None = None,
-                    on_invite=None) -> UserAgent:
-        host, port = broker.address(transport)
-        ua = UserAgent(UAConfig(user=user, domain=f"{host}:{port}", password=password, transport=transport,
-                                listen_port=0), on_invite=on_invite)
+    async def _make(user: str, broker: Broker | str, *, transport: str = "UDP", password: str | None = None,
+                    on_invite=None, transports: tuple[str, ...] = ("UDP", "TCP")) -> UserAgent:
+        """A started UA of `user` on `broker` (or on the SIP server at "host:port")."""
+        domain = broker if isinstance(broker, str) else "%s:%d" % broker.address(transport)
+        ua = UserAgent(UAConfig(user=user, domain=domain, password=password, transport=transport,
+                                listen_port=0, transports=transports), on_invite=on_invite)
         await ua.start()
         started.append(ua)
         return ua

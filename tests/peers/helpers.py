@@ -4,7 +4,9 @@
   well under a second;
 * `Callee`, an `on_invite` handler that records what happened (ring, accept, reject, or
   ring until cancelled);
-* `no_errors_logged`, a fixture failing a test whose stack logged an error.
+* `no_errors_logged`, a fixture failing a test whose stack logged an error;
+* `make_ua`, a fixture: `await make_ua(user, **config)` starts a UA (`start_ua`), stopped
+  after the test; `ua_fixture(**defaults)` makes one with other defaults.
 
 The raw UDP peer is in tests/peers/raw.py, the bounded poll in tests/lab/waiting.py.
 """
@@ -83,6 +85,29 @@ class Callee:
             except asyncio.TimeoutError:
                 await call.bye()
         self.ended.append(await asyncio.wait_for(call.ended, 60))
+
+
+def ua_fixture(**defaults):
+    """A `make_ua` fixture: `await make_ua(user, **config)` starts a UA (`start_ua`, with
+    `defaults` under `config`), stopped after the test."""
+
+    @pytest.fixture
+    async def make_ua():
+        started = []
+
+        async def _make(user: str, **kwargs):
+            ua = await start_ua(user, **{**defaults, **kwargs})
+            started.append(ua)
+            return ua
+
+        yield _make
+        for ua in reversed(started):
+            await ua.stop()
+
+    return make_ua
+
+
+make_ua = ua_fixture()
 
 
 def unexpected_errors(records: list[logging.LogRecord]) -> list[str]:

@@ -60,8 +60,9 @@ async def main(args: argparse.Namespace) -> int:
         if response.status != 200:
             return 1
         if args.mode == "call":
+            offer = SDP + b"".join(b"a=x-pad:" + b"p" * 90 + b"\r\n" for _ in range(args.pad // 100))
             try:
-                call = await ua.invite(args.target, SDP, timeout=args.invite_timeout)
+                call = await ua.invite(args.target, offer, timeout=args.invite_timeout)
             except CallFailed as exc:
                 emit("failed", status=exc.status)
                 return 2
@@ -83,6 +84,7 @@ if __name__ == "__main__":
     parser.add_argument("--target")
     parser.add_argument("--transport", default="udp")
     parser.add_argument("--active", action="store_true")
+    parser.add_argument("--pad", type=int, default=0, help="call: about this many more octets of SDP")
     parser.add_argument("--keepalive", type=float, default=25.0, help="0: none")
     parser.add_argument("--invite-timeout", type=float, default=10.0)
     parser.add_argument("--t1", type=float, default=0.5, help="RFC 3261 T1 (a failure comes after 64*T1)")

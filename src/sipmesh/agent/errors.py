@@ -21,7 +21,8 @@ class Exit(enum.IntEnum):
     REFUSED = 9        # the session was refused: 488, bad parameters either way, other errors
     APPLICATION = 10   # the session ran, but our program ended it by failing (non-zero, signal)
     UNTRUSTED = 11     # TLS: we refused the SIP server's certificate (wrong CA or name)
-    NO_PATH = 12       # no network path to the peer: ICE found none, or it died (consent)
+    PEER_LOST = 12     # the session ran, but the peer stopped answering (no BYE): we ended it
+    NO_PATH = 13       # no network path to the peer: ICE found none (nothing was started)
 
 
 EXIT_HELP = """exit status:
@@ -40,9 +41,11 @@ EXIT_HELP = """exit status:
      signal we did not send (call, serve --once; the program's own status is printed)
  11  TLS: the SIP server's certificate was refused (not signed by a trusted CA, or
      not for the server's name)
- 12  no network path to the peer: every ICE check failed (the message lists the
-     candidates, the checks and why; nothing was started), or the path died during
-     the session (nothing came from the peer for the consent timeout: BYE sent)
+ 12  the session ran, but the peer stopped answering without ending it (its agent or
+     host died, or the path to it was cut: SIP probes unanswered, or nothing came on
+     the ICE path for the consent timeout): we stopped the program (call, serve --once)
+ 13  no network path to the peer: every ICE check failed (the message lists the
+     candidates, the checks and why); nothing was started
   1  any other failure"""
 
 

@@ -363,10 +363,11 @@ class IceOptions:
 
 
 def parse_turn_uri(text: str) -> tuple[str, int, str]:
-    """``turn:HOST[:PORT][?transport=udp|tcp]`` (RFC 7065) -> (host, port, transport);
-    transport "auto" (UDP, else TCP) when not given. ValueError if malformed."""
+    """``turn:HOST[:PORT][?transport=udp|tcp]`` (RFC 7065), or plain ``HOST[:PORT]`` as
+    `sipmesh netcheck --turn` takes it -> (host, port, transport); transport "auto" (UDP,
+    else TCP) when not given. ValueError if malformed."""
     if not text.startswith("turn:"):
-        raise ValueError(f"{text!r}: a TURN server is turn:HOST[:PORT][?transport=tcp]")
+        text = "turn:" + text
     rest, _, query = text[5:].partition("?")
     transport = "auto"
     if query:

@@ -18,8 +18,10 @@ from typing import Awaitable, Callable
 
 from sipmesh.agent.errors import CHECK_CREDENTIALS, CHECK_SERVER, AgentError, Exit
 from sipmesh.sip.errors import ParseError
+from sipmesh.sip.headers import Address
 from sipmesh.sip.message import Response
 from sipmesh.sip.ua import CallFailed, UserAgent
+from sipmesh.sip.uri import URI, SipURI, parse_uri
 
 log = logging.getLogger("sipmesh.agent.registration")
 
@@ -28,12 +30,15 @@ UNREGISTER_TIMEOUT = 3.0
 CONNECTION_REFRESH = 240.0  # s; below the 300 s after which an idle connection is closed
 
 
-def granted_expires(response: Response, contact_uri: str, requested: int) -> int:
-    """The binding lifetime the registrar granted: our Contact's expires param,
-    else the Expires header, else what we asked for (§10.2.4)."""
+def granted_expires(response: Response, contact_uri: str | URI, requested: int) -> int:
+    """The binding lifetime the registrar granted: our Contact's expires param (our
+    Contact as §19.1.4 compares URIs: a registrar may add parameters), else the Expires
+    header, else what we asked for (§10.2.4)."""
     try:
+        ours = parse_uri(contact_uri) if isinstance(contact_uri, str) else contact_uri
         for contact in response.contacts:
-            if str(contact.uri) == contact_uri and contact.expires is not None:
+            if contact.expires is not None and (str(contact.uri) == str(ours) or
+                                                (isinstance(ours, SipURI) and ours.equivalent(contact.uri))):
                 return contact.expires
         value = response.headers.get("Expires")
         if value is not None and value.strip().isdigit():
@@ -67,12 +72,16 @@ def registration_error(status: int, reason: str, server: str) -> AgentError:
 
 
 class Registration:
-    """The binding of our AOR to our Contact at the registrar."""
+    """The binding of our AOR to our Contact at the registrar (or of another AOR, e.g. a
+    mesh network's, to `contact`)."""
 
     def __init__(self, ua: UserAgent, *, expires: int = 3600, timeout: float = 10.0,
                  min_retry: float = MIN_RETRY,
-                 connect: Callable[[], Awaitable[None]] | None = None) -> None:
+                 connect: Callable[[], Awaitable[None]] | None = None, aor: SipURI | None = None,
+                 contact: Address | None = None) -> None:
         self.ua = ua
+        self.aor = aor  # None: the UA's own
+        self.contact = contact  # None: the UA's own Contact
         self.expires = expires
         self.timeout = timeout
         self.min_retry = min_retry
@@ -113,13 +122,13 @@ class Registration:
         if self.connect is not None and expires > 0:  # (leaving: no new connection for it)
             await self.connect()
         try:
-            response = await asyncio.wait_for(self.ua.register(expires), timeout)
+            response = await asyncio.wait_for(self._request(expires), timeout)
             if response.status == 423 and expires > 0:  # §10.2.8: Interval Too Brief
                 minimum = (response.headers.get("Min-Expires") or "").strip()
                 if minimum.isdigit() and expires < int(minimum) <= 86400:
                     log.info("the registrar wants at least %s s: registering again", minimum)
                     self.expires = int(minimum)
-                    response = await asyncio.wait_for(self.ua.register(self.expires), timeout)
+                    response = await asyncio.wait_for(self._request(self.expires), timeout)
             return response
         except asyncio.TimeoutError:
             raise AgentError(f"the SIP server {self.server} did not answer our REGISTER within "
@@ -130,6 +139,11 @@ class Registration:
         except OSError as exc:
             raise AgentError(f"the SIP server {self.server} is unreachable ({exc}): "
                              f"{CHECK_SERVER}", Exit.UNREACHABLE) from None
+
+    def _request(self, expires: int) -> Awaitable[Response]:
+        if self.aor is None and self.contact is None:
+            return self.ua.register(expires)
+        return self.ua.register(expires, aor=self.aor, contact=self.contact)
 
     async def register(self, *, keep_trying: bool = False) -> None:
         """The first REGISTER; raises AgentError with the reason if it fails. With
@@ -146,10 +160,10 @@ class Registration:
             self.interval = self.min_retry
             return
         self._granted(response)
-        log.info("registered %s at %s for %d s", self.ua.aor, self.server, self.granted)
+        log.info("registered %s at %s for %d s", self.aor or self.ua.aor, self.server, self.granted)
 
     def _granted(self, response: Response) -> None:
-        self.granted = granted_expires(response, str(self.ua.contact().uri), self.expires)
+        self.granted = granted_expires(response, (self.contact or self.ua.contact()).uri, self.expires)
         self.interval = next_interval(self.interval, success=True, expires=self.granted,
                                       floor=self.min_retry)
         if self.connect is not None:

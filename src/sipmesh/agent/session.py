@@ -142,8 +142,12 @@ class Session:
 
     @property
     def failure(self) -> str | None:
-        """How our program ended the session by failing (non-zero status or a signal we
-        did not send), for people; None if it did not."""
+        """How the session ended by failing, for people: our program failed (non-zero
+        status or a signal we did not send) or the peer stopped answering; None if neither."""
+        if self.call is not None and self.call.lost:
+            return f"{self.call.lost} (session {self.call_id} with {self.peer})"
+        if self.path_lost:
+            return f"{self.reason} (session {self.call_id} with {self.peer})"
         if self.app_status in (None, 0):
             return None
         return (f"the application {describe_exit(self.app_status)} "
@@ -554,7 +558,7 @@ class Session:
             await call.bye()
             await child.stop(self.grace)
         elif call.ended.done():
-            self.reason = f"the peer ended the session ({call.ended.result()})"
+            self.reason = call.lost or f"the peer ended the session ({call.ended.result()})"
             log.info("[%s] %s: stopping the application", call.call_id, self.reason)
             await child.stop(self.grace)
         else:
@@ -614,8 +618,7 @@ class Agent:
         self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise,
                                  tls_server_name=config.tls_server_name, ice=config.ice)
         self.sessions = 0  # established so far
-        self.app_failure: str | None = None  # how the last session's program failed
-        self.path_lost: str | None = None  # call mode: the session's path died (consent)
+        self.app_failure: AgentError | None = None  # how the last session failed
         self.ready = asyncio.Event()  # set once registered (or, without registering, started)
 
     @property
@@ -656,14 +659,10 @@ class Agent:
                 if await session.place(self.config.target, self.profile,
                                        timeout=self.config.invite_timeout):
                     self._ended(session)
-                    if session.path_lost:
-                        self.path_lost = f"{session.reason} (session {session.call_id})"
         finally:
             await endpoint.close(self.config.grace + 10)
         if self.app_failure is not None and (self.config.mode == "call" or self.config.once):
-            raise AgentError(self.app_failure, Exit.APPLICATION)
-        if self.path_lost is not None:
-            raise AgentError(self.path_lost, Exit.NO_PATH)
+            raise self.app_failure
         return Exit.OK
 
     def _session(self) -> Session:
@@ -695,4 +694,6 @@ class Agent:
         """After an established session."""
         self.sessions += 1
         if session.failure is not None:
-            self.app_failure = session.failure
+            lost = session.path_lost or (session.call is not None and session.call.lost)
+            self.app_failure = AgentError(session.failure,
+                                          Exit.PEER_LOST if lost else Exit.APPLICATION)

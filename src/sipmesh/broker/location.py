@@ -112,14 +112,13 @@ def default_db_path() -> Path:
     return Path(base) / "sipmesh" / "broker.db"
 
 
-class LocationService:
-    """Bindings per AOR in one SQLite database; safe to open from several processes."""
+class SqliteStore:
+    """One SQLite database shared by processes: WAL, and writers serialised with a
+    flock() on `PATH.lock` (see the module's docstring). The location service and the
+    networks (broker/networks.py) are two stores on the same file and the same lock."""
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
-                 known_retention: float = 30 * 86400.0, auto_checkpoint: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, auto_checkpoint: bool = True) -> None:
         self.path = Path(path)
-        self.clock = clock
-        self.known_retention = known_retention
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._checkpointer: sqlite3.Connection | None = None  # checkpoint()'s own connection
         self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -129,13 +128,7 @@ class LocationService:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.executescript(_SCHEMA)  # in its own transaction
-                version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
-                    raise RuntimeError(f"{self.path}: location database version {version}, this broker "
-                                       f"knows {SCHEMA_VERSION}: move the file away and let it be recreated")
+                self.setup_schema(self._db)
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         except BaseException:
@@ -150,6 +143,9 @@ class LocationService:
         except OSError:
             pass
 
+    def setup_schema(self, db: sqlite3.Connection) -> None:
+        """Create or check the schema (called once, under the write lock)."""
+
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
@@ -159,9 +155,8 @@ class LocationService:
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
 
-    # -- writing ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
+    def writing(self) -> Iterator[sqlite3.Connection]:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             self._db.execute("BEGIN IMMEDIATE")
@@ -177,6 +172,26 @@ class LocationService:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+
+class LocationService(SqliteStore):
+    """Bindings per AOR in one SQLite database; safe to open from several processes."""
+
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
+                 known_retention: float = 30 * 86400.0, auto_checkpoint: bool = True) -> None:
+        self.clock = clock
+        self.known_retention = known_retention
+        super().__init__(path, auto_checkpoint=auto_checkpoint)
+
+    def setup_schema(self, db: sqlite3.Connection) -> None:
+        db.executescript(_SCHEMA)  # in its own transaction
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: location database version {version}, this broker "
+                               f"knows {SCHEMA_VERSION}: move the file away and let it be recreated")
+
+    # -- writing ------------------------------------------------------------------------
     def update(self, aor: str, decide: Callable[[list[Binding]], tuple[T, Changes]]) -> T:
         """Read `aor`'s live bindings, let `decide` return (result, changes), apply the
         changes, commit; all under the write lock so concurrent REGISTERs serialise."""
@@ -193,7 +208,7 @@ class LocationService:
         a database error rolls everything back and is raised."""
         results: list[T | Exception] = []
         now = self.clock()
-        with self._writing() as db:
+        with self.writing() as db:
             current = self._select_many({aor for aor, _ in items}, now)
             upserts: dict[tuple[str, str], Binding] = {}
             deletes: set[tuple[str, str]] = set()
@@ -245,7 +260,7 @@ class LocationService:
     def purge(self) -> int:
         """Delete expired bindings (and AORs not registered for `known_retention`)."""
         now = self.clock()
-        with self._writing() as db:
+        with self.writing() as db:
             db.execute("UPDATE aors SET last_registered=? WHERE aor IN "
                        "(SELECT aor FROM bindings WHERE expires <= ?)", (now, now))
             count = db.execute("DELETE FROM bindings WHERE expires <= ?", (now,)).rowcount
@@ -253,7 +268,7 @@ class LocationService:
         return count
 
     def clear(self) -> None:
-        with self._writing() as db:
+        with self.writing() as db:
             db.execute("DELETE FROM bindings")
             db.execute("DELETE FROM aors")
 

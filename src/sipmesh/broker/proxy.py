@@ -344,7 +344,7 @@ class Proxy:
             if flow is None:
                 pending.append((copy, target))
             else:
-                self._start_branch(ctx, copy, flow, loop, pinned=flow == target.flow)
+                self._start_branch(ctx, copy, flow, loop, pinned=flow is target.flow)
         if pending:
             self._spawn(self._resolve_and_start(ctx, pending, loop))
         else:
@@ -412,9 +412,8 @@ class Proxy:
             self._start_branch(ctx, copy, flow, loop)
         ctx.started()
 
-    def _start_branch(self, ctx: ResponseContext, request: Request, flow: Flow, loop: str,
+    def _start_branch(self, ctx: ResponseContext, request: Request, flow: Flow, loop: str, *,
                       pinned: bool = False) -> None:
-        """`pinned`: the flow a NATed UA registered over, kept whatever the request's size."""
         if self.record_route and request.method in DIALOG_CREATING and _no_to_tag(request):
             self._add_record_route(request, ctx.server.flow, flow)
         branch = Branch(request, flow)
@@ -505,19 +504,21 @@ class Proxy:
         next hop (`flow` if known), with a branch derived from the incoming one so that
         retransmissions get the same branch."""
         copy = self._copy_for(request, request.uri) if isinstance(request.uri, SipURI) else request
+        pinned = flow is not None  # the flow a UA behind NAT spoke from
         if flow is None:
             flow = self._next_hop_now(copy, None, self._route_hop(copy))
         if flow is None:
             self._spawn(self._resolve_and_send(copy))
             return
-        self._send_stateless(copy, flow)
+        self._send_stateless(copy, flow, pinned=pinned)
 
-    def _send_stateless(self, request: Request, flow: Flow) -> None:
+    def _send_stateless(self, request: Request, flow: Flow, *, pinned: bool = False) -> None:
         incoming = request.headers.get("Via") or ""
         unique = "s" + hashlib.blake2b(incoming.encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
         try:
             # (an ACK for a 2xx is inside a dialog: no loop hash, see Broker._route)
-            flow = self.transactions.add_via(request, flow, branch=make_branch(self.worker, "0", unique))
+            flow = self.transactions.add_via(request, flow, branch=make_branch(self.worker, "0", unique),
+                                             pinned=pinned)
             self.transactions.send_stateless(request, flow)
         except OSError as exc:
             log.info("cannot forward %s to %s: %s", request.method, flow, exc)

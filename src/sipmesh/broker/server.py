@@ -46,6 +46,7 @@ from sipmesh.broker.ratelimit import LoadShedder, RateLimiter, retry_after, tria
 from sipmesh.broker.redirect import REDIRECTABLE, redirect_contacts
 from sipmesh.broker.registrar import Outcome, RegistrarPolicy, process_register
 from sipmesh.broker.replies import ReplyCache, quick_reply, stateless_response
+from sipmesh.broker.roster import NetworkRegistration, Roster, decide_network_register
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import Address
@@ -149,6 +150,7 @@ class Broker:
         self.transport: TransportLayer | None = None
         self.transactions: TransactionLayer | None = None
         self.proxy: Proxy | None = None
+        self.roster: Roster | None = None  # mesh networks' rosters (broker/roster.py)
         self.me = LocalIdentity(config.domains)
         self.listeners: list[Listener] = []
         self.replies = ReplyCache()
@@ -198,6 +200,9 @@ class Broker:
         self.me.listeners = list(self.listeners)
         if config.shed_load:
             self.shedder = LoadShedder(self.transport.udp_sockets())
+        # mesh networks (broker/roster.py): network AORs, the reg event package
+        self.roster = Roster(database=config.database, location=self.location, me=self.me, auth=self.auth,
+                             transactions=self.transactions, worker=self.worker, policy=config.registrar)
         if self.worker == 0 and config.purge_interval > 0:
             self._tasks.append(asyncio.ensure_future(self._purge_loop()))
         if self.worker == 0:
@@ -239,6 +244,8 @@ class Broker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)  # a checkpoint ends first
         self._tasks.clear()
+        if self.roster is not None:  # mesh networks
+            await self.roster.close()
         if self.proxy is not None:
             await self.proxy.close()
         if self.transactions is not None:
@@ -407,6 +414,11 @@ class Broker:
         aor = self.me.aor(to_uri)
         if aor is None or domain is None or self.me.domain_of(to_uri.host) != domain:
             return 404, "Not Found (address-of-record not in this domain)", []  # step 5
+        network = self.roster.network_for(to_uri) if self.roster is not None else None
+        if network is not None:  # mesh: a network's AOR (broker/roster.py)
+            reg.aor = aor
+            refusal, reg.network = self.roster.check_register(request, network)  # type: ignore[union-attr]
+            return refusal
         if self.auth is not None:  # steps 3-4
             check = self.auth.check(request, domain)
             if not check.ok:
@@ -435,6 +447,8 @@ class Broker:
         except Exception as exc:
             log.exception("the location service failed to save %d registrations", len(batch))
             results = [exc] * len(batch)
+        if self.roster is not None:  # mesh: rosters that may have changed
+            self.roster.committed([reg.aor for reg in batch if reg.network is not None])
         for reg, outcome in zip(batch, results):
             if isinstance(outcome, Exception):
                 if not isinstance(outcome, sqlite3.Error):
@@ -473,6 +487,8 @@ class Broker:
 
     def _route(self, txn: ServerTransaction) -> None:
         assert self.proxy is not None and self.location is not None
+        if self.roster is not None and self.roster.on_request(txn):  # mesh: SUBSCRIBE to a roster
+            return
         request = txn.request
         method = request.method
         if not isinstance(request.uri, SipURI):
@@ -645,11 +661,15 @@ class _Registration:
     txn: ServerTransaction | None = None
     to: Address | None = None
     aor: str | None = None
+    network: NetworkRegistration | None = None  # a network AOR's (broker/roster.py)
 
 
 def _decide(reg: _Registration, now: float, worker: int, policy: RegistrarPolicy,
             current: list[Binding]) -> tuple[Outcome, Changes]:
     assert reg.aor is not None
+    if reg.network is not None:  # mesh: a network AOR's rules
+        return decide_network_register(reg.request, reg.aor, reg.network, current, now=now, source=reg.flow,
+                                       worker=worker, policy=policy)
     return process_register(reg.request, reg.aor, current, now=now, source=reg.flow, worker=worker,
                             policy=policy)
 

@@ -13,6 +13,7 @@ from sipmesh.broker.location import default_db_path
 from sipmesh.broker.registrar import RegistrarPolicy
 from sipmesh.broker.server import MODES, BrokerConfig
 from sipmesh.broker.users import UsersFile, UsersFileError
+from sipmesh.cli import broker_network
 from sipmesh.cli.common import setup_logging
 from sipmesh.ops.listen import listen_argument
 from sipmesh.sip.errors import ParseError
@@ -77,7 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="also log every SIP message (credentials redacted)")
     p.set_defaults(func=run_broker)
 
-    sub = p.add_subparsers(dest="broker_command", metavar="users")
+    sub = p.add_subparsers(dest="broker_command", metavar="users|network")
     u = sub.add_parser("users", help="manage the users file: add, remove, list",
                        description="Manage the broker's users file. Passwords are read from a prompt "
                                    "or stdin, hashed (MD5 and SHA-256 HA1) and never stored.")
@@ -93,6 +94,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             c.add_argument("--password-stdin", action="store_true",
                            help="read the password from the first line of stdin instead of a prompt")
         c.set_defaults(func=run_users)
+    broker_network.add_parser(sub)  # mesh networks (issue 12): cli/broker_network.py
 
 
 # -- the broker --------------------------------------------------------------------------

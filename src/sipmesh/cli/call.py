@@ -116,7 +116,9 @@ def run_service_call(args: argparse.Namespace) -> int:
         ua = UAConfig(user=user, domain=server, password=password,
                       auth_user=args.auth_user or (agent.auth_user if args.user is None else None),
                       transport=transport.upper(), tls_client_context=client_tls(transport, tls),
-                      listen_host=args.bind, listen_port=args.sip_port)
+                      listen_host=args.bind, listen_port=args.sip_port,
+                      peer_keepalive=agent.keepalive if args.keepalive is None
+                      else args.keepalive)
         agent_config = AgentConfig(ua=ua, mode="call", target=args.target,
                                    advertise=args.advertise or agent.advertise,
                                    tls_server_name=tls.server_name,

@@ -116,6 +116,25 @@ def positive(text: str) -> float:
     return value
 
 
+def keepalive_seconds(text: str) -> float:
+    """--keepalive: 0 (off) or 1..3600 seconds."""
+    from sipmesh.sip.ua.liveness import check_interval
+    try:
+        return check_interval(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"keepalive: {exc}") from None
+
+
+def add_keepalive_option(group: Any) -> None:
+    """--keepalive: how long a session's peer may stay silent before it is probed."""
+    from sipmesh.sip.ua.useragent import DEFAULT_PEER_KEEPALIVE
+    group.add_argument("--keepalive", metavar="SECONDS", type=keepalive_seconds, default=None,
+                       help="send the peer an OPTIONS in the session after this much silence, "
+                            "and end the session when it stops answering: within SECONDS + "
+                            "min(2*SECONDS, 32) of its last sign of life; 0: never "
+                            f"(default: {DEFAULT_PEER_KEEPALIVE:g})")
+
+
 def sip_port(text: str) -> int:
     if text == "0":
         return 0
@@ -161,6 +180,37 @@ def default_config_path() -> Path:
 
 
 # ---------------------------------------------------------------------------- credentials
+
+
+def add_identity_options(group: Any, *,
+                         server_help: str = "SIP server (registrar and proxy); port 5060 if "
+                                            "omitted [$SIPMESH_SERVER]",
+                         user_help: str = "our name at the server (registered at start) "
+                                          "[$SIPMESH_USER]") -> None:
+    """--server, --user, --password | --credentials, --auth-user: who we are at the SIP
+    server (read them with :func:`sip_identity`)."""
+    group.add_argument("--server", metavar="HOST[:PORT]", type=server_address,
+                       default=os.environ.get("SIPMESH_SERVER"), help=server_help)
+    group.add_argument("--user", metavar="NAME", type=user_name,
+                       default=os.environ.get("SIPMESH_USER"), help=user_help)
+    secret = group.add_mutually_exclusive_group()
+    secret.add_argument("--password", metavar="PW",
+                        help="digest password (visible in the process list: prefer --credentials "
+                             "or $SIPMESH_PASSWORD)")
+    secret.add_argument("--credentials", metavar="FILE", type=Path,
+                        help="file with 'password = ...' (and optionally 'user = ...', "
+                             "'auth_user = ...'), or just the password on one line")
+    group.add_argument("--auth-user", metavar="NAME", help="digest user name if not --user")
+
+
+def sip_identity(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    """(user, password, auth_user) from the options of :func:`add_identity_options`, the
+    credentials file and $SIPMESH_PASSWORD."""
+    creds = read_credentials(args.credentials) if args.credentials is not None else {}
+    password = args.password or creds.get("password") or os.environ.get("SIPMESH_PASSWORD")
+    return (args.user or creds.get("user"), password,
+            args.auth_user or creds.get("auth_user"))
+
 
 
 def read_credentials(path: Path) -> dict[str, str]:
@@ -334,6 +384,12 @@ def progress_printer(prog: str, quiet: bool) -> Callable[[str, dict], None]:
             STATUS.wait(f"{prog}: waiting for {data.get('target')} to answer")
 
     return show
+
+
+def table(rows: list[list[str]], header: list[str]) -> list[str]:
+    """Columns as wide as their longest value: nothing is cut (a Call-ID is copied from here)."""
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
 
 
 # ---------------------------------------------------------------------------- running

@@ -6,7 +6,6 @@ Also the options and the runner shared with `sipmesh call` (cli/call.py).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -18,11 +17,12 @@ from sipmesh.agent.link import TRANSPORTS, ServerAddress, client_tls
 from sipmesh.agent.params import IPAddress, IPv4, Port
 from sipmesh.agent.profile import AppProfile
 from sipmesh.agent.session import Agent, AgentConfig
-from sipmesh.cli.common import (add_output_options, add_tls_options, fail, positive,
-                                progress_printer, read_credentials, run_until_signalled,
-                                server_address, setup_logging, sip_port, stun_server, tls_client,
-                                turn_server, typed, user_name)
+from sipmesh.cli.common import (add_identity_options, add_output_options, add_tls_options,
+                                add_keepalive_option, fail, positive, progress_printer,
+                                run_until_signalled, setup_logging, sip_identity, sip_port,
+                                stun_server, tls_client, turn_server, typed)
 from sipmesh.sip.ua import UAConfig
+from sipmesh.sip.ua.useragent import DEFAULT_PEER_KEEPALIVE
 
 APPS = ("exec", "openvpn", "wireguard")
 
@@ -46,20 +46,8 @@ class ProgramArgumentParser(argparse.ArgumentParser):
 
 def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
     sip = parser.add_argument_group("SIP")
-    sip.add_argument("--server", metavar="HOST[:PORT]", type=server_address,
-                     default=_env_server(),
-                     help="SIP server (registrar and proxy); port 5060 if omitted; "
-                          "sips:HOST[:PORT] for TLS (port 5061 if omitted) [$SIPMESH_SERVER]")
-    sip.add_argument("--user", metavar="NAME", type=user_name, default=os.environ.get("SIPMESH_USER"),
-                     help="our name at the server (registered at start) [$SIPMESH_USER]")
-    secret = sip.add_mutually_exclusive_group()
-    secret.add_argument("--password", metavar="PW",
-                        help="digest password (visible in the process list: prefer --credentials "
-                             "or $SIPMESH_PASSWORD)")
-    secret.add_argument("--credentials", metavar="FILE", type=Path,
-                        help="file with 'password = ...' (and optionally 'user = ...', "
-                             "'auth_user = ...'), or just the password on one line")
-    sip.add_argument("--auth-user", metavar="NAME", help="digest user name if not --user")
+    add_identity_options(sip, server_help="SIP server (registrar and proxy); port 5060 if omitted; "
+                         "sips:HOST[:PORT] for TLS (port 5061 if omitted) [$SIPMESH_SERVER]")
     sip.add_argument("--sip-port", metavar="PORT", type=sip_port, default=0,
                      help="local SIP port for UDP and TCP (default: any free port)")
     sip.add_argument("--bind", metavar="ADDR", type=typed(IPAddress(unicast=False), "bind"),
@@ -71,6 +59,7 @@ def add_agent_options(parser: argparse.ArgumentParser, mode: str) -> None:
                      help="registration lifetime; refreshed at half of it (default: 3600)")
     sip.add_argument("--register-timeout", metavar="SECONDS", type=positive, default=10.0,
                      help="give up when the server does not answer a REGISTER (default: 10)")
+    add_keepalive_option(sip)
     app = parser.add_argument_group("application")
     app.add_argument("--app", choices=APPS, default="exec",
                      help="exec: run the program given after --; openvpn: run OpenVPN with a "
@@ -122,8 +111,9 @@ def add_ice_options(parser: argparse.ArgumentParser) -> None:
                      help="STUN server for our reflexive address (default: the SIP server, "
                           "which answers STUN on its SIP port)")
     nat.add_argument("--turn", metavar="turn:HOST[:PORT][?transport=tcp]", type=turn_server,
-                     help="TURN relay, used with our SIP name and password, for paths no NAT "
-                          "lets through (UDP, falling back to TCP unless ?transport= says)")
+                     help="TURN relay (port 3478 if omitted), used with our SIP name and "
+                          "password, for paths no NAT lets through (UDP, falling back to TCP "
+                          "unless ?transport= says)")
     nat.add_argument("--consent-timeout", metavar="SECONDS", type=float, default=30.0,
                      help="end the session when nothing came from the peer for this long "
                           "(default: 30, RFC 7675; 0: never)")
@@ -139,27 +129,19 @@ def ice_options(args: argparse.Namespace, base: IceOptions | None = None) -> Ice
                       consent_timeout=max(0.0, args.consent_timeout))
 
 
-def _env_server() -> ServerAddress | None:
-    value = os.environ.get("SIPMESH_SERVER")
-    return server_address(value) if value else None  # (argparse converts only strings)
-
 def ua_config(args: argparse.Namespace, *, listen_port: int | None = None) -> UAConfig:
-    creds: dict[str, str] = {}
-    if args.credentials is not None:
-        creds = read_credentials(args.credentials)
-    user = args.user or creds.get("user")
+    user, password, auth_user = sip_identity(args)
     if not args.server:
         raise AgentError("--server is required (or $SIPMESH_SERVER)", Exit.USAGE)
     if not user:
         raise AgentError("--user is required (or $SIPMESH_USER)", Exit.USAGE)
-    password = args.password or creds.get("password") or os.environ.get("SIPMESH_PASSWORD")
     transport = chosen_transport(args.server, args.transport)
     return UAConfig(user=user, domain=args.server, password=password,
-                    auth_user=args.auth_user or creds.get("auth_user"),
-                    transport=transport.upper(),
+                    auth_user=auth_user, transport=transport.upper(),
                     tls_client_context=client_tls(transport, tls_client(args)),
                     listen_host=args.bind, listen_port=args.sip_port if listen_port is None
-                    else listen_port)
+                    else listen_port, peer_keepalive=DEFAULT_PEER_KEEPALIVE
+                    if args.keepalive is None else args.keepalive)
 
 
 def chosen_transport(server: ServerAddress, option: str | None) -> str:

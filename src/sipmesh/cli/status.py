@@ -1,4 +1,5 @@
-"""`sipmesh status`: what a running `sipmesh daemon` is doing, from its control socket."""
+"""`sipmesh status`: what a running `sipmesh daemon` is doing, from its control socket, and
+the mesh networks of running `sipmesh up`s (their control sockets), with their peers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.cli.common import table
 
 
 def find_socket(args: argparse.Namespace) -> Path:
@@ -47,12 +49,6 @@ def _clock(stamp: float | None, now: float) -> str:
     return f"{time.strftime('%H:%M:%S', time.localtime(stamp))} ({ago})"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> list[str]:
-    """Columns as wide as their longest value: nothing is cut (a Call-ID is copied from here)."""
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
-
-
 def render(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     daemon = status.get("daemon", {})
@@ -62,11 +58,11 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
     rows = [[r.get("aor", ""), r.get("state", ""), str(r.get("expires") or "-"),
              _clock(r.get("since"), now), r.get("contact", ""), r.get("error") or ""]
             for r in status.get("registrations", [])]
-    out += _table(rows, ["REGISTRATION", "STATE", "EXPIRES", "SINCE", "CONTACT", "ERROR"])
+    out += table(rows, ["REGISTRATION", "STATE", "EXPIRES", "SINCE", "CONTACT", "ERROR"])
     out.append("")
     rows = [[s["name"], s["kind"], f"{s['active']}/{s['max_sessions']}", ",".join(s["allow"])]
             for s in status.get("services", [])]
-    out += _table(rows, ["SERVICE", "KIND", "SESSIONS", "ALLOWED CALLERS"])
+    out += table(rows, ["SERVICE", "KIND", "SESSIONS", "ALLOWED CALLERS"])
     out.append("")
     sessions = sorted(status.get("sessions", []), key=lambda s: s.get("since") or 0)
     rows = []
@@ -80,8 +76,8 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
                      _clock(s.get("since"), now), str(s.get("pid") or "-"),
                      path.get("kind", "-"), ", ".join(parts) or "-"])
     if rows:
-        out += _table(rows, ["CALL-ID", "PEER", "SERVICE", "STATE", "SINCE", "PID", "PATH",
-                             "ALLOCATED"])
+        out += table(rows, ["CALL-ID", "PEER", "SERVICE", "STATE", "SINCE", "PID", "PATH",
+                            "ALLOCATED"])
         out += [line for s in sessions if s.get("path") for line in path_lines(s)]
     else:
         out.append("no sessions")
@@ -109,25 +105,71 @@ def path_lines(session: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_networks(networks: list[dict[str, Any]], now: float | None = None) -> str:
+    """The mesh networks of running `sipmesh up`s and their peers."""
+    now = time.time() if now is None else now
+    out: list[str] = []
+    for net in networks:
+        out.append(f"network {net.get('network')}: {net.get('member')} {net.get('mesh_ip')} on "
+                   f"{net.get('interface')} (WireGuard port {net.get('wg_port')}, roster "
+                   f"{net.get('roster')}, trust {net.get('trust')})")
+        rows = [[p["name"], p.get("mesh_ip") or "-", p.get("state", ""), p.get("endpoint") or "-",
+                 _clock(p.get("latest_handshake"), now), str(p.get("rx", 0)), str(p.get("tx", 0)),
+                 p.get("error") or ""] for p in net.get("peers", [])]
+        if rows:
+            out += table(rows, ["PEER", "MESH IP", "STATE", "ENDPOINT", "HANDSHAKE", "RX", "TX",
+                                "ERROR"])
+        else:
+            out.append("no peers")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def _networks(timeout: float) -> list[dict[str, Any]]:
+    from sipmesh.cli.up import running_members
+    from sipmesh.daemon.control import query
+
+    networks = []
+    for path in running_members():
+        try:
+            networks += query(path, {"command": "status"}, timeout=timeout).get("networks", [])
+        except (OSError, ValueError) as exc:
+            networks.append({"network": path.name, "error": f"cannot reach {path}: {exc}"})
+    return networks
+
+
 def _run(args: argparse.Namespace) -> int:
     from sipmesh.daemon.control import query
 
+    networks = _networks(args.timeout) if args.socket is None and args.config is None else []
+    status: dict[str, Any] | None = None
     try:
-        path = find_socket(args)
         try:
-            status = query(path, {"command": "status"}, timeout=args.timeout)
-        except (OSError, ValueError) as exc:
-            raise AgentError(f"cannot reach the daemon at {path}: {exc}", Exit.UNREACHABLE) \
-                from None
+            path = find_socket(args)
+        except AgentError as exc:
+            if not networks or exc.code != Exit.NOT_FOUND:
+                raise
+            path = None
+        if path is not None:
+            try:
+                status = query(path, {"command": "status"}, timeout=args.timeout)
+            except (OSError, ValueError) as exc:
+                raise AgentError(f"cannot reach the daemon at {path}: {exc}", Exit.UNREACHABLE) \
+                    from None
     except AgentError as exc:
         print(f"sipmesh status: {exc}", file=sys.stderr)
         return int(exc.code)
     if args.json:
-        json.dump(status, sys.stdout, indent=2)
+        merged = dict(status) if status is not None else {"ok": True}
+        if networks:
+            merged["networks"] = networks
+        json.dump(merged, sys.stdout, indent=2)
         print()
     else:
-        print(render(status))
-    return 0 if status.get("ok") else 1
+        parts = ([render(status)] if status is not None else []) + \
+            ([render_networks(networks)] if networks else [])
+        print("\n\n".join(parts))
+    return 0 if status is None or status.get("ok") else 1
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

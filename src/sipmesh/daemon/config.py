@@ -38,6 +38,7 @@ from sipmesh.agent.params import Host, IPAddress, Token
 from sipmesh.daemon.allocators import AddressPool, Allocator, PortRange
 from sipmesh.daemon.registry import get_kind
 from sipmesh.daemon.service import NAME_RE, ConfigValueError, Service, compile_pattern
+from sipmesh.sip.ua.liveness import DEFAULT_INTERVAL, check_interval
 
 __all__ = ["AgentSection", "ConfigError", "DaemonConfig", "load_config", "parse_config"]
 
@@ -47,7 +48,7 @@ _SERVICE_COMMON = {"name", "kind", "allow", "max_sessions", "description", "call
 _AGENT_KEYS = {"server", "user", "password", "credentials", "auth_user", "display_name",
                "transport", "bind", "sip_port", "advertise", "expires", "register_timeout",
                "grace", "max_sessions", "default_service", "control_socket", "state_dir",
-               "ca_file", "cert", "key", "tls_server_name",
+               "ca_file", "cert", "key", "tls_server_name", "keepalive",
                "ice", "stun", "turn", "consent_timeout"}
 
 
@@ -73,6 +74,7 @@ class AgentSection:
     expires: int = 3600
     register_timeout: float = 10.0
     grace: float = 5.0
+    keepalive: float = DEFAULT_INTERVAL  # probe a silent peer after this long (0: never)
     max_sessions: int = DEFAULT_DAEMON_MAX
     default_service: str | None = None
     control_socket: Path | None = None
@@ -293,6 +295,10 @@ class _Builder:
         agent.expires = number("expires", 3600, 60, 86400)
         agent.register_timeout = float(number("register_timeout", 10.0, 0.1, 600, False))
         agent.grace = float(number("grace", 5.0, 0.1, 600, False))
+        try:
+            agent.keepalive = check_interval(table.get("keepalive", DEFAULT_INTERVAL))
+        except ValueError as exc:
+            raise fail("keepalive", str(exc)) from None
         agent.max_sessions = number("max_sessions", DEFAULT_DAEMON_MAX, 1, 1_000_000)
         agent.default_service = text("default_service")
         for key in ("control_socket", "state_dir"):

@@ -55,7 +55,7 @@ def ua_config(agent: AgentSection, password: str | None = None) -> UAConfig:
                     auth_user=agent.auth_user, display_name=agent.display_name,
                     transport=agent.transport.upper(),
                     tls_client_context=client_tls(agent.transport, agent.tls),
-                    listen_host=agent.bind, listen_port=agent.sip_port)
+                    listen_host=agent.bind, listen_port=agent.sip_port, peer_keepalive=agent.keepalive)
 
 
 def session_json(session: Session) -> dict[str, Any]:

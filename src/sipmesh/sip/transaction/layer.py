@@ -147,10 +147,10 @@ class TransactionLayer:
     # -- client side ------------------------------------------------------------------
     def add_via(self, request: Request, flow: Flow, *, branch: str | None = None,
                 pinned: bool = False) -> Flow:
-        """Put our Via on top (choosing TCP for large UDP requests, §18.1.1, unless the flow
-        is `pinned`: a NATed UA's own, the only way to it); returns the flow."""
-        if flow.transport == "UDP" and not pinned \
-                and len(request.to_bytes()) + 100 > UDP_SIZE_THRESHOLD \
+        """Put our Via on top (choosing TCP for large UDP requests, §18.1.1); returns the flow.
+        A `pinned` flow is one the peer opened (its registration's NAT mapping): it is kept
+        as it is, since a TCP connection towards a NAT could not be opened."""
+        if not pinned and flow.transport == "UDP" and len(request.to_bytes()) + 100 > UDP_SIZE_THRESHOLD \
                 and self.transport.address("TCP", flow.host) is not None:
             flow = Flow("TCP", flow.host, flow.port)
         local = self.transport.address(flow.transport, flow.host)

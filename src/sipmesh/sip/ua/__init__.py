@@ -5,11 +5,16 @@
 - `invite_client`: calling out (INVITE, forks, CANCEL, ACK of each 2xx);
 - `invite_server`: `IncomingCall`, an INVITE awaiting the application (ring, reject, accept);
 - `call`: `Call`, the established dialog (in-dialog requests, BYE, re-INVITE, the ACK
-  and 2xx retransmissions), and `CallFailed`.
+  and 2xx retransmissions, probing a silent peer), and `CallFailed`;
+- `liveness`: when a silent peer is probed and when it counts as gone (sans-I/O);
+- `subscription`: `Subscription`, an event subscription we hold (RFC 6665: SUBSCRIBE,
+  NOTIFYs, refresh).
 """
 
 from sipmesh.sip.ua.call import ALLOW, Call, CallFailed
 from sipmesh.sip.ua.invite_server import IncomingCall
+from sipmesh.sip.ua.subscription import Notification, Subscription
 from sipmesh.sip.ua.useragent import UAConfig, UserAgent
 
-__all__ = ["ALLOW", "Call", "CallFailed", "IncomingCall", "UAConfig", "UserAgent"]
+__all__ = ["ALLOW", "Call", "CallFailed", "IncomingCall", "Notification", "Subscription", "UAConfig",
+           "UserAgent"]

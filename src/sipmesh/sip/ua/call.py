@@ -5,6 +5,13 @@ OPTIONS, INFO), the requests the peer sends in it, our ACK for each 2xx to our
 INVITEs (sent again for a retransmitted 2xx, §13.2.2.4) and the retransmission of
 our 2xx until the peer's ACK (§13.3.1.4). How the call came to be is in
 `invite_client` (we called) and `invite_server` (we answered).
+
+A peer that dies without a BYE (SIGKILL, a host gone, a NAT path cut) is noticed here:
+once the dialog is confirmed, a peer silent for `UAConfig.peer_keepalive` seconds is sent
+in-dialog OPTIONS, and a 408 or 481 to any request of ours in the dialog, or a probe
+unanswered for min(2K, 64*T1), ends the call (RFC 3261 §12.2.1.2; the rule and the
+bound, K + min(2K, 64*T1), are in `liveness`). `ended` then completes with the reason,
+`lost` keeps it, and a BYE goes out (best effort: the peer is probably not there).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from sipmesh.sip.errors import ParseError
 from sipmesh.sip.message import Request, Response, make_response
 from sipmesh.sip.transaction.layer import ClientTransaction, ServerTransaction
 from sipmesh.sip.transport.base import Flow, response_target
+from sipmesh.sip.ua.liveness import Action, Liveness
 
 if TYPE_CHECKING:
     from sipmesh.sip.ua.useragent import UserAgent
@@ -58,6 +66,10 @@ class Call:
         self._acks: dict[int, tuple[Request, Flow]] = {}  # our ACK per INVITE CSeq, for resends
         self._ack_events: dict[int, asyncio.Event] = {}  # our 2xx awaiting their ACK, by CSeq
         self._reinviting = False
+        self.liveness: Liveness | None = None  # once confirmed, with keepalive on
+        self.lost: str | None = None  # why we decided the peer is gone, if we did
+        if ua.config.peer_keepalive > 0:
+            ua.spawn(self._keep_alive(ua.config.peer_keepalive))
 
     @property
     def call_id(self) -> str:
@@ -81,6 +93,9 @@ class Call:
         if self.ended.done():
             return None
         self._end("local BYE")
+        return await self._send_bye(headers)
+
+    async def _send_bye(self, headers: list[tuple[str, str]] | None) -> Response | None:
         request = self.dialog.create_request("BYE")
         for name, value in headers or ():
             request.headers.add(name, value)
@@ -141,7 +156,51 @@ class Call:
         a retry takes a new CSeq, which the dialog's local sequence follows."""
         def follow(retry: Request) -> None:
             self.dialog.local_seq = max(self.dialog.local_seq, retry.cseq[0])
-        return await self.ua.transact(request, on_retry=follow)
+        response, txn = await self.ua.transact(request, on_retry=follow)
+        if self.liveness is not None and request.method != "BYE" and self.liveness.answered(
+                response.status, request.method, asyncio.get_running_loop().time()):
+            self._lose()
+        return response, txn
+
+    # -- is the peer still there? (liveness.py) --------------------------------------------
+    async def _keep_alive(self, interval: float) -> None:
+        """Once the dialog is confirmed: OPTIONS to a silent peer; end the call when it is gone."""
+        acked = asyncio.ensure_future(self.acked.wait())
+        try:
+            await asyncio.wait({acked, self.ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            acked.cancel()
+        loop = asyncio.get_running_loop()
+        liveness = self.liveness = Liveness(interval, self.ua.config.timers.t1, loop.time())
+        while not self.ended.done():
+            action, wake = liveness.poll(loop.time())
+            if action is Action.GONE:
+                self._lose()
+                return
+            if action is Action.PROBE:
+                self.ua.spawn(self._probe())
+            await asyncio.wait({self.ended}, timeout=max(0.0, wake - loop.time()))
+
+    async def _probe(self) -> None:
+        try:
+            response = await self.request("OPTIONS")  # _transact tells the liveness
+        except (OSError, CallFailed) as exc:  # not sent: the next probe or the timeout decides
+            log.debug("[%s] in-dialog OPTIONS not sent: %s", self.call_id, exc)
+            return
+        log.debug("[%s] in-dialog OPTIONS answered %d", self.call_id, response.status)
+
+    def _alive(self) -> None:
+        if self.liveness is not None:
+            self.liveness.alive(asyncio.get_running_loop().time())
+
+    def _lose(self) -> None:
+        """The peer is gone (`liveness.reason`): end the call now, then BYE, best effort."""
+        if self.ended.done() or self.liveness is None:
+            return
+        self.lost = reason = self.liveness.reason or "the peer is gone"
+        log.warning("[%s] %s: ending the session", self.call_id, reason)
+        self._end(reason)
+        self.ua.spawn(self._send_bye([("Reason", f'SIP ;cause=408 ;text="{reason}"')]))
 
     # -- the ACK for a 2xx to our INVITE ------------------------------------------------------
     async def send_ack(self, cseq: int, invite: Request | None = None) -> None:
@@ -217,6 +276,7 @@ class Call:
     def on_request(self, txn: ServerTransaction) -> None:
         """A request of the peer's inside this dialog (the UA found the dialog by its id)."""
         request = txn.request
+        self._alive()
         if not self.dialog.accept_remote_cseq(request):
             txn.reply(500, "Out Of Order CSeq")
             return
@@ -253,6 +313,7 @@ class Call:
     def on_ack(self, request: Request) -> None:
         """The peer's ACK for a 2xx of ours in this dialog."""
         self.acked.set()
+        self._alive()
         try:
             number = request.cseq[0]
         except ParseError:

@@ -31,9 +31,9 @@ ProgressHandler = Callable[[Response], None]
 
 async def send_invite(ua: "UserAgent", uri: URI, sdp: bytes, *,
                       on_progress: ProgressHandler | None = None,
-                      timeout: float | None = None) -> Call:
+                      timeout: float | None = None, call_id: str | None = None) -> Call:
     """Call `uri` offering `sdp`; see `UserAgent.invite`."""
-    request = ua.new_request("INVITE", uri)
+    request = ua.new_request("INVITE", uri, call_id=call_id)
     request.headers.add("Contact", str(ua.contact()))
     request.headers.add("Allow", ALLOW)
     request.headers.add("Content-Type", "application/sdp")

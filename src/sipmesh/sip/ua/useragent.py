@@ -30,6 +30,8 @@ from sipmesh.sip.transport.resolve import ResolveError
 from sipmesh.sip.ua.call import ALLOW, USER_AGENT, Call, CallFailed
 from sipmesh.sip.ua.invite_client import ProgressHandler, send_invite
 from sipmesh.sip.ua.invite_server import IncomingCall
+from sipmesh.sip.ua.liveness import DEFAULT_INTERVAL as DEFAULT_PEER_KEEPALIVE
+from sipmesh.sip.ua.subscription import Subscription
 from sipmesh.sip.uri import URI, SipURI, parse_sip_uri
 
 log = logging.getLogger("sipmesh.sip.ua")
@@ -56,6 +58,9 @@ class UAConfig:
     # While registered, keep the flow to the registrar open through NATs (RFC 5626 §4.4):
     # seconds between keep-alives, 0 for none. See TransportLayer.keep_alive.
     keepalive: float = KEEPALIVE_INTERVAL
+    # Probe an established call's peer after this many seconds of silence, and end the
+    # call when it is gone (call.py, liveness.py); 0: never.
+    peer_keepalive: float = DEFAULT_PEER_KEEPALIVE
 
 
 IncomingHandler = Callable[[IncomingCall], Awaitable[None]]
@@ -78,8 +83,10 @@ class UserAgent:
         self._digest = (DigestClient(config.auth_user or config.user, config.password)
                         if config.password is not None else None)
         self._keepalive: tuple[Flow, asyncio.Task[object]] | None = None
-        self._register_call_id = secrets.token_hex(12)
-        self._register_cseq = 0
+        self._subscriptions: dict[tuple[str, str], Subscription] = {}  # by (Call-ID, our tag)
+        # REGISTER's Call-ID and last CSeq per AOR we register (§10.2: one Call-ID per
+        # registrar and AOR, CSeq increasing)
+        self._register_state: dict[str, tuple[str, int]] = {}
         self.aor = parse_sip_uri(f"sip:{config.user}@{config.domain}")
         self.aor.port = None if self.aor.port == 5060 else self.aor.port
 
@@ -238,23 +245,39 @@ class UserAgent:
             request = retry
         return response, txn
 
-    async def register(self, expires: int = 3600) -> Response:
-        """REGISTER our Contact for `expires` seconds (0 removes it)."""
+    async def register(self, expires: int = 3600, *, aor: SipURI | None = None,
+                       contact: Address | None = None) -> Response:
+        """REGISTER our Contact for `expires` seconds (0 removes it), under our AOR or
+        under `aor` (another address-of-record, e.g. a mesh network's) with `contact`."""
+        return await self._register(aor, contact or self.contact(), expires)
+
+    async def fetch_bindings(self, aor: SipURI | None = None) -> Response:
+        """REGISTER without a Contact (RFC 3261 §10.2.3): the 200 lists `aor`'s bindings."""
+        return await self._register(aor, None, None)
+
+    async def _register(self, aor: SipURI | None, contact: Address | None, expires: int | None) -> Response:
         registrar = parse_sip_uri(f"sip:{self.config.domain}")
         if self.config.transport != "UDP":
             registrar.params["transport"] = self.config.transport.lower()
-        self._register_cseq += 1
-        request = self.new_request("REGISTER", registrar, to=Address(self.aor.copy()),
-                                    call_id=self._register_call_id, cseq=self._register_cseq)
+        aor = (aor or self.aor).copy()
+        key = str(aor)
+        call_id, cseq = self._register_state.get(key) or (secrets.token_hex(12), 0)
+        request = self.new_request("REGISTER", registrar, to=Address(aor), call_id=call_id, cseq=cseq + 1)
         request.headers.remove("Route")
-        contact = self.contact()
-        request.headers.add("Contact", str(contact))
-        request.headers.add("Expires", str(expires))
+        if contact is not None:
+            request.headers.add("Contact", str(contact))
+        if expires is not None:
+            request.headers.add("Expires", str(expires))
         flow = await self.flow_for(request)
+        self._register_state[key] = (call_id, cseq + 1)
         response = await self.request(request)
-        self._register_cseq = response.cseq[0] if response.cseq[1] == "REGISTER" else self._register_cseq
-        if 200 <= response.status < 300:
-            self._keep_alive(flow if expires > 0 else None)
+        if response.cseq[1] == "REGISTER":  # a digest retry took the next CSeq
+            self._register_state[key] = (call_id, max(cseq + 1, response.cseq[0]))
+        if 200 <= response.status < 300 and expires is not None:
+            if expires > 0:
+                self._keep_alive(flow)
+            elif key == str(self.aor):  # our own name leaves: no more keep-alives
+                self._keep_alive(None)
         return response
 
     def _keep_alive(self, flow: Flow | None) -> None:
@@ -266,16 +289,32 @@ class UserAgent:
             assert self.transport is not None
             self._keepalive = (flow, self.spawn(self.transport.keep_alive(flow, self.config.keepalive)))
 
+    async def subscribe(self, target: str | URI, event: str, *, accept: str,
+                        expires: int = 3600) -> Subscription:
+        """SUBSCRIBE to `event` of `target` (RFC 6665); the Subscription once the SUBSCRIBE
+        has its final response (see `Subscription.ended` for a refusal)."""
+        subscription = Subscription(self, self.target_uri(target), event, accept=accept, expires=expires)
+        await subscription.start()
+        return subscription
+
+    def add_subscription(self, subscription: Subscription) -> None:
+        """Hand the NOTIFYs of `subscription` (matched by Call-ID and our tag) to it."""
+        self._subscriptions[subscription.key] = subscription
+
+    def forget_subscription(self, subscription: Subscription) -> None:
+        self._subscriptions.pop(subscription.key, None)
+
     async def invite(self, target: str | URI, sdp: bytes, *,
                      on_progress: ProgressHandler | None = None,
-                     timeout: float | None = None) -> Call:
+                     timeout: float | None = None, call_id: str | None = None) -> Call:
         """Call `target` (a user name, 'user@host' or a SIP URI) and return the Call once
-        the 2xx is ACKed. Raises CallFailed with the final status otherwise.
+        the 2xx is ACKed. Raises CallFailed with the final status otherwise. `call_id`:
+        the dialog's Call-ID, when the offer must name it (a signed session).
 
         With `timeout`, give up after that many seconds without an answer: the INVITE is
         CANCELled (§9.1) and CallFailed(487) raised. Cancelling the awaiting task CANCELs too."""
         return await send_invite(self, self.target_uri(target), sdp, on_progress=on_progress,
-                                 timeout=timeout)
+                                 timeout=timeout, call_id=call_id)
 
     def target_uri(self, target: str | URI) -> URI:
         """The URI of `target`: a SIP URI, 'user@host', or a user name in our domain."""
@@ -302,6 +341,11 @@ class UserAgent:
         if request.headers.get("Require"):  # §8.2.2.3
             _reply(txn, 420, headers=[("Unsupported", request.headers.get("Require") or "")])
             return
+        if request.method == "NOTIFY":
+            subscription = self._subscriptions.get((request.call_id, request.to.tag or ""))
+            if subscription is not None:
+                subscription.on_notify(txn)
+                return
         dialog_id = dialog_id_of_request(request)
         if dialog_id is not None:
             call = self._calls.get(dialog_id)

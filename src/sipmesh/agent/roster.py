@@ -1,0 +1,385 @@
+"""A member's view of its mesh network's roster, over SIP (issue 12, item 3).
+
+The roster is the set of bindings of the network's address-of-record `sip:net-NAME@DOMAIN`
+(broker/roster.py has the broker's side). A member
+
+1. registers there a second binding: its Contact with its own name as the user part,
+   `+sip.instance`, and (on servers that do not allocate addresses, i.e. Kamailio) its
+   mesh address as the `mesh-ip` URI parameter;
+2. reads the roster by push, SUBSCRIBE `Event: reg` (RFC 6665, RFC 3680), refreshed before
+   it runs out and made again when the server ends it; or by poll, REGISTER without a
+   Contact (RFC 3261 §10.2.3) every `poll_interval`, when the server offers no reg event
+   package (or while it refuses the subscription);
+3. turns each document into events: `joined`, `left` (with the reason the server gave:
+   `unregistered`, `expired`, ...), `changed` (another contact or mesh address).
+
+`RosterState` does 3 and no I/O; `RosterClient` does 1-3 over a `UserAgent`, for as long
+as the member is in the network. Everything in a roster is a hint from the server: names
+and addresses are checked against limits here, and a peer is trusted only once its
+certificate (signed by the network's CA, not the server) says the same (issue 12, item 5).
+
+    client = RosterClient(ua, "lab")
+    await client.start()
+    async for event in client.events():   # joined / left / changed, with name, contact, mesh address
+        ...
+    await client.stop()                   # unsubscribe, unregister
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from sipmesh.agent.registration import Registration
+from sipmesh.sip import reginfo
+from sipmesh.sip.errors import ParseError
+from sipmesh.sip.headers import Address
+from sipmesh.sip.message import Response
+from sipmesh.sip.ua import CallFailed, Subscription, UserAgent
+from sipmesh.sip.uri import SipURI, parse_sip_uri, parse_uri
+
+log = logging.getLogger("sipmesh.agent.roster")
+
+AOR_PREFIX = "net-"  # the network's AOR is sip:net-NAME@DOMAIN (as broker/networks.py has it)
+MESH_PARAM = "mesh-ip"  # the contact URI parameter with the member's mesh address
+EVENT = "reg"
+MAX_MEMBERS = 4096
+RESUBSCRIBE_EVERY = 10  # while polling, try to subscribe again every this many polls
+_NAME = re.compile(r"^[A-Za-z0-9\-_.!~*'()&=+$,;?/%]{1,64}$")  # a SIP user name we accept as a member's
+# Responses to SUBSCRIBE that mean "this server has no roster to push": poll instead.
+_NO_PUSH = frozenset({403, 404, 405, 406, 480, 489, 501})
+
+
+class NeedFullState(Exception):
+    """A partial reginfo document skipped a version: the roster must be fetched anew."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    name: str
+    contact: str  # the contact URI the member registered (where SIP reaches it)
+    mesh_ip: str | None = None  # its mesh address as the roster says (a hint, see above)
+
+
+@dataclass(frozen=True, slots=True)
+class RosterEvent:
+    kind: str  # joined | left | changed
+    member: Member  # left: as it was last known
+    reason: str | None = None  # left: unregistered, expired, deactivated, ...; or why nothing is known
+
+
+def network_aor(network: str, domain_uri: SipURI) -> SipURI:
+    """sip:net-NETWORK@DOMAIN for the UA's domain."""
+    return SipURI(host=domain_uri.host, user=AOR_PREFIX + network, port=domain_uri.port)
+
+
+def member_of(uri_text: str) -> Member | None:
+    """A Member from a contact URI, or None if it is not one we accept."""
+    try:
+        uri = parse_sip_uri(uri_text)
+    except ParseError:
+        return None
+    if uri.user is None or not _NAME.match(uri.user):
+        return None
+    address = uri.params.get(MESH_PARAM)
+    try:
+        mesh_ip = str(ipaddress.ip_address(address)) if address else None
+    except ValueError:
+        mesh_ip = None  # hostile or garbled: no address rather than a wrong one
+    return Member(uri.user, str(uri), mesh_ip)
+
+
+def _contact_key(member: Member) -> str:
+    """Contacts compare by where they reach (not by the parameters a server may add)."""
+    uri = parse_sip_uri(member.contact)
+    return f"{uri.user}@{uri.host.lower()}:{uri.port}/{(uri.transport or 'udp').lower()}"
+
+
+class RosterState:
+    """The roster as last told, sans-I/O: feed it documents, get the events they cause."""
+
+    def __init__(self, network: str, *, me: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.network = network
+        self.me = me  # our own name: kept apart (`self_member`), never an event
+        self.clock = clock
+        self.members: dict[str, Member] = {}  # the others, by name
+        self.self_member: Member | None = None
+        self.version: int | None = None
+        self._contacts: dict[str, tuple[Member, float]] = {}  # key -> (member, expires at)
+        self._expiry: dict[str, float] = {}  # when each member's binding runs out, as last told
+
+    # -- what the server says ---------------------------------------------------------------
+    def from_reginfo(self, body: bytes) -> list[RosterEvent]:
+        """A NOTIFY's body. An empty body (a server with nothing published yet) is an
+        empty roster. Raises RegInfoError (bad document) or NeedFullState."""
+        if not body.strip():
+            return self._replace({}, {})
+        info = reginfo.parse(body)
+        if info.state == "partial":
+            if self.version is not None and info.version <= self.version:
+                return []  # older than what we have
+            if self.version is None or info.version != self.version + 1:
+                raise NeedFullState(f"reginfo version {info.version} after {self.version}")
+        self.version = info.version
+        now = self.clock()
+        contacts = {} if info.state == "full" else dict(self._contacts)
+        reasons: dict[str, str] = {}
+        for registration in info.registrations:
+            if not self._ours(registration.aor):
+                continue
+            for c in registration.contacts:
+                member = member_of(c.uri)
+                if member is None:
+                    log.debug("roster of %s: contact %r ignored", self.network, c.uri[:100])
+                    continue
+                key = _contact_key(member)
+                if c.state == "active":
+                    if len(contacts) < MAX_MEMBERS or key in contacts:
+                        contacts[key] = (member, now + (c.expires if c.expires is not None else 3600))
+                else:
+                    contacts.pop(key, None)
+                    reasons[member.name] = c.event or "terminated"
+        return self._replace(contacts, reasons)
+
+    def from_bindings(self, contacts: list[Address]) -> list[RosterEvent]:
+        """The Contacts of a 200 to REGISTER-fetch (all of the AOR's bindings)."""
+        now = self.clock()
+        found: dict[str, tuple[Member, float]] = {}
+        for address in contacts[:MAX_MEMBERS]:
+            member = member_of(str(address.uri))
+            if member is not None:
+                expires = address.expires
+                found[_contact_key(member)] = (member, now + (expires if expires is not None else 3600))
+        return self._replace(found, {})
+
+    def clear(self, reason: str) -> list[RosterEvent]:
+        """Nothing is known any more (we left the network)."""
+        return self._replace({}, {name: reason for name in self.members})
+
+    def _ours(self, aor: str) -> bool:
+        try:
+            uri = parse_uri(aor)
+        except ParseError:
+            return False
+        return isinstance(uri, SipURI) and uri.user == AOR_PREFIX + self.network
+
+    # -- the members, and what changed ------------------------------------------------------------
+    def _replace(self, contacts: dict[str, tuple[Member, float]], reasons: dict[str, str]) -> list[RosterEvent]:
+        self._contacts = contacts
+        best: dict[str, tuple[Member, float]] = {}
+        for member, expires_at in contacts.values():  # one contact per name: the freshest
+            held = best.get(member.name)
+            if held is None or expires_at > held[1]:
+                best[member.name] = (member, expires_at)
+        self.self_member = best.pop(self.me, (None, 0.0))[0] if self.me is not None else None
+        fresh = {name: member for name, (member, _) in best.items()}
+        now = self.clock()
+        events = []
+        for name, old in self.members.items():
+            if name not in fresh:
+                # A server that leaves a gone contact out (Kamailio) gives no reason: one
+                # whose time had run out expired.
+                reason = reasons.get(name) or ("expired" if self._expiry.get(name, now + 2) <= now + 1
+                                               else "unregistered")
+                events.append(RosterEvent("left", old, reason))
+        for name, member in fresh.items():
+            old = self.members.get(name)
+            if old is None:
+                events.append(RosterEvent("joined", member))
+            elif old != member:
+                events.append(RosterEvent("changed", member))
+        self.members = fresh
+        self._expiry = {name: expires_at for name, (_, expires_at) in best.items()}
+        return events
+
+
+class RosterClient:
+    """Our membership of a network's roster, for as long as we are in the network.
+
+    `ua` is the network's own user agent (its credentials are the member's ID and password
+    for this network: the network is their realm). `mesh_ip` is put on our contact for
+    servers that do not allocate addresses (our broker sets its own allocation anyway)."""
+
+    def __init__(self, ua: UserAgent, network: str, *, mesh_ip: str | None = None,
+                 instance: str | None = None, register_expires: int = 300,
+                 subscribe_expires: int = 120, poll_interval: float = 30.0, push: bool = True,
+                 on_event: Callable[[RosterEvent], None] | None = None) -> None:
+        self.ua = ua
+        self.network = network
+        self.aor = network_aor(network, parse_sip_uri(f"sip:{ua.config.domain}"))
+        self.instance = instance or f"urn:uuid:{uuid.uuid4()}"
+        self.register_expires = register_expires
+        self.subscribe_expires = subscribe_expires
+        self.poll_interval = poll_interval
+        self.push = push
+        self.on_event = on_event
+        self.state = RosterState(network, me=ua.config.user)
+        self.mode = "starting"  # -> push | poll | stopped
+        self.registration: Registration | None = None
+        self.subscription: Subscription | None = None
+        self._mesh_ip = mesh_ip
+        self._events: asyncio.Queue[RosterEvent | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._no_push = False  # the server has no reg event package: poll, rarely try again
+
+    @property
+    def members(self) -> dict[str, Member]:
+        return dict(self.state.members)
+
+    @property
+    def mesh_ip(self) -> str | None:
+        """Our own mesh address as the roster has it (the broker's allocation)."""
+        me = self.state.self_member
+        return me.mesh_ip if me is not None else self._mesh_ip
+
+    def contact(self) -> Address:
+        """Our binding under the network AOR."""
+        uri = self.ua.contact().uri
+        assert isinstance(uri, SipURI)
+        uri = uri.copy()
+        if self._mesh_ip is not None:
+            uri.params[MESH_PARAM] = self._mesh_ip
+        return Address(uri, params={"+sip.instance": f'"<{self.instance}>"'})
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Register under the network AOR (raises AgentError if refused), then read the
+        roster once, by SUBSCRIBE or REGISTER-fetch, and keep it current."""
+        self.registration = Registration(self.ua, expires=self.register_expires, aor=self.aor,
+                                         contact=self.contact(), min_retry=min(10.0, self.register_expires / 4))
+        await self.registration.register()
+        self.registration.start_refresh()
+        if not (self.push and await self._subscribe()):
+            self.mode = "poll"
+            await self._poll_once()
+        self._task = self.ua.spawn(self._run())  # type: ignore[assignment]
+
+    async def stop(self) -> None:
+        """Leave: unsubscribe, remove our binding (Expires 0)."""
+        self.mode = "stopped"
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.subscription is not None:
+            await self.subscription.unsubscribe()
+        if self.registration is not None:
+            await self.registration.unregister()
+        self._emit(self.state.clear("we left"))
+        self._events.put_nowait(None)
+
+    async def events(self) -> AsyncIterator[RosterEvent]:
+        while True:
+            event = await self._events.get()
+            if event is None:
+                return
+            yield event
+
+    def _emit(self, events: list[RosterEvent]) -> None:
+        for event in events:
+            log.info("network %s: %s %s%s%s", self.network, event.member.name, event.kind,
+                     f" ({event.member.mesh_ip})" if event.member.mesh_ip else "",
+                     f": {event.reason}" if event.reason else "")
+            self._events.put_nowait(event)
+            if self.on_event is not None:
+                self.on_event(event)
+
+    # -- push ----------------------------------------------------------------------------------
+    async def _subscribe(self) -> bool:
+        """SUBSCRIBE to the roster; False if the server will not push it now (`_no_push`
+        says whether it never will: no reg event package there)."""
+        try:
+            subscription = await self.ua.subscribe(self.aor, EVENT, accept=reginfo.CONTENT_TYPE,
+                                                   expires=self.subscribe_expires)
+        except (OSError, CallFailed) as exc:
+            log.warning("network %s: cannot subscribe to the roster (%s): polling", self.network, exc)
+            self.mode = "poll"
+            return False
+        if subscription.ended.done():
+            reason = subscription.ended.result()
+            self._no_push = reason[:3].isdigit() and int(reason[:3]) in _NO_PUSH
+            log.info("network %s: the server does not push the roster (%s): polling", self.network, reason)
+            self.mode = "poll"
+            return False
+        self.subscription = subscription
+        self.mode = "push"
+        return True
+
+    async def _run(self) -> None:
+        """Follow the subscription while there is one; without, poll, and subscribe again:
+        soon (1 s, doubling up to `poll_interval`) when the server was unreachable or
+        ended it, every RESUBSCRIBE_EVERY polls when it has no reg event package."""
+        polls, pause = 0, 1.0
+        while self.mode != "stopped":
+            if self.subscription is not None:
+                await self._follow(self.subscription)
+                if self.mode == "stopped":
+                    return
+                pause = 1.0
+                if await self._subscribe():
+                    continue
+                await self._poll_once()
+            slow = self._no_push or not self.push
+            await asyncio.sleep(self.poll_interval if slow else min(pause, self.poll_interval))
+            pause *= 2
+            polls += 1
+            if self.push and (not self._no_push or polls % RESUBSCRIBE_EVERY == 0) and await self._subscribe():
+                continue  # the server pushes (again)
+            await self._poll_once()
+
+    async def _follow(self, subscription: Subscription) -> None:
+        """Apply each NOTIFY, refresh before the subscription runs out; return when it ends."""
+        loop = asyncio.get_running_loop()
+        while not subscription.ended.done():
+            expires_at = subscription.expires_at or loop.time() + self.subscribe_expires
+            # refresh at 80 % of the time left, at least 5 s before the end (RFC 6665 §4.1.2.2)
+            refresh_in = max(1.0, min((expires_at - loop.time()) * 0.8, expires_at - loop.time() - 5))
+            try:
+                notification = await asyncio.wait_for(subscription.next_notification(), refresh_in)
+            except asyncio.TimeoutError:
+                try:
+                    response = await subscription.refresh()
+                except (OSError, RuntimeError) as exc:
+                    log.warning("network %s: roster refresh failed: %s", self.network, exc)
+                    continue
+                if response.status >= 300 and not subscription.ended.done():
+                    log.warning("network %s: roster refresh answered %d %s", self.network,
+                                response.status, response.reason)
+                continue
+            if notification is None:
+                break
+            if notification.content_type not in (None, reginfo.CONTENT_TYPE):
+                continue
+            try:
+                self._emit(self.state.from_reginfo(notification.body))
+            except NeedFullState as exc:
+                log.info("network %s: %s: fetching the roster anew", self.network, exc)
+                await subscription.refresh()
+            except reginfo.RegInfoError as exc:
+                log.warning("network %s: unusable roster document: %s", self.network, exc)
+        if self.mode != "stopped":
+            log.info("network %s: roster subscription ended (%s): subscribing again", self.network,
+                     subscription.ended.result() if subscription.ended.done() else "?")
+        self.subscription = None
+
+    # -- poll -----------------------------------------------------------------------------------
+    async def _poll_once(self) -> None:
+        try:
+            response: Response = await asyncio.wait_for(self.ua.fetch_bindings(self.aor), 10.0)
+        except (OSError, asyncio.TimeoutError, CallFailed) as exc:
+            log.warning("network %s: cannot fetch the roster: %s", self.network, exc)
+            return
+        if response.status != 200:
+            log.warning("network %s: fetching the roster answered %d %s", self.network, response.status,
+                        response.reason)
+            return
+        try:
+            self._emit(self.state.from_bindings(response.contacts))
+        except ParseError as exc:
+            log.warning("network %s: unusable roster in the REGISTER answer: %s", self.network, exc.reason)

@@ -1,0 +1,604 @@
+"""A mesh member (issue 12, item 2): one WireGuard interface per network, a peer per member.
+
+`sipmesh up NETWORK` runs one `MeshMember`:
+
+1. the network's WireGuard identity, kept in ``STATE/mesh/NETWORK/``: ``wg.key`` (the
+   long-term X25519 private key, 0600, never sent or logged) and ``port`` (its UDP port,
+   chosen once); the interface (``sm-NETWORK`` by default: wireguard-go's control socket
+   ``/var/run/wireguard/IFNAME.sock`` is shared by every namespace, so two members on one
+   machine need two names) runs wireguard-go in the foreground as our child;
+2. the roster (agent/roster.py): registered under ``sip:net-NETWORK@DOMAIN``, it gives our
+   mesh address (the broker's allocation) and joined / left / changed events;
+3. one INVITE dialog per pair: the member whose name sorts lower calls the other's
+   contact directly with ``a=service:mesh``, ``a=IP4``/``a=PORT`` (its WireGuard
+   endpoint, the paper's way), ``a=wg-pubkey`` and ``a=mesh-ip``; the other checks the
+   offer and answers with its own. Both then ``wg set IF peer KEY allowed-ips IP/32
+   endpoint IP:PORT persistent-keepalive 25`` and route ``IP/32`` to the interface.
+   A BYE, or the peer leaving the roster (unregistered, or its binding expired), removes
+   the peer (``wg set IF peer KEY remove``).
+
+Trust: with the network's CA (``--ca``: ``ca.pub`` and ``revoked``; our ``--cert`` and
+``--identity`` key, made by ``sipmesh network ...``), every offer and answer is signed
+(`sign_session`) and the peer's verified (`verify_session`): the key and address put on
+the interface are the ones its certificate vouches for; a tampered session is refused
+(488 to an offer, BYE to an answer) and the reason is logged and kept for status.
+Without a CA the roster is trusted: an offer is accepted only from a member the roster
+lists, with the mesh address the roster gives it.
+
+Why in apps/: the member is an application of the agent (like apps/wireguard.py, whose
+key and tool helpers it uses); agent/ may not import apps/.
+
+Not yet (later increments): ICE per pair (endpoints are the advertised address only, no
+NAT traversal), relay through a member, several networks in one process, names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sipmesh.agent.attributes import build_sdp, read_attribute_list
+from sipmesh.agent.endpoint import Endpoint
+from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.params import Choice, IPv4, ParamError, Param, validate
+from sipmesh.agent.profile import PORT
+from sipmesh.agent.roster import Member, RosterClient, RosterEvent
+from sipmesh.agent.session import warning_value
+from sipmesh.agent.trust import (MemberCertificate, TrustError, load_anchor, load_certificate,
+                                 load_identity, load_revocations, sign_session, verify_session)
+from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, keypair
+from sipmesh.sip.sdp import SDPError
+from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig
+
+log = logging.getLogger("sipmesh.apps.mesh")
+
+SERVICE = Param("service", Choice("mesh"))
+MESH_IP = Param("mesh-ip", IPv4())
+IP4 = Param("IP4", IPv4())
+MESH_PARAMS = (SERVICE, IP4, PORT, PUBKEY, MESH_IP)
+KEEPALIVE = 25
+MTU = 1420
+SOCKET_WAIT = 10.0
+CALL_TIMEOUT = 10.0
+RETRY_MAX = 30.0
+ROSTER_WAIT = 5.0  # for our own address in the roster's first document
+
+
+def interface_for(network: str) -> str:
+    return f"sm-{network}"[:15]
+
+
+# ---------------------------------------------------------------------------- keys, port
+
+
+def network_dir(state_dir: Path, network: str) -> Path:
+    directory = Path(state_dir) / "mesh" / network
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    return directory
+
+
+def load_or_make_key(directory: Path) -> tuple[Path, str]:
+    """(the private key file, our public key): the network's long-term key, made once."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    path = directory / "wg.key"
+    if not path.exists():
+        private, _ = keypair()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, private + b"\n")
+        finally:
+            os.close(fd)
+    if path.stat().st_mode & 0o077:
+        raise AgentError(f"{path} is readable by others: chmod 600 it", Exit.USAGE)
+    try:
+        raw = base64.b64decode(path.read_bytes().strip(), validate=True)
+        key = X25519PrivateKey.from_private_bytes(raw)
+    except ValueError:
+        raise AgentError(f"{path} does not hold a WireGuard private key", Exit.USAGE) from None
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return path, base64.b64encode(public).decode()
+
+
+def load_or_pick_port(directory: Path, wanted: int | None) -> int:
+    """`wanted`, else the port this network used before, else a free one (kept)."""
+    path = directory / "port"
+    if wanted:
+        port = wanted
+    elif path.exists() and path.read_text().strip().isdigit():
+        return int(path.read_text().strip())
+    else:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("0.0.0.0", 0))
+            port = s.getsockname()[1]
+    path.write_text(f"{port}\n")
+    return port
+
+
+# ---------------------------------------------------------------------------- trust
+
+
+@dataclass
+class MeshTrust:
+    """The network's CA and our certificate and identity key (lock mode files)."""
+
+    ca_dir: Path
+    cert_path: Path
+    identity_path: Path
+
+    def load(self, network: str, wg_pubkey: str) -> None:
+        self.anchor = load_anchor(self.ca_dir / "ca.pub")
+        if self.anchor.network != network:
+            raise TrustError("other-ca", f"{self.ca_dir} is the CA of {self.anchor.network}, "
+                                         f"not {network}")
+        revoked = self.ca_dir / "revoked"
+        self.revoked = load_revocations(revoked, self.anchor.public_key) if revoked.exists() else ()
+        self.certificate: MemberCertificate = load_certificate(self.cert_path)
+        self.identity = load_identity(self.identity_path)
+        self.certificate.verify(self.anchor.public_key, time.time(), self.revoked)
+        if self.certificate.wg_pubkey != wg_pubkey:
+            raise TrustError("wrong-wg-key", f"our certificate names WireGuard key "
+                             f"{self.certificate.wg_pubkey}, ours is {wg_pubkey} (issue it for "
+                             "this key: sipmesh network cert issue ... --wg-pubkey)")
+
+    @property
+    def mesh_ip(self) -> str:
+        return str(self.certificate.address.ip)
+
+
+def session_attributes(*, ip4: str, port: int, wg_pubkey: str, mesh_ip: str
+                       ) -> list[tuple[str, str]]:
+    return [("service", "mesh"), ("IP4", ip4), ("PORT", str(port)),
+            ("wg-pubkey", wg_pubkey), ("mesh-ip", mesh_ip)]
+
+
+def describe(attributes: list[tuple[str, str]], *, user: str, ip4: str, port: int,
+             trust: MeshTrust | None, call_id: str, from_uri: str, to_uri: str,
+             role: str) -> bytes:
+    """Our offer or answer, signed when the network has a CA."""
+    attributes = list(attributes)
+    if trust is not None:
+        attributes += sign_session(attributes, call_id=call_id, from_uri=from_uri,
+                                   to_uri=to_uri, role=role, certificate=trust.certificate,
+                                   identity_key=trust.identity)
+    return build_sdp(username=user, address=ip4, media="application", proto="WireGuard",
+                     port=port, attributes=attributes)
+
+
+@dataclass(frozen=True)
+class PeerParams:
+    name: str
+    wg_pubkey: str
+    mesh_ip: str
+    endpoint: str  # IP:PORT
+
+
+def read_peer(body: bytes, *, name: str, roster_ip: str | None, trust: MeshTrust | None,
+              call_id: str, from_uri: str, to_uri: str, role: str) -> PeerParams:
+    """The peer's offer (role "offer") or answer, checked: typed values, then its CA
+    signature (with a CA) or the roster's address for it (without). Raises ParamError,
+    SDPError or TrustError."""
+    attributes = read_attribute_list(body)
+    values = validate(MESH_PARAMS, {n: v for n, v in attributes if n != "candidate"})
+    if trust is not None:
+        peer = verify_session(attributes, call_id, from_uri, to_uri, role,
+                              trust.anchor.public_key, trust.revoked, expected_name=name)
+        mesh_ip, key = str(peer.address.ip), peer.wg_pubkey
+    else:
+        if roster_ip is None or values["mesh-ip"] != roster_ip:
+            raise ParamError("mesh-ip", f"{values['mesh-ip']} is not {name}'s address in the "
+                             f"roster ({roster_ip or 'none'})")
+        mesh_ip, key = values["mesh-ip"], values["wg-pubkey"]
+    return PeerParams(name, key, mesh_ip, f"{values['IP4']}:{values['PORT']}")
+
+
+# ---------------------------------------------------------------------------- the interface
+
+
+class Interface:
+    """One wireguard-go interface, ours for as long as the member runs."""
+
+    def __init__(self, name: str, *, wireguard_go: str = "wireguard-go", wg: str = "wg",
+                 ip: str = "ip") -> None:
+        self.name = name
+        self.tools = {"wireguard-go": wireguard_go, "wg": wg, "ip": ip}
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, key_file: Path, port: int, address: str) -> None:
+        sock = UAPI_DIR / f"{self.name}.sock"
+        if Path(f"/sys/class/net/{self.name}").exists():
+            raise AgentError(f"interface {self.name} exists already (another `sipmesh up`? "
+                             "choose another --ifname)", Exit.USAGE)
+        env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
+        self.process = await asyncio.create_subprocess_exec(
+            self.tools["wireguard-go"], "-f", self.name, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL)
+        deadline = time.monotonic() + SOCKET_WAIT
+        while not sock.exists():
+            if self.process.returncode is not None:
+                raise AgentError(f"wireguard-go exited with status {self.process.returncode}",
+                                 Exit.PROGRAM)
+            if time.monotonic() > deadline:
+                raise AgentError(f"wireguard-go made no {sock} within {SOCKET_WAIT:g} s",
+                                 Exit.PROGRAM)
+            await asyncio.sleep(0.02)
+        await self.run(["wg", "set", self.name, "private-key", str(key_file),
+                        "listen-port", str(port)])
+        await self.run(["ip", "address", "add", f"{address}/32", "dev", self.name])
+        await self.run(["ip", "link", "set", "dev", self.name, "mtu", str(MTU), "up"])
+
+    async def run(self, argv: list[str]) -> None:
+        """wg or ip; the key goes to wg as a file name, never in argv or on a pipe we log."""
+        command = [self.tools[argv[0]], *argv[1:]]
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE)
+            _, err = await asyncio.wait_for(process.communicate(), 20)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise AgentError(f"{' '.join(command)}: {exc or 'timed out'}", Exit.PROGRAM) from None
+        if process.returncode != 0:
+            raise AgentError(f"{' '.join(command)}: {err.decode(errors='replace').strip()}",
+                             Exit.PROGRAM)
+
+    async def set_peer(self, peer: PeerParams) -> None:
+        await self.run(["wg", "set", self.name, "peer", peer.wg_pubkey, "allowed-ips",
+                        f"{peer.mesh_ip}/32", "endpoint", peer.endpoint,
+                        "persistent-keepalive", str(KEEPALIVE)])
+        await self.run(["ip", "route", "replace", f"{peer.mesh_ip}/32", "dev", self.name])
+
+    async def remove_peer(self, peer: PeerParams) -> None:
+        await self.run(["wg", "set", self.name, "peer", peer.wg_pubkey, "remove"])
+        try:
+            await self.run(["ip", "route", "del", f"{peer.mesh_ip}/32", "dev", self.name])
+        except AgentError:
+            pass  # another peer took the address since; its route stays
+
+    async def dump(self) -> dict[str, dict[str, Any]]:
+        """Per peer key: endpoint, latest handshake (Unix s, 0: none), rx, tx bytes."""
+        process = await asyncio.create_subprocess_exec(
+            self.tools["wg"], "show", self.name, "dump", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await process.communicate()
+        return parse_dump(out.decode(errors="replace"))
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 5)
+            except asyncio.TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        if Path(f"/sys/class/net/{self.name}").exists():
+            try:
+                await self.run(["ip", "link", "delete", "dev", self.name])
+            except AgentError as exc:
+                log.warning("cannot delete %s: %s", self.name, exc)
+
+
+def parse_dump(text: str) -> dict[str, dict[str, Any]]:
+    """`wg show IF dump`: the first line is the interface, then one line per peer."""
+    peers: dict[str, dict[str, Any]] = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split("\t")
+        if len(fields) < 8:
+            continue
+        peers[fields[0]] = {"endpoint": None if fields[2] == "(none)" else fields[2],
+                            "latest_handshake": int(fields[4]) if fields[4].isdigit() else 0,
+                            "rx": int(fields[5]) if fields[5].isdigit() else 0,
+                            "tx": int(fields[6]) if fields[6].isdigit() else 0}
+    return peers
+
+
+# ---------------------------------------------------------------------------- the member
+
+
+@dataclass
+class Peer:
+    name: str
+    state: str = "connecting"  # connecting | up | refused | failed
+    params: PeerParams | None = None
+    call: Call | None = None
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+
+
+@dataclass
+class MeshConfig:
+    network: str
+    ua: UAConfig
+    state_dir: Path
+    ifname: str | None = None
+    wg_port: int | None = None
+    advertise: str | None = None
+    mesh_ip: str | None = None  # for servers that allocate none (Kamailio)
+    trust: MeshTrust | None = None
+    register_expires: int = 300
+    tools: dict[str, str] = field(default_factory=dict)
+
+
+class MeshMember:
+    """`sipmesh up NETWORK`: in the network until request_stop()."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.network = config.network
+        self.me = config.ua.user
+        self.ifname = config.ifname or interface_for(config.network)
+        self.interface = Interface(self.ifname, **config.tools)
+        self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise)
+        self.roster: RosterClient | None = None
+        self.peers: dict[str, Peer] = {}
+        self.ready = asyncio.Event()
+        self.mesh_ip: str | None = None
+        self.port = 0
+        self.wg_pubkey = ""
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._lock: dict[str, asyncio.Lock] = {}
+        self._stopped = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self.endpoint.request_stop()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self) -> int:
+        directory = network_dir(self.config.state_dir, self.network)
+        key_file, self.wg_pubkey = load_or_make_key(directory)
+        self.port = load_or_pick_port(directory, self.config.wg_port)
+        trust = self.config.trust
+        if trust is not None:
+            try:
+                trust.load(self.network, self.wg_pubkey)
+            except TrustError as exc:
+                raise AgentError(f"network {self.network}: {exc.message}", Exit.USAGE) from None
+        try:
+            await self.endpoint.listen()
+            assert self.endpoint.ua is not None
+            claimed = self.config.mesh_ip or (trust.mesh_ip if trust is not None else None)
+            self.roster = RosterClient(self.endpoint.ua, self.network, mesh_ip=claimed,
+                                       register_expires=self.config.register_expires)
+            try:
+                await self.roster.start()
+            except (CallFailed, OSError) as exc:
+                raise AgentError(f"cannot join network {self.network}: {exc}",
+                                 Exit.UNREACHABLE) from None
+            self.mesh_ip = await self._own_address()
+            await self.interface.start(key_file, self.port, self.mesh_ip)
+            log.info("network %s: %s up, %s, WireGuard port %d, key %s", self.network, self.ifname,
+                     self.mesh_ip, self.port, self.wg_pubkey)
+            self.ready.set()
+            events = asyncio.ensure_future(self._follow_roster())
+            await self.endpoint.stopping.wait()
+            events.cancel()
+            await self._leave()
+        finally:
+            await self.interface.stop()
+            if self.endpoint.ua is not None:
+                await self.endpoint.ua.stop()
+        return 0
+
+    async def _own_address(self) -> str:
+        assert self.roster is not None
+        deadline = time.monotonic() + ROSTER_WAIT
+        while self.roster.mesh_ip is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        address = self.roster.mesh_ip
+        if address is None:
+            raise AgentError(f"network {self.network}: the server gave us no mesh address "
+                             "(on a server that allocates none, give --mesh-ip)", Exit.USAGE)
+        trust = self.config.trust
+        if trust is not None and address != trust.mesh_ip:
+            raise AgentError(f"network {self.network}: the roster gives us {address}, our "
+                             f"certificate {trust.mesh_ip}", Exit.USAGE)
+        return address
+
+    async def _leave(self) -> None:
+        """BYE to every peer, unregister (the roster), then the interface goes."""
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        calls = [p.call for p in self.peers.values() if p.call is not None]
+        log.info("network %s: leaving: BYE to %d peers", self.network, len(calls))
+        await asyncio.gather(*(asyncio.wait_for(c.bye(), 5) for c in calls),
+                             return_exceptions=True)
+        if self.roster is not None:
+            try:
+                await asyncio.wait_for(self.roster.stop(), 10)
+            except (asyncio.TimeoutError, OSError) as exc:
+                log.warning("network %s: leaving the roster: %s", self.network, exc)
+
+    # -- the roster drives the pairs ---------------------------------------------------------
+    async def _follow_roster(self) -> None:
+        assert self.roster is not None
+        for member in self.roster.members.values():  # known before we followed
+            self._joined(member)
+        async for event in self.roster.events():
+            self._on_roster(event)
+
+    def _on_roster(self, event: RosterEvent) -> None:
+        if event.kind == "left":
+            self._spawn(event.member.name, self._drop(event.member.name,
+                                                      f"left the network ({event.reason})"))
+        elif event.kind == "changed":
+            peer = self.peers.get(event.member.name)
+            if peer is None or peer.state != "up" or (
+                    peer.params is not None and peer.params.mesh_ip != event.member.mesh_ip):
+                self._joined(event.member, again=True)
+        else:
+            self._joined(event.member)
+
+    def _joined(self, member: Member, again: bool = False) -> None:
+        if member.name == self.me or self.me > member.name:
+            return  # the member whose name sorts lower calls
+        if not again and member.name in self.peers and self.peers[member.name].state == "up":
+            return
+        self._spawn(member.name, self._dial(member))
+
+    def _spawn(self, name: str, coro: Any) -> None:
+        old = self._tasks.get(name)
+        if old is not None and not old.done():
+            old.cancel()
+        task = asyncio.ensure_future(coro)
+        self._tasks[name] = task
+
+    # -- calling ---------------------------------------------------------------------------
+    async def _dial(self, member: Member) -> None:
+        """INVITE `member` until it answers (or leaves: this task is cancelled)."""
+        pause = 1.0
+        while not self.endpoint.stopping.is_set():
+            try:
+                if await self._call(member):
+                    return
+            except AgentError as exc:
+                log.warning("network %s: %s: %s", self.network, member.name, exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
+
+    async def _call(self, member: Member) -> bool:
+        ua = self.endpoint.ua
+        assert ua is not None
+        await self._drop(member.name, "calling again")
+        peer = self.peers[member.name] = Peer(member.name)
+        call_id = secrets.token_hex(12)
+        target = ua.target_uri(member.contact)
+        from_uri, to_uri = str(ua.aor), str(target)
+        try:
+            sdp = describe(self._attributes(), user=self.me, ip4=self.endpoint.local_ip,
+                           port=self.port, trust=self.config.trust, call_id=call_id,
+                           from_uri=from_uri, to_uri=to_uri, role="offer")
+        except TrustError as exc:
+            raise AgentError(f"cannot sign our offer: {exc.message}", Exit.USAGE) from None
+        log.info("network %s: calling %s at %s", self.network, member.name, member.contact)
+        try:
+            call = await ua.invite(target, sdp, timeout=CALL_TIMEOUT, call_id=call_id)
+        except (CallFailed, OSError) as exc:
+            peer.state, peer.error = "failed", f"INVITE: {exc}"
+            log.warning("network %s: %s did not accept (%s)", self.network, member.name, exc)
+            return False
+        peer.call = call
+        try:
+            params = read_peer(call.remote_sdp, name=member.name, roster_ip=member.mesh_ip,
+                               trust=self.config.trust, call_id=call_id, from_uri=from_uri,
+                               to_uri=to_uri, role="answer")
+        except (SDPError, ParamError, TrustError) as exc:
+            text = exc.message if isinstance(exc, TrustError) else str(exc)
+            peer.state, peer.error = "refused", text
+            log.warning("network %s: session with %s refused: %s", self.network, member.name, text)
+            await call.bye(headers=[("Reason", 'SIP ;cause=488 ;text="refused"')])
+            return False
+        await self._established(peer, params, call)
+        return True
+
+    # -- answering -------------------------------------------------------------------------
+    async def _on_invite(self, incoming: IncomingCall) -> None:
+        caller = incoming.caller.uri
+        name = getattr(caller, "user", None) or ""
+        try:
+            await asyncio.wait_for(self.ready.wait(), ROSTER_WAIT)
+        except asyncio.TimeoutError:
+            incoming.reject(480, "Not Ready", headers=[("Retry-After", "1")])
+            return
+        assert self.roster is not None
+        member = await self._member(name)
+        if member is None:
+            log.warning("network %s: INVITE from %s refused: not in the roster", self.network,
+                        caller)
+            incoming.reject(403, "Not A Member")
+            return
+        from_uri, to_uri = str(incoming.request.from_.uri), str(incoming.request.to.uri)
+        try:
+            params = read_peer(incoming.sdp, name=name, roster_ip=member.mesh_ip,
+                               trust=self.config.trust, call_id=incoming.call_id,
+                               from_uri=from_uri, to_uri=to_uri, role="offer")
+        except (SDPError, ParamError, TrustError) as exc:
+            text = exc.message if isinstance(exc, TrustError) else str(exc)
+            self.peers[name] = Peer(name, "refused", error=text)
+            log.warning("network %s: session with %s refused: %s", self.network, name, text)
+            incoming.reject(488, headers=[("Warning", warning_value(text, self.endpoint.local_ip))])
+            return
+        sdp = describe(self._attributes(), user=self.me, ip4=self.endpoint.local_ip,
+                       port=self.port, trust=self.config.trust, call_id=incoming.call_id,
+                       from_uri=from_uri, to_uri=to_uri, role="answer")
+        await self._drop(name, "called again")
+        peer = self.peers[name] = Peer(name)
+        # The interface first: the caller's first handshake then finds its peer.
+        await self.interface.set_peer(params)
+        try:
+            call = await incoming.accept(sdp)
+        except CallFailed as exc:
+            peer.state, peer.error = "failed", f"not established: {exc}"
+            await self.interface.remove_peer(params)
+            return
+        await self._established(peer, params, call)
+
+    async def _member(self, name: str) -> Member | None:
+        """`name` in the roster (waiting a moment: its INVITE may overtake its NOTIFY)."""
+        assert self.roster is not None
+        deadline = time.monotonic() + ROSTER_WAIT
+        while time.monotonic() < deadline:
+            member = self.roster.members.get(name)
+            if member is not None:
+                return member
+            await asyncio.sleep(0.05)
+        return None
+
+    # -- both sides ------------------------------------------------------------------------
+    def _attributes(self) -> list[tuple[str, str]]:
+        assert self.mesh_ip is not None
+        return session_attributes(ip4=self.endpoint.local_ip, port=self.port,
+                                  wg_pubkey=self.wg_pubkey, mesh_ip=self.mesh_ip)
+
+    async def _established(self, peer: Peer, params: PeerParams, call: Call) -> None:
+        await self.interface.set_peer(params)
+        peer.params, peer.call, peer.state, peer.since = params, call, "up", time.time()
+        log.info("network %s: peer %s up: %s at %s", self.network, peer.name, params.mesh_ip,
+                 params.endpoint)
+        asyncio.ensure_future(self._watch(peer, call))
+
+    async def _watch(self, peer: Peer, call: Call) -> None:
+        reason = await call.ended
+        if self.peers.get(peer.name) is peer and not self.endpoint.stopping.is_set():
+            await self._drop(peer.name, f"session ended ({reason})")
+
+    async def _drop(self, name: str, why: str) -> None:
+        peer = self.peers.pop(name, None)
+        if peer is None:
+            return
+        if peer.params is not None:
+            log.info("network %s: removing peer %s (%s): %s", self.network, name,
+                     peer.params.mesh_ip, why)
+            await self.interface.remove_peer(peer.params)
+        if peer.call is not None and not peer.call.ended.done():
+            asyncio.ensure_future(peer.call.bye())
+
+    # -- status ----------------------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        dump = await self.interface.dump() if self.ready.is_set() else {}
+        peers = []
+        for peer in sorted(self.peers.values(), key=lambda p: p.name):
+            info: dict[str, Any] = {"name": peer.name, "state": peer.state, "error": peer.error,
+                                    "since": peer.since}
+            if peer.params is not None:
+                wg = dump.get(peer.params.wg_pubkey, {})
+                info.update(mesh_ip=peer.params.mesh_ip, wg_pubkey=peer.params.wg_pubkey,
+                            endpoint=wg.get("endpoint") or peer.params.endpoint,
+                            latest_handshake=wg.get("latest_handshake", 0),
+                            rx=wg.get("rx", 0), tx=wg.get("tx", 0))
+            peers.append(info)
+        return {"network": self.network, "member": self.me, "interface": self.ifname,
+                "mesh_ip": self.mesh_ip, "wg_port": self.port, "wg_pubkey": self.wg_pubkey,
+                "roster": self.roster.mode if self.roster else "starting",
+                "trust": "ca" if self.config.trust else "roster", "peers": peers}
+

@@ -1,0 +1,330 @@
+"""Mesh networks at the broker: name, address pool, members, ACL (issue 12).
+
+A network is a private address space whose members find each other through the broker
+(the roster, broker/roster.py). What the broker keeps of it lives in the same SQLite
+file as the location service, under the same write lock (location.SqliteStore):
+
+* the network: its name and its address pool (a CIDR; pools of two networks on one
+  broker never overlap, so an address names one member of one network);
+* its members: each gets one address from the pool when it is added, and keeps it. A
+  removed member's address stays reserved for it (it gets the same one back if added
+  again) and goes to someone else only when the pool has no never-used address left.
+  Every allocation happens under the store's write lock and `address` is UNIQUE in the
+  table, so two processes adding members at once never hand out one address twice;
+* its groups (a member belongs to any number) and its ACL: rules `FROM TO`, each a
+  member name, `@group` or `*`. Without rules every member may reach every other; with
+  rules a member may reach another when some rule matches the pair. A pair is
+  connected when either may reach the other (a tunnel carries both directions); the
+  roster a member receives lists only the members it is paired with.
+
+Credentials are not here: a network is its own digest realm (realm = network name),
+so a member's ID and password for it are a line of the broker's users file
+(`sipmesh broker users add --realm NAME USER`). Being a member means both: a row here
+and credentials in that realm.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from sipmesh.broker.location import SqliteStore
+from sipmesh.broker.users import UsersFileError, check_name
+
+SCHEMA_VERSION = 1
+# Lower case, no dots (never mistaken for a served domain), short enough that an
+# interface name made of it (`sm-NAME`, 15 bytes at most on Linux) fits.
+_NETWORK = re.compile(r"^[a-z](?:[a-z0-9-]{0,10}[a-z0-9])?$")
+_GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+AOR_PREFIX = "net-"  # the network's address-of-record: sip:net-NAME@domain
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS networks (
+    name    TEXT PRIMARY KEY,
+    pool    TEXT NOT NULL,          -- CIDR, normalised
+    created REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS network_members (
+    network TEXT NOT NULL,
+    user    TEXT NOT NULL,
+    address TEXT NOT NULL UNIQUE,   -- from the pool, never shared
+    active  INTEGER NOT NULL,       -- 0: removed, its address kept for it
+    groups  TEXT NOT NULL DEFAULT '',
+    since   REAL NOT NULL,          -- added (active) or removed (not)
+    PRIMARY KEY (network, user)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS network_rules (
+    network TEXT NOT NULL,
+    src     TEXT NOT NULL,
+    dst     TEXT NOT NULL,
+    PRIMARY KEY (network, src, dst)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS store_versions (
+    part    TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+class NetworkError(ValueError):
+    """Bad input or an impossible change; the message is one line for the operator."""
+
+
+def check_network_name(name: str) -> str:
+    if not _NETWORK.match(name):
+        raise NetworkError(f"network name {name!r}: 1-12 lower-case letters, digits and '-', "
+                           "starting with a letter")
+    return name
+
+
+def check_group(group: str) -> str:
+    if not _GROUP.match(group):
+        raise NetworkError(f"group name {group!r}: letters, digits, '_', '.', '-' (at most 32)")
+    return group
+
+
+def check_user(user: str) -> str:
+    try:
+        check_name(user)
+    except UsersFileError as exc:
+        raise NetworkError(str(exc)) from None
+    return user
+
+
+def check_term(term: str) -> str:
+    """An ACL term: '*', a member name or '@group'."""
+    if term == "*":
+        return term
+    if term.startswith("@"):
+        check_group(term[1:])
+        return term
+    return check_user(term)
+
+
+def parse_pool(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        pool = ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as exc:
+        raise NetworkError(f"pool {text!r} is not a CIDR such as 100.64.1.0/24 ({exc})") from None
+    if pool.num_addresses < 4:
+        raise NetworkError(f"pool {pool} is too small: give at least a /30 (IPv4) or /126 (IPv6)")
+    if pool.is_multicast or pool.is_loopback or pool.is_link_local or pool.is_unspecified:
+        raise NetworkError(f"pool {pool} is a multicast, loopback or link-local range: use a "
+                           "private one such as 100.64.0.0/10 or 10.0.0.0/8 slices")
+    return pool
+
+
+def network_aor_user(name: str) -> str:
+    """The user part of the network's AOR (`net-NAME`)."""
+    return AOR_PREFIX + name
+
+
+def network_of_aor_user(user: str | None) -> str | None:
+    """NAME if `user` is `net-NAME` with a well-formed NAME, else None."""
+    if user is None or not user.startswith(AOR_PREFIX):
+        return None
+    name = user[len(AOR_PREFIX):]
+    return name if _NETWORK.match(name) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    user: str
+    address: str
+    groups: tuple[str, ...] = ()
+
+    def matches(self, term: str) -> bool:
+        return term == "*" or term == self.user or (term.startswith("@") and term[1:] in self.groups)
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    """A snapshot of one network: what the broker and the CLI read."""
+
+    name: str
+    pool: str
+    members: dict[str, Member] = field(default_factory=dict)
+    rules: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def realm(self) -> str:
+        return self.name
+
+    @property
+    def aor_user(self) -> str:
+        return network_aor_user(self.name)
+
+    def may_reach(self, src: str, dst: str) -> bool:
+        """May member `src` reach member `dst` (ACL; no rules: everyone everyone)?"""
+        a, b = self.members.get(src), self.members.get(dst)
+        if a is None or b is None:
+            return False
+        if not self.rules:
+            return True
+        return any(a.matches(s) and b.matches(d) for s, d in self.rules)
+
+    def paired(self, a: str, b: str) -> bool:
+        """Are `a` and `b` connected (either may reach the other)?"""
+        return a == b and a in self.members or self.may_reach(a, b) or self.may_reach(b, a)
+
+    def peers_of(self, user: str) -> list[str]:
+        """The members `user` is paired with (itself not included), by name."""
+        return sorted(m for m in self.members if m != user and self.paired(user, m))
+
+
+class NetworkStore(SqliteStore):
+    """The networks in the broker's store; safe to use from several processes at once."""
+
+    def setup_schema(self, db: sqlite3.Connection) -> None:
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT version FROM store_versions WHERE part='networks'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO store_versions (part, version) VALUES ('networks', ?)", (SCHEMA_VERSION,))
+        elif row[0] != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: networks schema version {row[0]}, this broker knows "
+                               f"{SCHEMA_VERSION}")
+
+    # -- reading --------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT name FROM networks ORDER BY name")]
+
+    def network(self, name: str) -> Network | None:
+        # One read transaction: members and rules from the same moment.
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            return self._load(db, name)
+        finally:
+            db.execute("COMMIT")
+
+    def networks(self) -> list[Network]:
+        return [n for n in (self.network(name) for name in self.names()) if n is not None]
+
+    def _load(self, db: sqlite3.Connection, name: str) -> Network | None:
+        row = db.execute("SELECT pool FROM networks WHERE name=?", (name,)).fetchone()
+        if row is None:
+            return None
+        members = {user: Member(user, address, tuple(g for g in groups.split(",") if g))
+                   for user, address, groups in db.execute(
+                       "SELECT user, address, groups FROM network_members WHERE network=? AND active=1 "
+                       "ORDER BY user", (name,))}
+        rules = tuple(db.execute("SELECT src, dst FROM network_rules WHERE network=? ORDER BY src, dst",
+                                 (name,)).fetchall())
+        return Network(name, row[0], members, rules)
+
+    def _require(self, db: sqlite3.Connection, name: str) -> Network:
+        network = self._load(db, check_network_name(name))
+        if network is None:
+            raise NetworkError(f"no network {name!r} (see 'sipmesh broker network list')")
+        return network
+
+    # -- changes --------------------------------------------------------------------------
+    def create(self, name: str, pool: str) -> Network:
+        check_network_name(name)
+        net = parse_pool(pool)
+        with self.writing() as db:
+            if db.execute("SELECT 1 FROM networks WHERE name=?", (name,)).fetchone():
+                raise NetworkError(f"network {name!r} exists already")
+            for other, other_pool in db.execute("SELECT name, pool FROM networks"):
+                theirs = ipaddress.ip_network(other_pool)
+                if theirs.version == net.version and theirs.overlaps(net):
+                    raise NetworkError(f"pool {net} overlaps the pool of network {other!r} ({theirs}): "
+                                       "pools on one broker must not overlap")
+            db.execute("INSERT INTO networks (name, pool, created) VALUES (?, ?, ?)",
+                       (name, str(net), time.time()))
+        return Network(name, str(net))
+
+    def remove(self, name: str) -> int:
+        """Remove a network with its members and rules; the number of members it had."""
+        with self.writing() as db:
+            network = self._require(db, name)
+            for table, column in (("network_members", "network"), ("network_rules", "network"),
+                                  ("networks", "name")):
+                db.execute(f"DELETE FROM {table} WHERE {column}=?", (name,))
+        return len(network.members)
+
+    def add_members(self, name: str, users: Iterable[str], groups: Iterable[str] = ()) -> dict[str, str]:
+        """Add `users` (or give existing members `groups` too); their addresses by user."""
+        users = [check_user(u) for u in users]
+        groups = [check_group(g) for g in groups]
+        if not users:
+            raise NetworkError("no user given")
+        now = time.time()
+        out: dict[str, str] = {}
+        with self.writing() as db:
+            network = self._require(db, name)
+            pool = ipaddress.ip_network(network.pool)
+            taken = {r[0] for r in db.execute("SELECT address FROM network_members WHERE network=?",
+                                              (name,))}
+            for user in users:
+                row = db.execute("SELECT address, active, groups, since FROM network_members WHERE "
+                                 "network=? AND user=?", (name, user)).fetchone()
+                if row is not None:
+                    address, active, old, since = row
+                    merged = ",".join(sorted({g for g in old.split(",") if g} | set(groups)))
+                    db.execute("UPDATE network_members SET active=1, groups=?, since=? WHERE "
+                               "network=? AND user=?", (merged, since if active else now, name, user))
+                    out[user] = address
+                    continue
+                address = _free_address(pool, taken)
+                if address is None:  # the address of the member removed longest ago
+                    oldest = db.execute("SELECT user, address FROM network_members WHERE network=? AND "
+                                        "active=0 ORDER BY since LIMIT 1", (name,)).fetchone()
+                    if oldest is None:
+                        raise NetworkError(f"pool {pool} of network {name!r} is full: no address for {user}")
+                    db.execute("DELETE FROM network_members WHERE network=? AND user=?", (name, oldest[0]))
+                    address = oldest[1]
+                db.execute("INSERT INTO network_members (network, user, address, active, groups, since) "
+                           "VALUES (?, ?, ?, 1, ?, ?)", (name, user, address, ",".join(sorted(set(groups))), now))
+                taken.add(address)
+                out[user] = address
+        return out
+
+    def remove_members(self, name: str, users: Iterable[str]) -> list[str]:
+        """Remove members (their addresses stay reserved for them); those that were members."""
+        users = [check_user(u) for u in users]
+        removed = []
+        with self.writing() as db:
+            self._require(db, name)
+            for user in users:
+                cursor = db.execute("UPDATE network_members SET active=0, since=? WHERE network=? AND "
+                                    "user=? AND active=1", (time.time(), name, user))
+                if cursor.rowcount:
+                    removed.append(user)
+        return removed
+
+    def allow(self, name: str, src: str, dst: str) -> bool:
+        """Add the rule `src` may reach `dst`; False if it was there already."""
+        return self._rule(name, src, dst, "INSERT OR IGNORE INTO network_rules (network, src, dst) "
+                                          "VALUES (?, ?, ?)")
+
+    def disallow(self, name: str, src: str, dst: str) -> bool:
+        """Remove a rule; False if there was no such rule."""
+        return self._rule(name, src, dst, "DELETE FROM network_rules WHERE network=? AND src=? AND dst=?")
+
+    def _rule(self, name: str, src: str, dst: str, statement: str) -> bool:
+        src, dst = check_term(src), check_term(dst)
+        with self.writing() as db:
+            self._require(db, name)
+            return db.execute(statement, (name, src, dst)).rowcount > 0
+
+def _free_address(pool: ipaddress.IPv4Network | ipaddress.IPv6Network, taken: set[str]) -> str | None:
+    """The lowest host address of `pool` not in `taken` (never the network address, nor
+    an IPv4 broadcast address); None if there is none."""
+    first = int(pool.network_address) + 1
+    last = int(pool.broadcast_address) - (1 if pool.version == 4 else 0)
+    candidate = first
+    for value in sorted(int(ipaddress.ip_address(a)) for a in taken):
+        if value > candidate:
+            break
+        if value == candidate:
+            candidate += 1
+    return str(ipaddress.ip_address(candidate)) if candidate <= last else None
+
+
+__all__ = ["AOR_PREFIX", "Member", "Network", "NetworkError", "NetworkStore", "check_network_name",
+           "network_aor_user", "network_of_aor_user", "parse_pool"]

@@ -1,0 +1,87 @@
+"""Mesh network members in a test (issue 12): user agents with their network passwords
+(`member_ua`), a member as a process (`member_process`, tests/peers/roster_member.py), and
+the roster scenario that runs against our broker and Kamailio alike (`roster_scenario`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sipmesh.agent.roster import RosterClient
+from sipmesh.sip.ua import UserAgent
+from tests.lab import spawn, wait_for_async
+from tests.peers.broker import make_ua  # noqa: F401 (fixture)
+
+PASSWORDS = {"alice": "a-pw", "bob": "b-pw", "carol": "c-pw", "mallory": "m-pw", "dave": "d-pw"}
+
+
+@pytest.fixture
+def member_ua(make_ua):  # noqa: F811
+    """A started UA of a member on the SIP server at "host:port", with its network password."""
+    async def make(user: str, domain: str, password: str | None = None, transport: str = "UDP") -> UserAgent:
+        return await make_ua(user, domain, password=password or PASSWORDS[user], transport=transport,
+                             transports=(transport,))
+    return make
+
+
+def member_process(tmp_path: Path, domain: str, user: str, network: str = "lab", *extra: str):
+    env = dict(os.environ, ROSTER_PASSWORD=PASSWORDS[user])
+    return spawn([sys.executable, "-m", "tests.peers.roster_member", domain, user, network, *extra],
+                 cwd=Path(__file__).resolve().parents[2], env=env, log_path=tmp_path / f"{user}.log",
+                 name=f"member-{user}")
+
+
+async def roster_scenario(domain: str, member_ua, tmp_path: Path, *, register_expires: int,
+                          expiry_bound: float, addresses: dict[str, str], own_addresses: bool) -> None:
+    """Three members see each other; one unregisters, one vanishes (SIGKILL): the others
+    see both leave, the second within `expiry_bound` of its last registration."""
+    clients = {}
+    for name in ("alice", "carol"):
+        ua = await member_ua(name, domain)
+        clients[name] = RosterClient(ua, "lab", register_expires=register_expires, subscribe_expires=60,
+                                     mesh_ip=addresses[name] if own_addresses else None)
+        await clients[name].start()
+        assert clients[name].mode == "push"
+    bob = member_process(tmp_path, domain, "bob", "lab", "--register-expires", str(register_expires),
+                         *(["--mesh-ip", addresses["bob"]] if own_addresses else []))
+    try:
+        await wait_for_async(lambda: "ready push" in bob.log_text(), 15, what="bob's roster client",
+                             abort=bob.exit_reason)
+        for name, client in clients.items():
+            others = {n: addresses[n] for n in ("alice", "bob", "carol") if n != name}
+            await wait_for_async(lambda: {m.name: m.mesh_ip for m in client.members.values()} == others, 10,
+                                 what=f"{name} sees {others} (has {client.members})")
+            assert client.mesh_ip == addresses[name]
+        await wait_for_async(lambda: "joined alice" in bob.log_text() and "joined carol" in bob.log_text(), 10,
+                             what="bob sees alice and carol", abort=bob.exit_reason)
+
+        await clients["carol"].stop()  # leaves: unsubscribe, unregister
+        await wait_for_async(lambda: set(clients["alice"].members) == {"bob"}, 5, what="alice sees carol leave")
+        await wait_for_async(lambda: "left carol unregistered" in bob.log_text(), 5, what="bob sees carol leave",
+                             abort=bob.exit_reason)
+
+        # bob refreshes its binding at half its lifetime; once it is killed, the binding runs out
+        killed = time.monotonic()
+        bob.signal_group(signal.SIGKILL)
+        bob.wait(5)
+        left = []
+        async def bob_left() -> bool:
+            async for event in clients["alice"].events():
+                if event.kind == "left" and event.member.name == "bob":
+                    left.append(event)
+                    return True
+            return False
+        await asyncio.wait_for(bob_left(), expiry_bound + 5)
+        took = time.monotonic() - killed
+        assert left[0].reason == "expired", left
+        assert took <= expiry_bound, f"bob's expiry seen after {took:.1f} s (bound {expiry_bound} s)"
+        assert clients["alice"].members == {}
+    finally:
+        bob.stop(grace=1)
+        await clients["alice"].stop()

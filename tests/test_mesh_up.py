@@ -1,0 +1,184 @@
+"""`sipmesh up NETWORK` / `sipmesh down NETWORK` (issue 12, item 2, first increment): members
+on one bridge (public hosts of the NAT lab, no NAT), our broker with network `lab`. Every
+member pings every other's mesh address over wireguard-go; a late member is reached by all;
+one that leaves with `sipmesh down` and one killed with SIGKILL disappear from the others'
+interfaces (the killed one within its roster registration lifetime, --expires)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sipmesh.apps.mesh import parse_dump
+from sipmesh.broker.users import UsersFile
+from sipmesh.daemon.control import query
+from tests.lab import NatLab, spawn, wait_for, wait_udp_listening
+
+SIPMESH = str(Path(sys.executable).parent / "sipmesh")
+PORT = 5060
+EXPIRES = 10  # the killed member's bound: its binding runs out after this many seconds
+MEMBERS = ["alice", "bob", "carol", "dave"]
+CREATED: list[str] = []  # interface names: a wireguard-go killed with SIGKILL leaves its socket
+
+
+class Member:
+    def __init__(self, lab: NatLab, name: str, server: str, run_dir: Path) -> None:
+        self.name, self.lab, self.host = name, lab, lab[name]
+        self.dir = run_dir / name
+        self.dir.mkdir()
+        (self.dir / "creds").write_text(f"password = {name}-pw\n")
+        os.chmod(self.dir / "creds", 0o600)
+        self.ifname = f"smt{secrets.token_hex(3)}"  # wireguard-go's socket is machine-wide
+        CREATED.append(self.ifname)
+        self.env = dict(os.environ, XDG_RUNTIME_DIR=str(self.dir / "run"))
+        self.proc = spawn([SIPMESH, "up", "lab", "--server", server, "--user", name,
+                           "--credentials", str(self.dir / "creds"), "--state-dir",
+                           str(self.dir / "state"), "--ifname", self.ifname,
+                           "--expires", str(EXPIRES), "-v"],
+                          netns=self.host.ns, log_path=run_dir / f"up-{name}.log",
+                          name=f"up-{name}", env=self.env)
+        self.socket = self.dir / "run" / "sipmesh" / f"mesh-lab-{name}.sock"
+
+    def status(self) -> dict:
+        return query(self.socket, {"command": "status"}, timeout=5)["networks"][0]
+
+    def ready(self) -> bool:
+        assert self.proc.alive, self.proc.log_tail(30)
+        return self.socket.exists() and self.status().get("mesh_ip") is not None
+
+    def wg_peers(self) -> dict[str, dict]:
+        out = self.host.run(["wg", "show", self.ifname, "dump"], check=True).stdout
+        return parse_dump(out)
+
+    def pings(self, address: str) -> bool:
+        return self.host.run(["ping", "-c1", "-W1", address], check=False).returncode == 0
+
+    def sipmesh(self, *argv: str) -> subprocess.CompletedProcess:
+        return self.host.run([SIPMESH, *argv], check=False, env=self.env, timeout=60)
+
+
+@pytest.fixture
+def mesh(nat_lab: NatLab, tmp_path: Path):
+    hosts = nat_lab.add_hosts({"server": "public", **{n: "public" for n in MEMBERS}})
+    server = hosts["server"]
+    users = UsersFile(tmp_path / "users")
+    for name in MEMBERS:
+        users.add("lab", name, f"{name}-pw")
+    users.save()
+    db = str(tmp_path / "broker.db")
+    for argv in (["network", "create", "lab", "--pool", "100.64.0.0/24", "--db", db],
+                 ["network", "members", "add", "lab", *MEMBERS, "--db", db]):
+        subprocess.run([SIPMESH, "broker", *argv], check=True, capture_output=True, timeout=30)
+    broker = spawn([SIPMESH, "broker", "--listen", f"{server.ip}:{PORT}", "--db", db,
+                    "--workers", "1", "--users", str(tmp_path / "users"), "--min-expires", "5",
+                    "-v"], netns=server.ns, log_path=tmp_path / "broker.log", name="broker",
+                   cwd=tmp_path)
+    wait_udp_listening(server.ip, PORT, server.ns, 15, proc=broker)
+    try:
+        yield nat_lab, f"{server.ip}:{PORT}", tmp_path
+    finally:
+        while CREATED:
+            Path(f"/var/run/wireguard/{CREATED.pop()}.sock").unlink(missing_ok=True)
+
+
+def full_mesh(members: list[Member], timeout: float = 20.0) -> None:
+    """Every member pings every other's mesh address (each pair retried until it does)."""
+    addresses = {m.name: m.status()["mesh_ip"] for m in members}
+    for m in members:
+        for other in members:
+            if other is not m:
+                wait_for(lambda: m.pings(addresses[other.name]), timeout,
+                         what=f"{m.name} pings {other.name} ({addresses[other.name]})\n"
+                              f"{m.proc.log_tail(20)}\n{other.proc.log_tail(20)}")
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_members_join_reach_each_other_and_leave(mesh):
+    lab, server, run_dir = mesh
+    members = [Member(lab, name, server, run_dir) for name in MEMBERS[:3]]
+    for m in members:
+        wait_for(m.ready, 20, what=f"{m.name} up", abort=m.proc.exit_reason)
+    full_mesh(members)
+    alice, bob, carol = members
+    peers = {p["name"]: p for p in alice.status()["peers"]}
+    assert set(peers) == {"bob", "carol"} and all(p["state"] == "up" for p in peers.values())
+    assert peers["bob"]["endpoint"].startswith(lab["bob"].ip + ":")
+    assert peers["bob"]["latest_handshake"] > 0 and peers["bob"]["rx"] > 0
+    # what a user sees
+    shown = alice.sipmesh("status")
+    assert shown.returncode == 0 and "network lab: alice" in shown.stdout and "bob" in shown.stdout
+    as_json = json.loads(alice.sipmesh("status", "--json").stdout)
+    assert {p["name"] for p in as_json["networks"][0]["peers"]} == {"bob", "carol"}
+
+    # a late member: reached by all, without anyone restarting
+    dave = Member(lab, "dave", server, run_dir)
+    wait_for(dave.ready, 20, what="dave up")
+    members.append(dave)
+    full_mesh(members)
+
+    # carol leaves with `sipmesh down`: gone from the others' interfaces
+    carol_key = carol.status()["wg_pubkey"]
+    down = carol.sipmesh("down", "lab")
+    assert down.returncode == 0, down.stderr + carol.proc.log_tail(30)
+    assert carol.proc.wait(10) == 0
+    for m in (alice, bob, dave):
+        wait_for(lambda: carol_key not in m.wg_peers(), 5, what=f"carol gone from {m.name}")
+    assert carol.host.run(["ip", "link", "show", carol.ifname], check=False).returncode != 0
+
+    # dave is killed: gone from the others when its binding expires
+    dave_key = dave.status()["wg_pubkey"]
+    dave.proc.signal_group(signal.SIGKILL)
+    dave.proc.wait(5)
+    for m in (alice, bob):
+        wait_for(lambda: dave_key not in m.wg_peers(), EXPIRES + 5,
+                 what=f"dave gone from {m.name}\n{m.proc.log_tail(20)}")
+    assert alice.pings(bob.status()["mesh_ip"])  # the rest of the mesh stands
+
+
+def test_signed_sessions_are_read_back_and_a_swapped_key_is_refused(tmp_path):
+    """The offer/answer of apps/mesh.py with a network CA: what a peer signs is read back
+    with the certificate's values; a proxy that swaps a=wg-pubkey gets TrustError (no
+    network needed: the same functions the member runs)."""
+    from sipmesh.agent.trust import (NetworkCA, TrustError, generate_identity,
+                                     identity_public_text, issue_member_certificate,
+                                     save_identity)
+    from sipmesh.agent.trust import write_text
+    from sipmesh.apps.mesh import MeshTrust, describe, load_or_make_key, read_peer, \
+        session_attributes
+    from sipmesh.apps.wireguard import keypair
+
+    ca = NetworkCA.create("lab")
+    ca.save(tmp_path / "ca")
+    _, wg_pub = load_or_make_key(tmp_path)
+    assert (tmp_path / "wg.key").stat().st_mode & 0o777 == 0o600
+    identity = generate_identity()
+    save_identity(tmp_path / "id.key", identity)
+    cert = issue_member_certificate(ca, name="alice", address="100.64.0.1/24", wg_pubkey=wg_pub,
+                                    identity_pubkey=identity_public_text(identity))
+    write_text(tmp_path / "alice.cert", cert.to_text())
+    trust = MeshTrust(tmp_path / "ca", tmp_path / "alice.cert", tmp_path / "id.key")
+    trust.load("lab", wg_pub)
+    dialog = dict(call_id="c1", from_uri="sip:alice@192.0.2.1", to_uri="sip:bob@192.0.2.2")
+    body = describe(session_attributes(ip4="192.0.2.1", port=51000, wg_pubkey=wg_pub,
+                                       mesh_ip="100.64.0.1"),
+                    user="alice", ip4="192.0.2.1", port=51000, trust=trust, role="offer", **dialog)
+    peer = read_peer(body, name="alice", roster_ip=None, trust=trust, role="offer", **dialog)
+    assert (peer.wg_pubkey, peer.mesh_ip, peer.endpoint) == (wg_pub, "100.64.0.1", "192.0.2.1:51000")
+    swapped = body.replace(wg_pub.encode(), keypair()[1].encode())
+    with pytest.raises(TrustError) as refused:
+        read_peer(swapped, name="alice", roster_ip=None, trust=trust, role="offer", **dialog)
+    assert refused.value.reason == "wrong-wg-key"
+    with pytest.raises(TrustError) as refused:
+        read_peer(body.replace(b"51000", b"51001"), name="alice", roster_ip=None, trust=trust,
+                  role="offer", **dialog)
+    assert refused.value.reason == "bad-signature"
+    with pytest.raises(TrustError):  # bob's call answered by alice's certificate
+        read_peer(body, name="bob", roster_ip=None, trust=trust, role="offer", **dialog)

@@ -1,0 +1,151 @@
+"""Mesh networks at the broker (issue 12, item 1): `sipmesh broker network ...` as an
+operator runs it, and address allocation under concurrency."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sipmesh.broker.location import LocationService
+from sipmesh.broker.networks import NetworkError, NetworkStore
+
+SIPMESH = [sys.executable, "-m", "sipmesh", "broker", "network"]
+
+
+def net(db, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SIPMESH, *args, "--db", str(db)], capture_output=True, text=True, timeout=60)
+
+
+def test_create_members_show_list_remove(tmp_path):
+    db = tmp_path / "broker.db"
+    created = net(db, "create", "lab", "--pool", "100.64.1.0/24")
+    assert created.returncode == 0, created.stderr
+    assert "net-lab" in created.stdout and "realm lab" in created.stdout
+    added = net(db, "members", "add", "lab", "alice", "bob", "--group", "staff")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.split("\n")[:2] == ["alice 100.64.1.1", "bob 100.64.1.2"]
+    assert net(db, "members", "add", "lab", "carol").stdout.strip() == "carol 100.64.1.3"
+    shown = json.loads(net(db, "show", "lab", "--json").stdout)
+    assert shown["pool"] == "100.64.1.0/24" and shown["realm"] == "lab" and shown["rules"] == []
+    assert [(m["user"], m["address"], m["groups"]) for m in shown["members"]] == [
+        ("alice", "100.64.1.1", ["staff"]), ("bob", "100.64.1.2", ["staff"]), ("carol", "100.64.1.3", [])]
+    assert "every member may reach every other" in net(db, "show", "lab").stdout
+    assert net(db, "list").stdout.strip() == "lab  100.64.1.0/24  3 members"
+    # An address is the member's for good: removed and added again, it comes back.
+    assert net(db, "members", "remove", "lab", "bob").returncode == 0
+    assert "bob" not in net(db, "members", "list", "lab").stdout
+    assert net(db, "members", "add", "lab", "dave").stdout.strip() == "dave 100.64.1.4"
+    assert net(db, "members", "add", "lab", "bob").stdout.strip() == "bob 100.64.1.2"
+    removed = net(db, "remove", "lab")
+    assert removed.returncode == 0 and "4 members" in removed.stdout
+    assert net(db, "list").stdout == ""
+
+
+def test_the_store_is_the_brokers_own_file(tmp_path):
+    db = tmp_path / "broker.db"
+    LocationService(db).close()  # a broker's existing store
+    assert net(db, "create", "lab", "--pool", "10.9.0.0/24").returncode == 0
+    LocationService(db).close()  # and the broker still opens it
+    assert NetworkStore(db).names() == ["lab"]
+
+
+@pytest.fixture(scope="module")
+def lab_db(tmp_path_factory):
+    """One store with network lab for the refusals below (none of them changes it)."""
+    db = tmp_path_factory.mktemp("refusals") / "broker.db"
+    NetworkStore(db).create("lab", "100.64.1.0/24")
+    return db
+
+
+@pytest.mark.parametrize("args, message", [
+    (("create", "lab2", "--pool", "100.64.0.0/16"), "overlaps the pool of network 'lab' (100.64.1.0/24)"),
+    (("create", "lab", "--pool", "10.1.0.0/24"), "network 'lab' exists already"),
+    (("create", "Lab", "--pool", "10.1.0.0/24"), "network name 'Lab'"),
+    (("create", "a.b", "--pool", "10.1.0.0/24"), "network name 'a.b'"),
+    (("create", "x", "--pool", "10.1.0.0/33"), "is not a CIDR"),
+    (("create", "x", "--pool", "10.1.0.1/24"), "has host bits set"),
+    (("create", "x", "--pool", "10.1.0.0/31"), "too small"),
+    (("create", "x", "--pool", "224.0.0.0/24"), "multicast"),
+    (("create", "x"), "required: --pool"),
+    (("show", "nope"), "no network 'nope'"),
+    (("members", "add", "nope", "alice"), "no network 'nope'"),
+    (("members", "add", "lab", "al ice"), "user name 'al ice'"),
+    (("members", "add", "lab", "alice", "--group", "a b"), "group name 'a b'"),
+    (("members", "remove", "lab", "zed"), "not members of lab: zed"),
+    (("allow", "lab", "@", "*"), "group name ''"),
+    (("disallow", "lab", "alice", "*"), "no rule alice -> *"),
+    (("frobnicate",), "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(lab_db, args, message):
+    result = net(lab_db, *args)
+    assert result.returncode == 2, result
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("sipmesh broker network: ") and message in result.stderr
+
+
+def test_ipv6_pools_and_a_full_pool(tmp_path):
+    store = NetworkStore(tmp_path / "b.db")
+    store.create("six", "fd00:5a::/120")
+    assert store.add_members("six", ["a"]) == {"a": "fd00:5a::1"}
+    store.create("tiny", "10.7.0.0/30")  # two host addresses
+    assert store.add_members("tiny", ["a", "b"]) == {"a": "10.7.0.1", "b": "10.7.0.2"}
+    with pytest.raises(NetworkError, match="is full"):
+        store.add_members("tiny", ["c"])
+    store.remove_members("tiny", ["a"])  # a's address is reclaimed only now the pool is full
+    assert store.add_members("tiny", ["c"]) == {"c": "10.7.0.1"}
+    store.close()
+
+
+def test_acl_default_all_to_all_then_rules_on_members_and_groups(tmp_path):
+    store = NetworkStore(tmp_path / "b.db")
+    store.create("lab", "10.8.0.0/24")
+    store.add_members("lab", ["teacher"], ["staff"])
+    store.add_members("lab", ["s1", "s2"], ["students"])
+    lab = store.network("lab")
+    assert lab.peers_of("s1") == ["s2", "teacher"]
+    store.allow("lab", "@staff", "*")  # the teacher reaches every student, students only the teacher
+    lab = store.network("lab")
+    assert lab.may_reach("teacher", "s1") and not lab.may_reach("s1", "teacher")
+    assert lab.paired("s1", "teacher") and not lab.paired("s1", "s2")
+    assert lab.peers_of("s1") == ["teacher"] and lab.peers_of("teacher") == ["s1", "s2"]
+    store.allow("lab", "s1", "s2")
+    assert store.network("lab").peers_of("s2") == ["s1", "teacher"]
+    assert not store.network("lab").may_reach("s1", "outsider")
+    store.close()
+
+
+def test_two_processes_allocating_at_once_never_share_an_address(tmp_path):
+    db = tmp_path / "b.db"
+    store = NetworkStore(db)
+    store.create("lab", "10.20.0.0/16")
+    store.close()
+    start = tmp_path / "go"
+    worker = textwrap.dedent(f"""
+        import os, sys, time
+        from sipmesh.broker.networks import NetworkStore
+        store = NetworkStore({str(db)!r})
+        while not os.path.exists({str(start)!r}):
+            time.sleep(0.001)
+        for i in range(60):
+            print(*store.add_members("lab", [f"{{sys.argv[1]}}{{i}}"]).values(), flush=True)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", worker, prefix], stdout=subprocess.PIPE, text=True)
+             for prefix in ("a", "b")]
+    try:
+        start.touch()
+        outputs = [p.communicate(timeout=60)[0].split() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert all(p.returncode == 0 for p in procs)
+    handed = outputs[0] + outputs[1]
+    assert len(handed) == 120 and len(set(handed)) == 120
+    members = NetworkStore(db).network("lab").members
+    assert len(members) == 120 and {m.address for m in members.values()} == set(handed)
+    assert all(ipaddress.ip_address(a) in ipaddress.ip_network("10.20.0.0/16") for a in handed)
