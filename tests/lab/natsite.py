@@ -139,7 +139,7 @@ class NatSite:
         user = user or host
         proc = spawn([SIPMESH, "daemon", "-c", str(self.config(user, services)), "-v"],
                      netns=self.lab[host].ns, cwd=self.run, name=f"daemon-{user}",
-                     log_path=self.run / f"daemon-{user}.log")
+                     log_path=self.run / f"daemon-{len(self.procs)}-{user}.log")
         self.procs.append(proc)
         wait_for(lambda: f"ready as sip:{user}@" in proc.log_text(), 20,
                  what=f"daemon {user} ready", abort=proc.exit_reason)
@@ -167,7 +167,7 @@ class NatSite:
                       password(user), "--turn", self.turn, "--state-dir",
                       str(self.run / f"state-{user}"), "-v", *extra],
                      netns=self.lab[host].ns, cwd=self.run, name=f"serve-{user}",
-                     log_path=self.run / f"serve-{user}.log")
+                     log_path=self.run / f"serve-{len(self.procs)}-{user}.log")
         self.procs.append(proc)
         wait_for(lambda: "ready: contact" in proc.log_text(), 20,
                  what=f"serve {user} registered", abort=proc.exit_reason)
