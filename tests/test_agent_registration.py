@@ -85,3 +85,24 @@ async def test_unregister_does_not_wait_long_for_a_dead_server():
     t0 = time.monotonic()
     await reg.unregister()  # logged, not raised
     assert time.monotonic() - t0 < 1
+
+
+class UnreachableUA(FakeUA):
+    """A UA whose transport fails at once (e.g. stopped under a running refresh)."""
+
+    async def register(self, expires: int) -> Response:
+        self.calls.append((time.monotonic(), expires))
+        await asyncio.sleep(0)
+        raise OSError("no TCP listener to send from")
+
+
+async def test_a_refresh_loop_failing_at_once_still_stops_when_cancelled():
+    """Cancelling a refresh that fails in the same loop pass must end it (asyncio.wait_for
+    in 3.11 let such a cancellation slip, and the loop ran on forever)."""
+    for attempt in range(40):
+        reg = Registration(UnreachableUA([]), min_retry=0.0)  # type: ignore[arg-type]
+        reg.interval = 0.0
+        reg.start_refresh()
+        for _ in range(attempt % 7):
+            await asyncio.sleep(0)
+        await asyncio.wait_for(reg.unregister(), 2)

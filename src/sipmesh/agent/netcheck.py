@@ -494,7 +494,8 @@ async def _drive(exchanges: list[Exchange], send: Callable[[Exchange, bytes], No
             return
         wake.clear()
         try:
-            await asyncio.wait_for(wake.wait(), max(0.0, min(times) - clock()))
+            async with asyncio.timeout(max(0.0, min(times) - clock())):  # (not wait_for: 3.11)
+                await wake.wait()
         except asyncio.TimeoutError:
             pass
 

@@ -343,8 +343,8 @@ async def _ask(server: tuple[str, int], request: bytes, parse: Callable[[bytes],
             if now >= deadline:
                 raise skipped or PortmapError(f"no answer within {timeout * 1000:.0f} ms")
             try:
-                data = await asyncio.wait_for(protocol.queue.get(),
-                                              min(tries[:1] + [deadline]) - now)
+                async with asyncio.timeout(min(tries[:1] + [deadline]) - now):  # (not wait_for: 3.11)
+                    data = await protocol.queue.get()
             except asyncio.TimeoutError:
                 continue
             if protocol.refused is not None:

@@ -122,14 +122,18 @@ class Registration:
         timeout = self.timeout if timeout is None else timeout
         if self.connect is not None and expires > 0:  # (leaving: no new connection for it)
             await self.connect()
+        # asyncio.timeout, not wait_for: in 3.11 wait_for loses a cancellation that arrives
+        # as the request fails, and a cancelled refresh loop would then run on for ever
         try:
-            response = await asyncio.wait_for(self._request(expires), timeout)
+            async with asyncio.timeout(timeout):
+                response = await self._request(expires)
             if response.status == 423 and expires > 0:  # §10.2.8: Interval Too Brief
                 minimum = (response.headers.get("Min-Expires") or "").strip()
                 if minimum.isdigit() and expires < int(minimum) <= 86400:
                     log.info("the registrar wants at least %s s: registering again", minimum)
                     self.expires = int(minimum)
-                    response = await asyncio.wait_for(self._request(self.expires), timeout)
+                    async with asyncio.timeout(timeout):
+                        response = await self._request(self.expires)
             return response
         except asyncio.TimeoutError:
             raise AgentError(f"the SIP server {self.server} did not answer our REGISTER within "

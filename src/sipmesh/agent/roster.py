@@ -341,7 +341,8 @@ class RosterClient:
             # refresh at 80 % of the time left, at least 5 s before the end (RFC 6665 §4.1.2.2)
             refresh_in = max(1.0, min((expires_at - loop.time()) * 0.8, expires_at - loop.time() - 5))
             try:
-                notification = await asyncio.wait_for(subscription.next_notification(), refresh_in)
+                async with asyncio.timeout(refresh_in):  # (not wait_for: see registration._send)
+                    notification = await subscription.next_notification()
             except asyncio.TimeoutError:
                 try:
                     response = await subscription.refresh()
@@ -371,7 +372,8 @@ class RosterClient:
     # -- poll -----------------------------------------------------------------------------------
     async def _poll_once(self) -> None:
         try:
-            response: Response = await asyncio.wait_for(self.ua.fetch_bindings(self.aor), 10.0)
+            async with asyncio.timeout(10.0):
+                response: Response = await self.ua.fetch_bindings(self.aor)
         except (OSError, asyncio.TimeoutError, CallFailed) as exc:
             log.warning("network %s: cannot fetch the roster: %s", self.network, exc)
             return

@@ -388,7 +388,8 @@ class Roster:
         where one changed; end subscriptions that expired."""
         while self.subscriptions:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.poll)
+                async with asyncio.timeout(self.poll):  # (wait_for in 3.11 can lose a cancellation)
+                    await self._wake.wait()
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()

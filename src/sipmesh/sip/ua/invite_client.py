@@ -140,7 +140,8 @@ class Invitation:
                 else:
                     wait = max(0.0, deadline - loop.time())
                 try:
-                    item = await asyncio.wait_for(self.queue.get(), wait)
+                    async with asyncio.timeout(wait):  # (wait_for in 3.11 can lose a cancellation)
+                        item = await self.queue.get()
                 except asyncio.TimeoutError:
                     if self.cancel_sent:
                         return make_response(request, 408, "Request Timeout")
