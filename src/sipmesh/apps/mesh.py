@@ -313,6 +313,11 @@ class Peer:
     call: Call | None = None
     error: str | None = None
     since: float = field(default_factory=time.time)
+    # how the tunnel to this peer runs: "direct" | "relayed" | "via MEMBER" | "none", and why
+    # (e.g. which ICE pair was chosen); rtt_ms from the path check, None until measured
+    path: str = "none"
+    why: str = ""
+    rtt_ms: float | None = None
 
 
 @dataclass
@@ -563,6 +568,7 @@ class MeshMember:
     async def _established(self, peer: Peer, params: PeerParams, call: Call) -> None:
         await self.interface.set_peer(params)
         peer.params, peer.call, peer.state, peer.since = params, call, "up", time.time()
+        peer.path, peer.why = "direct", "the address in the peer's offer"
         log.info("network %s: peer %s up: %s at %s", self.network, peer.name, params.mesh_ip,
                  params.endpoint)
         asyncio.ensure_future(self._watch(peer, call))
@@ -589,7 +595,8 @@ class MeshMember:
         peers = []
         for peer in sorted(self.peers.values(), key=lambda p: p.name):
             info: dict[str, Any] = {"name": peer.name, "state": peer.state, "error": peer.error,
-                                    "since": peer.since}
+                                    "since": peer.since, "path": peer.path, "why": peer.why,
+                                    "rtt_ms": peer.rtt_ms}
             if peer.params is not None:
                 wg = dump.get(peer.params.wg_pubkey, {})
                 info.update(mesh_ip=peer.params.mesh_ip, wg_pubkey=peer.params.wg_pubkey,
