@@ -461,6 +461,31 @@ def test_stun_binding_answers_carry_the_source_and_nothing_else_is_answered():
         assert stun_codec.mapped_address(junk) is None
 
 
+def test_a_binding_request_with_an_unknown_required_attribute_gets_420_listing_it():
+    """RFC 8489 §6.3.1.1: not understood and comprehension-required (< 0x8000) → 420 with
+    UNKNOWN-ATTRIBUTES; unknown optional ones (>= 0x8000) are ignored."""
+    import struct
+
+    from aioice import stun
+
+    def request_with(*types: int) -> bytes:
+        raw = bytearray(bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST)))
+        for kind in types:
+            raw += struct.pack("!HH", kind, 3) + b"abc\0"
+        struct.pack_into("!H", raw, 2, len(raw) - 20 + 8)  # and a FINGERPRINT
+        raw += struct.pack("!HHI", 0x8028, 4, stun.message_fingerprint(bytes(raw)))
+        return bytes(raw)
+
+    answer = stun_codec.binding_response(request_with(0x7777, 0x7778), ("198.51.100.7", 4242))
+    message = stun.parse_message(answer)  # (checks the FINGERPRINT too)
+    assert message.message_class == stun.Class.ERROR
+    assert message.attributes["ERROR-CODE"] == (420, "Unknown Attribute")
+    assert bytes.fromhex("000a0004" "77777778") in answer
+    assert stun_codec.mapped_address(answer) is None
+    optional = stun_codec.binding_response(request_with(0xC001), ("198.51.100.7", 4242))
+    assert stun_codec.mapped_address(optional)[1] == ("198.51.100.7", 4242)
+
+
 def test_the_worker_collector_still_reclaims_young_and_old_cycles():
     import asyncio
     import gc

@@ -32,13 +32,50 @@ def _parse(data: bytes) -> stun.Message | None:
         return None
 
 
+UNKNOWN_ATTRIBUTES = 0x000A  # (aioice has no codec for it)
+MAX_UNKNOWN = 8  # listed in a 420; more are dropped from the list, not from the answer
+
+
+def unknown_required(data: bytes) -> list[int]:
+    """The comprehension-required attribute types (0x0000-0x7FFF) of a well-formed
+    message that we do not understand (RFC 8489 §5, §7.3.1)."""
+    unknown: list[int] = []
+    pos = HEADER_LENGTH
+    while pos + 4 <= len(data):
+        kind, length = struct.unpack_from("!HH", data, pos)
+        if kind < 0x8000 and kind not in stun.ATTRIBUTES_BY_TYPE and kind not in unknown:
+            unknown.append(kind)
+        pos += 4 + length + stun.padding_length(length)
+    return unknown
+
+
+def _unknown_attribute_error(request: stun.Message, unknown: list[int], fingerprint: bool) -> bytes:
+    """420 (Unknown Attribute) listing `unknown` (RFC 8489 §6.3.1.1, §14.13)."""
+    response = stun.Message(stun.Method.BINDING, stun.Class.ERROR,
+                            transaction_id=request.transaction_id)
+    response.attributes["ERROR-CODE"] = (420, "Unknown Attribute")
+    data = bytearray(bytes(response))
+    value = struct.pack(f"!{len(unknown[:MAX_UNKNOWN])}H", *unknown[:MAX_UNKNOWN])
+    data += struct.pack("!HH", UNKNOWN_ATTRIBUTES, len(value)) + value
+    data += bytes(stun.padding_length(len(value)))
+    if fingerprint:
+        struct.pack_into("!H", data, 2, len(data) - HEADER_LENGTH + 8)
+        data += struct.pack("!HHI", 0x8028, 4, stun.message_fingerprint(bytes(data)))
+    struct.pack_into("!H", data, 2, len(data) - HEADER_LENGTH)
+    return bytes(data)
+
+
 def binding_response(data: bytes, source: tuple[str, int]) -> bytes | None:
     """The answer to a Binding request from `source`, None for anything else (which is
-    dropped: only requests are answered, RFC 8489 §6.3)."""
+    dropped: only requests are answered, RFC 8489 §6.3). A request with a
+    comprehension-required attribute we do not know gets a 420."""
     request = _parse(data)
     if request is None or request.message_method != stun.Method.BINDING \
             or request.message_class != stun.Class.REQUEST:
         return None
+    unknown = unknown_required(data)
+    if unknown:
+        return _unknown_attribute_error(request, unknown, "FINGERPRINT" in request.attributes)
     host, port = source
     host = host.split("%", 1)[0]  # an IPv6 link-local address's zone is ours, not theirs
     response = stun.Message(stun.Method.BINDING, stun.Class.RESPONSE,
