@@ -73,7 +73,8 @@ class PathReporter:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.etag is not None and self.state == "publishing":
             try:
-                await asyncio.wait_for(self._send(None, expires=0), 5)
+                async with asyncio.timeout(5):
+                    await self._send(None, expires=0)
             except (OSError, CallFailed, asyncio.TimeoutError) as exc:
                 log.info("network %s: removing our path report: %s", self.network, exc)
         self.state = "stopped"
@@ -106,13 +107,14 @@ class PathReporter:
     async def _publish(self, pairs: list[Pair] | None) -> bool:
         """PUBLISH our pairs (None: refresh); True when the broker has them."""
         try:
-            response = await asyncio.wait_for(self._send(pairs, expires=self.expires),
-                                              REQUEST_TIMEOUT)
-            if response.status == 412 and pairs is None:  # it lost ours: publish anew
+            # (asyncio.timeout, not wait_for: in 3.11 wait_for can lose the cancel of stop())
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                response = await self._send(pairs, expires=self.expires)
+            if response.status == 412:  # it lost ours (restarted, expired): publish anew
                 self.etag = None
                 pairs = self.source()
-                response = await asyncio.wait_for(self._send(pairs, expires=self.expires),
-                                                  REQUEST_TIMEOUT)
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    response = await self._send(pairs, expires=self.expires)
         except (OSError, CallFailed, asyncio.TimeoutError) as exc:
             self._failure(None, f"{type(exc).__name__}: {exc}")
             return False
@@ -126,8 +128,6 @@ class PathReporter:
             if value.isdigit() and int(value) <= 3600:
                 self.expires = max(self.expires, int(value))
         if response.status != 200:
-            if response.status == 412:
-                self.etag = None
             self._failure(response.status, f"{response.status} {response.reason}")
             return False
         self.etag = (response.headers.get("SIP-ETag") or "").strip() or None
