@@ -66,6 +66,11 @@ class Member:
 
 @pytest.fixture
 def mesh(nat_lab: NatLab, tmp_path: Path):
+    yield from mesh_lab(nat_lab, tmp_path)
+
+
+def mesh_lab(nat_lab: NatLab, tmp_path: Path, broker_args: tuple[str, ...] = ()):
+    """The lab of `mesh`: a broker (with `broker_args`) and the members' hosts, all public."""
     hosts = nat_lab.add_hosts({"server": "public", **{n: "public" for n in MEMBERS}})
     server = hosts["server"]
     users = UsersFile(tmp_path / "users")
@@ -78,7 +83,7 @@ def mesh(nat_lab: NatLab, tmp_path: Path):
         subprocess.run([SIPMESH, "broker", *argv], check=True, capture_output=True, timeout=30)
     broker = spawn([SIPMESH, "broker", "--listen", f"{server.ip}:{PORT}", "--db", db,
                     "--workers", "1", "--users", str(tmp_path / "users"), "--min-expires", "5",
-                    "-v"], netns=server.ns, log_path=tmp_path / "broker.log", name="broker",
+                    "-v", *broker_args], netns=server.ns, log_path=tmp_path / "broker.log", name="broker",
                    cwd=tmp_path)
     wait_udp_listening(server.ip, PORT, server.ns, 15, proc=broker)
     try:

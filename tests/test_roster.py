@@ -7,7 +7,6 @@ tests/test_roster_kamailio.py.)"""
 from __future__ import annotations
 
 import asyncio
-import secrets
 
 import pytest
 
@@ -17,11 +16,10 @@ from sipmesh.broker.networks import NetworkStore
 from sipmesh.broker.registrar import RegistrarPolicy
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip import reginfo
-from sipmesh.sip.message import Response
 from tests.lab import wait_for_async
 from tests.lab.broker import start_broker
-from tests.peers.broker import make_broker, sip  # noqa: F401 (fixture)
-from tests.peers.roster import PASSWORDS, make_ua, member_ua, roster_scenario  # noqa: F401 (fixture)
+from tests.peers.broker import make_broker  # noqa: F401 (fixture)
+from tests.peers.roster import PASSWORDS, make_ua, member_ua, raw_with_auth, roster_scenario  # noqa: F401 (fixture)
 from tests.peers.raw import RawPeer
 
 FAST = RegistrarPolicy(min_expires=2, max_expires=3600, default_expires=3600)
@@ -178,39 +176,14 @@ async def test_only_members_join_and_watch_and_only_with_their_own_contact(lab_b
     assert refused.status == 403 and "own name" in refused.reason
     peer = await RawPeer.open()
     try:
-        star = await _raw_with_auth(peer, lab_broker, "bob", "REGISTER", ["Contact: *", "Expires: 0"])
+        star = await raw_with_auth(peer, lab_broker, "bob", "REGISTER", ["Contact: *", "Expires: 0"])
         assert star.status == 403 and "Contact: *" in star.reason
-        watcher = await _raw_with_auth(peer, lab_broker, "mallory", "SUBSCRIBE", ["Event: reg"])
+        watcher = await raw_with_auth(peer, lab_broker, "mallory", "SUBSCRIBE", ["Event: reg"])
         assert watcher.status == 403 and "only members" in watcher.reason
-        other = await _raw_with_auth(peer, lab_broker, "bob", "SUBSCRIBE", ["Event: presence"])
+        other = await raw_with_auth(peer, lab_broker, "bob", "SUBSCRIBE", ["Event: presence"])
         assert other.status == 489 and other.headers.get("Allow-Events") == "reg"
     finally:
         peer.close()
-
-
-async def _raw_with_auth(peer: RawPeer, broker, user: str, method: str, headers: list[str]) -> Response:
-    """`method` to sip:net-lab@broker from `user`, answering the digest challenge."""
-    from sipmesh.sip.auth import DigestClient
-
-    host, port = broker.address()
-    uri = f"sip:net-lab@{host}:{port}"
-    if method == "REGISTER":
-        uri, to = f"sip:{host}:{port}", f"<sip:net-lab@{host}:{port}>"
-    else:
-        to = f"<{uri}>"
-    call_id = secrets.token_hex(8)
-    for cseq in (1, 2):
-        extra = list(headers)
-        if cseq == 2:
-            name = "WWW-Authenticate" if response.status == 401 else "Proxy-Authenticate"
-            value = DigestClient(user, PASSWORDS[user]).authorize(response.headers.get(name), method, uri)
-            extra.append(f"{'Authorization' if response.status == 401 else 'Proxy-Authorization'}: {value}")
-        peer.send(sip(method, uri, peer, user=user, to=to, call_id=call_id, cseq=cseq, headers=extra,
-                      domain=f"{host}:{port}"), (host, port))
-        response = await peer.final(call_id)
-        if response.status not in (401, 407):
-            return response
-    return response
 
 
 async def test_the_acl_decides_who_sees_whom(lab_broker, member_ua, tmp_path):

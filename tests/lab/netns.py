@@ -196,6 +196,18 @@ class Netns:
     def exec_prefix(self) -> list[str]:
         return netns_prefix(self.name)
 
+    def forward_tcp(self, port: int, *, log_path) -> tuple[ManagedProcess, int]:
+        """A port on the test host's 127.0.0.1 that reaches 127.0.0.1:`port` inside this
+        namespace (e.g. a web page a browser on the host opens): socat listens here, and
+        for each connection a socat inside the namespace connects (argv, no shell)."""
+        from .procs import free_port
+
+        local = free_port("tcp")
+        inner = " ".join([*self.exec_prefix(), "socat", "STDIO", f"TCP\\:127.0.0.1\\:{port}"])  # (socat: \\: is a colon)
+        proc = spawn(["socat", f"TCP-LISTEN:{local},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{inner}"],
+                     log_path=log_path, name=f"forward:{self.name}:{port}")
+        return proc, local
+
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM) -> socket.socket:
         """A socket inside this namespace, for use by the test process itself: a thread
         enters the namespace just long enough to create it (setns affects that thread only)."""

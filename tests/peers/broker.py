@@ -35,7 +35,7 @@ def sip(method: str, uri: str, peer: RawPeer, *, user: str = "alice", to: str | 
              f"CSeq: {cseq} {method}",
              f"Contact: <sip:{user}@127.0.0.1:{peer.port}>",
              *headers]
-    if body:
+    if body and not any(h.lower().startswith("content-type:") for h in headers):
         lines.append("Content-Type: application/sdp")
     lines.append(f"Content-Length: {len(body)}")
     return "\r\n".join(lines) + "\r\n\r\n" + body.decode()

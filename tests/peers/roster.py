@@ -1,11 +1,13 @@
 """Mesh network members in a test (issue 12): user agents with their network passwords
 (`member_ua`), a member as a process (`member_process`, tests/peers/roster_member.py), and
-the roster scenario that runs against our broker and Kamailio alike (`roster_scenario`)."""
+the roster scenario that runs against our broker and Kamailio alike (`roster_scenario`), and
+a request to the network's AOR made by hand, with the member's digest (`raw_with_auth`)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import sys
 import time
@@ -14,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from sipmesh.agent.roster import RosterClient
+from sipmesh.sip.message import Response
 from sipmesh.sip.ua import UserAgent
 from tests.lab import spawn, wait_for_async
-from tests.peers.broker import make_ua  # noqa: F401 (fixture)
+from tests.peers.broker import make_ua, sip  # noqa: F401 (fixture)
+from tests.peers.raw import RawPeer
 
 PASSWORDS = {"alice": "a-pw", "bob": "b-pw", "carol": "c-pw", "mallory": "m-pw", "dave": "d-pw"}
 
@@ -85,3 +89,30 @@ async def roster_scenario(domain: str, member_ua, tmp_path: Path, *, register_ex
     finally:
         bob.stop(grace=1)
         await clients["alice"].stop()
+
+
+async def raw_with_auth(peer: RawPeer, broker, user: str, method: str, headers: list[str],
+                        body: bytes = b"") -> Response:
+    """`method` to sip:net-lab@broker from `user`, answering the digest challenge."""
+    from sipmesh.sip.auth import DigestClient
+
+    host, port = broker.address()
+    uri = f"sip:net-lab@{host}:{port}"
+    if method == "REGISTER":
+        uri, to = f"sip:{host}:{port}", f"<sip:net-lab@{host}:{port}>"
+    else:
+        to = f"<{uri}>"
+    call_id = secrets.token_hex(8)
+    for cseq in (1, 2):
+        extra = list(headers)
+        if cseq == 2:
+            name = "WWW-Authenticate" if response.status == 401 else "Proxy-Authenticate"
+            value = DigestClient(user, PASSWORDS[user]).authorize(response.headers.get(name), method, uri,
+                                                                  body)
+            extra.append(f"{'Authorization' if response.status == 401 else 'Proxy-Authorization'}: {value}")
+        peer.send(sip(method, uri, peer, user=user, to=to, call_id=call_id, cseq=cseq, headers=extra, body=body,
+                      domain=f"{host}:{port}"), (host, port))
+        response = await peer.final(call_id)
+        if response.status not in (401, 407):
+            return response
+    return response

@@ -50,12 +50,14 @@ from sipmesh.agent.attributes import build_sdp, read_attribute_list
 from sipmesh.agent.endpoint import Endpoint
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.params import Choice, IPv4, ParamError, Param, validate
+from sipmesh.agent.pathreport import PathReporter
 from sipmesh.agent.profile import PORT
 from sipmesh.agent.roster import Member, RosterClient, RosterEvent
 from sipmesh.agent.session import warning_value
 from sipmesh.agent.trust import (MemberCertificate, TrustError, load_anchor, load_certificate,
                                  load_identity, load_revocations, sign_session, verify_session)
 from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, keypair
+from sipmesh.ops.paths import Pair
 from sipmesh.sip.sdp import SDPError
 from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig
 
@@ -345,6 +347,7 @@ class MeshMember:
         self.interface = Interface(self.ifname, **config.tools)
         self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise)
         self.roster: RosterClient | None = None
+        self.reporter: PathReporter | None = None  # our pairs' paths to the broker
         self.peers: dict[str, Peer] = {}
         self.ready = asyncio.Event()
         self.mesh_ip: str | None = None
@@ -384,11 +387,16 @@ class MeshMember:
             log.info("network %s: %s up, %s, WireGuard port %d, key %s", self.network, self.ifname,
                      self.mesh_ip, self.port, self.wg_pubkey)
             self.ready.set()
+            self.reporter = PathReporter(self.endpoint.ua, self.network, self.roster.aor,
+                                         self.pairs, expires=self.config.register_expires)
+            self.reporter.start()
             events = asyncio.ensure_future(self._follow_roster())
             await self.endpoint.stopping.wait()
             events.cancel()
             await self._leave()
         finally:
+            if self.reporter is not None:
+                await self.reporter.stop()
             await self.interface.stop()
             if self.endpoint.ua is not None:
                 await self.endpoint.ua.stop()
@@ -418,6 +426,8 @@ class MeshMember:
         log.info("network %s: leaving: BYE to %d peers", self.network, len(calls))
         await asyncio.gather(*(asyncio.wait_for(c.bye(), 5) for c in calls),
                              return_exceptions=True)
+        if self.reporter is not None:
+            await self.reporter.stop()
         if self.roster is not None:
             try:
                 await asyncio.wait_for(self.roster.stop(), 10)
@@ -571,6 +581,7 @@ class MeshMember:
         peer.path, peer.why = "direct", "the address in the peer's offer"
         log.info("network %s: peer %s up: %s at %s", self.network, peer.name, params.mesh_ip,
                  params.endpoint)
+        self._paths_changed()
         asyncio.ensure_future(self._watch(peer, call))
 
     async def _watch(self, peer: Peer, call: Call) -> None:
@@ -582,6 +593,7 @@ class MeshMember:
         peer = self.peers.pop(name, None)
         if peer is None:
             return
+        self._paths_changed()
         if peer.params is not None:
             log.info("network %s: removing peer %s (%s): %s", self.network, name,
                      peer.params.mesh_ip, why)
@@ -590,13 +602,26 @@ class MeshMember:
             asyncio.ensure_future(peer.call.bye())
 
     # -- status ----------------------------------------------------------------------------
+    def _paths_changed(self) -> None:
+        """A peer came, went or changed its path: the broker hears of it (agent/pathreport.py)."""
+        if self.reporter is not None:
+            self.reporter.poke()
+
+    @staticmethod
+    def _peer_status(peer: Peer) -> dict[str, Any]:
+        return {"name": peer.name, "state": peer.state, "error": peer.error, "since": peer.since,
+                "path": peer.path, "why": peer.why, "rtt_ms": peer.rtt_ms}
+
+    def pairs(self) -> list[Pair]:
+        """Our pairs as `sipmesh status` and the broker's page show them (ops/paths.py)."""
+        return [Pair.from_status(self._peer_status(p))
+                for p in sorted(self.peers.values(), key=lambda p: p.name)]
+
     async def status(self) -> dict[str, Any]:
         dump = await self.interface.dump() if self.ready.is_set() else {}
         peers = []
         for peer in sorted(self.peers.values(), key=lambda p: p.name):
-            info: dict[str, Any] = {"name": peer.name, "state": peer.state, "error": peer.error,
-                                    "since": peer.since, "path": peer.path, "why": peer.why,
-                                    "rtt_ms": peer.rtt_ms}
+            info = self._peer_status(peer)
             if peer.params is not None:
                 wg = dump.get(peer.params.wg_pubkey, {})
                 info.update(mesh_ip=peer.params.mesh_ip, wg_pubkey=peer.params.wg_pubkey,
@@ -607,5 +632,6 @@ class MeshMember:
         return {"network": self.network, "member": self.me, "interface": self.ifname,
                 "mesh_ip": self.mesh_ip, "wg_port": self.port, "wg_pubkey": self.wg_pubkey,
                 "roster": self.roster.mode if self.roster else "starting",
-                "trust": "ca" if self.config.trust else "roster", "peers": peers}
+                "trust": "ca" if self.config.trust else "roster",
+                "path_reports": self.reporter.state if self.reporter else "starting", "peers": peers}
 

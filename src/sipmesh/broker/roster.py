@@ -122,6 +122,37 @@ def decide_network_register(request: Request, aor: str, nreg: NetworkRegistratio
     return Outcome(200, outcome.reason, headers), Changes(upsert=upserts, delete=tuple(deleted))
 
 
+def authorise_member(auth: Authenticator | None, txn: ServerTransaction, network: Network,
+                     what: str) -> str | None:
+    """A request to a network AOR from one of its members, as itself (digest in the
+    network's realm, against the users file): the member's name, or None (answered)."""
+    request = txn.request
+    tag = new_tag()
+    if auth is None:
+        txn.reply(403, "Forbidden (networks need digest authentication)", to_tag=tag)
+        return None
+    check = auth.check(request, network.realm)
+    if check.pending is not None:  # as for REGISTER: members come from the users file
+        check.pending.close()
+        txn.reply(403, "Forbidden (network members are checked against the users file)",
+                  to_tag=tag)
+        return None
+    if not check.ok:
+        txn.reply(check.status, check.reason, to_tag=tag, headers=check.headers)
+        return None
+    member = check.username
+    assert member is not None
+    from_uri = request.from_.uri
+    if member not in network.members or not isinstance(from_uri, SipURI) \
+            or not may_send_as(member, from_uri.user):
+        log.info("%s to network %s from %s refused: not a member, or not as itself",
+                 request.method, network.name, member)
+        txn.reply(403, f"Forbidden (only members of {network.name} {what}, as themselves)",
+                  to_tag=tag)
+        return None
+    return member
+
+
 # -- the notifier's side -----------------------------------------------------------------
 
 @dataclass(eq=False)
@@ -264,30 +295,7 @@ class Roster:
 
     def _check_subscribe(self, txn: ServerTransaction, network: Network) -> str | None:
         """Authenticate and authorise a SUBSCRIBE; the member's name, or None (answered)."""
-        request = txn.request
-        tag = new_tag()
-        if self.auth is None:
-            txn.reply(403, "Forbidden (networks need digest authentication)", to_tag=tag)
-            return None
-        check = self.auth.check(request, network.realm)
-        if check.pending is not None:  # as for REGISTER: members come from the users file
-            check.pending.close()
-            txn.reply(403, "Forbidden (network members are checked against the users file)",
-                      to_tag=tag)
-            return None
-        if not check.ok:
-            txn.reply(check.status, check.reason, to_tag=tag, headers=check.headers)
-            return None
-        member = check.username
-        assert member is not None
-        from_uri = request.from_.uri
-        if member not in network.members or not isinstance(from_uri, SipURI) \
-                or not may_send_as(member, from_uri.user):
-            log.info("%s may not watch network %s: SUBSCRIBE refused", member, network.name)
-            txn.reply(403, f"Forbidden (only members of {network.name} watch its roster, as themselves)",
-                      to_tag=tag)
-            return None
-        return member
+        return authorise_member(self.auth, txn, network, "watch its roster")
 
     def _expires(self, txn: ServerTransaction) -> int | None:
         """The granted expiry of a SUBSCRIBE (423 answered: None)."""

@@ -47,6 +47,7 @@ from sipmesh.broker.ratelimit import LoadShedder, RateLimiter, retry_after, tria
 from sipmesh.broker.redirect import REDIRECTABLE, redirect_contacts
 from sipmesh.broker.registrar import Outcome, RegistrarPolicy, process_register
 from sipmesh.broker.replies import ReplyCache, quick_reply, stateless_response
+from sipmesh.broker.paths import PathReports, PathStore
 from sipmesh.broker.roster import NetworkRegistration, Roster, decide_network_register
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.errors import ParseError
@@ -158,6 +159,7 @@ class Broker:
         self.transactions: TransactionLayer | None = None
         self.proxy: Proxy | None = None
         self.roster: Roster | None = None  # mesh networks' rosters (broker/roster.py)
+        self.paths: PathReports | None = None  # the paths members publish (broker/paths.py)
         self.me = LocalIdentity(config.domains)
         self.listeners: list[Listener] = []
         self.replies = ReplyCache()
@@ -220,6 +222,8 @@ class Broker:
         # mesh networks (broker/roster.py): network AORs, the reg event package
         self.roster = Roster(database=config.database, location=self.location, me=self.me, auth=self.auth,
                              transactions=self.transactions, worker=self.worker, policy=config.registrar)
+        self.paths = PathReports(networks=self.roster.networks, store=PathStore(config.database),
+                                 me=self.me, auth=self.auth, min_expires=config.registrar.min_expires)
         if self.worker == 0 and config.purge_interval > 0:
             self._tasks.append(asyncio.ensure_future(self._purge_loop()))
         if self.worker == 0:
@@ -263,6 +267,8 @@ class Broker:
         self._tasks.clear()
         if self.roster is not None:  # mesh networks
             await self.roster.close()
+        if self.paths is not None:
+            self.paths.close()
         for check in list(self._auth_tasks):
             check.cancel()
         await asyncio.gather(*self._auth_tasks, return_exceptions=True)
@@ -548,6 +554,8 @@ class Broker:
     def _route(self, txn: ServerTransaction) -> None:
         assert self.proxy is not None and self.location is not None
         if self.roster is not None and self.roster.on_request(txn):  # mesh: SUBSCRIBE to a roster
+            return
+        if self.paths is not None and self.paths.on_request(txn):  # mesh: PUBLISH of paths
             return
         request = txn.request
         method = request.method

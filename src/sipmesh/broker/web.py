@@ -1,9 +1,11 @@
 """The broker's opt-in HTTP listeners, run by worker 0 in its event loop: Prometheus
 metrics (`--metrics`, broker/metrics.py) and the status page (`--status-page`).
 
-The status page is read-only: registrations now, and a section for networks (the
-mesh VPN's networks, members and which pairs are direct or relayed, still to come).
-`status_page/` holds the page; its script polls `api/status` every few seconds.
+The status page is read-only: registrations, and the mesh VPN's networks: their members
+(mesh address, online or not: registered under the network's AOR, contact) and the path
+each pair took as its members report it (broker/paths.py), in the columns and words of
+`sipmesh status` (ops/paths.py). `status_page/` holds the page; its script polls
+`api/status` every few seconds.
 
 Who may look: on a loopback address, whoever can reach it from this host, unless a
 token is given; anywhere else a token is required (`--status-token-file`, checked
@@ -27,6 +29,8 @@ from aiohttp import web
 from sipmesh import __version__
 from sipmesh.broker.board import POST_INTERVAL, Board
 from sipmesh.broker.metrics import broker_registry
+from sipmesh.broker.roster import contact_user
+from sipmesh.ops.paths import PAIR_COLUMNS
 from sipmesh.ops.http import Listener, metrics_app
 from sipmesh.ops.listen import hostport, is_loopback
 
@@ -158,11 +162,42 @@ class StatusPage:
                        "workers": self.board.workers, "workers_serving": serving, "pid": os.getppid()
                        if self.board.supervisor else os.getpid(), "now": now},
             "registrations": {"total": location.count(), "shown": shown},
-            "networks": [],  # the mesh VPN's networks and members, when there are any
+            "networks": self.networks(now),
+            "pair_columns": ["MEMBER", *PAIR_COLUMNS],
         }
         if limit == SHOWN:
             self._cached = (now, snapshot)
         return snapshot
+
+
+    def networks(self, now: float) -> list[dict[str, Any]]:
+        """Each network: its pool, its members (online: registered under the network's AOR),
+        and its pairs as their members last reported them, with the report's age."""
+        broker = self.broker
+        if broker.roster is None or broker.paths is None or broker.location is None:
+            return []
+        domains = broker.me.domains or [broker.me.default_domain]
+        out = []
+        for network in broker.roster.networks.networks():
+            online: dict[str, Any] = {}
+            for domain in domains:
+                for binding in broker.location.lookup(f"sip:{network.aor_user}@{domain}"):
+                    user = contact_user(binding.contact)
+                    if user in network.members and (user not in online
+                                                    or binding.updated > online[user].updated):
+                        online[user] = binding
+            members = [{"name": m.user, "address": m.address, "online": m.user in online,
+                        "contact": online[m.user].contact if m.user in online else None}
+                       for m in network.members.values()]
+            pairs = [{"member": report.member, "peer": pair.peer, "path": pair.path,
+                      "cells": [report.member, *pair.cells()], "reported": report.reported,
+                      "age": max(0, int(now - report.reported))}
+                     for report in broker.paths.store.reports(network.name, now)
+                     if report.member in network.members
+                     for pair in report.pairs if pair.peer in network.members]
+            out.append({"name": network.name, "pool": network.pool, "members": members,
+                        "pairs": pairs})
+        return out
 
 
 def _host_of(host_header: str | None) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.cli.common import table
+from sipmesh.ops.paths import PAIR_COLUMNS, Pair
 
 
 def find_socket(args: argparse.Namespace) -> Path:
@@ -106,21 +107,24 @@ def path_lines(session: dict[str, Any]) -> list[str]:
 
 
 def render_networks(networks: list[dict[str, Any]], now: float | None = None) -> str:
-    """The mesh networks of running `sipmesh up`s and their peers."""
+    """The mesh networks of running `sipmesh up`s: each pair's path in the words and columns
+    of the broker's status page (ops/paths.py), then each peer's tunnel."""
     now = time.time() if now is None else now
     out: list[str] = []
     for net in networks:
         out.append(f"network {net.get('network')}: {net.get('member')} {net.get('mesh_ip')} on "
                    f"{net.get('interface')} (WireGuard port {net.get('wg_port')}, roster "
-                   f"{net.get('roster')}, trust {net.get('trust')})")
-        rows = [[p["name"], p.get("mesh_ip") or "-", p.get("state", ""), p.get("endpoint") or "-",
-                 _clock(p.get("latest_handshake"), now), str(p.get("rx", 0)), str(p.get("tx", 0)),
-                 p.get("error") or ""] for p in net.get("peers", [])]
-        if rows:
-            out += table(rows, ["PEER", "MESH IP", "STATE", "ENDPOINT", "HANDSHAKE", "RX", "TX",
-                                "ERROR"])
-        else:
-            out.append("no peers")
+                   f"{net.get('roster')}, trust {net.get('trust')}, paths reported to the server: "
+                   f"{net.get('path_reports', '-')})")
+        peers = net.get("peers", [])
+        if not peers:
+            out += ["no peers", ""]
+            continue
+        out += table([Pair.from_status(p).cells() for p in peers], list(PAIR_COLUMNS))
+        rows = [[p["name"], p.get("mesh_ip") or "-", p.get("endpoint") or "-",
+                 _clock(p.get("latest_handshake"), now), str(p.get("rx", 0)), str(p.get("tx", 0))]
+                for p in peers]
+        out += table(rows, ["TUNNEL", "MESH IP", "ENDPOINT", "HANDSHAKE", "RX", "TX"])
         out.append("")
     return "\n".join(out).rstrip()
 

@@ -45,9 +45,59 @@ function drawRegistrations(registrations) {
   more.textContent = `… and ${registrations.total - rows.length} more (see api/status?limit=N)`;
 }
 
-function drawNetworks(networks) {
+function table(headings, rows, className) {
+  const node = el("table", null, className);
+  const head = el("tr");
+  head.append(...headings.map((h) => el("th", h)));
+  node.append(el("thead"), el("tbody"));
+  node.tHead.append(head);
+  node.tBodies[0].append(...rows);
+  return node;
+}
+
+function drawMembers(network) {
+  const rows = network.members.map((m) => {
+    const row = el("tr");
+    row.dataset.member = m.name;
+    row.dataset.online = m.online;
+    const state = el("td");
+    state.append(el("span", m.online ? "online" : "offline", m.online ? "online" : "offline"));
+    row.append(el("td", m.name, "aor"), el("td", m.address, "contact"), state,
+               el("td", m.contact || "", "contact"));
+    return row;
+  });
+  return table(["Member", "Mesh address", "Status", "Contact"], rows, "members");
+}
+
+function drawPairs(network, columns) {
+  // The cells come from the broker in the words of `sipmesh status` (ops/paths.py).
+  const rows = network.pairs.map((p) => {
+    const row = el("tr");
+    row.dataset.member = p.member;
+    row.dataset.peer = p.peer;
+    row.dataset.path = p.path;
+    row.append(...p.cells.map((cell, i) => el("td", cell, i === 3 ? `path ${p.path.split(" ")[0]}` : "")),
+               el("td", `${duration(p.age)} ago`, "age"));
+    return row;
+  });
+  return table([...columns, "REPORTED"], rows, "pairs");
+}
+
+function drawNetworks(networks, columns) {
   const box = document.getElementById("networks");
-  box.replaceChildren(...networks.map((n) => el("div", n.name, "network")));
+  box.replaceChildren(...networks.map((n) => {
+    const node = el("div", null, "network");
+    node.dataset.network = n.name;
+    const online = n.members.filter((m) => m.online).length;
+    const title = el("h3", n.name);
+    title.append(el("span", ` pool ${n.pool} · ${online} of ${n.members.length} members online`,
+                    "count"));
+    node.append(title, drawMembers(n));
+    if (n.pairs.length) node.append(el("h4", "Pairs, as their members report them"), drawPairs(n, columns));
+    else node.append(el("p", "No pairs reported yet.", "empty"));
+    return node;
+  }));
+  document.getElementById("networks-count").textContent = networks.length ? `(${networks.length})` : "";
   document.getElementById("networks-empty").hidden = networks.length !== 0;
 }
 
@@ -59,7 +109,7 @@ async function refresh() {
     const status = await response.json();
     drawSummary(status.broker);
     drawRegistrations(status.registrations);
-    drawNetworks(status.networks);
+    drawNetworks(status.networks, status.pair_columns);
     document.getElementById("updated").textContent =
       `Updated ${new Date(status.broker.now * 1000).toLocaleTimeString()}`;
     error.hidden = true;
