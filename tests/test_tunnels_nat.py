@@ -24,7 +24,7 @@ import pytest
 
 from tests.lab import (ManagedProcess, NatLab, coturn_unavailable_reason,
                        netns_unavailable_reason, wait_for)
-from tests.lab.natsite import NatSite, tunnel_services
+from sipmesh.lab.natsite import NatSite, tunnel_services
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
               pytest.mark.skipif(not all(shutil.which(p) for p in

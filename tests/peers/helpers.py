@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 from sipmesh.sip.transaction.timers import TimerValues
 from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
-from tests.lab.procs import free_port
+from sipmesh.lab.procs import free_port
 
 FAST = TimerValues(t1=0.01, t2=0.04, t4=0.05)
 

@@ -1,4 +1,4 @@
-"""A site on the NAT lab (tests/lab/topology.py): our broker and coturn on one public host,
+"""A site on the NAT lab (topology.py): our broker and coturn on one public host,
 daemons and callers on the others, as a user runs them.
 
     site = NatSite(lab, run_dir, users=["a", "b", "ac"]).start()   # on lab["broker"]
@@ -17,19 +17,21 @@ a caller uses the same file (``sipmesh call --service`` reads its half from it).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Iterable
 
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.auth import compute_ha1
 
-from .agents import SIPMESH
 from .coturn import Coturn
 from .procs import ManagedProcess, spawn, wait_udp_listening
 from .topology import NatLab
 from .waiting import wait_for
 
-__all__ = ["NatSite", "SIP_PORT", "password", "tunnel_services"]
+__all__ = ["NatSite", "SIPMESH", "SIP_PORT", "password", "tunnel_services"]
+
+SIPMESH = str(Path(sys.executable).parent / "sipmesh")   # the installed command, as users run it
 
 SIP_PORT = 5060
 
