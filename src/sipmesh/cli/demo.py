@@ -255,11 +255,13 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.lab:
         reason = demo_lab.lab_unavailable_reason()
-        if reason:
+        if reason is None:
+            return demo_lab.run_lab_demo(keep=args.keep_files)
+        if args.lab != "auto":
             print(f"sipmesh demo --lab: {reason}; run it as root: sudo sipmesh demo --lab",
                   file=sys.stderr)
             return int(Exit.USAGE)
-        return demo_lab.run_lab_demo()
+        print(f"(no lab: {reason}; the loopback demo instead)")
     setup_logging(args.verbose, False, None)
     t0 = time.monotonic()
     try:
@@ -282,8 +284,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "root and no network. With --lab (root): the same across home routers and a "
                     "symmetric NAT, through a relay, and a mesh of four, in network namespaces.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log protocol events")
-    parser.add_argument("--lab", action="store_true",
+    parser.add_argument("--keep-files", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--lab", nargs="?", const="yes", choices=("yes", "auto"),
                         help="build a namespace lab (root): NAT, relay and a mesh, then tear "
-                             "it down")
+                             "it down; --lab=auto: the lab when it can be built here, else the "
+                             "loopback demo")
     parser.set_defaults(func=_run)
     return parser

@@ -46,6 +46,7 @@ MESH = {"alice": "m1", "bob": "m2", "carol": "m3", "dave": "m4"}
 HELLO = [sys.executable, "-m", "sipmesh.apps.hello"]
 PATH_LINE = re.compile(r"path (direct|relayed): (.*?)(?:, rtt ([\d.]+) ms)? \((.*)\)\s*$", re.M)
 RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+GREETING = re.compile(r"\[\w+\] sent a greeting .*")
 PREFIX = "smd-"   # the demo's namespaces (the tests' are smt-)
 TRACE = re.compile(r"sipmesh\.trace: (send to|received from) \w+:([\d.]+):\d+:$")
 
@@ -59,7 +60,9 @@ def lab_unavailable_reason() -> str | None:
     return netns_unavailable_reason()
 
 
-def run_lab_demo(out: TextIO = sys.stdout) -> int:
+def run_lab_demo(out: TextIO = sys.stdout, *, keep: bool = False) -> int:
+    """The story; 0 when every step worked, 130 when interrupted. `keep`: leave the files
+    (configurations, logs) for a look afterwards."""
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
@@ -92,7 +95,7 @@ def run_lab_demo(out: TextIO = sys.stdout) -> int:
         say(f"  site: broker (SIP registrar + proxy + STUN) on {site.server}, "
             f"coturn (TURN relay) on {site.coturn.ip}:{site.coturn.port}"
             f"  [{time.monotonic() - t0:.2f} s]")
-        say(f"  files (configurations, logs): {run}, deleted at the end")
+        say(f"  files (configurations, logs): {run}, " + ("kept" if keep else "deleted at the end"))
         ok = _story(lab, site, say)
         code = 0 if ok else 1
     except Interrupted as exc:
@@ -114,7 +117,8 @@ def run_lab_demo(out: TextIO = sys.stdout) -> int:
             lab.close()
         if factory is not None:
             factory.close()
-        shutil.rmtree(run, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(run, ignore_errors=True)
         left = [name for name in list_netns() if name.startswith(PREFIX)]
         alive = [p for p in (site.procs if site else []) if p.alive()]
         say(f"  stopped {processes} processes, deleted {namespaces} namespaces with their "
@@ -144,21 +148,22 @@ def _story(lab: NatLab, site: NatSite, say) -> bool:
         "a= lines in brackets):")
     for line in draw(hops, lanes, ["pub", "broker", "home1"]):
         say("  " + line)
-    say(f"  {row['data']}")
+    say(f"  {row['said']}")
     rows = [row]
 
     say("\n2. home to home, and the symmetric NAT: ICE checks every pair of addresses and "
         "takes the best that works")
     for caller, callee in PAIRS:
         rows.append(_session(site, caller, caller, callee))
-        say(f"  {caller} -> {callee}: {rows[-1]['path']} after {rows[-1]['after']}")
+        say(f"  {caller} -> {callee}: {rows[-1]['path']}; {rows[-1]['said']}")
     say("")
-    for line in table([[f"{r['caller']} -> {r['callee']}", r["path"], r["after"], r["total"],
+    for line in table([[f"{r['caller']} -> {r['callee']}", r["path"], r["after"], r["data"],
                          r["rtt"], r["why"]] for r in rows],
-                       ["pair", "path", "path after", "session", "rtt", "why"]):
+                       ["pair", "path", "path after", "answer after", "rtt", "why"]):
         say("  " + line)
-    say("  (path after: from `sipmesh call` starting to the path chosen: registration, "
-        "STUN and TURN, the checks)")
+    say("  (times from `sipmesh call` starting: to the path ICE chose -- registration, STUN and "
+        "TURN, the checks -- and to the answer to the greeting sent on it; a relayed program "
+        "sends to sipmesh's relay proxy on 127.0.0.1)")
     ok = all(r["ok"] for r in rows)
     for proc in serve.values():
         proc.stop(grace=5)
@@ -176,14 +181,16 @@ def _session(site: NatSite, caller_host: str, caller: str, callee: str) -> dict:
     found = wait_for(lambda: PATH_LINE.search(call.log_text()), 30, 0.01,
                      what=f"{caller} -> {callee}: a path", abort=call.exit_reason)
     after = time.monotonic() - start
+    greeting = wait_for(lambda: GREETING.search(call.log_text()) or not call.alive(), 40, 0.01,
+                        what=f"{caller} -> {callee}: the greeting's answer")
+    data = time.monotonic() - start
     code = _exit(call, 30)
-    total = time.monotonic() - start
     kind, pair, rtt, why = found.groups()
-    greeting = re.search(r"\[\w+\] sent a greeting .*", call.log_text())
+    ok = code == 0 and greeting is not True
     return {"caller": caller, "callee": callee, "path": kind, "why": why, "pair": pair,
-            "after": f"{after:.2f} s", "total": f"{total:.2f} s",
-            "rtt": f"{float(rtt):.1f} ms" if rtt else "-", "ok": code == 0 and bool(greeting),
-            "data": greeting.group(0) if greeting else f"no greeting came back (exit {code})"}
+            "after": f"{after:.2f} s", "data": f"{data:.2f} s" if ok else "NONE",
+            "rtt": f"{float(rtt):.1f} ms" if rtt else "-", "ok": ok,
+            "said": greeting.group(0) if ok else f"no greeting came back (exit {code})"}
 
 
 def _exit(proc: ManagedProcess, timeout: float) -> int | None:
