@@ -8,7 +8,7 @@
 * `make_ua`, a fixture: `await make_ua(user, **config)` starts a UA (`start_ua`), stopped
   after the test; `ua_fixture(**defaults)` makes one with other defaults.
 
-The raw UDP peer is in tests/peers/raw.py, the bounded poll in tests/lab/waiting.py.
+The raw UDP peer is in tests/peers/raw.py, the bounded poll in sipmesh/lab/waiting.py.
 """
 
 from __future__ import annotations

@@ -51,8 +51,9 @@ PREFIX = "smd-"   # the demo's namespaces (the tests' are smt-)
 TRACE = re.compile(r"sipmesh\.trace: (send to|received from) \w+:([\d.]+):\d+:$")
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM: stop the story, tear down, say so."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: stop the story, tear down, say so. A BaseException, as
+    KeyboardInterrupt: the bounded waits treat an Exception from their predicate as "not yet"."""
 
 
 def lab_unavailable_reason() -> str | None:
@@ -170,6 +171,8 @@ def _story(lab: NatLab, site: NatSite, say) -> bool:
 
     say(f"\n3. a mesh: {', '.join(MESH)} run `sipmesh up {NETWORK}`, every member pings "
         "every other")
+    if all(lab[host].router is None for host in MESH.values()):
+        say("  (the members sit on the internet bridge: mesh pairs do not cross NATs yet)")
     ok = _mesh(lab, site, say) and ok
     return ok
 
