@@ -1,4 +1,4 @@
-"""coturn as the relay (tests/lab/coturn.py): a member's SIP credentials are its TURN
+"""coturn as the relay (sipmesh/lab/coturn.py): a member's SIP credentials are its TURN
 credentials, because coturn's long-term key is the SIP digest HA1. Real turnserver, real
 aioice TURN client, loopback only."""
 

@@ -6,6 +6,8 @@ import re
 import shutil
 import subprocess
 
+import pytest
+
 from tests.lab.agents import SIPMESH
 
 LADDER = [  # (from, to, message) in the order they must appear
@@ -82,6 +84,17 @@ def test_demo_runs_without_privileges():
     p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     _check(p.stdout)
+    assert "sudo sipmesh demo --lab" in p.stdout   # where the rest of the story is
+
+
+def test_the_lab_demo_without_privileges_says_why_and_how():
+    if not shutil.which("setpriv"):
+        pytest.skip("needs setpriv")
+    p = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", SIPMESH, "demo",
+                        "--lab"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.startswith("sipmesh demo --lab: ") and "sudo sipmesh demo --lab" in p.stderr
+    assert not p.stdout
 
 
 def test_ladder_drawing_of_a_reply_goes_back():

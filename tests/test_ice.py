@@ -1,5 +1,5 @@
 """ICE for sessions (sipmesh.agent.ice): the SDP attributes, candidate checks and pacing as
-pure functions; then real aioice sessions in the NAT lab of tests/lab/topology.py, with
+pure functions; then real aioice sessions in the NAT lab of sipmesh/lab/topology.py, with
 coturn as the relay and a STUN responder where the SIP server would be."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Sessions across NAT, end to end (issue 11): `sipmesh serve` / `sipmesh call` with the exec
-``udp`` contract (tests/peers/udp_pair.py) in the NAT lab of tests/lab/topology.py, our
+``udp`` contract (tests/peers/udp_pair.py) in the NAT lab of sipmesh/lab/topology.py, our
 broker as SIP server and STUN server (on its SIP port), coturn beside it as the relay.
 
 One lab for the module (building it and starting the broker, coturn and one answering

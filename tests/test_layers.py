@@ -17,7 +17,10 @@ ALLOWED = {
     "broker": {"sip", "ops"},
     "daemon": {"sip", "agent", "ops"},
     "apps": {"sip", "agent", "daemon", "ops"},
-    "cli": {"sip", "agent", "broker", "daemon", "apps", "ops"},
+    # a namespace lab of real processes (the tests' and `sipmesh demo --lab`'s): it runs the
+    # sipmesh command, writes the users file and TURN keys of its broker, asks members' status
+    "lab": {"sip", "broker", "daemon", "agent", "ops"},
+    "cli": {"sip", "agent", "broker", "daemon", "apps", "ops", "lab"},
 }
 
 

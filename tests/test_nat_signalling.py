@@ -1,6 +1,6 @@
 """SIP signalling through home routers (issue 11 items 0 and 2), in network namespaces.
 
-The lab (tests/lab/topology.py): the SIP server and a public host on an "internet"
+The lab (sipmesh/lab/topology.py): the SIP server and a public host on an "internet"
 bridge, hosts `a` and `b` each behind a home router (MASQUERADE + a WAN filter that
 drops everything unsolicited, `--ctstate NEW -j DROP` included). A session between them completes with our broker and
 with Kamailio (docs/kamailio/kamailio.cfg and the test copy tests/lab/kamailio.cfg),

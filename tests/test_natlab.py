@@ -1,4 +1,4 @@
-"""The NAT lab (tests/lab/topology.py) behaves as documented, shown with plain UDP: no
+"""The NAT lab (sipmesh/lab/topology.py) behaves as documented, shown with plain UDP: no
 sipmesh code here, only the kernel's NAT and the stdlib probes of tests/lab/natprobe.py."""
 
 from __future__ import annotations

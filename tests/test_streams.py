@@ -2,7 +2,7 @@
 on loopback, a real TCP service behind the answering side, programs connecting to the
 calling side's local port. Many streams at once, 50 MB byte-identical, half-close both
 ways, back-pressure, certificates that do not match, a peer that goes away. Then in the NAT
-lab (tests/lab/topology.py, the lab of test_ice.py): an HTTP fetch between two home hosts
+lab (sipmesh/lab/topology.py, the lab of test_ice.py): an HTTP fetch between two home hosts
 (direct) and from a symmetric NAT to a home host (through coturn), over the transport
 alone and in whole `sipmesh serve`/`call` sessions (the lab of test_ice_sessions.py)."""
 

@@ -1,5 +1,5 @@
 """WireGuard and OpenVPN sessions across NAT (issue 11, item 4), in the NAT lab of
-tests/lab/topology.py with our broker (SIP and STUN) and coturn (tests/lab/natsite.py).
+sipmesh/lab/topology.py with our broker (SIP and STUN) and coturn (sipmesh/lab/natsite.py).
 
 The answering hosts run `sipmesh daemon` with a `wireguard` and an `openvpn` service; a
 caller runs `sipmesh call HOST --service ...` (and once `sipmesh serve/call --app ...`).
@@ -24,7 +24,7 @@ import pytest
 
 from tests.lab import (ManagedProcess, NatLab, coturn_unavailable_reason,
                        netns_unavailable_reason, wait_for)
-from tests.lab.natsite import NatSite, tunnel_services
+from sipmesh.lab.natsite import NatSite, tunnel_services
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
               pytest.mark.skipif(not all(shutil.which(p) for p in

@@ -6,7 +6,7 @@ Import helpers with ``from tests.lab import ...``; the pytest fixtures live in
 broker and agents as processes: ``tests.lab.broker``, ``tests.lab.agents``.
 """
 
-from .coturn import DENIED_PEERS, Coturn, coturn_unavailable_reason
+from sipmesh.lab.coturn import DENIED_PEERS, Coturn, coturn_unavailable_reason
 from .kamailio import (
     AUTH_MODES,
     CFG_TEMPLATE,
@@ -17,10 +17,10 @@ from .kamailio import (
     write_subscriber_table,
 )
 from .dnsmasq import Dnsmasq, dnsmasq_unavailable_reason
-from .netns import Netns, NetnsFactory, NetnsUnavailable, Veth, list_netns, netns_unavailable_reason
-from .netns import popen as netns_popen
-from .netns import run as netns_run
-from .procs import (
+from sipmesh.lab.netns import Netns, NetnsFactory, NetnsUnavailable, Veth, list_netns, netns_unavailable_reason
+from sipmesh.lab.netns import popen as netns_popen
+from sipmesh.lab.netns import run as netns_run
+from sipmesh.lab.procs import (
     REGISTRY,
     ManagedProcess,
     ProcessRegistry,
@@ -47,7 +47,7 @@ from .sipp import (
     sipp_unavailable_reason,
     start_sipp,
 )
-from .waiting import LabTimeout, wait_for, wait_for_async
+from sipmesh.lab.waiting import LabTimeout, wait_for, wait_for_async
 
 __all__ = [
     "DENIED_PEERS", "Coturn", "coturn_unavailable_reason",

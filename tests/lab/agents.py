@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from sipmesh.lab.natsite import SIPMESH
+from sipmesh.lab.procs import pid_alive
+from sipmesh.lab.waiting import LabTimeout, wait_for
+
 from .fixtures import stopped_gracefully
-from .procs import pid_alive
-from .waiting import wait_for
-from .waiting import LabTimeout, wait_for
 
 BIN = Path(sys.executable).parent
-SIPMESH = str(BIN / "sipmesh")
 SIP_APP = str(BIN / "sip_app")
 
 # A test application: records argv + SIPMESH_* env + pid, then exits after a delay ("exit")

@@ -12,8 +12,8 @@ import time
 import wave
 from pathlib import Path
 
-from .procs import free_port, spawn, wait_tcp_listening
-from .waiting import wait_for
+from sipmesh.lab.procs import free_port, spawn, wait_tcp_listening
+from sipmesh.lab.waiting import wait_for
 
 MODULES = Path("/usr/lib/baresip/modules")
 

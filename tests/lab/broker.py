@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from .agents import SIPMESH
-from .procs import ManagedProcess, free_port, listening_sockets, spawn, wait_tcp_listening, wait_udp_listening
-from .waiting import wait_for
+from sipmesh.lab.procs import ManagedProcess, free_port, listening_sockets, spawn, wait_tcp_listening, wait_udp_listening
+from sipmesh.lab.waiting import wait_for
 
 
 def start_broker(tmp_path: Path, *, port: int | None = None, users: Path | None = None,

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from .procs import ManagedProcess, spawn, wait_for
+from sipmesh.lab.procs import ManagedProcess, spawn, wait_for
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",

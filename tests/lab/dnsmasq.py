@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from .procs import ManagedProcess, free_port, spawn, wait_udp_listening
+from sipmesh.lab.procs import ManagedProcess, free_port, spawn, wait_udp_listening
 
 __all__ = ["Dnsmasq", "dnsmasq_unavailable_reason"]
 

@@ -24,10 +24,10 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 
-from .coturn import Coturn, coturn_unavailable_reason
+from sipmesh.lab.coturn import Coturn, coturn_unavailable_reason
 from .kamailio import Kamailio, kamailio_unavailable_reason
-from .netns import Netns, NetnsFactory, netns_unavailable_reason
-from .procs import REGISTRY, ManagedProcess, spawn
+from sipmesh.lab.netns import Netns, NetnsFactory, netns_unavailable_reason
+from sipmesh.lab.procs import REGISTRY, ManagedProcess, spawn
 from .topology import NatLab
 from .sipp import SippProcess, SippResult, SippUsers, make_users, run_sipp, sipp_unavailable_reason, start_sipp
 

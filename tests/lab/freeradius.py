@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .procs import ManagedProcess, free_port, spawn, wait_udp_listening
-from .waiting import wait_for
+from sipmesh.lab.procs import ManagedProcess, free_port, spawn, wait_udp_listening
+from sipmesh.lab.waiting import wait_for
 
 __all__ = ["FreeRadius", "freeradius_unavailable_reason"]
 

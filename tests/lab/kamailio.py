@@ -27,8 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .procs import ManagedProcess, free_port, netns_prefix, spawn, wait_tcp_listening, wait_udp_listening
-from .waiting import wait_for
+from sipmesh.lab.procs import ManagedProcess, free_port, netns_prefix, spawn, wait_tcp_listening, wait_udp_listening
+from sipmesh.lab.waiting import wait_for
 
 __all__ = [
     "CFG_TEMPLATE",

@@ -25,8 +25,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .netns import run as _run
-from .procs import ManagedProcess, spawn, wait_udp_listening
+from sipmesh.lab.netns import run as _run
+from sipmesh.lab.procs import ManagedProcess, spawn, wait_udp_listening
 
 if TYPE_CHECKING:
     from .topology import Router

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .procs import REGISTRY, ManagedProcess, netns_prefix, spawn, wait_udp_listening
+from sipmesh.lab.procs import REGISTRY, ManagedProcess, netns_prefix, spawn, wait_udp_listening
 
 __all__ = [
     "SCENARIOS",

@@ -8,7 +8,7 @@
 * `make_ua`, a fixture: `await make_ua(user, **config)` starts a UA (`start_ua`), stopped
   after the test; `ua_fixture(**defaults)` makes one with other defaults.
 
-The raw UDP peer is in tests/peers/raw.py, the bounded poll in tests/lab/waiting.py.
+The raw UDP peer is in tests/peers/raw.py, the bounded poll in sipmesh/lab/waiting.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 from sipmesh.sip.transaction.timers import TimerValues
 from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
-from tests.lab.procs import free_port
+from sipmesh.lab.procs import free_port
 
 FAST = TimerValues(t1=0.01, t2=0.04, t4=0.05)
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sipmesh.agent.errors import AgentError
+from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.session import Agent, AgentConfig
 from sipmesh.apps.exec import ExecProfile
 from sipmesh.cli.common import setup_logging
@@ -30,8 +30,8 @@ SERVER_USER, CALLER_USER = "2500", "2501"
 
 @dataclass
 class Hop:
-    sender: int  # source port
-    receiver: int  # destination port
+    sender: int | str  # what tells the sides apart: source port (loopback), address (lab)
+    receiver: int | str
     summary: str
 
 
@@ -89,7 +89,7 @@ def summarise(text: str) -> str:
 ICE_ATTRIBUTES = {"ice-ufrag", "ice-pwd", "ice-options", "candidate", "end-of-candidates"}
 
 
-def draw(hops: list[Hop], lanes: dict[int, str], order: list[str]) -> list[str]:
+def draw(hops: list[Hop], lanes: dict[int | str, str], order: list[str]) -> list[str]:
     width = 32
     column = {name: 6 + i * width for i, name in enumerate(order)}
     total = column[order[-1]] + 8
@@ -251,6 +251,17 @@ async def _started(agent: Agent, task: asyncio.Future[int], timeout: float = 10.
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sipmesh.cli import demo_lab
+
+    if args.lab:
+        reason = demo_lab.lab_unavailable_reason()
+        if reason is None:
+            return demo_lab.run_lab_demo(keep=args.keep_files)
+        if args.lab != "auto":
+            print(f"sipmesh demo --lab: {reason}; run it as root: sudo sipmesh demo --lab",
+                  file=sys.stderr)
+            return int(Exit.USAGE)
+        print(f"(no lab: {reason}; the loopback demo instead)")
     setup_logging(args.verbose, False, None)
     t0 = time.monotonic()
     try:
@@ -259,6 +270,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"sipmesh demo: {exc}", file=sys.stderr)
         return int(exc.code)
     print(f"  ({time.monotonic() - t0:.1f} s)")
+    print("\nThe rest of the story -- home routers, a symmetric NAT and its relay, a mesh of "
+          "four -- in network namespaces: sudo sipmesh demo --lab")
     return code
 
 
@@ -268,7 +281,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Start an embedded broker and two agents on 127.0.0.1, let 2501 call 2500 "
                     "by name, run a harmless pair of programs that exchange a greeting over the "
                     "negotiated port, tear everything down and print the SIP ladder. Needs no "
-                    "root and no network.")
+                    "root and no network. With --lab (root): the same across home routers and a "
+                    "symmetric NAT, through a relay, and a mesh of four, in network namespaces.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log protocol events")
+    parser.add_argument("--keep-files", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--lab", nargs="?", const="yes", choices=("yes", "auto"),
+                        help="build a namespace lab (root): NAT, relay and a mesh, then tear "
+                             "it down; --lab=auto: the lab when it can be built here, else the "
+                             "loopback demo")
     parser.set_defaults(func=_run)
     return parser

@@ -1,4 +1,4 @@
-"""A site on the NAT lab (tests/lab/topology.py): our broker and coturn on one public host,
+"""A site on the NAT lab (topology.py): our broker and coturn on one public host,
 daemons and callers on the others, as a user runs them.
 
     site = NatSite(lab, run_dir, users=["a", "b", "ac"]).start()   # on lab["broker"]
@@ -6,6 +6,11 @@ daemons and callers on the others, as a user runs them.
     serve = site.serve("b", "bw", "--app", "wireguard")           # `sipmesh serve`, registered
     call = site.call("a", "ac", "b", "--service", "vpn")           # `sipmesh call b ...`
     site.status(daemon)                                             # `sipmesh status --json`
+
+A site may hold mesh networks (``networks={"lab": ("100.64.0.0/24", ["alice", "bob"])}``,
+the members' realm is the network's name) whose members come up with ``site.member(host,
+user, network)`` (`sipmesh up`). ``start(trace=True)`` has the broker log every SIP
+message (``--debug``: what `sipmesh demo --lab` draws its ladder from).
 
 The broker answers SIP and STUN on ``SIP_PORT`` of the host; coturn relays on 3478 with
 the SIP realm and every user's HA1, so that TURN credentials are the SIP ones. Each
@@ -17,19 +22,25 @@ a caller uses the same file (``sipmesh call --service`` reads its half from it).
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import subprocess
+import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 from sipmesh.broker.users import UsersFile
+from sipmesh.daemon.control import query
 from sipmesh.sip.auth import compute_ha1
 
-from .agents import SIPMESH
 from .coturn import Coturn
 from .procs import ManagedProcess, spawn, wait_udp_listening
 from .topology import NatLab
 from .waiting import wait_for
 
-__all__ = ["NatSite", "SIP_PORT", "password", "tunnel_services"]
+__all__ = ["NatSite", "SIPMESH", "SIP_PORT", "password", "tunnel_services"]
+
+SIPMESH = str(Path(sys.executable).parent / "sipmesh")   # the installed command, as users run it
 
 SIP_PORT = 5060
 
@@ -83,10 +94,13 @@ def password(user: str) -> str:
 class NatSite:
     """Broker + coturn on ``lab[host]``; daemons and calls on the other hosts."""
 
-    def __init__(self, lab: NatLab, run: Path, users: Iterable[str], host: str = "broker"):
+    def __init__(self, lab: NatLab, run: Path, users: Iterable[str], host: str = "broker", *,
+                 networks: Mapping[str, tuple[str, Sequence[str]]] | None = None):
         self.lab, self.run = lab, Path(run)
         self.host = lab[host]
         self.users = sorted(set(users))
+        self.networks = dict(networks or {})   # name -> (address pool, member names)
+        self.interfaces: list[str] = []        # members' wireguard-go interfaces (see stop)
         self.coturn: Coturn | None = None
         self.broker: ManagedProcess | None = None
         self.procs: list[ManagedProcess] = []
@@ -100,20 +114,34 @@ class NatSite:
         assert self.coturn is not None
         return f"turn:{self.host.ip}:{self.coturn.port}"
 
-    def start(self) -> "NatSite":
+    @property
+    def db(self) -> Path:
+        return self.run / "broker.db"
+
+    def start(self, *, trace: bool = False) -> "NatSite":
+        """Coturn and the broker, once it answers; `trace`: it logs every SIP message."""
         realm = self.host.ip
         self.run.mkdir(parents=True, exist_ok=True)
         users = UsersFile(self.run / "users")
         for user in self.users:
             users.add(realm, user, password(user))
+        for network, (_, members) in self.networks.items():
+            for user in members:
+                users.add(network, user, password(user))
         users.save()
+        for network, (pool, members) in self.networks.items():
+            for argv in (["network", "create", network, "--pool", pool],
+                         ["network", "members", "add", network, *members]):
+                subprocess.run([SIPMESH, "broker", *argv, "--db", str(self.db)], check=True,
+                               capture_output=True, timeout=30)
         try:
             self.coturn = Coturn(self.run / "coturn", self.host.ip, netns=self.host.ns,
                                  realm=realm, users={u: compute_ha1(u, realm, password(u))
                                                      for u in self.users}).start()
             self.broker = spawn([SIPMESH, "broker", "--listen", self.server, "--db",
-                                 str(self.run / "broker.db"), "--workers", "1", "--users",
-                                 str(self.run / "users"), "--rate-limit", "0", "-v"],
+                                 str(self.db), "--workers", "1", "--users",
+                                 str(self.run / "users"), "--rate-limit", "0", "-v",
+                                 *(["--debug"] if trace else [])],
                                 netns=self.host.ns, cwd=self.run, name="broker",
                                 log_path=self.run / "broker.log")
             self.procs.append(self.broker)
@@ -173,6 +201,10 @@ class NatSite:
                  what=f"serve {user} registered", abort=proc.exit_reason)
         return proc
 
+    def member(self, host: str, user: str, network: str, *extra: str) -> "Member":
+        """`sipmesh up NETWORK` on `host` as `user` (started, not yet waited for)."""
+        return Member(self, host, user, network, extra)
+
     def status(self, host: str, user: str | None = None) -> dict:
         """`sipmesh status --json` of the daemon of `user` (default: the host's name)."""
         out = self.lab[host].run([SIPMESH, "status", "--socket", str(self.socket(user or host)),
@@ -184,3 +216,45 @@ class NatSite:
             proc.stop(grace=10)
         if self.coturn is not None:
             self.coturn.stop()
+        # wireguard-go's control sockets are machine-wide; one killed leaves its own behind
+        for ifname in self.interfaces:
+            Path(f"/var/run/wireguard/{ifname}.sock").unlink(missing_ok=True)
+
+
+class Member:
+    """One mesh member, `sipmesh up NETWORK` as a user runs it: credentials in a file, its
+    own runtime directory (control socket) and state, an interface name of its own."""
+
+    def __init__(self, site: NatSite, host: str, user: str, network: str,
+                 extra: Sequence[str] = ()) -> None:
+        self.site, self.user, self.network = site, user, network
+        self.host = site.lab[host]
+        self.dir = site.run / f"member-{user}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        creds = self.dir / "credentials"
+        with os.fdopen(os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(f"password = {password(user)}\n")
+        self.ifname = f"smm{secrets.token_hex(3)}"  # wireguard-go's socket is machine-wide
+        site.interfaces.append(self.ifname)
+        self.env = dict(os.environ, XDG_RUNTIME_DIR=str(self.dir / "run"))
+        self.socket = self.dir / "run" / "sipmesh" / f"mesh-{network}-{user}.sock"
+        self.proc = spawn([SIPMESH, "up", network, "--server", site.server, "--user", user,
+                           "--credentials", str(creds), "--state-dir", str(self.dir / "state"),
+                           "--ifname", self.ifname, "-v", *extra],
+                          netns=self.host.ns, cwd=site.run, env=self.env, name=f"up-{user}",
+                          log_path=site.run / f"up-{user}.log")
+        site.procs.append(self.proc)
+
+    def status(self) -> dict:
+        """This member's network in `sipmesh status --json`."""
+        return query(self.socket, {"command": "status"}, timeout=5)["networks"][0]
+
+    def mesh_ip(self) -> str | None:
+        """Its address in the mesh, once it is up (None before)."""
+        if not self.socket.exists():
+            return None
+        return self.status().get("mesh_ip")
+
+    def sipmesh(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        """`sipmesh ARGV` in this member's host and runtime directory (status, down)."""
+        return self.host.run([SIPMESH, *argv], check=False, env=self.env, timeout=timeout)
