@@ -55,10 +55,12 @@ DIRECT, RELAYED = ("a", "b"), ("s", "a")
 
 
 class Sessions:
-    """Daemons started on demand on callees; one WireGuard session at a time."""
+    """Daemons started on demand on callees (user: the host's name, tunnel addresses from
+    `pools`, a /24 per callee); one WireGuard session at a time."""
 
-    def __init__(self, site: NatSite) -> None:
+    def __init__(self, site: NatSite, pools: dict[str, str] = POOLS) -> None:
         self.site = site
+        self.pools = pools
         self.daemons: dict[str, ManagedProcess] = {}
 
     @contextmanager
@@ -68,7 +70,7 @@ class Sessions:
         "up": s from then to the caller's tunnel up, "call": the caller's process}."""
         site, lab = self.site, self.site.lab
         if callee not in self.daemons:
-            self.daemons[callee] = site.daemon(callee, tunnel_services(POOLS[callee]))
+            self.daemons[callee] = site.daemon(callee, tunnel_services(self.pools[callee]))
         started = time.monotonic()
         call = site.call(caller, f"{caller}c", callee, "--service", "vpn",
                          services=tunnel_services("10.98.0.0/24"))
