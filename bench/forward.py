@@ -54,14 +54,8 @@ sys.path.insert(0, str(ROOT / "src"))
 SIPMESH = str(Path(sys.executable).parent / "sipmesh")
 CHUNK = 1 << 20
 
-CONFIG = '''
-[agent]
-server = "127.0.0.1:{broker}"
-user = "home"
-bind = "127.0.0.1"
-advertise = "127.0.0.1"
-control_socket = "{sock}"
-
+# the service "fwd", both halves: the answering side's target, the caller's local port
+SERVICE = '''
 [[service]]
 name = "fwd"
 kind = "forward"
@@ -70,6 +64,14 @@ allow = ["*"]
 [service.call]
 local_port = {local}
 '''
+CONFIG = '''
+[agent]
+server = "127.0.0.1:{broker}"
+user = "home"
+bind = "127.0.0.1"
+advertise = "127.0.0.1"
+control_socket = "{sock}"
+''' + SERVICE
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -303,15 +305,6 @@ def main() -> int:
 
 NAT_HOSTS = {"broker": "public", "p": "public", "a": "home", "b": "home", "s": "symmetric"}
 SINK_PORT, RELAY_PORT, LOCAL_PORT = 9000, 9001, 9002
-NAT_SERVICE = '''
-[[service]]
-name = "fwd"
-kind = "forward"
-target = "127.0.0.1:{sink}"
-allow = ["*"]
-[service.call]
-local_port = {local}
-'''
 
 
 def across_nat(mb: int, runs: int) -> int:
@@ -322,7 +315,7 @@ def across_nat(mb: int, runs: int) -> int:
 
     size = mb * CHUNK
     this = [sys.executable, str(Path(__file__).resolve())]
-    service = NAT_SERVICE.format(sink=SINK_PORT, local=LOCAL_PORT)
+    service = SERVICE.format(sink=SINK_PORT, local=LOCAL_PORT)
     table: list[tuple[str, str, dict[str, list[float]]]] = []
     with tempfile.TemporaryDirectory(prefix="sipmesh-fwd-nat-") as tmp, NatLab() as lab:
         work = Path(tmp)
