@@ -348,7 +348,7 @@ class RelayProxy:
             turn.peer_to_channel[self.peer] = channel
         self.channel = channel
         self._frame = self._header.pack(channel, 0)[:2]
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -440,10 +440,9 @@ class RelayProxy:
         """Stop proxying; aioice reads the allocation's socket again (to delete it)."""
         for task in self._tasks:
             task.cancel()
-        loop = asyncio.get_event_loop()
         for sock in (self.sock, self.relay_sock):
             if sock is not None:
-                loop.remove_reader(sock)
+                self._loop.remove_reader(sock)
                 sock.close()
         if self.relay_sock is not None:
             transport = self.turn.transport
