@@ -5,7 +5,9 @@ relaying the same two hops, on loopback.
 A real session: `sipmesh broker`, `sipmesh daemon` with a forward service whose target
 is a sink server, and `sipmesh call HOME --service fwd` -- the caller's local port then
 reaches the sink through the two forward halves (caller half -> answering half ->
-sink), peer to peer, never through the broker. The same source then sends --size MB
+sink), peer to peer, never through the broker (``ice = false``: the halves talk TCP
+to each other, as on a LAN without ICE; with ICE, the default, the forward rides QUIC
+streams on the checked path, which ``--nat`` measures). The same source then sends --size MB
 to the sink, in turn directly, through the forward and through two chained socat relays
 (``socat TCP-LISTEN:a,fork TCP:127.0.0.1:b`` and ``... b -> sink``: the same two hops,
 what a user would run instead of sipmesh when both ends are reachable), --runs times
@@ -71,6 +73,7 @@ user = "home"
 bind = "127.0.0.1"
 advertise = "127.0.0.1"
 control_socket = "{sock}"
+ice = false     # the paper's a=IP4/a=PORT: the two forward halves, TCP between them
 ''' + SERVICE
 
 
