@@ -5,7 +5,9 @@ relaying the same two hops, on loopback.
 A real session: `sipmesh broker`, `sipmesh daemon` with a forward service whose target
 is a sink server, and `sipmesh call HOME --service fwd` -- the caller's local port then
 reaches the sink through the two forward halves (caller half -> answering half ->
-sink), peer to peer, never through the broker. The same source then sends --size MB
+sink), peer to peer, never through the broker (``ice = false``: the halves talk TCP
+to each other, as on a LAN without ICE; with ICE, the default, the forward rides QUIC
+streams on the checked path, which ``--nat`` measures). The same source then sends --size MB
 to the sink, in turn directly, through the forward and through two chained socat relays
 (``socat TCP-LISTEN:a,fork TCP:127.0.0.1:b`` and ``... b -> sink``: the same two hops,
 what a user would run instead of sipmesh when both ends are reachable), --runs times
@@ -21,13 +23,25 @@ reported last, and figures taken on a busy machine say little.
 
     .venv/bin/python bench/forward.py [--size 1024] [--runs 5]
 
-Everything listens on 127.0.0.1 only; all processes are stopped at the end.
+Across the NAT lab (``--nat``, tests/lab/topology.py and natsite.py; root): our broker and
+coturn on the internet bridge, a public host p, home hosts a and b, a symmetric host s.
+The sink runs on b; `sipmesh daemon` on b offers the forward service, `sipmesh call b
+--service fwd` runs on a (a direct path: TCP carried over QUIC on the ICE-checked pair) and
+then on s (relayed through coturn). Beside it, from the same caller, what a user would
+run instead: a direct TCP connection to b through a port forward on b's router (DNAT), and
+socat on the public host p relaying to that port forward (the same two hops as a relay).
+
+    .venv/bin/python bench/forward.py --nat [--size 64] [--runs 3]
+
+Everything listens on 127.0.0.1 (or inside the lab's namespaces) only; all processes are
+stopped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import statistics
@@ -42,14 +56,8 @@ sys.path.insert(0, str(ROOT / "src"))
 SIPMESH = str(Path(sys.executable).parent / "sipmesh")
 CHUNK = 1 << 20
 
-CONFIG = '''
-[agent]
-server = "127.0.0.1:{broker}"
-user = "home"
-bind = "127.0.0.1"
-advertise = "127.0.0.1"
-control_socket = "{sock}"
-
+# the service "fwd", both halves: the answering side's target, the caller's local port
+SERVICE = '''
 [[service]]
 name = "fwd"
 kind = "forward"
@@ -58,6 +66,15 @@ allow = ["*"]
 [service.call]
 local_port = {local}
 '''
+CONFIG = '''
+[agent]
+server = "127.0.0.1:{broker}"
+user = "home"
+bind = "127.0.0.1"
+advertise = "127.0.0.1"
+control_socket = "{sock}"
+ice = false     # the paper's a=IP4/a=PORT: the two forward halves, TCP between them
+''' + SERVICE
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -77,11 +94,11 @@ def sink(server: socket.socket) -> None:
         conn.close()
 
 
-def send(port: int, size: int) -> float:
-    """Seconds to push `size` bytes to the sink at `port` and hear that it got them all."""
+def send(port: int, size: int, host: str = "127.0.0.1") -> float:
+    """Seconds to push `size` bytes to the sink at `host`:`port` and hear that it got them all."""
     data = b"\0" * CHUNK
     started = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
+    with socket.create_connection((host, port), timeout=60) as c:
         sent = 0
         while sent < size:
             c.sendall(data)
@@ -153,9 +170,24 @@ def connectable(port: int) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=1024, help="MB per run (default 1024)")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--size", type=int, help="MB per run (default 1024; --nat: 64)")
+    parser.add_argument("--runs", type=int, help="default 5; --nat: 3")
+    parser.add_argument("--nat", action="store_true", help="across the NAT lab (root)")
+    # the NAT lab's sink and source, run inside a host's namespace by --nat
+    parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--source", nargs=3, metavar=("HOST", "PORT", "BYTES"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sink:
+        server = socket.create_server(("0.0.0.0", args.sink), backlog=8)
+        print("ready", flush=True)
+        sink(server)
+    if args.source:
+        print(send(int(args.source[1]), int(args.source[2]), args.source[0]))
+        return 0
+    if args.nat:
+        return across_nat(args.size or 64, args.runs or 3)
+    args.size, args.runs = args.size or 1024, args.runs or 5
     size = args.size * CHUNK
     procs: list[subprocess.Popen] = []
     sink_pid = 0
@@ -269,6 +301,90 @@ def main() -> int:
     other = max(0.0, busy - ours) / wall
     print(f"  other processes:   {other:8.2f} CPUs busy on average during the runs"
           + ("  -- a loaded machine: the figures above are not reliable" if other > 0.2 else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------- the NAT lab
+
+NAT_HOSTS = {"broker": "public", "p": "public", "a": "home", "b": "home", "s": "symmetric"}
+SINK_PORT, RELAY_PORT, LOCAL_PORT = 9000, 9001, 9002
+
+
+def across_nat(mb: int, runs: int) -> int:
+    """The forward across the NAT lab against a port forward and socat (the module doc)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.lab import NatLab, netns_run, wait_for, wait_tcp_listening
+    from tests.lab.natsite import NatSite
+
+    size = mb * CHUNK
+    this = [sys.executable, str(Path(__file__).resolve())]
+    service = SERVICE.format(sink=SINK_PORT, local=LOCAL_PORT)
+    table: list[tuple[str, str, dict[str, list[float]]]] = []
+    with tempfile.TemporaryDirectory(prefix="sipmesh-fwd-nat-") as tmp, NatLab() as lab:
+        work = Path(tmp)
+        lab.add_hosts(NAT_HOSTS)
+        b = lab["b"]
+        site = NatSite(lab, work, ["b", "ac", "sc"]).start()
+        try:
+            sink_proc = lab.spawn("b", [*this, "--sink", str(SINK_PORT)],
+                                  log_path=work / "sink.log", name="sink")
+            wait_tcp_listening(b.ip, SINK_PORT, b.ns, 10, proc=sink_proc)
+            # what a user does to be reachable without sipmesh: a port forward on the router
+            assert b.router is not None
+            for rule in (["-t", "nat", "-A", "PREROUTING", "-i", "wan", "-p", "tcp", "--dport",
+                          str(SINK_PORT), "-j", "DNAT", "--to-destination",
+                          f"{b.ip}:{SINK_PORT}"],
+                         ["-I", "FORWARD", "1", "-i", "wan", "-p", "tcp", "-d", b.ip,
+                          "--dport", str(SINK_PORT), "-j", "ACCEPT"]):
+                netns_run(b.router.ns, ["iptables", *rule])
+            socat = lab.spawn("p", ["socat", f"TCP-LISTEN:{RELAY_PORT},fork,reuseaddr",
+                                    f"TCP:{b.public_ip}:{SINK_PORT}"],
+                              log_path=work / "socat.log", name="socat")
+            wait_tcp_listening(lab["p"].ip, RELAY_PORT, lab["p"].ns, 10, proc=socat)
+            site.daemon("b", service)
+            for caller in ("a", "s"):
+                call = site.call(caller, f"{caller}c", "b", "--service", "fwd",
+                                 services=service)
+                try:
+                    wait_tcp_listening("127.0.0.1", LOCAL_PORT, lab[caller].ns, 30, proc=call)
+                    path = wait_for(lambda: re.search(r"path (direct|relayed): ",
+                                                      call.log_text()), 10,
+                                    what="the forward's path", abort=call.exit_reason).group(1)
+                    targets = {"direct": (b.public_ip, SINK_PORT),
+                               "forward": ("127.0.0.1", LOCAL_PORT),
+                               "socat": (lab["p"].ip, RELAY_PORT)}
+
+                    def source(target: tuple[str, int], nbytes: int) -> float:
+                        out = lab.run(caller, [*this, "--source", target[0], str(target[1]),
+                                               str(nbytes)], timeout=300)
+                        return float(out.stdout)
+                    for target in targets.values():   # warm up each path
+                        source(target, min(size, 8 * CHUNK))
+                    rates: dict[str, list[float]] = {name: [] for name in targets}
+                    for _ in range(runs):               # interleaved: load hits all alike
+                        for name, target in targets.items():
+                            rates[name].append(size / source(target, size))
+                    table.append((f"{lab[caller].kind} {caller} -> home b", path, rates))
+                finally:
+                    call.stop(grace=10)
+        finally:
+            site.stop()
+    print(f"NAT lab, {runs} runs of {mb} MB each, caller -> the sink on home host b, "
+          f"{os.cpu_count()} CPUs (median MB/s; min-max)")
+    for label, path, rates in table:
+        d, f, r = (statistics.median(rates[k]) for k in ("direct", "forward", "socat"))
+        print(f"  {label} (the forward's path: {path}):")
+        print(f"    direct TCP (port forward on b's router): {d / 1e6:6.1f}  "
+              f"({min(rates['direct']) / 1e6:.1f}-{max(rates['direct']) / 1e6:.1f})")
+        print(f"    through forward (QUIC on the ICE path):  {f / 1e6:6.1f}  "
+              f"({min(rates['forward']) / 1e6:.1f}-{max(rates['forward']) / 1e6:.1f})")
+        print(f"    through socat on public host p:          {r / 1e6:6.1f}  "
+              f"({min(rates['socat']) / 1e6:.1f}-{max(rates['socat']) / 1e6:.1f})  "
+              "(the same two hops)")
+        print(f"    forward / direct {f / d:.2f}, forward / socat {f / r:.2f}, "
+              f"socat / direct {r / d:.2f}")
+    print(f"  load average at the end: {os.getloadavg()[0]:.1f} (a shared machine: "
+          "the figures are indicative)")
     return 0
 
 

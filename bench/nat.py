@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Sessions across NAT against Nebula, on the NAT lab (tests/lab/topology.py). Prints figures.
 
-The lab: an internet bridge (203.0.113.0/24) with the broker (a STUN responder on its SIP
-port 5060, as the broker will answer STUN there), coturn, a Nebula lighthouse, a Nebula
-relay and a public host p; home hosts a and b (endpoint-independent NAT, port-restricted
-filter), symmetric hosts s and s2 (MASQUERADE --random-fully). Pair kinds, caller first:
-home<->home (a, b), public<->home (p, a), symmetric<->home (s, a), symmetric<->symmetric
-(s, s2).
+The lab: an internet bridge (203.0.113.0/24) with our site (tests/lab/natsite.py: `sipmesh
+broker`, answering STUN on its SIP port 5060, and coturn with the SIP credentials), a Nebula
+lighthouse, a Nebula relay and a public host p; home hosts a and b (endpoint-independent
+NAT, port-restricted filter), symmetric hosts s and s2 (MASQUERADE --random-fully). Pair
+kinds, caller first: home<->home (a, b), public<->home (p, a), symmetric<->home (s, a),
+symmetric<->symmetric (s, s2).
 
 Nebula (Debian nebula 1.6; the anchor a user would pick instead): one CA, one lighthouse on
 the internet bridge, punchy on. Run 1 without relays, run 2 with a relay (``am_relay`` on a
@@ -15,18 +15,18 @@ peers' nebula start at once, random listen ports, the routers' conntrack flushed
 is from starting them to the first ping reply (ping -D timestamps, 10 ms apart). A pair that
 fails its first --give-up trials in a row is not tried further ("never").
 
-sipmesh: agent/ice.py's IceSession on both hosts (tests/lab/iceprobe.py), host + srflx
-(from the broker's STUN) + relay (coturn, SIP credentials) candidates. The caller gathers,
-then the callee (as it would on the INVITE), then both check; the time is from the caller's
-gather start to the callee receiving the first datagram over the chosen path. See
-``sipmesh_sessions``: the hook that switches to real ``sipmesh call`` sessions (time from
-INVITE to first application byte) once the ice branch wires ICE into agent/session.py.
+sipmesh: real sessions between separate processes. On each callee `sipmesh serve` (already
+registered, as an answering host is) runs the exec ``udp`` echo program; per trial the
+caller starts `sipmesh call CALLEE -- PROGRAM`, whose program pings the peer's program
+every 10 ms until the first echo comes back. Reported: the path the session chose (from
+SIPMESH_PATH), the time from starting `sipmesh call` (Python start, registration, ICE
+gathering included) to that first echo, and from the INVITE (the caller's "calling" log
+line) to it. Then, per pair, one WireGuard session (`sipmesh daemon` on the callee, `sipmesh
+call --service vpn`) with iperf3 TCP through the tunnel for --iperf-seconds, and as the
+reference wireguard-go configured by hand on the a<->b direct path (bench/tunnels.py).
+Targets (issue 11): direct >= 0.95 x by hand; relayed >= 0.5 x direct.
 
-Throughput: wireguard-go configured by hand between a and b on the same direct path (each
-side's endpoint the other's router, both sending: the holes punch), iperf3 TCP through it.
-The sipmesh-managed tunnel figures are printed as pending until tunnels ride ICE.
-
-    .venv/bin/python bench/nat.py [--trials 20] [--iperf-seconds 5]
+    .venv/bin/python bench/nat.py [--trials 20] [--iperf-seconds 5] [--logs DIR]
 
 Needs root (network namespaces), nebula, nebula-cert, coturn, wireguard-go, wg, iperf3.
 Traffic stays inside the namespaces it creates; everything is removed at the end.
@@ -47,25 +47,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests.lab: the NAT lab, coturn, the ICE probe
+sys.path.insert(0, str(ROOT))  # tests.lab: the NAT lab and the site; bench.tunnels
 sys.path.insert(0, str(ROOT / "src"))
 
-from sipmesh.apps.wireguard import interface_name, keypair  # noqa: E402
-from sipmesh.sip.auth import compute_ha1  # noqa: E402
-from tests.lab import Coturn, NatLab, wait_for  # noqa: E402
+from bench.tunnels import Sessions, iperf, wireguard_by_hand  # noqa: E402
+from tests.lab import NatLab, wait_for  # noqa: E402
+from tests.lab.natsite import NatSite  # noqa: E402
 
-PROBE = str(ROOT / "tests" / "lab" / "iceprobe.py")
+PAIR = str(ROOT / "tests" / "peers" / "udp_pair.py")
 PAIRS = [("home<->home", "a", "b"), ("public<->home", "p", "a"),
          ("symmetric<->home", "s", "a"), ("symmetric<->symmetric", "s", "s2")]
 PEERS = {h for _, x, y in PAIRS for h in (x, y)}
-HOSTS = {"broker": "public", "turn": "public", "light": "public", "nrelay": "public",
+HOSTS = {"broker": "public", "light": "public", "nrelay": "public",
          "p": "public", "a": "home", "b": "home", "s": "symmetric", "s2": "symmetric"}
+# the site's users: daemons (callee), serve (CALLEEe), callers (CALLERc)
+USERS = [u for _, x, y in PAIRS for u in (y, f"{y}e", f"{x}c")]
 NEBULA_IP = {"light": "10.200.0.1", "nrelay": "10.200.0.2", "p": "10.200.0.10",
              "a": "10.200.0.11", "b": "10.200.0.12", "s": "10.200.0.13", "s2": "10.200.0.14"}
-REALM, USER, PASSWORD = "mesh.example", "alice", "alice-pw"
-SIP_PORT, LIGHTHOUSE_PORT = 5060, 4242
+LIGHTHOUSE_PORT = 4242
 TRIAL_TIMEOUT = 10.0   # s a Nebula trial waits for its first ping reply
-ICE_TIMEOUT = 10.0     # s an ICE session may take to find a path
 
 
 def median(values: list[float]) -> str:
@@ -74,17 +74,20 @@ def median(values: list[float]) -> str:
 
 @dataclass
 class Tally:
-    """One pair kind's trials: times of those that connected, how many ran."""
+    """One pair kind's trials: what connected (path, seconds), how many ran."""
 
-    times: list[float] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)     # Nebula: to the first ping reply;
+    invite: list[float] = field(default_factory=list)    # sipmesh: from the command, INVITE
     runs: int = 0
     stopped: bool = False     # gave up after the first failures
-    relayed_times: list[float] = field(default_factory=list)   # sipmesh: relayed sessions
     errors: list[str] = field(default_factory=list)
 
     def connected(self) -> str:
-        done = len(self.times) + len(self.relayed_times)
-        return f"{done}/{self.runs}" + (" (gave up)" if self.stopped else "")
+        return f"{len(self.times)}/{self.runs}" + (" (gave up)" if self.stopped else "")
+
+    def direct(self) -> str:
+        return f"{self.paths.count('direct')}/{len(self.paths)}" if self.paths else "-"
 
 
 # ---------------------------------------------------------------------------- Nebula
@@ -183,106 +186,78 @@ def flush_conntrack(lab: NatLab, *hosts: str) -> None:
             router.ns.run(["conntrack", "-F"], check=False)
 
 
-# ---------------------------------------------------------------------------- sipmesh (ICE)
+# ---------------------------------------------------------------------------- sipmesh
 
 
-def ice_trial(lab: NatLab, caller: str, callee: str, turn_port: int) -> tuple[str, float] | str:
-    """One ICE session: (path kind, seconds from the caller's gather start to the callee's
-    first datagram), or why it failed."""
-    procs = []
+# The caller's program (exec ``udp`` contract, apps/exec.py): ping the peer's program every
+# 10 ms from LOCAL_PORT until its first echo comes back; write when, and the path, to argv[1].
+FIRST_BYTE = r'''
+import json, os, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(os.environ["SIPMESH_LOCAL_PORT"])))
+s.settimeout(0.01)
+remote = (os.environ["SIPMESH_REMOTE_IP"], int(os.environ["SIPMESH_REMOTE_PORT"]))
+started = time.time()
+while time.time() - started < 15:
+    s.sendto(b"ping", remote)
     try:
-        for host, controlling in ((caller, True), (callee, False)):
-            procs.append(lab.popen(host, [sys.executable, PROBE], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
-        config = {"stun": [lab["broker"].ip, SIP_PORT], "turn": [lab["turn"].ip, turn_port],
-                  "user": USER, "password": PASSWORD, "timeout": ICE_TIMEOUT}
-        offer = talk(procs[0], dict(config, controlling=True))     # the caller gathers ...
-        answer = talk(procs[1], dict(config, controlling=False))   # ... then the callee
-        talk(procs[0], answer["local"], reply=False)
-        talk(procs[1], offer["local"], reply=False)
-        paths = [read(p) for p in procs]
-        if any("error" in p for p in paths):
-            return next(p["error"] for p in paths if "error" in p)[:200]
-        read(procs[0])
-        data = read(procs[1])
-        return paths[0]["path"]["kind"], data["first"] - offer["started"]
-    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
-        return f"probe failed: {e}"
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+        s.recv(2048)
+    except socket.timeout:
+        continue
+    with open(sys.argv[1], "w") as out:
+        json.dump({"first": time.time(), "started": started,
+                   "path": os.environ.get("SIPMESH_PATH")}, out)
+    sys.exit(0)
+sys.exit(1)
+'''
+# "2026-12-06 04:17:25,123 INFO    sipmesh.agent.session: calling sip:be@..."
+CALLING = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ +\S+: calling ", re.M)
 
 
-def talk(proc: subprocess.Popen, message: object, reply: bool = True) -> dict:
-    proc.stdin.write(json.dumps(message) + "\n")
-    proc.stdin.flush()
-    return read(proc) if reply else {}
+class Sipmesh:
+    """Real sessions on a NatSite: `sipmesh serve` (the echo program of tests/peers/udp_pair.py)
+    as user CALLEEe on each callee, `sipmesh call` as CALLERc per trial; WireGuard sessions
+    through daemons (bench/tunnels.py's Sessions) for the throughput."""
 
+    def __init__(self, site: NatSite, work: Path) -> None:
+        self.site, self.work = site, work
+        self.serves = {y: site.serve(y, f"{y}e", "--app-port", "40000", "--", sys.executable,
+                                     PAIR, "echo", str(work))
+                       for y in sorted({y for _, _, y in PAIRS})}
+        self.tunnels = Sessions(site, {y: f"10.{90 + n}.0.0/24"
+                                       for n, y in enumerate(sorted(self.serves))})
+        self.trials = 0
 
-def read(proc: subprocess.Popen) -> dict:
-    line = proc.stdout.readline()
-    if not line:
-        raise ValueError("the ICE probe ended early")
-    return json.loads(line)
+    def trial(self, x: str, y: str) -> tuple[str, float, float] | str:
+        """One session x -> y: (path kind, seconds from starting `sipmesh call` to the first
+        echo, seconds from its INVITE to the first echo), or why it failed."""
+        self.trials += 1
+        out = self.work / f"first-{self.trials}.json"
+        started = time.time()
+        call = self.site.call(x, f"{x}c", f"{y}e", "--timeout", "15", "--", sys.executable,
+                              "-c", FIRST_BYTE, str(out))
+        try:
+            rc = call.wait(40)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            call.stop(grace=5)
+        if rc != 0 or not out.exists():
+            tail = call.log_tail(3).replace("\n", " | ")
+            return f"exit {rc}: {tail}"[:200]
+        first = json.loads(out.read_text())
+        invite = CALLING.search(call.log_text())
+        if invite is None:
+            return "no 'calling' line in the caller's log"
+        sent = time.mktime(time.strptime(invite.group(1), "%Y-%m-%d %H:%M:%S")) \
+            + int(invite.group(2)) / 1000
+        return first["path"], first["first"] - started, first["first"] - sent
 
-
-def sipmesh_sessions(lab: NatLab, caller: str, callee: str, turn_port: int) -> tuple[str, float] | str:
-    """HOOK (branch ice): today an ICE session alone (agent/ice.py via tests/lab/iceprobe.py,
-    no SIP). Once ``sipmesh call`` does ICE, replace this body with a real session: run
-    ``sipmesh serve`` on `callee` and ``sipmesh call`` on `caller` against a broker on
-    lab["broker"] (STUN on its SIP port, coturn on lab["turn"]), both with an exec program
-    that writes/reads one byte over the negotiated UDP address, and return (path kind
-    from the agent's path report, seconds from INVITE sent to the first application byte
-    received). The table's headings say which of the two was measured."""
-    return ice_trial(lab, caller, callee, turn_port)
-
-
-SESSIONS_MEASURED = "ICE only (gather start -> first datagram); real sessions: pending branch ice"
-
-
-# ---------------------------------------------------------------------------- throughput
-
-
-def wireguard_by_hand(lab: NatLab, x: str, y: str, seconds: int, work: Path) -> float:
-    """iperf3 TCP Mbit/s through wireguard-go between x and y, configured by hand on the
-    direct path between their routers."""
-    flush_conntrack(lab, x, y)
-    sides = {x: ("10.201.0.1", 51820), y: ("10.201.0.2", 51821)}
-    keys = {h: keypair() for h in sides}
-    names = {h: interface_name("bnwg") for h in sides}
-    procs = []
-    try:
-        for host in sides:
-            procs.append(lab.spawn(host, ["wireguard-go", "-f", names[host]],
-                                   log_path=work / f"wg-{host}.log", name=f"wg-{host}",
-                                   env=dict(os.environ, WG_PROCESS_FOREGROUND="1")))
-        for host, (address, port) in sides.items():
-            peer = y if host == x else x
-            deadline = time.time() + 10
-            while lab.run(host, ["wg", "show", names[host]], check=False).returncode != 0:
-                if time.time() > deadline:
-                    raise RuntimeError(f"wireguard-go on {host} made no interface")
-                time.sleep(0.05)
-            lab.run(host, ["wg", "set", names[host], "private-key", "/dev/stdin", "listen-port",
-                           str(port), "peer", keys[peer][1], "allowed-ips",
-                           f"{sides[peer][0]}/32", "endpoint",
-                           f"{lab[peer].public_ip}:{sides[peer][1]}", "persistent-keepalive",
-                           "1"], input=keys[host][0].decode())
-            lab.run(host, ["ip", "address", "add", f"{address}/24", "dev", names[host]])
-            lab.run(host, ["ip", "link", "set", names[host], "mtu", "1420", "up"])
-        if first_ping(lab, x, sides[y][0], time.time() + 15) is None:
-            raise RuntimeError("no ping through the hand-made WireGuard tunnel")
-        server = lab.spawn(y, ["iperf3", "-s", "-1", "-B", sides[y][0]],
-                           log_path=work / "iperf3-server.log", name="iperf3-server")
-        procs.append(server)
-        time.sleep(0.3)
-        result = lab.run(x, ["iperf3", "-c", sides[y][0], "-t", str(seconds), "-J"],
-                         timeout=seconds + 20)
-        return json.loads(result.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
-    finally:
-        for proc in procs:
-            proc.stop(grace=3)
+    def throughput(self, x: str, y: str, seconds: int) -> tuple[str, float]:
+        """(path, iperf3 TCP Mbit/s) of a WireGuard session x -> y."""
+        with self.tunnels.wireguard(x, y) as session:
+            path = self.tunnels.path(y)
+            return path, iperf(self.site.lab, x, y, session["address"], seconds, self.work)
 
 
 # ---------------------------------------------------------------------------- main
@@ -300,13 +275,15 @@ def measure(trials: int, give_up: int, trial) -> Tally:
         tally.runs += 1
         if isinstance(result, str):
             tally.errors.append(result)
-        elif isinstance(result, tuple):
-            (tally.times if result[0] == "direct" else tally.relayed_times).append(result[1])
         elif result is None:
             tally.errors.append("no reply")
+        elif isinstance(result, tuple):     # sipmesh: (path, from the command, from INVITE)
+            tally.paths.append(result[0])
+            tally.times.append(result[1])
+            tally.invite.append(result[2])
         else:
             tally.times.append(result)
-        if n + 1 == give_up and not (tally.times or tally.relayed_times):
+        if n + 1 == give_up and not tally.times:
             tally.stopped = True
             break
     return tally
@@ -322,18 +299,14 @@ def main() -> int:
                         help="keep the logs and configurations there (default: deleted)")
     args = parser.parse_args()
     began = time.monotonic()
+    results: dict[str, dict[str, Tally]] = {"nebula": {}, "nebula+relay": {}, "sipmesh": {}}
+    throughput: dict[str, tuple[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="sipmesh-nat-") as tmp, NatLab() as lab:
         work = args.logs or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         lab.add_hosts(HOSTS)
-        stun = lab.popen("broker", [sys.executable, PROBE, "stun", str(SIP_PORT)],
-                         stdout=subprocess.PIPE, text=True)
-        turn = None
-        results: dict[str, dict[str, Tally]] = {"nebula": {}, "nebula+relay": {}, "sipmesh": {}}
+        site = NatSite(lab, work, USERS).start()
         try:
-            json.loads(stun.stdout.readline())
-            turn = Coturn(work / "coturn", lab["turn"].ip, realm=REALM, netns=lab["turn"].ns,
-                          users={USER: compute_ha1(USER, REALM, PASSWORD)}).start()
             Nebula.certificates(work)
             for mode, relays in (("nebula", False), ("nebula+relay", True)):
                 nebula = Nebula(lab, work, relays)
@@ -341,40 +314,44 @@ def main() -> int:
                     for kind, x, y in PAIRS:
                         results[mode][kind] = measure(args.trials, args.give_up,
                                                       lambda: nebula.trial(x, y))
-                        print(f"{mode:13} {kind:22} {results[mode][kind].connected():>16}  "
-                              f"median {median(results[mode][kind].times)}",
-                              file=sys.stderr, flush=True)
+                        say(f"{mode:13} {kind:22} {results[mode][kind].connected():>16}  "
+                            f"median {median(results[mode][kind].times)}")
                 finally:
                     nebula.stop()
+            ours = Sipmesh(site, work)
             for kind, x, y in PAIRS:
-                results["sipmesh"][kind] = measure(
-                    args.trials, args.give_up, lambda: sipmesh_sessions(lab, x, y, turn.port))
-                tally = results["sipmesh"][kind]
-                print(f"{'sipmesh':13} {kind:22} {tally.connected():>16}  direct "
-                      f"{len(tally.times)}  {'; '.join(sorted(set(tally.errors)))[:200]}",
-                      file=sys.stderr, flush=True)
-            throughput = wireguard_by_hand(lab, "a", "b", args.iperf_seconds, work)
+                results["sipmesh"][kind] = tally = measure(args.trials, args.give_up,
+                                                           lambda: ours.trial(x, y))
+                say(f"{'sipmesh':13} {kind:22} {tally.connected():>16}  direct "
+                    f"{tally.direct()}  median {median(tally.times)}  "
+                    f"{'; '.join(sorted(set(tally.errors)))[:200]}")
+            with wireguard_by_hand(lab, "a", "b", work) as address:
+                by_hand = iperf(lab, "a", "b", address, args.iperf_seconds, work)
+            for kind, x, y in PAIRS:
+                throughput[kind] = ours.throughput(x, y, args.iperf_seconds)
+                say(f"WireGuard {kind}: {throughput[kind][0]}, {throughput[kind][1]:.0f} Mbit/s")
         finally:
-            stun.kill()
-            stun.wait()
-            if turn is not None:
-                turn.stop()
-    report(results, throughput, args, time.monotonic() - began)
+            site.stop()
+    report(results, throughput, by_hand, args, time.monotonic() - began)
     return 0
 
 
-def report(results: dict[str, dict[str, Tally]], throughput: float,
-           args: argparse.Namespace, elapsed: float) -> None:
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def report(results: dict[str, dict[str, Tally]], throughput: dict[str, tuple[str, float]],
+           by_hand: float, args: argparse.Namespace, elapsed: float) -> None:
     header = ["PAIR (caller first)", "NEBULA: CONNECTED", "FIRST PING",
               "NEBULA+RELAY: CONNECTED", "FIRST PING", "SIPMESH: CONNECTED", "DIRECT",
-              "DIRECT: 1ST BYTE", "RELAYED: 1ST BYTE"]
+              "1ST BYTE: COMMAND", "INVITE", "WIREGUARD", "MBIT/S"]
     rows = []
     for kind, _, _ in PAIRS:
         n, r, s = (results[m][kind] for m in ("nebula", "nebula+relay", "sipmesh"))
-        done = len(s.times) + len(s.relayed_times)
-        share = f"{len(s.times)}/{done}" if done else "-"
+        path, mbit = throughput[kind]
         rows.append([kind, n.connected(), median(n.times), r.connected(), median(r.times),
-                     s.connected(), share, median(s.times), median(s.relayed_times)])
+                     s.connected(), s.direct(), median(s.times), median(s.invite), path,
+                     f"{mbit:.0f}"])
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     print(f"NAT lab, {args.trials} trials per pair (medians; a pair failing its first "
           f"{args.give_up} trials is given up), {elapsed:.0f} s in all")
@@ -383,12 +360,18 @@ def report(results: dict[str, dict[str, Tally]], throughput: float,
     print("Nebula: from starting both peers (a Go binary: ~10 ms to the lighthouse) to the "
           "first ping reply; punchy on with its default 1 s respond delay; +relay: one "
           "am_relay host")
-    print(f"sipmesh: {SESSIONS_MEASURED}; processes already running")
-    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"tunnel throughput, home<->home direct path, iperf3 TCP {args.iperf_seconds} s:")
-    print(f"  wireguard-go configured by hand:   {throughput:7.0f} Mbit/s  (the reference)")
-    print("  WireGuard through sipmesh, direct: n/a (pending: tunnels do not ride ICE yet)")
-    print("  WireGuard through sipmesh, relayed through coturn: n/a (pending)")
+    print("sipmesh: real sessions, `sipmesh serve` on the callee already registered; 1ST BYTE "
+          "from starting `sipmesh call` (COMMAND) and from its INVITE to the first echo its "
+          "program got; DIRECT: sessions whose path was direct")
+    direct, relayed = throughput["home<->home"][1], throughput["symmetric<->home"][1]
+    print(f"throughput, iperf3 TCP {args.iperf_seconds} s caller -> callee through WireGuard "
+          f"(MBIT/S above: one session per pair through sipmesh):")
+    print(f"  wireguard-go by hand, a <-> b direct: {by_hand:6.0f} Mbit/s  (the reference)")
+    print(f"  sipmesh home<->home / by hand:        {direct / by_hand:6.2f}  (target >= 0.95)")
+    print(f"  sipmesh symmetric<->home / home<->home: {relayed / direct:4.2f}  "
+          f"(relayed / direct, target >= 0.5)")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+          "(shared machine: the figures are indicative)")
 
 
 if __name__ == "__main__":

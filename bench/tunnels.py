@@ -55,10 +55,12 @@ DIRECT, RELAYED = ("a", "b"), ("s", "a")
 
 
 class Sessions:
-    """Daemons started on demand on callees; one WireGuard session at a time."""
+    """Daemons started on demand on callees (user: the host's name, tunnel addresses from
+    `pools`, a /24 per callee); one WireGuard session at a time."""
 
-    def __init__(self, site: NatSite) -> None:
+    def __init__(self, site: NatSite, pools: dict[str, str] = POOLS) -> None:
         self.site = site
+        self.pools = pools
         self.daemons: dict[str, ManagedProcess] = {}
 
     @contextmanager
@@ -68,7 +70,7 @@ class Sessions:
         "up": s from then to the caller's tunnel up, "call": the caller's process}."""
         site, lab = self.site, self.site.lab
         if callee not in self.daemons:
-            self.daemons[callee] = site.daemon(callee, tunnel_services(POOLS[callee]))
+            self.daemons[callee] = site.daemon(callee, tunnel_services(self.pools[callee]))
         started = time.monotonic()
         call = site.call(caller, f"{caller}c", callee, "--service", "vpn",
                          services=tunnel_services("10.98.0.0/24"))
@@ -131,16 +133,17 @@ def wireguard_by_hand(lab: NatLab, x: str, y: str, work: Path) -> Iterator[str]:
     sides = {x: ("10.201.0.1", 51830), y: ("10.201.0.2", 51831)}
     keys = {h: keypair() for h in sides}
     names = {h: interface_name("bnwg") for h in sides}
-    procs = []
+    procs = {}
     try:
         for host in sides:
-            procs.append(lab.spawn(host, ["wireguard-go", "-f", names[host]],
-                                   log_path=work / f"wg-{host}.log", name=f"wg-{host}",
-                                   env=dict(os.environ, WG_PROCESS_FOREGROUND="1")))
+            procs[host] = lab.spawn(host, ["wireguard-go", "-f", names[host]],
+                                    log_path=work / f"wg-{host}.log", name=f"wg-{host}",
+                                    env=dict(os.environ, WG_PROCESS_FOREGROUND="1"))
         for host, (address, port) in sides.items():
             peer = y if host == x else x
             wait_for(lambda: lab.run(host, ["wg", "show", names[host]], check=False)
-                     .returncode == 0, 10, 0.02, what=f"wireguard-go on {host}")
+                     .returncode == 0, 30, 0.02, what=f"wireguard-go on {host}",
+                     abort=procs[host].exit_reason)
             lab.run(host, ["wg", "set", names[host], "private-key", "/dev/stdin", "listen-port",
                            str(port), "peer", keys[peer][1], "allowed-ips",
                            f"{sides[peer][0]}/32", "endpoint",
@@ -152,7 +155,7 @@ def wireguard_by_hand(lab: NatLab, x: str, y: str, work: Path) -> Iterator[str]:
             raise RuntimeError("no ping through the hand-made WireGuard tunnel")
         yield sides[y][0]
     finally:
-        for proc in procs:
+        for proc in procs.values():
             proc.stop(grace=3)
 
 

@@ -90,7 +90,7 @@ async def test_relayed_path_proxy_carries_datagrams_both_ways(coturn):
         assert data == b"first" and source == mine.remote
         a.sendto(b"answer", mine.remote)
         assert await asyncio.to_thread(b.recv, 2048) == b"answer"
-        # a run of datagrams: the proxy forwards every one it gets (one callback each, no
+        # a run of datagrams: the proxy forwards every one it gets (drained in bursts, no
         # task), and counts them for `sipmesh status`; UDP may drop some beyond it
         count = 1000
         received = asyncio.ensure_future(asyncio.to_thread(_drain, a, count))

@@ -10,8 +10,9 @@ direct, or relayed where the relay is the *peer's*
 relayed where the relay is *ours* (our local candidate is the TURN allocation)
     a lean proxy: the program's datagrams to 127.0.0.1:PROXY go out as TURN ChannelData
     (RFC 8656 §12) on the allocation's own socket, and ChannelData from the peer comes
-    back to the program's port; one callback per datagram, no task (aioice's own TURN
-    transport starts a task per datagram). When both sides relay, both run one.
+    back to the program's port; each wake-up of the event loop drains up to 64 datagrams
+    per direction, no task (aioice's own TURN transport starts a task per datagram).
+    When both sides relay, both run one.
 
 The program's contract (what `exec` documents, what tunnel adapters implement):
     bind UDP ``local_port`` (any address, or LOCAL_IP); send to ``remote``; accept what
@@ -291,8 +292,34 @@ class FlowWatch:
 # ------------------------------------------------------------------ the relay proxy
 
 
-class RelayProxy(asyncio.DatagramProtocol):
-    """program <-> 127.0.0.1:PORT <-> ChannelData on our TURN allocation <-> the peer."""
+DRAIN = 64   # datagrams read per wake-up, per direction (one event-loop pass each)
+
+
+def drain(sock: socket.socket, handle: Any) -> None:
+    """Read what is queued on non-blocking `sock`, at most DRAIN datagrams, calling
+    ``handle(data, addr)`` for each. One wake-up of the event loop then moves a burst of a
+    tunnel's datagrams instead of one: about 40 % less CPU per datagram at full rate, and
+    the relayed path's throughput grows with it. Bounded, so the other direction (and the
+    rest of the agent) get their turn."""
+    for _ in range(DRAIN):
+        try:
+            data, addr = sock.recvfrom(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:     # an ICMP error queued by an earlier send: it is consumed
+            log.debug("relay proxy: %s", exc)
+            continue
+        handle(data, addr)
+
+
+class RelayProxy:
+    """program <-> 127.0.0.1:PORT <-> ChannelData on our TURN allocation <-> the peer.
+
+    Both directions are read with `drain` from the event loop's reader callbacks. Over
+    UDP the proxy reads the allocation's socket itself (aioice's transport pauses reading
+    meanwhile): our channel's ChannelData goes straight to the program, everything else
+    (STUN responses to aioice's refreshes, data indications) to aioice as before. Over TCP
+    aioice parses the stream and hands us the payloads (`from_peer`)."""
 
     def __init__(self, turn: TurnClientProtocol, peer: tuple[str, int], program_port: int):
         self.turn = turn
@@ -300,12 +327,14 @@ class RelayProxy(asyncio.DatagramProtocol):
         self.program: tuple[str, int] = ("127.0.0.1", program_port)
         self.tcp = isinstance(turn, TurnClientTcpProtocol)
         self.channel = 0
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None        # ours, towards the program
+        self.relay_sock: socket.socket | None = None  # the allocation's socket (UDP), a dup
         self.last_seen: float | None = None   # a datagram from the peer
         self.last_sent = time.monotonic()      # anything towards the TURN server
         self.failed: str | None = None
         self.rx = self.tx = self.rx_bytes = self.tx_bytes = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._header = struct.Struct("!HH")
 
     async def start(self) -> int:
         """Take the allocation's traffic; return the proxy's port on 127.0.0.1."""
@@ -318,42 +347,62 @@ class RelayProxy(asyncio.DatagramProtocol):
             turn.channel_to_peer[channel] = self.peer
             turn.peer_to_channel[self.peer] = channel
         self.channel = channel
-        self._header = struct.Struct("!HH")
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: self,
-                                                           local_addr=("127.0.0.1", 0))
-        sock = transport.get_extra_info("socket")
+        self._frame = self._header.pack(channel, 0)[:2]
+        loop = self._loop = asyncio.get_running_loop()
+        sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        loop.add_reader(sock, drain, sock, self.from_program)
         turn.receiver = _FromRelay(self)   # aioice hands ChannelData payloads to its receiver
+        if not self.tcp:
+            transport = turn.transport
+            assert transport is not None
+            transport.pause_reading()   # type: ignore[attr-defined]
+            # a second descriptor of the same socket: the loop refuses a transport's own fd
+            self.relay_sock = transport.get_extra_info("socket").dup()
+            self.relay_sock.setblocking(False)
+            loop.add_reader(self.relay_sock, drain, self.relay_sock, self.from_relay)
         self._tasks = [asyncio.ensure_future(self._keepalive()),
                        asyncio.ensure_future(self._refresh_channel())]
-        return transport.get_extra_info("sockname")[1]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        return int(sock.getsockname()[1])
 
     # program -> peer
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def from_program(self, data: bytes, addr: tuple[str, int]) -> None:
         if addr[0] != "127.0.0.1" or self.failed is not None:
             return
         self.program = addr          # the program's socket, wherever it bound
         frame = self._header.pack(self.channel, len(data)) + data
-        turn_transport = self.turn.transport
-        if self.tcp:
-            pad = -len(frame) % 4
-            turn_transport.write(frame + bytes(pad) if pad else frame)  # type: ignore[union-attr]
+        if self.relay_sock is not None:
+            try:
+                self.relay_sock.send(frame)
+            except OSError:          # a full buffer or an ICMP error: UDP, the datagram is lost
+                return
         else:
-            turn_transport.sendto(frame)  # type: ignore[union-attr]
+            pad = -len(frame) % 4
+            self.turn.transport.write(frame + bytes(pad) if pad else frame)  # type: ignore[union-attr]
         self.tx += 1
         self.tx_bytes += len(data)
         self.last_sent = time.monotonic()
 
+    # the allocation's socket (UDP): our channel's data to the program, the rest to aioice
+    def from_relay(self, data: bytes, addr: tuple[str, int]) -> None:
+        if data[:2] == self._frame and len(data) >= 4:
+            length = self._header.unpack_from(data)[1]
+            if len(data) >= 4 + length:
+                self.from_peer(data[4:4 + length], self.peer)
+            return
+        self.turn.datagram_received(data, addr)
+
     # peer -> program
     def from_peer(self, data: bytes, addr: tuple[str, int]) -> None:
-        if addr != self.peer or self.transport is None:
+        if addr != self.peer or self.sock is None:
             return
-        self.transport.sendto(data, self.program)
+        try:
+            self.sock.sendto(data, self.program)
+        except OSError:              # the program is not (yet) listening, or its buffer is full
+            return
         self.rx += 1
         self.rx_bytes += len(data)
         self.last_seen = time.monotonic()
@@ -383,15 +432,23 @@ class RelayProxy(asyncio.DatagramProtocol):
                 return
 
     def counters(self) -> dict[str, Any]:
-        return {"port": self.transport.get_extra_info("sockname")[1] if self.transport else None,
+        return {"port": self.sock.getsockname()[1] if self.sock else None,
                 "to_peer": {"packets": self.tx, "bytes": self.tx_bytes},
                 "from_peer": {"packets": self.rx, "bytes": self.rx_bytes}}
 
     def close(self) -> None:
+        """Stop proxying; aioice reads the allocation's socket again (to delete it)."""
         for task in self._tasks:
             task.cancel()
-        if self.transport is not None:
-            self.transport.close()
+        for sock in (self.sock, self.relay_sock):
+            if sock is not None:
+                self._loop.remove_reader(sock)
+                sock.close()
+        if self.relay_sock is not None:
+            transport = self.turn.transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()   # type: ignore[attr-defined]
+        self.sock = self.relay_sock = None
 
 
 class _FromRelay:
