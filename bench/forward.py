@@ -314,7 +314,7 @@ def across_nat(mb: int, runs: int) -> int:
     """The forward across the NAT lab against a port forward and socat (the module doc)."""
     sys.path.insert(0, str(ROOT))
     from tests.lab import NatLab, netns_run, wait_for, wait_tcp_listening
-    from tests.lab.natsite import NatSite
+    from sipmesh.lab.natsite import NatSite
 
     size = mb * CHUNK
     this = [sys.executable, str(Path(__file__).resolve())]

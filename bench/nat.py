@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sessions across NAT against Nebula, on the NAT lab (tests/lab/topology.py). Prints figures.
 
-The lab: an internet bridge (203.0.113.0/24) with our site (tests/lab/natsite.py: `sipmesh
+The lab: an internet bridge (203.0.113.0/24) with our site (src/sipmesh/lab/natsite.py: `sipmesh
 broker`, answering STUN on its SIP port 5060, and coturn with the SIP credentials), a Nebula
 lighthouse, a Nebula relay and a public host p; home hosts a and b (endpoint-independent
 NAT, port-restricted filter), symmetric hosts s and s2 (MASQUERADE --random-fully). Pair
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench.tunnels import Sessions, iperf, wireguard_by_hand  # noqa: E402
 from tests.lab import NatLab, wait_for  # noqa: E402
-from tests.lab.natsite import NatSite  # noqa: E402
+from sipmesh.lab.natsite import NatSite  # noqa: E402
 
 PAIR = str(ROOT / "tests" / "peers" / "udp_pair.py")
 PAIRS = [("home<->home", "a", "b"), ("public<->home", "p", "a"),

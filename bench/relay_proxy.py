@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sipmesh.agent.handover import Handover  # noqa: E402
 from sipmesh.agent.ice import IceConfig, IceSession, render  # noqa: E402
 from sipmesh.sip.auth import compute_ha1  # noqa: E402
-from tests.lab.coturn import Coturn  # noqa: E402
+from sipmesh.lab.coturn import Coturn  # noqa: E402
 
 SIZE = 1200
 

@@ -2,7 +2,7 @@
 """WireGuard sessions through sipmesh on the NAT lab: time to the first ping, and iperf3
 throughput against the same wireguard-go pair configured by hand on the same path.
 
-The lab (tests/lab/topology.py, tests/lab/natsite.py): our broker (SIP + STUN on 5060) and
+The lab (src/sipmesh/lab/topology.py, src/sipmesh/lab/natsite.py): our broker (SIP + STUN on 5060) and
 coturn on the internet bridge, home hosts a and b, symmetric host s. Each trial is a real
 session: `sipmesh daemon` with a wireguard service on the callee, `sipmesh call CALLEE
 --service vpn` on the caller. Reported:
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sipmesh.apps.wireguard import interface_name, keypair  # noqa: E402
 from tests.lab import ManagedProcess, NatLab, wait_for, wait_tcp_listening  # noqa: E402
-from tests.lab.natsite import NatSite, tunnel_services  # noqa: E402
+from sipmesh.lab.natsite import NatSite, tunnel_services  # noqa: E402
 
 HOSTS = {"broker": "public", "a": "home", "b": "home", "s": "symmetric"}
 USERS = ["a", "b", "ac", "sc"]

@@ -130,7 +130,7 @@ def run(ns: "Netns | str | None", argv: Sequence[str], check: bool = True,
 
 def popen(ns: "Netns | str | None", argv: Sequence[str], **kwargs) -> subprocess.Popen:
     """``subprocess.Popen`` of ``argv`` inside ``ns``. The caller owns the process;
-    prefer :func:`tests.lab.procs.spawn` (``netns=``) for long-running programs."""
+    prefer :func:`sipmesh.lab.procs.spawn` (``netns=``) for long-running programs."""
     full = netns_prefix(_ns_name(ns)) + [str(a) for a in argv]
     return subprocess.Popen(full, **kwargs)
 
