@@ -254,17 +254,15 @@ class Roster:
         network as it is now); `refused`: the reason phrase for a user who is no member."""
         user, group = check.username, network.radius_group
         assert user is not None
-        if check.radius and group is not None:
-            held = network.members.get(user)
+        held = network.members.get(user)
+        if check.radius and group is not None and (group in check.groups) != (held is not None and held.radius):
             try:
-                if group in check.groups and (held is None or not held.radius):
+                if group in check.groups:
                     address = self.networks.join_by_radius(network.name, user, group)
                     log.info("%s joins network %s as %s: RADIUS group %s", user, network.name, address, group)
-                elif group not in check.groups and held is not None and held.radius:
+                else:
                     self.networks.leave_by_radius(network.name, user)
                     log.info("%s leaves network %s: RADIUS no longer names group %s", user, network.name, group)
-                else:
-                    return None, network
             except NetworkError as exc:  # the pool is full, the group changed meanwhile
                 log.warning("%s not let into network %s: %s", user, network.name, exc)
                 return (403, f"Forbidden (network {network.name} has no address for you)", []), network
