@@ -25,7 +25,7 @@ from sipmesh.agent.errors import AgentError
 from sipmesh.agent.roster import RosterClient
 from sipmesh.broker.networks import NetworkStore
 from sipmesh.broker.registrar import RegistrarPolicy
-from sipmesh.broker.radius import (DICTIONARY, RadiusConfig, RadiusError, digest_attributes, groups_of,
+from sipmesh.broker.radius import (DICTIONARY, MAX_GROUPS, RadiusConfig, RadiusError, digest_attributes, groups_of,
                                    parse_server, read_secret)
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.auth import AuthResult, DigestClient, DigestServer, NonceManager
@@ -93,6 +93,8 @@ def test_a_parameter_too_long_for_an_attribute_is_refused():
 def test_groups_are_plain_names_only():
     assert groups_of([b"engineering", b" ops ", b"bad name", b"x" * 65, b"\xff\xfe", b"a.b-c_d"]) \
         == frozenset({"engineering", "ops", "a.b-c_d"})
+    many = groups_of([f"g{i}".encode() for i in range(1000)])  # a hostile reply: bounded
+    assert len(many) == MAX_GROUPS and "g0" in many
 
 
 def test_server_and_secret_file(tmp_path):

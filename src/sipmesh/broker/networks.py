@@ -18,10 +18,11 @@ file as the location service, under the same write lock (location.SqliteStore):
   and takes it out at the first authentication without the group (`leave_by_radius`).
   A row is a member while it is static (`active`, `members add`) or by RADIUS, or both;
 * its groups (a member belongs to any number; a member by RADIUS is in the network's
-  RADIUS group too) and its ACL: rules `FROM TO`, each a member name, `@group` or `*`. Without rules every member may reach every other; with
-  rules a member may reach another when some rule matches the pair. A pair is
-  connected when either may reach the other (a tunnel carries both directions); the
-  roster a member receives lists only the members it is paired with.
+  RADIUS group too) and its ACL: rules `FROM TO`, each a member name, `@group` or `*`.
+  Without rules every member may reach every other; with rules a member may reach
+  another when some rule matches the pair. A pair is connected when either may reach the
+  other (a tunnel carries both directions); the roster a member receives lists only the
+  members it is paired with.
 
 Credentials are not here: a network is its own digest realm (realm = network name),
 so a member's ID and password for it are a line of the broker's users file

@@ -48,7 +48,7 @@ from sipmesh.broker.ratelimit import LoadShedder, RateLimiter, retry_after, tria
 from sipmesh.broker.redirect import REDIRECTABLE, redirect_contacts
 from sipmesh.broker.registrar import Outcome, RegistrarPolicy, process_register
 from sipmesh.broker.replies import ReplyCache, quick_reply, stateless_response
-from sipmesh.broker.roster import NetworkRegistration, Roster, decide_network_register
+from sipmesh.broker.roster import NetworkRegistration, Refusal, Roster, decide_network_register
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import Address
@@ -436,7 +436,7 @@ class Broker:
             return
         self._queue_register(reg)
 
-    def _network_register_checked(self, reg: "_Registration", refusal: tuple[int, str | None, list[tuple[str, str]]] | None,
+    def _network_register_checked(self, reg: "_Registration", refusal: Refusal | None,
                                   network: NetworkRegistration | None) -> None:
         if refusal is not None:
             self._finish_register(reg, *refusal)

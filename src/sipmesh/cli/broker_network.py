@@ -128,7 +128,8 @@ def _run(store: NetworkStore, args: argparse.Namespace) -> int:
     elif command == "set":
         group = None if args.no_radius_group else args.radius_group
         out = store.set_radius_group(args.name, group)
-        print(f"network {args.name} takes members " + (f"from RADIUS group {group}" if group else "from no RADIUS group")
+        print(f"network {args.name} takes members "
+              + (f"from RADIUS group {group}" if group else "from no RADIUS group")
               + (f" ({out} member{'s' if out != 1 else ''} by RADIUS taken out)" if out else ""))
     elif command == "list":
         networks = store.networks()
