@@ -345,7 +345,7 @@ async def test_a_network_takes_its_members_from_a_radius_group(make_broker, make
             return client
 
         alice = await member("alice")
-        bob = await member("bob", register_expires=2, subscribe_expires=60)  # refreshes each second
+        bob = await member("bob", register_expires=60, subscribe_expires=6)  # a SUBSCRIBE refresh each second
         dave = await member("dave")
         expected = {"alice": "10.9.0.2", "bob": "10.9.0.3", "dave": "10.9.0.1"}
         for client in (alice, bob, dave):
@@ -363,6 +363,7 @@ async def test_a_network_takes_its_members_from_a_radius_group(make_broker, make
         assert "carol" not in NetworkStore(tmp_path / "broker.db").network("lab").members
 
         # out of the group in FreeRADIUS's users file (restarted): out at bob's next authentication
+        # (here the refresh of his roster subscription)
         server.stop()
         server.groups["bob"] = ["ops"]
         server.start()

@@ -416,6 +416,9 @@ class Roster:
 
     def _refreshed(self, txn: ServerTransaction, sub: Subscription) -> None:
         request = txn.request
+        if sub.ended:  # ended while the RADIUS server was asked
+            txn.reply(481, "Subscription Does Not Exist")
+            return
         if not sub.dialog.accept_remote_cseq(request):
             txn.reply(500, "Out Of Order CSeq")
             return
