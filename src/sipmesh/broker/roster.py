@@ -313,24 +313,27 @@ class Roster:
         self._subscribe(txn, network)
         return True
 
-    def _check_subscribe(self, txn: ServerTransaction, network: Network, then: Callable[[str], None]) -> None:
-        """Authenticate and authorise a SUBSCRIBE: `then(member)` (now or once the RADIUS
-        server has answered), or the SUBSCRIBE is answered."""
+    def authorise_member(self, txn: ServerTransaction, network: Network, what: str,
+                         then: Callable[[str], None]) -> None:
+        """A request to a network AOR from one of its members, as itself (digest in the
+        network's realm; a member static or by RADIUS group, see `admit`): `then(member)`,
+        now or once the RADIUS server has answered, or the request is answered (403 says
+        "only members of NAME `what`")."""
         if self.auth is None:
             txn.reply(403, "Forbidden (networks need digest authentication)", to_tag=new_tag())
             return
-        self.authenticate(txn.request, network.realm, functools.partial(self._subscribe_checked, txn, network, then),
+        self.authenticate(txn.request, network.realm, functools.partial(self._member_checked, txn, network, what, then),
                           radius=network.radius_group is not None)
 
-    def _subscribe_checked(self, txn: ServerTransaction, network: Network, then: Callable[[str], None],
-                           check: AuthCheck) -> None:
+    def _member_checked(self, txn: ServerTransaction, network: Network, what: str, then: Callable[[str], None],
+                        check: AuthCheck) -> None:
         if txn.final_sent:
             return
         request, tag = txn.request, new_tag()
         if not check.ok:
             txn.reply(check.status, check.reason, to_tag=tag, headers=check.headers)
             return
-        refused = f"Forbidden (only members of {network.name} watch its roster, as themselves)"
+        refused = f"Forbidden (only members of {network.name} {what}, as themselves)"
         refusal, network = self.admit(network, check, refused)
         member = check.username
         assert member is not None
@@ -339,7 +342,8 @@ class Roster:
             return
         from_uri = request.from_.uri
         if not isinstance(from_uri, SipURI) or not may_send_as(member, from_uri.user):
-            log.info("%s may not watch network %s as %s: SUBSCRIBE refused", member, network.name, from_uri)
+            log.info("%s to network %s from %s refused: not as itself (%s)", request.method, network.name, member,
+                     from_uri)
             txn.reply(403, refused, to_tag=tag)
             return
         then(member)
@@ -367,7 +371,8 @@ class Roster:
         if accept and not any(reginfo.CONTENT_TYPE in a or "*/*" in a for a in accept):
             txn.reply(406, to_tag=new_tag(), headers=[("Accept", reginfo.CONTENT_TYPE)])
             return
-        self._check_subscribe(txn, network, functools.partial(self._subscribe_authorised, txn, network, event))
+        self.authorise_member(txn, network, "watch its roster",
+                              functools.partial(self._subscribe_authorised, txn, network, event))
 
     def _subscribe_authorised(self, txn: ServerTransaction, network: Network, event: EventType,
                               member: str) -> None:
@@ -412,7 +417,7 @@ class Roster:
             self._drop(sub)
             txn.reply(481, "Subscription Does Not Exist (the network is gone)")
             return
-        self._check_subscribe(txn, network, lambda _member: self._refreshed(txn, sub))
+        self.authorise_member(txn, network, "watch its roster", lambda _member: self._refreshed(txn, sub))
 
     def _refreshed(self, txn: ServerTransaction, sub: Subscription) -> None:
         request = txn.request
