@@ -193,4 +193,5 @@ def test_members_by_radius_group_beside_static_ones(tmp_path):
     assert changed.returncode == 0 and "1 member by RADIUS taken out" in changed.stdout
     assert set(store.network("lab").members) == {"bob", "dave"}
     assert json.loads(net(db, "show", "lab", "--json").stdout)["radius_group"] == "ops"
+    assert net(db, "list").stdout.strip() == "lab  10.9.0.0/29  2 members  (and RADIUS group ops)"
     store.close()

@@ -136,7 +136,8 @@ def _run(store: NetworkStore, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([_as_dict(n) for n in networks], indent=2))
         for n in networks if not args.json else ():
-            print(f"{n.name}  {n.pool}  {len(n.members)} member{'s' if len(n.members) != 1 else ''}")
+            print(f"{n.name}  {n.pool}  {len(n.members)} member{'s' if len(n.members) != 1 else ''}"
+                  + (f"  (and RADIUS group {n.radius_group})" if n.radius_group else ""))
     elif command == "show":
         network = _get(store, args.name)
         if args.json:
