@@ -20,6 +20,7 @@ from sipmesh.apps.mesh import parse_dump
 from sipmesh.broker.users import UsersFile
 from sipmesh.daemon.control import query
 from tests.lab import NatLab, spawn, wait_for, wait_udp_listening
+from tests.lab.freeradius import FreeRadius, freeradius_unavailable_reason
 
 SIPMESH = str(Path(sys.executable).parent / "sipmesh")
 PORT = 5060
@@ -146,6 +147,52 @@ def test_members_join_reach_each_other_and_leave(mesh):
         wait_for(lambda: dave_key not in m.wg_peers(), EXPIRES + 5,
                  what=f"dave gone from {m.name}\n{m.proc.log_tail(20)}")
     assert alice.pings(bob.status()["mesh_ip"])  # the rest of the mesh stands
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_members_by_radius_group_join_with_sipmesh_up(nat_lab: NatLab, tmp_path: Path):
+    """Network lab takes its members from RADIUS group staff (docs/radius.md): alice and bob,
+    known only to FreeRADIUS (no users file, no `members add`), come up with `sipmesh up`,
+    get addresses from the pool and ping each other; carol, without the group, is refused."""
+    if (reason := freeradius_unavailable_reason()) is not None:
+        pytest.skip(reason)
+    hosts = nat_lab.add_hosts({"server": "public", "alice": "public", "bob": "public", "carol": "public"})
+    server = hosts["server"]
+    radius = FreeRadius(tmp_path / "radius", secret="lab-radius-secret", netns=server.ns,
+                        users={n: f"{n}-pw" for n in ("alice", "bob", "carol")},
+                        groups={"alice": ["staff"], "bob": ["staff"], "carol": ["ops"]}).start()
+    secret = tmp_path / "radius.secret"
+    secret.write_text("lab-radius-secret\n")
+    secret.chmod(0o600)
+    db = str(tmp_path / "broker.db")
+    created = subprocess.run([SIPMESH, "broker", "network", "create", "lab", "--pool", "100.64.9.0/24",
+                              "--radius-group", "staff", "--db", db], capture_output=True, text=True, timeout=30)
+    assert created.returncode == 0, created.stderr
+    broker = spawn([SIPMESH, "broker", "--listen", f"{server.ip}:{PORT}", "--db", db, "--workers", "1",
+                    "--radius", radius.hostport, "--radius-secret-file", str(secret), "--radius-timeout", "1",
+                    "--min-expires", "5", "-v"], netns=server.ns, log_path=tmp_path / "broker.log",
+                   name="broker", cwd=tmp_path)
+    try:
+        wait_udp_listening(server.ip, PORT, server.ns, 15, proc=broker)
+        members = [Member(nat_lab, name, f"{server.ip}:{PORT}", tmp_path) for name in ("alice", "bob")]
+        for m in members:
+            wait_for(m.ready, 20, what=f"{m.name} up", abort=m.proc.exit_reason)
+        full_mesh(members)
+        assert {m.status()["mesh_ip"] for m in members} == {"100.64.9.1", "100.64.9.2"}
+        shown = subprocess.run([SIPMESH, "broker", "network", "show", "lab", "--db", db], capture_output=True,
+                               text=True, timeout=30).stdout
+        assert shown.count("(by RADIUS)") == 2, shown
+
+        carol = Member(nat_lab, "carol", f"{server.ip}:{PORT}", tmp_path)
+        assert carol.proc.wait(20) != 0
+        assert "not in its group staff" in carol.proc.log_text(), carol.proc.log_tail(20)
+        assert "carol may not join network lab: RADIUS did not name group staff" in broker.log_text()
+    finally:
+        broker.stop(grace=5)
+        radius.stop()
+        while CREATED:
+            Path(f"/var/run/wireguard/{CREATED.pop()}.sock").unlink(missing_ok=True)
 
 
 def test_signed_sessions_are_read_back_and_a_swapped_key_is_refused(tmp_path):

@@ -149,3 +149,49 @@ def test_two_processes_allocating_at_once_never_share_an_address(tmp_path):
     members = NetworkStore(db).network("lab").members
     assert len(members) == 120 and {m.address for m in members.values()} == set(handed)
     assert all(ipaddress.ip_address(a) in ipaddress.ip_network("10.20.0.0/16") for a in handed)
+
+
+def test_members_by_radius_group_beside_static_ones(tmp_path):
+    """A network that takes members from a RADIUS group: the roster's join/leave calls as the
+    broker makes them, the operator's `set` and `show`, and a store of schema 1 upgraded."""
+    import sqlite3
+
+    db = tmp_path / "broker.db"
+    old = sqlite3.connect(db)  # a store written by the previous release (schema 1)
+    old.executescript("""
+        CREATE TABLE networks (name TEXT PRIMARY KEY, pool TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID;
+        CREATE TABLE network_members (network TEXT NOT NULL, user TEXT NOT NULL, address TEXT NOT NULL UNIQUE,
+            active INTEGER NOT NULL, groups TEXT NOT NULL DEFAULT '', since REAL NOT NULL,
+            PRIMARY KEY (network, user)) WITHOUT ROWID;
+        CREATE TABLE store_versions (part TEXT PRIMARY KEY, version INTEGER NOT NULL) WITHOUT ROWID;
+        INSERT INTO store_versions VALUES ('networks', 1);
+        INSERT INTO networks VALUES ('lab', '10.9.0.0/29', 0);
+        INSERT INTO network_members VALUES ('lab', 'dave', '10.9.0.1', 1, '', 0);""")
+    old.commit()
+    old.close()
+    assert net(db, "set", "lab", "--radius-group", "staff").returncode == 0
+    store = NetworkStore(db)
+    assert store.join_by_radius("lab", "alice", "staff") == "10.9.0.2"  # first join: from the pool
+    assert store.join_by_radius("lab", "dave", "staff") == "10.9.0.1"  # static and by RADIUS
+    with pytest.raises(NetworkError, match="no members from RADIUS group 'ops'"):
+        store.join_by_radius("lab", "bob", "ops")
+    lab = store.network("lab")
+    assert lab.radius_group == "staff"
+    assert {u: (m.address, m.static, m.radius) for u, m in lab.members.items()} == {
+        "alice": ("10.9.0.2", False, True), "dave": ("10.9.0.1", True, True)}
+    assert lab.members["alice"].groups == ("staff",)  # the ACL's @staff names it
+    shown = net(db, "show", "lab").stdout
+    assert "RADIUS group staff" in shown and "(by RADIUS)" in shown and "(by RADIUS and static)" in shown
+
+    # out of the group: out of the network (dave stays: static); back in: the same address
+    assert store.leave_by_radius("lab", "alice") and store.leave_by_radius("lab", "dave")
+    assert set(store.network("lab").members) == {"dave"} and not store.leave_by_radius("lab", "alice")
+    assert store.add_members("lab", ["bob"]) == {"bob": "10.9.0.3"}  # alice's address stays hers
+    assert store.join_by_radius("lab", "alice", "staff") == "10.9.0.2"
+    # a new group takes the members by the old one out, until RADIUS names it for them
+    changed = net(db, "set", "lab", "--radius-group", "ops")
+    assert changed.returncode == 0 and "1 member by RADIUS taken out" in changed.stdout
+    assert set(store.network("lab").members) == {"bob", "dave"}
+    assert json.loads(net(db, "show", "lab", "--json").stdout)["radius_group"] == "ops"
+    assert net(db, "list").stdout.strip() == "lab  10.9.0.0/29  2 members  (and RADIUS group ops)"
+    store.close()

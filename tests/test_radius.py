@@ -21,7 +21,11 @@ import pytest
 from pyrad.dictionary import Dictionary
 from pyrad.packet import AuthPacket, Packet
 
-from sipmesh.broker.radius import (DICTIONARY, RadiusConfig, RadiusError, digest_attributes, groups_of,
+from sipmesh.agent.errors import AgentError
+from sipmesh.agent.roster import RosterClient
+from sipmesh.broker.networks import NetworkStore
+from sipmesh.broker.registrar import RegistrarPolicy
+from sipmesh.broker.radius import (DICTIONARY, MAX_GROUPS, RadiusConfig, RadiusError, digest_attributes, groups_of,
                                    parse_server, read_secret)
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.auth import AuthResult, DigestClient, DigestServer, NonceManager
@@ -30,7 +34,7 @@ from sipmesh.sip.ua import UAConfig, UserAgent
 from tests.lab import wait_for_async
 from tests.lab.broker import start_broker
 from tests.lab.freeradius import FreeRadius, freeradius_unavailable_reason
-from tests.peers.broker import SDP_A, SDP_B, answering, make_broker, sip  # noqa: F401 (fixtures)
+from tests.peers.broker import SDP_A, SDP_B, answering, make_broker, make_ua, sip  # noqa: F401 (fixtures)
 from tests.peers.raw import RawPeer
 
 SECRET = "radius-Sh4red-" + secrets.token_hex(6)  # unique, so that a log can be searched for it
@@ -89,6 +93,8 @@ def test_a_parameter_too_long_for_an_attribute_is_refused():
 def test_groups_are_plain_names_only():
     assert groups_of([b"engineering", b" ops ", b"bad name", b"x" * 65, b"\xff\xfe", b"a.b-c_d"]) \
         == frozenset({"engineering", "ops", "a.b-c_d"})
+    many = groups_of([f"g{i}".encode() for i in range(1000)])  # a hostile reply: bounded
+    assert len(many) == MAX_GROUPS and "g0" in many
 
 
 def test_server_and_secret_file(tmp_path):
@@ -307,6 +313,73 @@ async def test_a_silent_server_gives_503_with_retry_after_and_bounded_checks(mak
     assert len(ids) == 1 and len(silent.received) == radius.retries + 1  # one request, retransmitted
     assert broker.location.count() == 0
     assert all(SECRET.encode() not in d for d in silent.received)
+
+
+# ------------------------------------------------------------------ a mesh network's members by RADIUS group
+
+@needs_freeradius
+async def test_a_network_takes_its_members_from_a_radius_group(make_broker, make_ua, tmp_path):
+    """Network lab takes RADIUS group staff (alice, bob) beside its static member dave (a
+    RADIUS user without the group): they join, get addresses from the pool, see each other
+    and call each other; carol (no group) is refused; bob, taken out of the group in
+    FreeRADIUS's users file, is out at his next authentication; RADIUS down: 503."""
+    server = FreeRadius(tmp_path / "radius", secret=SECRET, users={**PASSWORDS, "carol": "c-pw", "dave": "d-pw"},
+                        groups={"alice": ["staff"], "bob": ["ops", "staff"], "carol": ["ops"]}).start()
+    try:
+        store = NetworkStore(tmp_path / "broker.db")
+        store.create("lab", "10.9.0.0/24", radius_group="staff")
+        store.add_members("lab", ["dave"])
+        store.close()
+        broker = await make_broker(radius=RadiusConfig("127.0.0.1", server.port, _secret_file(tmp_path), timeout=0.5,
+                                                       retries=1, realms=("127.0.0.1",)),  # lab is checked anyway
+                                   db_path=tmp_path / "broker.db",
+                                   registrar=RegistrarPolicy(min_expires=2, max_expires=3600, default_expires=3600))
+        domain = broker.hostport
+        passwords = {**PASSWORDS, "carol": "c-pw", "dave": "d-pw"}
+
+        async def member(name: str, **options) -> RosterClient:
+            ua = await make_ua(name, domain, password=passwords[name], transports=("UDP",),
+                               on_invite=answering(SDP_B) if name == "bob" else None)
+            client = RosterClient(ua, "lab", **options)
+            await client.start()
+            return client
+
+        alice = await member("alice")
+        bob = await member("bob", register_expires=60, subscribe_expires=6)  # a SUBSCRIBE refresh each second
+        dave = await member("dave")
+        expected = {"alice": "10.9.0.2", "bob": "10.9.0.3", "dave": "10.9.0.1"}
+        for client in (alice, bob, dave):
+            await wait_for_async(lambda: {m.name: m.mesh_ip for m in client.members.values()} ==
+                                 {n: a for n, a in expected.items() if n != client.ua.config.user}, 5,
+                                 what=f"{client.ua.config.user} sees the others ({client.members})")
+        assert alice.mesh_ip == "10.9.0.2" and alice.mode == "push"
+        # a mesh session is member to member, at the roster's contact (as `sipmesh up` calls)
+        call = await alice.ua.invite(alice.members["bob"].contact, SDP_A, timeout=10)
+        assert call.remote_sdp == SDP_B
+        await call.bye()
+
+        with pytest.raises(AgentError, match="403.*not in its group staff"):
+            await member("carol")
+        assert "carol" not in NetworkStore(tmp_path / "broker.db").network("lab").members
+
+        # out of the group in FreeRADIUS's users file (restarted): out at bob's next authentication
+        # (here the refresh of his roster subscription)
+        server.stop()
+        server.groups["bob"] = ["ops"]
+        server.start()
+        await wait_for_async(lambda: "bob" not in alice.members, 5, what="bob gone from alice's roster")
+        network = NetworkStore(tmp_path / "broker.db").network("lab")
+        assert set(network.members) == {"alice", "dave"}
+        refused = await bob.ua.register(60, aor=bob.aor, contact=bob.contact())
+        assert refused.status == 403 and "not in its group staff" in refused.reason
+
+        server.stop()  # RADIUS down: 503 with Retry-After, never an open door (even for a member)
+        down = await alice.ua.register(60, aor=alice.aor, contact=alice.contact())
+        assert down.status == 503 and int(down.headers.get("Retry-After") or 0) >= 1, down
+        for client in (alice, dave):
+            await client.stop()
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------ `sipmesh broker --radius`, a process

@@ -7,8 +7,9 @@ Message-Authenticator required), ``mods-enabled/{files,digest,pap}``,
 ``sites-enabled/default`` (``digest`` in authorize and authenticate, as in the stock
 default site) and ``mods-config/files/authorize``, the users file (``Cleartext-Password``
 entries; each group a ``Filter-Id`` reply item). ``start()`` runs ``freeradius -X -d DIR``
-in the foreground (its own process group) and waits until it is ready; ``stop()`` stops
-it by PID. It can be started again on the same port (a server that comes back).
+in the foreground (its own process group; inside ``netns`` if given, on that namespace's
+loopback) and waits until it is ready; ``stop()`` stops it by PID. It can be started again
+on the same port (a server that comes back).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class FreeRadius:
 
     def __init__(self, run_dir: str | Path, *, secret: str, users: Mapping[str, str],
                  groups: Mapping[str, Sequence[str]] | None = None, port: int | None = None,
-                 ip: str = "127.0.0.1", require_message_authenticator: bool = True) -> None:
+                 ip: str = "127.0.0.1", require_message_authenticator: bool = True,
+                 netns: object | None = None) -> None:
         """`require_message_authenticator` False: for clients that send none (Kamailio's
         auth_radius through radcli 1.2)."""
         self.run_dir = Path(run_dir)
@@ -55,6 +57,7 @@ class FreeRadius:
         self.users = dict(users)
         self.groups = {name: list(values) for name, values in (groups or {}).items()}
         self.require_message_authenticator = require_message_authenticator
+        self.netns = netns
         self.proc: ManagedProcess | None = None
         self.starts = 0
 
@@ -160,9 +163,9 @@ server default {{
         self.starts += 1
         log = self.run_dir / f"freeradius-{self.starts}.log"
         self.proc = spawn([FREERADIUS, "-X", "-d", str(self.conf)], cwd=self.run_dir,
-                          name=f"freeradius{self.starts}", log_path=log)
+                          name=f"freeradius{self.starts}", log_path=log, netns=self.netns)
         try:
-            wait_udp_listening(self.ip, self.port, None, timeout, proc=self.proc)
+            wait_udp_listening(self.ip, self.port, self.netns, timeout, proc=self.proc)
             wait_for(lambda: "Ready to process requests" in self.proc.log_text(), timeout,
                      what="FreeRADIUS ready", abort=self.proc.exit_reason)
         except BaseException:

@@ -50,6 +50,7 @@ class AuthCheck:
     reason: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
     pending: Coroutine[Any, Any, AuthCheck] | None = None
+    radius: bool = False  # authenticated by the RADIUS server (not the users file)
     groups: frozenset[str] = frozenset()  # from the RADIUS server's Access-Accept
 
     @property
@@ -66,21 +67,22 @@ class Authenticator:
         self.nonces = NonceManager(secret=nonce_secret, lifetime=nonce_lifetime)
         self.algorithms = algorithms
         self.reload_interval = reload_interval
-        self._servers: dict[str, DigestServer] = {}
+        self._servers: dict[tuple[str, bool], DigestServer] = {}
         self._next_reload = 0.0
         self._groups: OrderedDict[tuple[str, str], frozenset[str]] = OrderedDict()
         self.failures = 0  # credentials given and refused (metrics)
 
-    def _server(self, realm: str) -> DigestServer:
-        server = self._servers.get(realm)
+    def _server(self, realm: str, radius: bool = False) -> DigestServer:
+        by_radius = self._by_radius(realm, radius)
+        server = self._servers.get((realm, by_radius))
         if server is None:
-            algorithms = RADIUS_ALGORITHMS if self._by_radius(realm) else self.algorithms
+            algorithms = RADIUS_ALGORITHMS if by_radius else self.algorithms
             server = DigestServer(realm, self.nonces, algorithms)
-            self._servers[realm] = server
+            self._servers[(realm, by_radius)] = server
         return server
 
-    def _by_radius(self, realm: str) -> bool:
-        return self.radius is not None and self.radius.config.covers(realm)
+    def _by_radius(self, realm: str, radius: bool = False) -> bool:
+        return self.radius is not None and (radius or self.radius.config.covers(realm))
 
     def _ha1(self, user: str, realm: str, algorithm: str) -> str | None:
         return self.users.ha1(user, realm, algorithm) if self.users is not None else None
@@ -107,14 +109,16 @@ class Authenticator:
         self._refresh_users()
 
     def challenge(self, realm: str, *, proxy: bool, stale: bool = False,
-                  reason: str | None = None) -> AuthCheck:
+                  reason: str | None = None, radius: bool = False) -> AuthCheck:
         name = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
-        headers = [(name, value) for value in self._server(realm).challenges(stale=stale)]
+        headers = [(name, value) for value in self._server(realm, radius).challenges(stale=stale)]
         return AuthCheck(status=407 if proxy else 401, reason=reason, headers=headers)
 
-    def check(self, request: Request, realm: str) -> AuthCheck:
+    def check(self, request: Request, realm: str, *, radius: bool = False) -> AuthCheck:
         """Authenticate `request` in `realm`: REGISTER with Authorization (401), anything
-        else with Proxy-Authorization (407)."""
+        else with Proxy-Authorization (407). `radius`: users not in the users file go to the
+        RADIUS server even if `--radius-realm` does not list `realm` (a mesh network whose
+        members come from a RADIUS group)."""
         self._refresh_users()
         proxy = request.method != "REGISTER"
         name = "Proxy-Authorization" if proxy else "Authorization"
@@ -122,27 +126,27 @@ class Authenticator:
         # One set of credentials is the rule: verify() checks its realm itself.
         credentials = values[0] if len(values) == 1 else _credentials_for(values, realm)
         if credentials is None:
-            return self.challenge(realm, proxy=proxy)
-        server = self._server(realm)
-        if not self._by_radius(realm):
+            return self.challenge(realm, proxy=proxy, radius=radius)
+        server = self._server(realm, radius)
+        if not self._by_radius(realm, radius):
             return self._judge(server.verify(credentials, request.method, self._ha1, request.body),
                                request, realm, proxy)
         parsed = server.parse_credentials(credentials)
         if isinstance(parsed, AuthResult):
-            return self._judge(parsed, request, realm, proxy)
+            return self._judge(parsed, request, realm, proxy, radius)
         if self.users is not None and self.users.exists(parsed.username, realm):  # the file first
             return self._judge(server.check_response(parsed, request.method, self._ha1, request.body),
-                               request, realm, proxy)
-        return AuthCheck(pending=self._ask_radius(server, parsed, request, realm, proxy))
+                               request, realm, proxy, radius)
+        return AuthCheck(pending=self._ask_radius(server, parsed, request, realm, proxy, radius))
 
     async def _ask_radius(self, server: DigestServer, credentials: DigestCredentials,
-                          request: Request, realm: str, proxy: bool) -> AuthCheck:
+                          request: Request, realm: str, proxy: bool, radius: bool) -> AuthCheck:
         assert self.radius is not None
         try:
             answer = await self.radius.verify(credentials, request.method, request.body)
         except RadiusError as exc:  # credentials that do not fit in an Access-Request
             log.info("credentials of %r in realm %s not sent to RADIUS: %s", credentials.username, realm, exc)
-            return self._judge(server.conclude(credentials, False), request, realm, proxy)
+            return self._judge(server.conclude(credentials, False), request, realm, proxy, radius)
         except Exception:  # never an open door
             log.exception("asking the RADIUS server failed")
             answer = None
@@ -151,9 +155,9 @@ class Authenticator:
             return AuthCheck(status=503, reason="Service Unavailable (authentication server)",
                              headers=[("Retry-After", wait)])
         check = self._judge(server.conclude(credentials, answer.verdict is Verdict.ACCEPT),
-                            request, realm, proxy)
+                            request, realm, proxy, radius)
         if check.ok:
-            check.groups = answer.groups
+            check.radius, check.groups = True, answer.groups
             key = (realm.lower(), credentials.username)
             self._groups[key] = answer.groups
             self._groups.move_to_end(key)
@@ -161,18 +165,19 @@ class Authenticator:
                 self._groups.popitem(last=False)
         return check
 
-    def _judge(self, result: AuthResult, request: Request, realm: str, proxy: bool) -> AuthCheck:
+    def _judge(self, result: AuthResult, request: Request, realm: str, proxy: bool,
+               radius: bool = False) -> AuthCheck:
         """The answer to a checked set of credentials."""
         if result.ok:
             if not _uri_matches(result.uri, request):
                 return AuthCheck(status=400, reason="Bad Request (digest uri does not match the Request-URI)")
             return AuthCheck(username=result.username)
         if result.outcome is AuthOutcome.STALE:
-            return self.challenge(realm, proxy=proxy, stale=True)
+            return self.challenge(realm, proxy=proxy, stale=True, radius=radius)
         self.failures += 1
         log.info("authentication of %r in realm %s failed: %s", result.username, realm,
                  result.outcome.value)
-        return self.challenge(realm, proxy=proxy)
+        return self.challenge(realm, proxy=proxy, radius=radius)
 
 
 def _credentials_for(values: list[str], realm: str) -> str | None:

@@ -11,16 +11,23 @@ file as the location service, under the same write lock (location.SqliteStore):
   again) and goes to someone else only when the pool has no never-used address left.
   Every allocation happens under the store's write lock and `address` is UNIQUE in the
   table, so two processes adding members at once never hand out one address twice;
-* its groups (a member belongs to any number) and its ACL: rules `FROM TO`, each a
-  member name, `@group` or `*`. Without rules every member may reach every other; with
-  rules a member may reach another when some rule matches the pair. A pair is
-  connected when either may reach the other (a tunnel carries both directions); the
-  roster a member receives lists only the members it is paired with.
+* members by RADIUS group (`radius_group`): a user whom the broker's RADIUS server
+  accepts in the network's realm with that group in its Access-Accept (broker/radius.py)
+  is a member too. The roster (broker/roster.py) records it at that authentication
+  (`join_by_radius`: first time, an address from the pool, kept as a static member's)
+  and takes it out at the first authentication without the group (`leave_by_radius`).
+  A row is a member while it is static (`active`, `members add`) or by RADIUS, or both;
+* its groups (a member belongs to any number; a member by RADIUS is in the network's
+  RADIUS group too) and its ACL: rules `FROM TO`, each a member name, `@group` or `*`.
+  Without rules every member may reach every other; with rules a member may reach
+  another when some rule matches the pair. A pair is connected when either may reach the
+  other (a tunnel carries both directions); the roster a member receives lists only the
+  members it is paired with.
 
 Credentials are not here: a network is its own digest realm (realm = network name),
 so a member's ID and password for it are a line of the broker's users file
-(`sipmesh broker users add --realm NAME USER`). Being a member means both: a row here
-and credentials in that realm.
+(`sipmesh broker users add --realm NAME USER`), or an account of the RADIUS server.
+Being a member means both: a row here (or the RADIUS group) and credentials in that realm.
 """
 
 from __future__ import annotations
@@ -35,26 +42,33 @@ from typing import Iterable
 from sipmesh.broker.location import SqliteStore
 from sipmesh.broker.users import UsersFileError, check_name
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: networks.radius_group, network_members.radius
 # Lower case, no dots (never mistaken for a served domain), short enough that an
 # interface name made of it (`sm-NAME`, 15 bytes at most on Linux) fits.
 _NETWORK = re.compile(r"^[a-z](?:[a-z0-9-]{0,10}[a-z0-9])?$")
 _GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 AOR_PREFIX = "net-"  # the network's address-of-record: sip:net-NAME@domain
 
+# version 1 -> 2, in place (the columns have defaults: every old row stays what it was)
+_UPGRADE_1 = ("ALTER TABLE networks ADD COLUMN radius_group TEXT",
+              "ALTER TABLE network_members ADD COLUMN radius INTEGER NOT NULL DEFAULT 0")
+_MEMBER = "(active=1 OR radius=1)"  # a row that is a member now
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS networks (
     name    TEXT PRIMARY KEY,
     pool    TEXT NOT NULL,          -- CIDR, normalised
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    radius_group TEXT               -- members by RADIUS group (NULL: none)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS network_members (
     network TEXT NOT NULL,
     user    TEXT NOT NULL,
     address TEXT NOT NULL UNIQUE,   -- from the pool, never shared
-    active  INTEGER NOT NULL,       -- 0: removed, its address kept for it
+    active  INTEGER NOT NULL,       -- a static member ('members add'); 0: removed
     groups  TEXT NOT NULL DEFAULT '',
-    since   REAL NOT NULL,          -- added (active) or removed (not)
+    since   REAL NOT NULL,          -- became a member, or stopped being one
+    radius  INTEGER NOT NULL DEFAULT 0,  -- a member by the network's RADIUS group
     PRIMARY KEY (network, user)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS network_rules (
@@ -136,6 +150,8 @@ class Member:
     user: str
     address: str
     groups: tuple[str, ...] = ()
+    static: bool = True    # added with 'members add'
+    radius: bool = False   # in by the network's RADIUS group (at its last authentication)
 
     def matches(self, term: str) -> bool:
         return term == "*" or term == self.user or (term.startswith("@") and term[1:] in self.groups)
@@ -149,6 +165,7 @@ class Network:
     pool: str
     members: dict[str, Member] = field(default_factory=dict)
     rules: tuple[tuple[str, str], ...] = ()
+    radius_group: str | None = None  # users RADIUS accepts with this group are members
 
     @property
     def realm(self) -> str:
@@ -184,6 +201,10 @@ class NetworkStore(SqliteStore):
         row = db.execute("SELECT version FROM store_versions WHERE part='networks'").fetchone()
         if row is None:
             db.execute("INSERT INTO store_versions (part, version) VALUES ('networks', ?)", (SCHEMA_VERSION,))
+        elif row[0] == 1:
+            for statement in _UPGRADE_1:
+                db.execute(statement)
+            db.execute("UPDATE store_versions SET version=? WHERE part='networks'", (SCHEMA_VERSION,))
         elif row[0] != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: networks schema version {row[0]}, this broker knows "
                                f"{SCHEMA_VERSION}")
@@ -205,16 +226,21 @@ class NetworkStore(SqliteStore):
         return [n for n in (self.network(name) for name in self.names()) if n is not None]
 
     def _load(self, db: sqlite3.Connection, name: str) -> Network | None:
-        row = db.execute("SELECT pool FROM networks WHERE name=?", (name,)).fetchone()
+        row = db.execute("SELECT pool, radius_group FROM networks WHERE name=?", (name,)).fetchone()
         if row is None:
             return None
-        members = {user: Member(user, address, tuple(g for g in groups.split(",") if g))
-                   for user, address, groups in db.execute(
-                       "SELECT user, address, groups FROM network_members WHERE network=? AND active=1 "
-                       "ORDER BY user", (name,))}
+        pool, radius_group = row
+        members = {}
+        for user, address, groups, active, radius in db.execute(
+                f"SELECT user, address, groups, active, radius FROM network_members WHERE network=? AND "
+                f"{_MEMBER} ORDER BY user", (name,)):
+            names = {g for g in groups.split(",") if g}
+            if radius and radius_group is not None:
+                names.add(radius_group)
+            members[user] = Member(user, address, tuple(sorted(names)), bool(active), bool(radius))
         rules = tuple(db.execute("SELECT src, dst FROM network_rules WHERE network=? ORDER BY src, dst",
                                  (name,)).fetchall())
-        return Network(name, row[0], members, rules)
+        return Network(name, pool, members, rules, radius_group)
 
     def _require(self, db: sqlite3.Connection, name: str) -> Network:
         network = self._load(db, check_network_name(name))
@@ -223,9 +249,11 @@ class NetworkStore(SqliteStore):
         return network
 
     # -- changes --------------------------------------------------------------------------
-    def create(self, name: str, pool: str) -> Network:
+    def create(self, name: str, pool: str, radius_group: str | None = None) -> Network:
         check_network_name(name)
         net = parse_pool(pool)
+        if radius_group is not None:
+            check_group(radius_group)
         with self.writing() as db:
             if db.execute("SELECT 1 FROM networks WHERE name=?", (name,)).fetchone():
                 raise NetworkError(f"network {name!r} exists already")
@@ -234,9 +262,56 @@ class NetworkStore(SqliteStore):
                 if theirs.version == net.version and theirs.overlaps(net):
                     raise NetworkError(f"pool {net} overlaps the pool of network {other!r} ({theirs}): "
                                        "pools on one broker must not overlap")
-            db.execute("INSERT INTO networks (name, pool, created) VALUES (?, ?, ?)",
-                       (name, str(net), time.time()))
-        return Network(name, str(net))
+            db.execute("INSERT INTO networks (name, pool, created, radius_group) VALUES (?, ?, ?, ?)",
+                       (name, str(net), time.time(), radius_group))
+        return Network(name, str(net), radius_group=radius_group)
+
+    def set_radius_group(self, name: str, group: str | None) -> int:
+        """Take members from RADIUS group `group` (None: from no group). A change takes the
+        members by the old group out (their addresses stay reserved for them) until RADIUS
+        names the new group for them; the number taken out."""
+        if group is not None:
+            check_group(group)
+        with self.writing() as db:
+            network = self._require(db, name)
+            if group == network.radius_group:
+                return 0
+            db.execute("UPDATE networks SET radius_group=? WHERE name=?", (group, name))
+            return self._radius_out(db, name, [m.user for m in network.members.values() if m.radius])
+
+    def join_by_radius(self, name: str, user: str, group: str) -> str:
+        """`user` was accepted by RADIUS with `group`: a member (if the network still takes
+        that group); its address (a new one from the pool the first time)."""
+        check_user(user)
+        with self.writing() as db:
+            network = self._require(db, name)
+            if network.radius_group is None or network.radius_group != group:
+                raise NetworkError(f"network {name!r} takes no members from RADIUS group {group!r}")
+            row = db.execute("SELECT address, active, radius FROM network_members WHERE network=? AND user=?",
+                             (name, user)).fetchone()
+            if row is None:
+                return self._allocate(db, network, user, "", radius=True)
+            address, active, radius = row
+            if not radius:
+                db.execute("UPDATE network_members SET radius=1, since=CASE WHEN active=1 THEN since "
+                           "ELSE ? END WHERE network=? AND user=?", (time.time(), name, user))
+            return address
+
+    def leave_by_radius(self, name: str, user: str) -> bool:
+        """RADIUS accepted `user` without the network's group: no longer a member by it
+        (still one if static). False if it was not a member by RADIUS."""
+        with self.writing() as db:
+            self._require(db, name)
+            return self._radius_out(db, name, [user]) > 0
+
+    @staticmethod
+    def _radius_out(db: sqlite3.Connection, name: str, users: list[str]) -> int:
+        now, count = time.time(), 0
+        for user in users:
+            count += db.execute("UPDATE network_members SET radius=0, since=CASE WHEN active=1 THEN since "
+                                "ELSE ? END WHERE network=? AND user=? AND radius=1",
+                                (now, name, user)).rowcount
+        return count
 
     def remove(self, name: str) -> int:
         """Remove a network with its members and rules; the number of members it had."""
@@ -257,42 +332,51 @@ class NetworkStore(SqliteStore):
         out: dict[str, str] = {}
         with self.writing() as db:
             network = self._require(db, name)
-            pool = ipaddress.ip_network(network.pool)
-            taken = {r[0] for r in db.execute("SELECT address FROM network_members WHERE network=?",
-                                              (name,))}
             for user in users:
-                row = db.execute("SELECT address, active, groups, since FROM network_members WHERE "
+                row = db.execute("SELECT address, active, radius, groups, since FROM network_members WHERE "
                                  "network=? AND user=?", (name, user)).fetchone()
                 if row is not None:
-                    address, active, old, since = row
+                    address, active, radius, old, since = row
                     merged = ",".join(sorted({g for g in old.split(",") if g} | set(groups)))
                     db.execute("UPDATE network_members SET active=1, groups=?, since=? WHERE "
-                               "network=? AND user=?", (merged, since if active else now, name, user))
+                               "network=? AND user=?", (merged, since if active or radius else now, name, user))
                     out[user] = address
                     continue
-                address = _free_address(pool, taken)
-                if address is None:  # the address of the member removed longest ago
-                    oldest = db.execute("SELECT user, address FROM network_members WHERE network=? AND "
-                                        "active=0 ORDER BY since LIMIT 1", (name,)).fetchone()
-                    if oldest is None:
-                        raise NetworkError(f"pool {pool} of network {name!r} is full: no address for {user}")
-                    db.execute("DELETE FROM network_members WHERE network=? AND user=?", (name, oldest[0]))
-                    address = oldest[1]
-                db.execute("INSERT INTO network_members (network, user, address, active, groups, since) "
-                           "VALUES (?, ?, ?, 1, ?, ?)", (name, user, address, ",".join(sorted(set(groups))), now))
-                taken.add(address)
-                out[user] = address
+                out[user] = self._allocate(db, network, user, ",".join(sorted(set(groups))))
         return out
 
+    @staticmethod
+    def _allocate(db: sqlite3.Connection, network: Network, user: str, groups: str, *,
+                  radius: bool = False) -> str:
+        """A new member `user` (no row yet; static, or by RADIUS) with the lowest free
+        address of the pool, else the address of the member removed longest ago; under the
+        write lock."""
+        name, pool = network.name, ipaddress.ip_network(network.pool)
+        taken = {r[0] for r in db.execute("SELECT address FROM network_members WHERE network=?", (name,))}
+        address = _free_address(pool, taken)
+        if address is None:
+            oldest = db.execute(f"SELECT user, address FROM network_members WHERE network=? AND NOT {_MEMBER} "
+                                "ORDER BY since LIMIT 1", (name,)).fetchone()
+            if oldest is None:
+                raise NetworkError(f"pool {pool} of network {name!r} is full: no address for {user}")
+            db.execute("DELETE FROM network_members WHERE network=? AND user=?", (name, oldest[0]))
+            address = oldest[1]
+        db.execute("INSERT INTO network_members (network, user, address, active, groups, since, radius) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)", (name, user, address, int(not radius), groups, time.time(),
+                                                    int(radius)))
+        return address
+
     def remove_members(self, name: str, users: Iterable[str]) -> list[str]:
-        """Remove members (their addresses stay reserved for them); those that were members."""
+        """Remove members, static or by RADIUS (their addresses stay reserved for them);
+        those that were members. One still in the RADIUS group is back at its next
+        authentication."""
         users = [check_user(u) for u in users]
         removed = []
         with self.writing() as db:
             self._require(db, name)
             for user in users:
-                cursor = db.execute("UPDATE network_members SET active=0, since=? WHERE network=? AND "
-                                    "user=? AND active=1", (time.time(), name, user))
+                cursor = db.execute(f"UPDATE network_members SET active=0, radius=0, since=? WHERE network=? AND "
+                                    f"user=? AND {_MEMBER}", (time.time(), name, user))
                 if cursor.rowcount:
                     removed.append(user)
         return removed
@@ -326,5 +410,5 @@ def _free_address(pool: ipaddress.IPv4Network | ipaddress.IPv6Network, taken: se
     return str(ipaddress.ip_address(candidate)) if candidate <= last else None
 
 
-__all__ = ["AOR_PREFIX", "Member", "Network", "NetworkError", "NetworkStore", "check_network_name",
+__all__ = ["AOR_PREFIX", "Member", "Network", "NetworkError", "NetworkStore", "check_group", "check_network_name",
            "network_aor_user", "network_of_aor_user", "parse_pool"]

@@ -8,7 +8,8 @@ networks: any worker takes the PUBLISH, worker 0's status page reads it).
 
 What is refused, since everything from the network is hostile:
 * anyone but a member of that network, authenticated in its realm and sending as itself
-  (403, as for the roster: broker/roster.py:authorise_member);
+  (403, as for the roster: broker/roster.py:Roster.authorise_member; a member by RADIUS
+  group too, once the RADIUS server has answered);
 * a document about another member (403), or naming peers that are not members, unknown
   states or paths, too long reasons (400), more than MAX_BODY bytes (413), another
   content type (415), another event package (489);
@@ -29,10 +30,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from sipmesh.broker.auth import Authenticator
 from sipmesh.broker.location import SqliteStore
-from sipmesh.broker.networks import NetworkStore, network_of_aor_user
-from sipmesh.broker.roster import authorise_member
+from sipmesh.broker.networks import Network, NetworkStore, network_of_aor_user
+from sipmesh.broker.roster import Roster
 from sipmesh.broker.domains import LocalIdentity
 from sipmesh.ops import paths
 from sipmesh.ops.paths import Pair, PathsError
@@ -114,12 +114,12 @@ class PathReports:
     """The PUBLISH hook a broker worker holds (broker/server.py asks it first, like the roster)."""
 
     def __init__(self, *, networks: NetworkStore, store: PathStore, me: LocalIdentity,
-                 auth: Authenticator | None, min_expires: int,
+                 roster: Roster, min_expires: int,
                  clock: Callable[[], float] = time.time) -> None:
         self.networks = networks
         self.store = store
         self.me = me
-        self.auth = auth
+        self.roster = roster
         self.min_expires = min_expires
         self.clock = clock
 
@@ -142,48 +142,51 @@ class PathReports:
         if event is None or event.package != paths.EVENT:
             txn.reply(489, "Bad Event", to_tag=tag, headers=[("Allow-Events", paths.EVENT)])
             return True
-        member = authorise_member(self.auth, txn, network, "publish its paths")
-        if member is None:
-            return True
+        self.roster.authorise_member(txn, network, "publish its paths",
+                                     lambda member: self._publish(txn, network, member, tag))
+        return True
+
+    def _publish(self, txn: ServerTransaction, network: Network, member: str, tag: str) -> None:
+        """The PUBLISH of `member`, authorised (now or after the RADIUS server answered)."""
+        request = txn.request
         value = (request.headers.get("Expires") or "").strip()
         expires = int(value) if value.isdigit() and len(value) <= 10 else DEFAULT_EXPIRES
         if 0 < expires < self.min_expires:
             txn.reply(423, to_tag=tag, headers=[("Min-Expires", str(self.min_expires))])
-            return True
+            return
         expires = min(expires, MAX_EXPIRES)
         now = self.clock()
         match = (request.headers.get("SIP-If-Match") or "").strip()
         if match and match != self.store.etag(network.name, member, now):
             txn.reply(412, "Conditional Request Failed", to_tag=tag)
-            return True
+            return
         if expires == 0:
             self.store.remove(network.name, member)
             log.info("%s removed its paths in network %s", member, network.name)
             txn.reply(200, to_tag=tag, headers=[("Expires", "0")])
-            return True
+            return
         pairs: list[Pair] | None = None
         if request.body or not match:
             content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if content_type != paths.CONTENT_TYPE:
                 txn.reply(415, to_tag=tag, headers=[("Accept", paths.CONTENT_TYPE)])
-                return True
+                return
             if len(request.body) > paths.MAX_BODY:
                 txn.reply(413, f"Request Entity Too Large (at most {paths.MAX_BODY} bytes)",
                           to_tag=tag)
-                return True
+                return
             try:
                 pairs = paths.parse(request.body, member=member, members=network.members)
             except paths.NotYours as exc:
                 log.info("%s published for someone else in network %s: refused", member,
                          network.name)
                 txn.reply(403, f"Forbidden ({exc})", to_tag=tag)
-                return True
+                return
             except PathsError as exc:
                 txn.reply(400, f"Bad Request ({exc})", to_tag=tag)
-                return True
+                return
         etag = self.store.put(network.name, member, pairs, now=now, expires=expires)
         txn.reply(200, to_tag=tag, headers=[("SIP-ETag", etag), ("Expires", str(expires))])
-        return True
 
     def close(self) -> None:
         self.store.close()

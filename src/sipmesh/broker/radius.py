@@ -21,8 +21,9 @@ realm checked here is challenged with MD5. RFC 5090's attributes (103-121) are i
 FreeRADIUS's dictionary but its module does not read them.
 
 Access-Accept may name groups: each value of the `groups_attribute` (Filter-Id or Class)
-that is a plain name ([A-Za-z0-9._-], at most 64) is one group, e.g. the mesh networks
-the user may join (`RadiusAnswer.groups`, `Authenticator.groups`).
+that is a plain name ([A-Za-z0-9._-], at most 64) is one group, the first MAX_GROUPS of
+them, e.g. the mesh networks the user may join (`RadiusAnswer.groups`,
+`Authenticator.groups`, broker/roster.py).
 
 The client is pyrad's asyncio client (one UDP socket per worker, same bytes and id on each
 retransmission, replies checked with the shared secret). Each check is bounded: at most
@@ -76,6 +77,7 @@ SUB_REALM, SUB_NONCE, SUB_METHOD, SUB_URI, SUB_QOP, SUB_ALGORITHM, SUB_BODY_DIGE
     SUB_CNONCE, SUB_NONCE_COUNT, SUB_USER_NAME = range(1, 11)
 _MAX_VALUE = 253 - 2  # an attribute holds 253 octets, the sub-attribute's header takes 2
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_GROUPS = 32  # groups kept from one Access-Accept; the rest are ignored (and logged)
 _SILENCE = 10.0  # seconds between two warnings that the server does not answer
 
 
@@ -182,16 +184,18 @@ def digest_attributes(c: DigestCredentials, method: str, body: bytes = b"") -> l
 
 def groups_of(values: list[bytes]) -> frozenset[str]:
     """The groups named by the values of the groups attribute in an Access-Accept."""
-    groups = set()
+    groups: set[str] = set()
     for value in values:
         try:
             name = value.decode("utf-8").strip()
         except UnicodeDecodeError:
             name = ""
-        if _GROUP.fullmatch(name):
-            groups.add(name)
-        else:
+        if not _GROUP.fullmatch(name):
             log.info("ignored a group value in an Access-Accept that is not a plain name: %r", value[:80])
+        elif len(groups) >= MAX_GROUPS and name not in groups:
+            log.info("ignored group %r of an Access-Accept: more than %d groups", name, MAX_GROUPS)
+        else:
+            groups.add(name)
     return frozenset(groups)
 
 

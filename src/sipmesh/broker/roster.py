@@ -19,6 +19,10 @@ What this broker adds, and Kamailio (docs/kamailio) cannot:
   network password, must be a member (broker/networks.py), may bind only contacts
   whose user part is its own name, never `Contact: *`; one binding per member (a member
   that restarts replaces its binding rather than adding one);
+* a network with a RADIUS group takes members from the RADIUS server: every REGISTER
+  and SUBSCRIBE of a user it accepts (`admit`) makes that user a member when the
+  Access-Accept names the group (its address allocated the first time) and takes it
+  out when it does not; the others' rosters follow within `poll`;
 * each binding's contact URI gets the member's mesh address as a parameter,
   `;mesh-ip=100.64.1.1`, from the broker's allocation (whatever the member claimed): it
   survives in the reginfo `<uri>` and in the 200 of a REGISTER, so the roster carries
@@ -42,12 +46,12 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
-from sipmesh.broker.auth import Authenticator, may_send_as
+from sipmesh.broker.auth import AuthCheck, Authenticator, may_send_as
 from sipmesh.broker.domains import LocalIdentity
 from sipmesh.broker.location import Binding, Changes, LocationService
-from sipmesh.broker.networks import Network, NetworkStore, network_aor_user, network_of_aor_user
+from sipmesh.broker.networks import Network, NetworkError, NetworkStore, network_aor_user, network_of_aor_user
 from sipmesh.broker.proxy import make_branch
 from sipmesh.broker.registrar import Outcome, RegistrarPolicy, format_binding, process_register
 from sipmesh.sip import reginfo
@@ -68,6 +72,13 @@ MAX_SUBSCRIBE_EXPIRES = 3600
 MAX_SUBSCRIPTIONS = 10_000  # per worker: a member's flood of SUBSCRIBEs cannot exhaust it
 
 Refusal = tuple[int, str | None, list[tuple[str, str]]]
+
+
+class Authenticate(Protocol):
+    """The broker's `_authenticate`: `then(check)` now or once the RADIUS server answered."""
+
+    def __call__(self, request: Request, realm: str, then: Callable[[AuthCheck], None],
+                 key: tuple | None = None, *, radius: bool = False) -> None: ...
 
 
 @functools.lru_cache(maxsize=4096)
@@ -122,37 +133,6 @@ def decide_network_register(request: Request, aor: str, nreg: NetworkRegistratio
     return Outcome(200, outcome.reason, headers), Changes(upsert=upserts, delete=tuple(deleted))
 
 
-def authorise_member(auth: Authenticator | None, txn: ServerTransaction, network: Network,
-                     what: str) -> str | None:
-    """A request to a network AOR from one of its members, as itself (digest in the
-    network's realm, against the users file): the member's name, or None (answered)."""
-    request = txn.request
-    tag = new_tag()
-    if auth is None:
-        txn.reply(403, "Forbidden (networks need digest authentication)", to_tag=tag)
-        return None
-    check = auth.check(request, network.realm)
-    if check.pending is not None:  # as for REGISTER: members come from the users file
-        check.pending.close()
-        txn.reply(403, "Forbidden (network members are checked against the users file)",
-                  to_tag=tag)
-        return None
-    if not check.ok:
-        txn.reply(check.status, check.reason, to_tag=tag, headers=check.headers)
-        return None
-    member = check.username
-    assert member is not None
-    from_uri = request.from_.uri
-    if member not in network.members or not isinstance(from_uri, SipURI) \
-            or not may_send_as(member, from_uri.user):
-        log.info("%s to network %s from %s refused: not a member, or not as itself",
-                 request.method, network.name, member)
-        txn.reply(403, f"Forbidden (only members of {network.name} {what}, as themselves)",
-                  to_tag=tag)
-        return None
-    return member
-
-
 # -- the notifier's side -----------------------------------------------------------------
 
 @dataclass(eq=False)
@@ -184,13 +164,14 @@ class Roster:
     """The hook object a broker worker holds (broker/server.py calls it in four places)."""
 
     def __init__(self, *, database, location: LocationService, me: LocalIdentity,
-                 auth: Authenticator | None, transactions: TransactionLayer, worker: int,
-                 policy: RegistrarPolicy, poll: float = 0.25,
+                 auth: Authenticator | None, authenticate: Authenticate, transactions: TransactionLayer,
+                 worker: int, policy: RegistrarPolicy, poll: float = 0.25,
                  clock: Callable[[], float] = time.time) -> None:
         self.networks = NetworkStore(database)
         self.location = location
         self.me = me
         self.auth = auth
+        self.authenticate = authenticate
         self.transactions = transactions
         self.worker = worker
         self.policy = policy
@@ -205,6 +186,12 @@ class Roster:
             for name in set(self.networks.names()) & set(me.domains):
                 log.warning("network %s has the name of a served domain: both are realm %s, so the "
                             "domain's passwords would let their users into the network", name, name)
+            if auth is None or auth.radius is None:
+                for network in self.networks.networks():
+                    if network.radius_group is not None:
+                        log.warning("network %s takes members from RADIUS group %s, but this broker "
+                                    "has no --radius: only its static members get in", network.name,
+                                    network.radius_group)
 
     async def close(self, timeout: float = 1.0) -> None:
         """End every subscription (NOTIFY terminated;reason=deactivated: the members
@@ -227,24 +214,28 @@ class Roster:
         name = network_of_aor_user(to_uri.user)
         return self.networks.network(name) if name is not None else None
 
-    def check_register(self, request: Request, network: Network) -> tuple[Refusal | None, NetworkRegistration | None]:
+    def check_register(self, request: Request, network: Network,
+                       then: Callable[[Refusal | None, NetworkRegistration | None], None],
+                       key: tuple | None = None) -> None:
         """Steps 3-4 for a network AOR: digest in the network's realm, a member, only its
-        own contacts. (refusal, None) or (None, what the commit needs)."""
+        own contacts. `then(refusal, None)` or `then(None, what the commit needs)`, now or
+        once the RADIUS server has answered (`key`: the datagram, see Broker._authenticate)."""
         if self.auth is None:
-            return (403, "Forbidden (networks need digest authentication: start the broker with --users)",
-                    []), None
-        check = self.auth.check(request, network.realm)
-        if check.pending is not None:  # a network's members come from the users file only
-            check.pending.close()
-            return (403, "Forbidden (network members are checked against the users file, "
-                         "not RADIUS)", []), None
+            then((403, "Forbidden (networks need digest authentication: start the broker with --users "
+                       "or --radius)", []), None)
+            return
+        self.authenticate(request, network.realm, lambda check: then(*self._judge_register(request, network, check)),
+                          key, radius=network.radius_group is not None)
+
+    def _judge_register(self, request: Request, network: Network,
+                        check: AuthCheck) -> tuple[Refusal | None, NetworkRegistration | None]:
         if not check.ok:
             return (check.status, check.reason, check.headers), None
+        refusal, network = self.admit(network, check, f"Forbidden (not a member of network {network.name})")
+        if refusal is not None:
+            return refusal, None
         member = check.username
         assert member is not None
-        if member not in network.members:
-            log.info("%s is not a member of network %s: REGISTER refused", member, network.name)
-            return (403, f"Forbidden (not a member of network {network.name})", []), None
         if any(value.strip() == "*" for value in request.headers.get_all("Contact")):
             return (403, "Forbidden (Contact: * would remove every member)", []), None
         try:
@@ -255,6 +246,35 @@ class Roster:
             if not isinstance(address.uri, SipURI) or address.uri.user != member:
                 return (403, f"Forbidden (a member binds only contacts with its own name, {member})", []), None
         return None, NetworkRegistration(network, member)
+
+    def admit(self, network: Network, check: AuthCheck, refused: str) -> tuple[Refusal | None, Network]:
+        """Is the user `check` authenticated a member of `network`? A static member is.
+        With a RADIUS group, one whom RADIUS accepted with the group joins (an address
+        from the pool the first time) and one accepted without it leaves. (refusal, the
+        network as it is now); `refused`: the reason phrase for a user who is no member."""
+        user, group = check.username, network.radius_group
+        assert user is not None
+        held = network.members.get(user)
+        if check.radius and group is not None and (group in check.groups) != (held is not None and held.radius):
+            try:
+                if group in check.groups:
+                    address = self.networks.join_by_radius(network.name, user, group)
+                    log.info("%s joins network %s as %s: RADIUS group %s", user, network.name, address, group)
+                else:
+                    self.networks.leave_by_radius(network.name, user)
+                    log.info("%s leaves network %s: RADIUS no longer names group %s", user, network.name, group)
+            except NetworkError as exc:  # the pool is full, the group changed meanwhile
+                log.warning("%s not let into network %s: %s", user, network.name, exc)
+                return (403, f"Forbidden (network {network.name} has no address for you)", []), network
+            network = self.networks.network(network.name) or network
+        if user in network.members:
+            return None, network
+        if check.radius and group is not None:
+            log.info("%s may not join network %s: RADIUS did not name group %s", user, network.name, group)
+            return (403, f"Forbidden (not a member of network {network.name}: your account is not in "
+                         f"its group {group})", []), network
+        log.info("%s is not a member of network %s: refused", user, network.name)
+        return (403, refused, []), network
 
     def committed(self, aors: list[str]) -> None:
         """REGISTERs to these AORs were just committed by this worker: notify soon."""
@@ -293,9 +313,40 @@ class Roster:
         self._subscribe(txn, network)
         return True
 
-    def _check_subscribe(self, txn: ServerTransaction, network: Network) -> str | None:
-        """Authenticate and authorise a SUBSCRIBE; the member's name, or None (answered)."""
-        return authorise_member(self.auth, txn, network, "watch its roster")
+    def authorise_member(self, txn: ServerTransaction, network: Network, what: str,
+                         then: Callable[[str], None]) -> None:
+        """A request to a network AOR from one of its members, as itself (digest in the
+        network's realm; a member static or by RADIUS group, see `admit`): `then(member)`,
+        now or once the RADIUS server has answered, or the request is answered (403 says
+        "only members of NAME `what`")."""
+        if self.auth is None:
+            txn.reply(403, "Forbidden (networks need digest authentication)", to_tag=new_tag())
+            return
+        self.authenticate(txn.request, network.realm, functools.partial(self._member_checked, txn, network, what, then),
+                          radius=network.radius_group is not None)
+
+    def _member_checked(self, txn: ServerTransaction, network: Network, what: str, then: Callable[[str], None],
+                        check: AuthCheck) -> None:
+        if txn.final_sent:
+            return
+        request, tag = txn.request, new_tag()
+        if not check.ok:
+            txn.reply(check.status, check.reason, to_tag=tag, headers=check.headers)
+            return
+        refused = f"Forbidden (only members of {network.name} {what}, as themselves)"
+        refusal, network = self.admit(network, check, refused)
+        member = check.username
+        assert member is not None
+        if refusal is not None:
+            txn.reply(refusal[0], refusal[1], to_tag=tag)
+            return
+        from_uri = request.from_.uri
+        if not isinstance(from_uri, SipURI) or not may_send_as(member, from_uri.user):
+            log.info("%s to network %s from %s refused: not as itself (%s)", request.method, network.name, member,
+                     from_uri)
+            txn.reply(403, refused, to_tag=tag)
+            return
+        then(member)
 
     def _expires(self, txn: ServerTransaction) -> int | None:
         """The granted expiry of a SUBSCRIBE (423 answered: None)."""
@@ -320,9 +371,12 @@ class Roster:
         if accept and not any(reginfo.CONTENT_TYPE in a or "*/*" in a for a in accept):
             txn.reply(406, to_tag=new_tag(), headers=[("Accept", reginfo.CONTENT_TYPE)])
             return
-        member = self._check_subscribe(txn, network)
-        if member is None:
-            return
+        self.authorise_member(txn, network, "watch its roster",
+                              functools.partial(self._subscribe_authorised, txn, network, event))
+
+    def _subscribe_authorised(self, txn: ServerTransaction, network: Network, event: EventType,
+                              member: str) -> None:
+        request = txn.request
         expires = self._expires(txn)
         if expires is None:
             return
@@ -363,7 +417,12 @@ class Roster:
             self._drop(sub)
             txn.reply(481, "Subscription Does Not Exist (the network is gone)")
             return
-        if self._check_subscribe(txn, network) is None:
+        self.authorise_member(txn, network, "watch its roster", lambda _member: self._refreshed(txn, sub))
+
+    def _refreshed(self, txn: ServerTransaction, sub: Subscription) -> None:
+        request = txn.request
+        if sub.ended:  # ended while the RADIUS server was asked
+            txn.reply(481, "Subscription Does Not Exist")
             return
         if not sub.dialog.accept_remote_cseq(request):
             txn.reply(500, "Out Of Order CSeq")

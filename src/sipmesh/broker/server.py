@@ -41,6 +41,7 @@ from sipmesh.broker.auth import DEFAULT_ALGORITHMS, AuthCheck, Authenticator, ma
 from sipmesh.broker.domains import Listener, LocalIdentity
 from sipmesh.broker.location import Binding, Changes, LocationService, default_db_path
 from sipmesh.broker.nat import take_alias
+from sipmesh.broker.networks import Network
 from sipmesh.broker.proxy import Proxy, Target, loop_hash
 from sipmesh.broker.radius import RadiusClient, RadiusConfig, read_secret
 from sipmesh.broker.ratelimit import LoadShedder, RateLimiter, retry_after, triage
@@ -48,7 +49,7 @@ from sipmesh.broker.redirect import REDIRECTABLE, redirect_contacts
 from sipmesh.broker.registrar import Outcome, RegistrarPolicy, process_register
 from sipmesh.broker.replies import ReplyCache, quick_reply, stateless_response
 from sipmesh.broker.paths import PathReports, PathStore
-from sipmesh.broker.roster import NetworkRegistration, Roster, decide_network_register
+from sipmesh.broker.roster import NetworkRegistration, Refusal, Roster, decide_network_register
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import Address
@@ -221,9 +222,10 @@ class Broker:
             self.shedder = LoadShedder(self.transport.udp_sockets())
         # mesh networks (broker/roster.py): network AORs, the reg event package
         self.roster = Roster(database=config.database, location=self.location, me=self.me, auth=self.auth,
-                             transactions=self.transactions, worker=self.worker, policy=config.registrar)
+                             authenticate=self._authenticate, transactions=self.transactions,
+                             worker=self.worker, policy=config.registrar)
         self.paths = PathReports(networks=self.roster.networks, store=PathStore(config.database),
-                                 me=self.me, auth=self.auth, min_expires=config.registrar.min_expires)
+                                 me=self.me, roster=self.roster, min_expires=config.registrar.min_expires)
         if self.worker == 0 and config.purge_interval > 0:
             self._tasks.append(asyncio.ensure_future(self._purge_loop()))
         if self.worker == 0:
@@ -418,7 +420,11 @@ class Broker:
             refusal = (400, f"Bad Request ({exc.reason})", [])
         if refusal is not None:
             self._finish_register(reg, *refusal)
-        elif self.auth is None or reg.network is not None:
+        elif reg.mesh is not None:  # mesh: a network's AOR (broker/roster.py checks its credentials)
+            assert self.roster is not None
+            self.roster.check_register(reg.request, reg.mesh, partial(self._network_register_checked, reg),
+                                       reg.key)
+        elif self.auth is None:
             self._queue_register(reg)
         else:  # steps 3-4
             assert reg.domain is not None
@@ -434,6 +440,14 @@ class Broker:
             log.info("%s tried to register %s: 403", check.username, reg.aor)
             self._finish_register(reg, 403, "Forbidden (you may only register your own address-of-record)", [])
             return
+        self._queue_register(reg)
+
+    def _network_register_checked(self, reg: "_Registration", refusal: Refusal | None,
+                                  network: NetworkRegistration | None) -> None:
+        if refusal is not None:
+            self._finish_register(reg, *refusal)
+            return
+        reg.network = network
         self._queue_register(reg)
 
     def _queue_register(self, reg: "_Registration") -> None:
@@ -463,20 +477,17 @@ class Broker:
         aor = self.me.aor(to_uri)
         if aor is None or domain is None or self.me.domain_of(to_uri.host) != domain:
             return 404, "Not Found (address-of-record not in this domain)", []  # step 5
-        network = self.roster.network_for(to_uri) if self.roster is not None else None
-        if network is not None:  # mesh: a network's AOR (broker/roster.py checks its credentials)
-            reg.aor = aor
-            refusal, reg.network = self.roster.check_register(request, network)  # type: ignore[union-attr]
-            return refusal
         reg.aor, reg.domain = aor, domain
+        reg.mesh = self.roster.network_for(to_uri) if self.roster is not None else None
         return None
 
     def _authenticate(self, request: Request, realm: str, then: Callable[[AuthCheck], None],
-                      key: tuple | None = None) -> None:
+                      key: tuple | None = None, *, radius: bool = False) -> None:
         """`then(check)` now, or once the RADIUS server has answered: the event loop never
-        waits for it. `key`: the REGISTER datagram whose retransmissions to absorb meanwhile."""
+        waits for it. `key`: the REGISTER datagram whose retransmissions to absorb meanwhile.
+        `radius`: see Authenticator.check."""
         assert self.auth is not None
-        check = self.auth.check(request, realm)
+        check = self.auth.check(request, realm, radius=radius)
         if check.pending is None:
             then(check)
             return
@@ -748,8 +759,9 @@ class _Registration:
     txn: ServerTransaction | None = None
     to: Address | None = None
     aor: str | None = None
-    network: NetworkRegistration | None = None  # a network AOR's (broker/roster.py)
-    domain: str | None = None  # the realm of its credentials
+    network: NetworkRegistration | None = None  # a network AOR's, its member authenticated (broker/roster.py)
+    mesh: Network | None = None  # the network whose AOR it is
+    domain: str | None = None  # the realm of its credentials (not for a network AOR: the network)
 
 
 def _decide(reg: _Registration, now: float, worker: int, policy: RegistrarPolicy,

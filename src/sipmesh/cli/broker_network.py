@@ -1,6 +1,7 @@
 """`sipmesh broker network`: the mesh networks the broker serves (broker/networks.py).
 
-    sipmesh broker network create NAME --pool CIDR
+    sipmesh broker network create NAME --pool CIDR [--radius-group G]
+    sipmesh broker network set NAME --radius-group G | --no-radius-group
     sipmesh broker network list | show NAME | remove NAME
     sipmesh broker network members add NAME USER... [--group G]... | remove NAME USER... | list NAME
     sipmesh broker network allow NAME FROM TO     (FROM/TO: a member, @group or *)
@@ -37,7 +38,7 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 def add_parser(broker_sub: argparse._SubParsersAction) -> None:
     """`network` under `sipmesh broker` (called from cli/broker.py)."""
     n = _one_line_errors(broker_sub.add_parser(
-        "network", help="manage mesh networks: create, list, show, remove, members, allow",
+        "network", help="manage mesh networks: create, set, list, show, remove, members, allow",
         description="Mesh networks served by this broker: an address pool, members (each gets "
                     "one address from the pool, for good), groups and an ACL. A network is its "
                     "own digest realm: give members a password in it with 'sipmesh broker users "
@@ -55,6 +56,16 @@ def add_parser(broker_sub: argparse._SubParsersAction) -> None:
     c.add_argument("name", metavar="NAME")
     c.add_argument("--pool", required=True, metavar="CIDR",
                    help="the members' addresses, e.g. 100.64.1.0/24; pools must not overlap")
+    radius_group = ("users whom the broker's RADIUS server accepts with group G (--radius-groups-"
+                    "attribute) are members too, each given an address at its first join (docs/radius.md)")
+    c.add_argument("--radius-group", metavar="G", default=None, help=radius_group)
+    c = command(nsub, "set", "change a network's settings")
+    c.add_argument("name", metavar="NAME")
+    choice = c.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--radius-group", metavar="G", help=radius_group + "; a new group takes the "
+                        "members by the old one out until RADIUS names the new one for them")
+    choice.add_argument("--no-radius-group", action="store_true",
+                        help="take no members from RADIUS (those in by it are out; static ones stay)")
     c = command(nsub, "list", "list the networks")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c = command(nsub, "show", "show a network: pool, members and their addresses, ACL")
@@ -86,8 +97,9 @@ def add_parser(broker_sub: argparse._SubParsersAction) -> None:
 
 def _as_dict(network: Network) -> dict:
     return {"name": network.name, "pool": network.pool, "realm": network.realm,
-            "aor_user": network.aor_user,
-            "members": [{"user": m.user, "address": m.address, "groups": list(m.groups)}
+            "aor_user": network.aor_user, "radius_group": network.radius_group,
+            "members": [{"user": m.user, "address": m.address, "groups": list(m.groups),
+                         "static": m.static, "radius": m.radius}
                         for m in network.members.values()],
             "rules": [{"from": s, "to": d} for s, d in network.rules]}
 
@@ -95,6 +107,7 @@ def _as_dict(network: Network) -> dict:
 def _member_lines(network: Network) -> list[str]:
     width = max((len(u) for u in network.members), default=0)
     return [f"{m.user:<{width}}  {m.address}" + (f"  groups: {','.join(m.groups)}" if m.groups else "")
+            + ("  (by RADIUS" + (" and static)" if m.static else ")") if m.radius else "")
             for m in network.members.values()]
 
 
@@ -108,15 +121,23 @@ def _get(store: NetworkStore, name: str) -> Network:
 def _run(store: NetworkStore, args: argparse.Namespace) -> int:
     command = args.network_command
     if command == "create":
-        network = store.create(args.name, args.pool)
+        network = store.create(args.name, args.pool, args.radius_group)
         print(f"created network {network.name} with pool {network.pool}; its members register "
-              f"sip:{network.aor_user}@YOUR-DOMAIN in realm {network.realm}")
+              f"sip:{network.aor_user}@YOUR-DOMAIN in realm {network.realm}"
+              + (f"; users in RADIUS group {network.radius_group} are members" if network.radius_group else ""))
+    elif command == "set":
+        group = None if args.no_radius_group else args.radius_group
+        out = store.set_radius_group(args.name, group)
+        print(f"network {args.name} takes members "
+              + (f"from RADIUS group {group}" if group else "from no RADIUS group")
+              + (f" ({out} member{'s' if out != 1 else ''} by RADIUS taken out)" if out else ""))
     elif command == "list":
         networks = store.networks()
         if args.json:
             print(json.dumps([_as_dict(n) for n in networks], indent=2))
         for n in networks if not args.json else ():
-            print(f"{n.name}  {n.pool}  {len(n.members)} member{'s' if len(n.members) != 1 else ''}")
+            print(f"{n.name}  {n.pool}  {len(n.members)} member{'s' if len(n.members) != 1 else ''}"
+                  + (f"  (and RADIUS group {n.radius_group})" if n.radius_group else ""))
     elif command == "show":
         network = _get(store, args.name)
         if args.json:
@@ -124,6 +145,8 @@ def _run(store: NetworkStore, args: argparse.Namespace) -> int:
             return 0
         print(f"network {network.name}: pool {network.pool}, realm {network.realm}, "
               f"AOR sip:{network.aor_user}@DOMAIN")
+        if network.radius_group:
+            print(f"members from RADIUS group {network.radius_group} too (at their authentication)")
         print(f"members ({len(network.members)}):")
         for line in _member_lines(network):
             print(f"  {line}")
