@@ -753,7 +753,10 @@ class MeshMember:
         if peer.params is not None:
             log.info("network %s: removing peer %s (%s): %s", self.network, name,
                      peer.params.mesh_ip, why)
-            await self.interface.remove_peer(peer.params)
+            try:
+                await self.interface.remove_peer(peer.params)
+            except AgentError as exc:  # wireguard-go gone (we are stopping, or it died)
+                log.warning("network %s: %s", self.network, exc)
         if peer.handover is not None:
             await peer.handover.close()
         if peer.call is not None and not peer.call.ended.done():

@@ -520,7 +520,10 @@ class Roster:
         request.body = body
         try:
             flow = await self._flow(sub)
-            flow = self.transactions.add_via(request, flow, branch=make_branch(self.worker, "0"))
+            # the subscriber's own flow (its NAT mapping) stays as it is, however large the
+            # roster: a TCP connection towards a NAT could not be opened (§18.1.1 aside)
+            flow = self.transactions.add_via(request, flow, branch=make_branch(self.worker, "0"),
+                                             pinned=flow is sub.flow)
             return await self.transactions.send_request(request, flow).wait_final()
         except OSError as exc:
             log.info("NOTIFY to %s (network %s) not sent: %s", sub.member, sub.network, exc)
