@@ -543,44 +543,49 @@ class MeshMember:
         from_uri, to_uri = str(ua.aor), str(target)
         ice = await self._gather(controlling=True)
         try:
-            sdp = describe(self._attributes(ice), user=self.me, ip4=self.endpoint.local_ip,
-                           port=self.port, trust=self.config.trust, call_id=call_id,
-                           from_uri=from_uri, to_uri=to_uri, role="offer")
-        except TrustError as exc:
-            await _close(ice)
-            raise AgentError(f"cannot sign our offer: {exc.message}", Exit.USAGE) from None
-        log.info("network %s: calling %s (%s)", self.network, member.name, target)
-        try:
-            call = await ua.invite(target, sdp, timeout=CALL_TIMEOUT, call_id=call_id)
-        except (CallFailed, OSError) as exc:
-            await _close(ice)
-            peer.state, peer.error = "failed", f"INVITE: {exc}"
-            log.warning("network %s: %s did not accept (%s)", self.network, member.name, exc)
-            return False
-        peer.call = call
-        try:
-            params = read_peer(call.remote_sdp, name=member.name, roster_ip=member.mesh_ip,
-                               trust=self.config.trust, call_id=call_id, from_uri=from_uri,
-                               to_uri=to_uri, role="answer")
-            remote = _remote_ice(ice, call.remote_sdp)
-        except (SDPError, ParamError, TrustError, IceError) as exc:
-            await _close(ice)
-            text = exc.message if isinstance(exc, TrustError) else str(exc)
-            peer.state, peer.error = "refused", text
-            log.warning("network %s: session with %s refused: %s", self.network, member.name, text)
-            await call.bye(headers=[("Reason", 'SIP ;cause=488 ;text="refused"')])
-            return False
-        if remote is None:
-            await _close(ice)
-        else:
-            assert ice is not None
-            checked = await self._take_path(peer, params, call, ice,
-                                            asyncio.ensure_future(ice.connect(remote)))
-            if checked is None:
+            try:
+                sdp = describe(self._attributes(ice), user=self.me, ip4=self.endpoint.local_ip,
+                               port=self.port, trust=self.config.trust, call_id=call_id,
+                               from_uri=from_uri, to_uri=to_uri, role="offer")
+            except TrustError as exc:
+                await _close(ice)
+                raise AgentError(f"cannot sign our offer: {exc.message}", Exit.USAGE) from None
+            log.info("network %s: calling %s (%s)", self.network, member.name, target)
+            try:
+                call = await ua.invite(target, sdp, timeout=CALL_TIMEOUT, call_id=call_id)
+            except (CallFailed, OSError) as exc:
+                await _close(ice)
+                peer.state, peer.error = "failed", f"INVITE: {exc}"
+                log.warning("network %s: %s did not accept (%s)", self.network, member.name, exc)
                 return False
-            params = checked
-        await self._established(peer, params, call)
-        return True
+            peer.call = call
+            try:
+                params = read_peer(call.remote_sdp, name=member.name, roster_ip=member.mesh_ip,
+                                   trust=self.config.trust, call_id=call_id, from_uri=from_uri,
+                                   to_uri=to_uri, role="answer")
+                remote = _remote_ice(ice, call.remote_sdp)
+            except (SDPError, ParamError, TrustError, IceError) as exc:
+                await _close(ice)
+                text = exc.message if isinstance(exc, TrustError) else str(exc)
+                peer.state, peer.error = "refused", text
+                log.warning("network %s: session with %s refused: %s", self.network, member.name, text)
+                await call.bye(headers=[("Reason", 'SIP ;cause=488 ;text="refused"')])
+                return False
+            if remote is None:
+                await _close(ice)
+            else:
+                assert ice is not None
+                checked = await self._take_path(peer, params, call, ice,
+                                                asyncio.ensure_future(ice.connect(remote)))
+                if checked is None:
+                    return False
+                params = checked
+            await self._established(peer, params, call)
+            return True
+        except asyncio.CancelledError:  # the member left, or changed, while we called
+            if peer.handover is None:
+                await _close(ice)
+            raise
 
     def _member_uri(self, name: str) -> Any:
         """Where a pair's INVITE goes: the network AOR, narrowed to `name` (the server
@@ -714,6 +719,11 @@ class MeshMember:
                                    endpoint=show_address(peer.handover.endpoint.remote))
 
     async def _established(self, peer: Peer, params: PeerParams, call: Call) -> None:
+        if self.peers.get(peer.name) is not peer:  # a newer session with the peer took over
+            if peer.handover is not None:
+                await peer.handover.close()
+            await _bye(call, 487, "superseded by a newer session")
+            return
         await self.interface.set_peer(params, self.keepalive)
         peer.params, peer.call, peer.state, peer.since = params, call, "up", time.time()
         if peer.handover is None:
