@@ -718,7 +718,14 @@ class MeshMember:
             log.warning("network %s: no path to %s: %s", self.network, peer.name, exc)
             await _bye(call, NO_PATH_CAUSE, f"no network path: {report.reason}")
             return None
-        peer.handover = await Handover.take(ice, consent_timeout=self.config.ice.consent_timeout)
+        try:
+            peer.handover = await Handover.take(ice, consent_timeout=self.config.ice.consent_timeout)
+        except Exception as exc:  # noqa: BLE001 - e.g. the TURN server refused the channel
+            await _close(ice)
+            peer.state, peer.error = "failed", f"the path could not be taken: {exc}"
+            log.warning("network %s: path to %s: %s", self.network, peer.name, peer.error)
+            await _bye(call, NO_PATH_CAUSE, peer.error)
+            return None
         peer.path, peer.why = report.kind, path_why(report)
         peer.rtt_ms = round(report.rtt * 1000, 1) if report.rtt is not None else None
         return dataclasses.replace(params,
