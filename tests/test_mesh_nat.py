@@ -14,6 +14,7 @@ others' `wg show`, the killed one within the consent timeout (the bound of docs/
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.auth import compute_ha1
-from tests.lab import (Coturn, NatLab, coturn_unavailable_reason, spawn, wait_for,
+from tests.lab import (Coturn, LabTimeout, NatLab, coturn_unavailable_reason, spawn, wait_for,
                        wait_udp_listening)
 from tests.test_mesh_up import CREATED, SIPMESH, Member, full_mesh
 
@@ -83,7 +84,13 @@ def test_mesh_paths_across_nat(nat_mesh) -> None:
     members = {n: Member(lab, n, server, run_dir, *extra, expires=300) for n in FIRST}
     for m in members.values():
         wait_for(m.ready, 20, what=f"{m.name} up", abort=m.proc.exit_reason)
-    full_mesh(list(members.values()), timeout=25)
+    try:
+        full_mesh(list(members.values()), timeout=25)
+    except LabTimeout:
+        for m in members.values():
+            print(m.name, json.dumps(m.status(), indent=1),
+                  m.host.run(["wg", "show", m.ifname], check=False).stdout)
+        raise
     print(f"full mesh of 5 across NAT {time.monotonic() - start:.1f} s after the first up")
 
     # every pair on a checked path, and the path status says why

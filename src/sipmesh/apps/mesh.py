@@ -799,6 +799,8 @@ class MeshMember:
                             endpoint=wg.get("endpoint") or peer.params.endpoint,
                             latest_handshake=wg.get("latest_handshake", 0),
                             rx=wg.get("rx", 0), tx=wg.get("tx", 0))
+            if peer.handover is not None:   # the checked pair, the watch, the relay proxy
+                info["path_detail"] = peer.handover.describe()
             peers.append(info)
         return {"network": self.network, "member": self.me, "interface": self.ifname,
                 "mesh_ip": self.mesh_ip, "wg_port": self.port, "wg_pubkey": self.wg_pubkey,
