@@ -77,6 +77,18 @@ def peers_of(member: Member) -> dict[str, dict]:
     return {p["name"]: p for p in member.status()["peers"]}
 
 
+def every_pair_pings(members: dict[str, Member]) -> None:
+    """full_mesh, and on failure what each member sees (status, wg show, routes)."""
+    try:
+        full_mesh(list(members.values()), timeout=25)
+    except LabTimeout:
+        for m in members.values():
+            print(m.name, json.dumps(m.status(), indent=1),
+                  m.host.run(["wg", "show", m.ifname], check=False).stdout,
+                  m.host.run(["ip", "route"], check=False).stdout)
+        raise
+
+
 def test_mesh_paths_across_nat(nat_mesh) -> None:
     lab, server, turn, run_dir = nat_mesh
     start = time.monotonic()
@@ -84,13 +96,7 @@ def test_mesh_paths_across_nat(nat_mesh) -> None:
     members = {n: Member(lab, n, server, run_dir, *extra, expires=300) for n in FIRST}
     for m in members.values():
         wait_for(m.ready, 20, what=f"{m.name} up", abort=m.proc.exit_reason)
-    try:
-        full_mesh(list(members.values()), timeout=25)
-    except LabTimeout:
-        for m in members.values():
-            print(m.name, json.dumps(m.status(), indent=1),
-                  m.host.run(["wg", "show", m.ifname], check=False).stdout)
-        raise
+    every_pair_pings(members)
     print(f"full mesh of 5 across NAT {time.monotonic() - start:.1f} s after the first up")
 
     # every pair on a checked path, and the path status says why
@@ -113,7 +119,7 @@ def test_mesh_paths_across_nat(nat_mesh) -> None:
     # a late member is connected to everyone
     members["h3"] = Member(lab, "h3", server, run_dir, *extra, expires=300)
     wait_for(members["h3"].ready, 20, what="h3 up", abort=members["h3"].proc.exit_reason)
-    full_mesh(list(members.values()), timeout=25)
+    every_pair_pings(members)
 
     # h2 leaves with `sipmesh down`; s2 vanishes (SIGKILL, its wireguard-go with it)
     keys = {n: members[n].status()["wg_pubkey"] for n in ("h2", "s2")}
