@@ -30,7 +30,8 @@ CREATED: list[str] = []  # interface names: a wireguard-go killed with SIGKILL l
 
 
 class Member:
-    def __init__(self, lab: NatLab, name: str, server: str, run_dir: Path) -> None:
+    def __init__(self, lab: NatLab, name: str, server: str, run_dir: Path, *extra: str,
+                 expires: int = EXPIRES) -> None:
         self.name, self.lab, self.host = name, lab, lab[name]
         self.dir = run_dir / name
         self.dir.mkdir()
@@ -42,7 +43,7 @@ class Member:
         self.proc = spawn([SIPMESH, "up", "lab", "--server", server, "--user", name,
                            "--credentials", str(self.dir / "creds"), "--state-dir",
                            str(self.dir / "state"), "--ifname", self.ifname,
-                           "--expires", str(EXPIRES), "-v"],
+                           "--expires", str(expires), "-v", *extra],
                           netns=self.host.ns, log_path=run_dir / f"up-{name}.log",
                           name=f"up-{name}", env=self.env)
         self.socket = self.dir / "run" / "sipmesh" / f"mesh-lab-{name}.sock"

@@ -54,7 +54,6 @@ binds ``endpoint.local_port`` and points its peer at ``endpoint.remote_ip``:
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import ipaddress
 import logging
 import socket
@@ -67,6 +66,7 @@ from aioice import stun
 from aioice.turn import TurnClientProtocol, TurnClientTcpProtocol
 
 from sipmesh.agent.ice import IceSession, PathReport, show_address
+from sipmesh.agent.stunport import attach_filter
 
 __all__ = ["CONSENT_TIMEOUT", "KEEPALIVE", "Handover", "UdpEndpoint"]
 
@@ -215,7 +215,6 @@ _BPF = [
     (0x06, 0, 0, 64),   # ret #64
     (0x06, 0, 0, 0),    # ret #0
 ]
-SO_ATTACH_FILTER = 26
 
 
 def flow_filter(peer: tuple[str, int], local_port: int) -> list[tuple[int, int, int, int]]:
@@ -252,11 +251,7 @@ class FlowWatch:
                             "then seen only by the program)")
             return None
         try:
-            program = flow_filter(peer, local_port)
-            buffer = ctypes.create_string_buffer(
-                b"".join(struct.pack("HBBI", *insn) for insn in program))
-            fprog = struct.pack("HL", len(program), ctypes.addressof(buffer))
-            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            buffer = attach_filter(sock, flow_filter(peer, local_port))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.setblocking(False)
             watch = cls(sock, buffer)

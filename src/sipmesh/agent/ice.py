@@ -58,6 +58,7 @@ from sipmesh.sip.errors import ParseError
 from sipmesh.sip.uri import split_hostport
 
 from sipmesh.agent.portmap import PortMapper
+from sipmesh.agent.stunport import SharedPort
 
 __all__ = [
     "AGENT_MAX_CHECKS", "AGENT_TA", "AGENT_WINDOW", "MAX_CANDIDATES", "MAX_CANDIDATE_LENGTH",
@@ -393,11 +394,12 @@ class _Connection(aioice.Connection):
     the dependency is capped below 0.14 for that reason."""
 
     def __init__(self, config: IceConfig, controlling: bool, pacer: Pacer,
-                 port: int = 0) -> None:
+                 port: int = 0, shared: SharedPort | None = None) -> None:
         super().__init__(ice_controlling=controlling, stun_server=config.stun_server,
                          use_ipv6=config.use_ipv6)
         self.config = config
         self.port = port                 # of our host sockets (0: any)
+        self.shared = shared             # host "sockets" on a port a program owns (mesh)
         self.peer_done = asyncio.Event()  # the peer's DONE_MARK arrived
         self.retriggered: set[int] = set()  # pairs whose check an incoming check restarted
         self.session_pacer = Pacer(TA, MAX_CHECKS)
@@ -428,6 +430,8 @@ class _Connection(aioice.Connection):
         config = self.config
         addresses = list(config.host_addresses) if config.host_addresses is not None else \
             get_host_addresses(use_ipv4=True, use_ipv6=config.use_ipv6)
+        if self.shared is not None:
+            addresses = [a for a in addresses if a in self.shared.addresses]
         relay = asyncio.ensure_future(self._relay())
         try:
             found = await self._host_candidates(addresses)
@@ -452,8 +456,14 @@ class _Connection(aioice.Connection):
         protocols: list[StunProtocol] = []
         try:
             for address in addresses:
-                transport, protocol = await loop.create_datagram_endpoint(
-                    lambda: StunProtocol(self), local_addr=(address, self.port))
+                if self.shared is not None:   # the port is the program's: agent/stunport.py
+                    protocol = StunProtocol(self)
+                    view = self.shared.transport(address)
+                    view.attach(protocol)
+                    transport = view
+                else:
+                    transport, protocol = await loop.create_datagram_endpoint(
+                        lambda: StunProtocol(self), local_addr=(address, self.port))
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_SOCKET_BUFFER_SIZE)
@@ -662,9 +672,13 @@ class IceSession:
     ``local_port``, ``close()``."""
 
     def __init__(self, config: IceConfig, *, controlling: bool,
-                 pacer: Pacer = AGENT_PACER, port: int = 0) -> None:
+                 pacer: Pacer = AGENT_PACER, port: int = 0,
+                 shared: SharedPort | None = None) -> None:
+        """`port`: where host candidates bind (0: any); `shared`: a port another program
+        owns, checked through raw sockets instead of binding (a mesh's WireGuard port)."""
         self.config = config
-        self.connection = _Connection(config, controlling, pacer, port)
+        self.connection = _Connection(config, controlling, pacer, shared.port if shared else port,
+                                      shared)
         self.local: IceDescription | None = None
         self.remote: IceDescription | None = None
         self.path: PathReport | None = None

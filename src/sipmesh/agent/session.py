@@ -223,7 +223,7 @@ class Session:
                 await self._start_answering(profile, plan)
                 started = True
             except Refusal as refusal:
-                await _bye(self.call, refusal.status, refusal.text)
+                await bye_with_reason(self.call, refusal.status, refusal.text)
                 return True
             finally:
                 if not started:
@@ -371,7 +371,7 @@ class Session:
                     spec = profile.caller_child(info, offer, answer)
                     self.child = await self._start(spec, answer.get("PORT"))
                 except AgentError:
-                    await _bye(call, 500, "cannot start the application")
+                    await bye_with_reason(call, 500, "cannot start the application")
                     raise
                 await self._run()
             finally:
@@ -443,7 +443,7 @@ class Session:
         except (SDPError, ParamError) as exc:
             log.warning("[%s] refusing the answer of %s: %s", call.call_id, call.peer, exc)
             self._emit("refused", status=488, text=str(exc))
-            await _bye(call, 488, f"bad parameter {exc}")
+            await bye_with_reason(call, 488, f"bad parameter {exc}")
             raise AgentError(f"refused the answer of {target}: {exc} (does it run the same "
                              "application, --app or --service, as we do?)", Exit.REFUSED) from None
 
@@ -516,7 +516,7 @@ class Session:
             self.path = connecting.result()
         except IceError as exc:
             self._no_path(exc.report or PathReport("none", str(exc)), str(exc))
-            await _bye(call, NO_PATH_CAUSE, f"no network path: {self.path.reason}")
+            await bye_with_reason(call, NO_PATH_CAUSE, f"no network path: {self.path.reason}")
             return False
         self._emit("path", call_id=self.call_id, path=str(self.path), kind=self.path.kind)
         profile = self.profile
@@ -533,7 +533,7 @@ class Session:
             except StreamError as exc:
                 why = f"no TCP streams over the path: {exc}"
                 self._no_path(PathReport("none", why), why)
-                await _bye(call, NO_PATH_CAUSE, f"no TCP streams: {exc}")
+                await bye_with_reason(call, NO_PATH_CAUSE, f"no TCP streams: {exc}")
                 return False
         else:
             timeout = self.endpoint.ice.consent_timeout
@@ -595,7 +595,7 @@ class Session:
             log.warning("[%s] %s: sending BYE, stopping the application", call.call_id,
                         self.reason)
             # the BYE may well take the dead path's fate (a cut link): do not wait for it
-            bye = asyncio.ensure_future(_bye(call, CONSENT_CAUSE, self.reason))
+            bye = asyncio.ensure_future(bye_with_reason(call, CONSENT_CAUSE, self.reason))
             await asyncio.gather(asyncio.wait({bye}, timeout=BYE_WAIT), child.stop(self.grace))
         elif child.exited.done():
             self.app_status = status = child.exited.result()
@@ -634,7 +634,7 @@ def _cleanup(plan: Plan) -> None:
         plan.child.cleanup()
 
 
-async def _bye(call: Call, cause: int, text: str) -> None:
+async def bye_with_reason(call: Call, cause: int, text: str) -> None:
     """End a session we just accepted (as RFC 3261 §13.2.2.4 asks: ACK, then BYE)."""
     log.info("[%s] ending the session at once: %d %s", call.call_id, cause, text)
     # `text` may quote a hostile SDP value: keep it printable, unquoted and short.

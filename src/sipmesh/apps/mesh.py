@@ -9,13 +9,26 @@
    machine need two names) runs wireguard-go in the foreground as our child;
 2. the roster (agent/roster.py): registered under ``sip:net-NETWORK@DOMAIN``, it gives our
    mesh address (the broker's allocation) and joined / left / changed events;
-3. one INVITE dialog per pair: the member whose name sorts lower calls the other's
-   contact directly with ``a=service:mesh``, ``a=IP4``/``a=PORT`` (its WireGuard
-   endpoint, the paper's way), ``a=wg-pubkey`` and ``a=mesh-ip``; the other checks the
-   offer and answers with its own. Both then ``wg set IF peer KEY allowed-ips IP/32
-   endpoint IP:PORT persistent-keepalive 25`` and route ``IP/32`` to the interface.
-   A BYE, or the peer leaving the roster (unregistered, or its binding expired), removes
-   the peer (``wg set IF peer KEY remove``).
+3. one INVITE dialog per pair: the member whose name sorts lower calls the other through
+   the SIP server (``sip:net-NETWORK@DOMAIN;member=NAME``: the server reaches a member
+   behind NAT over its roster binding's flow) with ``a=service:mesh``, ``a=IP4``/``a=PORT``
+   (the paper's endpoint), ``a=wg-pubkey``, ``a=mesh-ip`` and its ICE description
+   (agent/ice.py, the attributes sessions use); the other checks the offer and answers
+   with its own;
+4. the pair's path from ICE, as a session's (agent/session.py), on the WireGuard port
+   itself: host candidates are that port, checked through raw sockets while wireguard-go
+   keeps it (agent/stunport.py); srflx from the STUN server, relay from TURN. The chosen
+   path is handed over (agent/handover.py): direct, WireGuard's endpoint is the checked
+   remote address (same 5-tuple, the NAT mappings the checks opened); relayed through
+   our TURN allocation, the endpoint is our ``RelayProxy`` on 127.0.0.1. Both then ``wg
+   set IF peer KEY allowed-ips IP/32 endpoint ENDPOINT persistent-keepalive K`` (K under
+   the consent timeout) and route ``IP/32`` to the interface. ``Peer.path``/``why``/
+   ``rtt_ms`` say what the check chose and why. A peer without ICE gets the paper's
+   a=IP4/a=PORT as before;
+5. a BYE, the peer leaving the roster (unregistered, or its binding expired) or its path
+   falling silent for the consent timeout (``--consent-timeout``, 30 s: the hand-over's
+   watch) removes the peer (``wg set IF peer KEY remove``); after a silent path the caller
+   of the pair calls again while the roster still lists the peer.
 
 Trust: with the network's CA (``--ca``: ``ca.pub`` and ``revoked``; our ``--cert`` and
 ``--identity`` key, made by ``sipmesh network ...``), every offer and answer is signed
@@ -28,18 +41,20 @@ lists, with the mesh address the roster gives it.
 Why in apps/: the member is an application of the agent (like apps/wireguard.py, whose
 key and tool helpers it uses); agent/ may not import apps/.
 
-Not yet (later increments): ICE per pair (endpoints are the advertised address only, no
-NAT traversal), relay through a member, several networks in one process, names.
+Not yet (later increments): relay through a member, several networks in one process,
+names, ICE restarts (a pair whose path died is called again from scratch).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import ipaddress
 import logging
 import os
 import secrets
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -49,11 +64,16 @@ from typing import Any
 from sipmesh.agent.attributes import build_sdp, read_attribute_list
 from sipmesh.agent.endpoint import Endpoint
 from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.handover import KEEPALIVE as PATH_KEEPALIVE, Handover
+from sipmesh.agent.ice import (IceConfig, IceError, IceOptions, IceSession, PathReport, render,
+                               show_address)
+from sipmesh.agent.ice import parse as parse_ice
 from sipmesh.agent.params import Choice, IPv4, ParamError, Param, validate
 from sipmesh.agent.pathreport import PathReporter
 from sipmesh.agent.profile import PORT
 from sipmesh.agent.roster import Member, RosterClient, RosterEvent
-from sipmesh.agent.session import warning_value
+from sipmesh.agent.session import CONSENT_CAUSE, NO_PATH_CAUSE, bye_with_reason, warning_value
+from sipmesh.agent.stunport import SharedPort
 from sipmesh.agent.trust import (MemberCertificate, TrustError, load_anchor, load_certificate,
                                  load_identity, load_revocations, sign_session, verify_session)
 from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, keypair
@@ -73,6 +93,23 @@ SOCKET_WAIT = 10.0
 CALL_TIMEOUT = 10.0
 RETRY_MAX = 30.0
 ROSTER_WAIT = 5.0  # for our own address in the roster's first document
+MEMBER_PARAM = "member"  # sip:net-NETWORK@DOMAIN;member=NAME: one member (broker/roster.py)
+
+
+def keepalive_for(consent_timeout: float) -> int:
+    """WireGuard's persistent keepalive: the peer hears from us well within its consent
+    timeout (and within conntrack's 30 s): at most PATH_KEEPALIVE, a third of the timeout."""
+    if consent_timeout <= 0:
+        return int(PATH_KEEPALIVE)
+    return max(1, int(min(PATH_KEEPALIVE, consent_timeout / 3)))
+
+
+def path_why(report: PathReport) -> str:
+    """`Peer.why` for a checked path: the pair's candidate types and addresses, and why."""
+    if report.kind == "none":
+        return report.reason
+    return (f"{report.local_type}↔{report.remote_type} {show_address(report.local_address)}↔"
+            f"{show_address(report.remote_address)}: {report.reason}")
 
 
 def interface_for(network: str) -> str:
@@ -165,13 +202,15 @@ def session_attributes(*, ip4: str, port: int, wg_pubkey: str, mesh_ip: str
             ("wg-pubkey", wg_pubkey), ("mesh-ip", mesh_ip)]
 
 
-def describe(attributes: list[tuple[str, str]], *, user: str, ip4: str, port: int,
+def describe(attributes: list[tuple[str, str | None]], *, user: str, ip4: str, port: int,
              trust: MeshTrust | None, call_id: str, from_uri: str, to_uri: str,
              role: str) -> bytes:
     """Our offer or answer, signed when the network has a CA."""
     attributes = list(attributes)
     if trust is not None:
-        attributes += sign_session(attributes, call_id=call_id, from_uri=from_uri,
+        # a flag (a=end-of-candidates, value None) reads back as ''
+        signed = [(name, value or "") for name, value in attributes]
+        attributes += sign_session(signed, call_id=call_id, from_uri=from_uri,
                                    to_uri=to_uri, role=role, certificate=trust.certificate,
                                    identity_key=trust.identity)
     return build_sdp(username=user, address=ip4, media="application", proto="WireGuard",
@@ -223,9 +262,14 @@ class Interface:
             raise AgentError(f"interface {self.name} exists already (another `sipmesh up`? "
                              "choose another --ifname)", Exit.USAGE)
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
+        argv = [self.tools["wireguard-go"], "-f", self.name]
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            # if we are killed outright, wireguard-go goes too (SIGTERM: it removes the
+            # interface): the peers then see the path fall silent (consent) and drop us
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
         self.process = await asyncio.create_subprocess_exec(
-            self.tools["wireguard-go"], "-f", self.name, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL)
+            *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)
         deadline = time.monotonic() + SOCKET_WAIT
         while not sock.exists():
             if self.process.returncode is not None:
@@ -254,10 +298,10 @@ class Interface:
             raise AgentError(f"{' '.join(command)}: {err.decode(errors='replace').strip()}",
                              Exit.PROGRAM)
 
-    async def set_peer(self, peer: PeerParams) -> None:
+    async def set_peer(self, peer: PeerParams, keepalive: int = KEEPALIVE) -> None:
         await self.run(["wg", "set", self.name, "peer", peer.wg_pubkey, "allowed-ips",
                         f"{peer.mesh_ip}/32", "endpoint", peer.endpoint,
-                        "persistent-keepalive", str(KEEPALIVE)])
+                        "persistent-keepalive", str(keepalive)])
         await self.run(["ip", "route", "replace", f"{peer.mesh_ip}/32", "dev", self.name])
 
     async def remove_peer(self, peer: PeerParams) -> None:
@@ -320,6 +364,7 @@ class Peer:
     path: str = "none"
     why: str = ""
     rtt_ms: float | None = None
+    handover: Handover | None = None  # the checked path, watched (None: no ICE)
 
 
 @dataclass
@@ -333,6 +378,7 @@ class MeshConfig:
     mesh_ip: str | None = None  # for servers that allocate none (Kamailio)
     trust: MeshTrust | None = None
     register_expires: int = 300
+    ice: IceOptions = field(default_factory=IceOptions)  # --stun, --turn, --consent-timeout
     tools: dict[str, str] = field(default_factory=dict)
 
 
@@ -345,7 +391,11 @@ class MeshMember:
         self.me = config.ua.user
         self.ifname = config.ifname or interface_for(config.network)
         self.interface = Interface(self.ifname, **config.tools)
-        self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise)
+        self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise,
+                                 ice=config.ice)
+        self.ice_config: IceConfig | None = None  # None: no ICE (a=IP4/a=PORT only)
+        self.shared: SharedPort | None = None     # STUN on our WireGuard port
+        self.keepalive = keepalive_for(config.ice.consent_timeout)
         self.roster: RosterClient | None = None
         self.reporter: PathReporter | None = None  # our pairs' paths to the broker
         self.peers: dict[str, Peer] = {}
@@ -384,6 +434,7 @@ class MeshMember:
                                  Exit.UNREACHABLE) from None
             self.mesh_ip = await self._own_address()
             await self.interface.start(key_file, self.port, self.mesh_ip)
+            self._open_path_checks()
             log.info("network %s: %s up, %s, WireGuard port %d, key %s", self.network, self.ifname,
                      self.mesh_ip, self.port, self.wg_pubkey)
             self.ready.set()
@@ -397,10 +448,27 @@ class MeshMember:
         finally:
             if self.reporter is not None:
                 await self.reporter.stop()
+            if self.shared is not None:
+                self.shared.close()
             await self.interface.stop()
             if self.endpoint.ua is not None:
                 await self.endpoint.ua.stop()
         return 0
+
+    def _open_path_checks(self) -> None:
+        """ICE on our WireGuard port (agent/stunport.py), unless ICE is off."""
+        config = self.endpoint.ice_config
+        if config is None:
+            return
+        config = dataclasses.replace(config, portmap=())  # one port for all pairs: not per pair
+        shared = SharedPort(self.port, config.host_addresses or (self.endpoint.local_ip,))
+        try:
+            shared.open()
+        except OSError as exc:
+            log.warning("network %s: no ICE (cannot check paths on UDP port %d: %s): peers "
+                        "get our advertised address only", self.network, self.port, exc)
+            return
+        self.shared, self.ice_config = shared, config
 
     async def _own_address(self) -> str:
         assert self.roster is not None
@@ -487,39 +555,70 @@ class MeshMember:
         await self._drop(member.name, "calling again")
         peer = self.peers[member.name] = Peer(member.name)
         call_id = secrets.token_hex(12)
-        target = ua.target_uri(member.contact)
+        target = self._member_uri(member.name)
         from_uri, to_uri = str(ua.aor), str(target)
+        ice = await self._gather(controlling=True)
         try:
-            sdp = describe(self._attributes(), user=self.me, ip4=self.endpoint.local_ip,
-                           port=self.port, trust=self.config.trust, call_id=call_id,
-                           from_uri=from_uri, to_uri=to_uri, role="offer")
-        except TrustError as exc:
-            raise AgentError(f"cannot sign our offer: {exc.message}", Exit.USAGE) from None
-        log.info("network %s: calling %s at %s", self.network, member.name, member.contact)
-        try:
-            call = await ua.invite(target, sdp, timeout=CALL_TIMEOUT, call_id=call_id)
-        except (CallFailed, OSError) as exc:
-            peer.state, peer.error = "failed", f"INVITE: {exc}"
-            log.warning("network %s: %s did not accept (%s)", self.network, member.name, exc)
-            return False
-        peer.call = call
-        try:
-            params = read_peer(call.remote_sdp, name=member.name, roster_ip=member.mesh_ip,
-                               trust=self.config.trust, call_id=call_id, from_uri=from_uri,
-                               to_uri=to_uri, role="answer")
-        except (SDPError, ParamError, TrustError) as exc:
-            text = exc.message if isinstance(exc, TrustError) else str(exc)
-            peer.state, peer.error = "refused", text
-            log.warning("network %s: session with %s refused: %s", self.network, member.name, text)
-            await call.bye(headers=[("Reason", 'SIP ;cause=488 ;text="refused"')])
-            return False
-        await self._established(peer, params, call)
-        return True
+            try:
+                sdp = describe(self._attributes(ice), user=self.me, ip4=self.endpoint.local_ip,
+                               port=self.port, trust=self.config.trust, call_id=call_id,
+                               from_uri=from_uri, to_uri=to_uri, role="offer")
+            except TrustError as exc:
+                await _close(ice)
+                raise AgentError(f"cannot sign our offer: {exc.message}", Exit.USAGE) from None
+            log.info("network %s: calling %s (%s)", self.network, member.name, target)
+            try:
+                call = await ua.invite(target, sdp, timeout=CALL_TIMEOUT, call_id=call_id)
+            except (CallFailed, OSError) as exc:
+                await _close(ice)
+                peer.state, peer.error = "failed", f"INVITE: {exc}"
+                log.warning("network %s: %s did not accept (%s)", self.network, member.name, exc)
+                return False
+            peer.call = call
+            try:
+                params = read_peer(call.remote_sdp, name=member.name, roster_ip=member.mesh_ip,
+                                   trust=self.config.trust, call_id=call_id, from_uri=from_uri,
+                                   to_uri=to_uri, role="answer")
+                remote = _remote_ice(ice, call.remote_sdp)
+            except (SDPError, ParamError, TrustError, IceError) as exc:
+                await _close(ice)
+                text = exc.message if isinstance(exc, TrustError) else str(exc)
+                peer.state, peer.error = "refused", text
+                log.warning("network %s: session with %s refused: %s", self.network, member.name, text)
+                await call.bye(headers=[("Reason", 'SIP ;cause=488 ;text="refused"')])
+                return False
+            if remote is None:
+                await _close(ice)
+            else:
+                assert ice is not None
+                checked = await self._take_path(peer, params, call, ice,
+                                                asyncio.ensure_future(ice.connect(remote)))
+                if checked is None:
+                    return False
+                params = checked
+            await self._established(peer, params, call)
+            return True
+        except asyncio.CancelledError:  # the member left, or changed, while we called
+            if peer.handover is None:
+                await _close(ice)
+            raise
+
+    def _member_uri(self, name: str) -> Any:
+        """Where a pair's INVITE goes: the network AOR, narrowed to `name` (the server
+        forwards over that member's roster binding, so NATs are no obstacle)."""
+        assert self.roster is not None
+        uri = self.roster.aor.copy()
+        uri.params[MEMBER_PARAM] = name
+        return uri
 
     # -- answering -------------------------------------------------------------------------
     async def _on_invite(self, incoming: IncomingCall) -> None:
         caller = incoming.caller.uri
         name = getattr(caller, "user", None) or ""
+        meant = getattr(incoming.request.uri, "params", {}).get(MEMBER_PARAM)
+        if self.endpoint.stopping.is_set() or (meant is not None and meant != self.me):
+            incoming.reject(480 if meant in (None, self.me) else 404)  # leaving / not us
+            return
         try:
             await asyncio.wait_for(self.ready.wait(), ROSTER_WAIT)
         except asyncio.TimeoutError:
@@ -537,25 +636,43 @@ class MeshMember:
             params = read_peer(incoming.sdp, name=name, roster_ip=member.mesh_ip,
                                trust=self.config.trust, call_id=incoming.call_id,
                                from_uri=from_uri, to_uri=to_uri, role="offer")
-        except (SDPError, ParamError, TrustError) as exc:
+            offered = parse_ice(read_attribute_list(incoming.sdp), allow_loopback=True)
+        except (SDPError, ParamError, TrustError, IceError) as exc:
             text = exc.message if isinstance(exc, TrustError) else str(exc)
             self.peers[name] = Peer(name, "refused", error=text)
             log.warning("network %s: session with %s refused: %s", self.network, name, text)
             incoming.reject(488, headers=[("Warning", warning_value(text, self.endpoint.local_ip))])
             return
-        sdp = describe(self._attributes(), user=self.me, ip4=self.endpoint.local_ip,
+        ice = await self._gather(controlling=False) if offered is not None else None
+        sdp = describe(self._attributes(ice), user=self.me, ip4=self.endpoint.local_ip,
                        port=self.port, trust=self.config.trust, call_id=incoming.call_id,
                        from_uri=from_uri, to_uri=to_uri, role="answer")
         await self._drop(name, "called again")
         peer = self.peers[name] = Peer(name)
-        # The interface first: the caller's first handshake then finds its peer.
-        await self.interface.set_peer(params)
+        connecting = None
+        if ice is None:
+            # The interface first: the caller's first handshake then finds its peer.
+            await self.interface.set_peer(params, self.keepalive)
+        else:
+            # the checks start as the 200 goes out (the caller's may come before its ACK)
+            remote = _remote_ice(ice, incoming.sdp)
+            assert remote is not None
+            connecting = asyncio.ensure_future(ice.connect(remote))
         try:
             call = await incoming.accept(sdp)
         except CallFailed as exc:
             peer.state, peer.error = "failed", f"not established: {exc}"
-            await self.interface.remove_peer(params)
+            if connecting is not None:
+                connecting.cancel()
+                await _close(ice)
+            else:
+                await self.interface.remove_peer(params)
             return
+        if ice is not None and connecting is not None:
+            checked = await self._take_path(peer, params, call, ice, connecting)
+            if checked is None:
+                return
+            params = checked
         await self._established(peer, params, call)
 
     async def _member(self, name: str) -> Member | None:
@@ -570,24 +687,98 @@ class MeshMember:
         return None
 
     # -- both sides ------------------------------------------------------------------------
-    def _attributes(self) -> list[tuple[str, str]]:
+    def _attributes(self, ice: IceSession | None = None) -> list[tuple[str, str | None]]:
         assert self.mesh_ip is not None
-        return session_attributes(ip4=self.endpoint.local_ip, port=self.port,
-                                  wg_pubkey=self.wg_pubkey, mesh_ip=self.mesh_ip)
+        attributes: list[tuple[str, str | None]] = list(session_attributes(
+            ip4=self.endpoint.local_ip, port=self.port, wg_pubkey=self.wg_pubkey,
+            mesh_ip=self.mesh_ip))
+        if ice is not None and ice.local is not None:
+            attributes += render(ice.local)
+        return attributes
+
+    async def _gather(self, *, controlling: bool) -> IceSession | None:
+        """A pair's ICE session on our WireGuard port (None: ICE is off here)."""
+        if self.ice_config is None or self.shared is None:
+            return None
+        ice = IceSession(self.ice_config, controlling=controlling, shared=self.shared)
+        try:
+            await ice.gather()
+        except OSError as exc:
+            log.warning("network %s: cannot gather candidates: %s", self.network, exc)
+            await ice.close()
+            return None
+        return ice
+
+    async def _take_path(self, peer: Peer, params: PeerParams, call: Call, ice: IceSession,
+                         connecting: asyncio.Future[PathReport]) -> PeerParams | None:
+        """The checks' outcome: `params` with WireGuard's endpoint on the chosen path
+        (handed over and watched, agent/handover.py), or None (no path: BYE sent)."""
+        await asyncio.wait({connecting, call.ended}, return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            await _close(ice)
+            peer.state, peer.error = "failed", f"the peer ended the session ({call.ended.result()})"
+            return None
+        try:
+            report = connecting.result()
+        except IceError as exc:
+            report = exc.report or PathReport("none", str(exc))
+            peer.state, peer.error = "failed", f"no path: {report.reason}"
+            peer.path, peer.why = "none", path_why(report)
+            log.warning("network %s: no path to %s: %s", self.network, peer.name, exc)
+            await _bye(call, NO_PATH_CAUSE, f"no network path: {report.reason}")
+            return None
+        try:
+            peer.handover = await Handover.take(ice, consent_timeout=self.config.ice.consent_timeout)
+        except Exception as exc:  # noqa: BLE001 - e.g. the TURN server refused the channel
+            await _close(ice)
+            peer.state, peer.error = "failed", f"the path could not be taken: {exc}"
+            log.warning("network %s: path to %s: %s", self.network, peer.name, peer.error)
+            await _bye(call, NO_PATH_CAUSE, peer.error)
+            return None
+        peer.path, peer.why = report.kind, path_why(report)
+        peer.rtt_ms = round(report.rtt * 1000, 1) if report.rtt is not None else None
+        return dataclasses.replace(params,
+                                   endpoint=show_address(peer.handover.endpoint.remote))
 
     async def _established(self, peer: Peer, params: PeerParams, call: Call) -> None:
-        await self.interface.set_peer(params)
+        if self.peers.get(peer.name) is not peer:  # a newer session with the peer took over
+            if peer.handover is not None:
+                await peer.handover.close()
+            await _bye(call, 487, "superseded by a newer session")
+            return
+        await self.interface.set_peer(params, self.keepalive)
         peer.params, peer.call, peer.state, peer.since = params, call, "up", time.time()
-        peer.path, peer.why = "direct", "the address in the peer's offer"
-        log.info("network %s: peer %s up: %s at %s", self.network, peer.name, params.mesh_ip,
-                 params.endpoint)
+        if peer.handover is None:
+            peer.path, peer.why = "direct", "the address in the peer's offer (no ICE)"
+        log.info("network %s: peer %s up: %s at %s, path %s (%s)%s", self.network, peer.name,
+                 params.mesh_ip, params.endpoint, peer.path, peer.why,
+                 f", rtt {peer.rtt_ms} ms" if peer.rtt_ms is not None else "")
         self._paths_changed()
         asyncio.ensure_future(self._watch(peer, call))
 
     async def _watch(self, peer: Peer, call: Call) -> None:
-        reason = await call.ended
-        if self.peers.get(peer.name) is peer and not self.endpoint.stopping.is_set():
-            await self._drop(peer.name, f"session ended ({reason})")
+        """Until the session ends (BYE) or its path falls silent (consent lost)."""
+        lost = asyncio.ensure_future(peer.handover.lost()) if peer.handover else None
+        try:
+            await asyncio.wait({call.ended} | ({lost} if lost else set()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if lost is not None and not lost.done():
+                lost.cancel()
+        if self.peers.get(peer.name) is not peer or self.endpoint.stopping.is_set():
+            return
+        silent = lost is not None and lost.done() and not call.ended.done()
+        if silent:
+            reason = lost.result()  # type: ignore[union-attr]
+            asyncio.ensure_future(_bye(call, CONSENT_CAUSE, reason))
+            await self._drop(peer.name, reason)
+        else:
+            await self._drop(peer.name, f"session ended ({call.ended.result()})")
+        if silent or f"cause={CONSENT_CAUSE}" in (call.bye_reason or ""):
+            member = self.roster.members.get(peer.name) if self.roster else None
+            if member is not None:  # still in the roster: perhaps only the path died
+                self._joined(member, again=True)
 
     async def _drop(self, name: str, why: str) -> None:
         peer = self.peers.pop(name, None)
@@ -597,7 +788,12 @@ class MeshMember:
         if peer.params is not None:
             log.info("network %s: removing peer %s (%s): %s", self.network, name,
                      peer.params.mesh_ip, why)
-            await self.interface.remove_peer(peer.params)
+            try:
+                await self.interface.remove_peer(peer.params)
+            except AgentError as exc:  # wireguard-go gone (we are stopping, or it died)
+                log.warning("network %s: %s", self.network, exc)
+        if peer.handover is not None:
+            await peer.handover.close()
         if peer.call is not None and not peer.call.ended.done():
             asyncio.ensure_future(peer.call.bye())
 
@@ -628,6 +824,8 @@ class MeshMember:
                             endpoint=wg.get("endpoint") or peer.params.endpoint,
                             latest_handshake=wg.get("latest_handshake", 0),
                             rx=wg.get("rx", 0), tx=wg.get("tx", 0))
+            if peer.handover is not None:   # the checked pair, the watch, the relay proxy
+                info["path_detail"] = peer.handover.describe()
             peers.append(info)
         return {"network": self.network, "member": self.me, "interface": self.ifname,
                 "mesh_ip": self.mesh_ip, "wg_port": self.port, "wg_pubkey": self.wg_pubkey,
@@ -635,3 +833,23 @@ class MeshMember:
                 "trust": "ca" if self.config.trust else "roster",
                 "path_reports": self.reporter.state if self.reporter else "starting", "peers": peers}
 
+
+
+def _remote_ice(ice: IceSession | None, body: bytes) -> Any:
+    """The peer's ICE description when both sides do ICE (None: the paper's endpoint)."""
+    if ice is None:
+        return None
+    return ice.read_remote(read_attribute_list(body))
+
+
+async def _close(ice: IceSession | None) -> None:
+    if ice is not None:
+        await ice.close()
+
+
+async def _bye(call: Call, cause: int, text: str) -> None:
+    """BYE with a Reason, not waiting long for its answer (the path may be dead)."""
+    try:
+        await asyncio.wait_for(bye_with_reason(call, cause, text), 5)
+    except (asyncio.TimeoutError, OSError, CallFailed):
+        pass

@@ -66,6 +66,7 @@ from sipmesh.sip.uri import SipURI, parse_sip_uri
 log = logging.getLogger("sipmesh.broker.roster")
 
 MESH_PARAM = "mesh-ip"  # the contact URI parameter carrying the member's mesh address
+MEMBER_PARAM = "member"  # Request-URI parameter: which member of the network AOR is meant
 EVENT = "reg"
 DEFAULT_SUBSCRIBE_EXPIRES = 3600
 MAX_SUBSCRIBE_EXPIRES = 3600
@@ -280,6 +281,41 @@ class Roster:
         """REGISTERs to these AORs were just committed by this worker: notify soon."""
         if self.subscriptions and any(sub.aor in aors for sub in self.subscriptions.values()):
             self._wake.set()
+
+    # -- a request to one member (a pair's INVITE) ---------------------------------------------
+    def member_bindings(self, request: Request) -> tuple[Refusal | None, list[Binding]] | None:
+        """A request to one member of a network: Request-URI ``sip:net-NAME@DOMAIN;member=bob``
+        (apps/mesh.py's pair INVITEs: members behind NAT reach each other only through us,
+        over the flow of bob's roster binding). None: not such a request. Else the caller
+        authenticates in the network's realm, as a member paired with bob; then (None, bob's
+        bindings of the network AOR) or (refusal, [])."""
+        uri = request.uri
+        if not isinstance(uri, SipURI) or MEMBER_PARAM not in uri.params or not self.me.is_ours(uri):
+            return None
+        name = network_of_aor_user(uri.user)
+        network = self.networks.network(name) if name is not None else None
+        if network is None:
+            return None
+        if self.auth is None:
+            return (403, "Forbidden (networks need digest authentication)", []), []
+        check = self.auth.check(request, network.realm)
+        if check.pending is not None:  # as for REGISTER: members come from the users file
+            check.pending.close()
+            return (403, "Forbidden (network members are checked against the users file)", []), []
+        if not check.ok:
+            return (check.status, check.reason, check.headers), []
+        caller, target = check.username or "", uri.params.get(MEMBER_PARAM) or ""
+        from_uri = request.from_.uri
+        if caller not in network.members or not isinstance(from_uri, SipURI) \
+                or not may_send_as(caller, from_uri.user) or not network.paired(caller, target):
+            log.info("%s may not reach %s in network %s: %s refused", caller, target,
+                     network.name, request.method)
+            return (403, f"Forbidden (not paired with {target} in {network.name})", []), []
+        bindings = [b for b in self.location.lookup(self.location_aor(network, uri))
+                    if contact_user(b.contact) == target]
+        if not bindings:
+            return (480, f"Temporarily Unavailable ({target} is not in {network.name} now)", []), []
+        return None, bindings
 
     # -- SUBSCRIBE ----------------------------------------------------------------------------
     def on_request(self, txn: ServerTransaction) -> bool:
@@ -551,7 +587,10 @@ class Roster:
         request.body = body
         try:
             flow = await self._flow(sub)
-            flow = self.transactions.add_via(request, flow, branch=make_branch(self.worker, "0"))
+            # the subscriber's own flow (its NAT mapping) stays as it is, however large the
+            # roster: a TCP connection towards a NAT could not be opened (§18.1.1 aside)
+            flow = self.transactions.add_via(request, flow, branch=make_branch(self.worker, "0"),
+                                             pinned=flow is sub.flow)
             return await self.transactions.send_request(request, flow).wait_final()
         except OSError as exc:
             log.info("NOTIFY to %s (network %s) not sent: %s", sub.member, sub.network, exc)

@@ -41,7 +41,7 @@ from sipmesh.broker.auth import DEFAULT_ALGORITHMS, AuthCheck, Authenticator, ma
 from sipmesh.broker.domains import Listener, LocalIdentity
 from sipmesh.broker.location import Binding, Changes, LocationService, default_db_path
 from sipmesh.broker.nat import take_alias
-from sipmesh.broker.networks import Network
+from sipmesh.broker.networks import Network, network_of_aor_user
 from sipmesh.broker.proxy import Proxy, Target, loop_hash
 from sipmesh.broker.radius import RadiusClient, RadiusConfig, read_secret
 from sipmesh.broker.ratelimit import LoadShedder, RateLimiter, retry_after, triage
@@ -603,6 +603,15 @@ class Broker:
         if method == "REGISTER":
             self._begin_register(_Registration(request, txn.flow, None, txn))
             return
+        to_member = self.roster.member_bindings(request) if self.roster is not None else None
+        if to_member is not None:  # mesh: one member of a network AOR (a pair's INVITE)
+            refusal, bindings = to_member
+            if refusal is not None:
+                txn.reply(refusal[0], refusal[1], to_tag=_tag_for(request), headers=refusal[2])
+                return
+            _consume_credentials(request, network_of_aor_user(request.uri.user) or "")  # realm
+            self._forward(txn, self._targets(bindings), loop)
+            return
         if self.config.mode == "redirect" and method not in REDIRECTABLE:
             txn.reply(501 if method not in KNOWN_METHODS else 481 if method == "BYE" else 405,
                       headers=[("Allow", ALLOW_LOCAL)] if method in KNOWN_METHODS else None)
@@ -630,16 +639,20 @@ class Broker:
             txn.reply(302, to_tag=_tag_for(request),
                       headers=redirect_contacts(bindings, time.time()))
             return
+        targets = self._targets(bindings)
+        if not targets:
+            txn.reply(480, to_tag=_tag_for(request))
+            return
+        self._forward(txn, targets, loop)
+
+    def _targets(self, bindings: list[Binding]) -> list[Target]:
         targets = []
         for binding in bindings:
             try:
                 targets.append(Target(parse_sip_uri(binding.contact), self._flow_of(binding), binding.q))
             except ParseError:
-                log.warning("unusable contact %r for %s", binding.contact, aor)
-        if not targets:
-            txn.reply(480, to_tag=_tag_for(request))
-            return
-        self._forward(txn, targets, loop)
+                log.warning("unusable contact %r for %s", binding.contact, binding.aor)
+        return targets
 
     def _forward(self, txn: ServerTransaction, targets: list[Target], loop: str) -> None:
         assert self.proxy is not None

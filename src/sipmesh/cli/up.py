@@ -78,7 +78,7 @@ class UpRunner:
 def run_up(args: argparse.Namespace) -> int:
     from sipmesh.agent.certs import default_state_dir
     from sipmesh.apps.mesh import MeshConfig, MeshMember, MeshTrust
-    from sipmesh.cli.serve import ua_config
+    from sipmesh.cli.serve import ice_options, ua_config
 
     setup_logging(args.verbose, args.debug, args.log_file)
     try:
@@ -93,7 +93,7 @@ def run_up(args: argparse.Namespace) -> int:
                             state_dir=args.state_dir or default_state_dir(),
                             ifname=args.ifname, wg_port=args.wg_port and int(args.wg_port),
                             advertise=args.advertise, mesh_ip=args.mesh_ip, trust=trust,
-                            register_expires=args.expires,
+                            register_expires=args.expires, ice=ice_options(args),
                             tools={"wireguard_go": args.wireguard_go, "wg": args.wg})
         member = MeshMember(config)
     except AgentError as exc:
@@ -154,11 +154,13 @@ def run_down(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from sipmesh.cli.serve import add_ice_options
     p = subparsers.add_parser(
         "up", help="join a mesh network (runs until SIGINT/SIGTERM or `sipmesh down`)",
         description="Join mesh network NETWORK: one WireGuard interface (wireguard-go) with "
-                    "our mesh address, a direct tunnel to every other member, set up over SIP "
-                    "and kept current from the network's roster. See docs/mesh.md.")
+                    "our mesh address, a tunnel to every other member on the path ICE "
+                    "checked (direct, or through the TURN relay), set up over SIP and kept "
+                    "current from the network's roster. See docs/mesh.md.")
     p.add_argument("network", metavar="NETWORK")
     sip = p.add_argument_group("SIP (the credentials are the member's for this network)")
     add_identity_options(sip)
@@ -188,6 +190,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                       help="control socket (default: RUNTIME/mesh-NETWORK-USER.sock)")
     mesh.add_argument("--wireguard-go", default="wireguard-go", help=argparse.SUPPRESS)
     mesh.add_argument("--wg", default="wg", help=argparse.SUPPRESS)
+    add_ice_options(p)  # each pair's path: ICE on the WireGuard port, TURN as sessions use it
     trust = p.add_argument_group("trust (a network with a CA, docs/mesh-trust.md)")
     trust.add_argument("--network-ca", metavar="DIR", type=Path,
                        help="directory with the network's ca.pub (and revoked)")
