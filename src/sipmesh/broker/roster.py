@@ -283,39 +283,41 @@ class Roster:
             self._wake.set()
 
     # -- a request to one member (a pair's INVITE) ---------------------------------------------
-    def member_bindings(self, request: Request) -> tuple[Refusal | None, list[Binding]] | None:
+    def to_member(self, txn: ServerTransaction, forward: Callable[[list[Binding]], None]) -> bool:
         """A request to one member of a network: Request-URI ``sip:net-NAME@DOMAIN;member=bob``
         (apps/mesh.py's pair INVITEs: members behind NAT reach each other only through us,
-        over the flow of bob's roster binding). None: not such a request. Else the caller
-        authenticates in the network's realm, as a member paired with bob; then (None, bob's
-        bindings of the network AOR) or (refusal, [])."""
-        uri = request.uri
+        over the flow of bob's roster binding). False: not such a request. True: taken; the
+        caller authenticates in the network's realm as a member (static or by RADIUS group,
+        `authorise_member`) paired with bob, then `forward(bob's bindings of the network
+        AOR)` is called (now or once RADIUS has answered), or the request is answered."""
+        uri = txn.request.uri
         if not isinstance(uri, SipURI) or MEMBER_PARAM not in uri.params or not self.me.is_ours(uri):
-            return None
+            return False
         name = network_of_aor_user(uri.user)
         network = self.networks.network(name) if name is not None else None
         if network is None:
-            return None
-        if self.auth is None:
-            return (403, "Forbidden (networks need digest authentication)", []), []
-        check = self.auth.check(request, network.realm)
-        if check.pending is not None:  # as for REGISTER: members come from the users file
-            check.pending.close()
-            return (403, "Forbidden (network members are checked against the users file)", []), []
-        if not check.ok:
-            return (check.status, check.reason, check.headers), []
-        caller, target = check.username or "", uri.params.get(MEMBER_PARAM) or ""
-        from_uri = request.from_.uri
-        if caller not in network.members or not isinstance(from_uri, SipURI) \
-                or not may_send_as(caller, from_uri.user) or not network.paired(caller, target):
-            log.info("%s may not reach %s in network %s: %s refused", caller, target,
-                     network.name, request.method)
-            return (403, f"Forbidden (not paired with {target} in {network.name})", []), []
+            return False
+        self.authorise_member(txn, network, "reach its members",
+                              functools.partial(self._to_member_authorised, txn, network.name, forward))
+        return True
+
+    def _to_member_authorised(self, txn: ServerTransaction, name: str,
+                              forward: Callable[[list[Binding]], None], caller: str) -> None:
+        uri = txn.request.uri
+        assert isinstance(uri, SipURI)
+        network = self.networks.network(name)
+        target = uri.params.get(MEMBER_PARAM) or ""
+        if network is None or not network.paired(caller, target):
+            log.info("%s may not reach %s in network %s: %s refused", caller, target, name,
+                     txn.request.method)
+            txn.reply(403, f"Forbidden (not paired with {target} in {name})", to_tag=new_tag())
+            return
         bindings = [b for b in self.location.lookup(self.location_aor(network, uri))
                     if contact_user(b.contact) == target]
         if not bindings:
-            return (480, f"Temporarily Unavailable ({target} is not in {network.name} now)", []), []
-        return None, bindings
+            txn.reply(480, f"Temporarily Unavailable ({target} is not in {name} now)", to_tag=new_tag())
+            return
+        forward(bindings)
 
     # -- SUBSCRIBE ----------------------------------------------------------------------------
     def on_request(self, txn: ServerTransaction) -> bool:

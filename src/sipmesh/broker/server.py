@@ -603,14 +603,8 @@ class Broker:
         if method == "REGISTER":
             self._begin_register(_Registration(request, txn.flow, None, txn))
             return
-        to_member = self.roster.member_bindings(request) if self.roster is not None else None
-        if to_member is not None:  # mesh: one member of a network AOR (a pair's INVITE)
-            refusal, bindings = to_member
-            if refusal is not None:
-                txn.reply(refusal[0], refusal[1], to_tag=_tag_for(request), headers=refusal[2])
-                return
-            _consume_credentials(request, network_of_aor_user(request.uri.user) or "")  # realm
-            self._forward(txn, self._targets(bindings), loop)
+        # mesh: one member of a network AOR (a pair's INVITE)
+        if self.roster is not None and self.roster.to_member(txn, partial(self._to_member, txn, loop)):
             return
         if self.config.mode == "redirect" and method not in REDIRECTABLE:
             txn.reply(501 if method not in KNOWN_METHODS else 481 if method == "BYE" else 405,
@@ -620,6 +614,11 @@ class Broker:
             self._authorise(txn, partial(self._deliver, txn, loop))
         else:
             self._deliver(txn, loop)
+
+    def _to_member(self, txn: ServerTransaction, loop: str, bindings: list[Binding]) -> None:
+        request = txn.request
+        _consume_credentials(request, network_of_aor_user(request.uri.user) or "")  # realm
+        self._forward(txn, self._targets(bindings), loop)
 
     def _deliver(self, txn: ServerTransaction, loop: str) -> None:
         """A request for a user of ours, authorised: to its bindings (or 302, 404, 480)."""
