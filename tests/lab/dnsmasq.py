@@ -25,9 +25,9 @@ class Dnsmasq:
     priority, weight)`` tuples. Stop it with :meth:`stop` (or use it as a context)."""
 
     def __init__(self, directory: Path, records: Sequence[tuple], *, domains: Sequence[str] = ("example.com",),
-                 ttl: int = 30, netns: object | None = None) -> None:
+                 ttl: int = 30, netns: object | None = None, port: int | None = None) -> None:
         self.host = "127.0.0.1"
-        self.port = free_port("udp")
+        self.port = port or free_port("udp")  # inside a namespace: 53, for its resolv.conf
         argv = ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
                 f"--listen-address={self.host}", "--bind-interfaces", f"--port={self.port}",
                 f"--local-ttl={ttl}", "--user=root", f"--pid-file={directory / 'dnsmasq.pid'}"]

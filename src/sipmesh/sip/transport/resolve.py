@@ -143,18 +143,31 @@ class Resolver:
         if is_ip(host):
             return Flow(transport, host, port)
         if uri.port is None:
-            service = _SRV_SERVICE.get(transport)
-            records = await self.srv(f"{service}.{host}") if service else []
-            failures = []
-            for record in records:
-                try:
-                    return Flow(transport, (await self.addresses(record.target))[0], record.port)
-                except ResolveError as exc:
-                    failures.append(str(exc))
-            if records:
-                raise ResolveError(f"no target of the SRV records for {host} resolves: "
-                                   + "; ".join(failures))
+            servers = await self.srv_flows(host, transport)
+            if servers:
+                return servers[0][1]
         return Flow(transport, (await self.addresses(host))[0], port)
+
+    async def srv_flows(self, domain: str, transport: str = "UDP") -> list[tuple[str, Flow]]:
+        """The SIP servers of `domain` for `transport` by its SRV records (§4.2), in the
+        order to try them: (target name, flow to its first address) for each target that
+        resolves; [] when the domain has no SRV records (use its A/AAAA then). Raises
+        ResolveError when it has records but no target resolves."""
+        service = _SRV_SERVICE.get(transport.upper())
+        records = await self.srv(f"{service}.{domain}") if service else []
+        found: list[tuple[str, Flow]] = []
+        failures = []
+        for record in records:
+            try:
+                address = (await self.addresses(record.target))[0]
+            except ResolveError as exc:
+                failures.append(str(exc))
+                continue
+            found.append((record.target, Flow(transport.upper(), address, record.port)))
+        if records and not found:
+            raise ResolveError(f"no target of the SRV records for {domain} resolves: "
+                               + "; ".join(failures))
+        return found
 
     async def flow(self, flow: Flow) -> Flow:
         """`flow` with its host name replaced by an address (§5: a response's Via)."""

@@ -33,7 +33,7 @@ from sipmesh.sip.ua.invite_server import IncomingCall
 from sipmesh.sip.ua.redirect import Redirects, redirected
 from sipmesh.sip.ua.liveness import DEFAULT_INTERVAL as DEFAULT_PEER_KEEPALIVE
 from sipmesh.sip.ua.subscription import Subscription
-from sipmesh.sip.uri import URI, SipURI, parse_sip_uri
+from sipmesh.sip.uri import URI, SipURI, is_ip, parse_sip_uri
 
 log = logging.getLogger("sipmesh.sip.ua")
 
@@ -64,7 +64,8 @@ class UAConfig:
     peer_keepalive: float = DEFAULT_PEER_KEEPALIVE
     # More SIP servers (host[:port]) after `domain`: we register at each, and a new request
     # to one of them goes to the next when it fails (no answer within `failover_wait` s,
-    # 503, transport error); see `alternatives`.
+    # 503, transport error); see `alternatives`. Without them, a `domain` that is a name
+    # without a port may list its servers in DNS (SRV): see `UserAgent.find_servers`.
     servers: tuple[str, ...] = ()
     failover_wait: float = 2.0
     # Our +sip.instance in REGISTER (RFC 5626 §4.1), e.g. "<urn:uuid:...>"; None: none.
@@ -92,6 +93,8 @@ class UserAgent:
                         if config.password is not None else None)
         self._keepalive: dict[str, tuple[Flow, asyncio.Task[object]]] = {}  # by server
         self._server_failed: dict[str, float] = {}  # server -> when a request to it last failed
+        self._found: list[str] = []  # our servers by DNS SRV (find_servers), if any
+        self.server_names: dict[str, str] = {}  # a found server -> its SRV target name
         self._subscriptions: dict[tuple[str, str], Subscription] = {}  # by (Call-ID, our tag)
         # REGISTER's Call-ID and last CSeq per AOR we register (§10.2: one Call-ID per
         # registrar and AOR, CSeq increasing)
@@ -364,8 +367,33 @@ class UserAgent:
     # -- several servers ----------------------------------------------------------------
     @property
     def servers(self) -> list[str]:
-        """Our SIP servers (host[:port]): `domain` first, then `servers`."""
+        """Our SIP servers (host[:port]): `domain` first, then `servers`; or those that
+        `find_servers` found."""
+        if self._found:
+            return list(self._found)
         return [self.config.domain, *(s for s in self.config.servers if s != self.config.domain)]
+
+    async def find_servers(self) -> list[str]:
+        """RFC 3263 §4.2 for an agent given one server that is a name without a port (a
+        domain): its SRV records for our transport, each target at its first address, in
+        the order to try them (priority, then weight), become our `servers`, so that we
+        register at each and fail over between them as with servers given one by one.
+        No SRV records: `domain` stays our one server (its A/AAAA). Returns `servers`."""
+        domain = self.config.domain
+        if self.config.servers or not names_a_domain(domain):
+            return self.servers
+        assert self.transactions is not None, "start() first"
+        found = await self.transactions.resolver.srv_flows(domain, self.config.transport)
+        self._found, self.server_names = [], {}
+        for target, flow in found:
+            server = f"[{flow.host}]:{flow.port}" if ":" in flow.host else f"{flow.host}:{flow.port}"
+            if server not in self._found:
+                self._found.append(server)
+                self.server_names[server] = target
+        if self._found:
+            log.info("SIP servers of %s by DNS SRV: %s", domain, ", ".join(
+                f"{self.server_names[s]} ({s})" for s in self._found))
+        return self.servers
 
     def live_servers(self) -> list[str]:
         """`servers`, those a request failed at last in the end (the longest ago first)."""
@@ -519,6 +547,11 @@ def _stale(response: Response) -> bool:
             except AuthError:  # not a Digest challenge
                 continue
     return False
+
+
+def names_a_domain(server: str) -> bool:
+    """Is host[:port] a name without a port: one whose servers DNS SRV may list (§4.2)?"""
+    return not is_ip(server.strip("[]")) and ":" not in server.rsplit("]", 1)[-1]
 
 
 def _host_port(where: str | SipURI) -> str:
