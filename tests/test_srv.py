@@ -7,12 +7,15 @@ resolv.conf), real `sipmesh broker` processes: tests/lab/srvlab.py."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 
 import pytest
 
-from tests.lab import dnsmasq_unavailable_reason, free_port, wait_for
-from tests.lab.agents import agent_argv, agents, app_argv, record, wait_ready  # noqa: F401
+from tests.lab import dnsmasq_unavailable_reason, free_port, spawn, wait_for
+from tests.lab.agents import SIPMESH, agent_argv, agents, app_argv, record, wait_ready  # noqa: F401
+from tests.peers.daemon import RECORDER, config_text
 from tests.lab.srvlab import DOMAIN, SrvLab
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
@@ -77,3 +80,49 @@ def test_agent_finds_both_brokers_by_srv_and_fails_over_between_them(srv_lab, ag
     wait_for(lambda: session_up(tmp_path), 20, what="session through the restarted b1",
              abort=second.exit_reason)
     assert lab.brokers["b1"].registered("2502")
+
+
+def test_daemon_finds_its_servers_by_srv_and_status_shows_each(srv_lab, tmp_path):
+    """`server = "example.test"` in the daemon's file: both SRV targets; with b1 down the
+    daemon still starts, and `sipmesh status` shows b1 failing (and why), b2 registered
+    with its last success and next refresh."""
+    lab = srv_lab
+    lab.kill("b1")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "recorder.py").write_text(RECORDER)
+    socket_path = tmp_path / "home.sock"
+    config = tmp_path / "daemon.toml"
+    config.write_text(config_text(DOMAIN, out).replace(
+        "grace = 2\n", f'grace = 2\nregister_timeout = 1\ncontrol_socket = "{socket_path}"\n', 1))
+    daemon = spawn([SIPMESH, "daemon", "-c", str(config), "-v"], log_path=tmp_path / "daemon.log",
+                   name="daemon", netns=lab.ns)
+    try:
+        wait_for(lambda: "ready as sip:home@" in daemon.log_text(), 15, what="the daemon",
+                 abort=daemon.exit_reason)
+
+        def status() -> dict:
+            result = subprocess.run([SIPMESH, "status", "--socket", str(socket_path), "--json"],
+                                    capture_output=True, text=True, timeout=20)
+            return json.loads(result.stdout)
+
+        def by_server() -> dict:
+            return {r["server"]: r for r in status()["registrations"]}
+
+        registrations = wait_for(lambda: (lambda r: r if r.get(lab.server("b1"), {}).get(
+            "state") == "failing" else None)(by_server()), 10, what="b1 failing in status")
+        b1, b2 = registrations[lab.server("b1")], registrations[lab.server("b2")]
+        assert b1["name"] == f"b1.{DOMAIN}" and b2["name"] == f"b2.{DOMAIN}"
+        assert "did not answer our REGISTER" in b1["error"] and b1["last_success"] is None
+        assert b2["state"] == "registered" and b2["error"] is None and b2["expires"] == 3600
+        assert b2["last_success"] <= time.time() < b2["next_try"] and b1["next_try"] is not None
+        assert b1["aor"] == b2["aor"] == f"sip:home@{DOMAIN}"
+        table = subprocess.run([SIPMESH, "status", "--socket", str(socket_path)],
+                               capture_output=True, text=True, timeout=20).stdout
+        rows = {line.split()[1]: line for line in table.splitlines()
+                if line.startswith(f"sip:home@{DOMAIN}")}
+        assert set(rows) == {f"b1.{DOMAIN}", f"b2.{DOMAIN}"}, table
+        assert " failing " in rows[f"b1.{DOMAIN}"] and " registered " in rows[f"b2.{DOMAIN}"]
+    finally:
+        daemon.stop(grace=15)
+    assert daemon.returncode == 0, daemon.log_tail(30)
