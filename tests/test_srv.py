@@ -20,8 +20,9 @@ from tests.lab.srvlab import DOMAIN, SrvLab
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
-FAILOVER_BOUND = 8.0  # s from SIGKILL to the session through the survivor (bench/failover.py
-# measures it; ~2 s of it is UAConfig.failover_wait, the silence that declares a server down)
+FAILOVER_BOUND = 8.0  # s from SIGKILL to the session through the survivor for a caller that
+# knows nothing of the loss (bench/failover.py measures it; ~2 s of it is
+# UAConfig.failover_wait, the silence that declares a server down)
 
 
 @pytest.fixture
@@ -34,13 +35,13 @@ def srv_lab(netns_factory, tmp_path):
     lab.close()
 
 
-def call(agents, lab, tmp_path, caller: str, n: int):
+def call(agents, lab, tmp_path, caller: str, n: int, *options: str):
     """`sipmesh call 2500` from `caller` given only the domain; its programs write
-    tmp_path/run-N/{client,server}.json."""
+    tmp_path/{client,server}.json."""
     for name in ("client.json", "server.json"):
         (tmp_path / name).unlink(missing_ok=True)
-    return agents(agent_argv("call", DOMAIN, caller, "--register-timeout", "2",
-                             target="2500", program=app_argv(tmp_path, "exit", 0.2)),
+    return agents(agent_argv("call", DOMAIN, caller, *options, target="2500",
+                             program=app_argv(tmp_path, "exit", 0.2)),
                   name=f"call{n}", netns=lab.ns)
 
 
@@ -61,8 +62,11 @@ def test_agent_finds_both_brokers_by_srv_and_fails_over_between_them(srv_lab, ag
             f"b2.{DOMAIN} ({lab.server('b2')})") in log
     assert (tmp_path / "state" / "instance-id").exists()  # one +sip.instance for both
 
-    killed = lab.kill("b1")  # the first by priority
-    first = call(agents, lab, tmp_path, "2501", 1)
+    # a caller that knows nothing of the loss (no REGISTER of its own, as a long-running
+    # agent registered before it): b1, the first by priority, is silent for
+    # failover_wait, then b2
+    killed = lab.kill("b1")
+    first = call(agents, lab, tmp_path, "2501", 1, "--no-register")
     wait_for(lambda: session_up(tmp_path), 20, what="session through b2",
              abort=first.exit_reason)
     elapsed = time.monotonic() - killed
@@ -76,10 +80,13 @@ def test_agent_finds_both_brokers_by_srv_and_fails_over_between_them(srv_lab, ag
     # b1 back on its database; b2 killed: the next call goes through b1
     lab.restart("b1")
     lab.kill("b2")
-    second = call(agents, lab, tmp_path, "2502", 2)
+    # this caller registers: b2 does not answer where b1 did, so the INVITE goes to b1 at once
+    second = call(agents, lab, tmp_path, "2502", 2, "--register-timeout", "2")
     wait_for(lambda: session_up(tmp_path), 20, what="session through the restarted b1",
              abort=second.exit_reason)
     assert lab.brokers["b1"].registered("2502")
+    assert f"calling sip:2500@{lab.server('b1')}" in second.log_text()
+    assert "failed (408" not in second.log_text()
 
 
 def test_daemon_finds_its_servers_by_srv_and_status_shows_each(srv_lab, tmp_path):

@@ -138,7 +138,8 @@ class Endpoint:
 
         With several servers, at each of them at once, each refreshed on its own: this
         returns as soon as one accepted us (the others go on in the background, a failing
-        one retried every MIN_RETRY s); it fails only when every one failed."""
+        one retried every MIN_RETRY s); it fails only when every one failed. A server that
+        has not answered by then comes last for new requests until it does."""
         assert self.ua is not None, "listen() first"
         reliable = self.config.transport.upper() in RELIABLE
         servers = self.ua.servers
@@ -169,7 +170,12 @@ class Endpoint:
             task.add_done_callback(self._registering.discard)
         while pending and not any(r.state == "registered" for r in self.registrations):
             _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        if any(r.state == "registered" for r in self.registrations) or keep_trying:
+        if any(r.state == "registered" for r in self.registrations):
+            for registration in self.registrations:
+                if registration.state == "unregistered":  # no answer yet where another did:
+                    self.ua.server_failed(registration.server)  # last until it answers
+            return
+        if keep_trying:
             return
         first = next(r for r in self.registrations if r in errors)
         raise errors[first]
