@@ -35,12 +35,12 @@ def srv_lab(netns_factory, tmp_path):
     lab.close()
 
 
-def call(agents, lab, tmp_path, caller: str, n: int, *options: str):
-    """`sipmesh call 2500` from `caller` given only the domain; its programs write
+def call(agents, lab, tmp_path, caller: str, n: int, *options: str, target: str = "2500"):
+    """`sipmesh call TARGET` from `caller` given only the domain; its programs write
     tmp_path/{client,server}.json."""
     for name in ("client.json", "server.json"):
         (tmp_path / name).unlink(missing_ok=True)
-    return agents(agent_argv("call", DOMAIN, caller, *options, target="2500",
+    return agents(agent_argv("call", DOMAIN, caller, *options, target=target,
                              program=app_argv(tmp_path, "exit", 0.2)),
                   name=f"call{n}", netns=lab.ns)
 
@@ -64,9 +64,9 @@ def test_agent_finds_both_brokers_by_srv_and_fails_over_between_them(srv_lab, ag
 
     # a caller that knows nothing of the loss (no REGISTER of its own, as a long-running
     # agent registered before it): b1, the first by priority, is silent for
-    # failover_wait, then b2
+    # failover_wait, then b2 (the callee named in the domain, as well as by its bare name)
     killed = lab.kill("b1")
-    first = call(agents, lab, tmp_path, "2501", 1, "--no-register")
+    first = call(agents, lab, tmp_path, "2501", 1, "--no-register", target=f"2500@{DOMAIN}")
     wait_for(lambda: session_up(tmp_path), 20, what="session through b2",
              abort=first.exit_reason)
     elapsed = time.monotonic() - killed

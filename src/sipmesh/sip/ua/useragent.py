@@ -359,10 +359,19 @@ class UserAgent:
         if not isinstance(target, str):
             return target
         if target.startswith(("sip:", "sips:")):
-            return parse_sip_uri(target)
+            return self._at_found_server(parse_sip_uri(target))
         if "@" in target:
-            return parse_sip_uri(f"sip:{target}")
+            return self._at_found_server(parse_sip_uri(f"sip:{target}"))
         return parse_sip_uri(f"sip:{target}@{self.live_servers()[0]}")
+
+    def _at_found_server(self, uri: SipURI) -> SipURI:
+        """A name in the domain whose servers we found by SRV goes to one of them (so that
+        it fails over between them as a name at one of our servers does)."""
+        if self._found and uri.port is None and \
+                uri.host.lower().rstrip(".") == self.config.domain.lower().rstrip("."):
+            at = parse_sip_uri(f"sip:{self.live_servers()[0]}")
+            return uri.copy(host=at.host, port=at.port)
+        return uri
 
     # -- several servers ----------------------------------------------------------------
     @property
