@@ -383,16 +383,18 @@ class UserAgent:
         return [self.config.domain, *(s for s in self.config.servers if s != self.config.domain)]
 
     async def find_servers(self) -> list[str]:
-        """RFC 3263 §4.2 for an agent given one server that is a name without a port (a
-        domain): its SRV records for our transport, each target at its first address, in
-        the order to try them (priority, then weight), become our `servers`, so that we
-        register at each and fail over between them as with servers given one by one.
+        """RFC 3263 for an agent given one server that is a name without a port (a
+        domain): its SRV records for our transport (named by its NAPTR records, if any),
+        each target at its first address, in the order to try them (priority, then
+        weight), become our `servers`, so that we register at each and fail over between
+        them as with servers given one by one.
         No SRV records: `domain` stays our one server (its A/AAAA). Returns `servers`."""
         domain = self.config.domain
         if self.config.servers or not names_a_domain(domain):
             return self.servers
         assert self.transactions is not None, "start() first"
-        found = await self.transactions.resolver.srv_flows(domain, self.config.transport)
+        found = await self.transactions.resolver.srv_flows(domain, self.config.transport,
+                                                             naptr=True)
         self._found, self.server_names = [], {}
         for target, flow in found:
             server = f"[{flow.host}]:{flow.port}" if ":" in flow.host else f"{flow.host}:{flow.port}"
