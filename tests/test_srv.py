@@ -133,3 +133,39 @@ def test_daemon_finds_its_servers_by_srv_and_status_shows_each(srv_lab, tmp_path
     finally:
         daemon.stop(grace=15)
     assert daemon.returncode == 0, daemon.log_tail(30)
+
+
+def test_a_running_session_survives_the_broker_it_was_routed_through(srv_lab, agents, tmp_path):
+    """Issue 13 item 4: a session record-routed through b1 outlives b1's SIGKILL. Both
+    agents probe the silent peer (--keepalive 2: noticed within 6 s); the caller then moves
+    the session to a new dialog through b2 with Replaces (RFC 3891), the callee accepts it,
+    the programs keep running, and the caller's BYE reaches the callee through b2."""
+    lab = srv_lab
+    serve = agents(agent_argv("serve", DOMAIN, "2500", "--keepalive", "2",
+                              "--state-dir", str(tmp_path / "state"),
+                              "--app-port", str(free_port()), program=app_argv(tmp_path, "run")),
+                   name="serve", netns=lab.ns)
+    wait_ready(serve)
+    wait_for(lambda: all(b.registered("2500") for b in lab.brokers.values()), 10,
+             what="2500 registered at both SRV targets", abort=serve.exit_reason)
+    caller = agents(agent_argv("call", DOMAIN, "2501", "--keepalive", "2", target="2500",
+                               program=app_argv(tmp_path, "run")), name="call", netns=lab.ns)
+    wait_for(lambda: session_up(tmp_path), 20, what="the session (through b1)",
+             abort=caller.exit_reason)
+    assert f"calling sip:2500@{lab.server('b1')}" in caller.log_text()
+
+    lab.kill("b1")
+    wait_for(lambda: "the session goes on in dialog" in caller.log_text(), 20,
+             what="the caller's Replaces accepted", abort=caller.exit_reason)
+    assert "the peer moved the session to dialog" in serve.log_text()
+    # both programs still run, nobody ended the session: and it stays so past the bound
+    # nothing may happen now: wait one more K + W (6 s), in which the new dialog's probes
+    # (through b2) must be answered, or the session would end
+    time.sleep(6.5)
+    for proc in (serve, caller):
+        assert "session ended" not in proc.log_text(), proc.log_tail(20)
+    assert not (tmp_path / "client.stopped").exists() and not (tmp_path / "server.stopped").exists()
+
+    caller.stop(grace=10)  # SIGTERM: BYE in the new dialog, through b2
+    wait_for(lambda: "serve: session ended: the peer ended the session (remote BYE)" in
+             serve.log_text(), 10, what="the BYE at the callee")

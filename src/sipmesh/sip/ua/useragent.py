@@ -164,7 +164,8 @@ class UserAgent:
         self._calls[call.dialog.id] = call
 
     def forget_call(self, call: Call) -> None:
-        self._calls.pop(call.dialog.id, None)
+        if self._calls.get(call.dialog.id) is call:
+            del self._calls[call.dialog.id]
 
     # -- requests we send ------------------------------------------------------------------
     def new_request(self, method: str, uri: URI, *, to: Address | None = None,
@@ -344,7 +345,8 @@ class UserAgent:
 
     async def invite(self, target: str | URI, sdp: bytes, *,
                      on_progress: ProgressHandler | None = None,
-                     timeout: float | None = None, call_id: str | None = None) -> Call:
+                     timeout: float | None = None, call_id: str | None = None,
+                     headers: list[tuple[str, str]] | None = None) -> Call:
         """Call `target` (a user name, 'user@host' or a SIP URI) and return the Call once
         the 2xx is ACKed. Raises CallFailed with the final status otherwise. `call_id`:
         the dialog's Call-ID, when the offer must name it (a signed session).
@@ -352,7 +354,7 @@ class UserAgent:
         With `timeout`, give up after that many seconds without an answer: the INVITE is
         CANCELled (§9.1) and CallFailed(487) raised. Cancelling the awaiting task CANCELs too."""
         return await send_invite(self, self.target_uri(target), sdp, on_progress=on_progress,
-                                 timeout=timeout, call_id=call_id)
+                                 timeout=timeout, call_id=call_id, headers=headers)
 
     def target_uri(self, target: str | URI) -> URI:
         """The URI of `target`: a SIP URI, 'user@host', or a user name in our domain."""
@@ -440,6 +442,43 @@ class UserAgent:
                 found.append(uri.copy(host=at.host, port=at.port))
         return found
 
+    def live_target(self, uri: URI) -> URI:
+        """`uri` at the live server we would send a new request to: one of ours (given,
+        or a name in the domain whose servers SRV gave) moves to the first live one."""
+        if not isinstance(uri, SipURI):
+            return uri
+        if self.server_of(uri) is not None and len(self.servers) > 1:
+            at = parse_sip_uri(f"sip:{self.live_servers()[0]}")
+            return uri.copy(host=at.host, port=at.port)
+        return self._at_found_server(uri)
+
+    async def _replace(self, txn: ServerTransaction, value: str) -> None:
+        """An INVITE with Replaces (RFC 3891): the peer of one of our calls moves it to a
+        new dialog (its route through a dead server of ours, `Call.reroute`). Only that
+        peer may (its From is the dialog's remote URI); we answer with the call's own
+        SDP and the Call goes on with the new dialog: the session above sees no change."""
+        call_id, _, rest = value.partition(";")
+        params = dict(p.strip().partition("=")[::2] for p in rest.split(";") if p.strip())
+        call = self._calls.get((call_id.strip(), params.get("to-tag", ""),
+                                params.get("from-tag", "")))
+        if call is None or call.ended.done():
+            _reply(txn, 481, "Call/Transaction Does Not Exist")
+            return
+        caller = txn.request.from_.uri
+        remote = call.dialog.remote_uri.uri
+        if not (isinstance(caller, SipURI) and isinstance(remote, SipURI)
+                and caller.user == remote.user and caller.host.lower() == remote.host.lower()):
+            _reply(txn, 403, "Forbidden (not the peer of that dialog)")
+            return
+        try:
+            new = await IncomingCall(self, txn).accept(call.local_sdp)
+        except CallFailed as exc:
+            log.warning("[%s] the Replaces INVITE failed: %s", call.call_id, exc)
+            return
+        log.info("[%s] the peer moved the session to dialog %s (Replaces)", call.call_id,
+                 new.call_id)
+        call.adopt(new)
+
     # -- TransactionUser --------------------------------------------------------------------
     def on_request(self, txn: ServerTransaction) -> None:
         request = txn.request
@@ -467,6 +506,9 @@ class UserAgent:
                 txn.reply(481)
             else:
                 call.on_request(txn)
+            return
+        if request.method == "INVITE" and request.headers.get("Replaces") is not None:
+            self.spawn(self._replace(txn, request.headers.get("Replaces") or ""))
             return
         if request.method == "INVITE":
             if self.on_invite is None:
