@@ -12,6 +12,12 @@ in-dialog OPTIONS, and a 408 or 481 to any request of ours in the dialog, or a p
 unanswered for min(2K, 64*T1), ends the call (RFC 3261 §12.2.1.2; the rule and the
 bound, K + min(2K, 64*T1), are in `liveness`). `ended` then completes with the reason,
 `lost` keeps it, and a BYE goes out (best effort: the peer is probably not there).
+
+Unless the dialog was record-routed through one of our servers and we have another: the
+silence may be that server's death, not the peer's. The side that made the call then
+sends a new INVITE with Replaces (RFC 3891) through a live server, the other waits as
+long again for it (`UserAgent._replace` answers it), and both go on in the new dialog in
+the same Call (`adopt`); only if that fails does the call end as above.
 """
 
 from __future__ import annotations
