@@ -20,14 +20,15 @@ from pathlib import Path
 
 from .broker import BrokerServer
 from .dnsmasq import Dnsmasq
-from .netns import NetnsFactory
 
 DOMAIN = "example.test"
 BROKERS = {"b1": ("127.0.0.2", 10), "b2": ("127.0.0.3", 20)}  # name -> (address, priority)
 
 
 class SrvLab:
-    def __init__(self, factory: NetnsFactory, run_dir: Path) -> None:
+    """On a NetnsFactory (`factory`), which deletes the namespace."""
+
+    def __init__(self, factory, run_dir: Path) -> None:  # type: ignore[no-untyped-def]
         self.run_dir = run_dir
         self.ns = factory.add("srv")
         self.brokers: dict[str, BrokerServer] = {}
