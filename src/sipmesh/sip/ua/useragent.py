@@ -452,24 +452,29 @@ class UserAgent:
             return uri.copy(host=at.host, port=at.port)
         return self._at_found_server(uri)
 
-    async def _replace(self, txn: ServerTransaction, value: str) -> None:
-        """An INVITE with Replaces (RFC 3891): the peer of one of our calls moves it to a
-        new dialog (its route through a dead server of ours, `Call.reroute`). Only that
-        peer may (its From is the dialog's remote URI); we answer with the call's own
-        SDP and the Call goes on with the new dialog: the session above sees no change."""
+    def _replaced_call(self, txn: ServerTransaction, value: str) -> Call | None:
+        """The call an INVITE with Replaces (RFC 3891) names, if its sender may replace
+        it (the dialog's peer: its From is the dialog's remote URI); else answered here
+        (481, 403) and None."""
         call_id, _, rest = value.partition(";")
         params = dict(p.strip().partition("=")[::2] for p in rest.split(";") if p.strip())
         call = self._calls.get((call_id.strip(), params.get("to-tag", ""),
                                 params.get("from-tag", "")))
         if call is None or call.ended.done():
             _reply(txn, 481, "Call/Transaction Does Not Exist")
-            return
+            return None
         caller = txn.request.from_.uri
         remote = call.dialog.remote_uri.uri
         if not (isinstance(caller, SipURI) and isinstance(remote, SipURI)
                 and caller.user == remote.user and caller.host.lower() == remote.host.lower()):
             _reply(txn, 403, "Forbidden (not the peer of that dialog)")
-            return
+            return None
+        return call
+
+    async def _replace(self, txn: ServerTransaction, call: Call) -> None:
+        """The peer of `call` moves it to a new dialog (its route went through a server
+        of ours that died: `Call._reroute`): we answer with the call's own SDP and the
+        Call goes on in the new dialog; the session above sees no change."""
         try:
             new = await IncomingCall(self, txn).accept(call.local_sdp)
         except CallFailed as exc:
@@ -508,7 +513,9 @@ class UserAgent:
                 call.on_request(txn)
             return
         if request.method == "INVITE" and request.headers.get("Replaces") is not None:
-            self.spawn(self._replace(txn, request.headers.get("Replaces") or ""))
+            call = self._replaced_call(txn, request.headers.get("Replaces") or "")
+            if call is not None:
+                self.spawn(self._replace(txn, call))
             return
         if request.method == "INVITE":
             if self.on_invite is None:
