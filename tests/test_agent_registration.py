@@ -35,6 +35,10 @@ class FakeUA:
     def contact(self) -> Address:
         return Address(parse_sip_uri("sip:2500@10.0.0.1:5060"))
 
+    def server_failed(self, server: str, failed: bool = True) -> None:
+        """What the registration tells the UA of its server (UserAgent.server_failed)."""
+        self.failed = (server, failed)
+
     async def register(self, expires: int) -> Response:
         self.calls.append((time.monotonic(), expires))
         answer = self.answers.pop(0) if self.answers else response(200, Expires=str(expires))
@@ -59,6 +63,27 @@ async def test_refresh_at_half_the_granted_time_then_halving_with_a_floor():
     # 0.5 (half of 1 s), then failures: 0.25, 0.125 -> floor 0.1, then success again
     assert gaps[:4] == pytest.approx([0.5, 0.25, 0.125, 0.1], abs=0.05), gaps
     assert [e for _, e in ua.calls][:5] == [3600] * 5 and ua.calls[-1][1] == 0  # unregister
+
+
+async def test_state_for_status_and_the_server_marked_failing_then_live_again():
+    """describe() is what `sipmesh status` shows per server; a 503 makes the UA try its
+    other servers first for new requests, the next acceptance puts this one back."""
+    ua = FakeUA([response(503), response(200, Expires="60")])
+    reg = Registration(ua, expires=60, min_retry=0.1)  # type: ignore[arg-type]
+    before = time.time()
+    await reg.register(keep_trying=True)
+    state = reg.describe()
+    assert state["state"] == "failing" and state["error"] == "503 x"
+    assert state["server"] == "registrar.test" and state["last_success"] is None
+    assert ua.failed == ("registrar.test", True)
+    reg.start_refresh()
+    await wait_for_async(lambda: reg.state == "registered", 2, what="the retry accepted")
+    state = reg.describe()
+    assert state["expires"] == 60 and state["error"] is None
+    assert before <= state["last_success"] <= time.time() < state["next_try"]
+    assert ua.failed == ("registrar.test", False)
+    await reg.unregister()
+    assert reg.describe()["next_try"] is None
 
 
 async def test_interval_too_brief_is_retried_with_min_expires():

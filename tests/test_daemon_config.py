@@ -110,6 +110,10 @@ def test_the_example_configuration_loads() -> None:
     (('user = "home"', 'user = "home"\nca_file = "ca.crt"'), "t.toml:5: [agent] ca_file: only for TLS"),
     (('server = "127.0.0.1:5060"', 'server = "sips:127.0.0.1"\ntransport = "tcp"'), "t.toml:4: [agent] transport: 'tcp', but server 'sips:127.0.0.1' means 'tls'"),
     (('server = "127.0.0.1:5060"', 'server = "sip:bob@127.0.0.1"'), "t.toml:3: [agent] server: 'sip:bob@127.0.0.1': give the server alone"),
+    (('user = "home"', 'user = "home"\nservers = ["b:5070", 7]'), "t.toml:5: [agent] servers: must be a list of servers"),
+    (('user = "home"', 'user = "home"\nservers = ["b:99999"]'), "t.toml:5: [agent] servers: '99999' is not a port number"),
+    (('user = "home"', 'user = "home"\nservers = ["sips:b"]'), "t.toml:5: [agent] servers: the server sips:b means TLS, not UDP"),
+    (('server = "127.0.0.1:5060"\nuser = "home"', 'user = "home"'), "t.toml:2: [agent] server: missing (the SIP server, HOST[:PORT], or servers = [...])"),
     (('user = "home"', 'user = "home"\nkeepalive = 0.5'), "t.toml:5: [agent] keepalive: must be 0 (off) or 1..3600 seconds, not 0.5"),
     (('[[service]]\nname = "two"', '[[service]]\nmax_sessions = 0\nname = "two"'), "t.toml:28: service 'two': max_sessions: must be a positive integer"),
     (('[[service]]\nname = "two"', '[[service]]\nallow = ["a b"]\nname = "two"'), "t.toml:28: service 'two': allow: 'a b' is not a caller pattern"),
@@ -122,6 +126,23 @@ def test_bad_configurations_are_refused_with_line_and_reason(change, expected) -
         load(GOOD.replace(old, new, 1))
     assert str(info.value).startswith(expected), str(info.value)
     assert info.value.code == 2
+
+
+def test_several_servers_reach_the_ua_as_repeated_server_options_do(tmp_path) -> None:
+    """`servers = [...]` after (or instead of) `server`: the first is the AOR's domain, the
+    others UAConfig.servers, one +sip.instance kept in state_dir; a name without a port
+    alone (a domain whose SRV records may list several) gets an instance too."""
+    from sipmesh.daemon.server import ua_config
+    state = f'state_dir = "{tmp_path}"\n'
+    for server_lines, domain, servers in [
+            ('servers = ["a.test:5060", "b.test:5070", "a.test:5060"]\n', "a.test:5060", ("b.test:5070",)),
+            ('server = "a.test:5060"\nservers = ["sip:b.test:5070;transport=udp"]\n', "a.test:5060", ("b.test:5070",)),
+            ('server = "example.test"\n', "example.test", ())]:
+        agent = load(GOOD.replace('server = "127.0.0.1:5060"\n', server_lines + state, 1)).agent
+        ua = ua_config(agent)
+        assert (ua.domain, ua.servers) == (domain, servers)
+        assert ua.instance == f"<urn:uuid:{(tmp_path / 'instance-id').read_text().strip()}>"
+    assert ua_config(load(GOOD).agent).instance is None  # one server at an address: none
 
 
 def test_the_peer_keepalive_of_agent_reaches_the_ua() -> None:

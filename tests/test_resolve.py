@@ -71,7 +71,12 @@ def lab(tmp_path):
     records = [("A", "spindle.example.com", "127.0.0.1", 60),
                ("SRV", "_sip._udp.example.com", "spindle.example.com", sink, 10, 5),
                ("SRV", "_sip._udp.broker.example.com", "spindle.example.com", broker, 10, 5),
-               ("SRV", "_sip._udp.dangling.example.com", "gone.example.com", 5060, 10, 5)]
+               ("SRV", "_sip._udp.dangling.example.com", "gone.example.com", 5060, 10, 5),
+               # NAPTR (RFC 3263 §4.1) names other SRV records than the transport's own
+               ("NAPTR", "naptr.example.com", 10, 10, "SIP+D2T", "_sip._tcp.alt.example.com"),
+               ("NAPTR", "naptr.example.com", 20, 10, "SIP+D2U", "_sip._udp.alt.example.com"),
+               ("SRV", "_sip._udp.alt.example.com", "spindle.example.com", broker, 10, 5),
+               ("SRV", "_sip._udp.naptr.example.com", "spindle.example.com", sink, 10, 5)]
     with Dnsmasq(tmp_path, records) as dns:
         yield Lab(dns, sink, broker)
 
@@ -231,6 +236,38 @@ def test_user_agent_finds_its_registrar_by_srv(lab, loop, tmp_path):
             await broker.stop()
 
     run_on(loop, main)
+
+
+def test_user_agent_finds_its_servers_by_naptr_and_srv(lab):
+    """find_servers: a domain's SRV targets (via its NAPTR records for our transport)
+    become the UA's servers; a server with a port, or a domain without records, stays."""
+    async def main():
+        found = {}
+        for domain, transport in (("naptr.example.com", "UDP"), ("naptr.example.com", "TCP"),
+                                  ("broker.example.com", "UDP"), ("broker.example.com:5070", "UDP"),
+                                  ("spindle.example.com", "UDP")):
+            ua = UserAgent(UAConfig(user="alice", domain=domain, transport=transport,
+                                    listen_host="127.0.0.1", listen_port=0, transports=("UDP",)))
+            await ua.start()
+            try:
+                assert ua.transactions is not None
+                ua.transactions.resolver = lab.resolver()
+                found[domain, transport] = (await ua.find_servers(), dict(ua.server_names))
+            finally:
+                await ua.stop()
+        # UDP: the NAPTR's _sip._udp.alt.example.com (the broker), not _sip._udp.naptr (the sink)
+        assert found["naptr.example.com", "UDP"] == (
+            [f"127.0.0.1:{lab.broker_port}"], {f"127.0.0.1:{lab.broker_port}": "spindle.example.com"})
+        # TCP: the NAPTR's SRV name has no records, nor has _sip._tcp.naptr: the domain itself
+        assert found["naptr.example.com", "TCP"] == (["naptr.example.com"], {})
+        assert found["broker.example.com", "UDP"][0] == [f"127.0.0.1:{lab.broker_port}"]
+        assert found["broker.example.com:5070", "UDP"] == (["broker.example.com:5070"], {})
+        assert found["spindle.example.com", "UDP"] == (["spindle.example.com"], {})
+        # next hops do not read NAPTR: the transport's own SRV name
+        flow = await lab.resolver().uri_flow(parse_sip_uri("sip:bob@naptr.example.com"))
+        assert flow == Flow("UDP", "127.0.0.1", lab.sink_port)
+
+    asyncio.run(main())
 
 
 async def _until(predicate, timeout: float = 5.0) -> None:

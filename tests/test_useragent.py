@@ -313,6 +313,33 @@ async def test_reinvite_is_answered_with_the_same_sdp_from_either_side(make_ua):
     assert await asyncio.wait_for(theirs.ended, 2) == "remote BYE"
 
 
+async def test_invite_with_replaces_moves_the_call_to_a_new_dialog_for_its_peer_only(make_ua):
+    """RFC 3891 as Call.reroute uses it: the peer's INVITE with Replaces is answered by the
+    UA itself with the call's own SDP, and the same Call goes on in the new dialog (the
+    application's handler never sees it); anybody else gets 403, an unknown dialog 481."""
+    callee = Callee()
+    bob = await make_ua("bob", on_invite=callee)
+    alice = await make_ua("alice")
+    mallory = await make_ua("mallory")
+    call = await alice.invite(target(bob), sdp("alice"))
+    theirs = await established(callee)
+    replaces = f"{call.call_id};to-tag={call.dialog.remote_tag};from-tag={call.dialog.local_tag}"
+    with pytest.raises(CallFailed) as failed:
+        await mallory.invite(target(bob), sdp("mallory"), headers=[("Replaces", replaces)])
+    assert failed.value.status == 403
+    with pytest.raises(CallFailed) as failed:
+        await alice.invite(target(bob), sdp("alice"),
+                           headers=[("Replaces", f"{call.call_id};to-tag=x;from-tag=y")])
+    assert failed.value.status == 481
+    new = await alice.invite(target(bob), sdp("alice"), headers=[("Replaces", replaces)])
+    assert new.remote_sdp == callee.answer and len(callee.incoming) == 1
+    await wait_for_async(lambda: theirs.call_id == new.call_id, 2, what="bob's Call adopting it")
+    assert not theirs.ended.done() and theirs in bob.calls and len(bob.calls) == 1
+    await new.bye()
+    assert await asyncio.wait_for(theirs.ended, 2) == "remote BYE"
+    assert bob.calls == []
+
+
 async def test_in_dialog_options_and_out_of_order_cseq(make_ua):
     callee = Callee()
     bob = await make_ua("bob", on_invite=callee)

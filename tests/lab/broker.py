@@ -47,13 +47,14 @@ class BrokerServer:
 
     def __init__(self, run_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
                  netns=None, users: dict[str, str] | None = None,
-                 extra: tuple[str, ...] | list[str] = ()) -> None:
+                 extra: tuple[str, ...] | list[str] = (), domain: str | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.host, self.netns = host, netns
+        self.domain = domain or host  # of the AORs it holds (`--domain`, if given)
         self.port = port or (5060 if netns is not None else free_port("both", host))
         self.db = run_dir / "broker.db"
         argv = [SIPMESH, "broker", "--listen", f"{host}:{self.port}", "--db", str(self.db),
-                "--workers", "1", *extra]
+                "--workers", "1", *(["--domain", domain] if domain else []), *extra]
         if users:
             users_file = run_dir / "users"
             for user, password in users.items():
@@ -83,7 +84,7 @@ class BrokerServer:
 
         location = LocationService(self.db)
         try:
-            return bool(location.lookup(f"sip:{user}@{self.host}"))
+            return bool(location.lookup(f"sip:{user}@{self.domain}"))
         finally:
             location.close()
 

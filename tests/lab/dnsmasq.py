@@ -21,13 +21,14 @@ def dnsmasq_unavailable_reason() -> str | None:
 
 
 class Dnsmasq:
-    """``records``: ``("A", name, address, ttl)`` and ``("SRV", name, target, port,
-    priority, weight)`` tuples. Stop it with :meth:`stop` (or use it as a context)."""
+    """``records``: ``("A", name, address, ttl)``, ``("SRV", name, target, port,
+    priority, weight)`` and ``("NAPTR", name, order, preference, service, replacement)``
+    (flag S) tuples. Stop it with :meth:`stop` (or use it as a context)."""
 
     def __init__(self, directory: Path, records: Sequence[tuple], *, domains: Sequence[str] = ("example.com",),
-                 ttl: int = 30, netns: object | None = None) -> None:
+                 ttl: int = 30, netns: object | None = None, port: int | None = None) -> None:
         self.host = "127.0.0.1"
-        self.port = free_port("udp")
+        self.port = port or free_port("udp")  # inside a namespace: 53, for its resolv.conf
         argv = ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
                 f"--listen-address={self.host}", "--bind-interfaces", f"--port={self.port}",
                 f"--local-ttl={ttl}", "--user=root", f"--pid-file={directory / 'dnsmasq.pid'}"]
@@ -40,6 +41,9 @@ class Dnsmasq:
             elif kind == "SRV":
                 target, port, priority, weight = rest
                 argv.append(f"--srv-host={name},{target},{port},{priority},{weight}")
+            elif kind == "NAPTR":
+                order, preference, service, replacement = rest
+                argv.append(f"--naptr-record={name},{order},{preference},S,{service},,{replacement}")
             else:
                 raise ValueError(f"unknown record kind {kind!r}")
         self.proc: ManagedProcess = spawn(argv, log_path=directory / "dnsmasq.log", netns=netns,

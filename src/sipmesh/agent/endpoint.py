@@ -105,7 +105,12 @@ class Endpoint:
                     raise listen_error(exc, self.config.listen_host,
                                        self.config.listen_port) from None
         self.ua = ua
-        self.local_ip = await advertised_address(self.advertise, self.config.domain)
+        try:
+            await ua.find_servers()  # a domain's servers by DNS SRV (RFC 3263), if it has any
+        except OSError as exc:
+            raise AgentError(f"cannot resolve the SIP server ({exc}): check the host name in "
+                             "--server", Exit.UNREACHABLE) from None
+        self.local_ip = await advertised_address(self.advertise, ua.servers[0])
         if self.ice.enabled:
             self.ice_config = await self._ice_config()
 
@@ -113,7 +118,8 @@ class Endpoint:
         """Candidates on our address towards the SIP server; STUN at the SIP server (its
         SIP UDP port answers STUN) unless another is given; TURN with our SIP credentials."""
         try:
-            flow = await resolve_uri(parse_sip_uri(f"sip:{self.config.domain}"))
+            assert self.ua is not None
+            flow = await resolve_uri(parse_sip_uri(f"sip:{self.ua.servers[0]}"))
         except OSError as exc:
             raise AgentError(f"cannot resolve the SIP server: {exc}", Exit.UNREACHABLE) from None
         server = flow.host
@@ -132,15 +138,16 @@ class Endpoint:
 
         With several servers, at each of them at once, each refreshed on its own: this
         returns as soon as one accepted us (the others go on in the background, a failing
-        one retried every MIN_RETRY s); it fails only when every one failed."""
+        one retried every MIN_RETRY s); it fails only when every one failed. A server that
+        has not answered by then comes last for new requests until it does."""
         assert self.ua is not None, "listen() first"
         reliable = self.config.transport.upper() in RELIABLE
         servers = self.ua.servers
         self.registrations = [
             Registration(self.ua, expires=expires, timeout=timeout,
-                         server=server if index else None,
+                         server=server if server != self.config.domain else None,
                          connect=(lambda s=server: self.connect(s)) if reliable else None)
-            for index, server in enumerate(servers)]
+            for server in servers]
         self.registration = self.registrations[0]
         if len(servers) == 1:
             await self.registration.register(keep_trying=keep_trying)
@@ -163,7 +170,12 @@ class Endpoint:
             task.add_done_callback(self._registering.discard)
         while pending and not any(r.state == "registered" for r in self.registrations):
             _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        if any(r.state == "registered" for r in self.registrations) or keep_trying:
+        if any(r.state == "registered" for r in self.registrations):
+            for registration in self.registrations:
+                if registration.state == "unregistered":  # no answer yet where another did:
+                    self.ua.server_failed(registration.server)  # last until it answers
+            return
+        if keep_trying:
             return
         first = next(r for r in self.registrations if r in errors)
         raise errors[first]

@@ -21,12 +21,14 @@ from __future__ import annotations
 import ssl
 import uuid
 from dataclasses import dataclass, replace
+from typing import Sequence
 from pathlib import Path
 
 from sipmesh.agent.errors import CHECK_SERVER, AgentError, Exit
 from sipmesh.agent.params import Host, IPAddress, Port
 from sipmesh.sip.transport.base import Flow
 from sipmesh.sip.transport.resolve import Resolver
+from sipmesh.sip.ua import names_a_domain
 from sipmesh.sip.uri import is_ip, parse_sip_uri
 
 TRANSPORTS = ("udp", "tcp", "tls")
@@ -237,3 +239,19 @@ def instance_urn(state_dir: Path) -> str | None:
     except OSError:
         return None
     return f"<urn:uuid:{value}>"
+
+
+def extra_servers(servers: Sequence[ServerAddress], transport: str) -> tuple[str, ...]:
+    """The servers after the first (UAConfig.servers): `--server` given again, or the
+    daemon's `servers`. Each must mean the same transport as the first (ValueError)."""
+    for server in servers[1:]:
+        server.with_transport(transport)
+    return tuple(str(s) for s in servers[1:])
+
+
+def server_instance(servers: Sequence[str], state_dir: Path) -> str | None:
+    """Our +sip.instance when we may register at several servers (several given, or one
+    domain whose DNS SRV records may list several): the same at each; else None."""
+    if len(servers) > 1 or (servers and names_a_domain(servers[0])):
+        return instance_urn(state_dir)
+    return None

@@ -3,7 +3,8 @@
 As in the prototype: REGISTER at start (Expires 3600 by default), refresh at
 half the granted time; when a refresh fails the next try comes after half the
 previous interval, never sooner than 10 s; at the end Expires 0 removes the
-binding. `state`, `since` and `error` say how it stands (`sipmesh status` shows them).
+binding. `state`, `since`, `error`, `last_success` and `next_try` say how it stands
+(`sipmesh status` shows them, one line per server).
 Over TCP and TLS the server reaches us over the connection we opened, which either
 end closes after 300 s without traffic: each REGISTER first (re)opens it, and a
 refresh comes within CONNECTION_REFRESH seconds whatever the granted time.
@@ -92,11 +93,19 @@ class Registration:
         self.state = "unregistered"  # -> registered | failing (the last REGISTER's outcome)
         self.since = time.time()  # when `state` last changed
         self.error: str | None = None  # why it is failing
+        self.last_success: float | None = None  # when a REGISTER was last accepted
+        self.next_try: float | None = None  # when the refresh loop sends the next one
         self._task: asyncio.Task[None] | None = None
 
     @property
     def server(self) -> str:
         return self._server or self.ua.config.domain
+
+    def describe(self) -> dict[str, object]:
+        """How this registration stands, for `sipmesh status` (times are time.time())."""
+        return {"server": self.server, "state": self.state, "since": self.since,
+                "error": self.error, "expires": self.granted,
+                "last_success": self.last_success, "next_try": self.next_try}
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state != self.state:
@@ -109,11 +118,16 @@ class Registration:
             response = await self._send(expires, timeout)
         except AgentError as exc:
             self._set_state("failing", str(exc))
+            if exc.code == Exit.UNREACHABLE and expires > 0:
+                self.ua.server_failed(self.server)  # a new call tries the others first
             raise
+        if expires > 0 and (200 <= response.status < 300 or response.status == 503):
+            self.ua.server_failed(self.server, response.status == 503)
         if expires == 0:
             self._set_state("unregistered")
         elif 200 <= response.status < 300:
             self._set_state("registered")
+            self.last_success = time.time()
         else:
             self._set_state("failing", f"{response.status} {response.reason}")
         return response
@@ -181,6 +195,7 @@ class Registration:
 
     async def _refresh_loop(self) -> None:
         while True:
+            self.next_try = time.time() + self.interval
             await asyncio.sleep(self.interval)
             try:
                 response = await self._register(self.expires)
@@ -206,6 +221,7 @@ class Registration:
             except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
+        self.next_try = None
         if self.granted is None:
             return
         try:

@@ -10,8 +10,9 @@ from pathlib import Path
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.link import client_tls
 from sipmesh.agent.session import Agent, AgentConfig
-from sipmesh.cli.common import (default_config_path, fail, positive, progress_printer,
-                                read_credentials, register_builtin_kinds, run_until_signalled,
+from sipmesh.cli.common import (default_config_path, fail, more_servers, positive,
+                                progress_printer, read_credentials, register_builtin_kinds,
+                                run_until_signalled,
                                 section_password, setup_logging, tls_client)
 from sipmesh.cli.serve import (add_agent_options, add_program_parser, chosen_transport,
                                ice_options, run_from_args)
@@ -107,18 +108,20 @@ def run_service_call(args: argparse.Namespace) -> int:
         if password is None and args.user is None:  # the configuration's identity
             password = section_password(agent)
         password = password or os.environ.get("SIPMESH_PASSWORD")
-        if args.server:  # the command line's server, and how to reach it
+        if args.server:  # the command line's servers, and how to reach them
             transport = chosen_transport(args.server, args.transport)
             tls = tls_client(args)
+            servers = more_servers(args, transport)
         else:  # the configuration's
             transport = (args.transport or agent.transport).lower()
             tls = agent.tls.merged(tls_client(args))
+            servers = agent.servers
         ua = UAConfig(user=user, domain=server, password=password,
                       auth_user=args.auth_user or (agent.auth_user if args.user is None else None),
                       transport=transport.upper(), tls_client_context=client_tls(transport, tls),
                       listen_host=args.bind, listen_port=args.sip_port,
                       peer_keepalive=agent.keepalive if args.keepalive is None
-                      else args.keepalive)
+                      else args.keepalive, servers=servers)
         agent_config = AgentConfig(ua=ua, mode="call", target=args.target,
                                    advertise=args.advertise or agent.advertise,
                                    tls_server_name=tls.server_name,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.link import ServerAddress, TLSClient, parse_server
+from sipmesh.agent.link import extra_servers
 from sipmesh.agent.params import Host, Port, Token
 
 if TYPE_CHECKING:
@@ -221,14 +222,11 @@ class ServersAction(argparse.Action):
 def more_servers(args: argparse.Namespace, transport: str) -> tuple[str, ...]:
     """The servers given after the first --server (UAConfig.servers); each must mean the
     same transport as the first."""
-    more = tuple(getattr(args, "servers", None) or ())[1:]
-    for server in more:
-        try:
-            server.with_transport(transport)
-        except ValueError as exc:
-            raise AgentError(f"--server: {exc} (every server takes the same transport)",
-                             Exit.USAGE) from None
-    return more
+    try:
+        return extra_servers(tuple(getattr(args, "servers", None) or ()), transport)
+    except ValueError as exc:
+        raise AgentError(f"--server: {exc} (every server takes the same transport)",
+                         Exit.USAGE) from None
 
 
 def sip_identity(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from sipmesh.agent.errors import EXIT_HELP, AgentError, Exit
 from sipmesh.agent.ice import IceOptions
-from sipmesh.agent.link import TRANSPORTS, ServerAddress, client_tls, instance_urn
+from sipmesh.agent.link import TRANSPORTS, ServerAddress, client_tls, server_instance
 from sipmesh.agent.certs import default_state_dir
 from sipmesh.agent.params import IPAddress, IPv4, Port
 from sipmesh.agent.profile import AppProfile
@@ -147,8 +147,8 @@ def ua_config(args: argparse.Namespace, *, listen_port: int | None = None) -> UA
                     listen_host=args.bind, listen_port=args.sip_port if listen_port is None
                     else listen_port, peer_keepalive=DEFAULT_PEER_KEEPALIVE
                     if args.keepalive is None else args.keepalive,
-                    servers=servers, instance=instance_urn(args.state_dir or default_state_dir())
-                    if servers else None)
+                    servers=servers, instance=server_instance(
+                        (args.server, *servers), args.state_dir or default_state_dir()))
 
 
 def chosen_transport(server: ServerAddress, option: str | None) -> str:

@@ -42,12 +42,19 @@ def find_socket(args: argparse.Namespace) -> Path:
     return found[0]
 
 
-def _clock(stamp: float | None, now: float) -> str:
+def _clock(stamp: float | None, now: float, *, ahead: bool = False) -> str:
+    """A time of day and how long ago it was (`ahead`: how long until it comes)."""
     if not stamp:
         return "-"
-    age = max(0, int(now - stamp))
-    ago = f"{age}s" if age < 120 else f"{age // 60}m" if age < 7200 else f"{age // 3600}h"
-    return f"{time.strftime('%H:%M:%S', time.localtime(stamp))} ({ago})"
+    age = max(0, int(stamp - now if ahead else now - stamp))
+    span = f"{age}s" if age < 120 else f"{age // 60}m" if age < 7200 else f"{age // 3600}h"
+    return f"{time.strftime('%H:%M:%S', time.localtime(stamp))} ({'in ' if ahead else ''}{span})"
+
+
+def _server(registration: dict[str, Any]) -> str:
+    """host:port of a registration's server, with its DNS SRV target name if it has one."""
+    server, name = registration.get("server") or "", registration.get("name")
+    return f"{name} ({server})" if name else server
 
 
 def render(status: dict[str, Any], now: float | None = None) -> str:
@@ -56,10 +63,16 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
     out = [f"daemon pid {daemon.get('pid')}, configuration generation {daemon.get('generation')}"
            f" ({daemon.get('config') or 'no file'}), up since {_clock(daemon.get('started'), now)}"]
     out.append("")
-    rows = [[r.get("aor", ""), r.get("state", ""), str(r.get("expires") or "-"),
-             _clock(r.get("since"), now), r.get("contact", ""), r.get("error") or ""]
-            for r in status.get("registrations", [])]
-    out += table(rows, ["REGISTRATION", "STATE", "EXPIRES", "SINCE", "CONTACT", "ERROR"])
+    registrations = status.get("registrations", [])
+    rows = [[r.get("aor", ""), _server(r), r.get("state", ""), str(r.get("expires") or "-"),
+             _clock(r.get("since"), now), _clock(r.get("last_success"), now),
+             _clock(r.get("next_try"), now, ahead=True), r.get("error") or ""]
+            for r in registrations]
+    out += table(rows, ["REGISTRATION", "SERVER", "STATE", "EXPIRES", "SINCE", "LAST OK",
+                        "NEXT", "ERROR"])
+    contacts = sorted({r["contact"] for r in registrations if r.get("contact")})
+    if contacts:
+        out.append("contact: " + ", ".join(contacts))
     out.append("")
     rows = [[s["name"], s["kind"], f"{s['active']}/{s['max_sessions']}", ",".join(s["allow"])]
             for s in status.get("services", [])]

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 from sipmesh.agent.errors import AgentError, Exit, ProfileError
 from sipmesh.agent.ice import IceOptions, parse_turn_uri
-from sipmesh.agent.link import TRANSPORTS, TLSClient, parse_server
+from sipmesh.agent.link import TRANSPORTS, TLSClient, extra_servers, parse_server
 from sipmesh.agent.params import Host, IPAddress, Token
 from sipmesh.daemon.allocators import AddressPool, Allocator, PortRange
 from sipmesh.daemon.registry import get_kind
@@ -45,7 +45,7 @@ __all__ = ["AgentSection", "ConfigError", "DaemonConfig", "load_config", "parse_
 DEFAULT_MAX_SESSIONS = 16  # per service
 DEFAULT_DAEMON_MAX = 4096  # the whole daemon
 _SERVICE_COMMON = {"name", "kind", "allow", "max_sessions", "description", "call"}
-_AGENT_KEYS = {"server", "user", "password", "credentials", "auth_user", "display_name",
+_AGENT_KEYS = {"server", "servers", "user", "password", "credentials", "auth_user", "display_name",
                "transport", "bind", "sip_port", "advertise", "expires", "register_timeout",
                "grace", "max_sessions", "default_service", "control_socket", "state_dir",
                "ca_file", "cert", "key", "tls_server_name", "keepalive",
@@ -61,7 +61,8 @@ class ConfigError(AgentError):
 
 @dataclass
 class AgentSection:
-    server: str | None = None  # host[:port]
+    server: str | None = None  # host[:port]: the first server (a domain: its SRV records)
+    servers: tuple[str, ...] = ()  # more servers after it (`servers = [...]`, as --server again)
     user: str | None = None
     password: str | None = None
     credentials: Path | None = None
@@ -263,15 +264,26 @@ class _Builder:
             return value
 
         server = text("server")
-        implied = None
-        if server is not None:
+        listed = table.get("servers", [])
+        if not isinstance(listed, list) or not all(isinstance(v, str) and v for v in listed):
+            raise fail("servers", f"must be a list of servers (\"HOST[:PORT]\"), not {listed!r}")
+        addresses = []
+        given = ([("server", server)] if server is not None else []) + \
+            [("servers", value) for value in listed]
+        for key, value in given:
             try:
-                address = parse_server(server)
+                address = parse_server(value)
             except ValueError as exc:
-                raise fail("server", str(exc)) from None
-            agent.server, implied = str(address), address.transport
+                raise fail(key, str(exc)) from None
+            if address not in addresses:
+                addresses.append(address)
+        implied = None
+        if addresses:
+            server = server if server is not None else listed[0]  # as written, for messages
+            agent.server, implied = str(addresses[0]), addresses[0].transport
         elif self.side == "answer":
-            raise self.error(("agent",), "[agent] server: missing (the SIP server, HOST[:PORT])")
+            raise self.error(("agent",), "[agent] server: missing (the SIP server, HOST[:PORT], "
+                                         "or servers = [...])")
         agent.user = text("user", Token(64))
         if agent.user is None and self.side == "answer":
             raise self.error(("agent",), "[agent] user: missing (our name at the SIP server)")
@@ -289,6 +301,10 @@ class _Builder:
         if implied and transport != implied:
             raise fail("transport", f"{transport!r}, but server {server!r} means {implied!r}")
         agent.transport = transport
+        try:
+            agent.servers = extra_servers(addresses, transport)
+        except ValueError as exc:
+            raise fail("servers", f"{exc} (every server takes the same transport)") from None
         agent.bind = text("bind", IPAddress(unicast=False)) or "0.0.0.0"
         agent.sip_port = number("sip_port", 0, 0, 65535)
         agent.advertise = text("advertise", IPAddress())

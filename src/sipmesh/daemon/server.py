@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 from sipmesh.agent.endpoint import Endpoint
 from sipmesh.agent.errors import AgentError, Exit
-from sipmesh.agent.link import client_tls
+from sipmesh.agent.certs import default_state_dir
+from sipmesh.agent.link import client_tls, server_instance
 from sipmesh.agent.params import ParamError
 from sipmesh.agent.session import Refusal, Session
 from sipmesh.daemon.allocators import Lease, Ledger
@@ -55,7 +56,9 @@ def ua_config(agent: AgentSection, password: str | None = None) -> UAConfig:
                     auth_user=agent.auth_user, display_name=agent.display_name,
                     transport=agent.transport.upper(),
                     tls_client_context=client_tls(agent.transport, agent.tls),
-                    listen_host=agent.bind, listen_port=agent.sip_port, peer_keepalive=agent.keepalive)
+                    listen_host=agent.bind, listen_port=agent.sip_port, peer_keepalive=agent.keepalive,
+                    servers=agent.servers, instance=server_instance(
+                        (agent.server, *agent.servers), agent.state_dir or default_state_dir()))
 
 
 def session_json(session: Session) -> dict[str, Any]:
@@ -236,16 +239,15 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         registrations = []
         if self.ua is not None:
-            entry: dict[str, Any] = {"aor": str(self.ua.aor), "server": self.ua_config.domain,
-                                     "contact": str(self.ua.contact().uri)}
-            reg = self.endpoint.registration
-            if reg is not None:
-                entry.update(state=reg.state, since=reg.since, expires=reg.granted,
-                             error=reg.error)
-            else:
-                entry.update(state="not registering", since=self.started, expires=None,
-                             error=None)
-            registrations.append(entry)
+            common = {"aor": str(self.ua.aor), "contact": str(self.ua.contact().uri)}
+            for reg in self.endpoint.registrations:  # one per server
+                registrations.append({**common, **reg.describe(),
+                                      "name": self.ua.server_names.get(reg.server)})
+            if not registrations:
+                registrations.append({**common, "server": self.ua_config.domain, "name": None,
+                                      "state": "not registering", "since": self.started,
+                                      "expires": None, "error": None, "last_success": None,
+                                      "next_try": None})
         return {
             "ok": True,
             "daemon": {"pid": os.getpid(), "config": str(self.config.path or ""),

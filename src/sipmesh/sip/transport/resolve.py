@@ -8,7 +8,10 @@ raises ValueError for a name; asyncio's would block the event loop on a lookup.)
   the caller's default. A numeric host is used as it is. A name with an explicit
   port is looked up with A/AAAA. A name without a port is looked up as SRV for that
   transport first (`_sip._udp`, `_sip._tcp`, `_sips._tcp`; RFC 2782 order), A/AAAA
-  of the name at the default port if there is no SRV record. NAPTR is not consulted.
+  of the name at the default port if there is no SRV record. NAPTR (§4.1) is read only
+  when an agent looks for its servers (`srv_flows(naptr=True)`), and only names the SRV
+  records to use: the transport is the agent's, so a NAPTR record for another one is
+  ignored, and the SRV name of our transport is the fallback.
 - Responses (§5): the Via's sent-by name, A/AAAA, at the Via's port.
 
 Names are looked up in /etc/hosts first (like the system's "files dns"), then in
@@ -39,6 +42,7 @@ from sipmesh.sip.uri import SipURI, is_ip
 log = logging.getLogger("sipmesh.sip.resolve")
 
 _SRV_SERVICE = {"UDP": "_sip._udp", "TCP": "_sip._tcp", "TLS": "_sips._tcp"}
+_NAPTR_SERVICE = {"UDP": "SIP+D2U", "TCP": "SIP+D2T", "TLS": "SIPS+D2T"}
 HOSTS_TTL = 10.0  # /etc/hosts answers: re-read at most this often
 
 
@@ -143,18 +147,41 @@ class Resolver:
         if is_ip(host):
             return Flow(transport, host, port)
         if uri.port is None:
-            service = _SRV_SERVICE.get(transport)
-            records = await self.srv(f"{service}.{host}") if service else []
-            failures = []
-            for record in records:
-                try:
-                    return Flow(transport, (await self.addresses(record.target))[0], record.port)
-                except ResolveError as exc:
-                    failures.append(str(exc))
-            if records:
-                raise ResolveError(f"no target of the SRV records for {host} resolves: "
-                                   + "; ".join(failures))
+            servers = await self.srv_flows(host, transport)
+            if servers:
+                return servers[0][1]
         return Flow(transport, (await self.addresses(host))[0], port)
+
+    async def srv_flows(self, domain: str, transport: str = "UDP", *,
+                        naptr: bool = False) -> list[tuple[str, Flow]]:
+        """The SIP servers of `domain` for `transport` by its SRV records (§4.2), in the
+        order to try them: (target name, flow to its first address) for each target that
+        resolves; [] when the domain has no SRV records (use its A/AAAA then). Raises
+        ResolveError when it has records but no target resolves. With `naptr`, the SRV
+        names its NAPTR records give for `transport` come first (§4.1; an agent finding
+        its servers, not every next hop: one query fewer there)."""
+        service = _SRV_SERVICE.get(transport.upper())
+        if service is None:
+            return []
+        records: list[Srv] = []
+        named = await self.naptr(domain, transport) if naptr else []
+        for name in [*named, f"{service}.{domain}"]:
+            records = await self.srv(name)
+            if records:
+                break
+        found: list[tuple[str, Flow]] = []
+        failures = []
+        for record in records:
+            try:
+                address = (await self.addresses(record.target))[0]
+            except ResolveError as exc:
+                failures.append(str(exc))
+                continue
+            found.append((record.target, Flow(transport.upper(), address, record.port)))
+        if records and not found:
+            raise ResolveError(f"no target of the SRV records for {domain} resolves: "
+                               + "; ".join(failures))
+        return found
 
     async def flow(self, flow: Flow) -> Flow:
         """`flow` with its host name replaced by an address (§5: a response's Via)."""
@@ -169,6 +196,14 @@ class Resolver:
         value = await self._cached(("addr", host.lower()), lambda: self._fetch_addresses(host))
         assert isinstance(value, tuple)
         return value
+
+    async def naptr(self, domain: str, transport: str = "UDP") -> list[str]:
+        """The SRV names that `domain`'s NAPTR records give for `transport` (§4.1: service
+        SIP+D2U, SIP+D2T or SIPS+D2T, flag "s"), in order then preference; [] if none."""
+        value = await self._cached(("naptr", domain.lower()), lambda: self._fetch_naptr(domain))
+        assert isinstance(value, tuple)
+        wanted = _NAPTR_SERVICE.get(transport.upper())
+        return [name for (_, _, service, name) in sorted(value) if service == wanted]
 
     async def srv(self, name: str) -> list[Srv]:
         """The SRV records of `name` in the order to try them; [] if it has none."""
@@ -239,6 +274,18 @@ class Resolver:
                         for r in answer if r.target.to_text() != ".")  # "." means: no service
         if not records:
             raise ResolveError(f"{name}: the SRV record says the service is not available there")
+        return records, float(answer.rrset.ttl)
+
+    async def _fetch_naptr(self, domain: str) -> tuple[tuple[tuple[int, int, str, str], ...], float]:
+        try:
+            answer = await self._query(domain, "NAPTR")
+        except ResolveError as exc:
+            if isinstance(exc.__cause__, (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)):
+                return (), self.negative_ttl  # no NAPTR records: SRV of our transport (§4.1)
+            raise
+        records = tuple((r.order, r.preference, r.service.decode("ascii", "replace").upper(),
+                         r.replacement.to_text(omit_final_dot=True))
+                        for r in answer if r.flags.lower() == b"s" and r.replacement.to_text() != ".")
         return records, float(answer.rrset.ttl)
 
     async def _query(self, name: str, rdtype: str):

@@ -14,7 +14,7 @@
 from sipmesh.sip.ua.call import ALLOW, Call, CallFailed
 from sipmesh.sip.ua.invite_server import IncomingCall
 from sipmesh.sip.ua.subscription import Notification, Subscription
-from sipmesh.sip.ua.useragent import UAConfig, UserAgent
+from sipmesh.sip.ua.useragent import UAConfig, UserAgent, names_a_domain
 
 __all__ = ["ALLOW", "Call", "CallFailed", "IncomingCall", "Notification", "Subscription", "UAConfig",
-           "UserAgent"]
+           "UserAgent", "names_a_domain"]

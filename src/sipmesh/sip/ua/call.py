@@ -12,6 +12,12 @@ in-dialog OPTIONS, and a 408 or 481 to any request of ours in the dialog, or a p
 unanswered for min(2K, 64*T1), ends the call (RFC 3261 §12.2.1.2; the rule and the
 bound, K + min(2K, 64*T1), are in `liveness`). `ended` then completes with the reason,
 `lost` keeps it, and a BYE goes out (best effort: the peer is probably not there).
+
+Unless the dialog was record-routed through one of our servers and we have another: the
+silence may be that server's death, not the peer's. The side that made the call then
+sends a new INVITE with Replaces (RFC 3891) through a live server, the other waits as
+long again for it (`UserAgent._replace` answers it), and both go on in the new dialog in
+the same Call (`adopt`); only if that fails does the call end as above.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ class Call:
         self._reinviting = False
         self.liveness: Liveness | None = None  # once confirmed, with keepalive on
         self.lost: str | None = None  # why we decided the peer is gone, if we did
+        self._rerouting = False  # a Replaces INVITE of ours, or the wait for the peer's
+        self._replaced = asyncio.Event()  # the peer moved the call to a new dialog
         if ua.config.peer_keepalive > 0:
             ua.spawn(self._keep_alive(ua.config.peer_keepalive))
 
@@ -194,13 +202,81 @@ class Call:
             self.liveness.alive(asyncio.get_running_loop().time())
 
     def _lose(self) -> None:
-        """The peer is gone (`liveness.reason`): end the call now, then BYE, best effort."""
+        """The peer is gone (`liveness.reason`): end the call now, then BYE, best effort.
+        Unless the dialog went through a server of ours and we have another: then the
+        route may be what died, not the peer (see `_reroute`)."""
+        if self.ended.done() or self.liveness is None or self._rerouting:
+            return
+        if self._may_reroute():
+            self._rerouting = True
+            self.ua.spawn(self._reroute())
+            return
+        self._give_up()
+
+    def _give_up(self) -> None:
         if self.ended.done() or self.liveness is None:
             return
         self.lost = reason = self.liveness.reason or "the peer is gone"
         log.warning("[%s] %s: ending the session", self.call_id, reason)
         self._end(reason)
         self.ua.spawn(self._send_bye([("Reason", f'SIP ;cause=408 ;text="{reason}"')]))
+
+    # -- a route through a server that died (RFC 3891 Replaces) -------------------------------
+    def _may_reroute(self) -> bool:
+        """Our in-dialog requests go through one of our servers (its Record-Route), and we
+        have another one."""
+        routes = self.dialog.route_set
+        return bool(routes) and len(self.ua.servers) > 1 and \
+            self.ua.server_of(routes[0].uri) is not None
+
+    async def _reroute(self) -> None:
+        """The peer went silent through the server our dialog was record-routed through.
+        The side that made the call sends a new INVITE with Replaces through a live server
+        (the same offer: the session's parameters do not change); the other side waits
+        for it as long again as it took to notice. Either way the Call goes on with the
+        new dialog (`adopt`), or ends as it would have."""
+        assert self.liveness is not None
+        dead = self.ua.server_of(self.dialog.route_set[0].uri)
+        if dead is not None:
+            self.ua.server_failed(dead)
+        log.warning("[%s] %s: the route through %s may be what is gone; %s", self.call_id,
+                    self.liveness.reason, dead, "moving the session to a new dialog "
+                    "(Replaces)" if self.outgoing else "waiting for the peer to move it")
+        first = self.call_id
+        try:
+            if self.outgoing:
+                replaces = (f"{self.call_id};to-tag={self.dialog.remote_tag}"
+                            f";from-tag={self.dialog.local_tag}")
+                new = await self.ua.invite(self.ua.live_target(self.dialog.remote_uri.uri),
+                                           self.local_sdp, timeout=self.liveness.bound,
+                                           headers=[("Replaces", replaces)])
+                self.adopt(new)
+                log.info("[%s] the session goes on in dialog %s", first, new.call_id)
+            else:
+                await asyncio.wait_for(self._replaced.wait(), self.liveness.bound)
+        except (CallFailed, OSError, asyncio.TimeoutError) as exc:
+            log.warning("[%s] the session could not be moved: %s", first,
+                        exc or "no Replaces came")
+            self._rerouting = False
+            self._give_up()
+
+    def adopt(self, new: "Call") -> None:
+        """`new` replaces this call's dialog (RFC 3891): this Call goes on in new's dialog
+        (route set, tags, CSeqs, pending ACKs), with a fresh peer check; `new` is dropped."""
+        self.ua.forget_call(self)
+        self.ua.forget_call(new)
+        self.dialog, self.invite, self.remote_sdp = new.dialog, new.invite, new.remote_sdp
+        self._contact = new._contact
+        self._acks, self._ack_events = new._acks, new._ack_events
+        self.ua.add_call(self)
+        if not new.ended.done():
+            new.ended.set_result("replaced")  # its peer check ends
+        self.liveness = None  # (the old one's verdict): a fresh one in the new peer check
+        self._rerouting = False
+        self._replaced.set()
+        self._replaced = asyncio.Event()
+        if self.ua.config.peer_keepalive > 0:
+            self.ua.spawn(self._keep_alive(self.ua.config.peer_keepalive))
 
     # -- the ACK for a 2xx to our INVITE ------------------------------------------------------
     async def send_ack(self, cseq: int, invite: Request | None = None) -> None:

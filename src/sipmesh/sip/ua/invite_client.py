@@ -32,9 +32,12 @@ ProgressHandler = Callable[[Response], None]
 
 async def send_invite(ua: "UserAgent", uri: URI, sdp: bytes, *,
                       on_progress: ProgressHandler | None = None,
-                      timeout: float | None = None, call_id: str | None = None) -> Call:
-    """Call `uri` offering `sdp`; see `UserAgent.invite`."""
+                      timeout: float | None = None, call_id: str | None = None,
+                      headers: list[tuple[str, str]] | None = None) -> Call:
+    """Call `uri` offering `sdp`; see `UserAgent.invite`. `headers`: more of them (Replaces)."""
     request = ua.new_request("INVITE", uri, call_id=call_id)
+    for name, value in headers or ():
+        request.headers.add(name, value)
     request.headers.add("Contact", str(ua.contact()))
     request.headers.add("Allow", ALLOW)
     request.headers.add("Content-Type", "application/sdp")

@@ -33,7 +33,7 @@ from sipmesh.sip.ua.invite_server import IncomingCall
 from sipmesh.sip.ua.redirect import Redirects, redirected
 from sipmesh.sip.ua.liveness import DEFAULT_INTERVAL as DEFAULT_PEER_KEEPALIVE
 from sipmesh.sip.ua.subscription import Subscription
-from sipmesh.sip.uri import URI, SipURI, parse_sip_uri
+from sipmesh.sip.uri import URI, SipURI, is_ip, parse_sip_uri
 
 log = logging.getLogger("sipmesh.sip.ua")
 
@@ -64,7 +64,8 @@ class UAConfig:
     peer_keepalive: float = DEFAULT_PEER_KEEPALIVE
     # More SIP servers (host[:port]) after `domain`: we register at each, and a new request
     # to one of them goes to the next when it fails (no answer within `failover_wait` s,
-    # 503, transport error); see `alternatives`.
+    # 503, transport error); see `alternatives`. Without them, a `domain` that is a name
+    # without a port may list its servers in DNS (SRV): see `UserAgent.find_servers`.
     servers: tuple[str, ...] = ()
     failover_wait: float = 2.0
     # Our +sip.instance in REGISTER (RFC 5626 §4.1), e.g. "<urn:uuid:...>"; None: none.
@@ -92,6 +93,8 @@ class UserAgent:
                         if config.password is not None else None)
         self._keepalive: dict[str, tuple[Flow, asyncio.Task[object]]] = {}  # by server
         self._server_failed: dict[str, float] = {}  # server -> when a request to it last failed
+        self._found: list[str] = []  # our servers by DNS SRV (find_servers), if any
+        self.server_names: dict[str, str] = {}  # a found server -> its SRV target name
         self._subscriptions: dict[tuple[str, str], Subscription] = {}  # by (Call-ID, our tag)
         # REGISTER's Call-ID and last CSeq per AOR we register (§10.2: one Call-ID per
         # registrar and AOR, CSeq increasing)
@@ -161,7 +164,8 @@ class UserAgent:
         self._calls[call.dialog.id] = call
 
     def forget_call(self, call: Call) -> None:
-        self._calls.pop(call.dialog.id, None)
+        if self._calls.get(call.dialog.id) is call:
+            del self._calls[call.dialog.id]
 
     # -- requests we send ------------------------------------------------------------------
     def new_request(self, method: str, uri: URI, *, to: Address | None = None,
@@ -341,7 +345,8 @@ class UserAgent:
 
     async def invite(self, target: str | URI, sdp: bytes, *,
                      on_progress: ProgressHandler | None = None,
-                     timeout: float | None = None, call_id: str | None = None) -> Call:
+                     timeout: float | None = None, call_id: str | None = None,
+                     headers: list[tuple[str, str]] | None = None) -> Call:
         """Call `target` (a user name, 'user@host' or a SIP URI) and return the Call once
         the 2xx is ACKed. Raises CallFailed with the final status otherwise. `call_id`:
         the dialog's Call-ID, when the offer must name it (a signed session).
@@ -349,23 +354,59 @@ class UserAgent:
         With `timeout`, give up after that many seconds without an answer: the INVITE is
         CANCELled (§9.1) and CallFailed(487) raised. Cancelling the awaiting task CANCELs too."""
         return await send_invite(self, self.target_uri(target), sdp, on_progress=on_progress,
-                                 timeout=timeout, call_id=call_id)
+                                 timeout=timeout, call_id=call_id, headers=headers)
 
     def target_uri(self, target: str | URI) -> URI:
         """The URI of `target`: a SIP URI, 'user@host', or a user name in our domain."""
         if not isinstance(target, str):
             return target
         if target.startswith(("sip:", "sips:")):
-            return parse_sip_uri(target)
+            return self._at_found_server(parse_sip_uri(target))
         if "@" in target:
-            return parse_sip_uri(f"sip:{target}")
+            return self._at_found_server(parse_sip_uri(f"sip:{target}"))
         return parse_sip_uri(f"sip:{target}@{self.live_servers()[0]}")
+
+    def _at_found_server(self, uri: SipURI) -> SipURI:
+        """A name in the domain whose servers we found by SRV goes to one of them (so that
+        it fails over between them as a name at one of our servers does)."""
+        if self._found and uri.port is None and \
+                uri.host.lower().rstrip(".") == self.config.domain.lower().rstrip("."):
+            at = parse_sip_uri(f"sip:{self.live_servers()[0]}")
+            return uri.copy(host=at.host, port=at.port)
+        return uri
 
     # -- several servers ----------------------------------------------------------------
     @property
     def servers(self) -> list[str]:
-        """Our SIP servers (host[:port]): `domain` first, then `servers`."""
+        """Our SIP servers (host[:port]): `domain` first, then `servers`; or those that
+        `find_servers` found."""
+        if self._found:
+            return list(self._found)
         return [self.config.domain, *(s for s in self.config.servers if s != self.config.domain)]
+
+    async def find_servers(self) -> list[str]:
+        """RFC 3263 for an agent given one server that is a name without a port (a
+        domain): its SRV records for our transport (named by its NAPTR records, if any),
+        each target at its first address, in the order to try them (priority, then
+        weight), become our `servers`, so that we register at each and fail over between
+        them as with servers given one by one.
+        No SRV records: `domain` stays our one server (its A/AAAA). Returns `servers`."""
+        domain = self.config.domain
+        if self.config.servers or not names_a_domain(domain):
+            return self.servers
+        assert self.transactions is not None, "start() first"
+        found = await self.transactions.resolver.srv_flows(domain, self.config.transport,
+                                                             naptr=True)
+        self._found, self.server_names = [], {}
+        for target, flow in found:
+            server = f"[{flow.host}]:{flow.port}" if ":" in flow.host else f"{flow.host}:{flow.port}"
+            if server not in self._found:
+                self._found.append(server)
+                self.server_names[server] = target
+        if self._found:
+            log.info("SIP servers of %s by DNS SRV: %s", domain, ", ".join(
+                f"{self.server_names[s]} ({s})" for s in self._found))
+        return self.servers
 
     def live_servers(self) -> list[str]:
         """`servers`, those a request failed at last in the end (the longest ago first)."""
@@ -401,6 +442,48 @@ class UserAgent:
                 found.append(uri.copy(host=at.host, port=at.port))
         return found
 
+    def live_target(self, uri: URI) -> URI:
+        """`uri` at the live server we would send a new request to: one of ours (given,
+        or a name in the domain whose servers SRV gave) moves to the first live one."""
+        if not isinstance(uri, SipURI):
+            return uri
+        if self.server_of(uri) is not None and len(self.servers) > 1:
+            at = parse_sip_uri(f"sip:{self.live_servers()[0]}")
+            return uri.copy(host=at.host, port=at.port)
+        return self._at_found_server(uri)
+
+    def _replaced_call(self, txn: ServerTransaction, value: str) -> Call | None:
+        """The call an INVITE with Replaces (RFC 3891) names, if its sender may replace
+        it (the dialog's peer: its From is the dialog's remote URI); else answered here
+        (481, 403) and None."""
+        call_id, _, rest = value.partition(";")
+        params = dict(p.strip().partition("=")[::2] for p in rest.split(";") if p.strip())
+        call = self._calls.get((call_id.strip(), params.get("to-tag", ""),
+                                params.get("from-tag", "")))
+        if call is None or call.ended.done():
+            _reply(txn, 481, "Call/Transaction Does Not Exist")
+            return None
+        caller = txn.request.from_.uri
+        remote = call.dialog.remote_uri.uri
+        if not (isinstance(caller, SipURI) and isinstance(remote, SipURI)
+                and caller.user == remote.user and caller.host.lower() == remote.host.lower()):
+            _reply(txn, 403, "Forbidden (not the peer of that dialog)")
+            return None
+        return call
+
+    async def _replace(self, txn: ServerTransaction, call: Call) -> None:
+        """The peer of `call` moves it to a new dialog (its route went through a server
+        of ours that died: `Call._reroute`): we answer with the call's own SDP and the
+        Call goes on in the new dialog; the session above sees no change."""
+        try:
+            new = await IncomingCall(self, txn).accept(call.local_sdp)
+        except CallFailed as exc:
+            log.warning("[%s] the Replaces INVITE failed: %s", call.call_id, exc)
+            return
+        log.info("[%s] the peer moved the session to dialog %s (Replaces)", call.call_id,
+                 new.call_id)
+        call.adopt(new)
+
     # -- TransactionUser --------------------------------------------------------------------
     def on_request(self, txn: ServerTransaction) -> None:
         request = txn.request
@@ -428,6 +511,11 @@ class UserAgent:
                 txn.reply(481)
             else:
                 call.on_request(txn)
+            return
+        if request.method == "INVITE" and request.headers.get("Replaces") is not None:
+            call = self._replaced_call(txn, request.headers.get("Replaces") or "")
+            if call is not None:
+                self.spawn(self._replace(txn, call))
             return
         if request.method == "INVITE":
             if self.on_invite is None:
@@ -519,6 +607,11 @@ def _stale(response: Response) -> bool:
             except AuthError:  # not a Digest challenge
                 continue
     return False
+
+
+def names_a_domain(server: str) -> bool:
+    """Is host[:port] a name without a port: one whose servers DNS SRV may list (§4.2)?"""
+    return not is_ip(server.strip("[]")) and ":" not in server.rsplit("]", 1)[-1]
 
 
 def _host_port(where: str | SipURI) -> str:
