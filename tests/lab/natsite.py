@@ -1,5 +1,6 @@
-"""A site on the NAT lab (tests/lab/topology.py): our broker and coturn on one public host,
-daemons and callers on the others, as a user runs them.
+"""A site on the NAT lab (tests/lab/topology.py): our broker (or Kamailio with the shipped
+docs/kamailio/kamailio.cfg: ``NatSite(..., server="kamailio")``) and coturn on one public
+host, daemons and callers on the others, as a user runs them.
 
     site = NatSite(lab, run_dir, users=["a", "b", "ac"]).start()   # on lab["broker"]
     daemon = site.daemon("b", tunnel_services("10.99.0.0/24"))     # `sipmesh daemon`, ready
@@ -7,7 +8,8 @@ daemons and callers on the others, as a user runs them.
     call = site.call("a", "ac", "b", "--service", "vpn")           # `sipmesh call b ...`
     site.status(daemon)                                             # `sipmesh status --json`
 
-The broker answers SIP and STUN on ``SIP_PORT`` of the host; coturn relays on 3478 with
+The SIP server answers SIP and STUN on ``SIP_PORT`` of the host (Kamailio: its `stun`
+module), with digest in the realm of the host's address; coturn relays on 3478 with
 the SIP realm and every user's HA1, so that TURN credentials are the SIP ones. Each
 user's password is ``password(user)``. Every daemon gets a configuration of its own
 (``[agent]`` with the site, a control socket, a state directory) plus the services given;
@@ -25,13 +27,15 @@ from sipmesh.sip.auth import compute_ha1
 
 from .agents import SIPMESH
 from .coturn import Coturn
+from .kamailio import Kamailio
 from .procs import ManagedProcess, spawn, wait_udp_listening
 from .topology import NatLab
 from .waiting import wait_for
 
-__all__ = ["NatSite", "SIP_PORT", "password", "tunnel_services"]
+__all__ = ["KAMAILIO_CFG", "NatSite", "SIP_PORT", "password", "tunnel_services"]
 
 SIP_PORT = 5060
+KAMAILIO_CFG = Path(__file__).resolve().parents[2] / "docs" / "kamailio" / "kamailio.cfg"
 
 AGENT = '''[agent]
 server = "{server}"
@@ -83,12 +87,16 @@ def password(user: str) -> str:
 class NatSite:
     """Broker + coturn on ``lab[host]``; daemons and calls on the other hosts."""
 
-    def __init__(self, lab: NatLab, run: Path, users: Iterable[str], host: str = "broker"):
+    def __init__(self, lab: NatLab, run: Path, users: Iterable[str], host: str = "broker",
+                 server: str = "broker"):
+        assert server in ("broker", "kamailio"), server
         self.lab, self.run = lab, Path(run)
         self.host = lab[host]
         self.users = sorted(set(users))
+        self.kind = server
         self.coturn: Coturn | None = None
         self.broker: ManagedProcess | None = None
+        self.kamailio: Kamailio | None = None
         self.procs: list[ManagedProcess] = []
 
     @property
@@ -111,6 +119,12 @@ class NatSite:
             self.coturn = Coturn(self.run / "coturn", self.host.ip, netns=self.host.ns,
                                  realm=realm, users={u: compute_ha1(u, realm, password(u))
                                                      for u in self.users}).start()
+            if self.kind == "kamailio":   # the shipped configuration, digest on
+                self.kamailio = Kamailio(self.run / "kamailio", host=self.host.ip, port=SIP_PORT,
+                                         netns=self.host.ns, auth="db_text",
+                                         users={u: password(u) for u in self.users},
+                                         template=KAMAILIO_CFG, defines=["WITHOUT_MESH"]).start()
+                return self
             self.broker = spawn([SIPMESH, "broker", "--listen", self.server, "--db",
                                  str(self.run / "broker.db"), "--workers", "1", "--users",
                                  str(self.run / "users"), "--rate-limit", "0", "-v"],
@@ -179,8 +193,16 @@ class NatSite:
                                   "--json"], timeout=20)
         return json.loads(out.stdout)
 
+    def log_text(self) -> str:
+        """The SIP server's log."""
+        if self.kamailio is not None:
+            return self.kamailio.log_text()
+        return self.broker.log_text() if self.broker is not None else ""
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop(grace=10)
+        if self.kamailio is not None:
+            self.kamailio.stop()
         if self.coturn is not None:
             self.coturn.stop()

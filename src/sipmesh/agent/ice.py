@@ -729,9 +729,10 @@ class IceSession:
         return (f"{self._report(None).reason}; local {self._candidates(self.local)}; "
                 f"remote {self._candidates(self.remote)}")
 
-    async def measure_rtt(self) -> float | None:
-        """One authenticated Binding round trip on the selected pair (None: no answer). The
-        request carries DONE_MARK: it tells the peer our path is chosen (see settle)."""
+    async def measure_rtt(self, timeout: float = 2.0) -> float | None:
+        """One authenticated Binding round trip on the selected pair (None: no answer within
+        `timeout` s). The request carries DONE_MARK: it tells the peer our path is chosen
+        (see settle). `sipmesh ping`'s probes are these (agent/probe.py)."""
         conn = self.connection
         pair = conn.selected
         if pair is None or conn.remote_password is None:
@@ -742,7 +743,7 @@ class IceSession:
         try:
             await asyncio.wait_for(pair.protocol.request(
                 request, pair.remote_addr, integrity_key=conn.remote_password.encode(),
-                retransmissions=2), 2.0)
+                retransmissions=2), timeout)
         except (stun.TransactionError, asyncio.TimeoutError, OSError):
             return None
         return time.monotonic() - start
@@ -773,6 +774,14 @@ class IceSession:
         after 6 checks in a row went unanswered, about 30 s). The consent checks also keep
         the NATs' mappings alive, well inside conntrack's 30 s for unanswered UDP."""
         await self.connection.closing.wait()
+
+    async def lost(self) -> str:
+        """Return why the path died once consent expired; never returns while it lives (a
+        session whose path is not handed over watches this)."""
+        await self.wait_closed()
+        if not self.consent_expired:   # closed by us: the session is ending anyway
+            await asyncio.get_running_loop().create_future()
+        return "consent lost: the peer stopped answering ICE consent checks"
 
     @property
     def consent_expired(self) -> bool:
