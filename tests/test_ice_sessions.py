@@ -123,8 +123,14 @@ def ice_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceLab]:
 
 
 @pytest.fixture(scope="module")
-def kamailio_ice_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceLab]:
-    """The same with Kamailio (docs/kamailio/kamailio.cfg) as the SIP and STUN server."""
+def server_lab(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceLab]:
+    """`ice_lab` (param "broker"), or the same with Kamailio (docs/kamailio/kamailio.cfg) as
+    the SIP and STUN server (param "kamailio"; hosts a, b, s, serving on a and b). Module
+    scoped and set up before the test (the processes a test starts are stopped after it)."""
+    if request.param == "broker":
+        yield request.getfixturevalue("ice_lab")
+        return
     yield from build_ice_lab(tmp_path_factory.mktemp("icelab-kamailio"), "kamailio",
                              {n: HOSTS[n] for n in ("broker", "a", "b", "s")}, ("a", "b"))
 
@@ -161,9 +167,9 @@ SERVERS = [pytest.param("broker", c, d, id=f"{c}-{d}") for c, d in EXPECTED] + \
      for c, d in KAMAILIO]
 
 
-@pytest.mark.parametrize("server, caller, callee", SERVERS)
-def test_udp_session_across_nat(request, server, caller, callee):
-    ice_lab = request.getfixturevalue("ice_lab" if server == "broker" else "kamailio_ice_lab")
+@pytest.mark.parametrize("server_lab, caller, callee", SERVERS, indirect=["server_lab"])
+def test_udp_session_across_nat(server_lab, caller, callee):
+    ice_lab = server_lab
     ping, echo, log = session(ice_lab, caller, callee)
     kind = EXPECTED[caller, callee]
     assert (ping["path"], echo["path"]) == (kind, kind), (ping, echo, log)
