@@ -77,9 +77,11 @@ class Endpoint:
     def __init__(self, config: UAConfig, *,
                  on_invite: Callable[[IncomingCall], Awaitable[None]],
                  advertise: str | None = None, tls_server_name: str | None = None,
-                 ice: IceOptions | None = None) -> None:
+                 ice: IceOptions | None = None,
+                 allow_probe: Callable[[object], bool] | None = None) -> None:
         self.config = config
         self.on_invite = on_invite
+        self.allow_probe = allow_probe  # who may ping us, by caller URI (None: anyone)
         self.advertise = advertise
         self.tls_server_name = tls_server_name  # default: the server's host name
         self.ice = ice if ice is not None else IceOptions()
@@ -214,6 +216,11 @@ class Endpoint:
         """A ping: a session without a program, answered by us whatever the agent serves."""
         from sipmesh.agent.session import Session   # (session.py imports this module)
 
+        if self.allow_probe is not None and not self.allow_probe(incoming.caller.uri):
+            log.info("[%s] ping from %s refused: not allowed (403)", incoming.call_id,
+                     incoming.caller.uri)
+            incoming.reject(403, "Forbidden")
+            return
         if len(self.probes) >= MAX_PROBES:
             log.info("[%s] %d pings running: 486 to %s", incoming.call_id, MAX_PROBES,
                      incoming.caller.uri)
