@@ -382,6 +382,10 @@ allocator = "udp"
                                          text=True, timeout=20).stdout)
         [session_status] = [x for x in data["sessions"] if x["call_id"] == call_id]
         assert session_status["path"]["kind"] == "relayed" and session_status["path"]["rtt"] > 0
+        # the daemon answers a ping too, beside its session (agent/probe.py)
+        out = ping(ice_lab, "a", "sd", "-c", "1")
+        assert out.returncode == 0 and "probe 1: relayed via TURN" in out.stdout, \
+            out.stdout + out.stderr
     finally:
         if caller is not None:
             caller.stop(grace=10)
