@@ -35,6 +35,9 @@ falls silent (consent lost, see agent/handover.py) ends the session with BYE. A 
 program's path is not handed over: its connections are carried as QUIC streams over it
 (agent/streams.py:StreamPath), each side sending its certificate's a=fingerprint; the
 end of that transport (the peer silent, consent lost) ends the session the same way.
+A profile without a program (``program = False``: `sipmesh ping`, agent/probe.py) takes the
+same steps; its path is never handed over: ICE keeps it (and watches consent) while
+``profile.on_path`` runs in the agent, and its end is the BYE.
 
 Supervision: the program exits -> BYE at once; BYE received -> the program is stopped
 (SIGTERM to its group, SIGKILL after the grace period); a stop request (SIGINT,
@@ -368,8 +371,8 @@ class Session:
                         return True   # the peer or a stop request ended it meanwhile
                 elif not profile.program:
                     await _bye(call, 488, "no ICE in the answer")
-                    raise AgentError(f"{target} answered without ICE: it cannot be "
-                                     f"{profile.label}ed", Exit.REFUSED)
+                    raise AgentError(f"{target} answered without ICE: no path to run "
+                                     f"{profile.label} on", Exit.REFUSED)
                 elif self.ice is not None:
                     log.info("[%s] the peer does not do ICE: its a=IP4/a=PORT are used",
                              call.call_id)
