@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
     pinger = Pinger(Agent(config, profile, on_event=on_event))
     code = run_until_signalled(prog, pinger, again=None)
     summary = profile.summary()
-    if code == 0 and profile.path is not None and not profile.answered:
+    if code == 0 and profile.path is not None and profile.probes and not profile.answered:
         code = int(Exit.PEER_LOST)
         error: str | None = f"no probe came back on the {profile.path.kind} path"
         if text:
