@@ -21,42 +21,43 @@ from typing import Iterator
 
 import pytest
 
-from sipmesh.broker.users import UsersFile
-from sipmesh.sip.auth import compute_ha1
-from tests.lab import (Coturn, Host, ManagedProcess, NatLab, coturn_unavailable_reason,
-                       netns_unavailable_reason, spawn, wait_for, wait_udp_listening)
+from tests.lab import (Host, ManagedProcess, NatLab, coturn_unavailable_reason,
+                       kamailio_unavailable_reason, netns_unavailable_reason, spawn, wait_for)
+from tests.lab.natsite import NatSite, password
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
 PYTHON = sys.executable
 SIPMESH = str(Path(sys.executable).parent / "sipmesh")
 PAIR = str(Path(__file__).parent / "peers" / "udp_pair.py")
-SIP_PORT = 5060
 ANSWERING = ("p", "a", "b", "s", "s2")     # hosts running `sipmesh serve` as themselves
-
-
-def password(user: str) -> str:
-    return f"{user}-secret"
+HOSTS = {"broker": "public", "p": "public", "x": "public", "v": "public", "a": "home",
+         "b": "home", "s": "symmetric", "s2": "symmetric", "u": "udp_blocked"}
+needs_kamailio = pytest.mark.skipif(kamailio_unavailable_reason() is not None,
+                                    reason=str(kamailio_unavailable_reason()))
 
 
 @dataclass
 class IceLab:
     lab: NatLab
     run: Path
-    broker: Host
+    site: NatSite
     serve: dict[str, ManagedProcess]
-    coturn: Coturn
 
     def __getitem__(self, name: str) -> Host:
         return self.lab[name]
 
     @property
+    def broker(self) -> Host:
+        return self.site.host
+
+    @property
     def server(self) -> str:
-        return f"{self.broker.ip}:{SIP_PORT}"
+        return self.site.server
 
     @property
     def turn(self) -> str:
-        return f"turn:{self.broker.ip}:{self.coturn.port}"
+        return self.site.turn
 
     def agent_argv(self, mode: str, user: str, *extra: str) -> list[str]:
         return [SIPMESH, mode, "--server", self.server, "--user", user,
@@ -87,52 +88,46 @@ class IceLab:
         return "\n".join(parts)
 
 
-@pytest.fixture(scope="module")
-def ice_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceLab]:
+def build_ice_lab(run: Path, server: str, hosts: dict[str, str],
+                  answering: tuple[str, ...]) -> Iterator[IceLab]:
+    """The lab of `hosts`, the site's SIP `server` (broker or kamailio) and coturn on
+    "broker", `sipmesh serve` with the echo program as itself on each `answering` host."""
     for reason in (netns_unavailable_reason(), coturn_unavailable_reason()):
         if reason:
             pytest.skip(reason)
-    run = tmp_path_factory.mktemp("icelab")
-    procs: list[ManagedProcess] = []
     with NatLab() as lab:
-        hosts = lab.add_hosts({"broker": "public", "p": "public", "x": "public", "v": "public",
-                               "a": "home",
-                               "b": "home", "s": "symmetric", "s2": "symmetric",
-                               "u": "udp_blocked"})
-        broker = hosts["broker"]
-        users = UsersFile(run / "users")
+        lab.add_hosts(hosts)
         names = [n for n in hosts if n != "broker"]
-        everyone = names + [f"{n}c" for n in names] + ["sd"]
-        for user in everyone:
-            users.add(broker.ip, user, password(user))
-        users.save()
-        coturn = Coturn(run / "coturn", broker.ip, netns=broker.ns, realm=broker.ip,
-                        users={u: compute_ha1(u, broker.ip, password(u)) for u in everyone})
+        site = NatSite(lab, run, names + [f"{n}c" for n in names] + ["sd"],
+                       server=server).start()
         try:
-            coturn.start()
-            proc = spawn([SIPMESH, "broker", "--listen", f"{broker.ip}:{SIP_PORT}",
-                          "--db", str(run / "broker.db"), "--workers", "1", "--users",
-                          str(run / "users"), "--rate-limit", "0", "-v"],
-                         netns=broker.ns, cwd=run, log_path=run / "broker.log", name="broker")
-            procs.append(proc)
-            wait_udp_listening(broker.ip, SIP_PORT, broker.ns, 15, proc=proc)
             serve: dict[str, ManagedProcess] = {}
-            for name in ANSWERING:
-                argv = [SIPMESH, "serve", "--server", f"{broker.ip}:{SIP_PORT}", "--user", name,
-                        "--password", password(name), "--turn",
-                        f"turn:{broker.ip}:{coturn.port}", "-v", "--app-port", "40000",
-                        "--", PYTHON, PAIR, "echo", str(run)]
-                serve[name] = spawn(argv, netns=hosts[name].ns, cwd=run,
+            for name in answering:
+                argv = [SIPMESH, "serve", "--server", site.server, "--user", name,
+                        "--password", password(name), "--turn", site.turn, "-v",
+                        "--app-port", "40000", "--", PYTHON, PAIR, "echo", str(run)]
+                serve[name] = spawn(argv, netns=lab[name].ns, cwd=run,
                                     log_path=run / f"serve-{name}.log", name=f"serve-{name}")
-                procs.append(serve[name])
+                site.procs.append(serve[name])
             for name, agent in serve.items():
                 wait_for(lambda: "ready: contact" in agent.log_text(), 20,
                          what=f"serve {name} registered", abort=agent.exit_reason)
-            yield IceLab(lab, run, broker, serve, coturn)
+            yield IceLab(lab, run, site, serve)
         finally:
-            for proc in reversed(procs):
-                proc.stop(grace=5)
-            coturn.stop()
+            site.stop()
+
+
+@pytest.fixture(scope="module")
+def ice_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceLab]:
+    yield from build_ice_lab(tmp_path_factory.mktemp("icelab"), "broker", HOSTS, ANSWERING)
+
+
+@pytest.fixture(scope="module")
+def kamailio_ice_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IceLab]:
+    """The same with Kamailio (docs/kamailio/kamailio.cfg) as the SIP and STUN server:
+    hosts a, b, s, serving on a and b."""
+    yield from build_ice_lab(tmp_path_factory.mktemp("icelab-kamailio"), "kamailio",
+                             {n: HOSTS[n] for n in ("broker", "a", "b", "s")}, ("a", "b"))
 
 
 def session(ice: IceLab, caller: str, callee: str, *extra: str) -> tuple[dict, dict, str]:
@@ -161,8 +156,22 @@ EXPECTED = {  # (caller, callee): path; public <-> any, home <-> home, symmetric
 }
 
 
+KAMAILIO = [("a", "b"), ("s", "a")]   # home <-> home direct, symmetric <-> home relayed
+
+
 @pytest.mark.parametrize("caller, callee", list(EXPECTED), ids=[f"{c}-{d}" for c, d in EXPECTED])
 def test_udp_session_across_nat(ice_lab, caller, callee):
+    udp_session_across_nat(ice_lab, caller, callee)
+
+
+@needs_kamailio
+@pytest.mark.parametrize("caller, callee", KAMAILIO, ids=[f"{c}-{d}" for c, d in KAMAILIO])
+def test_udp_session_across_nat_with_kamailio(kamailio_ice_lab, caller, callee):
+    """The exec row of the matrix with unmodified Kamailio as the SIP and STUN server."""
+    udp_session_across_nat(kamailio_ice_lab, caller, callee)
+
+
+def udp_session_across_nat(ice_lab: IceLab, caller: str, callee: str) -> None:
     ping, echo, log = session(ice_lab, caller, callee)
     kind = EXPECTED[caller, callee]
     assert (ping["path"], echo["path"]) == (kind, kind), (ping, echo, log)
@@ -373,7 +382,58 @@ allocator = "udp"
                                          text=True, timeout=20).stdout)
         [session_status] = [x for x in data["sessions"] if x["call_id"] == call_id]
         assert session_status["path"]["kind"] == "relayed" and session_status["path"]["rtt"] > 0
+        # the daemon answers a ping too, beside its session (agent/probe.py)
+        out = ping(ice_lab, "a", "sd", "-c", "1")
+        assert out.returncode == 0 and "probe 1: relayed via TURN" in out.stdout, \
+            out.stdout + out.stderr
     finally:
         if caller is not None:
             caller.stop(grace=10)
         daemon.stop(grace=10)
+
+
+# -------------------------------------------------------------------------- sipmesh ping
+
+def ping(ice: IceLab, host: str, target: str, *extra: str) -> subprocess.CompletedProcess:
+    """`sipmesh ping TARGET` from `host` as user HOSTc, three probes, its own process."""
+    return ice[host].run([SIPMESH, "ping", target, "--server", ice.server, "--user", f"{host}c",
+                          "--password", password(f"{host}c"), "--turn", ice.turn,
+                          "-c", "3", "-i", "0.2", *extra], check=False, timeout=60)
+
+
+PINGS = [("a", "b", "direct (", "direct"),             # home <-> home: through both NATs
+         ("s", "s2", "relayed via TURN", "relayed")]   # symmetric <-> symmetric: coturn
+
+
+@pytest.mark.parametrize("caller, callee, says, kind", PINGS, ids=[f"{c}-{d}" for c, d, *_ in PINGS])
+def test_ping_says_which_path_with_rtts(ice_lab, caller, callee, says, kind):
+    """`sipmesh ping` reaches the name through the broker, and prints, per probe, the path
+    ICE chose, its candidate pair and the RTT, then a summary; the answering agent (which
+    serves an exec program) answers the ping itself and runs no program for it."""
+    before = ice_lab.records("server")
+    out = ping(ice_lab, caller, callee)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"PING {callee}: {says}"), out.stdout
+    probes = [line for line in lines if line.startswith("probe ")]
+    assert len(probes) == 3, out.stdout
+    for line in probes:
+        assert says in line and " -> " in line and line.endswith(" ms") and " rtt " in line, line
+        if kind == "direct":   # to b's NAT: b's public address
+            assert f"-> srflx {ice_lab[callee].public_ip}:" in line or \
+                f"-> prflx {ice_lab[callee].public_ip}:" in line, line
+        else:
+            assert "relay " in line, line
+    assert lines[-1].startswith(f"--- {callee}: 3 probes, 3 answered, 0% lost, {says}"), out.stdout
+    assert "rtt min/avg/max " in lines[-1]
+    assert ice_lab.records("server") == before   # no program ran for the ping
+
+    data = json.loads(ping(ice_lab, caller, callee, "--json", "-c", "1").stdout)
+    assert data["exit"] == 0 and data["path"]["kind"] == kind and data["answered"] == 1, data
+
+
+def test_ping_an_unknown_name_fails_clearly(ice_lab):
+    out = ping(ice_lab, "a", "nobody")
+    assert out.returncode == 6, out.stdout + out.stderr
+    assert "sipmesh ping: nobody is not registered at the SIP server (404" in out.stderr
+    assert "PING" not in out.stdout

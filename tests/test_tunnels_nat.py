@@ -23,8 +23,8 @@ from typing import Iterator
 import pytest
 
 from tests.lab import (ManagedProcess, NatLab, coturn_unavailable_reason,
-                       netns_unavailable_reason, wait_for)
-from sipmesh.lab.natsite import NatSite, tunnel_services
+                       kamailio_unavailable_reason, netns_unavailable_reason, wait_for)
+from tests.lab.natsite import NatSite, tunnel_services
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
               pytest.mark.skipif(not all(shutil.which(p) for p in
@@ -33,6 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns,
 
 ANSWERING = ("a", "b", "s2")
 CALLING = ("p", "a", "s", "u")
+HOSTS = {"broker": "public", "p": "public", "a": "home", "b": "home",
+         "s": "symmetric", "s2": "symmetric", "u": "udp_blocked"}
 POOLS = {"a": "10.91.0.0/24", "b": "10.92.0.0/24", "s2": "10.93.0.0/24",
          "p": "10.94.0.0/24", "s": "10.95.0.0/24",
          "u": "10.89.0.0/24"}
@@ -47,23 +49,38 @@ class TunnelLab:
         return tunnel_services(POOLS[host])
 
 
-@pytest.fixture(scope="module")
-def tunnel_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunnelLab]:
+def build_tunnel_lab(run: Path, server: str, hosts: dict[str, str],
+                     answering: tuple[str, ...]) -> Iterator[TunnelLab]:
+    """The lab of `hosts`, the SIP `server` (broker or kamailio) and coturn on "broker",
+    a daemon with the tunnel services on each `answering` host."""
     for reason in (netns_unavailable_reason(), coturn_unavailable_reason()):
         if reason:
             pytest.skip(reason)
-    run = tmp_path_factory.mktemp("tunnels")
     with NatLab() as lab:
-        lab.add_hosts({"broker": "public", "p": "public", "a": "home", "b": "home",
-                       "s": "symmetric", "s2": "symmetric", "u": "udp_blocked"})
-        users = list(ANSWERING) + [f"{h}c" for h in CALLING] + ["aw", "bw"]
-        site = NatSite(lab, run, users).start()
+        lab.add_hosts(hosts)
+        users = list(answering) + [f"{h}c" for h in CALLING if h in hosts] + ["aw", "bw"]
+        site = NatSite(lab, run, users, server=server).start()
         try:
             daemons = {host: site.daemon(host, tunnel_services(POOLS[host]))
-                       for host in ANSWERING}
+                       for host in answering}
             yield TunnelLab(lab, site, daemons)
         finally:
             site.stop()
+
+
+@pytest.fixture(scope="module")
+def tunnel_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunnelLab]:
+    yield from build_tunnel_lab(tmp_path_factory.mktemp("tunnels"), "broker", HOSTS, ANSWERING)
+
+
+@pytest.fixture(scope="module")
+def kamailio_tunnel_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunnelLab]:
+    """The same with Kamailio (docs/kamailio/kamailio.cfg) as the SIP and STUN server:
+    hosts a, b, s, daemons on a and b."""
+    if kamailio_unavailable_reason():
+        pytest.skip(str(kamailio_unavailable_reason()))
+    yield from build_tunnel_lab(tmp_path_factory.mktemp("tunnels-kamailio"), "kamailio",
+                                {n: HOSTS[n] for n in ("broker", "a", "b", "s")}, ("a", "b"))
 
 
 def tunnel_links(host) -> list[str]:
@@ -84,10 +101,26 @@ PAIRS = [("a", "b", "direct"),     # home <-> home: both NATs punched
          ("s", "s2", "relayed")]   # symmetric <-> symmetric
 
 
+KAMAILIO_PAIRS = [PAIRS[0], PAIRS[2]]   # home <-> home direct, symmetric <-> home relayed
+
+
 @pytest.mark.parametrize("service", ["vpn", "ovpn"])
 @pytest.mark.parametrize("caller, callee, kind", PAIRS, ids=[f"{c}-{d}" for c, d, _ in PAIRS])
 def test_tunnel_across_nat(tunnel_lab: TunnelLab, caller: str, callee: str, kind: str,
                            service: str) -> None:
+    tunnel_across_nat(tunnel_lab, caller, callee, kind, service)
+
+
+@pytest.mark.parametrize("caller, callee, kind", KAMAILIO_PAIRS,
+                         ids=[f"{c}-{d}" for c, d, _ in KAMAILIO_PAIRS])
+def test_wireguard_across_nat_with_kamailio(kamailio_tunnel_lab: TunnelLab, caller: str,
+                                            callee: str, kind: str) -> None:
+    """The WireGuard row of the matrix with unmodified Kamailio as the SIP server."""
+    tunnel_across_nat(kamailio_tunnel_lab, caller, callee, kind, "vpn")
+
+
+def tunnel_across_nat(tunnel_lab: TunnelLab, caller: str, callee: str, kind: str,
+                      service: str) -> None:
     lab, site = tunnel_lab.lab, tunnel_lab.site
     user = f"{caller}c"
     start = time.monotonic()

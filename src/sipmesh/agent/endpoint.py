@@ -10,7 +10,9 @@ their answer to an INVITE (`on_invite`), never a second copy of this:
     await endpoint.register()   # REGISTER, refreshed at half the granted time (over
                                 # TCP/TLS: each opens the connection first, see connect())
     ...                         # sessions run (agent/session.py:Session), each in
-                                # `endpoint.sessions` while it lasts
+                                # `endpoint.sessions` while it lasts; pings (a=APP:ping,
+                                # agent/probe.py) are answered here, whatever the agent
+                                # serves, and run in `endpoint.probes`
     endpoint.request_stop()     # (a signal) running sessions end, then:
     await endpoint.close(t)     # wait up to t s for them, unregister, stop the UA
 """
@@ -26,6 +28,8 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.ice import IceConfig, IceOptions
 from sipmesh.agent.portmap import PROTOCOLS as PORTMAP_PROTOCOLS
+from sipmesh.agent.probe import MAX_PROBES, ProbeProfile, asks_for_probe
+from sipmesh.agent.profile import SessionInfo
 from sipmesh.agent.link import connection_error, server_flow, tls_name
 from sipmesh.agent.params import IPAddress
 from sipmesh.agent.registration import Registration
@@ -73,9 +77,11 @@ class Endpoint:
     def __init__(self, config: UAConfig, *,
                  on_invite: Callable[[IncomingCall], Awaitable[None]],
                  advertise: str | None = None, tls_server_name: str | None = None,
-                 ice: IceOptions | None = None) -> None:
+                 ice: IceOptions | None = None,
+                 allow_probe: Callable[[object], bool] | None = None) -> None:
         self.config = config
         self.on_invite = on_invite
+        self.allow_probe = allow_probe  # who may ping us, by caller URI (None: anyone)
         self.advertise = advertise
         self.tls_server_name = tls_server_name  # default: the server's host name
         self.ice = ice if ice is not None else IceOptions()
@@ -86,6 +92,8 @@ class Endpoint:
         self.registrations: list[Registration] = []  # one per server (UAConfig.servers)
         self._registering: set[asyncio.Task[None]] = set()
         self.sessions: dict[str, Session] = {}  # running (answering or calling), by Call-ID
+        self.probes: dict[str, Session] = {}    # pings, answering or calling (not sessions:
+                                                # a ping never makes an agent busy)
         self.stopping = asyncio.Event()  # (asyncio events bind to a loop only when awaited)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -211,18 +219,48 @@ class Endpoint:
         if self.stopping.is_set():
             incoming.reject(480, "Shutting Down")
             return
+        if asks_for_probe(incoming.sdp):
+            await self._answer_probe(incoming)
+            return
         await self.on_invite(incoming)
+
+    async def _answer_probe(self, incoming: IncomingCall) -> None:
+        """A ping: a session without a program, answered by us whatever the agent serves."""
+        from sipmesh.agent.session import Session   # (session.py imports this module)
+
+        if self.allow_probe is not None and not self.allow_probe(incoming.caller.uri):
+            log.info("[%s] ping from %s refused: not allowed (403)", incoming.call_id,
+                     incoming.caller.uri)
+            incoming.reject(403, "Forbidden")
+            return
+        if len(self.probes) >= MAX_PROBES:
+            log.info("[%s] %d pings running: 486 to %s", incoming.call_id, MAX_PROBES,
+                     incoming.caller.uri)
+            incoming.reject(486, "Busy Here")
+            return
+
+        def choose(incoming: IncomingCall, attributes: dict[str, str]
+                   ) -> tuple[ProbeProfile, SessionInfo]:
+            return ProbeProfile(), SessionInfo(role="server", call_id=incoming.call_id,
+                                               local_user=self.config.user,
+                                               peer=str(incoming.caller.uri),
+                                               local_ip=self.local_ip)
+
+        await Session(self).answer(incoming, choose)
 
     @contextmanager
     def running(self, session: Session) -> Iterator[None]:
-        """`session` is in `sessions` (and close() waits for it) inside this block."""
-        self.sessions[session.call_id] = session
+        """`session` is in `sessions` (a ping in `probes`), and close() waits for it, inside
+        this block."""
+        table = self.probes if session.profile is not None and not session.profile.program \
+            else self.sessions
+        table[session.call_id] = session
         self._idle.clear()
         try:
             yield
         finally:
-            self.sessions.pop(session.call_id, None)
-            if not self.sessions:
+            table.pop(session.call_id, None)
+            if not self.sessions and not self.probes:
                 self._idle.set()
 
     async def close(self, timeout: float) -> None:

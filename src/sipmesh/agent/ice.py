@@ -559,9 +559,7 @@ class _Connection(aioice.Connection):
             self.relay_at = now + RELAY_HOLD
         waiting = [p for p in self._check_list if p.task is None and p.state in
                    (CandidatePair.State.WAITING, CandidatePair.State.FROZEN)]
-        if now < self.relay_at and any(not _relayed(p) and p.state not in (
-                CandidatePair.State.SUCCEEDED, CandidatePair.State.FAILED)
-                for p in self._check_list):
+        if self._holding_relays(now):
             startable = [p for p in waiting if not _relayed(p)]
         else:
             startable = waiting
@@ -581,6 +579,26 @@ class _Connection(aioice.Connection):
         self.agent_pacer.take(now)
         self.check_start_task(pair)
         return True
+
+    def _holding_relays(self, now: float) -> bool:
+        """Do relayed pairs wait (RELAY_HOLD not over, and some direct pair still open)?"""
+        return now < self.relay_at and any(
+            not _relayed(p) and p.state not in (CandidatePair.State.SUCCEEDED,
+                                                 CandidatePair.State.FAILED)
+            for p in self._check_list)
+
+    def check_complete(self, pair: CandidatePair) -> None:
+        """aioice lets the last nominated pair win: a relayed check that succeeds just after
+        a direct one was nominated would replace it. A direct pair, once nominated, stays."""
+        chosen = self._nominated.get(pair.component)
+        if (chosen is not None and chosen is not pair and not _relayed(chosen)
+                and _relayed(pair) and pair.nominated):
+            pair.task = None
+            pair.nominated = False
+            log.info("relayed pair %s succeeded after the direct %s was nominated: kept the "
+                     "direct one", pair, chosen)
+            return
+        super().check_complete(pair)
 
     def check_incoming(self, message: stun.Message, addr: tuple[str, int],
                        protocol: StunProtocol) -> None:
@@ -615,6 +633,17 @@ class _Connection(aioice.Connection):
                 pair.task = None
                 pair.state = CandidatePair.State.WAITING
         super().check_incoming(message, addr, protocol)
+        if self.ice_controlling and self._holding_relays(time.monotonic()):
+            # aioice answered with a triggered check at once, nominating (aggressive
+            # nomination): through a relay it would win the race against a direct pair
+            # that is still being punched. It waits for the hold like any relayed pair.
+            for pair in self._check_list:
+                if (_relayed(pair) and pair.protocol is protocol and pair.remote_addr == addr
+                        and pair.task is not None and not pair.task.done()
+                        and pair.state != CandidatePair.State.IN_PROGRESS):
+                    pair.task.cancel()
+                    pair.task = None
+                    pair.state = CandidatePair.State.WAITING
 
     @property
     def selected(self) -> CandidatePair | None:
@@ -743,9 +772,10 @@ class IceSession:
         return (f"{self._report(None).reason}; local {self._candidates(self.local)}; "
                 f"remote {self._candidates(self.remote)}")
 
-    async def measure_rtt(self) -> float | None:
-        """One authenticated Binding round trip on the selected pair (None: no answer). The
-        request carries DONE_MARK: it tells the peer our path is chosen (see settle)."""
+    async def measure_rtt(self, timeout: float = 2.0) -> float | None:
+        """One authenticated Binding round trip on the selected pair (None: no answer within
+        `timeout` s). The request carries DONE_MARK: it tells the peer our path is chosen
+        (see settle). `sipmesh ping`'s probes are these (agent/probe.py)."""
         conn = self.connection
         pair = conn.selected
         if pair is None or conn.remote_password is None:
@@ -756,7 +786,7 @@ class IceSession:
         try:
             await asyncio.wait_for(pair.protocol.request(
                 request, pair.remote_addr, integrity_key=conn.remote_password.encode(),
-                retransmissions=2), 2.0)
+                retransmissions=2), timeout)
         except (stun.TransactionError, asyncio.TimeoutError, OSError):
             return None
         return time.monotonic() - start
@@ -787,6 +817,14 @@ class IceSession:
         after 6 checks in a row went unanswered, about 30 s). The consent checks also keep
         the NATs' mappings alive, well inside conntrack's 30 s for unanswered UDP."""
         await self.connection.closing.wait()
+
+    async def lost(self) -> str:
+        """Return why the path died once consent expired; never returns while it lives (a
+        session whose path is not handed over watches this)."""
+        await self.wait_closed()
+        if not self.consent_expired:   # closed by us: the session is ending anyway
+            await asyncio.get_running_loop().create_future()
+        return "consent lost: the peer stopped answering ICE consent checks"
 
     @property
     def consent_expired(self) -> bool:

@@ -33,13 +33,17 @@ answering side, to `stream_target` (by default its program on 127.0.0.1, its a=P
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sipmesh.agent.handover import UdpEndpoint
 
 from sipmesh.agent.params import IPv4, IPv6, Param, Port, Token
 from sipmesh.agent.supervisor import Child, ChildSpec
+
+if TYPE_CHECKING:
+    from sipmesh.agent.ice import IceSession
 
 __all__ = ["AppProfile", "Plan", "SessionInfo", "COMMON_OFFER", "IP_PARAMS", "PORT", "endpoint_env",
            "offered_ip", "path_values"]
@@ -68,7 +72,7 @@ class Plan:
     """The answering side's part: attributes for the 200 OK and the program to start."""
 
     attributes: dict[str, str]
-    child: ChildSpec
+    child: ChildSpec | None   # None: a profile without a program (``program = False``)
     port: int = 9  # for the m= line (informational, proxies rewrite it)
     path_port: int = 0  # the UDP port ICE gathers on: the program's, on a direct path (0: any)
     context: dict[str, Any] = field(default_factory=dict)  # the profile's, for answer_child
@@ -114,6 +118,9 @@ class AppProfile(abc.ABC):
     media: ClassVar[str] = "application"
     proto: ClassVar[str] = "sipmesh"
     transport: ClassVar[str | None] = None  # "udp"/"tcp": the program takes the ICE path
+    # False: no program runs. The session is the path ICE checked, kept open (ICE answers the
+    # peer's checks) while `on_path` runs in the agent (agent/probe.py: `sipmesh ping`).
+    program: ClassVar[bool] = True
     max_streams: int = 64   # "tcp": TCP connections carried at once
     offer_params: tuple[Param, ...] = COMMON_OFFER
     answer_params: tuple[Param, ...] = IP_PARAMS + (PORT,)
@@ -154,6 +161,12 @@ class AppProfile(abc.ABC):
     def stream_listen(self, info: SessionInfo) -> tuple[str, int]:
         """"tcp", calling side: where the connections to carry come in (port 0: any)."""
         return ("127.0.0.1", 0)
+
+    async def on_path(self, info: SessionInfo, ice: IceSession) -> str:
+        """``program = False``: the profile's work on the checked path, in the agent; the
+        session ends (BYE) with the reason it returns. Default: until the peer ends it."""
+        await asyncio.get_running_loop().create_future()
+        return ""
 
     async def wait_ready(self, plan: Plan, child: Child) -> None:
         """Return once the answering side's program can take the caller's first packet

@@ -35,6 +35,9 @@ falls silent (consent lost, see agent/handover.py) ends the session with BYE. A 
 program's path is not handed over: its connections are carried as QUIC streams over it
 (agent/streams.py:StreamPath), each side sending its certificate's a=fingerprint; the
 end of that transport (the peer silent, consent lost) ends the session the same way.
+A profile without a program (``program = False``: `sipmesh ping`, agent/probe.py) takes the
+same steps; its path is never handed over: ICE keeps it (and watches consent) while
+``profile.on_path`` runs in the agent, and its end is the BYE.
 
 Supervision: the program exits -> BYE at once; BYE received -> the program is stopped
 (SIGTERM to its group, SIGKILL after the grace period); a stop request (SIGINT,
@@ -190,6 +193,10 @@ class Session:
         try:
             offer = self._validate_offer(profile, attributes)
             remote = self._offered_ice(profile, incoming)
+            if remote is None and not profile.program:
+                raise Refusal(488, f"{profile.label} needs ICE: "
+                                   + ("it is off here (--no-ice)" if self.endpoint.ice_config
+                                      is None else "the offer has none"))
             incoming.ringing()
             plan = await self._plan(profile, info, offer)
             if remote is None:
@@ -219,8 +226,9 @@ class Session:
             try:
                 if not await self._take_path(connecting, plan):
                     return True
-                plan.child = profile.answer_child(info, plan)
-                await self._start_answering(profile, plan)
+                if profile.program:
+                    plan.child = profile.answer_child(info, plan)
+                    await self._start_answering(profile, plan)
                 started = True
             except Refusal as refusal:
                 await bye_with_reason(self.call, refusal.status, refusal.text)
@@ -262,8 +270,7 @@ class Session:
         try:
             validate(profile.answer_params, plan.attributes)
         except ValueError as exc:
-            if plan.child.cleanup is not None:
-                plan.child.cleanup()
+            _cleanup(plan)
             raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
         try:
             local = await self._gather(controlling=False, port=plan.path_port)
@@ -309,8 +316,7 @@ class Session:
             validate(profile.answer_params, plan.attributes)
             return self._describe(profile, plan.attributes, plan.port)
         except ValueError as exc:
-            if plan.child.cleanup is not None:
-                plan.child.cleanup()
+            _cleanup(plan)
             raise Refusal(500, f"cannot serve {profile.label}: {exc}") from None
 
     async def _start_answering(self, profile: AppProfile, plan: Plan) -> None:
@@ -363,16 +369,21 @@ class Session:
                         if self.path is not None and self.path.kind == "none":
                             raise AgentError(self._no_path_message, Exit.NO_PATH)
                         return True   # the peer or a stop request ended it meanwhile
+                elif not profile.program:
+                    await _bye(call, 488, "no ICE in the answer")
+                    raise AgentError(f"{target} answered without ICE: no path to run "
+                                     f"{profile.label} on", Exit.REFUSED)
                 elif self.ice is not None:
                     log.info("[%s] the peer does not do ICE: its a=IP4/a=PORT are used",
                              call.call_id)
                     await self._close_path()
-                try:
-                    spec = profile.caller_child(info, offer, answer)
-                    self.child = await self._start(spec, answer.get("PORT"))
-                except AgentError:
-                    await bye_with_reason(call, 500, "cannot start the application")
-                    raise
+                if profile.program:
+                    try:
+                        spec = profile.caller_child(info, offer, answer)
+                        self.child = await self._start(spec, answer.get("PORT"))
+                    except AgentError:
+                        await bye_with_reason(call, 500, "cannot start the application")
+                        raise
                 await self._run()
             finally:
                 self.state = "ending"
@@ -521,6 +532,8 @@ class Session:
         self._emit("path", call_id=self.call_id, path=str(self.path), kind=self.path.kind)
         profile = self.profile
         assert profile is not None
+        if not profile.program:   # nothing to hand over: ICE keeps the path (agent/probe.py)
+            return True
         if profile.transport == "tcp":
             assert self.peer_fingerprint is not None
             try:
@@ -564,10 +577,11 @@ class Session:
 
     async def _run(self) -> None:
         """Established: supervise until one side ends the session."""
-        assert self.call is not None and self.child is not None
+        assert self.call is not None and self.profile is not None
         self.state, self.since = "established", time.time()
-        log.info("[%s] session established with %s (%s, pid %d)", self.call_id, self.call.peer,
-                 self.profile.label if self.profile else "?", self.child.pid)
+        log.info("[%s] session established with %s (%s, %s)", self.call_id, self.call.peer,
+                 self.profile.label,
+                 f"pid {self.child.pid}" if self.child is not None else "no program")
         self._emit("established", role=self.role, call_id=self.call_id, peer=self.call.peer)
         reason = await self.supervise()
         log.info("[%s] session ended: %s", self.call_id, reason)
@@ -576,9 +590,15 @@ class Session:
         self._emit("ended", call_id=self.call_id, reason=reason, app_status=self.app_status)
 
     async def supervise(self) -> str:
-        """Wait for the program, the peer or a stop request; end the rest; say why."""
-        assert self.call is not None and self.child is not None
+        """Wait for the program, the peer or a stop request; end the rest; say why.
+
+        A profile without a program (``program = False``) runs its `on_path` instead, and
+        its path is watched by ICE's own consent checks."""
+        assert self.call is not None and self.profile is not None and self.info is not None
         call, child = self.call, self.child
+        if child is None:
+            assert self.ice is not None
+            return await self._supervise_on_path(call, self.ice)
         stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
         lost = asyncio.ensure_future(self.handover.lost()) if self.handover else None
         try:
@@ -613,6 +633,32 @@ class Session:
             await asyncio.gather(call.bye(), child.stop(self.grace))
         return self.reason
 
+    async def _supervise_on_path(self, call: Call, ice: IceSession) -> str:
+        assert self.profile is not None and self.info is not None
+        work = asyncio.ensure_future(self.profile.on_path(self.info, ice))
+        stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
+        lost = asyncio.ensure_future(ice.lost())
+        try:
+            await asyncio.wait({work, call.ended, stopping, lost},
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, stopping, lost):
+                task.cancel()
+        if work.done() and not work.cancelled():
+            error = work.exception()
+            self.reason = work.result() if error is None else f"{self.profile.label} failed: {error}"
+        elif call.ended.done():
+            self.reason = call.lost or f"the peer ended the session ({call.ended.result()})"
+            return self.reason
+        elif lost.done() and not lost.cancelled():
+            self.reason = lost.result()
+            self.path_lost = True
+        else:
+            self.reason = "shutting down"
+        log.info("[%s] %s: sending BYE", call.call_id, self.reason)
+        await asyncio.wait({asyncio.ensure_future(call.bye())}, timeout=BYE_WAIT)
+        return self.reason
+
 
 def _stream_fingerprint(attributes: list[tuple[str, str | None]]) -> str | None:
     """The peer's a=fingerprint for TCP streams (None: it sent none); ParamError if it
@@ -630,7 +676,7 @@ def _stream_fingerprint(attributes: list[tuple[str, str | None]]) -> str | None:
 
 def _cleanup(plan: Plan) -> None:
     """What a plan holds, when its program never started."""
-    if plan.child.cleanup is not None:
+    if plan.child is not None and plan.child.cleanup is not None:
         plan.child.cleanup()
 
 

@@ -103,7 +103,7 @@ class Daemon:
         self.endpoint = Endpoint(self.ua_config, on_invite=self._on_invite,
                                  advertise=config.agent.advertise,
                                  tls_server_name=config.agent.tls.server_name,
-                                 ice=config.agent.ice)
+                                 ice=config.agent.ice, allow_probe=self._allows)
         self.started = time.time()
         self.ready = asyncio.Event()
 
@@ -194,7 +194,7 @@ class Daemon:
         """The service an INVITE asks for, if this caller may use it and it has room."""
         services = self.config.services
         caller = incoming.caller.uri
-        if not any(s.allows(caller) for s in services.values()):
+        if not self._allows(caller):
             raise Refusal(403, "caller not allowed", warning=False)
         raw = attributes.get("service") or attributes.get("APP") or \
             self.config.agent.default_service
@@ -221,6 +221,10 @@ class Daemon:
                                  generation=self.generation,
                                  lease=Lease(self.ledger, service.profile.allocators))
         return service.profile, info
+
+    def _allows(self, caller: object) -> bool:
+        """May `caller` ping us (agent/probe.py)? Only if some service allows it."""
+        return any(s.allows(caller) for s in self.config.services.values())
 
     def _release(self, info: DaemonSessionInfo) -> None:
         assert info.lease is not None

@@ -138,18 +138,26 @@ class NatSite:
             self.coturn = Coturn(self.run / "coturn", self.host.ip, netns=self.host.ns,
                                  realm=realm, users={u: compute_ha1(u, realm, password(u))
                                                      for u in self.users}).start()
-            self.broker = spawn([SIPMESH, "broker", "--listen", self.server, "--db",
-                                 str(self.db), "--workers", "1", "--users",
-                                 str(self.run / "users"), "--rate-limit", "0", "-v",
-                                 *(["--debug"] if trace else [])],
-                                netns=self.host.ns, cwd=self.run, name="broker",
-                                log_path=self.run / "broker.log")
-            self.procs.append(self.broker)
-            wait_udp_listening(self.host.ip, SIP_PORT, self.host.ns, 15, proc=self.broker)
+            self.start_server(trace)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_server(self, trace: bool) -> None:
+        """The SIP server: our broker, on ``SIP_PORT`` (tests/lab/natsite.py: or Kamailio)."""
+        self.broker = spawn([SIPMESH, "broker", "--listen", self.server, "--db",
+                             str(self.db), "--workers", "1", "--users",
+                             str(self.run / "users"), "--rate-limit", "0", "-v",
+                             *(["--debug"] if trace else [])],
+                            netns=self.host.ns, cwd=self.run, name="broker",
+                            log_path=self.run / "broker.log")
+        self.procs.append(self.broker)
+        wait_udp_listening(self.host.ip, SIP_PORT, self.host.ns, 15, proc=self.broker)
+
+    def log_text(self) -> str:
+        """The SIP server's log."""
+        return self.broker.log_text() if self.broker is not None else ""
 
     def config(self, user: str, services: str) -> Path:
         """`user`'s configuration file: the site's [agent] and `services` (TOML)."""
