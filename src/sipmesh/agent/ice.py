@@ -588,10 +588,12 @@ class _Connection(aioice.Connection):
         """aioice's check, with regular nomination when we control (RFC 8445 §8.1.1).
 
         aioice 0.13 nominates aggressively: every check of the controlling side carries
-        USE-CANDIDATE, each side then takes the first nominated pair that succeeded *for
-        it*, and the two need not be the same (issue #11: the caller behind a symmetric NAT
-        on relay -> the callee's relay, the callee on host -> the caller's relay, each
-        sending where the other does not listen). Here the checks do not nominate; the
+        USE-CANDIDATE, every pair that then succeeds is nominated, and ``_nominated`` holds
+        the one nominated *last* when a side looks: for the caller the last check answered,
+        for the callee the last one whose USE-CANDIDATE check it saw succeed, and the two
+        need not be the same (issue #11: the caller behind a symmetric NAT on relay -> the
+        callee's relay, the callee on host -> the caller's relay, each sending where the
+        other does not listen). Here the checks do not nominate; the
         first pair that succeeds is nominated by one more check, and the controlled side
         takes the only pair it saw USE-CANDIDATE on. A nomination that fails or is
         cancelled frees the way for the next pair that succeeds (aioice would never
