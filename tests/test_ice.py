@@ -305,6 +305,63 @@ async def test_no_candidates_at_all_fails_at_once_with_a_reason():
         await session.close()
 
 
+# ------------------------------------------------------- one pair for both sides (issue #11)
+
+NOMINATION_PORT = 40000   # the callee's host port, on 127.0.0.2 and 127.0.0.1
+
+
+async def nomination_main() -> None:
+    """Run in a namespace where the first two check answers from 127.0.0.1:40000 are lost:
+    the caller's checks towards the callee's second candidate go unanswered, its check
+    towards the first one succeeds. Prints both sides' pairs as JSON."""
+    caller = IceSession(IceConfig(host_addresses=("127.0.0.1",)), controlling=True)
+    callee = IceSession(IceConfig(host_addresses=("127.0.0.2", "127.0.0.1")),
+                        controlling=False, port=NOMINATION_PORT)
+    try:
+        offer, answer = await asyncio.gather(caller.gather(), callee.gather())
+        theirs, ours = callee.read_remote(render(offer)), caller.read_remote(render(answer))
+        answering = asyncio.ensure_future(callee.connect(theirs))   # the callee answers first
+        await asyncio.sleep(0.05)
+        paths = [await caller.connect(ours), await answering]
+        await asyncio.gather(caller.settle(), callee.settle())
+        # what Handover.take hands the program, once the peer's path is chosen as well
+        pairs = [(s.connection.selected.local_addr, s.connection.selected.remote_addr)
+                 for s in (caller, callee)]
+        print(json.dumps({"paths": [[p.local_address, p.remote_address] for p in paths],
+                          "pairs": pairs}))
+    finally:
+        await asyncio.gather(caller.close(), callee.close())
+
+
+@pytest.mark.netns
+def test_both_sides_use_the_pair_the_caller_nominated(lo_only_netns):
+    """Issue #11: aioice put USE-CANDIDATE on every check of the caller, and each side
+    used the pair nominated last when it looked: the caller the first one whose answer
+    came back, the callee the last one whose check it had seen, which need not be the
+    same (in the NAT lab: the caller on relay -> the callee's relay, the callee on
+    host -> the caller's relay, and no echo). Here the caller's check towards the callee's
+    127.0.0.1 reaches it but its answer is lost, the one towards 127.0.0.2 succeeds:
+    both sides must end on caller <-> 127.0.0.2, the one pair the caller nominated."""
+    stun_answer = "0>>22&0x3C@8>>16=0x0101"   # the UDP payload starts: Binding success
+    for _ in range(2):   # each rule drops the first answer that reaches it
+        lo_only_netns.run(["iptables", "-A", "OUTPUT", "-p", "udp", "-s", "127.0.0.1",
+                           "--sport", str(NOMINATION_PORT), "-m", "u32", "--u32", stun_answer,
+                           "-m", "statistic", "--mode", "nth", "--every", "1000000",
+                           "--packet", "0", "-j", "DROP"])
+    root = Path(__file__).resolve().parents[1]
+    code = (f"import asyncio, sys; sys.path[:0] = [{str(root)!r}, {str(root / 'src')!r}]; "
+            "from tests.test_ice import nomination_main; asyncio.run(nomination_main())")
+    result = lo_only_netns.run([sys.executable, "-c", code], timeout=30, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    (caller_local, caller_remote), (callee_local, callee_remote) = report["pairs"]
+    assert caller_remote == ["127.0.0.2", NOMINATION_PORT], report
+    assert (callee_local, callee_remote) == (caller_remote, caller_local), report
+    assert report["paths"] == report["pairs"], report
+    counters = lo_only_netns.run(["iptables", "-L", "OUTPUT", "-n", "-v", "-x"]).stdout
+    assert [line.split()[0] for line in counters.splitlines()[2:]] == ["1", "1"], counters
+
+
 # ----------------------------------------------------------------------- the NAT lab
 
 PROBE = str(Path(__file__).parent / "lab" / "iceprobe.py")

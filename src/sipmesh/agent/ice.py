@@ -24,7 +24,10 @@ What this module adds to aioice, and why:
   ``AGENT_TA`` for all sessions of the process, at most ``MAX_CHECKS`` per session and
   ``AGENT_MAX_CHECKS`` per ``AGENT_WINDOW`` per process, so that an INVITE cannot turn the
   agent into a packet cannon aimed at third parties. aioice paces at 20 ms without a cap.
-- A direct path is preferred: aioice nominates the first pair that succeeds, so pairs
+- Both sides use the same pair: the controlling side nominates once, by a second check
+  with USE-CANDIDATE on the first pair that succeeded (regular nomination, RFC 8445
+  §8.1.1), not on every check as aioice does by default (see ``check_start``).
+- A direct path is preferred: we nominate the first pair that succeeds, so pairs
   through a relay wait ``RELAY_HOLD`` unless every direct pair has failed, and a check that
   arrives for a pair whose own check is in progress triggers a new one at once (RFC 8445
   §7.3.1.4; aioice waits for the retransmission, 500 ms later).
@@ -409,6 +412,10 @@ class _Connection(aioice.Connection):
         self.relay_at = float("inf")
         self.prflx_refused = False
         self.limited: set[str] = set()   # whose check limit held a check back (logged once)
+        # Regular nomination (RFC 8445 §8.1.1; see check_start): aioice 0.13 takes this flag
+        # as "nominate by a second check", which is what we want whoever the peer is.
+        self.remote_is_lite = True
+        self.nominating: CandidatePair | None = None   # the pair our USE-CANDIDATE check is on
         self.closing = asyncio.Event()   # set when close() starts (consent expiry calls it)
         # -- port mapping (agent/portmap.py): the router's mapping of our host port
         self.port_mapper = PortMapper(config.portmap) if config.portmap else None
@@ -600,6 +607,38 @@ class _Connection(aioice.Connection):
             return
         super().check_complete(pair)
 
+    def build_request(self, pair: CandidatePair, nominate: bool) -> stun.Message:
+        if nominate:   # aioice asks for USE-CANDIDATE only in its nomination step
+            self.nominating = pair
+        return super().build_request(pair, nominate)
+
+    async def check_start(self, pair: CandidatePair) -> None:
+        """aioice's check, with regular nomination when we control (RFC 8445 §8.1.1).
+
+        aioice 0.13 nominates aggressively: every check of the controlling side carries
+        USE-CANDIDATE, every pair that then succeeds is nominated, and ``_nominated`` holds
+        the one nominated *last* when a side looks: for the caller the last check answered,
+        for the callee the last one whose USE-CANDIDATE check it saw succeed, and the two
+        need not be the same (issue #11: the caller behind a symmetric NAT on relay -> the
+        callee's relay, the callee on host -> the caller's relay, each sending where the
+        other does not listen). Here the checks do not nominate; the
+        first pair that succeeds is nominated by one more check, and the controlled side
+        takes the only pair it saw USE-CANDIDATE on. A nomination that fails or is
+        cancelled frees the way for the next pair that succeeds (aioice would never
+        nominate another), and a pair that succeeded meanwhile is checked again."""
+        try:
+            await super().check_start(pair)
+        finally:
+            if self.nominating is pair and not pair.nominated:
+                self.nominating = None
+                self._nominating.discard(pair.component)
+                if not self._check_list_done and not self._closing:
+                    waiting = [p for p in self._check_list if p is not pair and p.task is None
+                               and p.state == CandidatePair.State.SUCCEEDED]
+                    if waiting:   # (bounded: a pair that fails its nomination is FAILED)
+                        waiting[0].state = CandidatePair.State.WAITING
+                        self.check_start_task(waiting[0])
+
     def check_incoming(self, message: stun.Message, addr: tuple[str, int],
                        protocol: StunProtocol) -> None:
         """A check from the peer proves the path is open now: redo our own check on that
@@ -625,7 +664,7 @@ class _Connection(aioice.Connection):
             if (pair.protocol is protocol and pair.remote_addr == addr
                     and pair.state == CandidatePair.State.IN_PROGRESS
                     and pair.task is not None and not pair.task.done()
-                    and id(pair) not in self.retriggered):
+                    and id(pair) not in self.retriggered and pair is not self.nominating):
                 # once per pair: when both sides check at the same moment, each side's
                 # check would otherwise cancel the other's, forever and unpaced
                 self.retriggered.add(id(pair))
