@@ -118,7 +118,7 @@ def test_a_broker_killed_under_running_sessions_then_back(pair: Pair, tmp_path) 
     wait_for(lambda: "dev smwg" in lab["a"].run(["ip", "route", "get", TUNNEL]).stdout, 20,
              what="the caller's tunnel", abort=call.exit_reason)
     assert f"calling sip:bw@{pair.hosts[0].ip}:5060" in call.log_text(), "through broker 1"
-    ping = spawn(["ping", "-n", "-i", "0.2", "-w", "40", "-c", "150", TUNNEL],
+    ping = spawn(["ping", "-n", "-i", "0.2", "-w", "120", TUNNEL],
                  netns=lab["a"].ns, name="ping", log_path=tmp_path / "ping.log")
     pair.procs.append(ping)
     wait_for(lambda: "bytes from" in ping.log_text(), 10, what="the first ping over the tunnel")
@@ -146,10 +146,11 @@ def test_a_broker_killed_under_running_sessions_then_back(pair: Pair, tmp_path) 
     print(f"broker 1 re-learnt all {len(USERS)} in {time.monotonic() - back:.2f} s")
 
     # the tunnel never stopped: the ping ran across the kill and the restart
-    assert ping.wait(60) == 0, ping.log_tail(10)
+    pinged = time.monotonic() - killed
+    assert ping.stop(grace=5, sig=signal.SIGINT) == 0, ping.log_tail(10)
     sent, received = map(int, re.search(r"(\d+) packets transmitted, (\d+) received",
                                         ping.log_text()).groups())
-    assert sent == 150 and received >= sent - 2, ping.log_tail(5)
+    assert sent >= pinged / 0.2 * 0.8 and received >= sent - 2, ping.log_tail(5)
     assert call.alive() and serve.alive(), call.log_tail(20) + serve.log_tail(20)
     # and the session ends as a user ends it: BYE through broker 1 (record-routed)
     call.stop(grace=10)
