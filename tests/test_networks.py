@@ -195,3 +195,39 @@ def test_members_by_radius_group_beside_static_ones(tmp_path):
     assert json.loads(net(db, "show", "lab", "--json").stdout)["radius_group"] == "ops"
     assert net(db, "list").stdout.strip() == "lab  10.9.0.0/29  2 members  (and RADIUS group ops)"
     store.close()
+
+
+def test_export_then_import_gives_a_second_broker_the_same_networks(tmp_path):
+    """The second broker of a pair (docs/broker.md, "Two brokers"): an export imported
+    there holds the same members at the same addresses, removed ones' reservations and
+    rules; an import replaces what was there; a bad export changes nothing."""
+    first, second = tmp_path / "a.db", tmp_path / "b.db"
+    net(first, "create", "lab", "--pool", "100.64.1.0/24")
+    net(first, "create", "ops", "--pool", "10.8.0.0/29", "--radius-group", "admins")
+    NetworkStore(first).join_by_radius("ops", "dave", "admins")  # a member by RADIUS comes along
+    net(first, "members", "add", "lab", "alice", "bob", "carol", "--group", "staff")
+    net(first, "members", "remove", "lab", "bob")
+    net(first, "allow", "lab", "@staff", "carol")
+    net(second, "create", "old", "--pool", "10.7.0.0/24")
+    exported = net(first, "export")
+    assert exported.returncode == 0, exported.stderr
+    (tmp_path / "export.json").write_text(exported.stdout)
+    imported = net(second, "import", str(tmp_path / "export.json"))
+    assert imported.returncode == 0 and "imported 2 networks, 3 members" in imported.stdout, imported
+    for name in ("lab", "ops"):
+        assert net(second, "show", name, "--json").stdout == net(first, "show", name, "--json").stdout
+    assert net(second, "list").stdout.split("\n")[0].startswith("lab")
+    assert "(by RADIUS)" in net(second, "show", "ops").stdout
+    assert "old" not in net(second, "list").stdout
+    # bob's reservation came along: added again at the second broker, he gets his address
+    assert net(second, "members", "add", "lab", "bob").stdout.strip() == "bob 100.64.1.2"
+
+    document = json.loads(exported.stdout)
+    document["networks"][0]["members"][0]["address"] = "100.64.2.9"  # outside the pool
+    (tmp_path / "bad.json").write_text(json.dumps(document))
+    before = net(second, "export").stdout
+    refused = net(second, "import", str(tmp_path / "bad.json"))
+    assert refused.returncode == 2 and "is not a host address of 100.64.1.0/24" in refused.stderr
+    assert net(second, "export").stdout == before
+    (tmp_path / "junk").write_text("{")
+    assert "not JSON" in net(second, "import", str(tmp_path / "junk")).stderr

@@ -132,7 +132,17 @@ class Endpoint:
             raise AgentError(f"cannot resolve the SIP server: {exc}", Exit.UNREACHABLE) from None
         server = flow.host
         options = self.ice
+        more: list[tuple[str, int]] = []
+        if options.stun is None and self.ua is not None:  # each of our SIP servers answers STUN
+            for other in self.ua.servers[1:]:
+                try:
+                    address = await resolve_uri(parse_sip_uri(f"sip:{other}"))
+                except (OSError, ValueError) as exc:
+                    log.info("no STUN at %s: %s", other, exc)
+                    continue
+                more.append((address.host, address.port))
         return IceConfig(stun_server=options.stun or (server, flow.port),
+                         more_stun_servers=tuple(more),
                          turn_server=options.turn,
                          turn_username=self.config.auth_user or self.config.user,
                          turn_password=self.config.password,

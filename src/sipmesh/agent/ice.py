@@ -341,6 +341,9 @@ class IceConfig:
     UDP port answers STUN); the TURN server takes the SIP name and password."""
 
     stun_server: tuple[str, int] | None = None
+    # more STUN servers asked at the same time (our other SIP servers): the first answer
+    # counts, so a SIP server that is down costs no candidate (docs/broker.md, "Two brokers")
+    more_stun_servers: tuple[tuple[str, int], ...] = ()
     turn_server: tuple[str, int] | None = None
     turn_username: str | None = None
     turn_password: str | None = field(default=None, repr=False)
@@ -491,8 +494,9 @@ class _Connection(aioice.Connection):
                   and not ipaddress.ip_address(p.local_candidate.host).is_loopback]
         if asking:
             assert self.stun_server is not None
-            tasks = [asyncio.ensure_future(server_reflexive_candidate(p, self.stun_server))
-                     for p in asking]
+            servers = (self.stun_server, *self.config.more_stun_servers)
+            shown = ", ".join(show_address(s) for s in servers)
+            tasks = [asyncio.ensure_future(_reflexive_from_any(p, servers)) for p in asking]
             done, pending = await asyncio.wait(tasks, timeout=self.config.gather_timeout)
             for task in pending:
                 task.cancel()
@@ -502,11 +506,9 @@ class _Connection(aioice.Connection):
                     if (srflx.host, srflx.port) != (srflx.related_address, srflx.related_port):
                         found.append(srflx)   # (no NAT: the same address twice says nothing)
                 else:
-                    log.info("no answer from STUN %s: %s", show_address(self.stun_server),
-                             _error(task.exception()))
+                    log.info("no answer from STUN %s: %s", shown, _error(task.exception()))
             if pending:
-                log.info("no answer from STUN %s within %g s", show_address(self.stun_server),
-                         self.config.gather_timeout)
+                log.info("no answer from STUN %s within %g s", shown, self.config.gather_timeout)
         return found
 
     async def _relay(self) -> list[Candidate]:
@@ -726,6 +728,25 @@ def _relayed(pair: CandidatePair) -> bool:
 
 def _error(e: BaseException) -> str:
     return str(e) or type(e).__name__
+
+
+async def _reflexive_from_any(protocol: StunProtocol,
+                              servers: tuple[tuple[str, int], ...]) -> tuple[Candidate, object]:
+    """`protocol`'s server-reflexive candidate from whichever of `servers` answers first
+    (all asked at once); the last error when none does."""
+    tasks = [asyncio.ensure_future(server_reflexive_candidate(protocol, s)) for s in servers]
+    try:
+        error: BaseException | None = None
+        for next_done in asyncio.as_completed(tasks):
+            try:
+                return await next_done
+            except Exception as exc:  # noqa: BLE001 - as gather() took any failure before
+                error = exc
+        assert error is not None
+        raise error
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _resolve(server: tuple[str, int]) -> tuple[str, int]:

@@ -396,6 +396,116 @@ class NetworkStore(SqliteStore):
             self._require(db, name)
             return db.execute(statement, (name, src, dst)).rowcount > 0
 
+    # -- a copy for a second broker (docs/broker.md, "Two brokers") -------------------------
+    def export(self) -> dict:
+        """Every network with all its rows (removed members too: their addresses stay
+        theirs), as a JSON-ready document that `replace_all` on another store reads."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            networks = []
+            for name, pool, radius_group in db.execute(
+                    "SELECT name, pool, radius_group FROM networks ORDER BY name").fetchall():
+                members = [{"user": u, "address": a, "active": bool(act), "radius": bool(radius),
+                            "groups": [g for g in groups.split(",") if g], "since": since}
+                           for u, a, act, radius, groups, since in db.execute(
+                               "SELECT user, address, active, radius, groups, since FROM network_members "
+                               "WHERE network=? ORDER BY user", (name,))]
+                rules = [list(r) for r in db.execute(
+                    "SELECT src, dst FROM network_rules WHERE network=? ORDER BY src, dst", (name,))]
+                networks.append({"name": name, "pool": pool, "radius_group": radius_group,
+                                 "members": members, "rules": rules})
+        finally:
+            db.execute("COMMIT")
+        return {"sipmesh-networks": SCHEMA_VERSION, "networks": networks}
+
+    def replace_all(self, document: object) -> list[Network]:
+        """Make this store hold exactly the networks of `document` (from `export`), in one
+        write transaction: all of it or, on any invalid field, nothing (NetworkError)."""
+        rows = _checked_document(document)
+        with self.writing() as db:
+            for table in ("network_members", "network_rules", "networks"):
+                db.execute(f"DELETE FROM {table}")
+            now = time.time()
+            for name, pool, radius_group, members, rules in rows:
+                db.execute("INSERT INTO networks (name, pool, created, radius_group) VALUES (?, ?, ?, ?)",
+                           (name, pool, now, radius_group))
+                db.executemany("INSERT INTO network_members (network, user, address, active, groups, "
+                               "since, radius) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               [(name, *member) for member in members])
+                db.executemany("INSERT INTO network_rules (network, src, dst) VALUES (?, ?, ?)",
+                               [(name, src, dst) for src, dst in rules])
+            return [n for n in (self._load(db, row[0]) for row in rows) if n is not None]
+
+
+MAX_EXPORTED_NETWORKS = 1000
+MAX_EXPORTED_ROWS = 1_000_000  # members and rules, all networks together
+
+
+def _checked_document(document: object) -> list[tuple[str, str, str | None, list[tuple], list[tuple[str, str]]]]:
+    """The rows of an exported document, every field checked as the CLI checks it, the
+    pools disjoint, each address in its pool and used once; NetworkError otherwise."""
+    if not isinstance(document, dict) or document.get("sipmesh-networks") != SCHEMA_VERSION:
+        raise NetworkError(f"not a networks export of version {SCHEMA_VERSION} "
+                           "('sipmesh broker network export')")
+    networks = document.get("networks")
+    if not isinstance(networks, list) or len(networks) > MAX_EXPORTED_NETWORKS:
+        raise NetworkError(f"'networks' must be a list of at most {MAX_EXPORTED_NETWORKS}")
+    rows, pools, total = [], [], 0
+    for entry in networks:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or \
+                not isinstance(entry.get("pool"), str) or not isinstance(entry.get("members"), list) \
+                or not isinstance(entry.get("rules"), list):
+            raise NetworkError("each network needs a name, a pool, members and rules")
+        name, pool = check_network_name(entry["name"]), parse_pool(entry["pool"])
+        radius_group = entry.get("radius_group")
+        if radius_group is not None:
+            if not isinstance(radius_group, str):
+                raise NetworkError(f"network {name!r}: radius_group is a group name or null")
+            radius_group = check_group(radius_group)
+        if any(name == other for other, *_ in rows):
+            raise NetworkError(f"network {name!r} twice")
+        for other, theirs in pools:
+            if theirs.version == pool.version and theirs.overlaps(pool):
+                raise NetworkError(f"pool {pool} of {name!r} overlaps the pool of {other!r}")
+        pools.append((name, pool))
+        total += len(entry["members"]) + len(entry["rules"])
+        if total > MAX_EXPORTED_ROWS:
+            raise NetworkError(f"more than {MAX_EXPORTED_ROWS} members and rules")
+        members, users, addresses = [], set(), set()
+        for m in entry["members"]:
+            if not isinstance(m, dict) or not isinstance(m.get("user"), str) or \
+                    not isinstance(m.get("address"), str) or not isinstance(m.get("active"), bool) \
+                    or not isinstance(m.get("groups"), list) or \
+                    not all(isinstance(g, str) for g in m["groups"]) or \
+                    not isinstance(m.get("since"), (int, float)) or isinstance(m["since"], bool) \
+                    or not isinstance(m.get("radius", False), bool):
+                raise NetworkError(f"network {name!r}: a member needs user, address, active, "
+                                   "groups and since")
+            user = check_user(m["user"])
+            try:
+                address = ipaddress.ip_address(m["address"])
+            except ValueError:
+                raise NetworkError(f"network {name!r}: {m['address']!r} is not an address") from None
+            if address not in pool or address in (pool.network_address, pool.broadcast_address):
+                raise NetworkError(f"network {name!r}: {address} is not a host address of {pool}")
+            if user in users or address in addresses:
+                raise NetworkError(f"network {name!r}: member {user} or address {address} twice")
+            users.add(user)
+            addresses.add(address)
+            groups = ",".join(sorted({check_group(g) for g in m["groups"]}))
+            members.append((user, str(address), int(m["active"]), groups, float(m["since"]),
+                            int(m.get("radius", False))))
+        rules = []
+        for rule in entry["rules"]:
+            if not isinstance(rule, list) or len(rule) != 2 or \
+                    not all(isinstance(t, str) for t in rule):
+                raise NetworkError(f"network {name!r}: a rule is [FROM, TO]")
+            rules.append((check_term(rule[0]), check_term(rule[1])))
+        rows.append((name, str(pool), radius_group, members, sorted(set(rules))))
+    return rows
+
+
 def _free_address(pool: ipaddress.IPv4Network | ipaddress.IPv6Network, taken: set[str]) -> str | None:
     """The lowest host address of `pool` not in `taken` (never the network address, nor
     an IPv4 broadcast address); None if there is none."""

@@ -6,6 +6,8 @@
     sipmesh broker network members add NAME USER... [--group G]... | remove NAME USER... | list NAME
     sipmesh broker network allow NAME FROM TO     (FROM/TO: a member, @group or *)
     sipmesh broker network disallow NAME FROM TO
+    sipmesh broker network export > FILE      (every network, for a second broker)
+    sipmesh broker network import FILE|-      (this store holds exactly FILE's networks)
 
 They change the broker's SQLite store (`--db`, the broker's own); a running broker sees
 the change at once. Bad input is one line on stderr and exit status 2.
@@ -79,6 +81,12 @@ def add_parser(broker_sub: argparse._SubParsersAction) -> None:
         c.add_argument("name", metavar="NAME")
         c.add_argument("src", metavar="FROM")
         c.add_argument("dst", metavar="TO")
+
+    command(nsub, "export", "write every network (members, addresses, rules) as JSON on "
+                            "stdout, for 'import' on a second broker")
+    c = command(nsub, "import", "replace this store's networks by those of an export, in one "
+                                "transaction (the second broker of a pair: docs/broker.md)")
+    c.add_argument("file", metavar="FILE", help="the export ('-': stdin)")
 
     m = _one_line_errors(nsub.add_parser("members", help="add, remove or list members",
                                          description="add, remove or list the members of a network"))
@@ -167,6 +175,13 @@ def _run(store: NetworkStore, args: argparse.Namespace) -> int:
             raise NetworkError(f"no rule {args.src} -> {args.dst} in {args.name} (see '{PROG} show "
                                f"{args.name}')")
         print(f"removed the rule {args.src} -> {args.dst} from {args.name}")
+    elif command == "export":
+        print(json.dumps(store.export(), indent=1))
+    elif command == "import":
+        networks = store.replace_all(_read_export(args.file))
+        members = sum(len(n.members) for n in networks)
+        print(f"imported {len(networks)} network{'s' if len(networks) != 1 else ''}, "
+              f"{members} member{'s' if members != 1 else ''}")
     elif command == "members":
         if args.members_command == "add":
             for user, address in store.add_members(args.name, args.users, args.group).items():
@@ -182,6 +197,20 @@ def _run(store: NetworkStore, args: argparse.Namespace) -> int:
             for line in _member_lines(_get(store, args.name)):
                 print(line)
     return 0
+
+
+MAX_EXPORT_BYTES = 64 << 20
+
+
+def _read_export(name: str) -> object:
+    with (open(sys.stdin.fileno(), "rb", closefd=False) if name == "-" else open(name, "rb")) as f:
+        data = f.read(MAX_EXPORT_BYTES + 1)
+    if len(data) > MAX_EXPORT_BYTES:
+        raise NetworkError(f"{name}: larger than {MAX_EXPORT_BYTES >> 20} MiB")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise NetworkError(f"{name}: not JSON ({exc})") from None
 
 
 def run_network(args: argparse.Namespace) -> int:
