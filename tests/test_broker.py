@@ -4,6 +4,7 @@ endpoints register, call, fork, cancel and misbehave through it."""
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 from pathlib import Path
 
@@ -314,6 +315,40 @@ async def test_a_natted_callers_contact_is_marked_so_the_callees_bye_reaches_it(
                 broker.address())
     bye = await natted.request("BYE")
     assert str(bye.uri) == "sip:alice@10.99.0.2:5060"
+
+
+async def test_a_bye_reaches_a_natted_caller_on_the_tcp_connection_its_invite_came_on(
+        make_broker, raw_peers):
+    """A UA behind NAT sends a large INVITE over TCP (RFC 3261 §18.1.1) with its usual
+    Contact, no ;transport=tcp (a mesh member's, with ICE candidates): the alias names its
+    TCP connection, and the callee's BYE arrives there, not over UDP at the Contact."""
+    broker = await make_broker()
+    callee = await raw_peers()
+    await raw_register(callee, broker, "bob")
+    reader, writer = await asyncio.open_connection(*broker.address("TCP"))
+    try:
+        text = sip("INVITE", f"sip:bob@{broker.hostport}", callee, call_id="nat-tcp",
+                   body=SDP_A)   # Via and Contact: a private address of the caller's own
+        text = re.sub(r"Via: SIP/2.0/UDP [\d.:]+", "Via: SIP/2.0/TCP 127.0.0.2:5060", text)
+        text = re.sub(r"Contact: <[^>]*>", "Contact: <sip:alice@127.0.0.2:5060>", text)
+        writer.write(text.encode())
+        await writer.drain()
+        invite = await callee.request("INVITE")
+        contact = invite.contacts[0].uri
+        assert contact.params["alias"].endswith("~2"), contact   # Kamailio's PROTO_TCP
+        ok = callee.reply(invite, 200, to_tag="b1", body=SDP_B, headers=[
+            ("Contact", f"<sip:bob@127.0.0.1:{callee.port}>"),
+            *[("Record-Route", v) for v in invite.headers.get_all("Record-Route")]])
+        callee.send(in_dialog("BYE", str(contact), invite.headers.get_all("Record-Route"),
+                              callee, invite, ok, cseq=1, from_caller=False), broker.address())
+        received = b""
+        while b"BYE sip:" not in received:
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            assert chunk, received.decode()
+            received += chunk
+        assert b"BYE sip:alice@127.0.0.2:5060 SIP/2.0\r\n" in received, received.decode()
+    finally:
+        writer.close()
 
 
 async def test_a_request_for_a_lost_tcp_flow_fails_with_430(make_broker, raw_peers):

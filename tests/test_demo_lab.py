@@ -1,5 +1,6 @@
 """`sipmesh demo --lab` (issue 16), run as a user runs it: the pairs it prints are all
-connected, those of the symmetric host relayed, the mesh complete, and nothing is left
+connected, those of the symmetric host relayed, the mesh complete across the NATs (home to
+home direct, the symmetric member relayed to the home members), and nothing is left
 afterwards (namespaces, interfaces, processes, files), also when SIGINT cuts it short."""
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
 PAIRS = {("pub", "home1"): "direct", ("home2", "home1"): "direct",
          ("sym", "home1"): "relayed", ("sym", "home2"): "relayed"}
-MEMBERS = ("alice", "bob", "carol", "dave")
+MEMBERS = ("alice", "bob", "carol", "dave")   # on pub, home1, home2, sym
+# the mesh pairs behind NATs: home to home punched through, the symmetric member's with
+# home members relayed (with the public member it is direct: pub is reachable)
+MESH_PATHS = {("bob", "carol"): "direct", ("carol", "bob"): "direct",
+              ("dave", "bob"): "relayed", ("bob", "dave"): "relayed",
+              ("dave", "carol"): "relayed", ("carol", "dave"): "relayed"}
 SESSION = re.compile(r"^  (\w+) -> (\w+) +(direct|relayed) +[\d.]+ s +([\d.]+ s|NONE) ", re.M)
 ROW = re.compile(r"^  (\w+) -> (\w+) +(\S.*?) +([\d.]+ s|NO REPLY)(?: |$)", re.M)   # any path
 
@@ -70,10 +76,14 @@ def test_the_lab_demo_connects_every_pair_and_leaves_nothing():
     ladder = out[out.index("SIP ladder"):out.index("\n2. ")]
     assert re.search(r"\|-+INVITE-+>\|\s+\|", ladder) and re.search(r"\|\s+\|-+INVITE-+>\|", ladder)
     assert "200 OK (INVITE)" in ladder and "BYE" in ladder
-    # step 3: every member reached every other
+    # step 3: every member reached every other, behind the NATs, on the paths ICE can find
+    assert re.search(r"bob 100\.64\.0\.\d+ \(home1\).*dave 100\.64\.0\.\d+ \(sym\)", out), out
     mesh = {(a, b): (path, took) for a, b, path, took in ROW.findall(out) if a in MEMBERS}
     assert len(mesh) == 12 and all(took != "NO REPLY" and path != "missing"
                                    for path, took in mesh.values()), out
+    assert {pair: mesh[pair][0].split()[0] for pair in MESH_PATHS} == MESH_PATHS, out
+    assert re.search(r"^  bob -> carol +direct .* ms +host↔srflx .*through both NATs", out, re.M)
+    assert re.search(r"^  dave -> bob +relayed .* ms +relay↔srflx .*symmetric", out, re.M)
     assert re.search(r"total [\d.]+ s: OK", out)
     assert_nothing_left(out, before)
 

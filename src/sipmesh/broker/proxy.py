@@ -82,6 +82,8 @@ class Target:
     uri: SipURI
     flow: Flow | None = None
     q: float = 1.0
+    alias: bool = False   # the flow was the Request-URI's alias: it holds whatever transport
+    #                       the URI names (a UA that sent a large request over TCP, §18.1.1)
 
 
 @dataclass(eq=False, slots=True)
@@ -364,8 +366,7 @@ class Proxy:
         if hop is None and target is not None and target.flow is not None:
             flow = target.flow
             if flow.transport == "UDP" or (self.transactions.transport.has_connection(flow)):
-                contact_transport = uri_target(target.uri)[0]
-                if contact_transport == flow.transport:
+                if target.alias or uri_target(target.uri)[0] == flow.transport:
                     return flow
         uri = hop or request.uri
         if not isinstance(uri, SipURI):

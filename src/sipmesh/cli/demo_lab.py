@@ -9,8 +9,10 @@ is the real `sipmesh` command in its host's namespace. Then:
    each way): the SIP ladder as the broker saw it;
 2. home to home (hole punching) and the symmetric host to both home hosts (coturn):
    a table of the paths ICE chose, why, and how long each took;
-3. a mesh of four members (`sipmesh up`): every member pings every other, and a member's
-   `sipmesh status` shows its peers' paths;
+3. a mesh of four members (`sipmesh up`) on those same hosts, behind the same NATs: every
+   member pings every other, and each member's `sipmesh status` shows its peers' paths
+   (ICE on the WireGuard port; the relay is the network's own coturn, whose realm is the
+   network's name, as `sipmesh up` authenticates TURN with the network credentials);
 4. everything is torn down (processes, interfaces, namespaces), also on Ctrl-C.
 """
 
@@ -39,10 +41,7 @@ HOSTS = {"site": "public", "pub": "public", "home1": "home", "home2": "home",
 ANSWERING = ("home1", "home2")        # `sipmesh serve` as themselves
 PAIRS = [("home2", "home1"), ("sym", "home1"), ("sym", "home2")]   # step 2: caller, callee
 NETWORK, POOL = "lab", "100.64.0.0/24"
-# Mesh member -> host. Mesh pairs do not run ICE yet, so the members sit on the internet
-# bridge; once they do, put them behind the NATs by changing this one line to
-# {"alice": "pub", "bob": "home1", "carol": "home2", "dave": "sym"}.
-MESH = {"alice": "m1", "bob": "m2", "carol": "m3", "dave": "m4"}
+MESH = {"alice": "pub", "bob": "home1", "carol": "home2", "dave": "sym"}   # member -> host
 HELLO = [sys.executable, "-m", "sipmesh.apps.hello"]
 PATH_LINE = re.compile(r"path (direct|relayed): (.*?)(?:, rtt ([\d.]+) ms)? \((.*)\)\s*$", re.M)
 RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
@@ -80,8 +79,7 @@ def run_lab_demo(out: TextIO = sys.stdout, *, keep: bool = False) -> int:
     try:
         factory = NetnsFactory(prefix=PREFIX)
         lab = NatLab(factory, run_dir=run)
-        spec = dict(HOSTS, **{host: "public" for host in MESH.values() if host not in HOSTS})
-        lab.add_hosts(spec)
+        lab.add_hosts(HOSTS)
         built = time.monotonic() - t0
         say(f"lab built in {built:.2f} s: {len(lab.factory.namespaces)} network namespaces, "
             f"{len(lab.routers)} NAT routers, the internet a bridge on 203.0.113.0/24")
@@ -94,7 +92,8 @@ def run_lab_demo(out: TextIO = sys.stdout, *, keep: bool = False) -> int:
                        networks={NETWORK: (POOL, list(MESH))})
         site.start(trace=True)
         say(f"  site: broker (SIP registrar + proxy + STUN) on {site.server}, "
-            f"coturn (TURN relay) on {site.coturn.ip}:{site.coturn.port}"
+            f"coturn (TURN relay) on {site.coturn.ip}:{site.coturn.port}, and for the "
+            f"network {NETWORK}'s members on {site.network_turns[NETWORK].port}"
             f"  [{time.monotonic() - t0:.2f} s]")
         say(f"  files (configurations, logs): {run}, " + ("kept" if keep else "deleted at the end"))
         ok = _story(lab, site, say)
@@ -110,7 +109,7 @@ def run_lab_demo(out: TextIO = sys.stdout, *, keep: bool = False) -> int:
             signal.signal(sig, signal.SIG_IGN)
         say("\n4. teardown")
         started = time.monotonic()
-        processes = len(site.procs) + 1 if site is not None else 0
+        processes = len(site.procs) + 1 + len(site.network_turns) if site is not None else 0
         namespaces = len(factory.namespaces) if factory is not None else 0
         if site is not None:
             site.stop()
@@ -171,8 +170,6 @@ def _story(lab: NatLab, site: NatSite, say) -> bool:
 
     say(f"\n3. a mesh: {', '.join(MESH)} run `sipmesh up {NETWORK}`, every member pings "
         "every other")
-    if all(lab[host].router is None for host in MESH.values()):
-        say("  (the members sit on the internet bridge: mesh pairs do not cross NATs yet)")
     ok = _mesh(lab, site, say) and ok
     return ok
 

@@ -9,7 +9,9 @@ daemons and callers on the others, as a user runs them.
 
 A site may hold mesh networks (``networks={"lab": ("100.64.0.0/24", ["alice", "bob"])}``,
 the members' realm is the network's name) whose members come up with ``site.member(host,
-user, network)`` (`sipmesh up`). ``start(trace=True)`` has the broker log every SIP
+user, network)`` (`sipmesh up`, with ``--turn`` the network's coturn: a coturn holds one
+realm, so each network has its own, on ``NETWORK_TURN_PORT`` and up, realm = the network's
+name, its members' network HA1s, as docs/mesh.md "TURN options" says to run it). ``start(trace=True)`` has the broker log every SIP
 message (``--debug``: what `sipmesh demo --lab` draws its ladder from).
 
 The broker answers SIP and STUN on ``SIP_PORT`` of the host; coturn relays on 3478 with
@@ -43,6 +45,9 @@ __all__ = ["NatSite", "SIPMESH", "SIP_PORT", "password", "tunnel_services"]
 SIPMESH = str(Path(sys.executable).parent / "sipmesh")   # the installed command, as users run it
 
 SIP_PORT = 5060
+SITE_TURN_PORT = 3478
+NETWORK_TURN_PORT = 3480   # the first network's coturn (the site's: 3478, and 3479 free)
+RELAY_PORTS = (49152, 56999)   # the site's coturn; each network's: 1000 ports above
 
 AGENT = '''[agent]
 server = "{server}"
@@ -102,6 +107,7 @@ class NatSite:
         self.networks = dict(networks or {})   # name -> (address pool, member names)
         self.interfaces: list[str] = []        # members' wireguard-go interfaces (see stop)
         self.coturn: Coturn | None = None
+        self.network_turns: dict[str, Coturn] = {}   # network -> its coturn
         self.broker: ManagedProcess | None = None
         self.procs: list[ManagedProcess] = []
 
@@ -113,6 +119,10 @@ class NatSite:
     def turn(self) -> str:
         assert self.coturn is not None
         return f"turn:{self.host.ip}:{self.coturn.port}"
+
+    def network_turn(self, network: str) -> str:
+        """The TURN server of `network`'s members (`sipmesh up --turn`)."""
+        return f"turn:{self.host.ip}:{self.network_turns[network].port}"
 
     @property
     def db(self) -> Path:
@@ -135,14 +145,27 @@ class NatSite:
                 subprocess.run([SIPMESH, "broker", *argv, "--db", str(self.db)], check=True,
                                capture_output=True, timeout=30)
         try:
-            self.coturn = Coturn(self.run / "coturn", self.host.ip, netns=self.host.ns,
-                                 realm=realm, users={u: compute_ha1(u, realm, password(u))
-                                                     for u in self.users}).start()
+            self.coturn = self._coturn("coturn", SITE_TURN_PORT, realm, self.users,
+                                       RELAY_PORTS)
+            for i, (network, (_, members)) in enumerate(self.networks.items()):
+                low = RELAY_PORTS[1] + 1 + 1000 * i
+                self.network_turns[network] = self._coturn(
+                    f"coturn-{network}", NETWORK_TURN_PORT + 2 * i, network, members,
+                    (low, low + 999))
             self.start_server(trace)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _coturn(self, name: str, port: int, realm: str, users: Iterable[str],
+                relay_ports: tuple[int, int]) -> Coturn:
+        """A coturn on the site's host for `realm`, its `users`' HA1s, started."""
+        coturn = Coturn(self.run / name, self.host.ip, netns=self.host.ns, port=port,
+                        realm=realm, users={u: compute_ha1(u, realm, password(u)) for u in users},
+                        min_port=relay_ports[0], max_port=relay_ports[1])
+        coturn.start()   # before it is kept: start() stops it when it fails
+        return coturn
 
     def start_server(self, trace: bool) -> None:
         """The SIP server: our broker, on ``SIP_PORT`` (tests/lab/natsite.py: or Kamailio)."""
@@ -222,8 +245,9 @@ class NatSite:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop(grace=10)
-        if self.coturn is not None:
-            self.coturn.stop()
+        for coturn in [self.coturn, *self.network_turns.values()]:
+            if coturn is not None:
+                coturn.stop()
         # wireguard-go's control sockets are machine-wide; one killed leaves its own behind
         for ifname in self.interfaces:
             Path(f"/var/run/wireguard/{ifname}.sock").unlink(missing_ok=True)
@@ -248,7 +272,8 @@ class Member:
         self.socket = self.dir / "run" / "sipmesh" / f"mesh-{network}-{user}.sock"
         self.proc = spawn([SIPMESH, "up", network, "--server", site.server, "--user", user,
                            "--credentials", str(creds), "--state-dir", str(self.dir / "state"),
-                           "--ifname", self.ifname, "-v", *extra],
+                           "--ifname", self.ifname, "--turn", site.network_turn(network), "-v",
+                           *extra],
                           netns=self.host.ns, cwd=site.run, env=self.env, name=f"up-{user}",
                           log_path=site.run / f"up-{user}.log")
         site.procs.append(self.proc)
