@@ -27,10 +27,12 @@ from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.ice import IceConfig, IceOptions
 from sipmesh.agent.portmap import PROTOCOLS as PORTMAP_PROTOCOLS
 from sipmesh.agent.link import connection_error, server_flow, tls_name
+from sipmesh.agent.mobility import Mobility, Move, Snapshot
 from sipmesh.agent.params import IPAddress
 from sipmesh.agent.registration import Registration
-from sipmesh.sip.transport.base import RELIABLE, local_address_towards
+from sipmesh.sip.transport.base import RELIABLE, Flow, forget_routes, local_address_towards
 from sipmesh.sip.transport.resolve import resolve_uri
+from sipmesh.sip.headers import Address
 from sipmesh.sip.uri import parse_sip_uri
 from sipmesh.sip.ua import IncomingCall, UAConfig, UserAgent
 
@@ -73,8 +75,9 @@ class Endpoint:
     def __init__(self, config: UAConfig, *,
                  on_invite: Callable[[IncomingCall], Awaitable[None]],
                  advertise: str | None = None, tls_server_name: str | None = None,
-                 ice: IceOptions | None = None) -> None:
+                 ice: IceOptions | None = None, mobility: bool = True) -> None:
         self.config = config
+        self.follow_moves = mobility  # notice our address changing, follow it
         self.on_invite = on_invite
         self.advertise = advertise
         self.tls_server_name = tls_server_name  # default: the server's host name
@@ -89,6 +92,8 @@ class Endpoint:
         self.stopping = asyncio.Event()  # (asyncio events bind to a loop only when awaited)
         self._idle = asyncio.Event()
         self._idle.set()
+        self.mobility: Mobility | None = None  # once registered, with follow_moves
+        self._server_flow: Flow | None = None
 
     async def listen(self) -> None:
         """Start the UA; find the address we advertise."""
@@ -142,6 +147,9 @@ class Endpoint:
                          connect=(lambda s=server: self.connect(s)) if reliable else None)
             for index, server in enumerate(servers)]
         self.registration = self.registrations[0]
+        if self.follow_moves and self.mobility is None:
+            self.mobility = Mobility(self._where, self.moved, stun=self._seen_as)
+            await self.mobility.start()
         if len(servers) == 1:
             await self.registration.register(keep_trying=keep_trying)
             self.registration.start_refresh()
@@ -167,6 +175,50 @@ class Endpoint:
             return
         first = next(r for r in self.registrations if r in errors)
         raise errors[first]
+
+    # -- moving (agent/mobility.py) -------------------------------------------------------
+    async def _where(self) -> Snapshot:
+        """Our address towards the SIP server now (asking the kernel, not the cache)."""
+        forget_routes()
+        if self._server_flow is None:
+            try:
+                self._server_flow = await resolve_uri(parse_sip_uri(f"sip:{self.config.domain}"))
+            except OSError:
+                return Snapshot("")
+        return Snapshot(local_address_towards(self._server_flow.host))
+
+    async def _seen_as(self) -> tuple[str, int] | None:
+        """The address the SIP server sees us as, from the keep-alive's STUN answers
+        (sip/transport/layer.py: keep_alive), None when not known."""
+        if self.ua is None or self.ua.transport is None or self._server_flow is None:
+            return None
+        flow = self._server_flow
+        for seen_from, address in self.ua.transport.public_address.items():
+            if (seen_from.host, seen_from.port) == (flow.host, flow.port):
+                return address
+        return None
+
+    async def moved(self, move: Move) -> None:
+        """Our address changed: advertise the new one, re-register at every server (the
+        stale Contact removed), and restart each running session's path (ICE restart in a
+        re-INVITE, agent/session.py: restart_path)."""
+        assert self.ua is not None
+        stale: Address | None = None
+        if move.local_changed and not self.config.advertised_host:
+            stale = self.ua.contact()
+            stale.uri.host = move.old.local
+            if self.config.listen_host not in ("0.0.0.0", "::"):
+                log.warning("SIP listens on %s only: bind 0.0.0.0 (--bind) to be reachable "
+                            "at a new address", self.config.listen_host)
+        if not self.advertise:
+            self.local_ip = move.new.local
+        if self.ice_config is not None:
+            self.ice_config = await self._ice_config()
+        await asyncio.gather(*(r.move(stale) for r in self.registrations))
+        sessions = list(self.sessions.values())
+        if sessions:
+            log.info("restarting the paths of %d sessions", len(sessions))
+        await asyncio.gather(*(s.restart_path() for s in sessions), return_exceptions=True)
 
     async def connect(self, server: str | None = None) -> None:
         """Over TCP or TLS: open the connection to the SIP server now, unless it is open,
@@ -222,6 +274,8 @@ class Endpoint:
             log.warning("%d sessions did not end in time", len(self.sessions))
         for task in list(self._registering):
             task.cancel()
+        if self.mobility is not None:
+            await self.mobility.close()
         await asyncio.gather(*(r.unregister() for r in self.registrations),
                              return_exceptions=True)
         if self.ua is not None:
