@@ -577,6 +577,8 @@ class Session:
             try:
                 sdp = self._restart_sdp(await ice.gather())
                 log.info("[%s] we moved: re-INVITE with an ICE restart", self.call_id)
+                assert self.endpoint.ua is not None
+                self.call.moved(str(self.endpoint.ua.contact()))
                 response = await self.call.reinvite(sdp)
                 if not 200 <= response.status < 300:
                     raise IceError(f"the peer refused the restart ({response.status} "

@@ -82,6 +82,9 @@ class Target:
     uri: SipURI
     flow: Flow | None = None
     q: float = 1.0
+    # the flow came from an alias (nat.py): where the UA spoke from in this dialog, used
+    # whatever transport its Contact names (a large INVITE went over TCP, its Contact says UDP)
+    alias: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -365,7 +368,7 @@ class Proxy:
             flow = target.flow
             if flow.transport == "UDP" or (self.transactions.transport.has_connection(flow)):
                 contact_transport = uri_target(target.uri)[0]
-                if contact_transport == flow.transport:
+                if contact_transport == flow.transport or target.alias:
                     return flow
         uri = hop or request.uri
         if not isinstance(uri, SipURI):

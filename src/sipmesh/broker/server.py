@@ -573,7 +573,8 @@ class Broker:
                 if flow is not None and not self._reachable(flow):
                     txn.reply(430, "Flow Failed")  # RFC 5626 §5.3: it must connect again
                     return
-                self._forward(txn, [Target(request.uri, flow)], loop)  # type: ignore[arg-type]
+                self._forward(txn, [Target(request.uri, flow, alias=flow is not None)],  # type: ignore[arg-type]
+                              loop)
             elif self._addressed_to_us(request):
                 self._answer_locally(txn)
             else:

@@ -127,6 +127,11 @@ class Call:
             request.body = body
         return (await self._transact(request))[0]
 
+    def moved(self, contact: str) -> None:
+        """We moved: our requests and answers in this dialog name `contact` from now on
+        (the peer's remote target follows with our next re-INVITE, §12.2.1.1)."""
+        self._contact = contact
+
     async def reinvite(self, sdp: bytes | None = None) -> Response:
         """Re-INVITE (§14.1) offering `sdp` (default: the current local SDP); its final response.
         On 2xx the ACK is sent, the answer becomes `remote_sdp` and the Contact the new target."""
