@@ -210,6 +210,10 @@ class Endpoint:
             if self.config.listen_host not in ("0.0.0.0", "::"):
                 log.warning("SIP listens on %s only: bind 0.0.0.0 (--bind) to be reachable "
                             "at a new address", self.config.listen_host)
+        if move.local_changed and self.ua.transport is not None:
+            dropped = self.ua.transport.drop_connections_from(move.old.local)
+            if dropped:
+                log.info("closed %d connections from our old address", dropped)
         if not self.advertise:
             self.local_ip = move.new.local
         if self.ice_config is not None:
