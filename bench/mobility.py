@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))  # tests.lab: the NAT lab, the site
 sys.path.insert(0, str(ROOT / "src"))
 
 from tests.lab import NatLab, wait_for  # noqa: E402
+from tests.lab.moves import move_host  # noqa: E402
 from tests.lab.natsite import NatSite, tunnel_services  # noqa: E402
 
 POOLS = {"a": "10.96.0.0/24", "b": "10.97.0.0/24"}
@@ -70,7 +71,7 @@ def mobility_figures(lab: NatLab, site: NatSite, moves: int) -> dict:
         for n in range(moves):
             done = daemon.log_text().count("registered our new address")
             moved = time.monotonic()
-            lab.move(lab["b"], routers[(n + 1) % 2])
+            move_host(lab["b"], routers[(n + 1) % 2])
             pinging = lab["a"].popen(["ping", "-n", "-q", "-i", "0.05", "-c", "1", "-w", "20", local],
                                      stdout=subprocess.DEVNULL)
             wait_for(lambda: daemon.log_text().count("registered our new address") > done,

@@ -18,6 +18,7 @@ from typing import Iterator
 import pytest
 
 from tests.lab import NatLab, coturn_unavailable_reason, netns_unavailable_reason, wait_for
+from tests.lab.moves import move_host
 from tests.lab.natsite import NatSite, tunnel_services
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
@@ -74,7 +75,7 @@ def test_moved_host_is_reachable_again_and_its_tunnel_follows(moving_lab) -> Non
 
         old_ip = lab["b"].ip
         moved = time.monotonic()
-        new_ip = lab.move(lab["b"], elsewhere)
+        new_ip = move_host(lab["b"], elsewhere)
         assert new_ip != old_ip
         wait_for(lambda: "registered our new address" in daemon.log_text(), 15,
                  what="b registered from its new address", abort=daemon.exit_reason)

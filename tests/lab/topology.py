@@ -130,7 +130,6 @@ class Host:
     ns: Netns
     ip: str
     router: Router | None = None
-    port: str = ""   # behind a router: its end of our veth, on the router's LAN bridge
 
     @property
     def kind(self) -> str:
@@ -222,33 +221,13 @@ class NatLab:
                 [f"link set {port} master {LAN}", f"link set {port} up"])
             inside[ns] += [f"addr add {address}/{router.lan.prefixlen} dev eth0",
                            "link set eth0 up", f"route add default via {router.lan_ip}"]
-            host = Host(name, ns, address, router, port)
+            host = Host(name, ns, address, router)
             router.hosts.append(host)
             made[name] = host
 
         self._apply(setup, inside, firewalls)
         self.hosts.update(made)
         return made
-
-    def move(self, host: Host, router: Router) -> str:
-        """Plug `host` into `router`'s LAN (a laptop taken to another network): the router
-        end of its veth moves to `router`, its address and default route are `router`'s
-        LAN's, as a new DHCP lease would give. Returns the new address."""
-        old = host.router
-        if old is None or not host.port:
-            raise ValueError(f"{host.name} is not behind a router")
-        index = max([int(h.port[1:]) for h in router.hosts if h.port[1:].isdigit()] + [1]) + 1
-        port, address = f"h{index}", str(router.lan.network_address + index)
-        ip_batch([f"link set {host.port} down", f"link set {host.port} name {port}",
-                  f"link set {port} netns {router.ns.name}"], old.ns)
-        ip_batch([f"link set {port} master {LAN}", f"link set {port} up"], router.ns)
-        ip_batch(["addr flush dev eth0",
-                  f"addr add {address}/{router.lan.prefixlen} dev eth0",
-                  f"route replace default via {router.lan_ip}"], host.ns)
-        old.hosts.remove(host)
-        router.hosts.append(host)
-        host.router, host.ip, host.port = router, address, port
-        return address
 
     def add_router(self, kind: str, *, upnp: bool = False, lan: str | None = None) -> Router:
         """A router of `kind` without hosts (add them with ``behind=router``); with `upnp`,
