@@ -57,20 +57,27 @@ def vpn_session(site: NatSite) -> dict | None:
     return None
 
 
+def start_tunnel(lab: NatLab, site: NatSite):
+    """b's daemon, a's call to it, the tunnel pinged once: (daemon, call, b's tunnel address)."""
+    daemon = site.daemon("b", tunnel_services(POOLS["b"]))
+    call = site.call("a", "ac", "b", "--service", "vpn", services=tunnel_services(POOLS["a"]))
+    session = wait_for(lambda: vpn_session(site), 30, what="b's tunnel session on a path",
+                       abort=call.exit_reason)
+    assert session["path"]["kind"] == "direct", session["path"]
+    local, _ = session["allocated"]["addresses"]
+    wait_for(lambda: "dev smwg" in lab["a"].run(["ip", "route", "get", local]).stdout, 20,
+             what="a's tunnel up", abort=call.exit_reason)
+    ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
+    assert ping.returncode == 0, ping.stdout + call.log_tail(30)
+    return daemon, call, local
+
+
 def test_moved_host_is_reachable_again_and_its_tunnel_follows(moving_lab) -> None:
     lab, site = moving_lab
     elsewhere = lab.add_router("home")
-    daemon = site.daemon("b", tunnel_services(POOLS["b"]))
-    call = site.call("a", "ac", "b", "--service", "vpn", services=tunnel_services(POOLS["a"]))
+    daemon, call, local = start_tunnel(lab, site)
     try:
-        session = wait_for(lambda: vpn_session(site), 30, what="b's tunnel session on a path",
-                           abort=call.exit_reason)
-        assert session["path"]["kind"] == "direct", session["path"]
-        local, _ = session["allocated"]["addresses"]
-        wait_for(lambda: "dev smwg" in lab["a"].run(["ip", "route", "get", local]).stdout, 20,
-                 what="a's tunnel up", abort=call.exit_reason)
-        ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
-        assert ping.returncode == 0, ping.stdout + call.log_tail(30)
+        old_port = vpn_session(site)["path"]["program"]["local_port"]
         [before] = set(wireguard_pids(lab["b"]).values())
 
         old_ip = lab["b"].ip
@@ -88,7 +95,7 @@ def test_moved_host_is_reachable_again_and_its_tunnel_follows(moving_lab) -> Non
         after = wireguard_pids(lab["b"])
         assert set(after.values()) == {before}, (before, after)   # not restarted
         program = vpn_session(site)["path"]["program"]
-        assert after == {program["local_port"]: before}
+        assert after == {program["local_port"]: before} and program["local_port"] != old_port
         assert call.alive, call.log_tail(30)   # the caller's session lives on
         print(f"moved {old_ip} -> {new_ip}: registered again after {reachable:.2f} s, "
               f"tunnel pinged after {pinged:.2f} s")
@@ -103,6 +110,29 @@ def test_moved_host_is_reachable_again_and_its_tunnel_follows(moving_lab) -> Non
             assert elsewhere.wan_ip in again.log_text(), again.log_tail(30)
         finally:
             again.stop(grace=10)
+    finally:
+        call.stop(grace=10)
+    assert call.returncode == 0, call.log_tail(30)
+
+
+def test_a_moved_caller_keeps_its_tunnel(moving_lab) -> None:
+    """The calling side moves (`sipmesh call`): it re-INVITEs, the daemon answers the ICE
+    restart, both wireguard-go processes follow."""
+    lab, site = moving_lab
+    elsewhere = lab.add_router("home")
+    daemon, call, local = start_tunnel(lab, site)
+    try:
+        before = {host: set(wireguard_pids(lab[host]).values()) for host in ("a", "b")}
+        move_host(lab["a"], elsewhere)
+        wait_for(lambda: "follows the new path" in call.log_text(), 20,
+                 what="a's tunnel on a new path", abort=call.exit_reason)
+        wait_for(lambda: "follows the new path" in daemon.log_text(), 20,
+                 what="b's tunnel on a new path", abort=daemon.exit_reason)
+        ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
+        assert ping.returncode == 0, ping.stdout + call.log_tail(30) + daemon.log_tail(30)
+        assert {host: set(wireguard_pids(lab[host]).values()) for host in ("a", "b")} == before
+        assert "we moved: " in call.log_text()   # (`sipmesh call --service` registers not)
+        assert vpn_session(site)["path"]["program"]["remote"].startswith(elsewhere.wan_ip + ":")
     finally:
         call.stop(grace=10)
     assert call.returncode == 0, call.log_tail(30)

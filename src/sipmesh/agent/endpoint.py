@@ -6,7 +6,8 @@ their answer to an INVITE (`on_invite`), never a second copy of this:
 
     endpoint = Endpoint(ua_config, on_invite=..., advertise=..., tls_server_name=...)
     await endpoint.listen()     # the UA's sockets, the address we send in a=IP4/IP6, and
-                                # where ICE gathers (`ice_config`: host address, STUN, TURN)
+                                # where ICE gathers (`ice_config`: host address, STUN, TURN);
+                                # from now on our address is followed (`moved`, mobility.py)
     await endpoint.register()   # REGISTER, refreshed at half the granted time (over
                                 # TCP/TLS: each opens the connection first, see connect())
     ...                         # sessions run (agent/session.py:Session), each in
@@ -92,7 +93,7 @@ class Endpoint:
         self.stopping = asyncio.Event()  # (asyncio events bind to a loop only when awaited)
         self._idle = asyncio.Event()
         self._idle.set()
-        self.mobility: Mobility | None = None  # once registered, with follow_moves
+        self.mobility: Mobility | None = None  # once listening, with follow_moves
         self._server_flow: Flow | None = None
 
     async def listen(self) -> None:
@@ -113,6 +114,9 @@ class Endpoint:
         self.local_ip = await advertised_address(self.advertise, self.config.domain)
         if self.ice.enabled:
             self.ice_config = await self._ice_config()
+        if self.follow_moves:
+            self.mobility = Mobility(self._where, self.moved, stun=self._seen_as)
+            await self.mobility.start()
 
     async def _ice_config(self) -> IceConfig:
         """Candidates on our address towards the SIP server; STUN at the SIP server (its
@@ -147,9 +151,6 @@ class Endpoint:
                          connect=(lambda s=server: self.connect(s)) if reliable else None)
             for index, server in enumerate(servers)]
         self.registration = self.registrations[0]
-        if self.follow_moves and self.mobility is None:
-            self.mobility = Mobility(self._where, self.moved, stun=self._seen_as)
-            await self.mobility.start()
         if len(servers) == 1:
             await self.registration.register(keep_trying=keep_trying)
             self.registration.start_refresh()
