@@ -556,10 +556,12 @@ class Session:
         assert self.call is not None and self.profile is not None
         ice_lines = {"ice-ufrag", "ice-pwd", "ice-options", "candidate", "end-of-candidates"}
         address = "IP6" if ":" in self.endpoint.local_ip else "IP4"
-        lines = [(name, self.endpoint.local_ip if name in ("IP4", "IP6") else value)
-                 for name, value in read_attribute_list(self.call.local_sdp)
-                 if name not in ice_lines and (name != "IP6" or address == "IP6")
-                 and (name != "IP4" or address == "IP4")]
+        lines: list[tuple[str, str | None]] = []
+        for name, value in read_attribute_list(self.call.local_sdp):
+            if name in ("IP4", "IP6"):
+                name, value = address, self.endpoint.local_ip
+            if name not in ice_lines:
+                lines.append((name, value))
         ua = self.endpoint.ua
         assert ua is not None
         return build_sdp(username=ua.config.user, address=self.endpoint.local_ip,
