@@ -351,6 +351,33 @@ async def test_a_bye_reaches_a_natted_caller_on_the_tcp_connection_its_invite_ca
         writer.close()
 
 
+async def test_an_in_dialog_request_takes_its_alias_flow_whatever_the_contact_names(
+        make_broker, raw_peers):
+    """A UA behind NAT whose INVITE was large went over TCP: its Contact names no
+    transport (UDP), its alias the TCP connection. A request to it in the dialog (the
+    peer's BYE, the re-INVITE of a peer that moved) takes that connection, as Kamailio's
+    handle_ruri_alias() does, not the Contact's address over UDP."""
+    broker = await make_broker()
+    host, port = broker.address()
+    caller = await raw_peers()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        natted = writer.get_extra_info("sockname")[1]
+        options = sip("OPTIONS", f"sip:{host}:{port}", caller, call_id="alias-hold")
+        writer.write(options.replace("SIP/2.0/UDP", "SIP/2.0/TCP").encode())
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)  # the broker holds it now
+        idle = await raw_peers()   # where the Contact points: the BYE must not go there
+        text = sip("BYE", f"sip:nat@127.0.0.1:{idle.port};alias=127.0.0.1~{natted}~2", caller,
+                   call_id="alias-tcp", to="<sip:nat@127.0.0.1>;tag=x1",
+                   headers=[f"Route: <sip:{host}:{port};lr>"])
+        caller.send(text, broker.address())
+        data = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert data.startswith(f"BYE sip:nat@127.0.0.1:{idle.port} SIP/2.0".encode()), data
+        assert idle.inbox.empty()
+    finally:
+        writer.close()
+
+
 async def test_a_request_for_a_lost_tcp_flow_fails_with_430(make_broker, raw_peers):
     """An alias naming a TCP connection the broker does not hold: it is never opened
     towards a NAT; 430 Flow Failed tells the caller (RFC 5626 §5.3)."""

@@ -236,6 +236,26 @@ async def test_idle_tcp_connection_is_closed(layers) -> None:
                          4, 0.1, what="both ends to close the idle connection")
 
 
+async def test_connections_from_an_address_we_left_are_dropped(layers) -> None:
+    """We moved (agent/mobility.py): a connection from our old address could only time
+    out; it is closed at once, the next message opens a new one."""
+    echo = Echo()
+    server = layers(echo)
+    host, port = await server.listen("TCP", "127.0.0.1", 0)
+    client = layers(Inbox())
+    target = Flow("TCP", host, port)
+    await client.send(parse_message(options("SIP/2.0/TCP 127.0.0.1:5060;rport")), target)
+    _, first = await echo.get()
+    assert client.drop_connections_from("127.0.0.2") == 0 and client.has_connection(target)
+    assert client.drop_connections_from("127.0.0.1") == 1
+    assert not client.has_connection(target)
+    await wait_for_async(lambda: not server.has_connection(first), 4, 0.05,
+                         what="the server to see the connection closed")
+    await client.send(parse_message(options("SIP/2.0/TCP 127.0.0.1:5060;rport")), target)
+    _, second = await echo.get()
+    assert second != first and client.has_connection(target)
+
+
 async def test_large_udp_request_leaves_over_tcp(layers) -> None:
     """§18.1.1: a request within 200 octets of the MTU goes over TCP (via add_via)."""
     server_inbox = Inbox()

@@ -340,6 +340,36 @@ async def test_invite_with_replaces_moves_the_call_to_a_new_dialog_for_its_peer_
     assert bob.calls == []
 
 
+async def test_a_new_offer_in_a_reinvite_is_answered_by_the_calls_on_reoffer(make_ua):
+    """A re-INVITE with a new offer (a peer that moved, with an ICE restart) gets the answer
+    `on_reoffer` gives, and a refused one the hook's status; the same offer again is a
+    refresh answered with our current SDP without asking."""
+    callee = Callee()
+    bob = await make_ua("bob", on_invite=callee)
+    alice = await make_ua("alice")
+    call = await alice.invite(target(bob), sdp("alice"))
+    theirs = await established(callee)
+    offers: list[bytes] = []
+
+    async def reoffer(offer: bytes) -> bytes:
+        offers.append(offer)
+        if b"refuse" in offer:
+            raise CallFailed(488, "Not Acceptable Here")
+        return sdp("bob-moved")
+
+    theirs.on_reoffer = reoffer
+    response = await call.reinvite(sdp("alice-moved"))
+    assert response.status == 200 and response.body == sdp("bob-moved")
+    assert offers == [sdp("alice-moved")] and theirs.remote_sdp == sdp("alice-moved")
+    assert theirs.local_sdp == sdp("bob-moved") == call.remote_sdp
+    response = await call.reinvite()   # the same offer: a refresh
+    assert response.status == 200 and response.body == sdp("bob-moved") and len(offers) == 1
+    response = await call.reinvite(sdp("refuse"))
+    assert response.status == 488 and theirs.remote_sdp == sdp("alice-moved")
+    assert not theirs.ended.done()
+    await call.bye()
+
+
 async def test_in_dialog_options_and_out_of_order_cseq(make_ua):
     callee = Callee()
     bob = await make_ua("bob", on_invite=callee)

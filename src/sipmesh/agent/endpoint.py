@@ -6,7 +6,8 @@ their answer to an INVITE (`on_invite`), never a second copy of this:
 
     endpoint = Endpoint(ua_config, on_invite=..., advertise=..., tls_server_name=...)
     await endpoint.listen()     # the UA's sockets, the address we send in a=IP4/IP6, and
-                                # where ICE gathers (`ice_config`: host address, STUN, TURN)
+                                # where ICE gathers (`ice_config`: host address, STUN, TURN);
+                                # from now on our address is followed (`moved`, mobility.py)
     await endpoint.register()   # REGISTER, refreshed at half the granted time (over
                                 # TCP/TLS: each opens the connection first, see connect())
     ...                         # sessions run (agent/session.py:Session), each in
@@ -31,10 +32,12 @@ from sipmesh.agent.portmap import PROTOCOLS as PORTMAP_PROTOCOLS
 from sipmesh.agent.probe import MAX_PROBES, ProbeProfile, asks_for_probe
 from sipmesh.agent.profile import SessionInfo
 from sipmesh.agent.link import connection_error, server_flow, tls_name
+from sipmesh.agent.mobility import Mobility, Move, Snapshot
 from sipmesh.agent.params import IPAddress
 from sipmesh.agent.registration import Registration
-from sipmesh.sip.transport.base import RELIABLE, local_address_towards
+from sipmesh.sip.transport.base import RELIABLE, Flow, forget_routes, local_address_towards
 from sipmesh.sip.transport.resolve import resolve_uri
+from sipmesh.sip.headers import Address
 from sipmesh.sip.uri import parse_sip_uri
 from sipmesh.sip.ua import IncomingCall, UAConfig, UserAgent
 
@@ -78,8 +81,10 @@ class Endpoint:
                  on_invite: Callable[[IncomingCall], Awaitable[None]],
                  advertise: str | None = None, tls_server_name: str | None = None,
                  ice: IceOptions | None = None,
-                 allow_probe: Callable[[object], bool] | None = None) -> None:
+                 allow_probe: Callable[[object], bool] | None = None,
+                 mobility: bool = True) -> None:
         self.config = config
+        self.follow_moves = mobility  # notice our address changing, follow it
         self.on_invite = on_invite
         self.allow_probe = allow_probe  # who may ping us, by caller URI (None: anyone)
         self.advertise = advertise
@@ -97,6 +102,8 @@ class Endpoint:
         self.stopping = asyncio.Event()  # (asyncio events bind to a loop only when awaited)
         self._idle = asyncio.Event()
         self._idle.set()
+        self.mobility: Mobility | None = None  # once listening, with follow_moves
+        self._server_flow: Flow | None = None
 
     async def listen(self) -> None:
         """Start the UA; find the address we advertise."""
@@ -121,6 +128,9 @@ class Endpoint:
         self.local_ip = await advertised_address(self.advertise, ua.servers[0])
         if self.ice.enabled:
             self.ice_config = await self._ice_config()
+        if self.follow_moves:
+            self.mobility = Mobility(self._where, self.moved, stun=self._seen_as)
+            await self.mobility.start()
 
     async def _ice_config(self) -> IceConfig:
         """Candidates on our address towards the SIP server; STUN at the SIP server (its
@@ -197,6 +207,55 @@ class Endpoint:
             return
         first = next(r for r in self.registrations if r in errors)
         raise errors[first]
+
+    # -- moving (agent/mobility.py) -------------------------------------------------------
+    async def _where(self) -> Snapshot:
+        """Our address towards the SIP server now (asking the kernel, not the cache)."""
+        forget_routes()
+        if self._server_flow is None:
+            try:
+                server = self.ua.servers[0] if self.ua is not None else self.config.domain
+                self._server_flow = await resolve_uri(parse_sip_uri(f"sip:{server}"))
+            except OSError:
+                return Snapshot("")
+        return Snapshot(local_address_towards(self._server_flow.host))
+
+    async def _seen_as(self) -> tuple[str, int] | None:
+        """The address the SIP server sees us as, from the keep-alive's STUN answers
+        (sip/transport/layer.py: keep_alive), None when not known."""
+        if self.ua is None or self.ua.transport is None or self._server_flow is None:
+            return None
+        flow = self._server_flow
+        for seen_from, address in self.ua.transport.public_address.items():
+            if (seen_from.host, seen_from.port) == (flow.host, flow.port):
+                return address
+        return None
+
+    async def moved(self, move: Move) -> None:
+        """Our address changed: advertise the new one, re-register at every server (the
+        stale Contact removed), and restart each running session's path (ICE restart in a
+        re-INVITE, agent/session.py: restart_path)."""
+        assert self.ua is not None
+        stale: Address | None = None
+        if move.local_changed and not self.config.advertised_host:
+            stale = self.ua.contact()
+            stale.uri.host = move.old.local
+            if self.config.listen_host not in ("0.0.0.0", "::"):
+                log.warning("SIP listens on %s only: bind 0.0.0.0 (--bind) to be reachable "
+                            "at a new address", self.config.listen_host)
+        if move.local_changed and self.ua.transport is not None:
+            dropped = self.ua.transport.drop_connections_from(move.old.local)
+            if dropped:
+                log.info("closed %d connections from our old address", dropped)
+        if not self.advertise:
+            self.local_ip = move.new.local
+        if self.ice_config is not None:
+            self.ice_config = await self._ice_config()
+        await asyncio.gather(*(r.move(stale) for r in self.registrations))
+        sessions = list(self.sessions.values())
+        if sessions:
+            log.info("restarting the paths of %d sessions", len(sessions))
+        await asyncio.gather(*(s.restart_path() for s in sessions), return_exceptions=True)
 
     async def connect(self, server: str | None = None) -> None:
         """Over TCP or TLS: open the connection to the SIP server now, unless it is open,
@@ -282,6 +341,8 @@ class Endpoint:
             log.warning("%d sessions did not end in time", len(self.sessions))
         for task in list(self._registering):
             task.cancel()
+        if self.mobility is not None:
+            await self.mobility.close()
         await asyncio.gather(*(r.unregister() for r in self.registrations),
                              return_exceptions=True)
         if self.ua is not None:

@@ -172,6 +172,12 @@ class AppProfile(abc.ABC):
         """Return once the answering side's program can take the caller's first packet
         (the 200 OK waits for it); raise ProfileError if it never will. Default: at once."""
 
+    async def repath(self, child: Child, path: Any) -> bool:
+        """Move the running `child` onto a new UDP path (agent/handover.py's UdpEndpoint,
+        after an ICE restart: agent/mobility.py) without restarting it; False when this
+        kind of program cannot follow (the default: it keeps its old path)."""
+        return False
+
     @abc.abstractmethod
     def caller_child(self, info: SessionInfo, offer: dict[str, str],
                      answer: dict[str, str]) -> ChildSpec:

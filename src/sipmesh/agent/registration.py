@@ -182,6 +182,27 @@ class Registration:
         self._granted(response)
         log.info("registered %s at %s for %d s", self.aor or self.ua.aor, self.server, self.granted)
 
+    async def move(self, stale: Address | None) -> None:
+        """We moved (agent/mobility.py): register our new Contact now, then remove the
+        `stale` one (a registrar that matched our +sip.instance replaced it already;
+        removing it again is harmless). Failures are logged: the refresh loop goes on."""
+        try:
+            response = await self._register(self.expires)
+            if 200 <= response.status < 300:
+                self._granted(response)
+                log.info("registered our new address at %s", self.server)
+        except AgentError as exc:
+            log.warning("re-registering after a move: %s", exc)
+            return
+        if stale is None or self.aor is not None or self.contact is not None:
+            return
+        try:
+            where = {"server": self._server} if self._server else {}
+            async with asyncio.timeout(self.timeout):
+                await self.ua.register(0, contact=stale, **where)
+        except (CallFailed, OSError, TimeoutError) as exc:
+            log.info("could not remove our old contact at %s: %s", self.server, exc)
+
     def _granted(self, response: Response) -> None:
         self.granted = granted_expires(response, (self.contact or self.ua.contact()).uri, self.expires)
         self.interval = next_interval(self.interval, success=True, expires=self.granted,

@@ -145,6 +145,9 @@ class Session:
         self.path: PathReport | None = None  # the path ICE chose (or "none" and why)
         self._no_path_message = ""
         self.path_lost = False  # the session ended because its path lost consent
+        self.restarts = 0   # ICE restarts that gave the running program a new path
+        self._repathed = asyncio.Event()   # the handover changed: watch the new one
+        self._restarting = asyncio.Lock()
         # The program's exit status when the program itself ended the session (negative:
         # killed by that signal); None when the peer or a stop request ended it and we
         # stopped the program (whatever status that gave is ours, not the program's).
@@ -554,6 +557,116 @@ class Session:
         self.info.path = self.handover.endpoint
         return True
 
+    # -- moving: an ICE restart (RFC 8445 §9) while the program runs (agent/mobility.py) ---
+    def _can_restart(self) -> bool:
+        return (self.state == "established" and isinstance(self.handover, Handover)
+                and self.call is not None and not self.call.ended.done()
+                and self.endpoint.ice_config is not None)
+
+    def _restart_sdp(self, local: IceDescription) -> bytes:
+        """Our SDP as it stands, with new ICE credentials and candidates; a=IP4/IP6 our
+        address now."""
+        assert self.call is not None and self.profile is not None
+        ice_lines = {"ice-ufrag", "ice-pwd", "ice-options", "candidate", "end-of-candidates"}
+        address = "IP6" if ":" in self.endpoint.local_ip else "IP4"
+        lines: list[tuple[str, str | None]] = []
+        for name, value in read_attribute_list(self.call.local_sdp):
+            if name in ("IP4", "IP6"):
+                name, value = address, self.endpoint.local_ip
+            if name not in ice_lines:
+                lines.append((name, value))
+        ua = self.endpoint.ua
+        assert ua is not None
+        return build_sdp(username=ua.config.user, address=self.endpoint.local_ip,
+                         media=self.profile.media, proto=self.profile.proto, port=9,
+                         attributes=lines + render(local))
+
+    async def restart_path(self) -> bool:
+        """We moved: offer new ICE credentials and candidates in a re-INVITE, check, hand
+        the new path to the running program. False if this session could not follow."""
+        if not self._can_restart():
+            return False
+        async with self._restarting:
+            assert self.call is not None and self.endpoint.ice_config is not None
+            ice = IceSession(self.endpoint.ice_config, controlling=self.role == "client")
+            try:
+                sdp = self._restart_sdp(await ice.gather())
+                log.info("[%s] we moved: re-INVITE with an ICE restart", self.call_id)
+                assert self.endpoint.ua is not None
+                self.call.moved(str(self.endpoint.ua.contact()))
+                response = await self.call.reinvite(sdp)
+                if not 200 <= response.status < 300:
+                    raise IceError(f"the peer refused the restart ({response.status} "
+                                   f"{response.reason})")
+                remote = ice.read_remote(read_attribute_list(self.call.remote_sdp))
+                if remote is None:
+                    raise IceError("the peer's answer has no ICE")
+                await ice.connect(remote)
+            except (IceError, CallFailed, OSError, AgentError) as exc:
+                log.warning("[%s] the path did not follow the move: %s", self.call_id, exc)
+                await ice.close()
+                return False
+            return await self._switch(ice)
+
+    async def _reoffered(self, offer: bytes) -> bytes:
+        """The peer's re-INVITE: new ICE credentials are a restart (the peer moved), we
+        answer with ours and check as the 200 goes out; anything else is a refresh."""
+        assert self.call is not None
+        lines = read_attribute_list(offer)
+        try:
+            remote = parse_ice(lines)
+        except IceError as exc:
+            raise CallFailed(488, "Not Acceptable Here") from exc
+        current = self.ice.remote if self.ice is not None else None
+        if remote is None or current is None or (remote.ufrag, remote.pwd) == (current.ufrag,
+                                                                                current.pwd):
+            return self.call.local_sdp
+        if not self._can_restart():
+            raise CallFailed(488, "Not Acceptable Here")
+        assert self.endpoint.ice_config is not None
+        log.info("[%s] the peer moved: ICE restart", self.call_id)
+        ice = IceSession(self.endpoint.ice_config, controlling=self.role == "client")
+        try:
+            sdp = self._restart_sdp(await ice.gather())
+            remote = ice.read_remote(lines)
+        except (IceError, OSError) as exc:
+            await ice.close()
+            raise CallFailed(488, "Not Acceptable Here") from exc
+        assert remote is not None
+
+        async def check() -> None:
+            async with self._restarting:
+                try:
+                    await ice.connect(remote)
+                except IceError as exc:
+                    log.warning("[%s] no path after the peer moved: %s", self.call_id, exc)
+                    return
+                await self._switch(ice)
+        assert self.endpoint.ua is not None
+        self.endpoint.ua.spawn(check())
+        return sdp
+
+    async def _switch(self, ice: IceSession) -> bool:
+        """Hand `ice`'s new path to the running program; the old path is closed."""
+        assert self.profile is not None and self.child is not None and self.info is not None
+        old = self.handover
+        handover = await Handover.take(ice, consent_timeout=self.endpoint.ice.consent_timeout)
+        if not await self.profile.repath(self.child, handover.endpoint):
+            log.warning("[%s] %s cannot follow a new path: it keeps the old one",
+                        self.call_id, self.profile.label)
+            await handover.close()
+            return False
+        self.ice, self.handover, self.path = ice, handover, ice.path
+        self.info.path = handover.endpoint
+        self.restarts += 1
+        if old is not None:
+            await old.close()
+        self._repathed.set()
+        self._emit("path", call_id=self.call_id, path=str(self.path),
+                   kind=self.path.kind if self.path else "none")
+        log.info("[%s] the program follows the new path %s", self.call_id, self.path)
+        return True
+
     def _no_path(self, report: PathReport, why: str) -> None:
         self.path = report
         checks = "; ".join(report.checks[:8]) or "none"
@@ -579,6 +692,8 @@ class Session:
         """Established: supervise until one side ends the session."""
         assert self.call is not None and self.profile is not None
         self.state, self.since = "established", time.time()
+        if isinstance(self.handover, Handover):
+            self.call.on_reoffer = self._reoffered   # the peer moved: its ICE restart
         log.info("[%s] session established with %s (%s, %s)", self.call_id, self.call.peer,
                  self.profile.label,
                  f"pid {self.child.pid}" if self.child is not None else "no program")
@@ -599,15 +714,23 @@ class Session:
         if child is None:
             assert self.ice is not None
             return await self._supervise_on_path(call, self.ice)
-        stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
-        lost = asyncio.ensure_future(self.handover.lost()) if self.handover else None
-        try:
-            await asyncio.wait({child.exited, call.ended, stopping} | ({lost} if lost else set()),
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-            if lost is not None and not lost.done():
-                lost.cancel()
+        while True:   # again whenever an ICE restart gave the program a new path
+            self._repathed.clear()
+            stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
+            repathed = asyncio.ensure_future(self._repathed.wait())
+            lost = asyncio.ensure_future(self.handover.lost()) if self.handover else None
+            try:
+                await asyncio.wait({child.exited, call.ended, stopping, repathed}
+                                   | ({lost} if lost else set()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                repathed.cancel()
+                if lost is not None and not lost.done():
+                    lost.cancel()
+            if not (self._repathed.is_set() and not child.exited.done()
+                    and not call.ended.done() and not self.endpoint.stopping.is_set()):
+                break
         if lost is not None and lost.done() and not lost.cancelled() \
                 and not child.exited.done() and not call.ended.done():
             self.reason = lost.result()

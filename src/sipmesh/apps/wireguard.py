@@ -197,6 +197,22 @@ class WireGuardSessions:
                                    f"{READY_WAIT:g} s")
             await asyncio.sleep(0.01)
 
+    async def repath(self, child: Any, path: UdpEndpoint) -> bool:
+        """A new path after an ICE restart (agent/mobility.py): wireguard-go keeps running,
+        `wg set` moves it to the path's port and points its peer there (UAPI; the tunnel,
+        its keys and its sessions stay)."""
+        ifname = child.spec.env.get("SIPMESH_IFNAME", "")
+        wg = self.programs["wg"]
+        peers = await _wg(wg, "show", ifname, "peers")
+        if peers is None or len(peers.split()) != 1:
+            return False
+        keepalive = min(self.keepalive, int(KEEPALIVE)) if self.keepalive else int(KEEPALIVE)
+        done = await _wg(wg, "set", ifname, "listen-port", str(path.local_port),
+                         "peer", peers.split()[0],
+                         "endpoint", _hostport(path.remote_ip, str(path.remote_port)),
+                         "persistent-keepalive", str(keepalive))
+        return done is not None
+
     def _key_file(self, private: bytes) -> Path:
         return write_private_key(_state_dir(self.state_dir) / "run", private)
 
@@ -244,6 +260,18 @@ class Tunnel:
         if self.endpoint is not None:
             argv += ["--endpoint", self.endpoint, "--keepalive", str(self.keepalive)]
         return argv
+
+
+async def _wg(wg: str, *args: str) -> str | None:
+    """Run `wg` with `args` (an argv list); its output, None if it failed (logged)."""
+    process = await asyncio.create_subprocess_exec(wg, *args, stdin=subprocess.DEVNULL,
+                                                   stdout=subprocess.PIPE,
+                                                   stderr=subprocess.PIPE)
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        log.warning("wg %s failed: %s", args[0], err.decode(errors="replace").strip())
+        return None
+    return out.decode(errors="replace")
 
 
 def _hostport(host: str, port: str) -> str:

@@ -106,6 +106,11 @@ _ROUTE_CACHE_SIZE = 1024
 _route_cache: dict[str, tuple[float, str]] = {}
 
 
+def forget_routes() -> None:
+    """Forget the remembered local addresses (our address changed: ask the kernel again)."""
+    _route_cache.clear()
+
+
 def local_address_towards(remote_host: str) -> str:
     """The local IP the kernel would use to reach `remote_host` (no packet is sent);
     remembered for _ROUTE_TTL seconds."""

@@ -238,6 +238,17 @@ class TransportLayer:
         self._udp.clear()
         self._servers.clear()
 
+    def drop_connections_from(self, address: str) -> int:
+        """Close our connections whose local end is `address` (an address we no longer
+        have: they can only time out); the next message opens a new one. How many."""
+        dropped = [c for c in list(self._connections.values())
+                   if c.local is not None and c.local[0] == address]
+        for conn in dropped:
+            self._unregister(conn)
+            if conn.transport is not None:
+                conn.transport.close()
+        return len(dropped)
+
     # -- sending ----------------------------------------------------------------------
     def try_send(self, message: Request | Response, flow: Flow) -> bool:
         """Send at once if no connection must be opened first; False means use send()."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from sipmesh.sip.dialog import Dialog, DialogState
 from sipmesh.sip.errors import ParseError
@@ -72,6 +72,10 @@ class Call:
         self._acks: dict[int, tuple[Request, Flow]] = {}  # our ACK per INVITE CSeq, for resends
         self._ack_events: dict[int, asyncio.Event] = {}  # our 2xx awaiting their ACK, by CSeq
         self._reinviting = False
+        # A new offer in a re-INVITE (e.g. an ICE restart after the peer moved): its
+        # answer, or raise CallFailed to refuse it. None: every re-INVITE is a refresh
+        # of the same session and gets our current SDP.
+        self.on_reoffer: Callable[[bytes], Awaitable[bytes]] | None = None
         self.liveness: Liveness | None = None  # once confirmed, with keepalive on
         self.lost: str | None = None  # why we decided the peer is gone, if we did
         self._rerouting = False  # a Replaces INVITE of ours, or the wait for the peer's
@@ -130,6 +134,11 @@ class Call:
             request.headers.add("Content-Type", content_type or "application/octet-stream")
             request.body = body
         return (await self._transact(request))[0]
+
+    def moved(self, contact: str) -> None:
+        """We moved: our requests and answers in this dialog name `contact` from now on
+        (the peer's remote target follows with our next re-INVITE, §12.2.1.1)."""
+        self._contact = contact
 
     async def reinvite(self, sdp: bytes | None = None) -> Response:
         """Re-INVITE (§14.1) offering `sdp` (default: the current local SDP); its final response.
@@ -366,19 +375,43 @@ class Call:
                 txn.reply(491)
                 return
             self.dialog.update_target(request)
+            if self.on_reoffer is not None and request.body and request.body != self.remote_sdp:
+                self.ua.spawn(self._answer_reoffer(txn, request.body))
+                return
             if request.body:
                 self.remote_sdp = request.body
-            response = make_response(request, 200)
-            response.headers.add("Contact", self._contact or str(self.ua.contact(txn.flow.transport)))
-            response.headers.add("Allow", ALLOW)
-            response.headers.add("Content-Type", "application/sdp")
-            response.body = self.local_sdp
-            number = self._respond_2xx(txn, response)
-            self.ua.spawn(self._await_reinvite_ack(response, txn.flow, number))
+            self._accept_reinvite(txn, self.local_sdp)
         elif request.method in ("OPTIONS", "INFO"):
             txn.reply(200, headers=[("Allow", ALLOW)])
         else:  # UPDATE included: we cannot answer an offer in it
             txn.reply(405, headers=[("Allow", ALLOW)])
+
+    async def _answer_reoffer(self, txn: ServerTransaction, offer: bytes) -> None:
+        assert self.on_reoffer is not None
+        try:
+            answer = await self.on_reoffer(offer)
+        except CallFailed as exc:
+            txn.reply(exc.status, exc.reason)
+            return
+        except Exception:
+            log.exception("[%s] answering a re-INVITE failed", self.call_id)
+            txn.reply(500)
+            return
+        if self.ended.done():
+            txn.reply(481)
+            return
+        self.remote_sdp = offer
+        self._accept_reinvite(txn, answer)
+
+    def _accept_reinvite(self, txn: ServerTransaction, sdp: bytes) -> None:
+        """200 to the peer's re-INVITE with `sdp`, sent again until its ACK."""
+        response = make_response(txn.request, 200)
+        response.headers.add("Contact", self._contact or str(self.ua.contact(txn.flow.transport)))
+        response.headers.add("Allow", ALLOW)
+        response.headers.add("Content-Type", "application/sdp")
+        response.body = self.local_sdp = sdp
+        number = self._respond_2xx(txn, response)
+        self.ua.spawn(self._await_reinvite_ack(response, txn.flow, number))
 
     async def _await_reinvite_ack(self, response: Response, flow: Flow, number: int) -> None:
         if not await self._retransmit_2xx(response, flow, number) and not self.ended.done():

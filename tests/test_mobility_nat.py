@@ -1,0 +1,138 @@
+"""A host that moves (issue 13, item 5), in the NAT lab (tests/lab/topology.py) with our
+broker as its own process (tests/lab/natsite.py).
+
+b runs `sipmesh daemon` behind one home router, a calls it (`sipmesh call b --service vpn`)
+from behind another: a WireGuard tunnel on the direct path. Then b's cable goes into a
+third home router (its veth moves, a new address as a new lease gives): b re-registers
+from there within MOVE_BOUND s, a new call by name reaches it, and the running tunnel
+pings again after an ICE restart, with the same wireguard-go process (never restarted).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from typing import Iterator
+
+import pytest
+
+from tests.lab import NatLab, coturn_unavailable_reason, netns_unavailable_reason, wait_for
+from tests.lab.moves import move_host
+from tests.lab.natsite import NatSite, tunnel_services
+
+pytestmark = [pytest.mark.slow, pytest.mark.netns,
+              pytest.mark.skipif(not all(shutil.which(p) for p in ("wireguard-go", "wg", "ping")),
+                                 reason="needs wireguard-go, wg and ping")]
+
+MOVE_BOUND = 5.0   # s from the new address to being reachable by name (docs/sessions.md)
+POOLS = {"a": "10.97.0.0/24", "b": "10.98.0.0/24"}
+
+
+@pytest.fixture()
+def moving_lab(tmp_path) -> Iterator[tuple[NatLab, NatSite]]:
+    for reason in (netns_unavailable_reason(), coturn_unavailable_reason()):
+        if reason:
+            pytest.skip(reason)
+    with NatLab() as lab:
+        lab.add_hosts({"broker": "public", "a": "home", "b": "home"})
+        site = NatSite(lab, tmp_path, ["a", "b", "ac", "ac2"]).start()
+        try:
+            yield lab, site
+        finally:
+            site.stop()
+
+
+def wireguard_pids(host) -> dict[int, int]:
+    """{UDP port: pid} of the wireguard-go processes bound in `host` (from ss)."""
+    out = host.run(["ss", "-uanpH"], check=False).stdout
+    return {int(port): int(pid) for port, pid in
+            re.findall(r':(\d+)\s+\S+\s+users:\(\("wireguard-go",pid=(\d+)', out)}
+
+
+def vpn_session(site: NatSite) -> dict | None:
+    for session in site.status("b")["sessions"]:
+        if (session.get("path") or {}).get("program"):
+            return session
+    return None
+
+
+def start_tunnel(lab: NatLab, site: NatSite):
+    """b's daemon, a's call to it, the tunnel pinged once: (daemon, call, b's tunnel address)."""
+    daemon = site.daemon("b", tunnel_services(POOLS["b"]))
+    call = site.call("a", "ac", "b", "--service", "vpn", services=tunnel_services(POOLS["a"]))
+    session = wait_for(lambda: vpn_session(site), 30, what="b's tunnel session on a path",
+                       abort=call.exit_reason)
+    assert session["path"]["kind"] == "direct", session["path"]
+    local, _ = session["allocated"]["addresses"]
+    wait_for(lambda: "dev smwg" in lab["a"].run(["ip", "route", "get", local]).stdout, 20,
+             what="a's tunnel up", abort=call.exit_reason)
+    ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
+    assert ping.returncode == 0, ping.stdout + call.log_tail(30)
+    return daemon, call, local
+
+
+def test_moved_host_is_reachable_again_and_its_tunnel_follows(moving_lab) -> None:
+    lab, site = moving_lab
+    elsewhere = lab.add_router("home")
+    daemon, call, local = start_tunnel(lab, site)
+    try:
+        old_port = vpn_session(site)["path"]["program"]["local_port"]
+        [before] = set(wireguard_pids(lab["b"]).values())
+
+        old_ip = lab["b"].ip
+        moved = time.monotonic()
+        new_ip = move_host(lab["b"], elsewhere)
+        assert new_ip != old_ip
+        wait_for(lambda: "registered our new address" in daemon.log_text(), 15,
+                 what="b registered from its new address", abort=daemon.exit_reason)
+        reachable = time.monotonic() - moved
+        wait_for(lambda: "follows the new path" in daemon.log_text(), 20,
+                 what="b's tunnel on a new path", abort=daemon.exit_reason)
+        ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
+        pinged = time.monotonic() - moved
+        assert ping.returncode == 0, ping.stdout + call.log_tail(30) + daemon.log_tail(40)
+        after = wireguard_pids(lab["b"])
+        assert set(after.values()) == {before}, (before, after)   # not restarted
+        program = vpn_session(site)["path"]["program"]
+        assert after == {program["local_port"]: before} and program["local_port"] != old_port
+        assert call.alive, call.log_tail(30)   # the caller's session lives on
+        print(f"moved {old_ip} -> {new_ip}: registered again after {reachable:.2f} s, "
+              f"tunnel pinged after {pinged:.2f} s")
+        assert reachable < MOVE_BOUND, daemon.log_tail(40)
+
+        # a new call by name reaches b where it is now
+        again = site.call("a", "ac2", "b", "--service", "vpn",
+                          services=tunnel_services("10.99.0.0/24"))
+        try:
+            wait_for(lambda: "path direct: " in again.log_text(), 30,
+                     what="a new call reaching b", abort=again.exit_reason)
+            assert elsewhere.wan_ip in again.log_text(), again.log_tail(30)
+        finally:
+            again.stop(grace=10)
+    finally:
+        call.stop(grace=10)
+    assert call.returncode == 0, call.log_tail(30)
+
+
+def test_a_moved_caller_keeps_its_tunnel(moving_lab) -> None:
+    """The calling side moves (`sipmesh call`): it re-INVITEs, the daemon answers the ICE
+    restart, both wireguard-go processes follow."""
+    lab, site = moving_lab
+    elsewhere = lab.add_router("home")
+    daemon, call, local = start_tunnel(lab, site)
+    try:
+        before = {host: set(wireguard_pids(lab[host]).values()) for host in ("a", "b")}
+        move_host(lab["a"], elsewhere)
+        wait_for(lambda: "follows the new path" in call.log_text(), 20,
+                 what="a's tunnel on a new path", abort=call.exit_reason)
+        wait_for(lambda: "follows the new path" in daemon.log_text(), 20,
+                 what="b's tunnel on a new path", abort=daemon.exit_reason)
+        ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
+        assert ping.returncode == 0, ping.stdout + call.log_tail(30) + daemon.log_tail(30)
+        assert {host: set(wireguard_pids(lab[host]).values()) for host in ("a", "b")} == before
+        assert "we moved: " in call.log_text()   # (`sipmesh call --service` registers not)
+        assert vpn_session(site)["path"]["program"]["remote"].startswith(elsewhere.wan_ip + ":")
+    finally:
+        call.stop(grace=10)
+    assert call.returncode == 0, call.log_tail(30)
