@@ -41,8 +41,11 @@ lists, with the mesh address the roster gives it.
 Why in apps/: the member is an application of the agent (like apps/wireguard.py, whose
 key and tool helpers it uses); agent/ may not import apps/.
 
+Names: with ``--hosts-file`` (the CLI's default /etc/hosts) every roster member, we too,
+is ``NAME.NETWORK`` (and ``NAME``) there while we are up (agent/hostsfile.py).
+
 Not yet (later increments): relay through a member, several networks in one process,
-names, ICE restarts (a pair whose path died is called again from scratch).
+ICE restarts (a pair whose path died is called again from scratch).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from sipmesh.agent.attributes import build_sdp, read_attribute_list
 from sipmesh.agent.endpoint import Endpoint
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.handover import KEEPALIVE as PATH_KEEPALIVE, Handover
+from sipmesh.agent.hostsfile import HostsFile
 from sipmesh.agent.ice import (IceConfig, IceError, IceOptions, IceSession, PathReport, render,
                                show_address)
 from sipmesh.agent.ice import parse as parse_ice
@@ -380,6 +384,7 @@ class MeshConfig:
     register_expires: int = 300
     ice: IceOptions = field(default_factory=IceOptions)  # --stun, --turn, --consent-timeout
     tools: dict[str, str] = field(default_factory=dict)
+    hosts_file: Path | None = None  # members' names there (agent/hostsfile.py); None: none
 
 
 class MeshMember:
@@ -406,6 +411,7 @@ class MeshMember:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._lock: dict[str, asyncio.Lock] = {}
         self._stopped = asyncio.Event()
+        self.names = HostsFile(config.hosts_file, config.network) if config.hosts_file else None
 
     def request_stop(self) -> None:
         self.endpoint.request_stop()
@@ -438,6 +444,7 @@ class MeshMember:
             log.info("network %s: %s up, %s, WireGuard port %d, key %s", self.network, self.ifname,
                      self.mesh_ip, self.port, self.wg_pubkey)
             self.ready.set()
+            self._names_changed()
             self.reporter = PathReporter(self.endpoint.ua, self.network, self.roster.aor,
                                          self.pairs, expires=self.config.register_expires)
             self.reporter.start()
@@ -446,6 +453,7 @@ class MeshMember:
             events.cancel()
             await self._leave()
         finally:
+            self._names_changed(leaving=True)
             if self.reporter is not None:
                 await self.reporter.stop()
             if self.shared is not None:
@@ -507,8 +515,25 @@ class MeshMember:
         assert self.roster is not None
         for member in self.roster.members.values():  # known before we followed
             self._joined(member)
+        self._names_changed()
         async for event in self.roster.events():
             self._on_roster(event)
+            self._names_changed()
+
+    def _names_changed(self, leaving: bool = False) -> None:
+        """The hosts file's block for this network: every member of the roster by name, we
+        too (leaving: the block goes)."""
+        if self.names is None or self.roster is None or self.mesh_ip is None:
+            return
+        members = {} if leaving else {m.name: m.mesh_ip for m in self.roster.members.values()
+                                      if m.mesh_ip}
+        if not leaving:
+            members[self.me] = self.mesh_ip
+        try:
+            self.names.update(members)
+        except OSError as exc:
+            log.warning("network %s: cannot write names to %s: %s", self.network,
+                        self.names.path, exc)
 
     def _on_roster(self, event: RosterEvent) -> None:
         if event.kind == "left":

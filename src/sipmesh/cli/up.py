@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sipmesh.agent.errors import AgentError, Exit
+from sipmesh.agent.hostsfile import DEFAULT_PATH as DEFAULT_HOSTS
 from sipmesh.agent.params import IPAddress, IPv4, Port
 from sipmesh.cli.common import (add_identity_options, add_keepalive_option, add_output_options,
                                 add_tls_options, positive, run_until_signalled, setup_logging,
@@ -94,7 +95,8 @@ def run_up(args: argparse.Namespace) -> int:
                             ifname=args.ifname, wg_port=args.wg_port and int(args.wg_port),
                             advertise=args.advertise, mesh_ip=args.mesh_ip, trust=trust,
                             register_expires=args.expires, ice=ice_options(args),
-                            tools={"wireguard_go": args.wireguard_go, "wg": args.wg})
+                            tools={"wireguard_go": args.wireguard_go, "wg": args.wg},
+                            hosts_file=None if args.no_hosts else args.hosts_file)
         member = MeshMember(config)
     except AgentError as exc:
         print(f"sipmesh up: {exc}", file=sys.stderr)
@@ -188,6 +190,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                            "$XDG_STATE_HOME/sipmesh or ~/.local/state/sipmesh)")
     mesh.add_argument("--socket", metavar="PATH", type=Path,
                       help="control socket (default: RUNTIME/mesh-NETWORK-USER.sock)")
+    mesh.add_argument("--hosts-file", metavar="PATH", type=Path, default=DEFAULT_HOSTS,
+                      help="the members' names go into a marked block here: NAME.NETWORK "
+                           "and NAME (default: %(default)s)")
+    mesh.add_argument("--no-hosts", action="store_true", help="write no names")
     mesh.add_argument("--wireguard-go", default="wireguard-go", help=argparse.SUPPRESS)
     mesh.add_argument("--wg", default="wg", help=argparse.SUPPRESS)
     add_ice_options(p)  # each pair's path: ICE on the WireGuard port, TURN as sessions use it
