@@ -3,7 +3,7 @@ tests/lab/fixtures.py; project-wide fixtures are below."""
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -26,3 +26,17 @@ async def raw_peers() -> AsyncIterator[Callable[..., Awaitable[RawPeer]]]:
     yield open_peer
     for peer in opened:
         peer.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def machine_hosts_file_untouched() -> Iterator[None]:
+    """`sipmesh up` writes its members' names to /etc/hosts unless told otherwise
+    (--hosts-file, agent/hostsfile.py); the namespaces of a test share the machine's: every
+    test member must get a file of its own. Checked once, after the session."""
+    from pathlib import Path
+
+    yield
+    hosts = Path("/etc/hosts")
+    text = hosts.read_text(errors="replace") if hosts.exists() else ""
+    assert "# sipmesh network " not in text, "a test's `sipmesh up` wrote to /etc/hosts " \
+        "(give it --hosts-file): " + text

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from sipmesh.agent.hostsfile import entries_of
 from sipmesh.apps.mesh import parse_dump
 from sipmesh.broker.users import UsersFile
 from sipmesh.daemon.control import query
@@ -26,6 +27,7 @@ SIPMESH = str(Path(sys.executable).parent / "sipmesh")
 PORT = 5060
 EXPIRES = 10  # the killed member's bound: its binding runs out after this many seconds
 MEMBERS = ["alice", "bob", "carol", "dave"]
+HOSTS = "127.0.0.1 localhost\n192.0.2.1 gateway # the member's own lines\n"
 CREATED: list[str] = []  # interface names: a wireguard-go killed with SIGKILL leaves its socket
 
 
@@ -40,9 +42,12 @@ class Member:
         self.ifname = f"smt{secrets.token_hex(3)}"  # wireguard-go's socket is machine-wide
         CREATED.append(self.ifname)
         self.env = dict(os.environ, XDG_RUNTIME_DIR=str(self.dir / "run"))
+        self.hosts = self.dir / "hosts"  # never the machine's /etc/hosts
+        self.hosts.write_text(HOSTS)
         self.proc = spawn([SIPMESH, "up", "lab", "--server", server, "--user", name,
                            "--credentials", str(self.dir / "creds"), "--state-dir",
                            str(self.dir / "state"), "--ifname", self.ifname,
+                           "--hosts-file", str(self.hosts),
                            "--expires", str(expires), "-v", *extra],
                           netns=self.host.ns, log_path=run_dir / f"up-{name}.log",
                           name=f"up-{name}", env=self.env)
@@ -61,6 +66,18 @@ class Member:
 
     def pings(self, address: str) -> bool:
         return self.host.run(["ping", "-c1", "-W1", address], check=False).returncode == 0
+
+    def names(self) -> dict[str, str]:
+        """What our hosts file's block for network lab gives: name -> address."""
+        return entries_of(self.hosts.read_text(), "lab")
+
+    def pings_by_name(self, name: str) -> bool:
+        """`ping NAME` as a program of this member's host resolves it: its hosts file
+        bind-mounted over /etc/hosts in a mount namespace of its own (the machine's stays)."""
+        script = 'mount --bind "$1" /etc/hosts && exec ping -c1 -W1 "$2"'
+        return self.host.run(["unshare", "--mount", "--propagation", "private", "--", "sh",
+                              "-c", script, "sh", str(self.hosts), name],
+                             check=False).returncode == 0
 
     def sipmesh(self, *argv: str) -> subprocess.CompletedProcess:
         return self.host.run([SIPMESH, *argv], check=False, env=self.env, timeout=60)
@@ -148,6 +165,37 @@ def test_members_join_reach_each_other_and_leave(mesh):
         wait_for(lambda: dave_key not in m.wg_peers(), EXPIRES + 5,
                  what=f"dave gone from {m.name}\n{m.proc.log_tail(20)}")
     assert alice.pings(bob.status()["mesh_ip"])  # the rest of the mesh stands
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_members_reach_each_other_by_name(mesh):
+    """Names (issue 12, item 8): each member's hosts file lists every member as
+    NAME.lab and NAME; `ping bob.lab` works; a member that leaves goes from the files."""
+    lab, server, run_dir = mesh
+    members = [Member(lab, name, server, run_dir) for name in MEMBERS[:3]]
+    for m in members:
+        wait_for(m.ready, 20, what=f"{m.name} up", abort=m.proc.exit_reason)
+    alice, bob, carol = members
+    addresses = {m.name: m.status()["mesh_ip"] for m in members}
+    everyone = {**{f"{n}.lab": a for n, a in addresses.items()}, **addresses}
+    for m in members:
+        wait_for(lambda: m.names() == everyone, 10,
+                 what=f"{m.name}'s hosts file lists everyone: {m.hosts.read_text()}")
+        assert m.hosts.read_text().startswith(HOSTS)  # its own lines untouched
+    wait_for(lambda: alice.pings_by_name("bob.lab"), 20,
+             what=f"alice pings bob.lab\n{alice.proc.log_tail(20)}\n{bob.proc.log_tail(20)}")
+    wait_for(lambda: carol.pings_by_name("alice"), 20, what="carol pings alice")
+
+    down = carol.sipmesh("down", "lab")
+    assert down.returncode == 0, down.stderr + carol.proc.log_tail(30)
+    assert carol.proc.wait(10) == 0
+    assert carol.hosts.read_text() == HOSTS  # its block gone with it
+    for m in (alice, bob):
+        wait_for(lambda: "carol.lab" not in m.names(), 10, what=f"carol.lab gone from {m.name}")
+        assert set(m.names()) == {"alice.lab", "alice", "bob.lab", "bob"}
+    assert not alice.pings_by_name("carol.lab")  # no such name any more
+    assert alice.pings_by_name("bob")
 
 
 @pytest.mark.slow

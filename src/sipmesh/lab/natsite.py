@@ -273,7 +273,8 @@ class Member:
         self.proc = spawn([SIPMESH, "up", network, "--server", site.server, "--user", user,
                            "--credentials", str(creds), "--state-dir", str(self.dir / "state"),
                            "--ifname", self.ifname, "--turn", site.network_turn(network), "-v",
-                           *extra],
+                           "--hosts-file", str(self.dir / "hosts"),  # the members' names:
+                           *extra],                                  # not the machine's file
                           netns=self.host.ns, cwd=site.run, env=self.env, name=f"up-{user}",
                           log_path=site.run / f"up-{user}.log")
         site.procs.append(self.proc)
