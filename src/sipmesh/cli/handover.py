@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from sipmesh.agent.errors import AgentError, Exit
-from sipmesh.cli.status import find_socket
+from sipmesh.agent.errors import AgentError
+from sipmesh.cli.status import add_socket_options, ask, find_socket
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sipmesh.daemon.control import query
-
     try:
-        path = find_socket(args)
-        try:
-            answer = query(path, {"command": "handover", "session": args.session, "to": args.to},
-                           timeout=args.timeout)
-        except (OSError, ValueError) as exc:
-            raise AgentError(f"cannot reach the daemon at {path}: {exc}", Exit.UNREACHABLE) \
-                from None
+        answer = ask(find_socket(args), {"command": "handover", "session": args.session,
+                                         "to": args.to}, args.timeout)
     except AgentError as exc:
         print(f"sipmesh handover: {exc}", file=sys.stderr)
         return int(exc.code)
@@ -41,10 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("session", help="the session: its Call-ID, or the caller's name or URI")
     parser.add_argument("--to", required=True, metavar="NAME",
                         help="the agent to hand it to: a name in the domain, or a SIP URI")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--socket", metavar="PATH", type=Path, help="the daemon's control socket")
-    source.add_argument("-c", "--config", metavar="FILE", type=Path,
-                        help="the daemon's configuration (to find its socket)")
+    add_socket_options(parser)
     parser.add_argument("--timeout", type=float, default=20.0, help=argparse.SUPPRESS)
     parser.set_defaults(func=_run)
     return parser
