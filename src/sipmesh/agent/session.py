@@ -376,7 +376,7 @@ class Session:
         while True:
             try:
                 placed = await self._place_one(target, profile, timeout, previous)
-            except BaseException as exc:
+            except Exception as exc:
                 if previous is not None:
                     status = exc.status if isinstance(exc, CallFailed) else 500
                     await self._end_referred(previous, status, str(exc)[:100] or "failed")
