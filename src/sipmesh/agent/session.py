@@ -73,9 +73,11 @@ from sipmesh.agent.params import Fingerprint, ParamError, validate
 from sipmesh.agent.profile import AppProfile, Plan, SessionInfo
 from sipmesh.agent.streams import StreamError, StreamPath
 from sipmesh.agent.supervisor import Child, ChildSpec
-from sipmesh.sip.headers import quote_string
+from sipmesh.sip.errors import ParseError
+from sipmesh.sip.headers import parse_address, quote_string
 from sipmesh.sip.message import Response
 from sipmesh.sip.sdp import SDPError
+from sipmesh.sip.uri import SipURI
 from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
 
 log = logging.getLogger("sipmesh.agent")
@@ -87,6 +89,7 @@ ICE_TRANSPORTS = frozenset({"udp", "tcp"})
 STREAM_FINGERPRINT = Fingerprint(("sha-256",))   # a=fingerprint of a "tcp" session's peer
 NO_PATH_CAUSE = 480   # Reason of the BYE when ICE found no path (RFC 3326)
 CONSENT_CAUSE = 408   # ... when a running path lost consent
+MAX_TRANSFERS = 3     # hand-overs (REFER) a calling session follows
 BYE_WAIT = 4.0        # s we wait for the answer to that BYE before we go on
 # Who serves an INVITE, from its a= lines (not yet validated): (profile, SessionInfo), or
 # raise Refusal.
@@ -148,6 +151,10 @@ class Session:
         self.restarts = 0   # ICE restarts that gave the running program a new path
         self._repathed = asyncio.Event()   # the handover changed: watch the new one
         self._restarting = asyncio.Lock()
+        self.transfers = 0   # hand-overs (REFER) this session followed
+        self._refer_to: str | None = None   # where the peer's accepted REFER sends us
+        self._referred = asyncio.Event()
+        self._kept_path: tuple[Handover | None, IceSession | None] = (None, None)
         # The program's exit status when the program itself ended the session (negative:
         # killed by that signal); None when the peer or a stop request ended it and we
         # stopped the program (whatever status that gave is ours, not the program's).
@@ -340,10 +347,101 @@ class Session:
         incoming.reject(refusal.status, headers=headers)
         self._emit("refused", status=refusal.status, text=refusal.text)
 
+    async def hand_over(self, target: str) -> tuple[int, str]:
+        """Ask our peer to call `target` (a user name in our domain, or its SIP URI) instead
+        of us: REFER in this dialog (RFC 3515). The peer's answer (status, reason); after a
+        202 it calls `target` and then ends this session with BYE."""
+        ua = self.endpoint.ua
+        assert ua is not None
+        if self.call is None or self.state != "established":
+            return 481, "no established session"
+        uri = ua.target_uri(target)
+        log.info("[%s] handing %s over to %s", self.call_id, self.call.peer, uri)
+        try:
+            response = await self.call.refer(str(uri))
+        except CallFailed as exc:
+            return exc.status, exc.reason
+        self._emit("handover_sent", target=str(uri), status=response.status)
+        return response.status, response.reason
+
     # -- the calling side ----------------------------------------------------------------
     async def place(self, target: str, profile: AppProfile, *, timeout: float) -> bool:
         """INVITE `target`, start our program with its answer and run the session to its
-        end. False if a stop request came while calling; failures raise AgentError."""
+        end. False if a stop request came while calling; failures raise AgentError.
+
+        A hand-over (the peer's REFER, see `_on_refer`) ends our program and calls the
+        new target through this same path; the old dialog ends (NOTIFY of the outcome,
+        then BYE) once the new one is up or failed."""
+        previous: Call | None = None
+        while True:
+            try:
+                placed = await self._place_one(target, profile, timeout, previous)
+            except Exception as exc:
+                if previous is not None:
+                    status = exc.status if isinstance(exc, CallFailed) else 500
+                    await self._end_referred(previous, status, str(exc)[:100] or "failed")
+                raise
+            if previous is not None and not placed:
+                await self._end_referred(previous, 487, "Request Terminated")
+            if self._refer_to is None or not placed:
+                return placed
+            target, previous, self._refer_to = self._refer_to, self.call, None
+            self._referred.clear()
+            self.child = self.handover = self.ice = self.path = None
+            self.reason, self.app_status, self.restarts, self.state = None, None, 0, "starting"
+            log.info("[%s] handed over to %s: calling it", previous.call_id if previous else "",
+                     target)
+            self._emit("handover", target=target)
+
+    async def _end_referred(self, call: Call, status: int, reason: str) -> None:
+        """The REFER that moved us is done: say how (final NOTIFY), end its dialog."""
+        if not call.ended.done():
+            await call.notify_refer(status, reason, final=True)
+            await asyncio.wait({asyncio.ensure_future(call.bye())}, timeout=BYE_WAIT)
+        handover, ice = self._kept_path
+        self._kept_path = (None, None)
+        if handover is not None:
+            await handover.close()
+        elif ice is not None:
+            await ice.close()
+
+    def _on_refer(self, value: str) -> int:
+        """The peer (only it can send in its dialog) asks us to call another agent instead.
+        Accepted (202) only for a running program, a SIP URI of a user at our own domain or
+        one of our servers, not ourselves, at most MAX_TRANSFERS times per session; 403
+        otherwise."""
+        ua = self.endpoint.ua
+        assert ua is not None and self.call is not None
+        why = None
+        try:
+            uri = parse_address(value).uri
+        except ParseError:
+            uri = None
+        hosts = {ua.aor.host.lower()} | {s.rsplit(":", 1)[0].strip("[]").lower()
+                                         for s in ua.servers}
+        if not isinstance(uri, SipURI) or not uri.user:
+            why = "Refer-To must be a SIP URI naming a user"
+        elif uri.host.lower() not in hosts:
+            why = f"Refer-To must be in our domain ({ua.aor.host})"
+        elif uri.user == ua.aor.user and uri.host.lower() == ua.aor.host.lower():
+            why = "Refer-To names ourselves"
+        elif self.role != "client" or self.child is None or self.state != "established" \
+                or self._referred.is_set():
+            why = "no running program to hand over"
+        elif self.transfers >= MAX_TRANSFERS:
+            why = f"at most {MAX_TRANSFERS} hand-overs per session"
+        if why is not None:
+            log.warning("[%s] REFER to %s refused: %s", self.call_id, value[:100], why)
+            return 403
+        self.transfers += 1
+        self._refer_to = str(SipURI(scheme=uri.scheme, user=uri.user, host=uri.host, port=uri.port))
+        log.info("[%s] %s hands us over to %s", self.call_id, self.call.peer, self._refer_to)
+        self._referred.set()
+        self.endpoint.ua.spawn(self.call.notify_refer(100, "Trying", final=False))
+        return 202
+
+    async def _place_one(self, target: str, profile: AppProfile, timeout: float,
+                         previous: Call | None) -> bool:
         ua = self.endpoint.ua
         assert ua is not None, "the endpoint is not listening"
         self.role, self.profile, self.peer = "client", profile, str(ua.target_uri(target))
@@ -364,6 +462,8 @@ class Session:
             return False
         self.call, self.call_id = call, call.call_id
         info.call_id = call.call_id
+        if previous is not None:
+            await self._end_referred(previous, 200, "OK")
         with self.endpoint.running(self):
             try:
                 answer, remote = await self._read_answer(call, profile, target)
@@ -392,7 +492,10 @@ class Session:
                 self.state = "ending"
                 if self.child is not None and not self.child.finished.done():
                     await self.child.stop(self.grace)  # cancelled half-way
-                await self._close_path()
+                if self._refer_to is not None:   # the old path lives until the new call is up
+                    self._kept_path = (self.handover, self.ice)
+                else:
+                    await self._close_path()
         return True
 
     async def _invite(self, target: str, sdp: bytes, timeout: float) -> Call | None:
@@ -694,6 +797,8 @@ class Session:
         self.state, self.since = "established", time.time()
         if isinstance(self.handover, Handover):
             self.call.on_reoffer = self._reoffered   # the peer moved: its ICE restart
+        if self.role == "client" and self.child is not None:
+            self.call.on_refer = self._on_refer   # the peer hands us over (REFER)
         log.info("[%s] session established with %s (%s, %s)", self.call_id, self.call.peer,
                  self.profile.label,
                  f"pid {self.child.pid}" if self.child is not None else "no program")
@@ -718,14 +823,16 @@ class Session:
             self._repathed.clear()
             stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
             repathed = asyncio.ensure_future(self._repathed.wait())
+            referred = asyncio.ensure_future(self._referred.wait())
             lost = asyncio.ensure_future(self.handover.lost()) if self.handover else None
             try:
-                await asyncio.wait({child.exited, call.ended, stopping, repathed}
+                await asyncio.wait({child.exited, call.ended, stopping, repathed, referred}
                                    | ({lost} if lost else set()),
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopping.cancel()
                 repathed.cancel()
+                referred.cancel()
                 if lost is not None and not lost.done():
                     lost.cancel()
             if not (self._repathed.is_set() and not child.exited.done()
@@ -740,6 +847,11 @@ class Session:
             # the BYE may well take the dead path's fate (a cut link): do not wait for it
             bye = asyncio.ensure_future(bye_with_reason(call, CONSENT_CAUSE, self.reason))
             await asyncio.gather(asyncio.wait({bye}, timeout=BYE_WAIT), child.stop(self.grace))
+        elif self._referred.is_set() and not child.exited.done() and not call.ended.done() \
+                and not self.endpoint.stopping.is_set():
+            self.reason = f"handed over to {self._refer_to}"
+            log.info("[%s] %s: stopping the application", call.call_id, self.reason)
+            await child.stop(self.grace)
         elif child.exited.done():
             self.app_status = status = child.exited.result()
             self.reason = f"the application {describe_exit(status)}"

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from sipmesh import __version__
-from sipmesh.cli import broker, call, daemon, demo, netcheck, network, ping, serve, status, up
+from sipmesh.cli import broker, call, daemon, demo, handover, netcheck, network, ping, serve, status, up
 
 # The subcommands, in the order `sipmesh --help` lists them.
-_COMMANDS = [broker, serve, call, daemon, status, up, netcheck, ping, demo, network]
+_COMMANDS = [broker, serve, call, daemon, status, handover, up, netcheck, ping, demo, network]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -155,9 +155,25 @@ def _networks(timeout: float) -> list[dict[str, Any]]:
     return networks
 
 
-def _run(args: argparse.Namespace) -> int:
+def ask(path: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The daemon's answer to `request` on its control socket; AgentError if unreachable."""
     from sipmesh.daemon.control import query
 
+    try:
+        return query(path, request, timeout=timeout)
+    except (OSError, ValueError) as exc:
+        raise AgentError(f"cannot reach the daemon at {path}: {exc}", Exit.UNREACHABLE) from None
+
+
+def add_socket_options(parser: argparse.ArgumentParser) -> None:
+    """--socket PATH | -c FILE: which daemon (`find_socket`)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--socket", metavar="PATH", type=Path, help="the daemon's control socket")
+    source.add_argument("-c", "--config", metavar="FILE", type=Path,
+                        help="the daemon's configuration (to find its socket)")
+
+
+def _run(args: argparse.Namespace) -> int:
     networks = _networks(args.timeout) if args.socket is None and args.config is None else []
     status: dict[str, Any] | None = None
     try:
@@ -168,11 +184,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise
             path = None
         if path is not None:
-            try:
-                status = query(path, {"command": "status"}, timeout=args.timeout)
-            except (OSError, ValueError) as exc:
-                raise AgentError(f"cannot reach the daemon at {path}: {exc}", Exit.UNREACHABLE) \
-                    from None
+            status = ask(path, {"command": "status"}, args.timeout)
     except AgentError as exc:
         print(f"sipmesh status: {exc}", file=sys.stderr)
         return int(exc.code)
@@ -196,10 +208,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "registration, services and sessions (peer, service, state, since, child "
                     "PID, allocated ports and addresses) and each session's network path: "
                     "direct, relayed or none, the selected candidate pair, the RTT and why.")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--socket", metavar="PATH", type=Path, help="the daemon's control socket")
-    source.add_argument("-c", "--config", metavar="FILE", type=Path,
-                        help="the daemon's configuration (to find its socket)")
+    add_socket_options(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     parser.set_defaults(func=_run)

@@ -274,4 +274,18 @@ class Daemon:
         if command == "reload":
             ok, message = self.reload()
             return {"ok": ok, "message": message}
-        return {"ok": False, "error": f"unknown command {command!r} (status, reload)"}
+        if command == "handover":
+            return await self._handover(str(request.get("session") or ""), str(request.get("to") or ""))
+        return {"ok": False, "error": f"unknown command {command!r} (status, reload, handover)"}
+
+    async def _handover(self, which: str, to: str) -> dict[str, Any]:
+        """Hand the session whose Call-ID (or peer) is `which` over to the agent `to`."""
+        if not which or not to:
+            return {"ok": False, "error": "handover needs a session (Call-ID or peer) and a target"}
+        found = [s for s in self.sessions.values()
+                 if which in (s.call_id, s.peer) or s.peer.startswith(f"sip:{which}@")]
+        if len(found) != 1:
+            return {"ok": False, "error": f"{len(found)} sessions match {which!r}"}
+        status, reason = await found[0].hand_over(to)
+        return {"ok": status == 202, "status": status, "reason": reason,
+                "message": f"{found[0].peer}: {status} {reason}"}

@@ -76,6 +76,11 @@ class Call:
         # answer, or raise CallFailed to refuse it. None: every re-INVITE is a refresh
         # of the same session and gets our current SDP.
         self.on_reoffer: Callable[[bytes], Awaitable[bytes]] | None = None
+        # The peer's REFER (RFC 3515) in this dialog: its Refer-To value -> our status
+        # (202: we act on it and send NOTIFYs with `notify_refer`). None: 405.
+        self.on_refer: Callable[[str], int] | None = None
+        self.refer_reports: list[str] = []  # sipfrag status lines the peer NOTIFYed us
+        self.refer_outcome: asyncio.Event = asyncio.Event()  # a final one (or terminated)
         self.liveness: Liveness | None = None  # once confirmed, with keepalive on
         self.lost: str | None = None  # why we decided the peer is gone, if we did
         self._rerouting = False  # a Replaces INVITE of ours, or the wait for the peer's
@@ -134,6 +139,23 @@ class Call:
             request.headers.add("Content-Type", content_type or "application/octet-stream")
             request.body = body
         return (await self._transact(request))[0]
+
+    async def refer(self, target: str) -> Response:
+        """Ask the peer to call `target` instead of us (REFER, RFC 3515): its final response
+        (202: accepted; its NOTIFYs land in `refer_reports`)."""
+        return await self.request("REFER", headers=[("Refer-To", f"<{target}>"),
+                                                    ("Referred-By", f"<{self.dialog.local_uri.uri}>")])
+
+    async def notify_refer(self, status: int, reason: str, *, final: bool) -> None:
+        """Tell the referrer how the INVITE its REFER asked for is going (RFC 3515 §2.4.4,
+        a message/sipfrag status line); best effort."""
+        state = "terminated;reason=noresource" if final else "active;expires=60"
+        try:
+            await self.request("NOTIFY", headers=[("Event", "refer"), ("Subscription-State", state)],
+                               body=f"SIP/2.0 {status} {reason}\r\n".encode(),
+                               content_type="message/sipfrag;version=2.0")
+        except (CallFailed, OSError) as exc:
+            log.info("[%s] NOTIFY of the transfer's progress failed: %s", self.call_id, exc)
 
     def moved(self, contact: str) -> None:
         """We moved: our requests and answers in this dialog name `contact` from now on
@@ -383,6 +405,23 @@ class Call:
             self._accept_reinvite(txn, self.local_sdp)
         elif request.method in ("OPTIONS", "INFO"):
             txn.reply(200, headers=[("Allow", ALLOW)])
+        elif request.method == "REFER" and self.on_refer is not None:
+            targets = request.headers.get_all("Refer-To")
+            if len(targets) != 1:
+                txn.reply(400, "Exactly One Refer-To Expected")
+                return
+            status = self.on_refer(str(targets[0]))
+            txn.reply(status)
+        elif request.method == "NOTIFY" and (request.headers.get("Event") or "").split(";")[0] \
+                .strip().lower() == "refer":
+            txn.reply(200)
+            line = request.body.decode("utf-8", "replace").split("\r\n", 1)[0][:200]
+            self.refer_reports.append(line)
+            log.info("[%s] the transfer: %s", self.call_id, line)
+            parts = line.split()
+            if "terminated" in (request.headers.get("Subscription-State") or "") or \
+                    (len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= 200):
+                self.refer_outcome.set()
         else:  # UPDATE included: we cannot answer an offer in it
             txn.reply(405, headers=[("Allow", ALLOW)])
 
