@@ -39,6 +39,24 @@ def running_members(network: str | None = None) -> list[Path]:
     return sorted(directory.glob(pattern)) if directory.is_dir() else []
 
 
+async def pools_in_use(exclude: Path | None = None) -> dict[str, str]:
+    """{network: pool} of the other running members on this host (their control sockets):
+    a network whose pool overlaps one of these is refused at join (docs/mesh.md)."""
+    from sipmesh.daemon.control import query
+    pools: dict[str, str] = {}
+    for path in running_members():
+        if exclude is not None and path == exclude:
+            continue
+        try:
+            reply = await asyncio.to_thread(query, path, {"command": "status"}, 3.0)
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or a stale socket
+        for network in reply.get("networks") or ():
+            if isinstance(network, dict) and network.get("pool") and network.get("network"):
+                pools[str(network["network"])] = str(network["pool"])
+    return pools
+
+
 class UpRunner:
     """A MeshMember with its control socket, for run_until_signalled."""
 
@@ -89,17 +107,20 @@ def run_up(args: argparse.Namespace) -> int:
             raise AgentError("--network-ca, --member-cert and --identity-key go together (a "
                              "network with a CA)", Exit.USAGE)
         trust = MeshTrust(*trust_files) if args.network_ca else None
+        socket = args.socket or control_path(args.network, ua.user)
         config = MeshConfig(network=args.network, ua=ua,
                             state_dir=args.state_dir or default_state_dir(),
                             ifname=args.ifname, wg_port=args.wg_port and int(args.wg_port),
                             advertise=args.advertise, mesh_ip=args.mesh_ip, trust=trust,
                             register_expires=args.expires, ice=ice_options(args),
-                            tools={"wireguard_go": args.wireguard_go, "wg": args.wg})
+                            tools={"wireguard_go": args.wireguard_go, "wg": args.wg},
+                            pool=args.pool and str(args.pool),
+                            pools_in_use=lambda: pools_in_use(exclude=socket))
         member = MeshMember(config)
     except AgentError as exc:
         print(f"sipmesh up: {exc}", file=sys.stderr)
         return int(exc.code)
-    runner = UpRunner(member, args.socket or control_path(args.network, ua.user))
+    runner = UpRunner(member, socket)
     return run_until_signalled("sipmesh up", runner, again=None,
                                on_ready=lambda: print(
                                    f"sipmesh up: in network {args.network} as {member.mesh_ip} "
@@ -153,6 +174,14 @@ def run_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def pool_type(text: str) -> str:
+    import ipaddress
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--pool: {exc}") from None
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from sipmesh.cli.serve import add_ice_options
     p = subparsers.add_parser(
@@ -183,6 +212,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                            "SIP server)")
     mesh.add_argument("--mesh-ip", metavar="ADDR", type=typed(IPv4(), "mesh-ip"),
                       help="our mesh address, on servers that allocate none (Kamailio)")
+    mesh.add_argument("--pool", metavar="CIDR", type=pool_type,
+                      help="the network's address pool, on servers that say none (Kamailio); "
+                           "a pool that overlaps another network this host is in is refused")
     mesh.add_argument("--state-dir", metavar="DIR", type=Path,
                       help="where the network's WireGuard key and port are kept (default: "
                            "$XDG_STATE_HOME/sipmesh or ~/.local/state/sipmesh)")
