@@ -1,11 +1,13 @@
 """Several mesh networks on one broker and on one host (issue 12, item 6): networks `lab` and
 `ops` with their own credentials (each its own realm); alice is in lab, bob in ops, carol in
-both (two `sipmesh up`s side by side: two interfaces). carol reaches alice and bob; alice can
+both (two interfaces: `sipmesh up lab`, and her daemon with a [[network]] table for ops). carol reaches alice and bob; alice can
 neither join ops nor reach bob. A third network, on another broker, whose pool overlaps lab's
 is refused at carol's join with an error naming both networks and pools."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -14,6 +16,31 @@ import pytest
 from tests.lab import NatLab, spawn, wait_for, wait_udp_listening
 from tests.test_mesh_up import CREATED, SIPMESH, Member
 from sipmesh.broker.users import UsersFile
+
+class DaemonMember(Member):
+    """carol's `sipmesh daemon` with a [[network]] table (no services): a member like `up`'s."""
+
+    def __init__(self, lab: NatLab, name: str, server: str, run_dir: Path, network: str,
+                 password: str) -> None:
+        self.name, self.lab, self.host = name, lab, lab[name]
+        self.dir = run_dir / f"{name}-daemon"
+        self.dir.mkdir()
+        for file, secret in (("home.secret", f"{name}-home-pw"), ("net.secret", password)):
+            (self.dir / file).write_text(f"password = {secret}\n")
+            os.chmod(self.dir / file, 0o600)
+        self.ifname = f"smt{secrets.token_hex(3)}"
+        CREATED.append(self.ifname)
+        (self.dir / "daemon.toml").write_text(
+            f'[agent]\nserver = "{server}"\nuser = "{name}"\ncredentials = "home.secret"\n'
+            f'state_dir = "state"\n\n[[network]]\nname = "{network}"\n'
+            f'credentials = "net.secret"\nifname = "{self.ifname}"\nexpires = 10\n')
+        run = run_dir / f"run-{name}"
+        self.env = dict(os.environ, XDG_RUNTIME_DIR=str(run))
+        self.proc = spawn([SIPMESH, "daemon", "-c", str(self.dir / "daemon.toml"), "-v"],
+                          netns=self.host.ns, log_path=run_dir / f"daemon-{name}.log",
+                          name=f"daemon-{name}", env=self.env)
+        self.socket = run / "sipmesh" / f"mesh-{network}-{name}.sock"
+
 
 PORT, OTHER_PORT = 5060, 5070
 LAB_POOL, OPS_POOL, OVERLAPPING = "10.9.0.0/24", "10.10.0.0/24", "10.9.0.0/16"
@@ -50,11 +77,12 @@ def test_two_networks_on_one_broker_and_one_host(nat_lab: NatLab, tmp_path: Path
                         {"lab": (LAB_POOL, ["alice", "carol"]), "ops": (OPS_POOL, ["bob", "carol"])},
                         {("lab", "alice"): "alice-pw", ("lab", "carol"): "carol-pw",
                          ("ops", "bob"): "bob-pw", ("ops", "carol"): "carol-ops-pw",
-                         ("ops", "alice"): "alice-ops-pw"})  # an account in ops, no member
+                         ("ops", "alice"): "alice-ops-pw",  # an account in ops, no member
+                         (hosts["server"].ip, "carol"): "carol-home-pw"})  # her daemon's [agent]
         alice = Member(nat_lab, "alice", server, tmp_path)
         bob = Member(nat_lab, "bob", server, tmp_path, network="ops")
         carol_lab = Member(nat_lab, "carol", server, tmp_path)
-        carol_ops = Member(nat_lab, "carol", server, tmp_path, network="ops", password="carol-ops-pw")
+        carol_ops = DaemonMember(nat_lab, "carol", server, tmp_path, "ops", "carol-ops-pw")
         for m in (alice, bob, carol_lab, carol_ops):
             wait_for(m.ready, 20, what=f"{m.name} up in {m.socket.name}\n{m.proc.log_tail(20)}")
         assert carol_lab.status()["pool"] == LAB_POOL and carol_ops.status()["pool"] == OPS_POOL
