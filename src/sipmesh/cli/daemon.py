@@ -77,6 +77,8 @@ class WithNetworks:
 
     def request_stop(self) -> None:
         self.runner.request_stop()
+        for member in self.members:  # they leave (BYE, unregister) while the daemon does
+            member.request_stop()
 
 
 def _members(config: DaemonConfig) -> list[Any]:
