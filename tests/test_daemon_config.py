@@ -256,3 +256,53 @@ def test_caller_patterns() -> None:
     assert not service.allows(parse_sip_uri("sip:Alice@example.com"))  # user parts are case-sensitive
     assert service.allows(parse_sip_uri("sip:anyone@10.0.0.7"))
     assert not service.allows(parse_sip_uri("sip:mallory@evil.example"))
+
+
+NETWORKS = '''
+[agent]
+server = "127.0.0.1:5060"
+user = "home"
+credentials = "home.secret"
+
+[[network]]
+name = "lab"
+
+[[network]]
+name = "ops"
+user = "carol"
+credentials = "ops.secret"
+turn = "turn:127.0.0.1:3478"
+pool = "10.10.0.0/24"
+'''
+
+
+def test_network_tables_become_sipmesh_up_options(tmp_path) -> None:
+    from sipmesh.cli.up import network_args
+    config = parse_config(NETWORKS, source="n.toml", base_dir=tmp_path)
+    assert list(config.networks) == ["lab", "ops"] and not config.services
+    lab = network_args("lab", config.networks["lab"].options, config.agent)
+    assert (lab.network, lab.user, lab.credentials) == ("lab", "home", tmp_path / "home.secret")
+    assert str(lab.server) == "127.0.0.1:5060"
+    ops = network_args("ops", config.networks["ops"].options, config.agent)
+    assert (ops.user, ops.credentials, ops.pool) == ("carol", tmp_path / "ops.secret", "10.10.0.0/24")
+    assert ops.turn[:2] == ("127.0.0.1", 3478)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ('[[network]]\nname = "lab"\n', "n.toml:17: network 'lab' is defined twice"),
+    ('[[network]]\nname = "x"\nifnam = "a"\n', "network 'x': ifnam: unknown key"),
+    ('[[network]]\nname = "bad name"\n', "network #3: name: missing or not a name"),
+])
+def test_bad_network_tables_are_refused(change, expected) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(NETWORKS + change, source="n.toml")
+    assert expected in str(caught.value)
+
+
+def test_a_bad_network_option_is_refused_as_sipmesh_up_would(tmp_path) -> None:
+    from sipmesh.agent.errors import AgentError
+    from sipmesh.cli.up import network_args
+    config = parse_config(NETWORKS + '[[network]]\nname = "x"\npool = "not-a-cidr"\n',
+                          source="n.toml", base_dir=tmp_path)
+    with pytest.raises(AgentError, match="network x: .*--pool"):
+        network_args("x", config.networks["x"].options, config.agent)

@@ -33,25 +33,26 @@ CREATED: list[str] = []  # interface names: a wireguard-go killed with SIGKILL l
 
 class Member:
     def __init__(self, lab: NatLab, name: str, server: str, run_dir: Path, *extra: str,
-                 expires: int = EXPIRES) -> None:
+                 expires: int = EXPIRES, network: str = "lab", password: str | None = None) -> None:
         self.name, self.lab, self.host = name, lab, lab[name]
-        self.dir = run_dir / name
-        self.dir.mkdir()
-        (self.dir / "creds").write_text(f"password = {name}-pw\n")
+        self.dir = run_dir / (name if network == "lab" else f"{name}-{network}")
+        self.dir.mkdir(exist_ok=True)  # a second try of one member and network
+        (self.dir / "creds").write_text(f"password = {password or name + '-pw'}\n")
         os.chmod(self.dir / "creds", 0o600)
         self.ifname = f"smt{secrets.token_hex(3)}"  # wireguard-go's socket is machine-wide
         CREATED.append(self.ifname)
-        self.env = dict(os.environ, XDG_RUNTIME_DIR=str(self.dir / "run"))
+        run = run_dir / f"run-{name}"  # one per host: its members see each other's sockets
+        self.env = dict(os.environ, XDG_RUNTIME_DIR=str(run))
         self.hosts = self.dir / "hosts"  # never the machine's /etc/hosts
         self.hosts.write_text(HOSTS)
-        self.proc = spawn([SIPMESH, "up", "lab", "--server", server, "--user", name,
+        self.proc = spawn([SIPMESH, "up", network, "--server", server, "--user", name,
                            "--credentials", str(self.dir / "creds"), "--state-dir",
                            str(self.dir / "state"), "--ifname", self.ifname,
                            "--hosts-file", str(self.hosts),
                            "--expires", str(expires), "-v", *extra],
-                          netns=self.host.ns, log_path=run_dir / f"up-{name}.log",
-                          name=f"up-{name}", env=self.env)
-        self.socket = self.dir / "run" / "sipmesh" / f"mesh-lab-{name}.sock"
+                          netns=self.host.ns, log_path=run_dir / f"up-{name}-{network}.log",
+                          name=f"up-{name}-{network}", env=self.env)
+        self.socket = run / "sipmesh" / f"mesh-{network}-{name}.sock"
 
     def status(self) -> dict:
         return query(self.socket, {"command": "status"}, timeout=5)["networks"][0]

@@ -48,6 +48,7 @@ log = logging.getLogger("sipmesh.agent.roster")
 
 AOR_PREFIX = "net-"  # the network's AOR is sip:net-NAME@DOMAIN (as broker/networks.py has it)
 MESH_PARAM = "mesh-ip"  # the contact URI parameter with the member's mesh address
+POOL_PARAM = "mesh-pool"  # ... and the network's address pool (our broker sets both)
 EVENT = "reg"
 MAX_MEMBERS = 4096
 RESUBSCRIBE_EVERY = 10  # while polling, try to subscribe again every this many polls
@@ -65,6 +66,7 @@ class Member:
     name: str
     contact: str  # the contact URI the member registered (where SIP reaches it)
     mesh_ip: str | None = None  # its mesh address as the roster says (a hint, see above)
+    pool: str | None = None  # the network's address pool as the server says (a CIDR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +94,11 @@ def member_of(uri_text: str) -> Member | None:
         mesh_ip = str(ipaddress.ip_address(address)) if address else None
     except ValueError:
         mesh_ip = None  # hostile or garbled: no address rather than a wrong one
-    return Member(uri.user, str(uri), mesh_ip)
+    try:
+        pool = str(ipaddress.ip_network(uri.params[POOL_PARAM])) if uri.params.get(POOL_PARAM) else None
+    except ValueError:
+        pool = None
+    return Member(uri.user, str(uri), mesh_ip, pool)
 
 
 def _contact_key(member: Member) -> str:
@@ -238,6 +244,12 @@ class RosterClient:
         """Our own mesh address as the roster has it (the broker's allocation)."""
         me = self.state.self_member
         return me.mesh_ip if me is not None else self._mesh_ip
+
+    @property
+    def pool(self) -> str | None:
+        """The network's address pool as the server says (None: it says none, e.g. Kamailio)."""
+        me = self.state.self_member
+        return me.pool if me is not None else None
 
     def contact(self) -> Address:
         """Our binding under the network AOR."""

@@ -62,7 +62,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from sipmesh.agent.attributes import build_sdp, read_attribute_list
 from sipmesh.agent.endpoint import Endpoint
@@ -385,6 +385,24 @@ class MeshConfig:
     ice: IceOptions = field(default_factory=IceOptions)  # --stun, --turn, --consent-timeout
     tools: dict[str, str] = field(default_factory=dict)
     hosts_file: Path | None = None  # members' names there (agent/hostsfile.py); None: none
+    pool: str | None = None  # the network's pool, on servers that say none (Kamailio)
+    # the pools of the other networks this host is in ({network: CIDR}; cli/up.py asks the
+    # other running members): an overlapping pool is refused at join
+    pools_in_use: Callable[[], Awaitable[dict[str, str]]] | None = None
+
+
+def overlapping(network: str, pool: str, others: dict[str, str]) -> str | None:
+    """Why joining `network` with `pool` is refused beside `others` ({network: pool}), or None."""
+    mine = ipaddress.ip_network(pool, strict=False)
+    for name, other in sorted(others.items()):
+        try:
+            theirs = ipaddress.ip_network(other, strict=False)
+        except ValueError:
+            continue
+        if name != network and mine.version == theirs.version and mine.overlaps(theirs):
+            return (f"network {network}'s pool {mine} overlaps network {name}'s pool {theirs}, "
+                    f"which this host is in already: leave {name} first")
+    return None
 
 
 class MeshMember:
@@ -406,6 +424,7 @@ class MeshMember:
         self.peers: dict[str, Peer] = {}
         self.ready = asyncio.Event()
         self.mesh_ip: str | None = None
+        self.pool: str | None = None
         self.port = 0
         self.wg_pubkey = ""
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -438,8 +457,11 @@ class MeshMember:
             except (CallFailed, OSError) as exc:
                 raise AgentError(f"cannot join network {self.network}: {exc}",
                                  Exit.UNREACHABLE) from None
-            self.mesh_ip = await self._own_address()
-            await self.interface.start(key_file, self.port, self.mesh_ip)
+            address = await self._own_address()
+            self.pool = self.roster.pool or self.config.pool
+            await self._check_pool()
+            await self.interface.start(key_file, self.port, address)
+            self.mesh_ip = address  # status shows it once the interface has it
             self._open_path_checks()
             log.info("network %s: %s up, %s, WireGuard port %d, key %s", self.network, self.ifname,
                      self.mesh_ip, self.port, self.wg_pubkey)
@@ -492,6 +514,17 @@ class MeshMember:
             raise AgentError(f"network {self.network}: the roster gives us {address}, our "
                              f"certificate {trust.mesh_ip}", Exit.USAGE)
         return address
+
+    async def _check_pool(self) -> None:
+        """Refuse a pool that overlaps one of another network this host is in (its routes
+        would shadow the other's); we leave the roster again before saying so."""
+        if self.pool is None or self.config.pools_in_use is None:
+            return
+        why = overlapping(self.network, self.pool, await self.config.pools_in_use())
+        if why is not None:
+            assert self.roster is not None
+            await self.roster.stop()
+            raise AgentError(why, Exit.USAGE)
 
     async def _leave(self) -> None:
         """BYE to every peer, unregister (the roster), then the interface goes."""
@@ -853,7 +886,7 @@ class MeshMember:
                 info["path_detail"] = peer.handover.describe()
             peers.append(info)
         return {"network": self.network, "member": self.me, "interface": self.ifname,
-                "mesh_ip": self.mesh_ip, "wg_port": self.port, "wg_pubkey": self.wg_pubkey,
+                "mesh_ip": self.mesh_ip, "pool": self.pool, "wg_port": self.port, "wg_pubkey": self.wg_pubkey,
                 "roster": self.roster.mode if self.roster else "starting",
                 "trust": "ca" if self.config.trust else "roster",
                 "path_reports": self.reporter.state if self.reporter else "starting", "peers": peers}

@@ -66,6 +66,7 @@ from sipmesh.sip.uri import SipURI, parse_sip_uri
 log = logging.getLogger("sipmesh.broker.roster")
 
 MESH_PARAM = "mesh-ip"  # the contact URI parameter carrying the member's mesh address
+POOL_PARAM = "mesh-pool"  # ... and the network's pool (a member on several networks checks overlap)
 MEMBER_PARAM = "member"  # Request-URI parameter: which member of the network AOR is meant
 EVENT = "reg"
 DEFAULT_SUBSCRIBE_EXPIRES = 3600
@@ -91,9 +92,10 @@ def contact_user(contact: str) -> str | None:
         return None
 
 
-def with_mesh_address(contact: str, address: str) -> str:
+def with_mesh_address(contact: str, address: str, pool: str) -> str:
     uri = parse_sip_uri(contact)
     uri.params[MESH_PARAM] = address
+    uri.params[POOL_PARAM] = pool
     return str(uri)
 
 
@@ -120,7 +122,7 @@ def decide_network_register(request: Request, aor: str, nreg: NetworkRegistratio
     if outcome.status != 200:
         return outcome, changes
     address = network.members[member].address
-    upserts = tuple(b._replace(contact=with_mesh_address(b.contact, address)) for b in changes.upsert)
+    upserts = tuple(b._replace(contact=with_mesh_address(b.contact, address, network.pool)) for b in changes.upsert)
     fresh = {b.contact_key for b in upserts}
     stale = {b.contact_key for b in current if upserts and b.contact_key not in fresh
              and contact_user(b.contact) == member}  # the member's older binding: replaced

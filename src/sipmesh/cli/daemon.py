@@ -5,11 +5,13 @@ from sipmesh/apps/kinds.py (cli/common.py:register_builtin_kinds); `sipmesh call
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import resource
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from sipmesh.agent.errors import EXIT_HELP, AgentError
 from sipmesh.cli.common import (add_output_options, default_config_path, fail,
@@ -42,7 +44,47 @@ def _summary(config: DaemonConfig) -> str:
                      f" allow={','.join(service.allow)}")
     for name, allocator in config.allocators.items():
         lines.append(f"  allocator {name}: {allocator.describe()}")
+    for network in config.networks.values():
+        lines.append(f"  network {network.name}")
     return "\n".join(lines)
+
+
+class WithNetworks:
+    """The daemon (or its metrics wrapper) and a `sipmesh up` per [[network]] in one event
+    loop: each member answers on its own control socket (`sipmesh status`, `sipmesh down`);
+    stopping stops all. A member that ends (refused, `sipmesh down`) leaves the rest running."""
+
+    def __init__(self, runner: Any, members: list[Any]) -> None:
+        self.runner, self.members = runner, members
+        self.ready = runner.ready
+
+    async def run(self) -> int:
+        members = [asyncio.ensure_future(self._member(m)) for m in self.members]
+        try:
+            return int(await self.runner.run())
+        finally:
+            for member in self.members:
+                member.request_stop()
+            await asyncio.gather(*members, return_exceptions=True)
+
+    @staticmethod
+    async def _member(runner: Any) -> None:
+        from sipmesh.cli.up import log as up_log
+        try:
+            await runner.run()
+        except AgentError as exc:
+            up_log.error("network %s: %s", runner.member.network, exc)
+
+    def request_stop(self) -> None:
+        self.runner.request_stop()
+        for member in self.members:  # they leave (BYE, unregister) while the daemon does
+            member.request_stop()
+
+
+def _members(config: DaemonConfig) -> list[Any]:
+    from sipmesh.cli.up import build_member, network_args
+    return [build_member(network_args(n.name, n.options, config.agent), config.agent.ice)
+            for n in config.networks.values()]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -57,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         daemon = Daemon(config, ua=ua_config(config.agent, _password(config)),
                         control_socket=args.socket)
+        members = _members(config)
     except AgentError as exc:
         return fail(prog, exc)
     _raise_fd_limit()
@@ -84,6 +127,8 @@ def _run(args: argparse.Namespace) -> int:
         from sipmesh.daemon.metrics import ServingMetrics  # aiohttp: only when asked for
 
         runner = ServingMetrics(daemon, args.metrics)
+    if members:
+        runner = WithNetworks(runner, members)
     waiting = None if args.quiet else \
         f"registering sip:{config.agent.user}@{config.agent.server}"
     return run_until_signalled(prog, runner, on_hup=on_reload, on_ready=on_ready, again=None,

@@ -40,6 +40,24 @@ def running_members(network: str | None = None) -> list[Path]:
     return sorted(directory.glob(pattern)) if directory.is_dir() else []
 
 
+async def pools_in_use(exclude: Path | None = None) -> dict[str, str]:
+    """{network: pool} of the other running members on this host (their control sockets):
+    a network whose pool overlaps one of these is refused at join (docs/mesh.md)."""
+    from sipmesh.daemon.control import query
+    pools: dict[str, str] = {}
+    for path in running_members():
+        if exclude is not None and path == exclude:
+            continue
+        try:
+            reply = await asyncio.to_thread(query, path, {"command": "status"}, 3.0)
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or a stale socket
+        for network in reply.get("networks") or ():
+            if isinstance(network, dict) and network.get("pool") and network.get("network"):
+                pools[str(network["network"])] = str(network["pool"])
+    return pools
+
+
 class UpRunner:
     """A MeshMember with its control socket, for run_until_signalled."""
 
@@ -76,32 +94,70 @@ class UpRunner:
         return {"ok": False, "error": f"unknown command {str(command)[:40]!r}"}
 
 
-def run_up(args: argparse.Namespace) -> int:
+def build_member(args: argparse.Namespace, ice_base: Any = None) -> UpRunner:
+    """A MeshMember and its control socket from `sipmesh up`'s options (the command line, or
+    a daemon's [[network]] table through network_args); raises AgentError."""
     from sipmesh.agent.certs import default_state_dir
     from sipmesh.apps.mesh import MeshConfig, MeshMember, MeshTrust
     from sipmesh.cli.serve import ice_options, ua_config
 
+    check_network(args.network)
+    ua = ua_config(args)
+    trust_files = (args.network_ca, args.member_cert, args.identity_key)
+    if any(trust_files) and not all(trust_files):
+        raise AgentError("--network-ca, --member-cert and --identity-key go together (a "
+                         "network with a CA)", Exit.USAGE)
+    trust = MeshTrust(*trust_files) if args.network_ca else None
+    socket = args.socket or control_path(args.network, ua.user)
+    config = MeshConfig(network=args.network, ua=ua,
+                        state_dir=args.state_dir or default_state_dir(),
+                        ifname=args.ifname, wg_port=args.wg_port and int(args.wg_port),
+                        advertise=args.advertise, mesh_ip=args.mesh_ip, trust=trust,
+                        register_expires=args.expires, ice=ice_options(args, ice_base),
+                        tools={"wireguard_go": args.wireguard_go, "wg": args.wg},
+                        pool=args.pool and str(args.pool),
+                        pools_in_use=lambda: pools_in_use(exclude=socket),
+                        hosts_file=None if args.no_hosts else args.hosts_file)
+    return UpRunner(MeshMember(config), socket)
+
+
+def network_args(name: str, options: dict[str, Any], agent: Any) -> argparse.Namespace:
+    """A daemon's [[network]] table (daemon/config.py) as `sipmesh up NAME --KEY VALUE ...`,
+    parsed by `sipmesh up`'s own parser; server, user, credentials default to [agent]'s."""
+    given = dict(options)
+    if "server" not in given and agent.server:
+        given["server"] = agent.server
+        given.setdefault("transport", agent.transport)
+    given.setdefault("user", agent.user)
+    if "password" not in given and "credentials" not in given:
+        if agent.password is not None:
+            given["password"] = agent.password
+        elif agent.credentials is not None:
+            given["credentials"] = str(agent.credentials)
+    if agent.state_dir is not None:
+        given.setdefault("state_dir", str(agent.state_dir))
+    argv = [name]
+    for key, value in given.items():
+        if value is True:  # a flag (no_ice = true, no_hosts = true)
+            argv.append(f"--{key.replace('_', '-')}")
+        elif value is not None and value is not False:
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    parser = argparse.ArgumentParser(prog=f"[[network]] {name}", exit_on_error=False)
+    add_up_arguments(parser)
+    try:
+        return parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise AgentError(f"network {name}: {exc}", Exit.USAGE) from None
+
+
+def run_up(args: argparse.Namespace) -> int:
     setup_logging(args.verbose, args.debug, args.log_file)
     try:
-        check_network(args.network)
-        ua = ua_config(args)
-        trust_files = (args.network_ca, args.member_cert, args.identity_key)
-        if any(trust_files) and not all(trust_files):
-            raise AgentError("--network-ca, --member-cert and --identity-key go together (a "
-                             "network with a CA)", Exit.USAGE)
-        trust = MeshTrust(*trust_files) if args.network_ca else None
-        config = MeshConfig(network=args.network, ua=ua,
-                            state_dir=args.state_dir or default_state_dir(),
-                            ifname=args.ifname, wg_port=args.wg_port and int(args.wg_port),
-                            advertise=args.advertise, mesh_ip=args.mesh_ip, trust=trust,
-                            register_expires=args.expires, ice=ice_options(args),
-                            tools={"wireguard_go": args.wireguard_go, "wg": args.wg},
-                            hosts_file=None if args.no_hosts else args.hosts_file)
-        member = MeshMember(config)
+        runner = build_member(args)
     except AgentError as exc:
         print(f"sipmesh up: {exc}", file=sys.stderr)
         return int(exc.code)
-    runner = UpRunner(member, args.socket or control_path(args.network, ua.user))
+    member = runner.member
     return run_until_signalled("sipmesh up", runner, again=None,
                                on_ready=lambda: print(
                                    f"sipmesh up: in network {args.network} as {member.mesh_ip} "
@@ -155,14 +211,30 @@ def run_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def pool_type(text: str) -> str:
+    import ipaddress
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--pool: {exc}") from None
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from sipmesh.cli.serve import add_ice_options
     p = subparsers.add_parser(
         "up", help="join a mesh network (runs until SIGINT/SIGTERM or `sipmesh down`)",
         description="Join mesh network NETWORK: one WireGuard interface (wireguard-go) with "
                     "our mesh address, a tunnel to every other member on the path ICE "
                     "checked (direct, or through the TURN relay), set up over SIP and kept "
-                    "current from the network's roster. See docs/mesh.md.")
+                    "current from the network's roster. Several networks: one `sipmesh up` "
+                    "each, or [[network]] tables in the daemon's file. See docs/mesh.md.")
+    add_up_arguments(p)
+    p.set_defaults(func=run_up)
+    add_down_parser(subparsers)
+
+
+def add_up_arguments(p: argparse.ArgumentParser) -> None:
+    """`sipmesh up`'s options (also a daemon [[network]] table's, network_args)."""
+    from sipmesh.cli.serve import add_ice_options
     p.add_argument("network", metavar="NETWORK")
     sip = p.add_argument_group("SIP (the credentials are the member's for this network)")
     add_identity_options(sip)
@@ -185,6 +257,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                            "SIP server)")
     mesh.add_argument("--mesh-ip", metavar="ADDR", type=typed(IPv4(), "mesh-ip"),
                       help="our mesh address, on servers that allocate none (Kamailio)")
+    mesh.add_argument("--pool", metavar="CIDR", type=pool_type,
+                      help="the network's address pool, on servers that say none (Kamailio); "
+                           "a pool that overlaps another network this host is in is refused")
     mesh.add_argument("--state-dir", metavar="DIR", type=Path,
                       help="where the network's WireGuard key and port are kept (default: "
                            "$XDG_STATE_HOME/sipmesh or ~/.local/state/sipmesh)")
@@ -205,8 +280,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     trust.add_argument("--identity-key", metavar="FILE", type=Path, help="our identity key")
     add_tls_options(p)
     add_output_options(p, "log mesh events (-vv: more)")
-    p.set_defaults(func=run_up)
 
+
+def add_down_parser(subparsers: argparse._SubParsersAction) -> None:
     d = subparsers.add_parser(
         "down", help="leave a mesh network (ask a running `sipmesh up` to leave)",
         description="Ask the running `sipmesh up NETWORK` to leave cleanly: BYE to every "

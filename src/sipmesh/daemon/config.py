@@ -14,6 +14,9 @@
     port = "tcp"
     allow = ["alice@sip.example.com"]
     max_sessions = 4
+    [[network]]                  # mesh networks to be in (docs/mesh.md), any number
+    name = "lab"                 # server, user, credentials: [agent]'s unless given here
+    credentials = "lab.secret"
 
 Everything is checked when the file is loaded, at start and at reload: a TOML
 syntax error is reported with its line (tomllib's message), anything else with
@@ -50,6 +53,11 @@ _AGENT_KEYS = {"server", "servers", "user", "password", "credentials", "auth_use
                "grace", "max_sessions", "default_service", "control_socket", "state_dir",
                "ca_file", "cert", "key", "tls_server_name", "keepalive",
                "ice", "stun", "turn", "consent_timeout", "portmap"}
+# [[network]]: `sipmesh up`'s options (cli/up.py parses them, as from its command line)
+_NETWORK_KEYS = {"name", "server", "user", "password", "credentials", "auth_user", "transport",
+                 "sip_port", "expires", "ifname", "wg_port", "advertise", "mesh_ip", "pool",
+                 "state_dir", "stun", "turn", "consent_timeout"}
+_NETWORK_PATHS = {"credentials", "state_dir"}  # relative to the configuration file
 
 
 class ConfigError(AgentError):
@@ -93,11 +101,20 @@ class AgentSection:
 
 
 @dataclass
+class NetworkSection:
+    """A [[network]] table: the mesh network's name and `sipmesh up` options for it."""
+    name: str
+    options: dict[str, str | int | float] = field(default_factory=dict)
+    line: int | None = None
+
+
+@dataclass
 class DaemonConfig:
     agent: AgentSection
     allocators: dict[str, Allocator] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
     path: Path | None = None
+    networks: dict[str, NetworkSection] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------ line numbers
@@ -205,11 +222,11 @@ class _Builder:
         return ConfigError(f"{where}: {message}")
 
     def build(self, path: Path | None) -> DaemonConfig:
-        unknown = set(self.data) - {"agent", "allocators", "service"}
+        unknown = set(self.data) - {"agent", "allocators", "service", "network"}
         if unknown:
             key = sorted(unknown)[0]
             raise self.error((key,), f"unknown table or key {key!r} (expected [agent], "
-                                     "[allocators.NAME], [[service]])")
+                                     "[allocators.NAME], [[service]], [[network]])")
         agent = self.agent(self.data.get("agent", {}))
         allocators = self.allocators(self.data.get("allocators", {}))
         services: dict[str, Service] = {}
@@ -222,12 +239,45 @@ class _Builder:
                 raise self.error((("service", index), "name"),
                                  f"service {service.name!r} is defined twice")
             services[service.name] = service
-        if self.side == "answer" and not services:
-            raise self.error((), "no [[service]]: the daemon would have nothing to serve")
+        networks: dict[str, NetworkSection] = {}
+        tables = self.data.get("network", [])
+        if not isinstance(tables, list):
+            raise self.error(("network",), "networks are [[network]] tables")
+        for index, table in enumerate(tables):
+            network = self.network(index, table)
+            if network.name in networks:
+                raise self.error((("network", index), "name"),
+                                 f"network {network.name!r} is defined twice")
+            networks[network.name] = network
+        if self.side == "answer" and not services and not networks:
+            raise self.error((), "no [[service]] or [[network]]: the daemon would have nothing "
+                                 "to do")
         if agent.default_service is not None and agent.default_service not in services:
             raise self.error(("agent", "default_service"),
                              f"[agent] default_service: no service named {agent.default_service!r}")
-        return DaemonConfig(agent=agent, allocators=allocators, services=services, path=path)
+        return DaemonConfig(agent=agent, allocators=allocators, services=services, path=path,
+                            networks=networks)
+
+    # -- [[network]] ---------------------------------------------------------------------------
+    def network(self, index: int, table: Any) -> NetworkSection:
+        path: tuple = (("network", index),)
+        name = table.get("name") if isinstance(table, dict) else None
+        if not isinstance(table, dict):
+            raise self.error(path, f"network #{index + 1}: must be a table")
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise self.error(path + ("name",), f"network #{index + 1}: name: missing or not a "
+                                               f"name (letters, digits and ._+~-): {name!r}")
+        options: dict[str, str | int | float] = {}
+        for key, value in table.items():
+            if key not in _NETWORK_KEYS:
+                raise self.error(path + (key,), f"network {name!r}: {key}: unknown key (known: "
+                                                f"{', '.join(sorted(_NETWORK_KEYS))})")
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise self.error(path + (key,), f"network {name!r}: {key}: must be a string "
+                                                f"or a number, not {value!r}")
+            if key != "name":
+                options[key] = str(self.base_dir / value) if key in _NETWORK_PATHS else value
+        return NetworkSection(name, options, self.locator.line(path))
 
     # -- [agent] ---------------------------------------------------------------------------
     def agent(self, table: Any) -> AgentSection:
