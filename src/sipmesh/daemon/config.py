@@ -56,8 +56,8 @@ _AGENT_KEYS = {"server", "servers", "user", "password", "credentials", "auth_use
 # [[network]]: `sipmesh up`'s options (cli/up.py parses them, as from its command line)
 _NETWORK_KEYS = {"name", "server", "user", "password", "credentials", "auth_user", "transport",
                  "sip_port", "expires", "ifname", "wg_port", "advertise", "mesh_ip", "pool",
-                 "state_dir", "stun", "turn", "consent_timeout"}
-_NETWORK_PATHS = {"credentials", "state_dir"}  # relative to the configuration file
+                 "state_dir", "stun", "turn", "consent_timeout", "hosts_file", "no_hosts"}
+_NETWORK_PATHS = {"credentials", "state_dir", "hosts_file"}  # relative to the configuration file
 
 
 class ConfigError(AgentError):
