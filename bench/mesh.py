@@ -8,9 +8,10 @@ filter), symmetric (MASQUERADE --random-fully), each behind a router of its own.
 
 Per N (2, 5, 10 by default), per system, cold (routers' conntrack flushed): every member is
 started at once (`sipmesh up bench` with the network's TURN server; or `nebula` with the
-configuration of bench/nat.py: one lighthouse, punchy, no relays), and every pair (x, y) runs
-``ping`` from x to y's mesh address (every 20 ms, restarted while the interface or route is
-missing) until the first reply. FULL MESH is the time from starting the LAST member to the
+configuration of bench/nat.py: one lighthouse, punchy, no relays), and every pair (x, y) is probed
+from x to y's mesh address with ICMP echoes every 20 ms (one prober per member for all its
+pairs; send errors while the interface or the peer is missing are ignored) until the first
+reply. FULL MESH is the time from starting the LAST member to the
 last pair's first reply; a pair that has no reply within --bound seconds is unconnected
 (Nebula without relays cannot connect two symmetric NATs: reported, not hidden). Then, at
 idle (--idle seconds after the mesh, nothing sent), each member's resident memory and CPU
@@ -28,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -49,7 +50,6 @@ from sipmesh.lab.natsite import NatSite  # noqa: E402
 
 KINDS = ("public", "home", "symmetric")
 NETWORK, POOL = "bench", "100.64.0.0/24"
-STAMP = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from", re.M)
 
 
 def members(n: int) -> dict[str, str]:
@@ -57,31 +57,54 @@ def members(n: int) -> dict[str, str]:
     return {f"m{i}": KINDS[i % len(KINDS)] for i in range(n)}
 
 
-def pair_watch(lab: NatLab, x: str, ip: str, deadline: float, out: dict, key) -> None:
-    """Ping `ip` from `x` until the first reply (its wall-clock time into out[key])."""
-    while time.time() < deadline:
-        window = max(1, int(deadline - time.time() + 0.999))
-        result = lab.run(x, ["ping", "-D", "-n", "-c", "1", "-i", "0.02", "-w", str(window), ip],
-                         check=False, timeout=window + 5)
-        m = STAMP.search(result.stdout)
-        if m:
-            out[key] = float(m.group(1))
-            return
-        if result.returncode == 2:   # no interface or route yet
-            time.sleep(0.05)
+# Run in a member's namespace: ICMP echo to every target every 20 ms (send errors, e.g. no
+# interface or no WireGuard peer yet, are ignored) until each answered or the deadline;
+# prints {target: wall-clock time of its first reply}.
+PROBE = r"""
+import json, os, select, socket, struct, sys, time
+deadline, targets = float(sys.argv[1]), sys.argv[2:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+ident, seq, first = os.getpid() & 0xFFFF, 0, {}
+def checksum(b):
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    t = (t >> 16) + (t & 0xFFFF)
+    return ~(t + (t >> 16)) & 0xFFFF
+while time.time() < deadline and len(first) < len(targets):
+    seq = (seq + 1) & 0xFFFF
+    for ip in targets:
+        if ip not in first:
+            head = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"sipmesh-bench..."
+            packet = head[:2] + struct.pack("!H", checksum(head)) + head[4:]
+            try:
+                s.sendto(packet, (ip, 0))
+            except OSError:
+                pass
+    until = time.time() + 0.02
+    while (left := until - time.time()) > 0:
+        if not select.select([s], [], [], left)[0]:
+            break
+        data, (src, _) = s.recvfrom(2048)
+        icmp = data[(data[0] & 0x0F) * 4:]
+        if icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident and src in targets:
+            first.setdefault(src, time.time())
+print(json.dumps(first))
+"""
 
 
 def full_mesh(lab: NatLab, hosts: list[str], ips: dict[str, str], bound: float) -> dict:
-    """(x, y) -> the wall-clock time of the first reply, for each pair that got one."""
-    replies: dict = {}
+    """(x, y) -> the wall-clock time of the first reply from y to x, for the pairs that got
+    one (x before y in `hosts`; an echo reply proves the path both ways)."""
     deadline = time.time() + bound
-    threads = [threading.Thread(target=pair_watch, args=(lab, x, ips[y], deadline, replies,
-                                                         (x, y)), daemon=True)
-               for i, x in enumerate(hosts) for y in hosts[i + 1:]]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(bound + 10)
+    probes = {x: lab[x].popen([sys.executable, "-c", PROBE, str(deadline),
+                               *(ips[y] for y in hosts[i + 1:])],
+                              stdout=subprocess.PIPE, text=True)
+              for i, x in enumerate(hosts[:-1])}
+    by_ip = {ips[h]: h for h in hosts}
+    replies = {}
+    for x, probe in probes.items():
+        out, _ = probe.communicate(timeout=bound + 30)
+        for ip, when in json.loads(out or "{}").items():
+            replies[(x, by_ip[ip])] = when
     return replies
 
 
@@ -120,8 +143,11 @@ def idle_usage(procs: list, idle: float) -> tuple[float, float]:
 def result(started_last: float, replies: dict, pairs: int, usage: tuple[float, float]) -> dict:
     connected = len(replies)
     last = max(replies.values()) - started_last if replies else None
+    slow = sorted(replies, key=replies.get)[-3:]   # the slowest pairs, for the log
+    say("  slowest pairs: " + ", ".join(f"{x}-{y} {replies[(x, y)] - started_last:.2f} s"
+                                        for x, y in slow))
     return {"connected": f"{connected}/{pairs}", "full": connected == pairs,
-            "time": last, "mib": usage[0], "cpu": usage[1]}
+            "time": last, "mib": usage[0], "cpu": usage[1], "failed": []}
 
 
 def run_sipmesh(lab: NatLab, site: NatSite, hosts: list[str], args) -> dict:
@@ -134,14 +160,20 @@ def run_sipmesh(lab: NatLab, site: NatSite, hosts: list[str], args) -> dict:
         started.append(time.time())
         up.append(site.member(h, h, NETWORK))
     replies = full_mesh(lab, hosts, ips, args.bound)
+    failed = []   # members that did not come up (or not at the expected address): why
     for h, member in zip(hosts, up):
-        assert member.mesh_ip() == ips[h], (h, member.mesh_ip(), ips[h])
+        try:
+            ip = member.mesh_ip() if member.proc.alive else None
+        except OSError as exc:
+            ip = f"status: {exc}"
+        if ip != ips[h]:
+            failed.append(f"{h}: {member.proc.log_tail(1).strip() if ip is None else ip}")
     usage = idle_usage([m.proc for m in up], args.idle)
     for member in up:
         member.sipmesh("down", NETWORK, timeout=30)
         member.proc.stop(grace=10)
     n = len(hosts)
-    return result(started[-1], replies, n * (n - 1) // 2, usage)
+    return {**result(started[-1], replies, n * (n - 1) // 2, usage), "failed": failed}
 
 
 def run_nebula(lab: NatLab, nebula: Nebula, hosts: list[str], work: Path, args) -> dict:
@@ -213,6 +245,8 @@ def report(rows: list, args, elapsed: float) -> None:
                       when(b) if b["full"] else f"({when(b)})", f"{b['mib']:.0f}",
                       f"{b['cpu']:.1f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    failed = [f"N={n} {system}: {why}" for n, s, b in rows
+              for system, r in (("sipmesh", s), ("nebula", b)) for why in r["failed"]]
     print(f"NAT lab, members public/home/symmetric in turn, cold start, {elapsed:.0f} s in all")
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -221,6 +255,8 @@ def report(rows: list, args, elapsed: float) -> None:
           "connected, the mesh was not full)")
     print(f"MIB, CPU %: per member at idle (median; process group: sipmesh up + wireguard-go, "
           f"or nebula), CPU over {args.idle:.0f} s")
+    for line in failed:
+        print(f"did not come up: {line}"[:240])
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
           "(shared machine: the figures are indicative)")
 
