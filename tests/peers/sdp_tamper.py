@@ -4,9 +4,10 @@ over UDP and TCP (an INVITE with ICE candidates is too big for UDP: RFC 3261 §1
 
     sdp_tamper.py LISTEN_IP:PORT SERVER_IP:PORT ATTACKER_KEY
 
-Each client (UDP address, TCP connection) gets an upstream socket of its own, so the server sees one address per client
-and its requests and responses find their way back. The key is swapped for one of the same
-length (base64 of 32 bytes), so Content-Length stays right; every swap is logged to stdout.
+Each client (UDP address, TCP connection) gets an upstream socket of its own, so the server
+sees one address per client and its requests and responses find their way back. The key
+is swapped for one of the same length (base64 of 32 bytes), so Content-Length stays right;
+every swap is logged to stdout.
 """
 
 from __future__ import annotations
