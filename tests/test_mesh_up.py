@@ -284,3 +284,71 @@ def test_signed_sessions_are_read_back_and_a_swapped_key_is_refused(tmp_path):
     assert refused.value.reason == "bad-signature"
     with pytest.raises(TrustError):  # bob's call answered by alice's certificate
         read_peer(body, name="bob", roster_ip=None, trust=trust, role="offer", **dialog)
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_a_proxy_that_swaps_the_wireguard_key_gets_the_pair_refused(nat_lab: NatLab,
+                                                                    tmp_path: Path):
+    """Issue 12 item 5 end to end: two members with the network's CA talk to the broker
+    through a hostile hop (tests/peers/sdp_tamper.py) that swaps every a=wg-pubkey for an
+    attacker's key. The pair is refused with the documented reason (docs/mesh-trust.md,
+    `wrong-wg-key`) in the log and in status, and no interface gets the attacker's key."""
+    from sipmesh.agent.trust import (NetworkCA, generate_identity, identity_public_text,
+                                     issue_member_certificate, save_identity, write_text)
+    from sipmesh.apps.mesh import load_or_make_key, network_dir
+    from sipmesh.apps.wireguard import keypair
+
+    # the hop: a public host whose address the members take for the SIP server's domain
+    host = nat_lab.add_hosts({"hop": "public"})["hop"]
+    site = mesh_lab(nat_lab, tmp_path, ("--domain", host.ip))
+    lab, server, run_dir = next(site)
+    ca = NetworkCA.create("lab")
+    ca.save(run_dir / "ca")
+    trust: dict[str, list[str]] = {}
+    for n, name in enumerate(["alice", "bob"], start=1):   # the broker's addresses, in order
+        keys = run_dir / f"keys-{name}"
+        _, wg_pub = load_or_make_key(network_dir(keys / "state", "lab"))
+        identity = generate_identity()
+        save_identity(keys / "id.key", identity)
+        cert = issue_member_certificate(ca, name=name, address=f"100.64.0.{n}/24",
+                                        wg_pubkey=wg_pub,
+                                        identity_pubkey=identity_public_text(identity))
+        write_text(keys / "member.cert", cert.to_text())
+        trust[name] = ["--state-dir", str(keys / "state"), "--network-ca", str(run_dir / "ca"),
+                       "--member-cert", str(keys / "member.cert"),
+                       "--identity-key", str(keys / "id.key")]
+    _, attacker = keypair()
+    hop = spawn([sys.executable, str(Path(__file__).parent / "peers" / "sdp_tamper.py"),
+                 f"{host.ip}:{PORT}", server, attacker], netns=host.ns,
+                log_path=run_dir / "tamper.log", name="tamper")
+    try:
+        wait_udp_listening(host.ip, PORT, host.ns, 10, proc=hop)
+        alice, bob = (Member(lab, name, f"{host.ip}:{PORT}", run_dir, *trust[name])
+                      for name in ("alice", "bob"))
+        for m in (alice, bob):
+            wait_for(m.ready, 20, what=f"{m.name} up", abort=m.proc.exit_reason)
+
+        def refused() -> dict | None:
+            for m, other in ((alice, "bob"), (bob, "alice")):
+                for p in m.status()["peers"]:
+                    if p["name"] == other and p["state"] == "refused":
+                        return {"member": m, "peer": p}
+            return None
+
+        seen = wait_for(refused, 20, what="the pair refused\n" + alice.proc.log_tail(20)
+                        + bob.proc.log_tail(20) + hop.log_tail(10))
+        assert "swapped" in hop.log_text()   # the hop did rewrite the session
+        victim, peer = seen["member"], seen["peer"]
+        assert "is not the one in the member's certificate" in peer["error"], peer
+        assert "a=wg-pubkey" in peer["error"], peer
+        other = "bob" if victim is alice else "alice"
+        assert f"session with {other} refused: " in victim.proc.log_text()
+        shown = victim.sipmesh("status")   # what the user sees
+        assert "refused" in shown.stdout, shown.stdout
+        for m in (alice, bob):
+            assert attacker not in m.wg_peers(), m.wg_peers()
+            assert m.proc.alive
+    finally:
+        hop.stop(grace=3)
+        site.close()
