@@ -152,9 +152,12 @@ def test_a_running_session_survives_the_broker_it_was_routed_through(srv_lab, ag
                                program=app_argv(tmp_path, "run")), name="call", netns=lab.ns)
     wait_for(lambda: session_up(tmp_path), 20, what="the session (through b1)",
              abort=caller.exit_reason)
-    assert f"calling sip:2500@{lab.server('b1')}" in caller.log_text()
+    # through the first SRV target, unless its REGISTER answer came late (then it goes last)
+    through = [name for name in lab.brokers
+               if f"session established with sip:2500@{lab.server(name)}" in caller.log_text()]
+    assert len(through) == 1, caller.log_tail(30)
 
-    lab.kill("b1")
+    lab.kill(through[0])
     wait_for(lambda: "the session goes on in dialog" in caller.log_text(), 20,
              what="the caller's Replaces accepted", abort=caller.exit_reason)
     assert "the peer moved the session to dialog" in serve.log_text()
