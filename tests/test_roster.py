@@ -19,7 +19,8 @@ from sipmesh.sip import reginfo
 from tests.lab import wait_for_async
 from tests.lab.broker import start_broker
 from tests.peers.broker import make_broker  # noqa: F401 (fixture)
-from tests.peers.roster import PASSWORDS, make_ua, member_ua, raw_with_auth, roster_scenario  # noqa: F401 (fixture)
+from tests.peers.roster import (PASSWORDS, gruu_scenario, make_ua, member_ua, raw_with_auth,  # noqa: F401 (fixture)
+                                roster_scenario)
 from tests.peers.raw import RawPeer
 
 FAST = RegistrarPolicy(min_expires=2, max_expires=3600, default_expires=3600)
@@ -143,6 +144,11 @@ async def test_the_broker_overrides_a_claimed_mesh_address_and_keeps_one_binding
         [f"sip:alice@127.0.0.1:{restarted.ua.config.listen_port}", f"sip:bob@127.0.0.1:{bob.ua.config.listen_port}"])
     for client in (alice, restarted, bob):
         await client.stop()
+
+
+async def test_a_pair_invite_at_a_members_gruu_reaches_that_member_alone(lab_broker, member_ua):
+    status = await gruu_scenario(lab_broker.hostport, member_ua)
+    assert status == 403   # zed is no member: no one to be paired with
 
 
 async def test_polling_without_push_sees_the_same_roster(lab_broker, member_ua):

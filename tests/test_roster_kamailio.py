@@ -2,7 +2,8 @@
 with Debian's presence modules (presence, presence_reginfo, pua, pua_reginfo) serves a
 network's roster to the same roster client as our broker (tests/test_roster.py): members
 register under sip:net-lab@DOMAIN in realm lab, see each other join by RFC 3680 reg event
-NOTIFYs, see one leave and one expire; REGISTER-fetch works as the fallback."""
+NOTIFYs, see one leave and one expire; REGISTER-fetch works as the fallback; a pair's INVITE
+at a member's public GRUU reaches that member alone."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sipmesh.agent.errors import AgentError
 from sipmesh.agent.roster import RosterClient
 from sipmesh.broker.users import UsersFile
 from tests.lab import Kamailio, kamailio_unavailable_reason, wait_for_async
-from tests.peers.roster import PASSWORDS, make_ua, member_ua, roster_scenario  # noqa: F401 (fixture)
+from tests.peers.roster import PASSWORDS, gruu_scenario, make_ua, member_ua, roster_scenario  # noqa: F401 (fixture)
 
 DOCS_CFG = Path(__file__).resolve().parents[1] / "docs" / "kamailio" / "kamailio.cfg"
 MIGRATE = DOCS_CFG.with_name("users-to-dbtext.sh")
@@ -50,6 +51,14 @@ async def test_three_members_see_each_other_join_leave_and_expire_through_kamail
     await roster_scenario(lab_kamailio.hostport, member_ua, tmp_path, register_expires=REGISTER_EXPIRES,
                           expiry_bound=REGISTER_EXPIRES + USRLOC_TIMER + 1, addresses=ADDRESSES,
                           own_addresses=True)
+    assert lab_kamailio.alive(), lab_kamailio.log_text()[-3000:]
+
+
+async def test_kamailio_routes_a_pair_invite_at_a_members_gruu_to_that_member_alone(lab_kamailio, member_ua):
+    """The pair INVITE of `sipmesh up` on the stock registrar: lookup() of a public GRUU
+    (RFC 5627) picks the one binding with that +sip.instance, not the whole network AOR."""
+    status = await gruu_scenario(lab_kamailio.hostport, member_ua, addresses=ADDRESSES)
+    assert status == 404   # no binding with zed's instance
     assert lab_kamailio.alive(), lab_kamailio.log_text()[-3000:]
 
 

@@ -1,7 +1,8 @@
 """Mesh network members in a test (issue 12): user agents with their network passwords
 (`member_ua`), a member as a process (`member_process`, tests/peers/roster_member.py), and
-the roster scenario that runs against our broker and Kamailio alike (`roster_scenario`), and
-a request to the network's AOR made by hand, with the member's digest (`raw_with_auth`)."""
+the roster scenario that runs against our broker and Kamailio alike (`roster_scenario`), a
+pair's INVITE to one member's public GRUU (`gruu_scenario`, both servers too), and a request
+to the network's AOR made by hand, with the member's digest (`raw_with_auth`)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from sipmesh.agent.roster import RosterClient
+from sipmesh.sip.gruu import instance_of
 from sipmesh.sip.message import Response
-from sipmesh.sip.ua import UserAgent
+from sipmesh.sip.ua import CallFailed, IncomingCall, UserAgent
 from tests.lab import spawn, wait_for_async
-from tests.peers.broker import make_ua, sip  # noqa: F401 (fixture)
+from tests.peers.broker import SDP_A, SDP_B, answering, make_ua, sip  # noqa: F401 (fixture)
 from tests.peers.raw import RawPeer
 
 PASSWORDS = {"alice": "a-pw", "bob": "b-pw", "carol": "c-pw", "mallory": "m-pw", "dave": "d-pw"}
@@ -28,9 +30,10 @@ PASSWORDS = {"alice": "a-pw", "bob": "b-pw", "carol": "c-pw", "mallory": "m-pw",
 @pytest.fixture
 def member_ua(make_ua):  # noqa: F811
     """A started UA of a member on the SIP server at "host:port", with its network password."""
-    async def make(user: str, domain: str, password: str | None = None, transport: str = "UDP") -> UserAgent:
+    async def make(user: str, domain: str, password: str | None = None, transport: str = "UDP",
+                   on_invite=None) -> UserAgent:
         return await make_ua(user, domain, password=password or PASSWORDS[user], transport=transport,
-                             transports=(transport,))
+                             transports=(transport,), on_invite=on_invite)
     return make
 
 
@@ -89,6 +92,41 @@ async def roster_scenario(domain: str, member_ua, tmp_path: Path, *, register_ex
     finally:
         bob.stop(grace=1)
         await clients["alice"].stop()
+
+
+async def gruu_scenario(domain: str, member_ua, *, addresses: dict[str, str] | None = None) -> int:
+    """alice, bob and carol in network lab; alice INVITEs bob at his public GRUU (what
+    `sipmesh up` does for a pair): bob alone gets the INVITE and answers, carol, another
+    binding of the same network AOR, gets nothing. Returns the final status of alice's
+    INVITE to the GRUU of zed, who is no member (the caller asserts the server's answer)."""
+    invited: dict[str, list[IncomingCall]] = {"bob": [], "carol": []}
+    uas, clients = {}, {}
+    try:
+        for name in ("alice", "bob", "carol"):
+            handler = answering(SDP_B, invited[name]) if name in invited else None
+            uas[name] = await member_ua(name, domain, on_invite=handler)
+            clients[name] = RosterClient(uas[name], "lab", mesh_ip=(addresses or {}).get(name))
+            await clients[name].start()
+        await wait_for_async(lambda: set(clients["alice"].members) == {"bob", "carol"}, 10,
+                             what="alice sees bob and carol")
+        target = clients["alice"].gruu("bob")
+        assert target.user == "net-lab" and instance_of(target) == clients["bob"].instance
+        call = await uas["alice"].invite(target, SDP_A, timeout=10)
+        assert call.remote_sdp == SDP_B
+        await call.bye()   # a round trip more: a forked branch would have reached carol by now
+        assert len(invited["bob"]) == 1 and invited["carol"] == [], invited
+        assert instance_of(invited["bob"][0].request.to.uri) == clients["bob"].instance
+        try:
+            await uas["alice"].invite(clients["alice"].gruu("zed"), SDP_A, timeout=10)
+        except CallFailed as exc:
+            status = exc.status
+        else:
+            raise AssertionError("the GRUU of no member was answered")
+        assert len(invited["bob"]) == 1 and invited["carol"] == [], invited
+        return status
+    finally:
+        for client in clients.values():
+            await client.stop()
 
 
 async def raw_with_auth(peer: RawPeer, broker, user: str, method: str, headers: list[str],

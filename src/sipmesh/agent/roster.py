@@ -32,13 +32,13 @@ import ipaddress
 import logging
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from sipmesh.agent.registration import Registration
 from sipmesh.sip import reginfo
 from sipmesh.sip.errors import ParseError
+from sipmesh.sip.gruu import member_instance, public_gruu
 from sipmesh.sip.headers import Address
 from sipmesh.sip.message import Response
 from sipmesh.sip.ua import CallFailed, Subscription, UserAgent
@@ -220,7 +220,9 @@ class RosterClient:
         self.ua = ua
         self.network = network
         self.aor = network_aor(network, parse_sip_uri(f"sip:{ua.config.domain}"))
-        self.instance = instance or f"urn:uuid:{uuid.uuid4()}"
+        # derived from the network's and our name, so that a peer can reach this binding
+        # alone by its public GRUU (sip/gruu.py, `gruu`)
+        self.instance = instance or member_instance(network, ua.config.user)
         self.register_expires = register_expires
         self.subscribe_expires = subscribe_expires
         self.poll_interval = poll_interval
@@ -250,6 +252,12 @@ class RosterClient:
         """The network's address pool as the server says (None: it says none, e.g. Kamailio)."""
         me = self.state.self_member
         return me.pool if me is not None else None
+
+    def gruu(self, name: str) -> SipURI:
+        """Where a request to member `name` alone goes: its public GRUU (RFC 5627), the
+        network AOR narrowed to its binding's instance. A registrar routes it to that one
+        binding (Kamailio's lookup(), our broker's broker/roster.py `to_member`)."""
+        return public_gruu(self.aor, member_instance(self.network, name))
 
     def contact(self) -> Address:
         """Our binding under the network AOR."""

@@ -10,8 +10,9 @@
 2. the roster (agent/roster.py): registered under ``sip:net-NETWORK@DOMAIN``, it gives our
    mesh address (the broker's allocation) and joined / left / changed events;
 3. one INVITE dialog per pair: the member whose name sorts lower calls the other through
-   the SIP server (``sip:net-NETWORK@DOMAIN;member=NAME``: the server reaches a member
-   behind NAT over its roster binding's flow) with ``a=service:mesh``, ``a=IP4``/``a=PORT``
+   the SIP server at the other's public GRUU (``sip:net-NETWORK@DOMAIN;gr=INSTANCE``,
+   RFC 5627, sip/gruu.py: the server reaches that member alone, behind NAT over its
+   roster binding's flow) with ``a=service:mesh``, ``a=IP4``/``a=PORT``
    (the paper's endpoint), ``a=wg-pubkey``, ``a=mesh-ip`` and its ICE description
    (agent/ice.py, the attributes sessions use); the other checks the offer and answers
    with its own;
@@ -82,6 +83,7 @@ from sipmesh.agent.trust import (MemberCertificate, TrustError, load_anchor, loa
                                  load_identity, load_revocations, sign_session, verify_session)
 from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, keypair
 from sipmesh.ops.paths import Pair
+from sipmesh.sip.gruu import instance_of
 from sipmesh.sip.sdp import SDPError
 from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig
 
@@ -100,7 +102,6 @@ ROSTER_WAIT = 5.0  # for our own address in the roster's first document
 # a pair whose WireGuard has not shaken hands this long after its path was taken is set up
 # again (two of WireGuard's 5 s handshake retries, and a margin); see _expect_handshake
 HANDSHAKE_BOUND = 12.0
-MEMBER_PARAM = "member"  # sip:net-NETWORK@DOMAIN;member=NAME: one member (broker/roster.py)
 
 
 def keepalive_for(consent_timeout: float) -> int:
@@ -665,20 +666,26 @@ class MeshMember:
             raise
 
     def _member_uri(self, name: str) -> Any:
-        """Where a pair's INVITE goes: the network AOR, narrowed to `name` (the server
-        forwards over that member's roster binding, so NATs are no obstacle)."""
+        """Where a pair's INVITE goes: `name`'s public GRUU, the network AOR narrowed to its
+        binding (RFC 5627; sip/gruu.py): the server forwards over that member's roster
+        binding, so NATs are no obstacle, and to no other member."""
         assert self.roster is not None
-        uri = self.roster.aor.copy()
-        uri.params[MEMBER_PARAM] = name
-        return uri
+        return self.roster.gruu(name)
 
     # -- answering -------------------------------------------------------------------------
     async def _on_invite(self, incoming: IncomingCall) -> None:
         caller = incoming.caller.uri
         name = getattr(caller, "user", None) or ""
-        meant = getattr(incoming.request.uri, "params", {}).get(MEMBER_PARAM)
-        if self.endpoint.stopping.is_set() or (meant is not None and meant != self.me):
-            incoming.reject(480 if meant in (None, self.me) else 404)  # leaving / not us
+        # the GRUU the caller meant (To keeps it when the server retargets the Request-URI
+        # to our contact): a server that forked it to every member anyway gets 404 from
+        # the others, and the pair's 200 from us alone
+        meant = instance_of(incoming.request.to.uri)
+        mine = self.roster.instance if self.roster is not None else None
+        if meant is not None and meant != mine:
+            incoming.reject(404)  # not us
+            return
+        if self.endpoint.stopping.is_set():
+            incoming.reject(480)  # leaving
             return
         try:
             await asyncio.wait_for(self.ready.wait(), ROSTER_WAIT)

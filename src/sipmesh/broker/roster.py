@@ -57,6 +57,7 @@ from sipmesh.broker.registrar import Outcome, RegistrarPolicy, format_binding, p
 from sipmesh.sip import reginfo
 from sipmesh.sip.dialog import Dialog, new_tag
 from sipmesh.sip.errors import ParseError
+from sipmesh.sip.gruu import instance_of, member_instance
 from sipmesh.sip.event import EventType, SubscriptionState, parse_event
 from sipmesh.sip.message import Request, Response
 from sipmesh.sip.transaction.layer import ServerTransaction, TransactionLayer
@@ -67,7 +68,6 @@ log = logging.getLogger("sipmesh.broker.roster")
 
 MESH_PARAM = "mesh-ip"  # the contact URI parameter carrying the member's mesh address
 POOL_PARAM = "mesh-pool"  # ... and the network's pool (a member on several networks checks overlap)
-MEMBER_PARAM = "member"  # Request-URI parameter: which member of the network AOR is meant
 EVENT = "reg"
 DEFAULT_SUBSCRIBE_EXPIRES = 3600
 MAX_SUBSCRIBE_EXPIRES = 3600
@@ -286,14 +286,19 @@ class Roster:
 
     # -- a request to one member (a pair's INVITE) ---------------------------------------------
     def to_member(self, txn: ServerTransaction, forward: Callable[[list[Binding]], None]) -> bool:
-        """A request to one member of a network: Request-URI ``sip:net-NAME@DOMAIN;member=bob``
-        (apps/mesh.py's pair INVITEs: members behind NAT reach each other only through us,
-        over the flow of bob's roster binding). False: not such a request. True: taken; the
-        caller authenticates in the network's realm as a member (static or by RADIUS group,
-        `authorise_member`) paired with bob, then `forward(bob's bindings of the network
-        AOR)` is called (now or once RADIUS has answered), or the request is answered."""
+        """A request to one member of a network: Request-URI its public GRUU (RFC 5627),
+        ``sip:net-NAME@DOMAIN;gr=urn:uuid:...`` (apps/mesh.py's pair INVITEs: members behind
+        NAT reach each other only through us, over the flow of the member's roster binding).
+        False: not such a request. True: taken; the caller authenticates in the network's
+        realm as a member (static or by RADIUS group, `authorise_member`) paired with the
+        member, then `forward(its bindings of the network AOR)` is called (now or once
+        RADIUS has answered), or the request is answered.
+
+        The instance is a member's by its name (sip/gruu.py `member_instance`, what
+        `sipmesh up` registers with): Kamailio matches it against the binding's stored
+        +sip.instance instead, and the same GRUU reaches the same member on both."""
         uri = txn.request.uri
-        if not isinstance(uri, SipURI) or MEMBER_PARAM not in uri.params or not self.me.is_ours(uri):
+        if not isinstance(uri, SipURI) or instance_of(uri) is None or not self.me.is_ours(uri):
             return False
         name = network_of_aor_user(uri.user)
         network = self.networks.network(name) if name is not None else None
@@ -308,11 +313,16 @@ class Roster:
         uri = txn.request.uri
         assert isinstance(uri, SipURI)
         network = self.networks.network(name)
-        target = uri.params.get(MEMBER_PARAM) or ""
-        if network is None or not network.paired(caller, target):
-            log.info("%s may not reach %s in network %s: %s refused", caller, target, name,
-                     txn.request.method)
-            txn.reply(403, f"Forbidden (not paired with {target} in {name})", to_tag=new_tag())
+        if network is None:
+            txn.reply(404, f"Not Found (no network {name})", to_tag=new_tag())
+            return
+        instance = instance_of(uri)
+        target = next((m for m in network.members if member_instance(name, m) == instance), None)
+        if target is None or not network.paired(caller, target):
+            log.info("%s may not reach %s in network %s: %s refused", caller, target or instance,
+                     name, txn.request.method)
+            txn.reply(403, f"Forbidden (not paired with {target or instance} in {name})",
+                      to_tag=new_tag())
             return
         bindings = [b for b in self.location.lookup(self.location_aor(network, uri))
                     if contact_user(b.contact) == target]
