@@ -10,6 +10,9 @@ status says h1<->h2 direct and s1<->s2 relayed; `h3` (home) joins late and is re
 all; h2 leaves with `sipmesh down` and s2's `sipmesh up` is killed with SIGKILL (its
 wireguard-go follows it, by its parent-death signal): both disappear from the
 others' `wg show`, the killed one within the consent timeout (the bound of docs/mesh.md).
+The whole scenario runs again with unmodified Kamailio as the SIP server (the shipped
+docs/kamailio/kamailio.cfg, STUN from its `stun` module): members claim their addresses
+(`--mesh-ip`), pair INVITEs go to each member's public GRUU.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import pytest
 
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip.auth import compute_ha1
-from tests.lab import (Coturn, LabTimeout, NatLab, coturn_unavailable_reason, spawn, wait_for,
+from tests.lab import (Coturn, LabTimeout, NatLab, coturn_unavailable_reason,
+                       kamailio_unavailable_reason, shipped_kamailio, spawn, wait_for,
                        wait_udp_listening)
 from tests.test_mesh_up import CREATED, SIPMESH, Member, full_mesh
 
@@ -43,8 +47,10 @@ def pw(name: str) -> str:
 
 
 @pytest.fixture
-def nat_mesh(nat_lab: NatLab, tmp_path: Path):
-    reason = coturn_unavailable_reason()
+def nat_mesh(nat_lab: NatLab, tmp_path: Path, request: pytest.FixtureRequest):
+    # the SIP server: our broker, or Kamailio (indirect parameter "kamailio"; see `claims`)
+    kind = getattr(request, "param", "broker")
+    reason = coturn_unavailable_reason() or (kamailio_unavailable_reason() if kind == "kamailio" else None)
     if reason:
         pytest.skip(reason)
     hosts = nat_lab.add_hosts({"server": "public", **HOSTS})
@@ -59,18 +65,33 @@ def nat_mesh(nat_lab: NatLab, tmp_path: Path):
         subprocess.run([SIPMESH, "broker", *argv], check=True, capture_output=True, timeout=30)
     coturn = Coturn(tmp_path / "coturn", server.ip, netns=server.ns, realm="lab",
                     users={n: compute_ha1(n, "lab", pw(n)) for n in HOSTS}).start()
-    broker = spawn([SIPMESH, "broker", "--listen", f"{server.ip}:{PORT}", "--db", db,
-                    "--workers", "1", "--users", str(tmp_path / "users"), "--rate-limit", "0",
-                    "-v"], netns=server.ns, log_path=tmp_path / "broker.log", name="broker",
-                   cwd=tmp_path)
+    if kind == "kamailio":   # the network's members are the users of realm lab there
+        broker = shipped_kamailio(tmp_path / "kamailio", tmp_path / "users", mesh_domain=server.ip,
+                                  host=server.ip, port=PORT, netns=server.ns).start()
+    else:
+        broker = spawn([SIPMESH, "broker", "--listen", f"{server.ip}:{PORT}", "--db", db,
+                        "--workers", "1", "--users", str(tmp_path / "users"), "--rate-limit", "0",
+                        "-v"], netns=server.ns, log_path=tmp_path / "broker.log", name="broker",
+                       cwd=tmp_path)
     try:
-        wait_udp_listening(server.ip, PORT, server.ns, 15, proc=broker)
+        if kind == "broker":
+            wait_udp_listening(server.ip, PORT, server.ns, 15, proc=broker)
         yield nat_lab, f"{server.ip}:{PORT}", f"turn:{server.ip}:{coturn.port}", tmp_path
     finally:
         broker.stop(grace=5)
         coturn.stop()
         while CREATED:
             Path(f"/var/run/wireguard/{CREATED.pop()}.sock").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def claims(request: pytest.FixtureRequest):
+    """What a member adds to `sipmesh up` on this test's server: on Kamailio, which
+    allocates none, the mesh address it claims (100.64.0.N, N its place in HOSTS)."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("nat_mesh") != "kamailio":
+        return lambda name: ()
+    return lambda name: ("--mesh-ip", f"100.64.0.{list(HOSTS).index(name) + 1}")
 
 
 def peers_of(member: Member) -> dict[str, dict]:
@@ -89,11 +110,12 @@ def every_pair_pings(members: dict[str, Member]) -> None:
         raise
 
 
-def test_mesh_paths_across_nat(nat_mesh) -> None:
+@pytest.mark.parametrize("nat_mesh", ["broker", "kamailio"], indirect=True)
+def test_mesh_paths_across_nat(nat_mesh, claims) -> None:
     lab, server, turn, run_dir = nat_mesh
     start = time.monotonic()
     extra = ("--turn", turn, "--consent-timeout", str(CONSENT))
-    members = {n: Member(lab, n, server, run_dir, *extra, expires=300) for n in FIRST}
+    members = {n: Member(lab, n, server, run_dir, *extra, *claims(n), expires=300) for n in FIRST}
     for m in members.values():
         wait_for(m.ready, 20, what=f"{m.name} up", abort=m.proc.exit_reason)
     every_pair_pings(members)
@@ -117,7 +139,7 @@ def test_mesh_paths_across_nat(nat_mesh) -> None:
     assert shown.returncode == 0 and "h2" in shown.stdout, shown.stdout + shown.stderr
 
     # a late member is connected to everyone
-    members["h3"] = Member(lab, "h3", server, run_dir, *extra, expires=300)
+    members["h3"] = Member(lab, "h3", server, run_dir, *extra, *claims("h3"), expires=300)
     wait_for(members["h3"].ready, 20, what="h3 up", abort=members["h3"].proc.exit_reason)
     every_pair_pings(members)
 

@@ -14,6 +14,7 @@ from .kamailio import (
     KamailioError,
     kamailio_unavailable_reason,
     render_config,
+    shipped_kamailio,
     write_subscriber_table,
 )
 from .dnsmasq import Dnsmasq, dnsmasq_unavailable_reason

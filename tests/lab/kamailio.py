@@ -37,10 +37,13 @@ __all__ = [
     "KamailioError",
     "kamailio_unavailable_reason",
     "render_config",
+    "SHIPPED_CFG",
+    "shipped_kamailio",
     "write_subscriber_table",
 ]
 
 CFG_TEMPLATE = Path(__file__).with_name("kamailio.cfg")
+SHIPPED_CFG = Path(__file__).resolve().parents[2] / "docs" / "kamailio" / "kamailio.cfg"
 AUTH_MODES = ("none", "db_text", "static")
 KAMAILIO = "kamailio"
 
@@ -146,6 +149,20 @@ def render_config(*, host: str = "127.0.0.1", port: int = 5070, db_url: str | No
     if not first.startswith("#!KAMAILIO"):
         raise ValueError(f"{template} does not start with #!KAMAILIO")
     return first + "\n" + "\n".join(head) + "\n" + rest
+
+
+def shipped_kamailio(run_dir: str | os.PathLike, users_file: str | os.PathLike, *, mesh_domain: str,
+                     defines: Iterable[str] = (), **kwargs) -> "Kamailio":
+    """Kamailio (not started) with the shipped docs/kamailio/kamailio.cfg (digest on, mesh
+    networks on) and the users of a `sipmesh broker` users file, moved over by the shipped
+    users-to-dbtext.sh as a site would: a network's members are its realm's users."""
+    k = Kamailio(run_dir, template=SHIPPED_CFG, auth="none",  # auth is on in that file
+                 defines=[f'MESH_DOMAIN "{mesh_domain}"', *defines], **kwargs)
+    if not k.host.startswith("127."):  # pua_reginfo PUBLISHes to 127.0.0.1 unless told (README)
+        k.defines.append(f'MESH_PUBLISH_TO "sip:{k.hostport}"')
+    subprocess.run(["sh", str(SHIPPED_CFG.with_name("users-to-dbtext.sh")), str(users_file), str(k.db_dir)],
+                   check=True, timeout=30)
+    return k
 
 
 class Kamailio:
