@@ -6,6 +6,7 @@ interfaces (the killed one within its roster registration lifetime, --expires)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -286,18 +288,17 @@ def test_signed_sessions_are_read_back_and_a_swapped_key_is_refused(tmp_path):
         read_peer(body, name="bob", roster_ip=None, trust=trust, role="offer", **dialog)
 
 
-@pytest.mark.slow
-@pytest.mark.netns
-def test_a_proxy_that_swaps_the_wireguard_key_gets_the_pair_refused(nat_lab: NatLab,
-                                                                    tmp_path: Path):
-    """Issue 12 item 5 end to end: two members with the network's CA talk to the broker
-    through a hostile hop (tests/peers/sdp_tamper.py) that swaps every a=wg-pubkey for an
-    attacker's key. The pair is refused with the documented reason (docs/mesh-trust.md,
-    `wrong-wg-key`) in the log and in status, and no interface gets the attacker's key."""
+@contextlib.contextmanager
+def tampered_pair(nat_lab: NatLab, tmp_path: Path, swaps: Callable[[str], list[str]]):
+    """Two members with the network's CA, alice (100.64.0.1) and bob (100.64.0.2), reach the
+    broker through a hostile hop (tests/peers/sdp_tamper.py) that rewrites their sessions by
+    `swaps(the hop's address)`. Waits until one side refuses the pair and checks what every
+    refusal shows (the log's `session with X refused: `, `refused` in `sipmesh status`, both
+    members still running); yields (alice, bob, the hop's process, the hop's address, the
+    refusing member, its status entry for the peer)."""
     from sipmesh.agent.trust import (NetworkCA, generate_identity, identity_public_text,
                                      issue_member_certificate, save_identity, write_text)
     from sipmesh.apps.mesh import load_or_make_key, network_dir
-    from sipmesh.apps.wireguard import keypair
 
     # the hop: a public host whose address the members take for the SIP server's domain
     host = nat_lab.add_hosts({"hop": "public"})["hop"]
@@ -318,9 +319,8 @@ def test_a_proxy_that_swaps_the_wireguard_key_gets_the_pair_refused(nat_lab: Nat
         trust[name] = ["--state-dir", str(keys / "state"), "--network-ca", str(run_dir / "ca"),
                        "--member-cert", str(keys / "member.cert"),
                        "--identity-key", str(keys / "id.key")]
-    _, attacker = keypair()
     hop = spawn([sys.executable, str(Path(__file__).parent / "peers" / "sdp_tamper.py"),
-                 f"{host.ip}:{PORT}", server, attacker], netns=host.ns,
+                 f"{host.ip}:{PORT}", server, *swaps(host.ip)], netns=host.ns,
                 log_path=run_dir / "tamper.log", name="tamper")
     try:
         wait_udp_listening(host.ip, PORT, host.ns, 10, proc=hop)
@@ -340,15 +340,64 @@ def test_a_proxy_that_swaps_the_wireguard_key_gets_the_pair_refused(nat_lab: Nat
                         + bob.proc.log_tail(20) + hop.log_tail(10))
         assert "swapped" in hop.log_text()   # the hop did rewrite the session
         victim, peer = seen["member"], seen["peer"]
-        assert "is not the one in the member's certificate" in peer["error"], peer
-        assert "a=wg-pubkey" in peer["error"], peer
         other = "bob" if victim is alice else "alice"
-        assert f"session with {other} refused: " in victim.proc.log_text()
+        assert f"session with {other} refused: {peer['error']}" in victim.proc.log_text()
         shown = victim.sipmesh("status")   # what the user sees
         assert "refused" in shown.stdout, shown.stdout
+        yield alice, bob, hop, host.ip, victim, peer
         for m in (alice, bob):
-            assert attacker not in m.wg_peers(), m.wg_peers()
             assert m.proc.alive
     finally:
         hop.stop(grace=3)
         site.close()
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_a_proxy_that_swaps_the_wireguard_key_gets_the_pair_refused(nat_lab: NatLab,
+                                                                    tmp_path: Path):
+    """Issue 12 item 5 end to end: two members with the network's CA talk to the broker
+    through a hostile hop (tests/peers/sdp_tamper.py) that swaps every a=wg-pubkey for an
+    attacker's key. The pair is refused with the documented reason (docs/mesh-trust.md,
+    `wrong-wg-key`) in the log and in status, and no interface gets the attacker's key."""
+    from sipmesh.apps.wireguard import keypair
+
+    _, attacker = keypair()
+    with tampered_pair(nat_lab, tmp_path, lambda _hop: [f"wg-pubkey={attacker}"]) as (
+            alice, bob, _, _, _, peer):
+        assert "is not the one in the member's certificate" in peer["error"], peer
+        assert "a=wg-pubkey" in peer["error"], peer
+        for m in (alice, bob):
+            assert attacker not in m.wg_peers(), m.wg_peers()
+
+
+ATTACKER_IP = "100.64.0.66"   # a mesh address of the hop's choosing (no member's)
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.parametrize("swap", ["mesh-ip", "endpoint"])
+def test_a_proxy_that_swaps_the_mesh_address_or_endpoint_gets_the_pair_refused(
+        nat_lab: NatLab, tmp_path: Path, swap: str):
+    """The same hostile hop swapping the address instead of the key: every a=mesh-ip for
+    an address of its own (`wrong-address`: the certificate binds the member's address),
+    or the endpoint, a=IP4 and every ICE candidate's address, for the hop's own host
+    (`bad-signature`: the signature covers them). The pair is refused with that message in
+    the log and in status; no member routes the attacker's address into its tunnel, nor
+    sends WireGuard to the attacker's host."""
+    def swaps(hop: str) -> list[str]:
+        return [f"mesh-ip={ATTACKER_IP}"] if swap == "mesh-ip" else [f"IP4={hop}", f"candidate={hop}"]
+
+    says = {"mesh-ip": f"the address in a=mesh-ip ('{ATTACKER_IP}') is not the member's address "
+                       "in its certificate (100.64.0.",
+            "endpoint": "signature does not match the session (SDP rewritten in transit?)"}[swap]
+    with tampered_pair(nat_lab, tmp_path, swaps) as (alice, bob, _, hop, _, peer):
+        assert says in peer["error"], peer
+        for m in (alice, bob):
+            allowed = m.host.run(["wg", "show", m.ifname, "allowed-ips"], check=True).stdout
+            endpoints = m.host.run(["wg", "show", m.ifname, "endpoints"], check=True).stdout
+            routes = m.host.run(["ip", "route", "show", "dev", m.ifname], check=False).stdout
+            assert ATTACKER_IP not in allowed + routes and hop not in endpoints, \
+                (m.name, allowed, endpoints, routes)
+            towards = m.host.run(["ip", "route", "get", ATTACKER_IP], check=False).stdout
+            assert f"dev {m.ifname}" not in towards, towards
