@@ -97,7 +97,8 @@ async def roster_scenario(domain: str, member_ua, tmp_path: Path, *, register_ex
 async def gruu_scenario(domain: str, member_ua, *, addresses: dict[str, str] | None = None) -> int:
     """alice, bob and carol in network lab; alice INVITEs bob at his public GRUU (what
     `sipmesh up` does for a pair): bob alone gets the INVITE and answers, carol, another
-    binding of the same network AOR, gets nothing. Returns the final status of alice's
+    binding of the same network AOR, gets nothing; so again after bob vanished and came
+    back on another port (his binding replaced, by its instance). Returns the final status of alice's
     INVITE to the GRUU of zed, who is no member (the caller asserts the server's answer)."""
     invited: dict[str, list[IncomingCall]] = {"bob": [], "carol": []}
     uas, clients = {}, {}
@@ -116,13 +117,24 @@ async def gruu_scenario(domain: str, member_ua, *, addresses: dict[str, str] | N
         await call.bye()   # a round trip more: a forked branch would have reached carol by now
         assert len(invited["bob"]) == 1 and invited["carol"] == [], invited
         assert instance_of(invited["bob"][0].request.to.uri) == clients["bob"].instance
+
+        # bob vanishes (his binding stays until it runs out) and comes back on another port,
+        # with the same instance: his GRUU reaches the new binding, not the dead one
+        await uas["bob"].stop()
+        del clients["bob"]
+        uas["bob"] = await member_ua("bob", domain, on_invite=answering(SDP_B, invited["bob"]))
+        clients["bob"] = RosterClient(uas["bob"], "lab", mesh_ip=(addresses or {}).get("bob"))
+        await clients["bob"].start()
+        call = await uas["alice"].invite(target, SDP_A, timeout=5)
+        await call.bye()
+        assert len(invited["bob"]) == 2 and invited["carol"] == [], invited
         try:
             await uas["alice"].invite(clients["alice"].gruu("zed"), SDP_A, timeout=10)
         except CallFailed as exc:
             status = exc.status
         else:
             raise AssertionError("the GRUU of no member was answered")
-        assert len(invited["bob"]) == 1 and invited["carol"] == [], invited
+        assert len(invited["bob"]) == 2 and invited["carol"] == [], invited
         return status
     finally:
         for client in clients.values():
