@@ -83,7 +83,7 @@ from sipmesh.agent.trust import (MemberCertificate, TrustError, load_anchor, loa
                                  load_identity, load_revocations, sign_session, verify_session)
 from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, keypair
 from sipmesh.ops.paths import Pair
-from sipmesh.sip.gruu import instance_of
+from sipmesh.sip.gruu import instance_of, member_instance
 from sipmesh.sip.sdp import SDPError
 from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig
 
@@ -680,8 +680,7 @@ class MeshMember:
         # to our contact): a server that forked it to every member anyway gets 404 from
         # the others, and the pair's 200 from us alone
         meant = instance_of(incoming.request.to.uri)
-        mine = self.roster.instance if self.roster is not None else None
-        if meant is not None and meant != mine:
+        if meant is not None and meant != member_instance(self.network, self.me):
             incoming.reject(404)  # not us
             return
         if self.endpoint.stopping.is_set():
