@@ -119,7 +119,9 @@ def test_the_page_shows_the_network_its_members_and_their_paths_as_sipmesh_statu
         assert down.returncode == 0, down.stderr + carol.proc.log_tail(30)
         wait_for(lambda: direct_pairs(chromium, ["alice", "bob", "dave"]), 20,
                  what=f"carol's pairs gone from the page: {chromium.evaluate(PAIRS)}")
-        assert chromium.evaluate(MEMBERS_JS)["carol"] is False
+        # her pairs' reports and her roster binding go by separate roads: wait for both
+        wait_for(lambda: chromium.evaluate(MEMBERS_JS)["carol"] is False, 20,
+                 what=f"carol offline on the page: {chromium.evaluate(MEMBERS_JS)}")
         assert chromium.evaluate("document.getElementById('error').hidden") is True
         for m in (members[0], members[1], dave):
             m.proc.signal_group(signal.SIGTERM)
