@@ -269,12 +269,9 @@ class Interface:
             raise AgentError(f"interface {self.name} exists already (another `sipmesh up`? "
                              "choose another --ifname)", Exit.USAGE)
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
-        argv = [self.tools["wireguard-go"], "-f", self.name]
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:
-            # if we are killed outright, wireguard-go goes too (SIGTERM: it removes the
-            # interface): the peers then see the path fall silent (consent) and drop us
-            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+        # if we are killed outright, wireguard-go goes too (SIGTERM: it removes the
+        # interface): the peers then see the path fall silent (consent) and drop us
+        argv = dies_with_us([self.tools["wireguard-go"], "-f", self.name])
         self.process = await asyncio.create_subprocess_exec(
             *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)
         deadline = time.monotonic() + SOCKET_WAIT
