@@ -130,7 +130,7 @@ class RelayPolicy:
                  f"log-file={run_dir / 'turnserver.log'}", "simple-log", "no-stdout-log"]
         if ipaddress.IPv4Address(self.address).is_loopback:
             lines.append("allow-loopback-peers")   # a test on 127.0.0.1; still only ours
-        if self.max_bps:
+        if self.max_bps > 0:
             lines.append(f"max-bps={self.max_bps}")
         return "\n".join(lines) + "\n"
 

@@ -44,8 +44,14 @@ key and tool helpers it uses); agent/ may not import apps/.
 Names: with ``--hosts-file`` (the CLI's default /etc/hosts) every roster member, we too,
 is ``NAME.NETWORK`` (and ``NAME``) there while we are up (agent/hostsfile.py).
 
-Not yet (later increments): relay through a member, several networks in one process,
-ICE restarts (a pair whose path died is called again from scratch).
+Relay through a member (``--relay``, agent/memberrelay.py): a public member runs coturn and
+advertises it in the roster (``mesh-relay``); it gives each peer a credential in the pair's
+offer or answer (``a=mesh-relay``); a caller whose pair needs a relay takes the nearest
+member relay (``a=mesh-via``), the callee the same one, the network's TURN server only as
+a fallback; such a pair's path is ``via NAME``.
+
+Not yet (later increments): several networks in one process, ICE restarts (a pair whose
+path died is called again from scratch).
 """
 
 from __future__ import annotations

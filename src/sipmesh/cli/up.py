@@ -119,7 +119,7 @@ def build_member(args: argparse.Namespace, ice_base: Any = None) -> UpRunner:
                         pool=args.pool and str(args.pool),
                         pools_in_use=lambda: pools_in_use(exclude=socket),
                         hosts_file=None if args.no_hosts else args.hosts_file,
-                        relay=args.relay, relay_port=args.relay_port,
+                        relay=args.relay, relay_port=int(args.relay_port),
                         relay_max_bps=args.relay_max_bps, turnserver=args.turnserver)
     return UpRunner(MeshMember(config), socket)
 
