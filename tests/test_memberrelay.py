@@ -62,7 +62,8 @@ def test_relay_sends_only_to_its_own_allocations() -> None:
 def test_roster_relay_address_is_checked() -> None:
     assert parse_relay_address("203.0.113.7:3478") == ("203.0.113.7", 3478)
     for bad in ("203.0.113.7", "203.0.113.7:0", "203.0.113.7:70000", "name:3478",
-                "0.0.0.0:3478", "224.0.0.1:3478", "[::1]:3478", "1.2.3.4:34a"):
+                "0.0.0.0:3478", "224.0.0.1:3478", "[::1]:3478", "1.2.3.4:34a",
+                "127.0.0.1:3478"):
         assert parse_relay_address(bad) is None, bad
 
 
@@ -150,3 +151,14 @@ def test_daemon_network_table_relays(tmp_path) -> None:
     assert network_args("lab", config.networks["lab"].options, config.agent).relay is False
     with pytest.raises(ConfigError, match="relay: must be true or false"):
         parse_config(NETWORKS + '[[network]]\nname = "x"\nrelay = "yes"\n', source="n.toml")
+
+
+def test_roster_advertises_the_relay() -> None:
+    """`;mesh-relay=HOST:PORT` on a roster contact (agent/roster.py); a bad one is no relay."""
+    from sipmesh.agent.roster import member_of
+    p = member_of("sip:p@203.0.113.3:5070;mesh-ip=100.64.0.1;mesh-relay=203.0.113.3:3478")
+    assert p is not None and p.relay == ("203.0.113.3", 3478)
+    for bad in ("evil.example:3478", "127.0.0.1:22", "203.0.113.3"):
+        member = member_of(f"sip:p@203.0.113.3:5070;mesh-ip=100.64.0.1;mesh-relay={bad}")
+        assert member is not None and member.relay is None, bad
+    assert member_of("sip:s1@192.0.2.9:5070;mesh-ip=100.64.0.4").relay is None

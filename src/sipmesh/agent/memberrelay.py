@@ -74,14 +74,16 @@ _PASSWORD_CHARS = re.compile(r"[A-Za-z0-9+/]{27}=")   # base64 of HMAC-SHA1's 20
 
 def parse_relay_address(text: str) -> tuple[str, int] | None:
     """``HOST:PORT`` of a roster's ``mesh-relay`` parameter (an IPv4 address), or None
-    when it is not one (the roster is hostile input)."""
+    when it is not one (the roster is hostile input: never loopback, where it would aim
+    our STUN and TURN requests at our own host's services)."""
     host, _, port = text.rpartition(":")
     try:
         address = ipaddress.IPv4Address(host)
     except ValueError:
         return None
     if not port.isdigit() or not 0 < int(port) < 65536 or address.is_unspecified \
-            or address.is_multicast or address.is_reserved or address.is_link_local:
+            or address.is_multicast or address.is_reserved or address.is_link_local \
+            or address.is_loopback:
         return None
     return str(address), int(port)
 
