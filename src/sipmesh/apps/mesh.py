@@ -62,7 +62,6 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import re
 import secrets
 import socket
 import time
@@ -78,7 +77,7 @@ from sipmesh.agent.hostsfile import HostsFile
 from sipmesh.agent.memberrelay import (ATTRIBUTE as RELAY_ATTRIBUTE, RELAY_PORT, RELAY_WAIT,
                                        VIA_ATTRIBUTE, KnownRelay, MemberRelay, RelayPolicy,
                                        choose as choose_relay, measure as measure_relay,
-                                       parse_credential)
+                                       parse_credential, parse_via)
 from sipmesh.agent.ice import (IceConfig, IceError, IceOptions, IceSession, PathReport, render,
                                show_address)
 from sipmesh.agent.ice import parse as parse_ice
@@ -112,7 +111,6 @@ ROSTER_WAIT = 5.0  # for our own address in the roster's first document
 # again (two of WireGuard's 5 s handshake retries, and a margin); see _expect_handshake
 HANDSHAKE_BOUND = 12.0
 MEMBER_PARAM = "member"  # sip:net-NETWORK@DOMAIN;member=NAME: one member (broker/roster.py)
-_MEMBER_NAME = re.compile(r"[A-Za-z0-9._~+-]{1,64}")  # a=mesh-via's value
 
 
 def keepalive_for(consent_timeout: float) -> int:
@@ -723,18 +721,13 @@ class MeshMember:
         """The member whose relay carries a relayed path (None: not a member's)."""
         if report.kind != "relayed":
             return None
-        for relay in self.relays.values():
+        for relay in self.relays.values():   # our allocation is on it, or the peer's is
             if report.local_type == "relay" and report.relay_server == relay.address:
                 return relay.name
-        if self.relay is not None and report.local_type == "relay" \
-                and report.relay_server == self.relay.address:
-            return self.me
-        if report.remote_type == "relay" and report.remote_address is not None:
-            for relay in self.relays.values():
-                if report.remote_address[0] == relay.address[0]:
-                    return relay.name
-            if self.relay is not None and report.remote_address[0] == self.relay.address[0]:
-                return self.me
+            if (report.local_type != "relay" and report.remote_type == "relay"
+                    and report.remote_address is not None
+                    and report.remote_address[0] == relay.address[0]):
+                return relay.name
         return None
 
     # -- calling ---------------------------------------------------------------------------
@@ -854,9 +847,9 @@ class MeshMember:
         self._learn_relay(name, attributes)
         relay, relay_note = None, None
         if offered is not None:   # the caller's member relay, if it chose one
-            via = [v for n, v in attributes if n == VIA_ATTRIBUTE]
-            if len(via) == 1 and _MEMBER_NAME.fullmatch(via[0]):
-                relay, relay_note = await self._pick_relay(name, wanted=via[0])
+            via = parse_via(attributes)
+            if via is not None:
+                relay, relay_note = await self._pick_relay(name, wanted=via)
         ice = await self._gather(controlling=False, relay=relay) if offered is not None else None
         relay_note = relay_note or _relay_refused(ice, relay)
         sdp = describe(self._attributes(ice, name), user=self.me, ip4=self.endpoint.local_ip,
