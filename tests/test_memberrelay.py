@@ -14,7 +14,7 @@ from aioice import stun, turn
 
 from sipmesh.agent.memberrelay import (CREDENTIAL_LIFETIME, KnownRelay, MemberRelay,
                                        RelayPolicy, choose, parse_credential,
-                                       parse_relay_address, parse_via)
+                                       parse_relay_address, offered_relay)
 from sipmesh.lab.coturn import coturn_unavailable_reason
 from sipmesh.lab.procs import free_port
 
@@ -68,10 +68,10 @@ def test_roster_relay_address_is_checked() -> None:
 
 
 def test_the_offer_names_one_relay() -> None:
-    assert parse_via([("mesh-via", "p"), ("candidate", "x")]) == "p"
+    assert offered_relay([("mesh-via", "p"), ("candidate", "x")]) == "p"
     for bad in ([], [("mesh-via", "p"), ("mesh-via", "q")], [("mesh-via", "p q")],
                 [("mesh-via", "x" * 65)], [("mesh-via", "")]):
-        assert parse_via(bad) is None, bad
+        assert offered_relay(bad) is None, bad
 
 
 def test_nearest_usable_relay() -> None:

@@ -55,7 +55,7 @@ from sipmesh.agent.supervisor import Child, ChildSpec, dies_with_us, resolve_pro
 
 __all__ = ["ATTRIBUTE", "CREDENTIAL_LIFETIME", "KnownRelay", "MemberRelay", "RELAY_PORT",
            "RELAY_WAIT", "RelayPolicy", "VIA_ATTRIBUTE", "choose", "parse_credential",
-           "parse_relay_address", "parse_via"]
+           "parse_relay_address", "offered_relay"]
 
 log = logging.getLogger("sipmesh.agent.memberrelay")
 
@@ -185,7 +185,7 @@ def parse_credential(value: str, me: str, now: float) -> tuple[str, str, float]:
     return username, password, expires
 
 
-def parse_via(attributes: Iterable[tuple[str, str]]) -> str | None:
+def offered_relay(attributes: Iterable[tuple[str, str]]) -> str | None:
     """The member relay an offer's ``a=mesh-via`` names (None: none, repeated or not a
     member's name)."""
     values = [value for name, value in attributes if name == VIA_ATTRIBUTE]

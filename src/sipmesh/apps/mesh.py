@@ -77,7 +77,7 @@ from sipmesh.agent.hostsfile import HostsFile
 from sipmesh.agent.memberrelay import (ATTRIBUTE as RELAY_ATTRIBUTE, RELAY_PORT, RELAY_WAIT,
                                        VIA_ATTRIBUTE, KnownRelay, MemberRelay, RelayPolicy,
                                        choose as choose_relay, measure as measure_relay,
-                                       parse_credential, parse_via)
+                                       parse_credential, offered_relay)
 from sipmesh.agent.ice import (IceConfig, IceError, IceOptions, IceSession, PathReport, render,
                                show_address)
 from sipmesh.agent.ice import parse as parse_ice
@@ -847,7 +847,7 @@ class MeshMember:
         self._learn_relay(name, attributes)
         relay, relay_note = None, None
         if offered is not None:   # the caller's member relay, if it chose one
-            via = parse_via(attributes)
+            via = offered_relay(attributes)
             if via is not None:
                 relay, relay_note = await self._pick_relay(name, wanted=via)
         ice = await self._gather(controlling=False, relay=relay) if offered is not None else None
