@@ -1,7 +1,8 @@
 """Relay through a member (issue 12, item 4): the public member `p` runs `sipmesh up
 --relay`; the two members behind symmetric NATs, which cannot reach each other directly,
 talk through p's relay rather than the network's coturn (both are there), WireGuard end
-to end. The NAT lab and broker of tests/test_mesh_nat.py."""
+to end; with p's relay out of one member's reach, the pair falls back to coturn and says
+why. The NAT lab and broker of tests/test_mesh_nat.py."""
 
 from __future__ import annotations
 
@@ -53,3 +54,20 @@ def test_symmetric_pair_goes_through_the_member_relay(nat_mesh) -> None:  # noqa
     # p itself is reached directly by both; it relays, it is not relayed
     for name in ("s1", "s2"):
         assert peers_of(members["p"])[name]["path"] == "direct"
+
+    # p's relay out of s1's reach: s2 joins again, the pair falls back to the network's
+    # coturn, and `why` says why not through p
+    s1_host = members["s1"].host
+    for proto in ("udp", "tcp"):
+        s1_host.run(["iptables", "-A", "OUTPUT", "-d", p_ip, "-p", proto, "--dport", "3478",
+                     "-j", "DROP"])
+    down = members["s2"].sipmesh("down", "lab")
+    assert down.returncode == 0, down.stderr
+    members["s2"] = Member(lab, "s2", server, run_dir, *extra, expires=300)
+    wait_for(members["s2"].ready, 20, what="s2 up again", abort=members["s2"].proc.exit_reason)
+    s2_ip = members["s2"].status()["mesh_ip"]
+    wait_for(lambda: members["s1"].pings(s2_ip), 25, what="s1 pings s2 through coturn")
+    peer = peers_of(members["s1"])["s2"]
+    assert peer["path"] == "relayed", peer
+    assert "not through a member relay: member relay p: no relay from TURN" in peer["why"], peer
+    assert not peer["path_detail"]["local"].startswith(f"relay {p_ip}:"), peer
