@@ -20,6 +20,7 @@ from aioice import stun as aioice_stun
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sipmesh.agent.attributes import read_attribute_list, read_attributes
+from sipmesh.agent.memberrelay import offered_relay, parse_credential
 from sipmesh.agent.params import TYPES, Param, ParamError, param_type, validate
 from sipmesh.agent.portmap import (PortmapError, default_gateway, parse_natpmp_address,
                                    parse_natpmp_map, parse_pcp, parse_ssdp)
@@ -209,11 +210,20 @@ _PARAMS = [Param(name, param_type(name), required=False) for name in TYPES]
 
 
 def attributes(data: bytes) -> None:
-    """The agent's path for a peer's SDP: read the a= lines, check them against typed params."""
+    """The agent's path for a peer's SDP: read the a= lines, check them against typed params;
+    and a mesh peer's member-relay lines (a=mesh-relay, a=mesh-via: agent/memberrelay.py)."""
     try:
         validate(_PARAMS, read_attributes(data))
+        listed = read_attribute_list(data)
     except (SDPError, ParamError):
-        pass
+        return
+    offered_relay(listed)
+    for name, value in listed:
+        if name == "mesh-relay":
+            try:
+                parse_credential(value, "bob", 1_800_000_000)
+            except ValueError:
+                pass
 
 
 # -- mesh trust ----------------------------------------------------------------------------

@@ -270,6 +270,7 @@ class PathReport:
     remote_address: tuple[str, int] | None = None
     rtt: float | None = None
     relay_transport: str | None = None   # "udp" or "tcp" when our side relays
+    relay_server: tuple[str, int] | None = None   # the TURN server, when our side relays
     checks: list[str] = field(default_factory=list)   # "local -> remote: state", when none
 
     def describe(self) -> dict[str, object]:
@@ -348,6 +349,10 @@ class IceConfig:
     turn_username: str | None = None
     turn_password: str | None = field(default=None, repr=False)
     turn_transport: str = "auto"     # "udp", "tcp", or "auto": UDP, then TCP if that fails
+    # more TURN servers, (address, username, password) each, tried in order when the ones
+    # before gave no allocation (a mesh pair: a member's relay, then the network's coturn)
+    more_turn_servers: tuple[tuple[tuple[str, int], str | None, str | None], ...] = \
+        field(default=(), repr=False)
     host_addresses: tuple[str, ...] | None = None   # None: every address but loopback
     use_ipv6: bool = True
     gather_timeout: float = 1.6      # s for each STUN/TURN answer (3 tries at 0, 0.5, 1.5)
@@ -411,6 +416,8 @@ class _Connection(aioice.Connection):
         self.session_pacer = Pacer(TA, MAX_CHECKS)
         self.agent_pacer = pacer
         self.relay_transport: str | None = None
+        self.relay_server: tuple[str, int] | None = None   # whose allocation we hold
+        self.relay_refusals: list[str] = []   # the TURN servers that gave us none, and why
         self.mapping: str | None = None
         self.relay_at = float("inf")
         self.prflx_refused = False
@@ -512,25 +519,35 @@ class _Connection(aioice.Connection):
         return found
 
     async def _relay(self) -> list[Candidate]:
+        """One relayed candidate: from the first TURN server (``turn_server``, then
+        ``more_turn_servers``) that gives us an allocation, over UDP, else TCP."""
         config = self.config
         if config.turn_server is None:
             return []
+        servers = [(config.turn_server, config.turn_username, config.turn_password),
+                   *config.more_turn_servers]
         transports = ["udp", "tcp"] if config.turn_transport == "auto" else [config.turn_transport]
-        for transport in transports:
-            try:
-                candidate, protocol = await asyncio.wait_for(relayed_candidate(
-                    component=1, hide_related_address=False,
-                    protocol_factory=lambda: StunProtocol(self),
-                    turn_server=config.turn_server, turn_username=config.turn_username,
-                    turn_password=config.turn_password, turn_ssl=False,
-                    turn_transport=transport), config.gather_timeout)
-            except (OSError, asyncio.TimeoutError, stun.TransactionError, ConnectionError) as e:
-                log.info("no relay from TURN %s over %s: %s", show_address(config.turn_server),
-                         transport.upper(), _error(e))
-                continue
-            self._protocols.append(protocol)
-            self.relay_transport = transport
-            return [candidate]
+        self.relay_refusals = []
+        for server, username, password in servers:
+            for transport in transports:
+                try:
+                    candidate, protocol = await asyncio.wait_for(relayed_candidate(
+                        component=1, hide_related_address=False,
+                        protocol_factory=lambda: StunProtocol(self),
+                        turn_server=server, turn_username=username,
+                        turn_password=password, turn_ssl=False,
+                        turn_transport=transport), config.gather_timeout)
+                except (OSError, asyncio.TimeoutError, stun.TransactionError,
+                        ConnectionError) as e:
+                    why = f"no relay from TURN {show_address(server)} over {transport.upper()}: " \
+                          f"{_error(e)}"
+                    log.info("%s", why)
+                    self.relay_refusals.append(why)
+                    continue
+                self._protocols.append(protocol)
+                self.relay_transport = transport
+                self.relay_server = server
+                return [candidate]
         return []
 
     async def _probe_mapping(self, found: list[Candidate]) -> None:
@@ -932,7 +949,8 @@ class IceSession:
         reason = explain(kind, nat_there=theirs.type in ("srflx", "prflx"), **facts)
         return PathReport(kind, reason, mine.type, (mine.host, mine.port), theirs.type,
                           pair.remote_addr,
-                          relay_transport=conn.relay_transport if mine.type == "relay" else None)
+                          relay_transport=conn.relay_transport if mine.type == "relay" else None,
+                          relay_server=conn.relay_server if mine.type == "relay" else None)
 
     @staticmethod
     def _candidates(description: IceDescription | None) -> str:

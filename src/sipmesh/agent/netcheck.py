@@ -622,3 +622,15 @@ async def netcheck(config: NetcheckConfig, *,
             report.advice.insert(0, f"{server.role} server {server.name}: {server.error}")
     report.elapsed = clock() - started
     return report
+
+
+async def binding_rtt(address: Address, timeout: float = TIMEOUT) -> float | None:
+    """One Binding exchange with the STUN (or TURN) server at `address` (an IPv4 or IPv6
+    address and port): its round-trip time in seconds, None when it did not answer (a mesh
+    member measures its distance to the network's member relays so)."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    clock = time.monotonic
+    check = BindingCheck(Probe(Server("stun", show(address) or "", address), "udp"),
+                         now=clock(), timeout=timeout).start(clock())
+    await _udp([check], family, clock, [])
+    return check.probe.rtt if check.probe.error is None else None

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from sipmesh.agent.memberrelay import parse_relay_address
 from sipmesh.agent.registration import Registration
 from sipmesh.sip import reginfo
 from sipmesh.sip.errors import ParseError
@@ -49,6 +50,7 @@ log = logging.getLogger("sipmesh.agent.roster")
 AOR_PREFIX = "net-"  # the network's AOR is sip:net-NAME@DOMAIN (as broker/networks.py has it)
 MESH_PARAM = "mesh-ip"  # the contact URI parameter with the member's mesh address
 POOL_PARAM = "mesh-pool"  # ... and the network's address pool (our broker sets both)
+RELAY_PARAM = "mesh-relay"  # HOST:PORT of the member's relay for the network (`up --relay`)
 EVENT = "reg"
 MAX_MEMBERS = 4096
 RESUBSCRIBE_EVERY = 10  # while polling, try to subscribe again every this many polls
@@ -67,6 +69,7 @@ class Member:
     contact: str  # the contact URI the member registered (where SIP reaches it)
     mesh_ip: str | None = None  # its mesh address as the roster says (a hint, see above)
     pool: str | None = None  # the network's address pool as the server says (a CIDR)
+    relay: tuple[str, int] | None = None  # the member relays for the network here (a hint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +101,9 @@ def member_of(uri_text: str) -> Member | None:
         pool = str(ipaddress.ip_network(uri.params[POOL_PARAM])) if uri.params.get(POOL_PARAM) else None
     except ValueError:
         pool = None
-    return Member(uri.user, str(uri), mesh_ip, pool)
+    relay = uri.params.get(RELAY_PARAM)
+    return Member(uri.user, str(uri), mesh_ip, pool,
+                  parse_relay_address(relay) if isinstance(relay, str) else None)
 
 
 def _contact_key(member: Member) -> str:
@@ -216,6 +221,7 @@ class RosterClient:
     def __init__(self, ua: UserAgent, network: str, *, mesh_ip: str | None = None,
                  instance: str | None = None, register_expires: int = 300,
                  subscribe_expires: int = 120, poll_interval: float = 30.0, push: bool = True,
+                 relay: tuple[str, int] | None = None,
                  on_event: Callable[[RosterEvent], None] | None = None) -> None:
         self.ua = ua
         self.network = network
@@ -233,6 +239,7 @@ class RosterClient:
         self.registration: Registration | None = None
         self.subscription: Subscription | None = None
         self._mesh_ip = mesh_ip
+        self._relay = relay
         self._events: asyncio.Queue[RosterEvent | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._no_push = False  # the server has no reg event package: poll, rarely try again
@@ -266,6 +273,8 @@ class RosterClient:
         uri = uri.copy()
         if self._mesh_ip is not None:
             uri.params[MESH_PARAM] = self._mesh_ip
+        if self._relay is not None:
+            uri.params[RELAY_PARAM] = f"{self._relay[0]}:{self._relay[1]}"
         return Address(uri, params={"+sip.instance": f'"<{self.instance}>"'})
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -73,6 +73,14 @@ def resolve_program(program: str) -> str:
     return path
 
 
+def dies_with_us(argv: list[str]) -> list[str]:
+    """`argv` under ``setpriv --pdeathsig TERM`` (util-linux) where it is installed: a
+    helper daemon of ours (wireguard-go, a member relay's turnserver) then goes when we are
+    killed outright (SIGKILL, OOM), instead of staying behind and answering for us."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv is not None else list(argv)
+
+
 def child_environment(extra: Mapping[str, str], base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The inherited environment without stale SIPMESH_* values, plus `extra`."""
     env = {k: v for k, v in (os.environ if base is None else base).items()

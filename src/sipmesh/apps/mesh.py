@@ -45,8 +45,14 @@ key and tool helpers it uses); agent/ may not import apps/.
 Names: with ``--hosts-file`` (the CLI's default /etc/hosts) every roster member, we too,
 is ``NAME.NETWORK`` (and ``NAME``) there while we are up (agent/hostsfile.py).
 
-Not yet (later increments): relay through a member, several networks in one process,
-ICE restarts (a pair whose path died is called again from scratch).
+Relay through a member (``--relay``, agent/memberrelay.py): a public member runs coturn and
+advertises it in the roster (``mesh-relay``); it gives each peer a credential in the pair's
+offer or answer (``a=mesh-relay``); a caller whose pair needs a relay takes the nearest
+member relay (``a=mesh-via``), the callee the same one, the network's TURN server only as
+a fallback; such a pair's path is ``via NAME``.
+
+Not yet (later increments): several networks in one process, ICE restarts (a pair whose
+path died is called again from scratch).
 """
 
 from __future__ import annotations
@@ -58,7 +64,6 @@ import ipaddress
 import logging
 import os
 import secrets
-import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -70,6 +75,10 @@ from sipmesh.agent.endpoint import Endpoint
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.handover import KEEPALIVE as PATH_KEEPALIVE, Handover
 from sipmesh.agent.hostsfile import HostsFile
+from sipmesh.agent.memberrelay import (ATTRIBUTE as RELAY_ATTRIBUTE, RELAY_PORT, RELAY_WAIT,
+                                       VIA_ATTRIBUTE, KnownRelay, MemberRelay, RelayPolicy,
+                                       choose as choose_relay, measure as measure_relay,
+                                       parse_credential, offered_relay)
 from sipmesh.agent.ice import (IceConfig, IceError, IceOptions, IceSession, PathReport, render,
                                show_address)
 from sipmesh.agent.ice import parse as parse_ice
@@ -79,6 +88,7 @@ from sipmesh.agent.profile import PORT
 from sipmesh.agent.roster import Member, RosterClient, RosterEvent
 from sipmesh.agent.session import CONSENT_CAUSE, NO_PATH_CAUSE, bye_with_reason, warning_value
 from sipmesh.agent.stunport import SharedPort
+from sipmesh.agent.supervisor import dies_with_us
 from sipmesh.agent.trust import (MemberCertificate, TrustError, load_anchor, load_certificate,
                                  load_identity, load_revocations, sign_session, verify_session)
 from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, keypair
@@ -270,12 +280,9 @@ class Interface:
             raise AgentError(f"interface {self.name} exists already (another `sipmesh up`? "
                              "choose another --ifname)", Exit.USAGE)
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
-        argv = [self.tools["wireguard-go"], "-f", self.name]
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:
-            # if we are killed outright, wireguard-go goes too (SIGTERM: it removes the
-            # interface): the peers then see the path fall silent (consent) and drop us
-            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+        # if we are killed outright, wireguard-go goes too (SIGTERM: it removes the
+        # interface): the peers then see the path fall silent (consent) and drop us
+        argv = dies_with_us([self.tools["wireguard-go"], "-f", self.name])
         self.process = await asyncio.create_subprocess_exec(
             *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)
         deadline = time.monotonic() + SOCKET_WAIT
@@ -373,6 +380,8 @@ class Peer:
     why: str = ""
     rtt_ms: float | None = None
     handover: Handover | None = None  # the checked path, watched (None: no ICE)
+    relay_note: str | None = None  # why the pair does not go through a member relay
+    relay_tried: bool = False  # a member relay was asked for this pair's path
 
 
 @dataclass
@@ -393,6 +402,11 @@ class MeshConfig:
     # the pools of the other networks this host is in ({network: CIDR}; cli/up.py asks the
     # other running members): an overlapping pool is refused at join
     pools_in_use: Callable[[], Awaitable[dict[str, str]]] | None = None
+    # relay for the network's members (agent/memberrelay.py): coturn on our address
+    relay: bool = False
+    relay_port: int = RELAY_PORT
+    relay_max_bps: int = 0
+    turnserver: str = "turnserver"
 
 
 def overlapping(network: str, pool: str, others: dict[str, str]) -> str | None:
@@ -435,6 +449,9 @@ class MeshMember:
         self._lock: dict[str, asyncio.Lock] = {}
         self._stopped = asyncio.Event()
         self.names = HostsFile(config.hosts_file, config.network) if config.hosts_file else None
+        self.relay: MemberRelay | None = None         # ours, with --relay
+        self.relays: dict[str, KnownRelay] = {}       # the network's member relays (roster)
+        self._relays_changed = asyncio.Event()        # a relay's credential arrived
 
     def request_stop(self) -> None:
         self.endpoint.request_stop()
@@ -453,9 +470,12 @@ class MeshMember:
         try:
             await self.endpoint.listen()
             assert self.endpoint.ua is not None
+            if self.config.relay:
+                await self._start_relay(directory)
             claimed = self.config.mesh_ip or (trust.mesh_ip if trust is not None else None)
             self.roster = RosterClient(self.endpoint.ua, self.network, mesh_ip=claimed,
-                                       register_expires=self.config.register_expires)
+                                       register_expires=self.config.register_expires,
+                                       relay=self.relay.address if self.relay else None)
             try:
                 await self.roster.start()
             except (CallFailed, OSError) as exc:
@@ -484,10 +504,25 @@ class MeshMember:
                 await self.reporter.stop()
             if self.shared is not None:
                 self.shared.close()
+            if self.relay is not None:
+                await self.relay.stop()
             await self.interface.stop()
             if self.endpoint.ua is not None:
                 await self.endpoint.ua.stop()
         return 0
+
+    async def _start_relay(self, directory: Path) -> None:
+        """Our relay for the network (--relay): coturn on our address, before we join, so
+        the roster advertises only a relay that answers."""
+        try:
+            address = str(ipaddress.IPv4Address(self.endpoint.local_ip))
+        except ValueError:
+            raise AgentError(f"network {self.network}: --relay needs an IPv4 address, not "
+                             f"{self.endpoint.local_ip}", Exit.USAGE) from None
+        policy = RelayPolicy(self.network, self.me, address, self.config.relay_port,
+                             self.config.relay_max_bps)
+        self.relay = MemberRelay(policy, directory / "relay", turnserver=self.config.turnserver)
+        await self.relay.start()
 
     def _open_path_checks(self) -> None:
         """ICE on our WireGuard port (agent/stunport.py), unless ICE is off."""
@@ -550,10 +585,12 @@ class MeshMember:
     # -- the roster drives the pairs ---------------------------------------------------------
     async def _follow_roster(self) -> None:
         assert self.roster is not None
+        self._sync_relays()
         for member in self.roster.members.values():  # known before we followed
             self._joined(member)
         self._names_changed()
         async for event in self.roster.events():
+            self._sync_relays()
             self._on_roster(event)
             self._names_changed()
 
@@ -598,6 +635,102 @@ class MeshMember:
         task = asyncio.ensure_future(coro)
         self._tasks[name] = task
 
+    # -- member relays (agent/memberrelay.py) ---------------------------------------------
+    def _sync_relays(self) -> None:
+        """The network's member relays as the roster lists them (not ours): a new one is
+        known without a credential until its member's offer or answer brings one."""
+        assert self.roster is not None
+        listed = {m.name: m.relay for m in self.roster.members.values()
+                  if m.relay is not None and m.name != self.me}
+        for name in list(self.relays):
+            if listed.get(name) != self.relays[name].address:
+                del self.relays[name]
+        for name, address in listed.items():
+            if name not in self.relays:
+                assert address is not None
+                self.relays[name] = KnownRelay(name, address)
+
+    def _relay_credential(self, name: str) -> list[tuple[str, str]]:
+        """Our relay's credential for member `name` (a=mesh-relay), if we relay."""
+        if self.relay is None or self.roster is None:
+            return []
+        issued = self.relay.credential_for(name, self.roster.members)
+        return [(RELAY_ATTRIBUTE, f"{issued[0]} {issued[1]}")] if issued else []
+
+    def _learn_relay(self, name: str, attributes: list[tuple[str, str]]) -> None:
+        """Member `name`'s offer or answer may carry its relay's credential for us."""
+        relay = self.relays.get(name)
+        values = [v for n, v in attributes if n == RELAY_ATTRIBUTE]
+        if relay is None or len(values) != 1:
+            return
+        try:
+            username, password, expires = parse_credential(values[0], self.me, time.time())
+        except ValueError as exc:
+            log.warning("network %s: %s's relay credential ignored: %s", self.network, name, exc)
+            return
+        new = not relay.usable(time.time())
+        relay.username, relay.password, relay.expires = username, password, expires
+        if not new:
+            return
+        log.info("network %s: member %s relays for us at %s:%d", self.network, name,
+                 *relay.address)
+        self._relays_changed.set()
+        self._relays_changed = asyncio.Event()
+        asyncio.ensure_future(measure_relay(relay))
+        for peer in list(self.peers.values()):
+            self._move_to_relay(peer)
+
+    def _move_to_relay(self, peer: Peer) -> None:
+        """A pair we called that went through the network's TURN server, set up before a
+        member relay was known to us, is set up again (once) to go through the relay."""
+        member = self.roster.members.get(peer.name) if self.roster else None
+        if (member is None or peer.state != "up" or peer.path != "relayed" or peer.relay_tried
+                or self.me > peer.name or self.endpoint.stopping.is_set()
+                or choose_relay(self.relays.values(), exclude=(self.me, peer.name),
+                                now=time.time()) is None):
+            return
+        log.info("network %s: %s: setting the pair up again through a member relay",
+                 self.network, peer.name)
+        self._joined(member, again=True)
+
+    async def _pick_relay(self, peer: str, wanted: str | None = None
+                          ) -> tuple[KnownRelay | None, str | None]:
+        """The member relay for our pair with `peer` (the caller: the nearest; the callee:
+        the caller's choice, `wanted`), waiting up to RELAY_WAIT for a credential the
+        relay has not given us yet; else (None, why not)."""
+        names = [n for n in self.relays if n != peer and (wanted is None or n == wanted)]
+        if self.ice_config is None or not names:
+            if wanted is not None:
+                return None, f"the caller's relay {wanted} is not in our roster"
+            return None, None
+        deadline = time.monotonic() + RELAY_WAIT
+        while True:
+            chosen = choose_relay([self.relays[n] for n in names if n in self.relays],
+                                  exclude=(self.me, peer), now=time.time())
+            left = deadline - time.monotonic()
+            if chosen is not None or left <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._relays_changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        if chosen is None:
+            return None, f"no credential from member relay {', '.join(sorted(names))} yet"
+        return chosen, None
+
+    def _relay_of(self, report: PathReport) -> str | None:
+        """The member whose relay carries a relayed path (None: not a member's)."""
+        if report.kind != "relayed":
+            return None
+        for relay in self.relays.values():   # our allocation is on it, or the peer's is
+            if report.local_type == "relay" and report.relay_server == relay.address:
+                return relay.name
+            if (report.local_type != "relay" and report.remote_type == "relay"
+                    and report.remote_address is not None
+                    and report.remote_address[0] == relay.address[0]):
+                return relay.name
+        return None
+
     # -- calling ---------------------------------------------------------------------------
     async def _dial(self, member: Member) -> None:
         """INVITE `member` until it answers (or leaves: this task is cancelled)."""
@@ -619,10 +752,15 @@ class MeshMember:
         call_id = secrets.token_hex(12)
         target = self._member_uri(member.name)
         from_uri, to_uri = str(ua.aor), str(target)
-        ice = await self._gather(controlling=True)
+        relay, peer.relay_note = await self._pick_relay(member.name)
+        peer.relay_tried = relay is not None
+        ice = await self._gather(controlling=True, relay=relay)
+        peer.relay_note = peer.relay_note or _relay_refused(ice, relay)
+        via = relay.name if relay is not None and peer.relay_note is None and ice else None
         try:
             try:
-                sdp = describe(self._attributes(ice), user=self.me, ip4=self.endpoint.local_ip,
+                sdp = describe(self._attributes(ice, member.name, via=via),
+                               user=self.me, ip4=self.endpoint.local_ip,
                                port=self.port, trust=self.config.trust, call_id=call_id,
                                from_uri=from_uri, to_uri=to_uri, role="offer")
             except TrustError as exc:
@@ -641,6 +779,7 @@ class MeshMember:
                 params = read_peer(call.remote_sdp, name=member.name, roster_ip=member.mesh_ip,
                                    trust=self.config.trust, call_id=call_id, from_uri=from_uri,
                                    to_uri=to_uri, role="answer")
+                self._learn_relay(member.name, read_attribute_list(call.remote_sdp))
                 remote = _remote_ice(ice, call.remote_sdp)
             except (SDPError, ParamError, TrustError, IceError) as exc:
                 await _close(ice)
@@ -703,19 +842,27 @@ class MeshMember:
             params = read_peer(incoming.sdp, name=name, roster_ip=member.mesh_ip,
                                trust=self.config.trust, call_id=incoming.call_id,
                                from_uri=from_uri, to_uri=to_uri, role="offer")
-            offered = parse_ice(read_attribute_list(incoming.sdp), allow_loopback=True)
+            attributes = read_attribute_list(incoming.sdp)
+            offered = parse_ice(attributes, allow_loopback=True)
         except (SDPError, ParamError, TrustError, IceError) as exc:
             text = exc.message if isinstance(exc, TrustError) else str(exc)
             self.peers[name] = Peer(name, "refused", error=text)
             log.warning("network %s: session with %s refused: %s", self.network, name, text)
             incoming.reject(488, headers=[("Warning", warning_value(text, self.endpoint.local_ip))])
             return
-        ice = await self._gather(controlling=False) if offered is not None else None
-        sdp = describe(self._attributes(ice), user=self.me, ip4=self.endpoint.local_ip,
+        self._learn_relay(name, attributes)
+        relay, relay_note = None, None
+        if offered is not None:   # the caller's member relay, if it chose one
+            via = offered_relay(attributes)
+            if via is not None:
+                relay, relay_note = await self._pick_relay(name, wanted=via)
+        ice = await self._gather(controlling=False, relay=relay) if offered is not None else None
+        relay_note = relay_note or _relay_refused(ice, relay)
+        sdp = describe(self._attributes(ice, name), user=self.me, ip4=self.endpoint.local_ip,
                        port=self.port, trust=self.config.trust, call_id=incoming.call_id,
                        from_uri=from_uri, to_uri=to_uri, role="answer")
         await self._drop(name, "called again")
-        peer = self.peers[name] = Peer(name)
+        peer = self.peers[name] = Peer(name, relay_note=relay_note, relay_tried=relay is not None)
         connecting = None
         if ice is None:
             # The interface first: the caller's first handshake then finds its peer.
@@ -754,20 +901,36 @@ class MeshMember:
         return None
 
     # -- both sides ------------------------------------------------------------------------
-    def _attributes(self, ice: IceSession | None = None) -> list[tuple[str, str | None]]:
+    def _attributes(self, ice: IceSession | None, peer: str, *, via: str | None = None
+                    ) -> list[tuple[str, str | None]]:
+        """Our offer's or answer's a= lines for `peer`: the mesh's, our relay's credential
+        for it (if we relay), the member relay we chose (`via`, in an offer), ICE's."""
         assert self.mesh_ip is not None
         attributes: list[tuple[str, str | None]] = list(session_attributes(
             ip4=self.endpoint.local_ip, port=self.port, wg_pubkey=self.wg_pubkey,
             mesh_ip=self.mesh_ip))
+        attributes += self._relay_credential(peer)
         if ice is not None and ice.local is not None:
+            if via is not None:
+                attributes.append((VIA_ATTRIBUTE, via))
             attributes += render(ice.local)
         return attributes
 
-    async def _gather(self, *, controlling: bool) -> IceSession | None:
-        """A pair's ICE session on our WireGuard port (None: ICE is off here)."""
+    async def _gather(self, *, controlling: bool, relay: KnownRelay | None = None
+                      ) -> IceSession | None:
+        """A pair's ICE session on our WireGuard port (None: ICE is off here). `relay`: a
+        member relay, asked for our relayed candidate before the network's TURN server."""
         if self.ice_config is None or self.shared is None:
             return None
-        ice = IceSession(self.ice_config, controlling=controlling, shared=self.shared)
+        config = self.ice_config
+        if relay is not None:
+            fallback = config.turn_server
+            config = dataclasses.replace(
+                config, turn_server=relay.address, turn_username=relay.username,
+                turn_password=relay.password,
+                more_turn_servers=((fallback, config.turn_username, config.turn_password),)
+                if fallback is not None else ())
+        ice = IceSession(config, controlling=controlling, shared=self.shared)
         try:
             await ice.gather()
         except OSError as exc:
@@ -804,6 +967,11 @@ class MeshMember:
             await _bye(call, NO_PATH_CAUSE, peer.error)
             return None
         peer.path, peer.why = report.kind, path_why(report)
+        via = self._relay_of(report)
+        if via is not None:
+            peer.path = f"via {via}"
+        elif report.kind == "relayed" and peer.relay_note:
+            peer.why += f" (not through a member relay: {peer.relay_note})"
         peer.rtt_ms = round(report.rtt * 1000, 1) if report.rtt is not None else None
         return dataclasses.replace(params,
                                    endpoint=show_address(peer.handover.endpoint.remote))
@@ -824,6 +992,7 @@ class MeshMember:
         self._paths_changed()
         asyncio.ensure_future(self._watch(peer, call))
         asyncio.ensure_future(self._expect_handshake(peer, call))
+        self._move_to_relay(peer)   # a relay's credential came while we set the pair up
 
     async def _watch(self, peer: Peer, call: Call) -> None:
         """Until the session ends (BYE) or its path falls silent (consent lost)."""
@@ -921,7 +1090,12 @@ class MeshMember:
                 "mesh_ip": self.mesh_ip, "pool": self.pool, "wg_port": self.port, "wg_pubkey": self.wg_pubkey,
                 "roster": self.roster.mode if self.roster else "starting",
                 "trust": "ca" if self.config.trust else "roster",
-                "path_reports": self.reporter.state if self.reporter else "starting", "peers": peers}
+                "path_reports": self.reporter.state if self.reporter else "starting",
+                "relay": {"offered": f"{self.relay.address[0]}:{self.relay.address[1]}"
+                          if self.relay else None,
+                          "members": {n: r.describe(time.time())
+                                      for n, r in sorted(self.relays.items())}},
+                "peers": peers}
 
 
 
@@ -930,6 +1104,14 @@ def _remote_ice(ice: IceSession | None, body: bytes) -> Any:
     if ice is None:
         return None
     return ice.read_remote(read_attribute_list(body))
+
+
+def _relay_refused(ice: IceSession | None, relay: KnownRelay | None) -> str | None:
+    """Why the member relay we asked gave us no allocation (None: it did, or none asked)."""
+    if ice is None or relay is None or ice.connection.relay_server == relay.address:
+        return None
+    refusals = [r for r in ice.connection.relay_refusals if f"{relay.address[0]}:" in r]
+    return f"member relay {relay.name}: " + ("; ".join(refusals) or "no allocation")
 
 
 async def _close(ice: IceSession | None) -> None:

@@ -129,6 +129,13 @@ def render_networks(networks: list[dict[str, Any]], now: float | None = None) ->
                    f"{net.get('interface')} (WireGuard port {net.get('wg_port')}, roster "
                    f"{net.get('roster')}, trust {net.get('trust')}, paths reported to the server: "
                    f"{net.get('path_reports', '-')})")
+        relay = net.get("relay") or {}
+        if relay.get("offered") or relay.get("members"):
+            relays = [f"{n} at {r.get('address')} (credential {r.get('credential')}, rtt "
+                      f"{r.get('rtt_ms') if r.get('rtt_ms') is not None else '-'} ms)"
+                      for n, r in (relay.get("members") or {}).items()]
+            out.append(f"relay: we relay at {relay.get('offered') or '-'}; member relays: "
+                       f"{', '.join(relays) or '-'}")
         peers = net.get("peers", [])
         if not peers:
             out += ["no peers", ""]

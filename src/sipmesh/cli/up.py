@@ -18,6 +18,7 @@ from typing import Any
 
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.hostsfile import DEFAULT_PATH as DEFAULT_HOSTS
+from sipmesh.agent.memberrelay import RELAY_PORT
 from sipmesh.agent.params import IPAddress, IPv4, Port
 from sipmesh.cli.common import (add_identity_options, add_keepalive_option, add_output_options,
                                 add_tls_options, positive, run_until_signalled, setup_logging,
@@ -117,7 +118,9 @@ def build_member(args: argparse.Namespace, ice_base: Any = None) -> UpRunner:
                         tools={"wireguard_go": args.wireguard_go, "wg": args.wg},
                         pool=args.pool and str(args.pool),
                         pools_in_use=lambda: pools_in_use(exclude=socket),
-                        hosts_file=None if args.no_hosts else args.hosts_file)
+                        hosts_file=None if args.no_hosts else args.hosts_file,
+                        relay=args.relay, relay_port=int(args.relay_port),
+                        relay_max_bps=args.relay_max_bps, turnserver=args.turnserver)
     return UpRunner(MeshMember(config), socket)
 
 
@@ -224,7 +227,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "up", help="join a mesh network (runs until SIGINT/SIGTERM or `sipmesh down`)",
         description="Join mesh network NETWORK: one WireGuard interface (wireguard-go) with "
                     "our mesh address, a tunnel to every other member on the path ICE "
-                    "checked (direct, or through the TURN relay), set up over SIP and kept "
+                    "checked (direct, through a member relay, or through the TURN relay), set "
+                    "up over SIP and kept "
                     "current from the network's roster. Several networks: one `sipmesh up` "
                     "each, or [[network]] tables in the daemon's file. See docs/mesh.md.")
     add_up_arguments(p)
@@ -269,6 +273,16 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
                       help="the members' names go into a marked block here: NAME.NETWORK "
                            "and NAME (default: %(default)s)")
     mesh.add_argument("--no-hosts", action="store_true", help="write no names")
+    mesh.add_argument("--relay", action="store_true",
+                      help="relay for the network's members that cannot reach each other "
+                           "(runs coturn's turnserver on our address; we must be reachable "
+                           "there: a public address)")
+    mesh.add_argument("--relay-port", metavar="PORT", type=typed(Port(), "relay-port"),
+                      default=RELAY_PORT, help="the relay's UDP and TCP port (default: "
+                                               "%(default)s)")
+    mesh.add_argument("--relay-max-bps", metavar="BYTES", type=int, default=0,
+                      help="the relay's limit per allocation, bytes per second (default: none)")
+    mesh.add_argument("--turnserver", default="turnserver", help=argparse.SUPPRESS)
     mesh.add_argument("--wireguard-go", default="wireguard-go", help=argparse.SUPPRESS)
     mesh.add_argument("--wg", default="wg", help=argparse.SUPPRESS)
     add_ice_options(p)  # each pair's path: ICE on the WireGuard port, TURN as sessions use it

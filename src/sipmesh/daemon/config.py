@@ -56,7 +56,9 @@ _AGENT_KEYS = {"server", "servers", "user", "password", "credentials", "auth_use
 # [[network]]: `sipmesh up`'s options (cli/up.py parses them, as from its command line)
 _NETWORK_KEYS = {"name", "server", "user", "password", "credentials", "auth_user", "transport",
                  "sip_port", "expires", "ifname", "wg_port", "advertise", "mesh_ip", "pool",
-                 "state_dir", "stun", "turn", "consent_timeout", "hosts_file", "no_hosts"}
+                 "state_dir", "stun", "turn", "consent_timeout", "hosts_file", "no_hosts",
+                 "relay", "relay_port", "relay_max_bps"}
+_NETWORK_FLAGS = {"no_hosts", "relay"}  # true or false
 _NETWORK_PATHS = {"credentials", "state_dir", "hosts_file"}  # relative to the configuration file
 
 
@@ -104,7 +106,7 @@ class AgentSection:
 class NetworkSection:
     """A [[network]] table: the mesh network's name and `sipmesh up` options for it."""
     name: str
-    options: dict[str, str | int | float] = field(default_factory=dict)
+    options: dict[str, str | int | float | bool] = field(default_factory=dict)
     line: int | None = None
 
 
@@ -267,12 +269,16 @@ class _Builder:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise self.error(path + ("name",), f"network #{index + 1}: name: missing or not a "
                                                f"name (letters, digits and ._+~-): {name!r}")
-        options: dict[str, str | int | float] = {}
+        options: dict[str, str | int | float | bool] = {}
         for key, value in table.items():
             if key not in _NETWORK_KEYS:
                 raise self.error(path + (key,), f"network {name!r}: {key}: unknown key (known: "
                                                 f"{', '.join(sorted(_NETWORK_KEYS))})")
-            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            if key in _NETWORK_FLAGS:
+                if not isinstance(value, bool):
+                    raise self.error(path + (key,), f"network {name!r}: {key}: must be true "
+                                                    f"or false, not {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise self.error(path + (key,), f"network {name!r}: {key}: must be a string "
                                                 f"or a number, not {value!r}")
             if key != "name":
