@@ -20,9 +20,11 @@
    keeps it (agent/stunport.py); srflx from the STUN server, relay from TURN. The chosen
    path is handed over (agent/handover.py): direct, WireGuard's endpoint is the checked
    remote address (same 5-tuple, the NAT mappings the checks opened); relayed through
-   our TURN allocation, the endpoint is our ``RelayProxy`` on 127.0.0.1. Both then ``wg
-   set IF peer KEY allowed-ips IP/32 endpoint ENDPOINT persistent-keepalive K`` (K under
-   the consent timeout) and route ``IP/32`` to the interface. ``Peer.path``/``why``/
+   our TURN allocation, the endpoint is our ``RelayProxy`` on 127.0.0.1. The caller then
+   ``wg set IF peer KEY allowed-ips IP/32 endpoint ENDPOINT persistent-keepalive K`` (K
+   under the consent timeout) and routes ``IP/32`` to the interface; the answerer did
+   so before its checks, without endpoint and keepalive, which it adds once the caller's
+   handshake came (only the caller initiates: see _expect_handshake). ``Peer.path``/``why``/
    ``rtt_ms`` say what the check chose and why. A peer without ICE gets the paper's
    a=IP4/a=PORT as before;
 5. a BYE, the peer leaving the roster (unregistered, or its binding expired) or its path
@@ -894,8 +896,7 @@ class MeshMember:
         try:
             while True:
                 left = deadline - time.monotonic()
-                if await self.interface.shaken(params.wg_pubkey,
-                                               min(RETRIGGER, left) if initiate else left):
+                if await self.interface.shaken(params.wg_pubkey, min(RETRIGGER, left)):
                     if not initiate and ours():
                         await self.interface.set_peer(params, self.keepalive)
                     return
@@ -903,9 +904,10 @@ class MeshMember:
                     return
                 if time.monotonic() >= deadline:
                     break
-                log.info("network %s: %s: no WireGuard handshake yet: initiating again",
-                         self.network, peer.name)
-                await self.interface.initiate_again(params, self.keepalive)
+                if initiate:
+                    log.info("network %s: %s: no WireGuard handshake yet: initiating again",
+                             self.network, peer.name)
+                    await self.interface.initiate_again(params, self.keepalive)
         except AgentError:
             return  # wireguard-go gone: we are stopping
         reason = f"no WireGuard handshake within {HANDSHAKE_BOUND:g} s of the path"
