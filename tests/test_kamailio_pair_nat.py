@@ -17,10 +17,11 @@ import time
 
 import pytest
 
-from tests.lab import Kamailio, NatLab, kamailio_unavailable_reason, netns_unavailable_reason, wait_for
+from tests.lab import Kamailio, NatLab, kamailio_unavailable_reason, wait_for
 from tests.lab.agents import app_argv, no_orphans, record  # noqa: F401 (no_orphans: autouse)
 from tests.lab.natsite import KAMAILIO_CFG, SIP_PORT, password
-from tests.lab.pair import agent, assert_ping_unbroken, server_called, tunnel_ping
+from tests.lab.pair import (ServerPair, assert_ping_unbroken, new_call_within, pair_lab,
+                            server_called, tunnel_ping)
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
               pytest.mark.skipif(not all(shutil.which(p) for p in ("wireguard-go", "wg", "ping")),
@@ -34,15 +35,18 @@ TUNNEL = "10.90.0.1"
 KEEPALIVE = ("--keepalive", "2")  # the sessions' peer check, so that the move comes soon
 
 
-class KamailioPair:
+class KamailioPair(ServerPair):
     def __init__(self, lab: NatLab, run) -> None:
-        self.lab, self.run = lab, run
+        super().__init__(lab, run)
         self.hosts = [lab["kam1"].ip, lab["kam2"].ip]
         self.domain = self.hosts[0]  # the domain both serve: the agents' first --server
         self.kamailios = [self.instance(0), self.instance(1)]
-        self.procs = []
-        for kamailio in self.kamailios:
-            kamailio.start()
+        try:
+            for kamailio in self.kamailios:
+                kamailio.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def instance(self, i: int) -> Kamailio:
         peer = self.hosts[1 - i]
@@ -56,39 +60,24 @@ class KamailioPair:
     def servers(self) -> list[str]:
         return [f"{host}:{SIP_PORT}" for host in self.hosts]
 
-    def agent(self, mode: str, host: str, user: str, *extra: str, target: str | None = None,
-              servers: list[str] | None = None):
-        proc = agent(self.lab, self.run, servers or self.servers, mode, host, user, *extra,
-                     target=target)
-        self.procs.append(proc)
-        return proc
-
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop(grace=10)
+        self.stop_agents()
         for kamailio in self.kamailios:
             kamailio.stop()
 
 
 @pytest.fixture
 def pair(tmp_path):
-    reason = netns_unavailable_reason() or kamailio_unavailable_reason()
+    reason = kamailio_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    with NatLab() as lab:
-        lab.add_hosts({"kam1": "public", "kam2": "public", "a": "home", "b": "home"})
-        pair = None
-        try:
-            pair = KamailioPair(lab, tmp_path)
-            yield pair
-        finally:
-            if pair is not None:
-                pair.stop()
+    with pair_lab(("kam1", "kam2"), lambda lab: KamailioPair(lab, tmp_path)) as pair:
+        yield pair
 
 
-def registered_since(proc, server: str, offset: int = 0) -> bool:
-    """Has `proc` registered at `server` since its log was `offset` long?"""
-    return f" at {server} for " in proc.log_text()[offset:]
+def registered_at(proc, server: str) -> bool:
+    """Has `proc` registered at `server` (its log says)?"""
+    return f" at {server} for " in proc.log_text()
 
 
 def test_a_kamailio_killed_under_running_sessions_then_back(pair: KamailioPair, tmp_path) -> None:
@@ -97,7 +86,7 @@ def test_a_kamailio_killed_under_running_sessions_then_back(pair: KamailioPair, 
                        *KEEPALIVE)
     answer = pair.agent("serve", "b", "bn", "--", *app_argv(tmp_path, "run"))
     for proc in (serve, answer):
-        wait_for(lambda: all(registered_since(proc, s) for s in pair.servers), 20,
+        wait_for(lambda: all(registered_at(proc, s) for s in pair.servers), 20,
                  what=f"{proc.name} registered at both", abort=proc.exit_reason)
     call = pair.agent("call", "a", "aw", "--app", "wireguard", *KEEPALIVE, target="bw")
     wait_for(lambda: "path direct: " in call.log_text(), 30, what="the WireGuard session's path",
@@ -116,13 +105,7 @@ def test_a_kamailio_killed_under_running_sessions_then_back(pair: KamailioPair, 
     killed = time.monotonic()
 
     # a new call through the survivor (the caller registers while the other is down)
-    new = pair.agent("call", "a", "an", "--register-timeout", "2", "--",
-                     *app_argv(tmp_path, "run"), target="bn")
-    wait_for(lambda: record(tmp_path, "client") and record(tmp_path, "server"), 30,
-             what="the new session through the survivor", abort=new.exit_reason)
-    elapsed = time.monotonic() - killed
-    print(f"new session through the survivor {elapsed:.2f} s after SIGKILL")
-    assert elapsed < NEW_CALL_BOUND, (elapsed, new.log_tail(30))
+    new = new_call_within(pair.agent, tmp_path, killed, NEW_CALL_BOUND)
     assert server_called(new, "bn", pair.hosts) == 1 - dead, new.log_tail(30)
 
     # the WireGuard session's dialog moves to the survivor (Replaces), both sides agree
