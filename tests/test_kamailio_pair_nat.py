@@ -2,9 +2,9 @@
 "Two or more instances"), in the NAT lab: docs/kamailio/kamailio.cfg with -A WITH_DMQ on two
 public hosts, agents behind home routers registered at both (`--server K1 --server K2`, one
 +sip.instance). SIGKILL the instance a running WireGuard session was set up through: the
-ping across the tunnel goes on, a new call reaches its target through the survivor within
+ping across the tunnel goes on, and so does a transfer through a forward (daemon); a new call reaches its target through the survivor within
 the bound, the session's dialog moves to the survivor (INVITE with Replaces, RFC 3891,
-routed by Kamailio) so that its BYE ends it on both sides; the killed instance started
+routed by Kamailio) so that its BYE ends it on both sides (the forward's too); the killed instance started
 again learns every binding back from its peer (dmq_usrloc sync) and a call through it
 succeeds."""
 
@@ -20,8 +20,9 @@ import pytest
 from tests.lab import Kamailio, NatLab, kamailio_unavailable_reason, wait_for
 from tests.lab.agents import app_argv, no_orphans, record  # noqa: F401 (no_orphans: autouse)
 from tests.lab.natsite import KAMAILIO_CFG, SIP_PORT, password
-from tests.lab.pair import (ServerPair, assert_ping_unbroken, new_call_within, pair_lab,
-                            server_called, tunnel_ping)
+from tests.lab.pair import (FORWARD, ServerPair, assert_ping_unbroken, assert_trickle_unbroken,
+                            new_call_within, pair_lab, server_called, trickle, trickle_echo,
+                            tunnel_ping)
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
               pytest.mark.skipif(not all(shutil.which(p) for p in ("wireguard-go", "wg", "ping")),
@@ -30,7 +31,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns,
 NEW_CALL_BOUND = 10.0  # s from SIGKILL to a new session through the survivor (README.md)
 MOVE_BOUND = 15.0      # s from SIGKILL to the dialog moved: K + W with --keepalive 2, slack
 SYNC_BOUND = 10.0      # s from the restart to every binding learnt back from the peer
-USERS = ("bw", "aw", "bn", "an")
+USERS = ("bw", "aw", "bn", "an", "bf", "af")
+ECHO_PORT, FORWARD_PORT = 7000, 7200  # the forward's target on b, its local port on a
 TUNNEL = "10.90.0.1"
 KEEPALIVE = ("--keepalive", "2")  # the sessions' peer check, so that the move comes soon
 
@@ -96,6 +98,13 @@ def test_a_kamailio_killed_under_running_sessions_then_back(pair: KamailioPair, 
     ping = tunnel_ping(lab, "a", TUNNEL, tmp_path)
     pair.procs.append(ping)
     wait_for(lambda: "bytes from" in ping.log_text(), 10, what="the first ping over the tunnel")
+    # and a transfer through a forward (daemon bf on b, af's call on a), echoed by b
+    pair.procs.append(trickle_echo(lab, "b", ECHO_PORT, tmp_path))
+    pair.daemon("b", "bf", FORWARD.format(name="fwd", target=f"127.0.0.1:{ECHO_PORT}",
+                                          local=FORWARD_PORT), keepalive=2)
+    forward = pair.forward_call("a", "af", "bf", "fwd", FORWARD_PORT, keepalive=2)
+    transfer = trickle(lab, "a", FORWARD_PORT, tmp_path)
+    pair.procs.append(transfer)
 
     # SIGKILL the instance the session went through (the callers' first live server)
     dead = server_called(call, "bw", pair.hosts)
@@ -114,8 +123,16 @@ def test_a_kamailio_killed_under_running_sessions_then_back(pair: KamailioPair, 
              what="the dialog moved to the survivor", abort=call.exit_reason)
     print(f"dialog moved {time.monotonic() - killed:.2f} s after SIGKILL")
 
-    # the tunnel never stopped, and the session ends as a user ends it: BYE via the survivor
+    if server_called(forward, "bf", pair.hosts) == dead:
+        wait_for(lambda: "the session goes on in dialog" in forward.log_text(), MOVE_BOUND,
+                 what="the forward's dialog moved to the survivor", abort=forward.exit_reason)
+
+    # the tunnel and the transfer never stopped, and the sessions end as a user ends them:
+    # BYE via the survivor
     assert_ping_unbroken(ping, killed)
+    assert_trickle_unbroken(transfer, killed)
+    forward.stop(grace=10)
+    assert forward.returncode == 0, forward.log_tail(30)
     assert call.alive() and serve.alive(), call.log_tail(20) + serve.log_tail(20)
     call.stop(grace=10)
     assert call.returncode == 0, call.log_tail(30)

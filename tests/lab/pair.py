@@ -4,7 +4,9 @@ whichever the servers are (two `sipmesh broker`s, two Kamailio instances).
 * ``pair_lab``: the lab (two public server hosts, hosts ``a`` and ``b`` behind home routers)
   with a test's pair of servers in it, stopped at the end even on failure;
 * ``agent``: `sipmesh serve|call` behind a home router, registered at every server given;
-  ``ServerPair``: a pair's agents (``agent``, registered at both; ``stop_agents``);
+  ``ServerPair``: a pair's agents (``agent``, registered at both; ``daemon`` with a forward
+  service, ``forward_call`` reaching it; ``stop_agents``);
+* ``trickle``: a slow TCP transfer across a forward (trickle.py), ``assert_trickle_unbroken``;
 * ``tunnel_ping``: a ping over a running tunnel; ``assert_ping_unbroken`` checks it ran
   without loss of the session (every interval answered but a couple);
 * ``server_called``: which of the servers a caller's INVITE went to (its log says);
@@ -14,8 +16,10 @@ whichever the servers are (two `sipmesh broker`s, two Kamailio instances).
 
 from __future__ import annotations
 
+import json
 import re
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +75,57 @@ def agent(lab, run: Path, servers: list[str], mode: str, host: str, user: str, *
                  log_path=run / f"{mode}-{user}.log")
 
 
+# A forward service (docs/daemon.md, kind forward): to TARGET on the answering side, at
+# 127.0.0.1:LOCAL on the calling side.
+FORWARD = '''
+[allocators.tcp]
+type = "ports"
+range = "7100-7109"
+protocols = ["tcp"]
+
+[[service]]
+name = "{name}"
+kind = "forward"
+target = "{target}"
+port = "tcp"
+allow = ["*"]
+[service.call]
+local_port = {local}
+local_host = "127.0.0.1"
+'''
+TRICKLE = str(Path(__file__).with_name("trickle.py"))
+
+
+def trickle_echo(lab, host: str, port: int, run: Path) -> ManagedProcess:
+    """An echo server on 127.0.0.1:`port` of ``lab[host]`` (the forward's target)."""
+    proc = spawn([sys.executable, TRICKLE, "echo", str(port)], netns=lab[host].ns,
+                 name="trickle-echo", log_path=run / "trickle-echo.log")
+    wait_for(lambda: "ready" in proc.log_text(), 10, what="the echo server",
+             abort=proc.exit_reason)
+    return proc
+
+
+def trickle(lab, host: str, port: int, run: Path, seconds: int = 120) -> ManagedProcess:
+    """A line every trickle.INTERVAL s to 127.0.0.1:`port` of ``lab[host]``, echoed back;
+    returned once the first echo came."""
+    proc = spawn([sys.executable, TRICKLE, "send", str(port), str(seconds)], netns=lab[host].ns,
+                 name="trickle", log_path=run / "trickle.log")
+    wait_for(lambda: "echoed 1\n" in proc.log_text(), 15, what="the first echo over the forward",
+             abort=proc.exit_reason)
+    return proc
+
+
+def assert_trickle_unbroken(proc: ManagedProcess, since: float) -> None:
+    """Stop the transfer: its connection held since `since` (monotonic), every line echoed,
+    none after a pause of a second or more."""
+    ran = time.monotonic() - since
+    code = proc.stop(grace=15)
+    result = json.loads(proc.log_text().strip().splitlines()[-1])
+    assert code == 0 and result["error"] is None, proc.log_tail(5)
+    assert result["echoed"] >= ran / 0.1 * 0.3, (ran, result)   # (INTERVAL + a round trip)
+    assert result["max_gap"] < 1.0, result
+
+
 class ServerPair:
     """What a pair of servers in a NatLab does with agents; a subclass starts the servers,
     says where they are (``servers``, host:port each) and stops them (``stop``)."""
@@ -87,6 +142,42 @@ class ServerPair:
         proc = agent(self.lab, self.run, servers or self.servers, mode, host, user, *extra,
                      target=target)
         self.procs.append(proc)
+        return proc
+
+    def config(self, user: str, services: str, **agent: object) -> Path:
+        """`user`'s daemon configuration: both servers, `agent`'s keys, `services` (TOML)."""
+        lines = [f"server = {json.dumps(self.servers[0])}",
+                 f"servers = {json.dumps(self.servers[1:])}", f'user = "{user}"',
+                 f"password = {json.dumps(password(user))}",
+                 f"state_dir = {json.dumps(str(self.run / f'state-{user}'))}",
+                 f"control_socket = {json.dumps(str(self.run / f'{user}.sock'))}",
+                 *(f"{key} = {json.dumps(value)}" for key, value in agent.items())]
+        path = self.run / f"{user}.toml"
+        path.write_text("[agent]\n" + "\n".join(lines) + "\n" + services)
+        return path
+
+    def daemon(self, host: str, user: str, services: str, **agent: object) -> ManagedProcess:
+        """`sipmesh daemon` on `host` as `user`, registered at both, once ready."""
+        proc = spawn([SIPMESH, "daemon", "-c", str(self.config(user, services, **agent)), "-v"],
+                     netns=self.lab[host].ns, cwd=self.run, name=f"daemon-{user}",
+                     log_path=self.run / f"daemon-{user}.log")
+        self.procs.append(proc)
+        wait_for(lambda: all(f" at {s} for " in proc.log_text() for s in self.servers), 20,
+                 what=f"daemon {user} registered at both", abort=proc.exit_reason)
+        return proc
+
+    def forward_call(self, host: str, user: str, target: str, service: str, port: int,
+                     **agent: object) -> ManagedProcess:
+        """`sipmesh call TARGET --service SERVICE` on `host` as `user` (a forward whose
+        calling side listens on `port`), once the forward listens."""
+        services = FORWARD.format(name=service, target="127.0.0.1:9", local=port)
+        proc = spawn([SIPMESH, "call", target, "--service", service, "-v",
+                      "-c", str(self.config(user, services, **agent))],
+                     netns=self.lab[host].ns, cwd=self.run, name=f"call-{user}",
+                     log_path=self.run / f"call-{user}-{service}.log")
+        self.procs.append(proc)
+        wait_for(lambda: f"is reachable at 127.0.0.1:{port}" in proc.log_text(), 30,
+                 what=f"the forward {service} at {host}", abort=proc.exit_reason)
         return proc
 
     def stop_agents(self) -> None:
