@@ -23,7 +23,7 @@ from sipmesh.agent.portmap import (PROTOCOLS, PortmapError, PortMapper, default_
                                    parse_ssdp, pcp_announce_request, pcp_map_request,
                                    ssdp_search)
 from tests.lab.miniupnpd import miniupnpd_unavailable_reason
-from tests.test_ice import lab, session  # noqa: F401 - the ICE lab fixture, reused
+from tests.lab.icepair import lab, session  # noqa: F401 - the ICE lab fixture, reused
 
 NONCE = bytes(range(12))
 
@@ -249,7 +249,7 @@ async def test_no_mapping_is_asked_for_loopback_host_candidates():
 
 @pytest.fixture
 def upnp_lab(lab):
-    """The ICE lab (tests/test_ice.py: broker with STUN and coturn, home hosts a and b, ...)
+    """The ICE lab (tests/lab/icepair.py: broker with STUN and coturn, home hosts a and b, ...)
     plus m, behind a symmetric NAT router that runs miniupnpd."""
     reason = miniupnpd_unavailable_reason()
     if reason:

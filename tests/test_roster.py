@@ -13,17 +13,14 @@ import pytest
 from sipmesh.agent.errors import AgentError
 from sipmesh.agent.roster import NeedFullState, RosterClient, RosterState, member_of
 from sipmesh.broker.networks import NetworkStore
-from sipmesh.broker.registrar import RegistrarPolicy
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip import reginfo
 from tests.lab import wait_for_async
 from tests.lab.broker import start_broker
 from tests.peers.broker import make_broker  # noqa: F401 (fixture)
-from tests.peers.roster import PASSWORDS, make_ua, member_ua, raw_with_auth, roster_scenario  # noqa: F401 (fixture)
+from tests.peers.roster import (FAST, PASSWORDS, lab_broker, make_ua, member_ua,  # noqa: F401 (fixture)
+                                raw_with_auth, roster_scenario)
 from tests.peers.raw import RawPeer
-
-FAST = RegistrarPolicy(min_expires=2, max_expires=3600, default_expires=3600)
-
 
 # ------------------------------------------------------------------ the document and the state
 
@@ -100,25 +97,6 @@ def test_roster_state_turns_documents_into_joined_left_changed():
 
 
 # ------------------------------------------------------------------ over SIP, our broker
-
-@pytest.fixture
-async def lab_broker(make_broker, tmp_path):  # noqa: F811
-    """An in-process broker with network lab (alice, bob, carol; mallory has credentials in
-    the realm but is no member; dave is a member in another network)."""
-    users = UsersFile(tmp_path / "users")
-    for user, password in PASSWORDS.items():
-        users.add("lab", user, password)
-    users.add("127.0.0.1", "alice", "domain-pw")
-    users.save()
-    db = tmp_path / "broker.db"
-    store = NetworkStore(db)
-    store.create("lab", "100.64.1.0/24")
-    store.add_members("lab", ["alice", "bob", "carol"])
-    store.create("other", "100.64.2.0/24")
-    store.add_members("other", ["dave"])
-    store.close()
-    return await make_broker(users_file=tmp_path / "users", db_path=db, registrar=FAST)
-
 
 async def test_three_members_see_each_other_join_leave_and_expire(lab_broker, member_ua, tmp_path):
     # addresses come from the broker's allocation (the members claim none)

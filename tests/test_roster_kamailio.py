@@ -6,42 +6,20 @@ NOTIFYs, see one leave and one expire; REGISTER-fetch works as the fallback."""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
 
 from sipmesh.agent.errors import AgentError
 from sipmesh.agent.roster import RosterClient
-from sipmesh.broker.users import UsersFile
-from tests.lab import Kamailio, kamailio_unavailable_reason, wait_for_async
-from tests.peers.roster import PASSWORDS, make_ua, member_ua, roster_scenario  # noqa: F401 (fixture)
+from tests.lab import kamailio_unavailable_reason, wait_for_async
+from tests.peers.roster import (USRLOC_TIMER, lab_kamailio, make_ua, member_ua,  # noqa: F401 (fixture)
+                                roster_scenario)
 
-DOCS_CFG = Path(__file__).resolve().parents[1] / "docs" / "kamailio" / "kamailio.cfg"
-MIGRATE = DOCS_CFG.with_name("users-to-dbtext.sh")
 # Each member claims its address (Kamailio allocates none; later it comes from its certificate).
 ADDRESSES = {"alice": "100.64.1.1", "bob": "100.64.1.2", "carol": "100.64.1.3", "mallory": "100.64.1.9"}
 REGISTER_EXPIRES = 3  # what the members ask for; MIN_EXPIRES below lets it through
-USRLOC_TIMER = 1  # how often Kamailio looks for expired bindings
 
 pytestmark = pytest.mark.skipif(kamailio_unavailable_reason() is not None,
                                 reason=str(kamailio_unavailable_reason()))
-
-
-@pytest.fixture
-def lab_kamailio(kamailio, tmp_path) -> Kamailio:
-    """Kamailio with the documented config; alice, bob, carol are members of lab (their
-    credentials are in realm lab); mallory's are in the served domain only."""
-    users = UsersFile(tmp_path / "users")
-    for user in ("alice", "bob", "carol"):
-        users.add("lab", user, PASSWORDS[user])
-    users.add("127.0.0.1", "mallory", PASSWORDS["mallory"])
-    users.save()
-    k: Kamailio = kamailio(template=DOCS_CFG, auth="none", start=False,  # auth is on in that file
-                           defines=['MESH_DOMAIN "127.0.0.1"', "MIN_EXPIRES 2", f"USRLOC_TIMER {USRLOC_TIMER}"])
-    subprocess.run(["sh", str(MIGRATE), str(tmp_path / "users"), str(k.db_dir)], check=True, timeout=30)
-    k.start()
-    return k
 
 
 async def test_three_members_see_each_other_join_leave_and_expire_through_kamailio(lab_kamailio, member_ua,

@@ -9,6 +9,7 @@ import asyncio
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,13 +17,20 @@ from pathlib import Path
 import pytest
 
 from sipmesh.agent.roster import RosterClient
+from sipmesh.broker.networks import NetworkStore
+from sipmesh.broker.registrar import RegistrarPolicy
+from sipmesh.broker.users import UsersFile
 from sipmesh.sip.message import Response
 from sipmesh.sip.ua import UserAgent
-from tests.lab import spawn, wait_for_async
+from tests.lab import Kamailio, spawn, wait_for_async
 from tests.peers.broker import make_ua, sip  # noqa: F401 (fixture)
 from tests.peers.raw import RawPeer
 
 PASSWORDS = {"alice": "a-pw", "bob": "b-pw", "carol": "c-pw", "mallory": "m-pw", "dave": "d-pw"}
+FAST = RegistrarPolicy(min_expires=2, max_expires=3600, default_expires=3600)
+DOCS_CFG = Path(__file__).resolve().parents[2] / "docs" / "kamailio" / "kamailio.cfg"
+MIGRATE = DOCS_CFG.with_name("users-to-dbtext.sh")
+USRLOC_TIMER = 1  # how often Kamailio looks for expired bindings
 
 
 @pytest.fixture
@@ -116,3 +124,40 @@ async def raw_with_auth(peer: RawPeer, broker, user: str, method: str, headers: 
         if response.status not in (401, 407):
             return response
     return response
+
+
+# ------------------------------------------------------------------ the network on each server
+
+@pytest.fixture
+async def lab_broker(make_broker, tmp_path):  # noqa: F811
+    """An in-process broker with network lab (alice, bob, carol; mallory has credentials in
+    the realm but is no member; dave is a member in another network)."""
+    users = UsersFile(tmp_path / "users")
+    for user, password in PASSWORDS.items():
+        users.add("lab", user, password)
+    users.add("127.0.0.1", "alice", "domain-pw")
+    users.save()
+    db = tmp_path / "broker.db"
+    store = NetworkStore(db)
+    store.create("lab", "100.64.1.0/24")
+    store.add_members("lab", ["alice", "bob", "carol"])
+    store.create("other", "100.64.2.0/24")
+    store.add_members("other", ["dave"])
+    store.close()
+    return await make_broker(users_file=tmp_path / "users", db_path=db, registrar=FAST)
+
+
+@pytest.fixture
+def lab_kamailio(kamailio, tmp_path) -> Kamailio:
+    """Kamailio with the documented config; alice, bob, carol are members of lab (their
+    credentials are in realm lab); mallory's are in the served domain only."""
+    users = UsersFile(tmp_path / "users")
+    for user in ("alice", "bob", "carol"):
+        users.add("lab", user, PASSWORDS[user])
+    users.add("127.0.0.1", "mallory", PASSWORDS["mallory"])
+    users.save()
+    k: Kamailio = kamailio(template=DOCS_CFG, auth="none", start=False,  # auth is on in that file
+                           defines=['MESH_DOMAIN "127.0.0.1"', "MIN_EXPIRES 2", f"USRLOC_TIMER {USRLOC_TIMER}"])
+    subprocess.run(["sh", str(MIGRATE), str(tmp_path / "users"), str(k.db_dir)], check=True, timeout=30)
+    k.start()
+    return k
