@@ -60,6 +60,26 @@ def test_package_imports_only_the_layers_below(package: str) -> None:
     assert not violations, "layering broken:\n" + "\n".join(violations)
 
 
+# asyncio.wait_for loses a cancellation that meets the awaited result in Python 3.11 (a
+# stopped agent's refresh loop ran on for ever: the CI hang of test_roster): src uses
+# `async with asyncio.timeout(...)`. Modules that still use it, and why.
+WAIT_FOR_LEFT = {
+    "apps/mesh.py": "being reworked by the session-5 mesh work; to convert after its merge",
+}
+
+
+def test_src_bounds_waits_with_asyncio_timeout() -> None:
+    found = {}
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr == "wait_for"
+                    and isinstance(node.value, ast.Name) and node.value.id == "asyncio"):
+                found.setdefault(str(path.relative_to(SRC)), []).append(node.lineno)
+    new = {rel: lines for rel, lines in found.items() if rel not in WAIT_FOR_LEFT}
+    assert not new, f"asyncio.wait_for (use asyncio.timeout): {new}"
+    assert not set(WAIT_FOR_LEFT) - set(found), "converted: remove from WAIT_FOR_LEFT"
+
+
 TESTS = Path(__file__).resolve().parent
 
 

@@ -3,7 +3,7 @@ when it is gone (sip/ua/liveness.py, sip/ua/call.py).
 
 The rule is tested with plain clock values; then on loopback with our UA on both sides
 and raw-socket peers (T1 = 10 ms, tests/peers/helpers.FAST). The agents as processes, a
-peer SIGKILLed mid-session, are in tests/test_faults.py.
+peer SIGKILLed mid-session, are in tests/test_agent.py (a peer that dies).
 """
 
 from __future__ import annotations
