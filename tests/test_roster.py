@@ -18,8 +18,8 @@ from sipmesh.sip import reginfo
 from tests.lab import wait_for_async
 from tests.lab.broker import start_broker
 from tests.peers.broker import make_broker  # noqa: F401 (fixture)
-from tests.peers.roster import (FAST, PASSWORDS, lab_broker, make_ua, member_ua,  # noqa: F401 (fixture)
-                                raw_with_auth, roster_scenario)
+from tests.peers.roster import (FAST, KAMAILIO_DOC, PASSWORDS, lab_broker,  # noqa: F401 (fixture)
+                                make_ua, member_ua, raw_with_auth, roster_scenario)
 from tests.peers.raw import RawPeer
 
 # ------------------------------------------------------------------ the document and the state
@@ -56,18 +56,6 @@ def test_event_and_subscription_state_header_fields():
             parse_event(bad)
 
 
-# Kamailio 5.6's pua_reginfo writes this (usrloc_cb.c: build_reginfo_full), other attributes and all.
-KAMAILIO_DOC = b"""<?xml version="1.0"?>
-<reginfo xmlns="urn:ietf:params:xml:ns:reginfo" version="0" state="full">
-  <registration aor="sip:net-lab@127.0.0.1" id="0x7f0" state="active">
-    <contact id="0x7f1" state="active" event="registered" expires="298" callid="x" cseq="2" received="" path="" user_agent="sipmesh/0.1">
-      <uri>sip:alice@127.0.0.1:40001;mesh-ip=100.64.1.1</uri>
-    </contact>
-    <contact id="0x7f2" state="terminated" event="unregistered" expires="-1" callid="y" cseq="3">
-      <uri>sip:bob@127.0.0.1:40002</uri>
-    </contact>
-  </registration>
-</reginfo>"""
 
 
 def test_roster_state_turns_documents_into_joined_left_changed():

@@ -259,6 +259,7 @@ def _reginfo_seeds() -> list[bytes]:
     """Reg-event bodies: ours (sip/reginfo.py:serialise, full and partial) and Kamailio 5.6's
     pua_reginfo (usrloc_cb.c: build_reginfo_full, as test_roster reads it)."""
     from sipmesh.sip import reginfo as ri
+    from tests.peers.roster import KAMAILIO_DOC
 
     def doc(version: int, kind: str, *contacts: tuple[str, str, str | None]) -> bytes:
         return ri.serialise(ri.RegInfo(version, kind, [ri.RegistrationInfo(
@@ -266,18 +267,7 @@ def _reginfo_seeds() -> list[bytes]:
             [ri.ContactInfo(uri, f"c{i}", state, event, 60) for i, (uri, state, event)
              in enumerate(contacts)])]))
 
-    kamailio = b"""<?xml version="1.0"?>
-<reginfo xmlns="urn:ietf:params:xml:ns:reginfo" version="0" state="full">
-  <registration aor="sip:net-lab@127.0.0.1" id="0x7f0" state="active">
-    <contact id="0x7f1" state="active" event="registered" expires="298" callid="x" cseq="2" received="" path="" user_agent="sipmesh/0.1">
-      <uri>sip:alice@127.0.0.1:40001;mesh-ip=100.64.1.1</uri>
-    </contact>
-    <contact id="0x7f2" state="terminated" event="unregistered" expires="-1" callid="y" cseq="3">
-      <uri>sip:bob@127.0.0.1:40002</uri>
-    </contact>
-  </registration>
-</reginfo>"""
-    return [kamailio,
+    return [KAMAILIO_DOC,
             doc(0, "full", ("sip:alice@192.0.2.4:5072;mesh-ip=100.64.1.1", "active", None),
                 ("sip:carol@192.0.2.5:5072;mesh-ip=100.64.1.3", "active", None)),
             doc(1, "partial", ("sip:bob@192.0.2.6:5072;mesh-ip=100.64.1.2", "active", "registered")),

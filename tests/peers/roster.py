@@ -32,6 +32,19 @@ DOCS_CFG = Path(__file__).resolve().parents[2] / "docs" / "kamailio" / "kamailio
 MIGRATE = DOCS_CFG.with_name("users-to-dbtext.sh")
 USRLOC_TIMER = 1  # how often Kamailio looks for expired bindings
 
+# Kamailio 5.6's pua_reginfo writes this (usrloc_cb.c: build_reginfo_full), other attributes and all.
+KAMAILIO_DOC = b"""<?xml version="1.0"?>
+<reginfo xmlns="urn:ietf:params:xml:ns:reginfo" version="0" state="full">
+  <registration aor="sip:net-lab@127.0.0.1" id="0x7f0" state="active">
+    <contact id="0x7f1" state="active" event="registered" expires="298" callid="x" cseq="2" received="" path="" user_agent="sipmesh/0.1">
+      <uri>sip:alice@127.0.0.1:40001;mesh-ip=100.64.1.1</uri>
+    </contact>
+    <contact id="0x7f2" state="terminated" event="unregistered" expires="-1" callid="y" cseq="3">
+      <uri>sip:bob@127.0.0.1:40002</uri>
+    </contact>
+  </registration>
+</reginfo>"""
+
 
 @pytest.fixture
 def member_ua(make_ua):  # noqa: F811
