@@ -222,6 +222,7 @@ def test_a_crashing_program_ends_the_session_within_a_second(k, agents, tmp_path
     wait_for(lambda: (tmp_path / f"{other}.stopped").exists(), 10, interval=0.005,
              what=f"the {other}'s program stopped")
     took = time.monotonic() - crashed
+    print(f"{crashes} program SIGKILLed: BYE, and the {other}'s program stopped, {took:.3f} s later")
     assert took < 1.0, f"{took:.3f} s from the crash to the other program's SIGTERM"
     ender = call if crashes == "client" else serve
     assert "the application was killed by SIGKILL" in ender.log_text()

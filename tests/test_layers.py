@@ -1,4 +1,6 @@
-"""The layering of docs/DESIGN.md holds: each package imports only those below it."""
+"""The layering of docs/DESIGN.md holds: each package imports only those below it; no module
+uses another's private names; no test module imports another (shared pieces live in
+tests/lab/, tests/peers/ and conftest.py)."""
 
 from __future__ import annotations
 
@@ -56,6 +58,64 @@ def test_package_imports_only_the_layers_below(package: str) -> None:
             elif imported not in ALLOWED[package]:
                 violations.append(f"{module.relative_to(SRC)} imports sipmesh.{imported}")
     assert not violations, "layering broken:\n" + "\n".join(violations)
+
+
+# asyncio.wait_for loses a cancellation that meets the awaited result in Python 3.11 (a
+# stopped agent's refresh loop ran on for ever: the CI hang of test_roster): src uses
+# `async with asyncio.timeout(...)`. Modules that still use it, and why.
+WAIT_FOR_LEFT = {
+    "apps/mesh.py": "being reworked by the session-5 mesh work; to convert after its merge",
+}
+
+
+def test_src_bounds_waits_with_asyncio_timeout() -> None:
+    found = {}
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr == "wait_for"
+                    and isinstance(node.value, ast.Name) and node.value.id == "asyncio"):
+                found.setdefault(str(path.relative_to(SRC)), []).append(node.lineno)
+    new = {rel: lines for rel, lines in found.items() if rel not in WAIT_FOR_LEFT}
+    assert not new, f"asyncio.wait_for (use asyncio.timeout): {new}"
+    assert not set(WAIT_FOR_LEFT) - set(found), "converted: remove from WAIT_FOR_LEFT"
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def imports_of_test_modules(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, module) of every import of a test module: `import tests.test_x`, `from
+    tests.test_x import y`, `from tests import test_x`, `from .test_x import y`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            names = [module] + [f"{module.rstrip('.')}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found += [(node.lineno, name) for name in names
+                  if name.rpartition(".")[2].startswith("test_")]
+    return found
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared fixtures and helpers live in tests/lab/, tests/peers/ and conftest.py. (A module
+    running its own code in a subprocess, ``python -c "from tests.test_x import main"``, is a
+    string, not an import, and passes.)"""
+    found = [f"{path.relative_to(TESTS)}:{line}: {name}"
+             for path in sorted(TESTS.rglob("*.py"))
+             for line, name in imports_of_test_modules(ast.parse(path.read_text(), str(path)))]
+    assert not found, ("test modules imported (move the shared piece to tests/lab/, "
+                       "tests/peers/ or conftest.py):\n  " + "\n  ".join(found))
+
+
+def test_the_test_import_check_finds_one() -> None:
+    tree = ast.parse("from tests.test_a import x\nimport tests.test_b\nfrom . import test_c\n"
+                     "from .test_d import y\nfrom tests.lab import test_tools_present\n"
+                     "from tests.lab.mesh import Member\n")
+    assert [line for line, _ in imports_of_test_modules(tree)] == [1, 2, 3, 4, 5]
 
 
 def test_every_package_is_placed_in_a_layer() -> None:

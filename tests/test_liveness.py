@@ -3,7 +3,7 @@ when it is gone (sip/ua/liveness.py, sip/ua/call.py).
 
 The rule is tested with plain clock values; then on loopback with our UA on both sides
 and raw-socket peers (T1 = 10 ms, tests/peers/helpers.FAST). The agents as processes, a
-peer SIGKILLed mid-session, are in tests/test_faults.py.
+peer SIGKILLed mid-session, are in tests/test_agent.py (a peer that dies).
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ async def test_a_peer_that_vanishes_is_noticed_within_the_bound(make_ua, side):
     await wait_for_async(lambda: callee.calls and callee.calls[0].acked.is_set(), 3,
                          what="the call confirmed")
     ours, gone_ua = (call, bob) if side == "caller" else (callee.calls[0], alice)
-    await asyncio.sleep(0.3)  # probes answered meanwhile
+    first = ours.dialog.local_seq
+    # four probes span more than the bound (0.3 s): unanswered, the call would have ended
+    await wait_for_async(lambda: ours.dialog.local_seq >= first + 4, 3, what="four probes sent")
     assert not ours.ended.done()
     await gone_ua.stop()  # its sockets close: no answer, no BYE
     loop = asyncio.get_running_loop()

@@ -31,7 +31,7 @@ from sipmesh.sip.auth import compute_ha1
 from tests.lab import (Coturn, LabTimeout, NatLab, coturn_unavailable_reason,
                        kamailio_unavailable_reason, shipped_kamailio, spawn, wait_for,
                        wait_udp_listening)
-from tests.test_mesh_up import CREATED, SIPMESH, Member, full_mesh, handshakes_promptly
+from tests.lab.mesh import CREATED, SIPMESH, Member, full_mesh, handshakes_promptly
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
@@ -43,7 +43,7 @@ FIRST = ["h1", "h2", "p", "s1", "s2"]
 
 
 def pw(name: str) -> str:
-    return f"{name}-pw"   # what test_mesh_up.Member writes into its credentials file
+    return f"{name}-pw"   # what tests/lab/mesh.py:Member writes into its credentials file
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import NatLab, spawn, wait_for, wait_udp_listening
-from tests.test_mesh_up import CREATED, SIPMESH, Member
+from tests.lab.mesh import CREATED, SIPMESH, Member
 from sipmesh.broker.users import UsersFile
 
 class DaemonMember(Member):

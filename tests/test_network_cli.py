@@ -14,7 +14,7 @@ from sipmesh.agent.trust import (NetworkCA, TrustError, identity_public_text,
                                  load_certificate, load_identity, load_revocations,
                                  sign_session, verify_session)
 from sipmesh.apps.wireguard import keypair
-from tests.test_trust import private_texts
+from tests.lab.certs import private_texts
 
 SIPMESH = [sys.executable, "-m", "sipmesh"]
 

@@ -19,9 +19,8 @@ from sipmesh.ops.paths import Pair
 from tests.lab import wait_for_async
 from tests.peers.raw import RawPeer
 from tests.peers.broker import make_broker  # noqa: F401 (fixture)
-from tests.peers.roster import make_ua, member_ua, raw_with_auth  # noqa: F401 (fixture)
-from tests.test_roster import lab_broker  # noqa: F401 (fixture)
-from tests.test_roster_kamailio import lab_kamailio  # noqa: F401 (fixture)
+from tests.peers.roster import (lab_broker, lab_kamailio, make_ua, member_ua,  # noqa: F401 (fixture)
+                                raw_with_auth)
 
 BOB = Pair("bob", "up", "direct", "host pair 10.0.0.1:51820 <-> 10.0.0.2:51820", 0.4)
 CAROL = Pair("carol", "up", "via bob", "no direct path: symmetric NAT on both sides", 12.5)

@@ -22,8 +22,9 @@ from sipmesh.agent.portmap import (PROTOCOLS, PortmapError, PortMapper, default_
                                    parse_natpmp_address, parse_natpmp_map, parse_pcp,
                                    parse_ssdp, pcp_announce_request, pcp_map_request,
                                    ssdp_search)
+from tests.lab import wait_for_async
+from tests.lab.icepair import lab, session  # noqa: F401 - the ICE lab fixture, reused
 from tests.lab.miniupnpd import miniupnpd_unavailable_reason
-from tests.test_ice import lab, session  # noqa: F401 - the ICE lab fixture, reused
 
 NONCE = bytes(range(12))
 
@@ -218,9 +219,7 @@ async def test_pcp_on_loopback_maps_renews_and_deletes(monkeypatch):
         assert [(r[1], struct.unpack_from("!I", r, 4)[0]) for r in server.requests] == \
             [(0, 0), (1, portmap.LIFETIME)]
         nonce = server.requests[1][24:36]
-        deadline = time.monotonic() + 5
-        while len(server.requests) < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_for_async(lambda: len(server.requests) >= 3, 5, what="the renewal")
         renewal = server.requests[2]
         assert renewal[1] == 1 and renewal[24:36] == nonce
         assert struct.unpack_from("!H", renewal, 42)[0] == 41000   # asks for what it has
@@ -249,7 +248,7 @@ async def test_no_mapping_is_asked_for_loopback_host_candidates():
 
 @pytest.fixture
 def upnp_lab(lab):
-    """The ICE lab (tests/test_ice.py: broker with STUN and coturn, home hosts a and b, ...)
+    """The ICE lab (tests/lab/icepair.py: broker with STUN and coturn, home hosts a and b, ...)
     plus m, behind a symmetric NAT router that runs miniupnpd."""
     reason = miniupnpd_unavailable_reason()
     if reason:

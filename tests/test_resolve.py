@@ -26,7 +26,8 @@ from sipmesh.sip.transport.base import Flow
 from sipmesh.sip.transport.resolve import ResolveError, Resolver, Srv, srv_order
 from sipmesh.sip.uri import parse_sip_uri
 from sipmesh.sip.ua import CallFailed, UAConfig, UserAgent
-from tests.lab import Dnsmasq, dnsmasq_unavailable_reason, free_port, wait_for, wait_udp_listening
+from tests.lab import (Dnsmasq, dnsmasq_unavailable_reason, free_port, wait_for, wait_for_async,
+                       wait_udp_listening)
 from tests.peers.broker import sip
 from tests.peers.raw import RawPeer
 
@@ -200,7 +201,8 @@ def test_proxy_resolves_next_hops_and_answers_503_for_a_name_that_does_not(lab, 
                 caller.send(reply, here)
             relayed, _ = await sink.recv()
             assert isinstance(relayed, Response) and relayed.call_id.startswith("stray-spindle")
-            await _until(lambda: "no such name: nowhere.example.com" in caplog.text)
+            await wait_for_async(lambda: "no such name: nowhere.example.com" in caplog.text, 5,
+                                 what="the unresolvable name logged")
         finally:
             caller.close()
             sink.close()
@@ -268,14 +270,6 @@ def test_user_agent_finds_its_servers_by_naptr_and_srv(lab):
         assert flow == Flow("UDP", "127.0.0.1", lab.sink_port)
 
     asyncio.run(main())
-
-
-async def _until(predicate, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 # -- a broker process (uvloop) where nothing resolves --------------------------------------------

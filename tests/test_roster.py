@@ -13,18 +13,14 @@ import pytest
 from sipmesh.agent.errors import AgentError
 from sipmesh.agent.roster import NeedFullState, RosterClient, RosterState, member_of
 from sipmesh.broker.networks import NetworkStore
-from sipmesh.broker.registrar import RegistrarPolicy
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip import reginfo
 from tests.lab import wait_for_async
 from tests.lab.broker import start_broker
 from tests.peers.broker import make_broker  # noqa: F401 (fixture)
-from tests.peers.roster import (PASSWORDS, gruu_scenario, make_ua, member_ua, raw_with_auth,  # noqa: F401 (fixture)
-                                roster_scenario)
+from tests.peers.roster import (FAST, KAMAILIO_DOC, PASSWORDS, gruu_scenario, lab_broker,  # noqa: F401 (fixture)
+                                make_ua, member_ua, raw_with_auth, roster_scenario)
 from tests.peers.raw import RawPeer
-
-FAST = RegistrarPolicy(min_expires=2, max_expires=3600, default_expires=3600)
-
 
 # ------------------------------------------------------------------ the document and the state
 
@@ -60,18 +56,6 @@ def test_event_and_subscription_state_header_fields():
             parse_event(bad)
 
 
-# Kamailio 5.6's pua_reginfo writes this (usrloc_cb.c: build_reginfo_full), other attributes and all.
-KAMAILIO_DOC = b"""<?xml version="1.0"?>
-<reginfo xmlns="urn:ietf:params:xml:ns:reginfo" version="0" state="full">
-  <registration aor="sip:net-lab@127.0.0.1" id="0x7f0" state="active">
-    <contact id="0x7f1" state="active" event="registered" expires="298" callid="x" cseq="2" received="" path="" user_agent="sipmesh/0.1">
-      <uri>sip:alice@127.0.0.1:40001;mesh-ip=100.64.1.1</uri>
-    </contact>
-    <contact id="0x7f2" state="terminated" event="unregistered" expires="-1" callid="y" cseq="3">
-      <uri>sip:bob@127.0.0.1:40002</uri>
-    </contact>
-  </registration>
-</reginfo>"""
 
 
 def test_roster_state_turns_documents_into_joined_left_changed():
@@ -101,25 +85,6 @@ def test_roster_state_turns_documents_into_joined_left_changed():
 
 
 # ------------------------------------------------------------------ over SIP, our broker
-
-@pytest.fixture
-async def lab_broker(make_broker, tmp_path):  # noqa: F811
-    """An in-process broker with network lab (alice, bob, carol; mallory has credentials in
-    the realm but is no member; dave is a member in another network)."""
-    users = UsersFile(tmp_path / "users")
-    for user, password in PASSWORDS.items():
-        users.add("lab", user, password)
-    users.add("127.0.0.1", "alice", "domain-pw")
-    users.save()
-    db = tmp_path / "broker.db"
-    store = NetworkStore(db)
-    store.create("lab", "100.64.1.0/24")
-    store.add_members("lab", ["alice", "bob", "carol"])
-    store.create("other", "100.64.2.0/24")
-    store.add_members("other", ["dave"])
-    store.close()
-    return await make_broker(users_file=tmp_path / "users", db_path=db, registrar=FAST)
-
 
 async def test_three_members_see_each_other_join_leave_and_expire(lab_broker, member_ua, tmp_path):
     # addresses come from the broker's allocation (the members claim none)

@@ -7,41 +7,20 @@ at a member's public GRUU reaches that member alone."""
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 
 from sipmesh.agent.errors import AgentError
 from sipmesh.agent.roster import RosterClient
-from sipmesh.broker.users import UsersFile
-from tests.lab import Kamailio, kamailio_unavailable_reason, shipped_kamailio, wait_for_async
-from tests.peers.roster import PASSWORDS, gruu_scenario, make_ua, member_ua, roster_scenario  # noqa: F401 (fixture)
+from tests.lab import kamailio_unavailable_reason, wait_for_async
+from tests.peers.roster import (PASSWORDS, USRLOC_TIMER, gruu_scenario, lab_kamailio,  # noqa: F401 (fixture)
+                                make_ua, member_ua, roster_scenario)
 
 # Each member claims its address (Kamailio allocates none; later it comes from its certificate).
 ADDRESSES = {"alice": "100.64.1.1", "bob": "100.64.1.2", "carol": "100.64.1.3", "mallory": "100.64.1.9"}
 REGISTER_EXPIRES = 3  # what the members ask for; MIN_EXPIRES below lets it through
-USRLOC_TIMER = 1  # how often Kamailio looks for expired bindings
 
 pytestmark = pytest.mark.skipif(kamailio_unavailable_reason() is not None,
                                 reason=str(kamailio_unavailable_reason()))
-
-
-@pytest.fixture
-def lab_kamailio(tmp_path) -> Iterator[Kamailio]:
-    """Kamailio with the documented config; alice, bob, carol are members of lab (their
-    credentials are in realm lab); mallory's are in the served domain only."""
-    users = UsersFile(tmp_path / "users")
-    for user in ("alice", "bob", "carol"):
-        users.add("lab", user, PASSWORDS[user])
-    users.add("127.0.0.1", "mallory", PASSWORDS["mallory"])
-    users.save()
-    k = shipped_kamailio(tmp_path / "kamailio", tmp_path / "users", mesh_domain="127.0.0.1",
-                         defines=["MIN_EXPIRES 2", f"USRLOC_TIMER {USRLOC_TIMER}"])
-    k.start()
-    try:
-        yield k
-    finally:
-        k.stop()
 
 
 async def test_three_members_see_each_other_join_leave_and_expire_through_kamailio(lab_kamailio, member_ua,

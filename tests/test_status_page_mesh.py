@@ -20,7 +20,7 @@ import pytest
 
 from tests.lab import NatLab, wait_for, wait_tcp_listening
 from tests.lab.chromium import Chromium, chromium_binary
-from tests.test_mesh_up import MEMBERS, Member, mesh_lab
+from tests.lab.mesh import MEMBERS, Member, mesh_lab
 
 PAGE = 8080
 NETWORK = "document.querySelector('.network[data-network=lab]')"

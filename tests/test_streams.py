@@ -2,9 +2,9 @@
 on loopback, a real TCP service behind the answering side, programs connecting to the
 calling side's local port. Many streams at once, 50 MB byte-identical, half-close both
 ways, back-pressure, certificates that do not match, a peer that goes away. Then in the NAT
-lab (sipmesh/lab/topology.py, the lab of test_ice.py): an HTTP fetch between two home hosts
+lab (sipmesh/lab/topology.py, tests/lab/icepair.py): an HTTP fetch between two home hosts
 (direct) and from a symmetric NAT to a home host (through coturn), over the transport
-alone and in whole `sipmesh serve`/`call` sessions (the lab of test_ice_sessions.py)."""
+alone and in whole `sipmesh serve`/`call` sessions (tests/lab/icelab.py)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from sipmesh.agent.streams import STREAM_WINDOW, StreamError, StreamTransport
 from tests.lab import free_port, spawn, wait_for, wait_tcp_listening
 from tests.peers.broker import make_broker  # noqa: F401 (fixture)
 from tests.peers.tcp import Target, digest_then_reply, echo, read_digest
-from tests.test_ice import lab, session  # noqa: F401 (fixture)
-from tests.test_ice_sessions import SIPMESH, ice_lab  # noqa: F401 (fixture)
-from tests.test_ice_sessions import password as ice_password
+from tests.lab.icepair import lab, session  # noqa: F401 (fixture)
+from tests.lab.icelab import SIPMESH, ice_lab  # noqa: F401 (fixture)
+from tests.lab.natsite import password as ice_password
 
 MB = 1 << 20
 
@@ -482,7 +482,7 @@ def test_a_tcp_session_across_nat_fetches_a_page(ice_lab, tmp_path, caller, call
 
 
 def ice_agent(ice_lab, user: str) -> list[str]:
-    """The common options of an agent in the lab of tests/test_ice_sessions.py. SIP over
+    """The common options of an agent in the lab of tests/lab/icelab.py. SIP over
     TCP: an INVITE with three candidates and a fingerprint passes 1300 bytes, and the
     broker then forwards it over TCP (RFC 3261 §18.1.1), which a UA registered over UDP
     from behind a NAT cannot take (see the report of branch quic)."""

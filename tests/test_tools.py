@@ -40,10 +40,15 @@ def test_program_is_installed_by_scripts_install(program: str) -> None:
         f"{program} is not installed: run 'bash scripts/install --test' (Debian package {package})"
 
 
-def test_kamailios_presence_modules_are_installed() -> None:
-    """The mesh roster on Kamailio (tests/test_roster_kamailio.py) loads these modules."""
-    assert "kamailio-presence-modules" in apt_packages()
+@pytest.mark.parametrize("package, names", [
+    # the mesh roster on Kamailio (tests/test_roster_kamailio.py)
+    ("kamailio-presence-modules", ("presence", "presence_reginfo", "pua", "pua_reginfo")),
+    # Kamailio's digest check by RADIUS (tests/test_radius.py)
+    ("kamailio-radius-modules", ("auth_radius",)),
+])
+def test_kamailios_extra_modules_are_installed(package: str, names: tuple[str, ...]) -> None:
+    assert package in apt_packages()
     modules = sorted(Path("/usr/lib").glob("*/kamailio/modules")) + [Path("/usr/lib/kamailio/modules")]
-    for name in ("presence", "presence_reginfo", "pua", "pua_reginfo"):
+    for name in names:
         assert any((d / f"{name}.so").exists() for d in modules), \
-            f"Kamailio's {name} module is missing: run 'bash scripts/install --test' (kamailio-presence-modules)"
+            f"Kamailio's {name} module is missing: run 'bash scripts/install --test' ({package})"

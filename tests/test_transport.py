@@ -7,6 +7,7 @@ Every address used here is a loopback address; a Via naming another host names
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Callable
 
@@ -527,12 +528,15 @@ async def test_udp_keep_alives_are_stun_and_tell_our_public_address(layers, raw_
     assert (await next_message(peer)).status == 200
 
 
-async def test_tcp_keep_alives_are_double_crlf_on_our_own_connection(layers) -> None:
+async def test_tcp_keep_alives_are_double_crlf_on_our_own_connection(layers, caplog) -> None:
     """RFC 5626 §4.4.1; without a connection nothing is sent (none is opened for it)."""
     received = bytearray()
     got_ping = asyncio.Event()
+    accepted = 0
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
         while data := await reader.read(4096):
             received.extend(data)
             if received.endswith(b"\r\n\r\n\r\n\r\n"):  # the message's blank line, then a ping
@@ -544,10 +548,13 @@ async def test_tcp_keep_alives_are_double_crlf_on_our_own_connection(layers) -> 
     client = layers(Inbox())
     await client.listen("TCP", "127.0.0.1", 0)
     flow = Flow("TCP", "127.0.0.1", port)
+    caplog.set_level(logging.DEBUG, logger="sipmesh.sip.transport")
     keeping = asyncio.ensure_future(client.keep_alive(flow, interval=0.05))
     try:
-        await asyncio.sleep(0.2)  # a few keep-alives find no connection: nothing is sent
-        assert not client.has_connection(flow)
+        await wait_for_async(lambda: sum("no connection, none opened" in r.getMessage()
+                                         for r in caplog.records) >= 3, 5,
+                             what="three keep-alives that found no connection")
+        assert not client.has_connection(flow) and accepted == 0
         await client.send(parse_message(options("SIP/2.0/TCP 127.0.0.1:9")), flow)
         await asyncio.wait_for(got_ping.wait(), 5)
     finally:

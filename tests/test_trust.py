@@ -15,7 +15,6 @@ import os
 import stat
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,6 +28,7 @@ from sipmesh.agent.trust import (MAX_SKEW, MemberCertificate, NetworkCA, Revocat
                                  session_message, sign_session, verify_session)
 from sipmesh.apps.wireguard import keypair
 from sipmesh.sip.sdp import SDPError
+from tests.lab.certs import private_texts
 
 NOW = 1_800_000_000.0
 CALL_ID = "a84b4c76e66710@alice.example"
@@ -474,17 +474,6 @@ def test_identity_key_file_is_0600_and_never_replaced(tmp_path):
     with pytest.raises(TrustError) as caught:
         load_identity(path)
     assert "not a key" not in str(caught.value)  # the file's content is never echoed
-
-
-def private_texts(key: Ed25519PrivateKey) -> list[str]:
-    """Every form a private key could leak in: its raw seed in base64, base64url and hex,
-    and the PEM body."""
-    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                            serialization.NoEncryption())
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
-    return [base64.b64encode(raw).decode().rstrip("="), b64url(raw), raw.hex(),
-            "".join(pem.splitlines()[1:-1])]
 
 
 def test_no_private_key_in_reprs_errors_or_logs(ca, alice, caplog):

@@ -19,11 +19,10 @@ import re
 import secrets
 import select
 import socket
-import sys
 import time
-from pathlib import Path
 
 from tests.fuzz.runner import seed_files
+from tests.peers.raw import RawPeer, is_final
 
 MAX_DATAGRAM = 65_507
 
@@ -116,29 +115,25 @@ def _status(data: bytes) -> int | None:
 
 
 class Prober:
-    """Valid requests over UDP, retransmitted (T1 = 0.5 s) until a final answer or 4 s."""
+    """Valid requests over UDP (the raw peer of tests/peers/raw.py), retransmitted (T1 = 0.5 s)
+    until a final answer or 4 s."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
+        self.peer = RawPeer(lenient=True)
+        self.port = self.peer.port
         self.results: list[dict] = []
 
     def ask(self, what: str, data: bytes, addr: tuple[str, int]) -> int | None:
-        call_id = _call_id(data)
-        deadline, resend = time.monotonic() + 4.0, 0.0
+        call_id = _call_id(data).decode()
+        deadline = time.monotonic() + 4.0
         status = None
-        while status is None and time.monotonic() < deadline:
-            if time.monotonic() >= resend:
-                self.sock.sendto(data, addr)
-                resend = time.monotonic() + 0.5
-            ready, _, _ = select.select([self.sock], [], [], 0.05)
-            while ready:
-                answer = self.sock.recv(65535)
-                code = _status(answer)
-                if _call_id(answer) == call_id and code is not None and code >= 200:
-                    status = code
-                ready, _, _ = select.select([self.sock], [], [], 0)
+        while status is None and (remaining := deadline - time.monotonic()) > 0:
+            self.peer.send(data, addr)
+            try:
+                answer, _ = self.peer.expect_blocking(is_final(call_id), min(0.5, remaining), what)
+                status = answer.status
+            except AssertionError:
+                pass  # retransmit
         self.results.append({"what": what, "status": status})
         return status
 

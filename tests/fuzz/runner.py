@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "fuzz" / "corpus"
 DATA = ROOT / "tests" / "data"
 TARGET_NAMES = ("message", "stream", "uri", "headers", "digest", "sdp", "attributes", "stun",
-                "trust", "portmap")
+                "trust", "portmap", "ice", "reginfo", "paths")
 
 # Seeds beyond tests/fuzz/corpus/<target>: the RFC torture vectors, kept where the torture
 # tests read them.

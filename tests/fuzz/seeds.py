@@ -1,7 +1,8 @@
 """Make the committed seed corpus of the fuzz targets (tests/fuzz/corpus/<target>/).
 
     python -m tests.fuzz.seeds capture   # SIP from SIPp, Kamailio and baresip (root, tcpdump)
-    python -m tests.fuzz.seeds derive    # URI, header, digest, SDP, a=, stream, STUN, trust, portmap seeds
+    python -m tests.fuzz.seeds derive    # URI, header, digest, SDP, a=, stream, STUN, trust, portmap,
+                                         # ICE, reginfo and paths seeds
 
 ``capture`` runs real third-party SIP software on loopback, as the tests do (SIPp
 registering with digest and calling through the sipmesh broker, SIPp through Kamailio,
@@ -228,6 +229,62 @@ def _attribute_seeds() -> list[bytes]:
     return [re.sub(rb"(?m)^o=(\S+) \d+ \d+ ", rb"o=\1 1169538046 1169538046 ", body) for body in out]
 
 
+def _ice_seeds() -> list[bytes]:
+    """Offers and answers as the agent writes them (agent/ice.py:render in build_sdp): host,
+    server-reflexive, relayed and IPv6 candidates, with and without end-of-candidates."""
+    from sipmesh.agent.attributes import build_sdp
+    from sipmesh.agent.ice import Candidate, IceDescription, render
+
+    def cand(foundation: str, host: str, port: int, kind: str, priority: int, **extra: object) -> Candidate:
+        return Candidate(foundation=foundation, component=1, transport="udp", priority=priority,
+                         host=host, port=port, type=kind, **extra)
+
+    pwd = "Jk8s0dLq2vTz9PmWc4Rn7e"
+    descriptions = [
+        IceDescription("Ab3x", pwd, [cand("1", "10.1.0.2", 40000, "host", 2130706431),
+                                     cand("2", "203.0.113.3", 50000, "srflx", 1694498815,
+                                          related_address="10.1.0.2", related_port=40000),
+                                     cand("3", "198.51.100.9", 49152, "relay", 16777215,
+                                          related_address="203.0.113.3", related_port=50000)]),
+        IceDescription("w9Zq", pwd + "x", [cand("4", "2001:db8::5", 40002, "host", 2130706175)],
+                       complete=False),
+        IceDescription("trickle+/", pwd, []),
+    ]
+    out = [build_sdp(username="agent", address="10.1.0.2", media="application", proto="udp",
+                     port=9, attributes=[("PORT", "40000"), *render(d)]) for d in descriptions]
+    return [re.sub(rb"(?m)^o=(\S+) \d+ \d+ ", rb"o=\1 1169538046 1169538046 ", body) for body in out]
+
+
+def _reginfo_seeds() -> list[bytes]:
+    """Reg-event bodies: ours (sip/reginfo.py:serialise, full and partial) and Kamailio 5.6's
+    pua_reginfo (usrloc_cb.c: build_reginfo_full, as test_roster reads it)."""
+    from sipmesh.sip import reginfo as ri
+    from tests.peers.roster import KAMAILIO_DOC
+
+    def doc(version: int, kind: str, *contacts: tuple[str, str, str | None]) -> bytes:
+        return ri.serialise(ri.RegInfo(version, kind, [ri.RegistrationInfo(
+            "sip:net-lab@example.org", "r", "active",
+            [ri.ContactInfo(uri, f"c{i}", state, event, 60) for i, (uri, state, event)
+             in enumerate(contacts)])]))
+
+    return [KAMAILIO_DOC,
+            doc(0, "full", ("sip:alice@192.0.2.4:5072;mesh-ip=100.64.1.1", "active", None),
+                ("sip:carol@192.0.2.5:5072;mesh-ip=100.64.1.3", "active", None)),
+            doc(1, "partial", ("sip:bob@192.0.2.6:5072;mesh-ip=100.64.1.2", "active", "registered")),
+            doc(2, "partial", ("sip:bob@192.0.2.6:5072", "terminated", "expired"))]
+
+
+def _paths_seeds() -> list[bytes]:
+    """Documents as agent/pathreport.py publishes them (ops/paths.py:serialise)."""
+    from sipmesh.ops.paths import Pair, serialise
+    return [serialise("alice", [Pair("bob", "up", "direct", rtt_ms=0.412),
+                                Pair("carol", "up", "relayed", rtt_ms=12.5)]),
+            serialise("alice", [Pair("bob", "connecting", "none"),
+                                Pair("carol", "failed", "none", "every check failed")]),
+            serialise("alice", [Pair("carol", "up", "via bob", rtt_ms=3.0)]),
+            serialise("alice", [])]
+
+
 def _stun_seeds() -> list[bytes]:
     """STUN as ICE and TURN send it (RFC 8489, 8445, 8656), built with aioice."""
     from aioice.stun import Class, Message, Method
@@ -346,6 +403,9 @@ def derive() -> None:
         _write("trust", data, seen)
     for data in _portmap_seeds():
         _write("portmap", data, seen)
+    for target, made in (("ice", _ice_seeds()), ("reginfo", _reginfo_seeds()), ("paths", _paths_seeds())):
+        for data in made:
+            _write(target, data, seen)
     for body in _attribute_seeds():
         _write("sdp", body, seen)
         _write("attributes", body + b"a=PORT:8000\r\n", seen)

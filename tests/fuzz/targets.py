@@ -2,9 +2,10 @@
 
 Each target takes arbitrary bytes and drives one parser the way the running code does.
 It returns normally when the parser accepted the input or refused it with its own error
-type (ParseError, AuthError, SDPError, ParamError; for aioice's STUN parser ValueError and
-struct.error); anything else escaping a target is a crash, and so is an accepted message or
-SDP body whose serialisation is refused. Hangs and memory growth are caught by the fuzzer around it (tests/fuzz/harness.py).
+type (ParseError, AuthError, SDPError, ParamError, IceError, RegInfoError, PathsError; for
+aioice's STUN parser ValueError and struct.error); anything else escaping a target is a
+crash, and so is an accepted message, SDP body, ICE description or paths document whose
+serialisation is refused or reads back differently. Hangs and memory growth are caught by the fuzzer around it (tests/fuzz/harness.py).
 
 No atheris here: tests/test_fuzz.py replays the committed corpus through these functions
 in-process, and the harness imports this module under atheris' instrumentation.
@@ -21,11 +22,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sipmesh.agent.attributes import read_attribute_list, read_attributes
 from sipmesh.agent.memberrelay import offered_relay, parse_credential
+from sipmesh.agent.ice import IceError
+from sipmesh.agent.ice import parse as ice_parse
+from sipmesh.agent.ice import render as ice_render
 from sipmesh.agent.params import TYPES, Param, ParamError, param_type, validate
 from sipmesh.agent.portmap import (PortmapError, default_gateway, parse_natpmp_address,
                                    parse_natpmp_map, parse_pcp, parse_ssdp)
+from sipmesh.agent.roster import NeedFullState, RosterState
 from sipmesh.agent.trust import (MemberCertificate, NetworkCA, RevocationList, TrustError,
                                  verify_session)
+from sipmesh.ops.paths import Pair, PathsError
+from sipmesh.ops.paths import parse as parse_paths
+from sipmesh.ops.paths import serialise as serialise_paths
 from sipmesh.sip.auth import (AuthError, DigestClient, DigestServer, NonceManager, choose_challenge,
                               compute_ha1, is_stale, parse_auth_params)
 from sipmesh.sip.errors import ParseError
@@ -33,6 +41,7 @@ from sipmesh.sip.headers import (parse_address, parse_cseq, parse_date, parse_he
                                  split_list)
 from sipmesh.sip.message import (DEFAULT_LIMITS, Limits, Request, make_response,
                                  parse_message)
+from sipmesh.sip.reginfo import RegInfoError
 from sipmesh.sip.sdp import SDPError, parse_sdp
 from sipmesh.sip.transport.base import Flow, response_target, stamp_received
 from sipmesh.sip.transport.framing import StreamFramer
@@ -302,8 +311,63 @@ def portmap(data: bytes) -> None:
         pass
 
 
+# -- ICE attributes ---------------------------------------------------------------------------
+
+def ice(data: bytes) -> None:
+    """A peer's ICE attributes (agent/ice.py:parse) in an SDP body read as the agent reads
+    it: bad credentials are an IceError, a bad candidate is refused with a reason. What is
+    accepted renders to lines that parse to the same candidates."""
+    try:
+        description = ice_parse(read_attribute_list(data))
+    except (SDPError, ParamError, IceError):
+        return
+    if description is None:
+        return
+    again = ice_parse(ice_render(description))
+    assert again is not None
+    if [c.to_sdp() for c in again.candidates] != [c.to_sdp() for c in description.candidates]:
+        raise AssertionError(f"accepted candidates render differently: {description.candidates}")
+
+
+# -- a network's roster (RFC 3680 reginfo) ----------------------------------------------------
+
+def reginfo(data: bytes) -> None:
+    """A reg-event NOTIFY body as a member reads it (sip/reginfo.py through the agent's
+    RosterState): a refused document is a RegInfoError, a partial one out of order asks for
+    full state."""
+    state = RosterState("lab", me="carol")
+    try:
+        state.from_reginfo(data)
+    except (RegInfoError, NeedFullState):
+        pass
+
+
+# -- a member's paths (the PUBLISH body the broker reads) --------------------------------------
+
+PATHS_MEMBERS = ("alice", "bob", "carol")
+
+
+def paths(data: bytes) -> None:
+    """A member's sipmesh-paths document as the broker reads it (ops/paths.py); accepted
+    pairs serialise to a document that parses to the same pairs."""
+    try:
+        pairs = parse_paths(data, member="alice", members=PATHS_MEMBERS)
+    except PathsError:
+        return
+    again = parse_paths(serialise_paths("alice", pairs), member="alice", members=PATHS_MEMBERS)
+
+    def key(pair: Pair) -> tuple[object, ...]:  # the document carries RTTs to the microsecond
+        rtt = None if pair.rtt_ms is None else round(pair.rtt_ms, 3)
+        return pair.peer, pair.state, pair.path, pair.why, rtt
+
+    # (serialise drops the last pairs by name when the document would be too long)
+    if [key(p) for p in sorted(again, key=lambda p: p.peer)] != \
+            [key(p) for p in sorted(pairs, key=lambda p: p.peer)[:len(again)]]:
+        raise AssertionError(f"accepted pairs serialise differently: {pairs}")
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "message": message, "stream": stream, "uri": uri, "headers": headers,
     "digest": digest, "sdp": sdp, "attributes": attributes, "stun": stun, "trust": trust,
-    "portmap": portmap,
+    "portmap": portmap, "ice": ice, "reginfo": reginfo, "paths": paths,
 }

@@ -1,5 +1,5 @@
 """Test certificates made with `cryptography`: a CA, and server or client certificates
-it signs, written as PEM files."""
+it signs, written as PEM files; and every text form a private key could leak in."""
 
 from __future__ import annotations
 
@@ -92,3 +92,20 @@ def _write(directory: Path, stem: str, cert, key) -> tuple[Path, Path]:  # type:
                                            serialization.NoEncryption()))
     key_path.chmod(0o600)
     return cert_path, key_path
+
+
+def private_texts(key: "Ed25519PrivateKey") -> list[str]:
+    """Every form a private key could leak in: its raw seed in base64, base64url and hex,
+    and the PEM body."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    from sipmesh.agent.trust import b64url
+
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    return [base64.b64encode(raw).decode().rstrip("="), b64url(raw), raw.hex(),
+            "".join(pem.splitlines()[1:-1])]

@@ -13,18 +13,37 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from sipmesh.agent.roster import RosterClient
+from sipmesh.broker.networks import NetworkStore
+from sipmesh.broker.registrar import RegistrarPolicy
+from sipmesh.broker.users import UsersFile
 from sipmesh.sip.gruu import instance_of
 from sipmesh.sip.message import Response
 from sipmesh.sip.ua import CallFailed, IncomingCall, UserAgent
-from tests.lab import spawn, wait_for_async
+from tests.lab import Kamailio, shipped_kamailio, spawn, wait_for_async
 from tests.peers.broker import SDP_A, SDP_B, answering, make_ua, sip  # noqa: F401 (fixture)
 from tests.peers.raw import RawPeer
 
 PASSWORDS = {"alice": "a-pw", "bob": "b-pw", "carol": "c-pw", "mallory": "m-pw", "dave": "d-pw"}
+FAST = RegistrarPolicy(min_expires=2, max_expires=3600, default_expires=3600)
+USRLOC_TIMER = 1  # how often Kamailio looks for expired bindings
+
+# Kamailio 5.6's pua_reginfo writes this (usrloc_cb.c: build_reginfo_full), other attributes and all.
+KAMAILIO_DOC = b"""<?xml version="1.0"?>
+<reginfo xmlns="urn:ietf:params:xml:ns:reginfo" version="0" state="full">
+  <registration aor="sip:net-lab@127.0.0.1" id="0x7f0" state="active">
+    <contact id="0x7f1" state="active" event="registered" expires="298" callid="x" cseq="2" received="" path="" user_agent="sipmesh/0.1">
+      <uri>sip:alice@127.0.0.1:40001;mesh-ip=100.64.1.1</uri>
+    </contact>
+    <contact id="0x7f2" state="terminated" event="unregistered" expires="-1" callid="y" cseq="3">
+      <uri>sip:bob@127.0.0.1:40002</uri>
+    </contact>
+  </registration>
+</reginfo>"""
 
 
 @pytest.fixture
@@ -166,3 +185,42 @@ async def raw_with_auth(peer: RawPeer, broker, user: str, method: str, headers: 
         if response.status not in (401, 407):
             return response
     return response
+
+
+# ------------------------------------------------------------------ the network on each server
+
+@pytest.fixture
+async def lab_broker(make_broker, tmp_path):  # noqa: F811
+    """An in-process broker with network lab (alice, bob, carol; mallory has credentials in
+    the realm but is no member; dave is a member in another network)."""
+    users = UsersFile(tmp_path / "users")
+    for user, password in PASSWORDS.items():
+        users.add("lab", user, password)
+    users.add("127.0.0.1", "alice", "domain-pw")
+    users.save()
+    db = tmp_path / "broker.db"
+    store = NetworkStore(db)
+    store.create("lab", "100.64.1.0/24")
+    store.add_members("lab", ["alice", "bob", "carol"])
+    store.create("other", "100.64.2.0/24")
+    store.add_members("other", ["dave"])
+    store.close()
+    return await make_broker(users_file=tmp_path / "users", db_path=db, registrar=FAST)
+
+
+@pytest.fixture
+def lab_kamailio(tmp_path) -> Iterator[Kamailio]:
+    """Kamailio with the documented config; alice, bob, carol are members of lab (their
+    credentials are in realm lab); mallory's are in the served domain only."""
+    users = UsersFile(tmp_path / "users")
+    for user in ("alice", "bob", "carol"):
+        users.add("lab", user, PASSWORDS[user])
+    users.add("127.0.0.1", "mallory", PASSWORDS["mallory"])
+    users.save()
+    k = shipped_kamailio(tmp_path / "kamailio", tmp_path / "users", mesh_domain="127.0.0.1",
+                         defines=["MIN_EXPIRES 2", f"USRLOC_TIMER {USRLOC_TIMER}"])
+    k.start()
+    try:
+        yield k
+    finally:
+        k.stop()

@@ -336,7 +336,8 @@ class Endpoint:
         """Stop; wait up to `timeout` s for the sessions to end; unregister; stop the UA."""
         self.stopping.set()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
         except asyncio.TimeoutError:
             log.warning("%d sessions did not end in time", len(self.sessions))
         for task in list(self._registering):

@@ -532,12 +532,13 @@ class _Connection(aioice.Connection):
         for server, username, password in servers:
             for transport in transports:
                 try:
-                    candidate, protocol = await asyncio.wait_for(relayed_candidate(
-                        component=1, hide_related_address=False,
-                        protocol_factory=lambda: _RelayProtocol(self),
-                        turn_server=server, turn_username=username,
-                        turn_password=password, turn_ssl=False,
-                        turn_transport=transport), config.gather_timeout)
+                    async with asyncio.timeout(config.gather_timeout):
+                        candidate, protocol = await relayed_candidate(
+                            component=1, hide_related_address=False,
+                            protocol_factory=lambda: _RelayProtocol(self),
+                            turn_server=server, turn_username=username,
+                            turn_password=password, turn_ssl=False,
+                            turn_transport=transport)
                 except (OSError, asyncio.TimeoutError, stun.TransactionError,
                         ConnectionError) as e:
                     why = f"no relay from TURN {show_address(server)} over {transport.upper()}: " \
@@ -565,9 +566,10 @@ class _Connection(aioice.Connection):
             server = await _resolve(self.config.turn_server)
             if self.stun_server and server == await _resolve(self.stun_server):
                 return   # the same server twice tells nothing
-            response, _ = await asyncio.wait_for(protocol.request(
-                stun.Message(stun.Method.BINDING, stun.Class.REQUEST), server,
-                retransmissions=2), self.config.gather_timeout)
+            async with asyncio.timeout(self.config.gather_timeout):
+                response, _ = await protocol.request(
+                    stun.Message(stun.Method.BINDING, stun.Class.REQUEST), server,
+                    retransmissions=2)
         except (OSError, asyncio.TimeoutError, stun.TransactionError):
             return
         seen = response.attributes.get("XOR-MAPPED-ADDRESS")
@@ -849,7 +851,8 @@ class IceSession:
             await conn.add_remote_candidate(candidate)
         await conn.add_remote_candidate(None)
         try:
-            await asyncio.wait_for(conn.connect(), self.config.connect_timeout)
+            async with asyncio.timeout(self.config.connect_timeout):
+                await conn.connect()
         except (ConnectionError, asyncio.TimeoutError) as e:
             reason = "timed out" if isinstance(e, asyncio.TimeoutError) else "every check failed"
             report = self.path = self.snapshot()
@@ -881,9 +884,10 @@ class IceSession:
         request.attributes["SOFTWARE"] = DONE_MARK
         start = time.monotonic()
         try:
-            await asyncio.wait_for(pair.protocol.request(
-                request, pair.remote_addr, integrity_key=conn.remote_password.encode(),
-                retransmissions=2), timeout)
+            async with asyncio.timeout(timeout):
+                await pair.protocol.request(
+                    request, pair.remote_addr, integrity_key=conn.remote_password.encode(),
+                    retransmissions=2)
         except (stun.TransactionError, asyncio.TimeoutError, OSError):
             return None
         return time.monotonic() - start
@@ -896,7 +900,8 @@ class IceSession:
         after our own connect() returned; handing our socket to a program before that
         would leave the peer without a path, and the program with the peer's checks."""
         try:
-            await asyncio.wait_for(self.connection.peer_done.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.connection.peer_done.wait()
             return True
         except asyncio.TimeoutError:
             log.info("the peer did not confirm its path within %g s", timeout)
@@ -956,7 +961,8 @@ class IceSession:
         does not answer within `timeout` (it expires by itself anyway)."""
         self._closed_by_us = True
         try:
-            await asyncio.wait_for(asyncio.shield(self.connection.close()), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self.connection.close())
         except asyncio.TimeoutError:
             log.info("TURN server did not confirm the deletion of our relay within %g s", timeout)
 

@@ -541,8 +541,8 @@ async def _tcp(exchange: Exchange, clock: Callable[[], float]) -> None:
     server = exchange.probe.server.address
     assert server is not None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(*server),
-                                                max(0.0, exchange.deadline - clock()))
+        async with asyncio.timeout(max(0.0, exchange.deadline - clock())):
+            reader, writer = await asyncio.open_connection(*server)
     except asyncio.TimeoutError:
         exchange.finish(f"no TCP connection within {exchange.timeout:g} s")
         return
@@ -570,7 +570,8 @@ async def _tcp(exchange: Exchange, clock: Callable[[], float]) -> None:
         reading.cancel()
         writer.close()
         try:
-            await asyncio.wait_for(writer.wait_closed(), 0.5)
+            async with asyncio.timeout(0.5):
+                await writer.wait_closed()
         except (asyncio.TimeoutError, OSError):
             pass
 
@@ -586,7 +587,8 @@ async def netcheck(config: NetcheckConfig, *,
                         lifetime=config.timeout)
     progress("looking up the servers")
     try:
-        servers = await asyncio.wait_for(_resolve(config, resolver), config.timeout + 0.5)
+        async with asyncio.timeout(config.timeout + 0.5):
+            servers = await _resolve(config, resolver)
     except asyncio.TimeoutError:
         servers = [Server(role, name, error=f"no DNS answer within {config.timeout:g} s: "
                                              "check the name and DNS, or give an address")

@@ -376,7 +376,8 @@ async def _blocking(call: Callable[..., T], *args: Any, timeout: float = UPNP_TI
     """A blocking miniupnpc call in a thread; PortmapError after `timeout` (the thread
     ends by itself: miniupnpc's sockets have their own timeouts)."""
     try:
-        return await asyncio.wait_for(asyncio.to_thread(call, *args), timeout)
+        async with asyncio.timeout(timeout):
+            return await asyncio.to_thread(call, *args)
     except asyncio.TimeoutError:
         raise PortmapError(f"no answer within {timeout:g} s") from None
     except PortmapError:

@@ -237,10 +237,7 @@ class Registration:
         """Expires 0 for our binding; failures are logged, not raised (we are leaving)."""
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self.next_try = None
         if self.granted is None:

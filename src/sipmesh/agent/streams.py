@@ -403,7 +403,8 @@ class StreamTransport:
             self.quic.connect(_PEER, now=self.loop.time())
             self._wake()
         try:
-            await asyncio.wait_for(asyncio.shield(self._established), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._established)
         except asyncio.TimeoutError:
             self._end(f"no QUIC handshake with the peer within {timeout:g} s")
             await self._stop_tasks()
@@ -439,7 +440,8 @@ class StreamTransport:
                 self.quic.close(error_code=CLOSING, reason_phrase=reason[:100])
                 self._wake()
                 try:   # the CONNECTION_CLOSE goes out, then aioquic waits 3 PTO to drain
-                    await asyncio.wait_for(asyncio.shield(self._closed), timeout)
+                    async with asyncio.timeout(timeout):
+                        await asyncio.shield(self._closed)
                 except asyncio.TimeoutError:
                     pass
             self._end(reason)
@@ -649,8 +651,8 @@ class StreamTransport:
         deadline = self.loop.time() + self.connect_timeout
         while not pipe.done:
             try:
-                await asyncio.wait_for(self.loop.create_connection(lambda: pipe, host, port),
-                                       max(0.1, deadline - self.loop.time()))
+                async with asyncio.timeout(max(0.1, deadline - self.loop.time())):
+                    await self.loop.create_connection(lambda: pipe, host, port)
                 return
             except ConnectionRefusedError as exc:
                 if self.loop.time() < deadline:

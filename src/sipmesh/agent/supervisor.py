@@ -178,7 +178,8 @@ class Child:
             log.info("stopping %s (pid %d)", self.name, self.pid)
             self._kill_group(signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.shield(self.exited), grace)
+                async with asyncio.timeout(grace):
+                    await asyncio.shield(self.exited)
             except asyncio.TimeoutError:
                 log.warning("%s (pid %d) ignored SIGTERM for %gs: SIGKILL", self.name, self.pid, grace)
                 self._kill_group(signal.SIGKILL)

@@ -23,6 +23,7 @@ from sipmesh.broker import nat
 from sipmesh.broker.domains import LocalIdentity
 from sipmesh.sip.dialog import new_tag
 from sipmesh.sip.errors import ParseError
+from sipmesh.sip.grammar import MAGIC_COOKIE
 from sipmesh.sip.headers import parse_address, parse_via
 from sipmesh.sip.message import Request, Response, make_response, with_tag
 from sipmesh.sip.transaction.client import make_cancel
@@ -36,7 +37,7 @@ log = logging.getLogger("sipmesh.broker.proxy")
 # Our branches: magic cookie + "sm" + worker number + "." + loop hash + "." + unique part.
 # The worker number lets a multi-process broker hand a response to the process that
 # holds its client transaction; the loop hash implements §16.3 step 4.
-BRANCH_PREFIX = "z9hG4bKsm"
+BRANCH_PREFIX = MAGIC_COOKIE + "sm"
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 _PREFERRED_4XX = (401, 407, 415, 420, 484)  # §16.7 step 6: they tell how to resubmit
 

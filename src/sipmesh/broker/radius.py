@@ -235,7 +235,8 @@ class RadiusClient:
             return RadiusAnswer(Verdict.BUSY)
         self.outstanding += 1
         try:
-            reply = await asyncio.wait_for(self._ask(c, attributes), self.config.deadline + 1.0)
+            async with asyncio.timeout(self.config.deadline + 1.0):
+                reply = await self._ask(c, attributes)
         except (OSError, asyncio.TimeoutError) as exc:  # no answer, refused, unresolvable
             self.stats.unavailable += 1
             self._warn_unavailable(exc)

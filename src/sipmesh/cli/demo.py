@@ -213,12 +213,14 @@ async def _session(domain: str, out) -> dict[str, object]:
         await _started(caller, calling)
         results["port:" + CALLER_USER] = caller.ua.config.listen_port  # type: ignore[union-attr]
         try:
-            results["call"] = await asyncio.wait_for(calling, 30)
+            async with asyncio.timeout(30):
+                results["call"] = await calling
         except AgentError as exc:
             print(f"  [{CALLER_USER}] failed: {exc}", file=out)
             results["call"] = int(exc.code)
         try:
-            results["serve"] = await asyncio.wait_for(serving, 15)  # once: after the session
+            async with asyncio.timeout(15):  # once: after the session
+                results["serve"] = await serving
         except AgentError as exc:  # e.g. its program failed (Exit.APPLICATION)
             print(f"  [{SERVER_USER}] failed: {exc}", file=out)
             results["serve"] = int(exc.code)
@@ -227,7 +229,8 @@ async def _session(domain: str, out) -> dict[str, object]:
             agent.request_stop()
             if task is not None and not task.done():
                 try:
-                    await asyncio.wait_for(task, 15)
+                    async with asyncio.timeout(15):
+                        await task
                 except (AgentError, asyncio.TimeoutError):
                     pass
     results["sessions"] = server.sessions

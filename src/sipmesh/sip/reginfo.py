@@ -104,7 +104,9 @@ def _tree(data: bytes) -> _Element:
     """The document as elements named 'NAMESPACE local' (expat's namespace form)."""
     if len(data) > MAX_SIZE:
         raise RegInfoError(f"reginfo document of {len(data)} bytes (at most {MAX_SIZE})")
-    parser = expat.ParserCreate(namespace_separator=" ")
+    # UTF-8 whatever the document declares: an encoding declaration would otherwise make
+    # expat look up a Python codec by the sender's name (LookupError, found by fuzzing)
+    parser = expat.ParserCreate(encoding="UTF-8", namespace_separator=" ")
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
     stack: list[_Element] = []
     root: list[_Element] = []

@@ -285,7 +285,9 @@ class TransportLayer:
                     await self.stun_binding(flow, timeout=min(STUN_TIMEOUT, interval))
                 else:
                     conn = self._connections.get(flow)
-                    if conn is not None:
+                    if conn is None:
+                        log.debug("keep-alive to %s: no connection, none opened for it", flow)
+                    else:
                         conn.write(b"\r\n\r\n")
             except (OSError, asyncio.TimeoutError) as exc:
                 log.debug("keep-alive to %s: %s", flow, exc or "no answer")
@@ -301,7 +303,8 @@ class TransportLayer:
             if proto.transport is None or proto.transport.is_closing():
                 raise OSError("UDP listener closed")
             proto.transport.sendto(request, (flow.host, flow.port))
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                return await future
         finally:
             del self._stun_pending[transaction_id]
 
@@ -348,10 +351,10 @@ class TransportLayer:
                 context = self._client_tls or ssl.create_default_context()
                 name = self._tls_names.get((flow.host, flow.port))
             loop = asyncio.get_running_loop()
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, flow.transport, True),
-                                       flow.host, flow.port,
-                                       ssl=context, server_hostname=name), self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, flow.transport, True), flow.host, flow.port,
+                    ssl=context, server_hostname=name)
             # Outbound connections are indexed by the target we asked for.
             self._connections[flow] = conn
             fut.set_result(conn)

@@ -284,7 +284,8 @@ class Call:
                 self.adopt(new)
                 log.info("[%s] the session goes on in dialog %s", first, new.call_id)
             else:
-                await asyncio.wait_for(self._replaced.wait(), self.liveness.bound)
+                async with asyncio.timeout(self.liveness.bound):
+                    await self._replaced.wait()
         except (CallFailed, OSError, asyncio.TimeoutError) as exc:
             log.warning("[%s] the session could not be moved: %s", first,
                         exc or "no Replaces came")

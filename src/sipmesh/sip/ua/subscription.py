@@ -137,8 +137,10 @@ class Subscription:
             self._end("unsubscribed")
             return
         try:
-            await asyncio.wait_for(self.refresh(0), timeout)
-            await asyncio.wait_for(asyncio.shield(self.ended), timeout)
+            async with asyncio.timeout(timeout):
+                await self.refresh(0)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self.ended)
         except (asyncio.TimeoutError, OSError) as exc:
             log.debug("unsubscribe from %s: %r", self.target, exc)
         self._end("unsubscribed")
