@@ -12,18 +12,19 @@ import time
 import pytest
 
 from tests.lab import wait_for
-from tests.test_mesh_nat import CONSENT, nat_mesh, peers_of  # noqa: F401 - the fixture
-from tests.test_mesh_up import Member, full_mesh
+from tests.lab.mesh import Member, full_mesh
+from tests.lab.natmesh import CONSENT, claims, nat_mesh, peers_of  # noqa: F401 (the fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
 
-def test_symmetric_pair_goes_through_the_member_relay(nat_mesh) -> None:  # noqa: F811
+@pytest.mark.parametrize("nat_mesh", ["broker", "kamailio"], indirect=True)
+def test_symmetric_pair_goes_through_the_member_relay(nat_mesh, claims) -> None:  # noqa: F811
     lab, server, turn, run_dir = nat_mesh
     start = time.monotonic()
     extra = ("--turn", turn, "--consent-timeout", str(CONSENT))
-    members = {"p": Member(lab, "p", server, run_dir, *extra, "--relay", expires=300)}
-    members |= {n: Member(lab, n, server, run_dir, *extra, expires=300) for n in ("s1", "s2")}
+    members = {"p": Member(lab, "p", server, run_dir, *extra, *claims("p"), "--relay", expires=300)}
+    members |= {n: Member(lab, n, server, run_dir, *extra, *claims(n), expires=300) for n in ("s1", "s2")}
     for m in members.values():
         wait_for(m.ready, 20, what=f"{m.name} up", abort=m.proc.exit_reason)
     try:
@@ -63,7 +64,7 @@ def test_symmetric_pair_goes_through_the_member_relay(nat_mesh) -> None:  # noqa
                      "-j", "DROP"])
     down = members["s2"].sipmesh("down", "lab")
     assert down.returncode == 0, down.stderr
-    members["s2"] = Member(lab, "s2", server, run_dir, *extra, expires=300)
+    members["s2"] = Member(lab, "s2", server, run_dir, *extra, *claims("s2"), expires=300)
     wait_for(members["s2"].ready, 20, what="s2 up again", abort=members["s2"].proc.exit_reason)
     s2_ip = members["s2"].status()["mesh_ip"]
     wait_for(lambda: members["s1"].pings(s2_ip), 25, what="s1 pings s2 through coturn")
