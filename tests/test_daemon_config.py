@@ -306,3 +306,16 @@ def test_a_bad_network_option_is_refused_as_sipmesh_up_would(tmp_path) -> None:
                           source="n.toml", base_dir=tmp_path)
     with pytest.raises(AgentError, match="network x: .*--pool"):
         network_args("x", config.networks["x"].options, config.agent)
+
+
+def test_daemon_network_table_relays(tmp_path) -> None:
+    """`relay = true` in a [[network]] table is `sipmesh up --relay` (a string is refused)."""
+    from sipmesh.cli.up import network_args
+    from sipmesh.daemon.config import ConfigError, parse_config
+    config = parse_config(NETWORKS + '[[network]]\nname = "x"\nrelay = true\nrelay_port = 3479\n',
+                          source="n.toml", base_dir=tmp_path)
+    args = network_args("x", config.networks["x"].options, config.agent)
+    assert (args.relay, int(args.relay_port)) == (True, 3479)
+    assert network_args("lab", config.networks["lab"].options, config.agent).relay is False
+    with pytest.raises(ConfigError, match="relay: must be true or false"):
+        parse_config(NETWORKS + '[[network]]\nname = "x"\nrelay = "yes"\n', source="n.toml")

@@ -146,20 +146,6 @@ async def test_turnserver_enforces_the_rule(member_relay: MemberRelay) -> None:
         await asyncio.sleep(0.1)
 
 
-def test_daemon_network_table_relays(tmp_path) -> None:
-    """`relay = true` in a [[network]] table is `sipmesh up --relay` (a string is refused)."""
-    from sipmesh.cli.up import network_args
-    from sipmesh.daemon.config import ConfigError, parse_config
-    from tests.test_daemon_config import NETWORKS
-    config = parse_config(NETWORKS + '[[network]]\nname = "x"\nrelay = true\nrelay_port = 3479\n',
-                          source="n.toml", base_dir=tmp_path)
-    args = network_args("x", config.networks["x"].options, config.agent)
-    assert (args.relay, int(args.relay_port)) == (True, 3479)
-    assert network_args("lab", config.networks["lab"].options, config.agent).relay is False
-    with pytest.raises(ConfigError, match="relay: must be true or false"):
-        parse_config(NETWORKS + '[[network]]\nname = "x"\nrelay = "yes"\n', source="n.toml")
-
-
 def test_roster_advertises_the_relay() -> None:
     """`;mesh-relay=HOST:PORT` on a roster contact (agent/roster.py); a bad one is no relay."""
     from sipmesh.agent.roster import member_of
