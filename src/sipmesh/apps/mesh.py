@@ -666,11 +666,12 @@ class MeshMember:
 
     def _member_uri(self, name: str) -> Any:
         """Where a pair's INVITE goes: the network AOR, narrowed to `name` (the server
-        forwards over that member's roster binding, so NATs are no obstacle)."""
-        assert self.roster is not None
+        forwards over that member's roster binding, so NATs are no obstacle), at the
+        server that last answered us (each holds our roster bindings)."""
+        assert self.roster is not None and self.endpoint.ua is not None
         uri = self.roster.aor.copy()
         uri.params[MEMBER_PARAM] = name
-        return uri
+        return self.endpoint.ua.live_target(uri)
 
     # -- answering -------------------------------------------------------------------------
     async def _on_invite(self, incoming: IncomingCall) -> None:
