@@ -16,6 +16,7 @@ from sipmesh.broker.networks import NetworkStore
 from sipmesh.broker.registrar import RegistrarPolicy
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip import reginfo
+from sipmesh.sip.ua import UAConfig, UserAgent
 from tests.lab import wait_for_async
 from tests.lab.broker import start_broker
 from tests.peers.broker import make_broker  # noqa: F401 (fixture)
@@ -276,3 +277,57 @@ async def test_members_follow_the_roster_across_a_broker_restart(make_broker, me
     assert alice.mode == "push" and alice.subscription is not subscription
     await bob.stop()
     await alice.stop()
+
+
+async def test_with_two_servers_the_roster_is_the_union_of_theirs(make_broker, tmp_path):  # noqa: F811
+    """Two brokers with one network (imported from the first by the second, as docs/broker.md
+    has it): alice is a member at both; bob registered at the second only (he joined while
+    the first was down), carol at the first only. Alice sees both, each with the address
+    both brokers agree on; bob, at the second only, does not see carol; bob leaving is seen."""
+    users = UsersFile(tmp_path / "users")
+    for user in ("alice", "bob", "carol"):
+        users.add("lab", user, PASSWORDS[user])
+    users.save()
+    dbs = [tmp_path / "b1.db", tmp_path / "b2.db"]
+    first = NetworkStore(dbs[0])
+    first.create("lab", "100.64.3.0/24")
+    first.add_members("lab", ["alice", "bob", "carol"])
+    NetworkStore(dbs[1]).replace_all(first.export())
+    first.close()
+    brokers = [await make_broker(users_file=tmp_path / "users", db_path=db, registrar=FAST) for db in dbs]
+    servers = ["127.0.0.1:%d" % b.address("UDP")[1] for b in brokers]
+    uas = []
+
+    async def member(name: str, *at: str) -> RosterClient:
+        ua = UserAgent(UAConfig(user=name, domain=at[0], servers=at[1:], password=PASSWORDS[name],
+                                listen_port=0, transports=("UDP",)))
+        await ua.start()
+        uas.append(ua)
+        client = RosterClient(ua, "lab")
+        await client.start()
+        return client
+
+    try:
+        alice = await member("alice", *servers)
+        assert [r.state for r in alice.registrations] == ["registered", "registered"]
+        bob = await member("bob", servers[1])
+        carol = await member("carol", servers[0])
+        await wait_for_async(lambda: {m.name: m.mesh_ip for m in alice.members.values()} ==
+                             {"bob": "100.64.3.2", "carol": "100.64.3.3"}, 5, what=f"alice sees both ({alice.members})")
+        assert alice.mode == "push" and alice.mesh_ip == "100.64.3.1"
+        await wait_for_async(lambda: set(bob.members) == {"alice"}, 5, what=f"bob sees alice ({bob.members})")
+        assert "carol" not in bob.members
+        await bob.stop()
+
+        async def bob_left():
+            async for event in alice.events():
+                if event.kind == "left":
+                    return event
+        left = await asyncio.wait_for(bob_left(), 5)
+        assert (left.member.name, left.reason) == ("bob", "unregistered")
+        assert set(alice.members) == {"carol"}
+        await carol.stop()
+        await alice.stop()
+    finally:
+        for ua in uas:
+            await ua.stop()

@@ -170,15 +170,15 @@ class RosterState:
         return self._replace(found, {})
 
     def union(self, views: list["RosterState"], reasons: dict[str, str]) -> list[RosterEvent]:
-        """This roster made the union of `views` (each one server's): every contact any of
-        them lists (one listed twice: as the one that runs out last says). `reasons`: why
-        members left, as the views said."""
+        """This roster made the union of `views` (each one server's, ours in order): every
+        contact any of them lists; one listed by several as the first says (should two
+        servers give a member different mesh addresses, every member that lists the servers
+        in the same order takes the same one, and it does not flip with each refresh).
+        `reasons`: why members left, as the views said."""
         contacts: dict[str, tuple[Member, float]] = {}
         for view in views:
-            for key, (member, expires_at) in view._contacts.items():
-                held = contacts.get(key)
-                if held is None or expires_at > held[1]:
-                    contacts[key] = (member, expires_at)
+            for key, held in view._contacts.items():
+                contacts.setdefault(key, held)
         return self._replace(contacts, reasons)
 
     def clear(self, reason: str) -> list[RosterEvent]:
