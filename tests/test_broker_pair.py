@@ -25,6 +25,7 @@ import pytest
 from sipmesh.broker.location import LocationService
 from sipmesh.broker.users import UsersFile
 from sipmesh.daemon.control import query
+from sipmesh.lab.natsite import FORWARD_SERVICE
 from tests.lab import NatLab, netns_unavailable_reason, spawn, wait_for, wait_tcp_listening
 from tests.lab.agents import SIPMESH, app_argv, record
 from tests.lab.broker import BrokerServer
@@ -49,15 +50,7 @@ user = "{user}"
 password = "{password}"
 state_dir = "{run}/state-{user}"
 control_socket = "{run}/{user}.sock"
-
-[[service]]
-name = "fwd"
-kind = "forward"
-target = "127.0.0.1:{sink}"
-allow = ["*"]
-[service.call]
-local_port = {local}
-'''
+''' + FORWARD_SERVICE
 
 # The transfer: `sink PORT` takes one connection, says how much it has every 0.2 s and
 # answers EOF with "BYTES SHA256"; `source PORT STOPFILE` sends seeded random data, paced,
