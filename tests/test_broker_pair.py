@@ -208,9 +208,14 @@ class Member:
                            str(creds), "--state-dir", str(directory / "state"), "--ifname", ifname,
                            "--hosts-file", str(directory / "hosts"), "--expires", "60", "-v"],
                           netns=self.host.ns, cwd=pair.run, name=f"up-{user}",
-                          env=dict(os.environ, XDG_RUNTIME_DIR=str(directory / "run")),
+                          env={**os.environ, "XDG_RUNTIME_DIR": str(directory / "run")},
                           log_path=pair.run / f"up-{user}.log")
         pair.procs.append(self.proc)
+        self.env = dict(os.environ, XDG_RUNTIME_DIR=str(directory / "run"))
+
+    def status(self) -> str:
+        """`sipmesh status` as its user sees it."""
+        return self.host.run([SIPMESH, "status"], check=False, env=self.env, timeout=30).stdout
 
     def mesh_ip(self) -> str | None:
         if not self.socket.exists():
@@ -283,7 +288,7 @@ def test_a_broker_killed_under_running_sessions_then_back(pair: Pair, tmp_path) 
     os.kill(broker1.proc.popen.pid, signal.SIGKILL)
     broker1.proc.stop()
     pair.brokers[0] = None
-    killed = time.monotonic()
+    killed, at_kill = time.monotonic(), sunk()
 
     # a new call through the survivor (the caller registers while broker 1 is down)
     new = pair.agent("call", "a", "an", "--register-timeout", "2", "--",
@@ -295,7 +300,6 @@ def test_a_broker_killed_under_running_sessions_then_back(pair: Pair, tmp_path) 
     assert elapsed < NEW_CALL_BOUND, (elapsed, new.log_tail(30))
 
     # a member that joins now, through the survivor: it and those up before see each other
-    at_kill = sunk()
     mc, joining = pair.member("c", "mc"), time.monotonic()
     wait_for(mc.mesh_ip, MESH_JOIN_BOUND, what="mc up through broker 2", abort=mc.proc.exit_reason)
     assert mc.mesh_ip() not in (ma.mesh_ip(), mb.mesh_ip())
@@ -306,6 +310,9 @@ def test_a_broker_killed_under_running_sessions_then_back(pair: Pair, tmp_path) 
     print(f"a new member pings the others {time.monotonic() - joining:.2f} s after it started, "
           f"{time.monotonic() - killed:.2f} s after SIGKILL")
     assert pair.member_at(1, "mc") and not pair.member_at(0, "mc")  # (broker 1's store: as killed)
+    shown = mc.status()  # where it is a member: broker 2, not (yet) broker 1
+    assert f"{pair.hosts[1].ip}:5060 registered (roster push)" in shown, shown
+    assert f"{pair.hosts[0].ip}:5060 registered" not in shown, shown
     wait_for(lambda: sunk() > at_kill + 100_000, 10, what="the transfer going on without broker 1",
              abort=source.exit_reason)
 

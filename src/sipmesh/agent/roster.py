@@ -312,6 +312,10 @@ class RosterClient:
             uri.params[MESH_PARAM] = self._mesh_ip
         return Address(uri, params={"+sip.instance": f'"<{self.instance}>"'})
 
+    def describe(self) -> list[dict[str, object]]:
+        """Per server: our roster binding there (Registration.describe) and how we read it."""
+        return [{**view.registration.describe(), "roster": view.mode} for view in self.views]
+
     def aor_at(self, server: str) -> SipURI:
         """The network AOR as a request to `server` names it."""
         at = parse_sip_uri(f"sip:{server}")
@@ -385,7 +389,7 @@ class RosterClient:
                                                        expires=self.subscribe_expires)
         except (OSError, CallFailed, TimeoutError) as exc:
             log.warning("network %s: cannot subscribe to the roster at %s (%s): polling",
-                        self.network, view.server, exc or "no answer")
+                        self.network, view.server, str(exc) or "no answer")
             view.mode = "poll"
             return False
         if subscription.ended.done():

@@ -915,6 +915,7 @@ class MeshMember:
         return {"network": self.network, "member": self.me, "interface": self.ifname,
                 "mesh_ip": self.mesh_ip, "pool": self.pool, "wg_port": self.port, "wg_pubkey": self.wg_pubkey,
                 "roster": self.roster.mode if self.roster else "starting",
+                "servers": self.roster.describe() if self.roster else [],
                 "trust": "ca" if self.config.trust else "roster",
                 "path_reports": self.reporter.state if self.reporter else "starting", "peers": peers}
 

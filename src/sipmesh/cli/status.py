@@ -129,6 +129,11 @@ def render_networks(networks: list[dict[str, Any]], now: float | None = None) ->
                    f"{net.get('interface')} (WireGuard port {net.get('wg_port')}, roster "
                    f"{net.get('roster')}, trust {net.get('trust')}, paths reported to the server: "
                    f"{net.get('path_reports', '-')})")
+        servers = net.get("servers", [])
+        if len(servers) > 1:  # a broker pair: how we stand at each
+            out.append("servers: " + ", ".join(
+                f"{_server(r)} {r.get('state')}{': ' + str(r['error']) if r.get('error') else ''}"
+                f" (roster {r.get('roster')})" for r in servers))
         peers = net.get("peers", [])
         if not peers:
             out += ["no peers", ""]
