@@ -100,6 +100,35 @@ def test_roster_state_turns_documents_into_joined_left_changed():
     assert member_of("sip:%00bad@h") is None
 
 
+def test_the_union_of_two_servers_rosters():
+    """Each server's roster on its own, the member acts on their union: a member listed by
+    either is in; one that both list with different addresses has the first server's; one
+    is gone only when neither lists it."""
+    def doc(version: int, *uris: str) -> bytes:
+        return reginfo.serialise(reginfo.RegInfo(version, "full", [reginfo.RegistrationInfo(
+            "sip:net-lab@example.org", "r", "active",
+            [reginfo.ContactInfo(uri, f"c{i}", "active", None, 60) for i, uri in enumerate(uris)])]))
+
+    first, second, union = (RosterState("lab", me="alice") for _ in range(3))
+    first.from_reginfo(doc(1, "sip:alice@192.0.2.1:5060;mesh-ip=100.64.1.1",
+                           "sip:carol@192.0.2.3:5060;mesh-ip=100.64.1.3"))
+    second.from_reginfo(doc(1, "sip:alice@192.0.2.1:5060;mesh-ip=100.64.1.1",
+                            "sip:bob@192.0.2.2:5060;mesh-ip=100.64.1.2",
+                            "sip:carol@192.0.2.3:5060;mesh-ip=100.64.1.9"))
+    events = union.union([first, second], {})
+    assert sorted((e.kind, e.member.name, e.member.mesh_ip) for e in events) == [
+        ("joined", "bob", "100.64.1.2"), ("joined", "carol", "100.64.1.3")]
+    assert union.self_member.mesh_ip == "100.64.1.1"
+    gone = second.from_reginfo(doc(2, "sip:alice@192.0.2.1:5060;mesh-ip=100.64.1.1",
+                                   "sip:bob@192.0.2.2:5060;mesh-ip=100.64.1.2"))
+    assert [e.member.name for e in gone] == ["carol"]
+    assert union.union([first, second], {}) == []  # carol: the first still lists her
+    gone = first.from_reginfo(doc(2, "sip:alice@192.0.2.1:5060;mesh-ip=100.64.1.1"))
+    events = union.union([first, second], {e.member.name: "deactivated" for e in gone})
+    assert [(e.kind, e.member.name, e.reason) for e in events] == [("left", "carol", "deactivated")]
+    assert set(union.members) == {"bob"}
+
+
 # ------------------------------------------------------------------ over SIP, our broker
 
 @pytest.fixture
