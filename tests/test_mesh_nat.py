@@ -31,7 +31,7 @@ from sipmesh.sip.auth import compute_ha1
 from tests.lab import (Coturn, LabTimeout, NatLab, coturn_unavailable_reason,
                        kamailio_unavailable_reason, shipped_kamailio, spawn, wait_for,
                        wait_udp_listening)
-from tests.test_mesh_up import CREATED, SIPMESH, Member, full_mesh
+from tests.test_mesh_up import CREATED, SIPMESH, Member, full_mesh, handshakes_promptly
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
@@ -120,6 +120,7 @@ def test_mesh_paths_across_nat(nat_mesh, claims) -> None:
         wait_for(m.ready, 20, what=f"{m.name} up", abort=m.proc.exit_reason)
     every_pair_pings(members)
     print(f"full mesh of 5 across NAT {time.monotonic() - start:.1f} s after the first up")
+    handshakes_promptly(list(members.values()))   # relayed pairs too
 
     # every pair on a checked path, and the path status says why
     for m in members.values():

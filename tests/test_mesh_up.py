@@ -126,6 +126,15 @@ def full_mesh(members: list[Member], timeout: float = 20.0) -> None:
                               f"{m.proc.log_tail(20)}\n{other.proc.log_tail(20)}")
 
 
+def handshakes_promptly(members: list[Member], within: float = 3.0) -> None:
+    """Every pair's WireGuard handshake came within `within` s of its path: none waited
+    for WireGuard's 5 s retry (two initiations that cross are both lost: only the caller
+    initiates, docs/mesh.md)."""
+    for m in members:
+        for peer in m.status()["peers"]:
+            assert peer["latest_handshake"] - peer["since"] < within, (m.name, peer)
+
+
 @pytest.mark.slow
 @pytest.mark.netns
 def test_members_join_reach_each_other_and_leave(mesh):
@@ -134,6 +143,7 @@ def test_members_join_reach_each_other_and_leave(mesh):
     for m in members:
         wait_for(m.ready, 20, what=f"{m.name} up", abort=m.proc.exit_reason)
     full_mesh(members)
+    handshakes_promptly(members)
     alice, bob, carol = members
     peers = {p["name"]: p for p in alice.status()["peers"]}
     assert set(peers) == {"bob", "carol"} and all(p["state"] == "up" for p in peers.values())

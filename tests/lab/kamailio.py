@@ -7,7 +7,8 @@ inside a network namespace), waits until it listens and answers, and stops it by
 Auth modes:
   * ``'none'``     anyone may REGISTER / call
   * ``'db_text'``  digest auth against a db_text ``subscriber`` table written from ``users``
-                   (realm = the listen host, which is what SIPp's From domain is)
+                   (realm = the listen host, which is what SIPp's From domain is; with
+                   ``realms``, each of them too: a pair's agents name either instance)
   * ``'static'``   digest auth without a DB: password = ``static_pw_prefix + username``
                    (``'pw' + user`` by default, the same rule :func:`tests.lab.sipp.make_users` uses)
 """
@@ -82,23 +83,26 @@ def _users_items(users: Mapping[str, str] | Iterable[tuple[str, str]] | None) ->
     return [(u, p) for u, p in users]
 
 
-def write_subscriber_table(db_dir: str | os.PathLike, users, realm: str) -> Path:
+def write_subscriber_table(db_dir: str | os.PathLike, users, realm: str | Iterable[str]) -> Path:
     """Write the db_text ``version`` + ``subscriber`` tables (plain password, ha1, ha1b).
 
-    ``users`` is a ``{user: password}`` mapping or ``(user, password)`` pairs.
+    ``users`` is a ``{user: password}`` mapping or ``(user, password)`` pairs, each a row in
+    ``realm`` (or in each of several realms).
     ha1/ha1b must be non-empty: db_text rejects the whole table on a null in a non-null column.
     """
     db = Path(db_dir)
     db.mkdir(parents=True, exist_ok=True)
     (db / "version").write_text("id(int,auto) table_name(string) table_version(int) \n0:subscriber:7\n")
     lines = ["id(int,auto) username(string) domain(string) password(string) ha1(string) ha1b(string) \n"]
-    for i, (user, pw) in enumerate(_users_items(users), start=1):
-        for field in (user, pw, realm):
+    rows = [(user, pw, domain) for domain in ([realm] if isinstance(realm, str) else realm)
+            for user, pw in _users_items(users)]
+    for i, (user, pw, domain) in enumerate(rows, start=1):
+        for field in (user, pw, domain):
             if ":" in field or "\n" in field:
                 raise ValueError(f"db_text fields cannot contain ':' or newlines: {field!r}")
-        ha1 = hashlib.md5(f"{user}:{realm}:{pw}".encode()).hexdigest()
-        ha1b = hashlib.md5(f"{user}@{realm}:{realm}:{pw}".encode()).hexdigest()
-        lines.append(f"{i}:{user}:{realm}:{pw}:{ha1}:{ha1b}\n")
+        ha1 = hashlib.md5(f"{user}:{domain}:{pw}".encode()).hexdigest()
+        ha1b = hashlib.md5(f"{user}@{domain}:{domain}:{pw}".encode()).hexdigest()
+        lines.append(f"{i}:{user}:{domain}:{pw}:{ha1}:{ha1b}\n")
     (db / "subscriber").write_text("".join(lines))
     return db
 
@@ -174,7 +178,7 @@ class Kamailio:
                  sdp_fake_ip: str = "127.0.0.254", sdp_fake_port: int = 9, tcp: bool = True,
                  children: int = 2, debug: int = 0, shm_mb: int = 64, pkg_mb: int = 8,
                  static_pw_prefix: str = "pw", defines: Iterable[str] = (),
-                 template: str | os.PathLike = CFG_TEMPLATE):
+                 template: str | os.PathLike = CFG_TEMPLATE, realms: Iterable[str] = ()):
         if auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {AUTH_MODES}, not {auth!r}")
         self.run_dir = Path(run_dir).absolute()
@@ -188,6 +192,7 @@ class Kamailio:
         self.auth = auth
         self.users = dict(_users_items(users))
         self.realm = host
+        self.realms = [host, *(r for r in realms if r != host)]  # a pair's: each one's name
         self.sdp_rewrite = sdp_rewrite
         self.sdp_fake_ip = sdp_fake_ip
         self.sdp_fake_port = sdp_fake_port
@@ -231,7 +236,7 @@ class Kamailio:
     # -- config
     def write_config(self) -> Path:
         if self.auth == "db_text":
-            write_subscriber_table(self.db_dir, self.users, self.realm)
+            write_subscriber_table(self.db_dir, self.users, self.realms)
         text = render_config(
             host=self.host, port=self.port, db_url=f"text://{self.db_dir}",
             ctl_socket=f"unix:{self.ctl_path}", auth=self.auth, sdp_rewrite=self.sdp_rewrite,

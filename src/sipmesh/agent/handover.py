@@ -129,6 +129,14 @@ class Handover:
             local_port = ice.host_port or _free_udp_port()
             proxy = RelayProxy(turn, peer, local_port)
             port = await proxy.start()
+            # what the peer's program sent to our relay before the proxy took it (a mesh
+            # peer's first WireGuard handshake initiation, often): passed on, not lost
+            early = ice.early_datagrams()
+            for data, source in early:
+                proxy.from_peer(data, source)
+            if early:
+                log.info("passed on %d datagram(s) the peer sent through our relay before "
+                         "the hand-over", len(early))
             endpoint = UdpEndpoint(kind, local_port, "127.0.0.1", port, proxied=True)
             self = cls(ice, endpoint, peer, consent_timeout)
             self.proxy = proxy

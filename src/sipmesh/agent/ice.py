@@ -85,6 +85,7 @@ SETTLE_TIMEOUT = 2.0         # s we keep answering checks after our path is chos
 # Marks the Binding request a side sends once its path is chosen (SOFTWARE, RFC 8489 §14.14):
 # the peer keeps answering checks until it has seen it (IceSession.settle).
 DONE_MARK = "sipmesh path chosen"
+EARLY_DATAGRAMS = 16        # datagrams kept that came through our relay before the hand-over
 
 _ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
 _UFRAG = re.compile(r"[A-Za-z0-9+/]{4,256}")
@@ -533,7 +534,7 @@ class _Connection(aioice.Connection):
                 try:
                     candidate, protocol = await asyncio.wait_for(relayed_candidate(
                         component=1, hide_related_address=False,
-                        protocol_factory=lambda: StunProtocol(self),
+                        protocol_factory=lambda: _RelayProtocol(self),
                         turn_server=server, turn_username=username,
                         turn_password=password, turn_ssl=False,
                         turn_transport=transport), config.gather_timeout)
@@ -739,6 +740,25 @@ class _Connection(aioice.Connection):
         return keep.transport._TurnTransport__inner_protocol  # type: ignore[attr-defined]
 
 
+_COOKIE = stun.COOKIE.to_bytes(4, "big")   # STUN's magic cookie, at offset 4 (RFC 8489 §5)
+
+
+class _RelayProtocol(StunProtocol):
+    """Our relay candidate's protocol. It also keeps the last EARLY_DATAGRAMS datagrams
+    that are not STUN, with their source: the peer's program may send through our relay
+    before our side is handed over (a mesh peer's first WireGuard handshake initiation):
+    agent/handover.py's relay proxy passes them on (`IceSession.early_datagrams`)."""
+
+    def __init__(self, receiver: "_Connection") -> None:
+        super().__init__(receiver)
+        self.early: deque[tuple[bytes, tuple[str, int]]] = deque(maxlen=EARLY_DATAGRAMS)
+
+    def datagram_received(self, data: bytes | str, addr: tuple) -> None:
+        if isinstance(data, bytes) and not (len(data) >= 20 and data[4:8] == _COOKIE):
+            self.early.append((data, (addr[0], addr[1])))
+        super().datagram_received(data, addr)
+
+
 def _relayed(pair: CandidatePair) -> bool:
     return pair.local_candidate.type == "relay" or pair.remote_candidate.type == "relay"
 
@@ -887,6 +907,16 @@ class IceSession:
         when the selected pair does not start at our relay): agent/handover.py's part."""
         self._closed_by_us = True
         return await self.connection.hand_over(timeout)
+
+    def early_datagrams(self) -> list[tuple[bytes, tuple[str, int]]]:
+        """What the peer sent through our relay before the hand-over, not STUN ((data,
+        source), oldest first; see _RelayProtocol); empty unless our side is a relay."""
+        pair = self.connection.selected
+        protocol = pair.protocol if pair is not None else None
+        if not isinstance(protocol, _RelayProtocol):
+            return []
+        early, protocol.early = list(protocol.early), deque(maxlen=EARLY_DATAGRAMS)
+        return early
 
     async def wait_closed(self) -> None:
         """Return once the connection is closing: by :meth:`close`, or because consent to

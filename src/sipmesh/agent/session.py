@@ -77,7 +77,7 @@ from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import parse_address, quote_string
 from sipmesh.sip.message import Response
 from sipmesh.sip.sdp import SDPError
-from sipmesh.sip.uri import SipURI
+from sipmesh.sip.uri import URI, SipURI
 from sipmesh.sip.ua import Call, CallFailed, IncomingCall, UAConfig, UserAgent
 
 log = logging.getLogger("sipmesh.agent")
@@ -444,7 +444,10 @@ class Session:
                          previous: Call | None) -> bool:
         ua = self.endpoint.ua
         assert ua is not None, "the endpoint is not listening"
-        self.role, self.profile, self.peer = "client", profile, str(ua.target_uri(target))
+        # the URI chosen now is the one called: which server is live first may change
+        # while we gather (a late REGISTER answer), and the log must name the one used
+        uri = ua.target_uri(target)
+        self.role, self.profile, self.peer = "client", profile, str(uri)
         self.info = info = SessionInfo(role="client", call_id="", local_user=ua.config.user,
                                        peer=self.peer, local_ip=self.endpoint.local_ip)
         offer = profile.offer(info)
@@ -453,7 +456,7 @@ class Session:
         log.info("calling %s", self.peer)
         self._emit("invite_sent", target=self.peer)
         try:
-            call = await self._invite(target, sdp, timeout)
+            call = await self._invite(target, sdp, timeout, uri)
         except BaseException:
             await self._close_path()
             raise
@@ -498,10 +501,11 @@ class Session:
                     await self._close_path()
         return True
 
-    async def _invite(self, target: str, sdp: bytes, timeout: float) -> Call | None:
+    async def _invite(self, target: str, sdp: bytes, timeout: float, uri: URI) -> Call | None:
+        """INVITE `uri` (`target` as the user named it, for messages)."""
         ua = self.endpoint.ua
         assert ua is not None
-        invite = asyncio.ensure_future(ua.invite(target, sdp, on_progress=self._provisional))
+        invite = asyncio.ensure_future(ua.invite(uri, sdp, on_progress=self._provisional))
         stopping = asyncio.ensure_future(self.endpoint.stopping.wait())
         try:
             done, _ = await asyncio.wait({invite, stopping}, timeout=timeout,

@@ -21,9 +21,11 @@
    keeps it (agent/stunport.py); srflx from the STUN server, relay from TURN. The chosen
    path is handed over (agent/handover.py): direct, WireGuard's endpoint is the checked
    remote address (same 5-tuple, the NAT mappings the checks opened); relayed through
-   our TURN allocation, the endpoint is our ``RelayProxy`` on 127.0.0.1. Both then ``wg
-   set IF peer KEY allowed-ips IP/32 endpoint ENDPOINT persistent-keepalive K`` (K under
-   the consent timeout) and route ``IP/32`` to the interface. ``Peer.path``/``why``/
+   our TURN allocation, the endpoint is our ``RelayProxy`` on 127.0.0.1. The caller then
+   ``wg set IF peer KEY allowed-ips IP/32 endpoint ENDPOINT persistent-keepalive K`` (K
+   under the consent timeout) and routes ``IP/32`` to the interface; the answerer did
+   so before its checks, without endpoint and keepalive, which it adds once the caller's
+   handshake came (only the caller initiates: see _expect_handshake). ``Peer.path``/``why``/
    ``rtt_ms`` say what the check chose and why. A peer without ICE gets the paper's
    a=IP4/a=PORT as before;
 5. a BYE, the peer leaving the roster (unregistered, or its binding expired) or its path
@@ -109,9 +111,13 @@ SOCKET_WAIT = 10.0
 CALL_TIMEOUT = 10.0
 RETRY_MAX = 30.0
 ROSTER_WAIT = 5.0  # for our own address in the roster's first document
-# a pair whose WireGuard has not shaken hands this long after its path was taken is set up
-# again (two of WireGuard's 5 s handshake retries, and a margin); see _expect_handshake
+# The first handshake (see _expect_handshake): the caller initiates, the answerer only
+# answers; the caller initiates afresh each RETRIGGER s without one (wireguard-go's own retry
+# waits REKEY_TIMEOUT, 5 s); a pair without one HANDSHAKE_BOUND s after its path is set up
+# again. wg show is read every HANDSHAKE_POLL s meanwhile.
+RETRIGGER = 1.0
 HANDSHAKE_BOUND = 12.0
+HANDSHAKE_POLL = 0.05
 
 
 def keepalive_for(consent_timeout: float) -> int:
@@ -273,6 +279,7 @@ class Interface:
         self.name = name
         self.tools = {"wireguard-go": wireguard_go, "wg": wg, "ip": ip}
         self.process: asyncio.subprocess.Process | None = None
+        self._dumping: asyncio.Future[dict[str, dict[str, Any]]] | None = None
 
     async def start(self, key_file: Path, port: int, address: str) -> None:
         sock = UAPI_DIR / f"{self.name}.sock"
@@ -313,11 +320,21 @@ class Interface:
             raise AgentError(f"{' '.join(command)}: {err.decode(errors='replace').strip()}",
                              Exit.PROGRAM)
 
-    async def set_peer(self, peer: PeerParams, keepalive: int = KEEPALIVE) -> None:
+    async def set_peer(self, peer: PeerParams, keepalive: int = KEEPALIVE, *,
+                       initiate: bool = True) -> None:
+        """The peer's key, address and route; `initiate`: its endpoint and keepalive too,
+        and wireguard-go sends a handshake initiation at once. Without, it answers the
+        peer's initiation (and learns the endpoint from it) but cannot send one."""
+        where = ["endpoint", peer.endpoint, "persistent-keepalive", str(keepalive)]
         await self.run(["wg", "set", self.name, "peer", peer.wg_pubkey, "allowed-ips",
-                        f"{peer.mesh_ip}/32", "endpoint", peer.endpoint,
-                        "persistent-keepalive", str(keepalive)])
+                        f"{peer.mesh_ip}/32", *(where if initiate else [])])
         await self.run(["ip", "route", "replace", f"{peer.mesh_ip}/32", "dev", self.name])
+
+    async def initiate_again(self, peer: PeerParams, keepalive: int = KEEPALIVE) -> None:
+        """A fresh handshake initiation now: the peer removed and set again (its route stays;
+        wireguard-go sends none within REKEY_TIMEOUT, 5 s, of its last one otherwise)."""
+        await self.run(["wg", "set", self.name, "peer", peer.wg_pubkey, "remove"])
+        await self.set_peer(peer, keepalive)
 
     async def remove_peer(self, peer: PeerParams) -> None:
         await self.run(["wg", "set", self.name, "peer", peer.wg_pubkey, "remove"])
@@ -333,6 +350,19 @@ class Interface:
             stderr=asyncio.subprocess.DEVNULL)
         out, _ = await process.communicate()
         return parse_dump(out.decode(errors="replace"))
+
+    async def shaken(self, key: str, timeout: float) -> bool:
+        """Whether peer `key` has shaken hands (its latest handshake set) within `timeout`
+        s; one `wg show` each HANDSHAKE_POLL s serves every peer waited for."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._dumping is None or self._dumping.done():
+                self._dumping = asyncio.ensure_future(self.dump())
+            if (await asyncio.shield(self._dumping)).get(key, {}).get("latest_handshake"):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(min(HANDSHAKE_POLL, max(0.0, deadline - time.monotonic())))
 
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -797,7 +827,7 @@ class MeshMember:
                 if checked is None:
                     return False
                 params = checked
-            await self._established(peer, params, call)
+            await self._established(peer, params, call, initiate=True)
             return True
         except asyncio.CancelledError:  # the member left, or changed, while we called
             if peer.handover is None:
@@ -863,12 +893,14 @@ class MeshMember:
                        port=self.port, trust=self.config.trust, call_id=incoming.call_id,
                        from_uri=from_uri, to_uri=to_uri, role="answer")
         await self._drop(name, "called again")
-        peer = self.peers[name] = Peer(name, relay_note=relay_note, relay_tried=relay is not None)
+        peer = self.peers[name] = Peer(name, params=params, relay_note=relay_note,
+                                       relay_tried=relay is not None)
+        # The interface first, without endpoint: the caller's first handshake initiation
+        # then finds its peer, however early it comes, and ours never crosses it
+        # (_expect_handshake)
+        await self.interface.set_peer(params, initiate=False)
         connecting = None
-        if ice is None:
-            # The interface first: the caller's first handshake then finds its peer.
-            await self.interface.set_peer(params, self.keepalive)
-        else:
+        if ice is not None:
             # the checks start as the 200 goes out (the caller's may come before its ACK)
             remote = _remote_ice(ice, incoming.sdp)
             assert remote is not None
@@ -880,15 +912,15 @@ class MeshMember:
             if connecting is not None:
                 connecting.cancel()
                 await _close(ice)
-            else:
-                await self.interface.remove_peer(params)
+            await self._unset(peer)
             return
         if ice is not None and connecting is not None:
             checked = await self._take_path(peer, params, call, ice, connecting)
             if checked is None:
+                await self._unset(peer)
                 return
             params = checked
-        await self._established(peer, params, call)
+        await self._established(peer, params, call, initiate=False)
 
     async def _member(self, name: str) -> Member | None:
         """`name` in the roster (waiting a moment: its INVITE may overtake its NOTIFY)."""
@@ -977,13 +1009,17 @@ class MeshMember:
         return dataclasses.replace(params,
                                    endpoint=show_address(peer.handover.endpoint.remote))
 
-    async def _established(self, peer: Peer, params: PeerParams, call: Call) -> None:
+    async def _established(self, peer: Peer, params: PeerParams, call: Call, *,
+                           initiate: bool) -> None:
+        """The pair is up: the caller (`initiate`) points WireGuard at the path, which sends
+        the first handshake initiation; the answerer's peer is on the interface already."""
         if self.peers.get(peer.name) is not peer:  # a newer session with the peer took over
             if peer.handover is not None:
                 await peer.handover.close()
             await _bye(call, 487, "superseded by a newer session")
             return
-        await self.interface.set_peer(params, self.keepalive)
+        if initiate:
+            await self.interface.set_peer(params, self.keepalive)
         peer.params, peer.call, peer.state, peer.since = params, call, "up", time.time()
         if peer.handover is None:
             peer.path, peer.why = "direct", "the address in the peer's offer (no ICE)"
@@ -992,7 +1028,7 @@ class MeshMember:
                  f", rtt {peer.rtt_ms} ms" if peer.rtt_ms is not None else "")
         self._paths_changed()
         asyncio.ensure_future(self._watch(peer, call))
-        asyncio.ensure_future(self._expect_handshake(peer, call))
+        asyncio.ensure_future(self._expect_handshake(peer, call, params, initiate))
         self._move_to_relay(peer)   # a relay's credential came while we set the pair up
 
     async def _watch(self, peer: Peer, call: Call) -> None:
@@ -1018,20 +1054,39 @@ class MeshMember:
             if member is not None:  # still in the roster: perhaps only the path died
                 self._joined(member, again=True)
 
-    async def _expect_handshake(self, peer: Peer, call: Call) -> None:
-        """A pair's tunnel must shake hands within HANDSHAKE_BOUND of its path. If it has
-        not, although the path is up (seen now and then on relayed pairs in the NAT lab, the
-        cause not found yet), the pair is set up again, as after lost consent."""
-        await asyncio.sleep(HANDSHAKE_BOUND)
-        if self.peers.get(peer.name) is not peer or call.ended.done() \
-                or self.endpoint.stopping.is_set() or peer.params is None:
-            return
+    async def _expect_handshake(self, peer: Peer, call: Call, params: PeerParams,
+                                initiate: bool) -> None:
+        """The pair's first handshake. Only the caller initiates: two initiations that cross
+        are both lost (a wireguard-go that has answered the peer's initiation drops the
+        answer to its own) and its retry comes 5 s later (REKEY_TIMEOUT). So the answerer's
+        peer has no endpoint until the handshake (it learns it from the caller's
+        initiation); then it is pointed at the path and kept alive. The caller initiates
+        afresh (its peer set anew: wireguard-go would wait 5 s) each RETRIGGER s without a
+        handshake, e.g. when its initiation reached the answerer's relay before the
+        answerer's proxy took the allocation. None within HANDSHAKE_BOUND of the path: the
+        pair is set up again, as after lost consent."""
+        deadline = time.monotonic() + HANDSHAKE_BOUND
+
+        def ours() -> bool:
+            return (self.peers.get(peer.name) is peer and not call.ended.done()
+                    and not self.endpoint.stopping.is_set())
         try:
-            shaken = (await self.interface.dump()).get(peer.params.wg_pubkey, {})
+            while True:
+                left = deadline - time.monotonic()
+                if await self.interface.shaken(params.wg_pubkey, min(RETRIGGER, left)):
+                    if not initiate and ours():
+                        await self.interface.set_peer(params, self.keepalive)
+                    return
+                if not ours():
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                if initiate:
+                    log.info("network %s: %s: no WireGuard handshake yet: initiating again",
+                             self.network, peer.name)
+                    await self.interface.initiate_again(params, self.keepalive)
         except AgentError:
             return  # wireguard-go gone: we are stopping
-        if shaken.get("latest_handshake", 0):
-            return
         reason = f"no WireGuard handshake within {HANDSHAKE_BOUND:g} s of the path"
         log.warning("network %s: %s: %s: setting the pair up again", self.network, peer.name, reason)
         asyncio.ensure_future(_bye(call, CONSENT_CAUSE, reason))
@@ -1039,6 +1094,16 @@ class MeshMember:
         member = self.roster.members.get(peer.name) if self.roster else None
         if member is not None:
             self._joined(member, again=True)
+
+    async def _unset(self, peer: Peer) -> None:
+        """An answered session that failed before it was up: the peer's key leaves our
+        interface (unless a newer session with the peer has it); status keeps its error."""
+        params, peer.params = peer.params, None
+        if params is not None and self.peers.get(peer.name) is peer:
+            try:
+                await self.interface.remove_peer(params)
+            except AgentError as exc:
+                log.warning("network %s: %s", self.network, exc)
 
     async def _drop(self, name: str, why: str) -> None:
         peer = self.peers.pop(name, None)

@@ -1,0 +1,161 @@
+"""Two Kamailio instances serving one domain (issue 13 item 3 and 4; docs/kamailio/README.md,
+"Two or more instances"), in the NAT lab: docs/kamailio/kamailio.cfg with -A WITH_DMQ on two
+public hosts, agents behind home routers registered at both (`--server K1 --server K2`, one
++sip.instance). SIGKILL the instance a running WireGuard session was set up through: the
+ping across the tunnel goes on, and so does a transfer through a forward (daemon); a new call reaches its target through the survivor within
+the bound, the session's dialog moves to the survivor (INVITE with Replaces, RFC 3891,
+routed by Kamailio) so that its BYE ends it on both sides (the forward's too); the killed instance started
+again learns every binding back from its peer (dmq_usrloc sync) and a call through it
+succeeds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from tests.lab import Kamailio, NatLab, kamailio_unavailable_reason, wait_for
+from tests.lab.agents import app_argv, no_orphans, record  # noqa: F401 (no_orphans: autouse)
+from tests.lab.natsite import KAMAILIO_CFG, SIP_PORT, password
+from tests.lab.pair import (FORWARD, ServerPair, assert_ping_unbroken, assert_trickle_unbroken,
+                            new_call_within, pair_lab, server_called, trickle, trickle_echo,
+                            tunnel_ping)
+
+pytestmark = [pytest.mark.slow, pytest.mark.netns,
+              pytest.mark.skipif(not all(shutil.which(p) for p in ("wireguard-go", "wg", "ping")),
+                                 reason="needs wireguard-go, wg and ping")]
+
+NEW_CALL_BOUND = 10.0  # s from SIGKILL to a new session through the survivor (README.md)
+MOVE_BOUND = 15.0      # s from SIGKILL to the dialog moved: K + W with --keepalive 2, slack
+SYNC_BOUND = 10.0      # s from the restart to every binding learnt back from the peer
+USERS = ("bw", "aw", "bn", "an", "bf", "af")
+ECHO_PORT, FORWARD_PORT = 7000, 7200  # the forward's target on b, its local port on a
+TUNNEL = "10.90.0.1"
+KEEPALIVE = ("--keepalive", "2")  # the sessions' peer check, so that the move comes soon
+
+
+class KamailioPair(ServerPair):
+    def __init__(self, lab: NatLab, run) -> None:
+        super().__init__(lab, run)
+        self.hosts = [lab["kam1"].ip, lab["kam2"].ip]
+        self.domain = self.hosts[0]  # the domain both serve: the agents' first --server
+        self.kamailios = [self.instance(0), self.instance(1)]
+        try:
+            for kamailio in self.kamailios:
+                kamailio.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def instance(self, i: int) -> Kamailio:
+        peer = self.hosts[1 - i]
+        return Kamailio(self.run / f"kamailio{i + 1}", host=self.hosts[i], port=SIP_PORT,
+                        netns=self.lab[f"kam{i + 1}"].ns, auth="db_text", realms=self.hosts,
+                        users={u: password(u) for u in USERS}, template=KAMAILIO_CFG,
+                        defines=["WITHOUT_MESH", "WITH_DMQ", f'DMQ_PEER "sip:{peer}:{SIP_PORT}"',
+                                 f'SERVED_DOMAIN "{self.domain}"'])
+
+    @property
+    def servers(self) -> list[str]:
+        return [f"{host}:{SIP_PORT}" for host in self.hosts]
+
+    def stop(self) -> None:
+        self.stop_agents()
+        for kamailio in self.kamailios:
+            kamailio.stop()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    reason = kamailio_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with pair_lab(("kam1", "kam2"), lambda lab: KamailioPair(lab, tmp_path)) as pair:
+        yield pair
+
+
+def registered_at(proc, server: str) -> bool:
+    """Has `proc` registered at `server` (its log says)?"""
+    return f" at {server} for " in proc.log_text()
+
+
+def test_a_kamailio_killed_under_running_sessions_then_back(pair: KamailioPair, tmp_path) -> None:
+    lab = pair.lab
+    serve = pair.agent("serve", "b", "bw", "--app", "wireguard", "--vpn-local", TUNNEL, "--once",
+                       *KEEPALIVE)
+    answer = pair.agent("serve", "b", "bn", "--", *app_argv(tmp_path, "run"))
+    for proc in (serve, answer):
+        wait_for(lambda: all(registered_at(proc, s) for s in pair.servers), 20,
+                 what=f"{proc.name} registered at both", abort=proc.exit_reason)
+    call = pair.agent("call", "a", "aw", "--app", "wireguard", *KEEPALIVE, target="bw")
+    wait_for(lambda: "path direct: " in call.log_text(), 30, what="the WireGuard session's path",
+             abort=call.exit_reason)
+    wait_for(lambda: "dev smwg" in lab["a"].run(["ip", "route", "get", TUNNEL]).stdout, 20,
+             what="the caller's tunnel", abort=call.exit_reason)
+    ping = tunnel_ping(lab, "a", TUNNEL, tmp_path)
+    pair.procs.append(ping)
+    wait_for(lambda: "bytes from" in ping.log_text(), 10, what="the first ping over the tunnel")
+    # and a transfer through a forward (daemon bf on b, af's call on a), echoed by b
+    pair.procs.append(trickle_echo(lab, "b", ECHO_PORT, tmp_path))
+    pair.daemon("b", "bf", FORWARD.format(name="fwd", target=f"127.0.0.1:{ECHO_PORT}",
+                                          local=FORWARD_PORT), keepalive=2)
+    forward = pair.forward_call("a", "af", "bf", "fwd", FORWARD_PORT, keepalive=2)
+    transfer = trickle(lab, "a", FORWARD_PORT, tmp_path)
+    pair.procs.append(transfer)
+
+    # SIGKILL the instance the session went through (the callers' first live server)
+    dead = server_called(call, "bw", pair.hosts)
+    survivor = pair.kamailios[1 - dead]
+    os.kill(pair.kamailios[dead].pid, signal.SIGKILL)
+    pair.kamailios[dead].stop()
+    killed = time.monotonic()
+
+    # a new call through the survivor (the caller registers while the other is down)
+    new = new_call_within(pair.agent, tmp_path, killed, NEW_CALL_BOUND)
+    assert server_called(new, "bn", pair.hosts) == 1 - dead, new.log_tail(30)
+
+    # the WireGuard session's dialog moves to the survivor (Replaces), both sides agree
+    wait_for(lambda: "the session goes on in dialog" in call.log_text()
+             and "the peer moved the session" in serve.log_text(), MOVE_BOUND,
+             what="the dialog moved to the survivor", abort=call.exit_reason)
+    print(f"dialog moved {time.monotonic() - killed:.2f} s after SIGKILL")
+
+    if server_called(forward, "bf", pair.hosts) == dead:
+        wait_for(lambda: "the session goes on in dialog" in forward.log_text(), MOVE_BOUND,
+                 what="the forward's dialog moved to the survivor", abort=forward.exit_reason)
+
+    # the tunnel and the transfer never stopped, and the sessions end as a user ends them:
+    # BYE via the survivor
+    assert_ping_unbroken(ping, killed)
+    assert_trickle_unbroken(transfer, killed)
+    forward.stop(grace=10)
+    assert forward.returncode == 0, forward.log_tail(30)
+    assert call.alive() and serve.alive(), call.log_tail(20) + serve.log_tail(20)
+    call.stop(grace=10)
+    assert call.returncode == 0, call.log_tail(30)
+    assert serve.wait(20) == 0, serve.log_tail(30)   # --once: done after the BYE
+
+    # the killed instance back: it learns from its peer every binding there, bn's and that
+    # of an (registered while it was down), before the agents' own retries (MIN_RETRY)
+    restarted = pair.kamailios[dead]
+    restarted.start()
+    back = time.monotonic()
+    wait_for(lambda: restarted.registered("bn") and restarted.registered("an"), SYNC_BOUND,
+             what="the restarted instance re-learning the bindings (dmq_usrloc sync)")
+    print(f"re-learnt the bindings in {time.monotonic() - back:.2f} s")
+    new.stop(grace=10)
+    assert new.returncode == 0, new.log_tail(30)
+    # and a call through it alone reaches bn by the binding it learnt: bn's home router
+    # lets it in, since bn's keep-alives to it kept the router's mapping open
+    for role in ("client", "server"):
+        (tmp_path / f"{role}.json").unlink()
+    last = pair.agent("call", "a", "an", "--", *app_argv(tmp_path, "run"), target="bn",
+                      servers=[pair.servers[dead]])
+    wait_for(lambda: record(tmp_path, "client") and record(tmp_path, "server"), 20,
+             what="a session through the restarted instance", abort=last.exit_reason)
+    last.stop(grace=10)
+    assert last.returncode == 0, last.log_tail(30)
+    assert survivor.alive() and restarted.alive()
