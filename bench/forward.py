@@ -53,19 +53,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+from sipmesh.lab.natsite import FORWARD_SERVICE  # noqa: E402 (after the path)
+
 SIPMESH = str(Path(sys.executable).parent / "sipmesh")
 CHUNK = 1 << 20
 
 # the service "fwd", both halves: the answering side's target, the caller's local port
-SERVICE = '''
-[[service]]
-name = "fwd"
-kind = "forward"
-target = "127.0.0.1:{sink}"
-allow = ["*"]
-[service.call]
-local_port = {local}
-'''
+SERVICE = FORWARD_SERVICE
 CONFIG = '''
 [agent]
 server = "127.0.0.1:{broker}"

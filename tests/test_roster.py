@@ -15,6 +15,7 @@ from sipmesh.agent.roster import NeedFullState, RosterClient, RosterState, membe
 from sipmesh.broker.networks import NetworkStore
 from sipmesh.broker.users import UsersFile
 from sipmesh.sip import reginfo
+from sipmesh.sip.ua import UAConfig, UserAgent
 from tests.lab import wait_for_async
 from tests.lab.broker import start_broker
 from tests.peers.broker import make_broker  # noqa: F401 (fixture)
@@ -82,6 +83,35 @@ def test_roster_state_turns_documents_into_joined_left_changed():
                                     ("sip:127.0.0.1:40010", "active", None)))
     assert [(e.kind, e.member.name, e.member.mesh_ip) for e in events] == [("changed", "alice", None)]
     assert member_of("sip:%00bad@h") is None
+
+
+def test_the_union_of_two_servers_rosters():
+    """Each server's roster on its own, the member acts on their union: a member listed by
+    either is in; one that both list with different addresses has the first server's; one
+    is gone only when neither lists it."""
+    def doc(version: int, *uris: str) -> bytes:
+        return reginfo.serialise(reginfo.RegInfo(version, "full", [reginfo.RegistrationInfo(
+            "sip:net-lab@example.org", "r", "active",
+            [reginfo.ContactInfo(uri, f"c{i}", "active", None, 60) for i, uri in enumerate(uris)])]))
+
+    first, second, union = (RosterState("lab", me="alice") for _ in range(3))
+    first.from_reginfo(doc(1, "sip:alice@192.0.2.1:5060;mesh-ip=100.64.1.1",
+                           "sip:carol@192.0.2.3:5060;mesh-ip=100.64.1.3"))
+    second.from_reginfo(doc(1, "sip:alice@192.0.2.1:5060;mesh-ip=100.64.1.1",
+                            "sip:bob@192.0.2.2:5060;mesh-ip=100.64.1.2",
+                            "sip:carol@192.0.2.3:5060;mesh-ip=100.64.1.9"))
+    events = union.union([first, second], {})
+    assert sorted((e.kind, e.member.name, e.member.mesh_ip) for e in events) == [
+        ("joined", "bob", "100.64.1.2"), ("joined", "carol", "100.64.1.3")]
+    assert union.self_member.mesh_ip == "100.64.1.1"
+    gone = second.from_reginfo(doc(2, "sip:alice@192.0.2.1:5060;mesh-ip=100.64.1.1",
+                                   "sip:bob@192.0.2.2:5060;mesh-ip=100.64.1.2"))
+    assert [e.member.name for e in gone] == ["carol"]
+    assert union.union([first, second], {}) == []  # carol: the first still lists her
+    gone = first.from_reginfo(doc(2, "sip:alice@192.0.2.1:5060;mesh-ip=100.64.1.1"))
+    events = union.union([first, second], {e.member.name: "deactivated" for e in gone})
+    assert [(e.kind, e.member.name, e.reason) for e in events] == [("left", "carol", "deactivated")]
+    assert set(union.members) == {"bob"}
 
 
 # ------------------------------------------------------------------ over SIP, our broker
@@ -247,3 +277,57 @@ async def test_members_follow_the_roster_across_a_broker_restart(make_broker, me
     assert alice.mode == "push" and alice.subscription is not subscription
     await bob.stop()
     await alice.stop()
+
+
+async def test_with_two_servers_the_roster_is_the_union_of_theirs(make_broker, tmp_path):  # noqa: F811
+    """Two brokers with one network (imported from the first by the second, as docs/broker.md
+    has it): alice is a member at both; bob registered at the second only (he joined while
+    the first was down), carol at the first only. Alice sees both, each with the address
+    both brokers agree on; bob, at the second only, does not see carol; bob leaving is seen."""
+    users = UsersFile(tmp_path / "users")
+    for user in ("alice", "bob", "carol"):
+        users.add("lab", user, PASSWORDS[user])
+    users.save()
+    dbs = [tmp_path / "b1.db", tmp_path / "b2.db"]
+    first = NetworkStore(dbs[0])
+    first.create("lab", "100.64.3.0/24")
+    first.add_members("lab", ["alice", "bob", "carol"])
+    NetworkStore(dbs[1]).replace_all(first.export())
+    first.close()
+    brokers = [await make_broker(users_file=tmp_path / "users", db_path=db, registrar=FAST) for db in dbs]
+    servers = ["127.0.0.1:%d" % b.address("UDP")[1] for b in brokers]
+    uas = []
+
+    async def member(name: str, *at: str) -> RosterClient:
+        ua = UserAgent(UAConfig(user=name, domain=at[0], servers=at[1:], password=PASSWORDS[name],
+                                listen_port=0, transports=("UDP",)))
+        await ua.start()
+        uas.append(ua)
+        client = RosterClient(ua, "lab")
+        await client.start()
+        return client
+
+    try:
+        alice = await member("alice", *servers)
+        assert [r.state for r in alice.registrations] == ["registered", "registered"]
+        bob = await member("bob", servers[1])
+        carol = await member("carol", servers[0])
+        await wait_for_async(lambda: {m.name: m.mesh_ip for m in alice.members.values()} ==
+                             {"bob": "100.64.3.2", "carol": "100.64.3.3"}, 5, what=f"alice sees both ({alice.members})")
+        assert alice.mode == "push" and alice.mesh_ip == "100.64.3.1"
+        await wait_for_async(lambda: set(bob.members) == {"alice"}, 5, what=f"bob sees alice ({bob.members})")
+        assert "carol" not in bob.members
+        await bob.stop()
+
+        async def bob_left():
+            async for event in alice.events():
+                if event.kind == "left":
+                    return event
+        left = await asyncio.wait_for(bob_left(), 5)
+        assert (left.member.name, left.reason) == ("bob", "unregistered")
+        assert set(alice.members) == {"carol"}
+        await carol.stop()
+        await alice.stop()
+    finally:
+        for ua in uas:
+            await ua.stop()

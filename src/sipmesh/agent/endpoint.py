@@ -34,7 +34,7 @@ from sipmesh.agent.profile import SessionInfo
 from sipmesh.agent.link import connection_error, server_flow, tls_name
 from sipmesh.agent.mobility import Mobility, Move, Snapshot
 from sipmesh.agent.params import IPAddress
-from sipmesh.agent.registration import Registration
+from sipmesh.agent.registration import Registration, register_everywhere
 from sipmesh.sip.transport.base import RELIABLE, Flow, forget_routes, local_address_towards
 from sipmesh.sip.transport.resolve import resolve_uri
 from sipmesh.sip.headers import Address
@@ -177,36 +177,8 @@ class Endpoint:
                          connect=(lambda s=server: self.connect(s)) if reliable else None)
             for server in servers]
         self.registration = self.registrations[0]
-        if len(servers) == 1:
-            await self.registration.register(keep_trying=keep_trying)
-            self.registration.start_refresh()
-            return
-        errors: dict[Registration, AgentError] = {}
-
-        async def one(registration: Registration) -> None:
-            try:
-                await registration.register()
-            except AgentError as exc:
-                log.warning("%s", exc)
-                errors[registration] = exc
-                registration.interval = registration.min_retry
-            registration.start_refresh()
-
-        pending = {asyncio.ensure_future(one(r)) for r in self.registrations}
-        self._registering |= pending
-        for task in pending:
-            task.add_done_callback(self._registering.discard)
-        while pending and not any(r.state == "registered" for r in self.registrations):
-            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        if any(r.state == "registered" for r in self.registrations):
-            for registration in self.registrations:
-                if registration.state == "unregistered":  # no answer yet where another did:
-                    self.ua.server_failed(registration.server)  # last until it answers
-            return
-        if keep_trying:
-            return
-        first = next(r for r in self.registrations if r in errors)
-        raise errors[first]
+        await register_everywhere(self.ua, self.registrations, keep_trying=keep_trying,
+                                  tasks=self._registering)
 
     # -- moving (agent/mobility.py) -------------------------------------------------------
     async def _where(self) -> Snapshot:

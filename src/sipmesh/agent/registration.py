@@ -249,3 +249,47 @@ class Registration:
         except AgentError as exc:
             log.warning("could not unregister: %s", exc)
         self.granted = None
+
+
+async def register_everywhere(ua: UserAgent, registrations: list[Registration], *,
+                              keep_trying: bool = False,
+                              tasks: set[asyncio.Task[None]] | None = None) -> None:
+    """The first REGISTER of each of `registrations` (one per server), then each one's
+    refresh loop; `keep_trying`: see Registration.register.
+
+    With several, all at once, each refreshed on its own: this returns as soon as one
+    accepted us (the others go on in the background, a failing one retried every
+    `min_retry` s, their tasks in `tasks` until done); it fails only when every one
+    failed. A server that has not answered by then comes last for new requests until it
+    does (`UserAgent.live_servers`)."""
+    if len(registrations) == 1:
+        await registrations[0].register(keep_trying=keep_trying)
+        registrations[0].start_refresh()
+        return
+    errors: dict[Registration, AgentError] = {}
+
+    async def one(registration: Registration) -> None:
+        try:
+            await registration.register()
+        except AgentError as exc:
+            log.warning("%s", exc)
+            errors[registration] = exc
+            registration.interval = registration.min_retry
+        registration.start_refresh()
+
+    pending = {asyncio.ensure_future(one(r)) for r in registrations}
+    if tasks is not None:
+        tasks |= pending
+        for task in pending:
+            task.add_done_callback(tasks.discard)
+    while pending and not any(r.state == "registered" for r in registrations):
+        _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    if any(r.state == "registered" for r in registrations):
+        for registration in registrations:
+            if registration.state == "unregistered":  # no answer yet where another did:
+                ua.server_failed(registration.server)  # last until it answers
+        return
+    if keep_trying:
+        return
+    first = next(r for r in registrations if r in errors)
+    raise errors[first]

@@ -10,6 +10,9 @@ The roster is the set of bindings of the network's address-of-record `sip:net-NA
    it runs out and made again when the server ends it; or by poll, REGISTER without a
    Contact (RFC 3261 §10.2.3) every `poll_interval`, when the server offers no reg event
    package (or while it refuses the subscription);
+   With several servers (an agent's `--server` repeated, or DNS SRV): 1 and 2 at each,
+   the roster being the union of theirs (`RosterClient`), so that a server's loss hides
+   no member that joined through another;
 3. turns each document into events: `joined`, `left` (with the reason the server gave:
    `unregistered`, `expired`, ...), `changed` (another contact or mesh address).
 
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from sipmesh.agent.memberrelay import parse_relay_address
-from sipmesh.agent.registration import Registration
+from sipmesh.agent.registration import Registration, register_everywhere
 from sipmesh.sip import reginfo
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.gruu import member_instance, public_gruu
@@ -54,6 +57,7 @@ RELAY_PARAM = "mesh-relay"  # HOST:PORT of the member's relay for the network (`
 EVENT = "reg"
 MAX_MEMBERS = 4096
 RESUBSCRIBE_EVERY = 10  # while polling, try to subscribe again every this many polls
+SUBSCRIBE_TIMEOUT = 10.0  # s for a SUBSCRIBE's answer (as for a REGISTER's)
 _NAME = re.compile(r"^[A-Za-z0-9\-_.!~*'()&=+$,;?/%]{1,64}$")  # a SIP user name we accept as a member's
 # Responses to SUBSCRIBE that mean "this server has no roster to push": poll instead.
 _NO_PUSH = frozenset({403, 404, 405, 406, 480, 489, 501})
@@ -170,6 +174,18 @@ class RosterState:
                 found[_contact_key(member)] = (member, now + (expires if expires is not None else 3600))
         return self._replace(found, {})
 
+    def union(self, views: list["RosterState"], reasons: dict[str, str]) -> list[RosterEvent]:
+        """This roster made the union of `views` (each one server's, ours in order): every
+        contact any of them lists; one listed by several as the first says (should two
+        servers give a member different mesh addresses, every member that lists the servers
+        in the same order takes the same one, and it does not flip with each refresh).
+        `reasons`: why members left, as the views said."""
+        contacts: dict[str, tuple[Member, float]] = {}
+        for view in views:
+            for key, held in view._contacts.items():
+                contacts.setdefault(key, held)
+        return self._replace(contacts, reasons)
+
     def clear(self, reason: str) -> list[RosterEvent]:
         """Nothing is known any more (we left the network)."""
         return self._replace({}, {name: reason for name in self.members})
@@ -211,12 +227,32 @@ class RosterState:
         return events
 
 
+@dataclass(eq=False)
+class ServerView:
+    """What one of our servers holds of the roster, and our membership there."""
+    server: str  # host[:port], one of `UserAgent.servers`
+    state: RosterState  # the roster as this server last told it
+    registration: Registration  # our binding under the network AOR there
+    subscription: Subscription | None = None
+    mode: str = "starting"  # -> push | poll
+    no_push: bool = False  # it has no reg event package: poll, rarely try again
+    first_read: asyncio.Future[bool] | None = None  # our first try to read it (True: done)
+
+
 class RosterClient:
     """Our membership of a network's roster, for as long as we are in the network.
 
     `ua` is the network's own user agent (its credentials are the member's ID and password
     for this network: the network is their realm). `mesh_ip` is put on our contact for
-    servers that do not allocate addresses (our broker sets its own allocation anyway)."""
+    servers that do not allocate addresses (our broker sets its own allocation anyway).
+
+    With several servers (`UserAgent.servers`: --server repeated, or DNS SRV) we are a
+    member at each: our binding is registered at every one, and every one's roster is read
+    (subscribed to, or polled) on its own, so that a member that registered at only one
+    of them (it joined while the other was down) is seen all the same. The roster we act
+    on is the union of theirs (`ServerView`): a member is in it while any server lists it;
+    one that a dead server still lists stays until that server tells otherwise (after it
+    is back: see docs/mesh.md, "Two servers")."""
 
     def __init__(self, ua: UserAgent, network: str, *, mesh_ip: str | None = None,
                  instance: str | None = None, register_expires: int = 300,
@@ -234,19 +270,35 @@ class RosterClient:
         self.poll_interval = poll_interval
         self.push = push
         self.on_event = on_event
-        self.state = RosterState(network, me=ua.config.user)
-        self.mode = "starting"  # -> push | poll | stopped
-        self.registration: Registration | None = None
-        self.subscription: Subscription | None = None
+        self.state = RosterState(network, me=ua.config.user)  # the union of the views
+        self.views: list[ServerView] = []  # one per server, ours first
         self._mesh_ip = mesh_ip
         self._relay = relay
         self._events: asyncio.Queue[RosterEvent | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._no_push = False  # the server has no reg event package: poll, rarely try again
+        self._tasks: list[asyncio.Task[None]] = []
+        self._registering: set[asyncio.Task[None]] = set()
+        self._stopped = False
 
     @property
     def members(self) -> dict[str, Member]:
         return dict(self.state.members)
+
+    @property
+    def mode(self) -> str:
+        """push (some server pushes the roster), poll (we poll each), starting, stopped."""
+        if self._stopped:
+            return "stopped"
+        modes = {view.mode for view in self.views}
+        return next((m for m in ("push", "poll") if m in modes), "starting")
+
+    @property
+    def subscription(self) -> Subscription | None:
+        """The subscription at the first server that has one."""
+        return next((v.subscription for v in self.views if v.subscription is not None), None)
+
+    @property
+    def registrations(self) -> list[Registration]:
+        return [view.registration for view in self.views]
 
     @property
     def mesh_ip(self) -> str | None:
@@ -277,29 +329,48 @@ class RosterClient:
             uri.params[RELAY_PARAM] = f"{self._relay[0]}:{self._relay[1]}"
         return Address(uri, params={"+sip.instance": f'"<{self.instance}>"'})
 
+    def describe(self) -> list[dict[str, object]]:
+        """Per server: our roster binding there (Registration.describe) and how we read it."""
+        return [{**view.registration.describe(), "roster": view.mode} for view in self.views]
+
+    def aor_at(self, server: str) -> SipURI:
+        """The network AOR as a request to `server` names it."""
+        at = parse_sip_uri(f"sip:{server}")
+        return self.aor.copy(host=at.host, port=at.port)
+
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        """Register under the network AOR (raises AgentError if refused), then read the
-        roster once, by SUBSCRIBE or REGISTER-fetch, and keep it current."""
-        self.registration = Registration(self.ua, expires=self.register_expires, aor=self.aor,
-                                         contact=self.contact(), min_retry=min(10.0, self.register_expires / 4))
-        await self.registration.register()
-        self.registration.start_refresh()
-        if not (self.push and await self._subscribe()):
-            self.mode = "poll"
-            await self._poll_once()
-        self._task = self.ua.spawn(self._run())  # type: ignore[assignment]
+        """Register under the network AOR at every server (raises AgentError if every one
+        refused), then read the roster, by SUBSCRIBE or REGISTER-fetch, at each and keep
+        it current; returns once one was read (or every first try failed)."""
+        domain = self.ua.config.domain
+        min_retry = min(10.0, self.register_expires / 4)
+        self.views = [
+            ServerView(server, RosterState(self.network, me=self.ua.config.user),
+                       Registration(self.ua, expires=self.register_expires, aor=self.aor,
+                                    contact=self.contact(), min_retry=min_retry,
+                                    server=server if server != domain else None))
+            for server in self.ua.servers]
+        await register_everywhere(self.ua, self.registrations, tasks=self._registering)
+        loop = asyncio.get_running_loop()
+        for view in self.views:
+            view.first_read = loop.create_future()
+            self._tasks.append(self.ua.spawn(self._run(view)))  # type: ignore[arg-type]
+        pending = {v.first_read for v in self.views if v.first_read is not None}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(f.result() for f in done):
+                return
 
     async def stop(self) -> None:
-        """Leave: unsubscribe, remove our binding (Expires 0)."""
-        self.mode = "stopped"
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self.subscription is not None:
-            await self.subscription.unsubscribe()
-        if self.registration is not None:
-            await self.registration.unregister()
+        """Leave: unsubscribe, remove our binding (Expires 0), at every server."""
+        self._stopped = True
+        for task in [*self._tasks, *self._registering]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._registering, return_exceptions=True)
+        await asyncio.gather(*(v.subscription.unsubscribe() for v in self.views
+                               if v.subscription is not None), return_exceptions=True)
+        await asyncio.gather(*(r.unregister() for r in self.registrations), return_exceptions=True)
         self._emit(self.state.clear("we left"))
         self._events.put_nowait(None)
 
@@ -309,6 +380,11 @@ class RosterClient:
             if event is None:
                 return
             yield event
+
+    def _told(self, view: ServerView, events: list[RosterEvent]) -> None:
+        """`view` changed (its `events`): the union again, and what changed in it."""
+        reasons = {e.member.name: e.reason for e in events if e.kind == "left" and e.reason}
+        self._emit(self.state.union([v.state for v in self.views], reasons))
 
     def _emit(self, events: list[RosterEvent]) -> None:
         for event in events:
@@ -320,50 +396,63 @@ class RosterClient:
                 self.on_event(event)
 
     # -- push ----------------------------------------------------------------------------------
-    async def _subscribe(self) -> bool:
-        """SUBSCRIBE to the roster; False if the server will not push it now (`_no_push`
-        says whether it never will: no reg event package there)."""
+    async def _subscribe(self, view: ServerView) -> bool:
+        """SUBSCRIBE to the roster at `view`'s server; False if it will not push it now
+        (`no_push` says whether it never will: no reg event package there)."""
         try:
-            subscription = await self.ua.subscribe(self.aor, EVENT, accept=reginfo.CONTENT_TYPE,
-                                                   expires=self.subscribe_expires)
-        except (OSError, CallFailed) as exc:
-            log.warning("network %s: cannot subscribe to the roster (%s): polling", self.network, exc)
-            self.mode = "poll"
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):  # (a dead server: not 32 s)
+                subscription = await self.ua.subscribe(self.aor_at(view.server), EVENT,
+                                                       accept=reginfo.CONTENT_TYPE,
+                                                       expires=self.subscribe_expires)
+        except (OSError, CallFailed, TimeoutError) as exc:
+            log.warning("network %s: cannot subscribe to the roster at %s (%s): polling",
+                        self.network, view.server, str(exc) or "no answer")
+            view.mode = "poll"
             return False
         if subscription.ended.done():
             reason = subscription.ended.result()
-            self._no_push = reason[:3].isdigit() and int(reason[:3]) in _NO_PUSH
-            log.info("network %s: the server does not push the roster (%s): polling", self.network, reason)
-            self.mode = "poll"
+            view.no_push = reason[:3].isdigit() and int(reason[:3]) in _NO_PUSH
+            log.info("network %s: %s does not push the roster (%s): polling", self.network,
+                     view.server, reason)
+            view.mode = "poll"
             return False
-        self.subscription = subscription
-        self.mode = "push"
+        view.subscription = subscription
+        view.mode = "push"
         return True
 
-    async def _run(self) -> None:
-        """Follow the subscription while there is one; without, poll, and subscribe again:
-        soon (1 s, doubling up to `poll_interval`) when the server was unreachable or
-        ended it, every RESUBSCRIBE_EVERY polls when it has no reg event package."""
+    async def _run(self, view: ServerView) -> None:
+        """Read `view`'s roster once, then follow the subscription while there is one;
+        without, poll, and subscribe again: soon (1 s, doubling up to `poll_interval`)
+        when the server was unreachable or ended it, every RESUBSCRIBE_EVERY polls when it
+        has no reg event package."""
+        read = False
+        try:
+            read = (self.push and await self._subscribe(view)) or await self._poll_once(view)
+        finally:
+            if view.first_read is not None and not view.first_read.done():
+                view.first_read.set_result(read)
         polls, pause = 0, 1.0
-        while self.mode != "stopped":
-            if self.subscription is not None:
-                await self._follow(self.subscription)
-                if self.mode == "stopped":
+        while not self._stopped:
+            if view.subscription is not None:
+                await self._follow(view, view.subscription)
+                if self._stopped:
                     return
                 pause = 1.0
-                if await self._subscribe():
+                if await self._subscribe(view):
                     continue
-                await self._poll_once()
-            slow = self._no_push or not self.push
+                await self._poll_once(view)
+            slow = view.no_push or not self.push
             await asyncio.sleep(self.poll_interval if slow else min(pause, self.poll_interval))
             pause *= 2
             polls += 1
-            if self.push and (not self._no_push or polls % RESUBSCRIBE_EVERY == 0) and await self._subscribe():
+            if self.push and (not view.no_push or polls % RESUBSCRIBE_EVERY == 0) and \
+                    await self._subscribe(view):
                 continue  # the server pushes (again)
-            await self._poll_once()
+            await self._poll_once(view)
 
-    async def _follow(self, subscription: Subscription) -> None:
-        """Apply each NOTIFY, refresh before the subscription runs out; return when it ends."""
+    async def _follow(self, view: ServerView, subscription: Subscription) -> None:
+        """Apply each NOTIFY, refresh before the subscription runs out; return when it
+        ends (a refresh the server does not answer ends it: 408)."""
         loop = asyncio.get_running_loop()
         while not subscription.ended.done():
             expires_at = subscription.expires_at or loop.time() + self.subscribe_expires
@@ -376,41 +465,49 @@ class RosterClient:
                 try:
                     response = await subscription.refresh()
                 except (OSError, RuntimeError) as exc:
-                    log.warning("network %s: roster refresh failed: %s", self.network, exc)
+                    log.warning("network %s: roster refresh at %s failed: %s", self.network,
+                                view.server, exc)
                     continue
                 if response.status >= 300 and not subscription.ended.done():
-                    log.warning("network %s: roster refresh answered %d %s", self.network,
-                                response.status, response.reason)
+                    log.warning("network %s: roster refresh at %s answered %d %s", self.network,
+                                view.server, response.status, response.reason)
                 continue
             if notification is None:
                 break
             if notification.content_type not in (None, reginfo.CONTENT_TYPE):
                 continue
             try:
-                self._emit(self.state.from_reginfo(notification.body))
+                self._told(view, view.state.from_reginfo(notification.body))
             except NeedFullState as exc:
                 log.info("network %s: %s: fetching the roster anew", self.network, exc)
                 await subscription.refresh()
             except reginfo.RegInfoError as exc:
                 log.warning("network %s: unusable roster document: %s", self.network, exc)
-        if self.mode != "stopped":
-            log.info("network %s: roster subscription ended (%s): subscribing again", self.network,
+        if not self._stopped:
+            log.info("network %s: roster subscription at %s ended (%s): subscribing again",
+                     self.network, view.server,
                      subscription.ended.result() if subscription.ended.done() else "?")
-        self.subscription = None
+        view.subscription = None
 
     # -- poll -----------------------------------------------------------------------------------
-    async def _poll_once(self) -> None:
+    async def _poll_once(self, view: ServerView) -> bool:
+        """Fetch `view`'s roster once; False if it could not be read."""
+        view.mode = "poll"
+        domain = self.ua.config.domain
         try:
             async with asyncio.timeout(10.0):
-                response: Response = await self.ua.fetch_bindings(self.aor)
+                response: Response = await self.ua.fetch_bindings(
+                    self.aor, server=view.server if view.server != domain else None)
         except (OSError, asyncio.TimeoutError, CallFailed) as exc:
-            log.warning("network %s: cannot fetch the roster: %s", self.network, exc)
-            return
+            log.warning("network %s: cannot fetch the roster at %s: %s", self.network, view.server, exc)
+            return False
         if response.status != 200:
-            log.warning("network %s: fetching the roster answered %d %s", self.network, response.status,
-                        response.reason)
-            return
+            log.warning("network %s: fetching the roster at %s answered %d %s", self.network,
+                        view.server, response.status, response.reason)
+            return False
         try:
-            self._emit(self.state.from_bindings(response.contacts))
+            self._told(view, view.state.from_bindings(response.contacts))
         except ParseError as exc:
             log.warning("network %s: unusable roster in the REGISTER answer: %s", self.network, exc.reason)
+            return False
+        return True

@@ -837,9 +837,10 @@ class MeshMember:
     def _member_uri(self, name: str) -> Any:
         """Where a pair's INVITE goes: `name`'s public GRUU, the network AOR narrowed to its
         binding (RFC 5627; sip/gruu.py): the server forwards over that member's roster
-        binding, so NATs are no obstacle, and to no other member."""
-        assert self.roster is not None
-        return self.roster.gruu(name)
+        binding, so NATs are no obstacle, and to no other member; at the server that last
+        answered us (each holds our roster bindings)."""
+        assert self.roster is not None and self.endpoint.ua is not None
+        return self.endpoint.ua.live_target(self.roster.gruu(name))
 
     # -- answering -------------------------------------------------------------------------
     async def _on_invite(self, incoming: IncomingCall) -> None:
@@ -1154,6 +1155,7 @@ class MeshMember:
         return {"network": self.network, "member": self.me, "interface": self.ifname,
                 "mesh_ip": self.mesh_ip, "pool": self.pool, "wg_port": self.port, "wg_pubkey": self.wg_pubkey,
                 "roster": self.roster.mode if self.roster else "starting",
+                "servers": self.roster.describe() if self.roster else [],
                 "trust": "ca" if self.config.trust else "roster",
                 "path_reports": self.reporter.state if self.reporter else "starting",
                 "relay": {"offered": f"{self.relay.address[0]}:{self.relay.address[1]}"

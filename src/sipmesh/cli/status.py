@@ -136,6 +136,11 @@ def render_networks(networks: list[dict[str, Any]], now: float | None = None) ->
                       for n, r in (relay.get("members") or {}).items()]
             out.append(f"relay: we relay at {relay.get('offered') or '-'}; member relays: "
                        f"{', '.join(relays) or '-'}")
+        servers = net.get("servers", [])
+        if len(servers) > 1:  # a broker pair: how we stand at each
+            out.append("servers: " + ", ".join(
+                f"{_server(r)} {r.get('state')}{': ' + str(r['error']) if r.get('error') else ''}"
+                f" (roster {r.get('roster')})" for r in servers))
         peers = net.get("peers", [])
         if not peers:
             out += ["no peers", ""]

@@ -87,6 +87,19 @@ allow = ["*"]
 '''
 
 
+# A forward service "fwd" to the TCP port {sink} on the answering host's loopback; the
+# caller's local port {local}.
+FORWARD_SERVICE = '''
+[[service]]
+name = "fwd"
+kind = "forward"
+target = "127.0.0.1:{sink}"
+allow = ["*"]
+[service.call]
+local_port = {local}
+'''
+
+
 def tunnel_services(pool: str) -> str:
     """The services of TUNNEL_SERVICES with tunnel addresses from `pool` (an IPv4 network)."""
     return TUNNEL_SERVICES.format(pool=pool)

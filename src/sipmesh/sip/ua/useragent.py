@@ -286,9 +286,10 @@ class UserAgent:
                 contact.params["+sip.instance"] = f'"{self.config.instance}"'
         return await self._register(aor, contact, expires, server)
 
-    async def fetch_bindings(self, aor: SipURI | None = None) -> Response:
-        """REGISTER without a Contact (RFC 3261 §10.2.3): the 200 lists `aor`'s bindings."""
-        return await self._register(aor, None, None)
+    async def fetch_bindings(self, aor: SipURI | None = None, *, server: str | None = None) -> Response:
+        """REGISTER without a Contact (RFC 3261 §10.2.3) at `server` (default: `domain`):
+        the 200 lists `aor`'s bindings there."""
+        return await self._register(aor, None, None, server)
 
     async def _register(self, aor: SipURI | None, contact: Address | None, expires: int | None,
                         server: str | None = None) -> Response:
