@@ -6,6 +6,8 @@ from behind another: a WireGuard tunnel on the direct path. Then b's cable goes 
 third home router (its veth moves, a new address as a new lease gives): b re-registers
 from there within MOVE_BOUND s, a new call by name reaches it, and the running tunnel
 pings again after an ICE restart, with the same wireguard-go process (never restarted).
+The same with an OpenVPN session (`--service ovpn`): both OpenVPNs talk to their agent's
+local end on 127.0.0.1, which the restart moves to the new path under them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def moving_lab(tmp_path) -> Iterator[tuple[NatLab, NatSite]]:
             site.stop()
 
 
-def wireguard_pids(host, program: str = "wireguard-go") -> dict[int, int]:
+def program_pids(host, program: str = "wireguard-go") -> dict[int, int]:
     """{UDP port: pid} of the `program` processes bound in `host` (from ss)."""
     out = host.run(["ss", "-uanpH"], check=False).stdout
     return {int(port): int(pid) for port, pid in
@@ -55,6 +57,14 @@ def vpn_session(site: NatSite) -> dict | None:
         if (session.get("path") or {}).get("program"):
             return session
     return None
+
+
+def wait_both_follow(daemon, call, what: str) -> None:
+    """Both agents handed the new path to their running program."""
+    wait_for(lambda: "follows the new path" in daemon.log_text(), 20,
+             what=f"b's {what} on a new path", abort=daemon.exit_reason)
+    wait_for(lambda: "follows the new path" in call.log_text(), 20,
+             what=f"a's {what} on a new path", abort=call.exit_reason)
 
 
 def start_tunnel(lab: NatLab, site: NatSite, service: str = "vpn"):
@@ -79,7 +89,7 @@ def test_moved_host_is_reachable_again_and_its_tunnel_follows(moving_lab) -> Non
     daemon, call, local = start_tunnel(lab, site)
     try:
         old_port = vpn_session(site)["path"]["program"]["local_port"]
-        [before] = set(wireguard_pids(lab["b"]).values())
+        [before] = set(program_pids(lab["b"]).values())
 
         old_ip = lab["b"].ip
         moved = time.monotonic()
@@ -93,7 +103,7 @@ def test_moved_host_is_reachable_again_and_its_tunnel_follows(moving_lab) -> Non
         ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
         pinged = time.monotonic() - moved
         assert ping.returncode == 0, ping.stdout + call.log_tail(30) + daemon.log_tail(40)
-        after = wireguard_pids(lab["b"])
+        after = program_pids(lab["b"])
         assert set(after.values()) == {before}, (before, after)   # not restarted
         program = vpn_session(site)["path"]["program"]
         assert after == {program["local_port"]: before} and program["local_port"] != old_port
@@ -123,15 +133,12 @@ def test_a_moved_caller_keeps_its_tunnel(moving_lab) -> None:
     elsewhere = lab.add_router("home")
     daemon, call, local = start_tunnel(lab, site)
     try:
-        before = {host: set(wireguard_pids(lab[host]).values()) for host in ("a", "b")}
+        before = {host: set(program_pids(lab[host]).values()) for host in ("a", "b")}
         move_host(lab["a"], elsewhere)
-        wait_for(lambda: "follows the new path" in call.log_text(), 20,
-                 what="a's tunnel on a new path", abort=call.exit_reason)
-        wait_for(lambda: "follows the new path" in daemon.log_text(), 20,
-                 what="b's tunnel on a new path", abort=daemon.exit_reason)
+        wait_both_follow(daemon, call, "tunnel")
         ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
         assert ping.returncode == 0, ping.stdout + call.log_tail(30) + daemon.log_tail(30)
-        assert {host: set(wireguard_pids(lab[host]).values()) for host in ("a", "b")} == before
+        assert {host: set(program_pids(lab[host]).values()) for host in ("a", "b")} == before
         assert "we moved: " in call.log_text()   # (`sipmesh call --service` registers not)
         assert vpn_session(site)["path"]["program"]["remote"].startswith(elsewhere.wan_ip + ":")
     finally:
@@ -150,18 +157,15 @@ def test_a_moved_hosts_openvpn_follows_without_a_restart(moving_lab) -> None:
     try:
         before = vpn_session(site)["path"]
         assert before["program"]["proxied"], before
-        pids = {host: wireguard_pids(lab[host], "openvpn") for host in ("a", "b")}
+        pids = {host: program_pids(lab[host], "openvpn") for host in ("a", "b")}
         assert all(len(set(p.values())) == 1 for p in pids.values()), pids
         moved = time.monotonic()
         move_host(lab["b"], elsewhere)
-        wait_for(lambda: "follows the new path" in daemon.log_text(), 20,
-                 what="b's OpenVPN on a new path", abort=daemon.exit_reason)
-        wait_for(lambda: "follows the new path" in call.log_text(), 20,
-                 what="a's OpenVPN on a new path", abort=call.exit_reason)
+        wait_both_follow(daemon, call, "OpenVPN")
         ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
         pinged = time.monotonic() - moved
         assert ping.returncode == 0, ping.stdout + call.log_tail(30) + daemon.log_tail(40)
-        assert {host: wireguard_pids(lab[host], "openvpn") for host in ("a", "b")} == pids
+        assert {host: program_pids(lab[host], "openvpn") for host in ("a", "b")} == pids
         after = vpn_session(site)["path"]
         assert after["program"] == before["program"]        # OpenVPN was not told anything
         assert after["local"] != before["local"], (before, after)   # the path moved under it
