@@ -159,6 +159,8 @@ async def test_a_program_through_the_agent_follows_a_new_path():
         await _exchange(a, mine.remote, b, theirs.remote, b"on the new path")
         status = moved[0].describe()
         assert status["proxy"]["to_peer"]["packets"] == 1, status   # this path's count
+        assert path_lines({"call_id": "c", "path": status})[2].endswith(
+            "(the agent's end of the path: it follows moves)")
         assert status["proxy"]["from_peer"]["packets"] == 1, status
     finally:
         for s in sockets:

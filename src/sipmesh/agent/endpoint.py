@@ -247,7 +247,8 @@ class Endpoint:
         removed = [s for s in before if s not in after]
         changes = [f"added {', '.join(added)}" if added else "",
                    f"removed {', '.join(removed)}" if removed else ""]
-        log.info("our SIP servers changed in DNS: %s", "; ".join(c for c in changes if c))
+        log.info("our SIP servers changed in DNS: %s", "; ".join(c for c in changes if c)
+                 or f"in this order now: {', '.join(after)}")
         self._server_flow = None
         if self.ice_config is not None:
             try:

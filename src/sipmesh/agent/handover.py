@@ -384,6 +384,8 @@ class PathProxy:
     """One path's far side of a `LocalEnd`: counts what passes (the consent watch reads
     `last_seen`), says why it `failed`."""
 
+    kind = "path"    # what `sipmesh status` calls it
+
     def __init__(self, peer: tuple[str, int], local: LocalEnd) -> None:
         self.peer = peer
         self.local = local
@@ -417,7 +419,7 @@ class PathProxy:
         """(The proxy counts as datagrams arrive: nothing to do.)"""
 
     def counters(self) -> dict[str, Any]:
-        return {"port": self.local.port,
+        return {"port": self.local.port, "kind": self.kind,
                 "to_peer": {"packets": self.tx, "bytes": self.tx_bytes},
                 "from_peer": {"packets": self.rx, "bytes": self.rx_bytes}}
 
@@ -476,6 +478,8 @@ class RelayProxy(PathProxy):
     meanwhile): our channel's ChannelData goes straight to the program, everything else
     (STUN responses to aioice's refreshes, data indications) to aioice as before. Over TCP
     aioice parses the stream and hands us the payloads (`from_peer`)."""
+
+    kind = "relay"
 
     def __init__(self, turn: TurnClientProtocol, peer: tuple[str, int], local: LocalEnd):
         super().__init__(peer, local)
