@@ -450,7 +450,8 @@ class DirectProxy(PathProxy):
             sock.close()
             raise
         self.sock = sock
-        asyncio.get_running_loop().add_reader(sock, drain, sock, self.from_peer)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock, drain, sock, self.from_peer)
         await super().start()
 
     def to_peer(self, data: bytes) -> None:
@@ -464,7 +465,7 @@ class DirectProxy(PathProxy):
 
     def close(self) -> None:
         if self.sock is not None:
-            asyncio.get_running_loop().remove_reader(self.sock)
+            self._loop.remove_reader(self.sock)
             self.sock.close()
             self.sock = None
         super().close()

@@ -49,7 +49,7 @@ class OpenVPNProfile(AppProfile):
     media = "application/vpn"
     proto = "OpenVPN"
     transport = "udp"
-    through_agent = True   # OpenVPN's peer cannot change as it runs: it follows moves so
+    through_agent = True   # its peer cannot change as it runs: via the agent it follows moves
     offer_params = COMMON_OFFER + (FINGERPRINT,)
     answer_params = IP_PARAMS + (PORT, VPN_LOCAL, VPN_REMOTE, FINGERPRINT)
 
