@@ -236,7 +236,9 @@ class Endpoint:
                 wait = SRV_RETRY
                 continue
             wait = self.ua.servers_ttl or 0.0
-            if after != before:
+            # (the order alone may change at every look: targets of one priority are
+            # shuffled by weight, RFC 2782; the UA takes it, the registrations stay)
+            if set(after) != set(before):
                 await self._servers_changed(before, after)
 
     async def _servers_changed(self, before: list[str], after: list[str]) -> None:
@@ -247,8 +249,7 @@ class Endpoint:
         removed = [s for s in before if s not in after]
         changes = [f"added {', '.join(added)}" if added else "",
                    f"removed {', '.join(removed)}" if removed else ""]
-        log.info("our SIP servers changed in DNS: %s", "; ".join(c for c in changes if c)
-                 or f"in this order now: {', '.join(after)}")
+        log.info("our SIP servers changed in DNS: %s", "; ".join(c for c in changes if c))
         self._server_flow = None
         if self.ice_config is not None:
             try:
@@ -268,9 +269,18 @@ class Endpoint:
         for registration in made.values():
             self._register_one(registration, errors)
         for registration in leaving:
-            task = asyncio.ensure_future(registration.unregister())
+            task = asyncio.ensure_future(self._leave(registration))
             self._registering.add(task)
             task.add_done_callback(self._registering.discard)
+
+    async def _leave(self, registration: Registration) -> None:
+        """A server DNS no longer lists: our binding there removed (if it answers), no
+        more keep-alives to it either way."""
+        assert self.ua is not None
+        try:
+            await registration.unregister()
+        finally:
+            self.ua.forget_server(registration.server)
 
     # -- moving (agent/mobility.py) -------------------------------------------------------
     async def _where(self) -> Snapshot:

@@ -414,6 +414,12 @@ class UserAgent:
                 f"{self.server_names[s]} ({s})" for s in self._found))
         return self.servers
 
+    def forget_server(self, server: str) -> None:
+        """`server` is no longer one of ours (DNS stopped listing it): no more keep-alives
+        on its flow, its failures forgotten."""
+        self._keep_alive(server, None)
+        self._server_failed.pop(server, None)
+
     def live_servers(self) -> list[str]:
         """`servers`, those a request failed at last in the end (the longest ago first)."""
         return sorted(self.servers, key=lambda s: self._server_failed.get(s, 0.0))
