@@ -1,22 +1,24 @@
 #!/usr/bin/env python3
 """A host that moves, on the NAT lab: time from an address change to being reachable by
-name again, and to its running WireGuard tunnel answering again (issue 13, item 5; the
+name again, and to its running WireGuard (or OpenVPN) tunnel answering again (issue 13, item 5; the
 other half of bench/failover.py's figures, the broker-kill half being there).
 
 The lab (src/sipmesh/lab/topology.py, natsite.py): our broker on the internet bridge,
-home hosts a and b, a second home router. b runs `sipmesh daemon` with a wireguard service,
-a runs `sipmesh call b --service vpn`; then b's veth moves between the two routers
+home hosts a and b, a second home router. b runs `sipmesh daemon` with a wireguard service
+"vpn" and an openvpn service "ovpn", a runs `sipmesh call b --service vpn` (`--service
+ovpn`: OpenVPN, through each agent's local end); then b's veth moves between the two routers
 --moves times (a new address each time, as a new DHCP lease gives). Per move:
 
 * reachable: from the move to b's REGISTER from the new address being accepted (its
   daemon's log line "registered our new address"), after which calls by name reach it;
 * tunnel: from the move to the first ping reply through the running tunnel (a pings b's
-  tunnel address every 50 ms), after the ICE restart and `wg set` on both sides;
-* the wireguard-go process on b is the same throughout (checked at every move).
+  tunnel address every 50 ms), after the ICE restart and `wg set` on both sides (OpenVPN:
+  the local ends switched to the new path);
+* the wireguard-go (openvpn) process on b is the same throughout (checked at every move).
 
 Medians (and max) over the moves. The figures are indicative on a loaded machine.
 
-    .venv/bin/python bench/mobility.py [--moves 10] [--logs DIR]
+    .venv/bin/python bench/mobility.py [--moves 10] [--service vpn|ovpn] [--logs DIR]
 
 Needs root, wireguard-go, wg, coturn. Traffic stays inside the namespaces; everything is
 removed at the end.
@@ -44,17 +46,20 @@ from sipmesh.lab.natsite import NatSite, tunnel_services  # noqa: E402
 POOLS = {"a": "10.96.0.0/24", "b": "10.97.0.0/24"}
 
 
-def wireguard_pids(host) -> set[int]:
+PROGRAMS = {"vpn": "wireguard-go", "ovpn": "openvpn"}   # the service's program
+
+
+def program_pids(host, program: str) -> set[int]:
     out = host.run(["ss", "-uanpH"], check=False).stdout
-    return {int(pid) for pid in re.findall(r'\("wireguard-go",pid=(\d+)', out)}
+    return {int(pid) for pid in re.findall(rf'\("{re.escape(program)}",pid=(\d+)', out)}
 
 
-def mobility_figures(lab: NatLab, site: NatSite, moves: int) -> dict:
+def mobility_figures(lab: NatLab, site: NatSite, moves: int, service: str = "vpn") -> dict:
     """Run the moves (see the module doc) on a lab with hosts a and b behind home routers
     and a started site; the figures."""
     routers = [lab["b"].router, lab.add_router("home")]
     daemon = site.daemon("b", tunnel_services(POOLS["b"]))
-    call = site.call("a", "ac", "b", "--service", "vpn", services=tunnel_services(POOLS["a"]))
+    call = site.call("a", "ac", "b", "--service", service, services=tunnel_services(POOLS["a"]))
     reachable: list[float] = []
     tunnel: list[float] = []
     try:
@@ -67,7 +72,9 @@ def mobility_figures(lab: NatLab, site: NatSite, moves: int) -> dict:
                          abort=call.exit_reason)["allocated"]["addresses"][0]
         wait_for(lambda: lab["a"].run(["ping", "-c", "1", "-W", "1", local],
                                       check=False).returncode == 0, 30, what="the first ping")
-        pids = wireguard_pids(lab["b"])
+        program = PROGRAMS[service]
+        pids = program_pids(lab["b"], program)
+        assert pids, f"no {program} on b"
         for n in range(moves):
             done = daemon.log_text().count("registered our new address")
             moved = time.monotonic()
@@ -82,13 +89,13 @@ def mobility_figures(lab: NatLab, site: NatSite, moves: int) -> dict:
                 raise RuntimeError(f"move {n + 1}: no ping through the tunnel\n"
                                    + daemon.log_tail(30))
             tunnel.append(time.monotonic() - moved)
-            if wireguard_pids(lab["b"]) != pids:
-                raise RuntimeError(f"move {n + 1}: wireguard-go was restarted")
+            if program_pids(lab["b"], program) != pids:
+                raise RuntimeError(f"move {n + 1}: {program} was restarted")
             print(f"move {n + 1}: {lab['b'].ip}: reachable {reachable[-1]:.2f} s, "
                   f"tunnel {tunnel[-1]:.2f} s", flush=True)
     finally:
         call.stop(grace=10)
-    return {"moves": moves,
+    return {"moves": moves, "service": service,
             "reachable_median": statistics.median(reachable), "reachable_max": max(reachable),
             "tunnel_median": statistics.median(tunnel), "tunnel_max": max(tunnel)}
 
@@ -96,6 +103,8 @@ def mobility_figures(lab: NatLab, site: NatSite, moves: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--moves", type=int, default=10)
+    parser.add_argument("--service", choices=sorted(PROGRAMS), default="vpn",
+                        help="vpn: WireGuard (default); ovpn: OpenVPN")
     parser.add_argument("--logs", type=Path, help="keep the processes' logs here")
     args = parser.parse_args()
     if not 1 <= args.moves <= 100:
@@ -105,12 +114,12 @@ def main() -> int:
         lab.add_hosts({"broker": "public", "a": "home", "b": "home"})
         site = NatSite(lab, work, ["a", "b", "ac"]).start()
         try:
-            figures = mobility_figures(lab, site, args.moves)
+            figures = mobility_figures(lab, site, args.moves, args.service)
         finally:
             site.stop()
     print(f"address change -> reachable by name: median {figures['reachable_median']:.2f} s "
           f"(max {figures['reachable_max']:.2f}) over {figures['moves']} moves")
-    print(f"address change -> running tunnel pings: median {figures['tunnel_median']:.2f} s "
+    print(f"address change -> running {PROGRAMS[args.service]} tunnel pings: median {figures['tunnel_median']:.2f} s "
           f"(max {figures['tunnel_max']:.2f})")
     return 0
 

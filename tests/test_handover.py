@@ -113,6 +113,64 @@ async def test_relayed_path_proxy_carries_datagrams_both_ways(coturn):
         await callee.close()
 
 
+async def _ice_pair(config: IceConfig) -> tuple[IceSession, IceSession]:
+    caller, callee = IceSession(config, controlling=True), IceSession(config, controlling=False)
+    offer, answer = await asyncio.gather(caller.gather(), callee.gather())
+    await asyncio.gather(caller.connect(caller.read_remote(render(answer))),
+                         callee.connect(callee.read_remote(render(offer))))
+    return caller, callee
+
+
+async def _exchange(a: socket.socket, a_to: tuple[str, int], b: socket.socket,
+                    b_to: tuple[str, int], text: bytes) -> None:
+    a.sendto(text, a_to)
+    assert await asyncio.to_thread(b.recv, 2048) == text
+    b.sendto(text + b" back", b_to)
+    assert await asyncio.to_thread(a.recv, 2048) == text + b" back"
+
+
+async def test_a_program_through_the_agent_follows_a_new_path():
+    """`follow`: each program talks to the agent's local end on 127.0.0.1 on a direct path;
+    a second ICE session (what an ICE restart after a move makes) takes the same local ends
+    over, the first path closes, and the same two program sockets, unchanged, still reach
+    each other: over the new path's ports."""
+    config = IceConfig(host_addresses=("127.0.0.1",), connect_timeout=5)
+    handovers: list[Handover] = []
+    sockets: list[socket.socket] = []
+    try:
+        handovers = list(await asyncio.gather(*(Handover.take(ice, follow=True)
+                                                for ice in await _ice_pair(config))))
+        mine, theirs = (h.endpoint for h in handovers)
+        assert (mine.kind, mine.proxied, mine.remote_ip) == ("direct", True, "127.0.0.1")
+        first_ports = {h.ice.local_port for h in handovers}
+        assert mine.local_port not in first_ports      # the path's port stays the agent's
+        a, b = udp(mine.local_port), udp(theirs.local_port)
+        sockets += [a, b]
+        await _exchange(a, mine.remote, b, theirs.remote, b"on the first path")
+
+        restarted = await _ice_pair(config)
+        moved = list(await asyncio.gather(*(Handover.take(ice, local=old.local)
+                                            for ice, old in zip(restarted, handovers))))
+        for old in handovers:
+            await old.close()
+        handovers = moved
+        assert [h.endpoint for h in moved] == [mine, theirs]   # the programs are not told
+        assert {h.ice.local_port for h in moved}.isdisjoint(first_ports)
+        await _exchange(a, mine.remote, b, theirs.remote, b"on the new path")
+        status = moved[0].describe()
+        assert status["proxy"]["to_peer"]["packets"] == 1, status   # this path's count
+        assert path_lines({"call_id": "c", "path": status})[2].endswith(
+            "(the agent's end of the path: it follows moves)")
+        assert status["proxy"]["from_peer"]["packets"] == 1, status
+    finally:
+        for s in sockets:
+            s.close()
+        for h in handovers:
+            await h.close()
+    # the local ends closed with the last path that used them
+    assert all(h.local is not None and h.local.closed for h in handovers)
+
+
 def _drain(s: socket.socket, count: int) -> int:
     s.settimeout(1.0)
     got = 0

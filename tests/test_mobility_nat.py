@@ -6,6 +6,8 @@ from behind another: a WireGuard tunnel on the direct path. Then b's cable goes 
 third home router (its veth moves, a new address as a new lease gives): b re-registers
 from there within MOVE_BOUND s, a new call by name reaches it, and the running tunnel
 pings again after an ICE restart, with the same wireguard-go process (never restarted).
+The same with an OpenVPN session (`--service ovpn`): both OpenVPNs talk to their agent's
+local end on 127.0.0.1, which the restart moves to the new path under them.
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ def moving_lab(tmp_path) -> Iterator[tuple[NatLab, NatSite]]:
             site.stop()
 
 
-def wireguard_pids(host) -> dict[int, int]:
-    """{UDP port: pid} of the wireguard-go processes bound in `host` (from ss)."""
+def program_pids(host, program: str = "wireguard-go") -> dict[int, int]:
+    """{UDP port: pid} of the `program` processes bound in `host` (from ss)."""
     out = host.run(["ss", "-uanpH"], check=False).stdout
     return {int(port): int(pid) for port, pid in
-            re.findall(r':(\d+)\s+\S+\s+users:\(\("wireguard-go",pid=(\d+)', out)}
+            re.findall(rf':(\d+)\s+\S+\s+users:\(\("{re.escape(program)}",pid=(\d+)', out)}
 
 
 def vpn_session(site: NatSite) -> dict | None:
@@ -57,15 +59,24 @@ def vpn_session(site: NatSite) -> dict | None:
     return None
 
 
-def start_tunnel(lab: NatLab, site: NatSite):
+def wait_both_follow(daemon, call, what: str) -> None:
+    """Both agents handed the new path to their running program."""
+    wait_for(lambda: "follows the new path" in daemon.log_text(), 20,
+             what=f"b's {what} on a new path", abort=daemon.exit_reason)
+    wait_for(lambda: "follows the new path" in call.log_text(), 20,
+             what=f"a's {what} on a new path", abort=call.exit_reason)
+
+
+def start_tunnel(lab: NatLab, site: NatSite, service: str = "vpn"):
     """b's daemon, a's call to it, the tunnel pinged once: (daemon, call, b's tunnel address)."""
     daemon = site.daemon("b", tunnel_services(POOLS["b"]))
-    call = site.call("a", "ac", "b", "--service", "vpn", services=tunnel_services(POOLS["a"]))
+    call = site.call("a", "ac", "b", "--service", service, services=tunnel_services(POOLS["a"]))
     session = wait_for(lambda: vpn_session(site), 30, what="b's tunnel session on a path",
                        abort=call.exit_reason)
     assert session["path"]["kind"] == "direct", session["path"]
     local, _ = session["allocated"]["addresses"]
-    wait_for(lambda: "dev smwg" in lab["a"].run(["ip", "route", "get", local]).stdout, 20,
+    device = "dev smwg" if service == "vpn" else "dev tun"
+    wait_for(lambda: device in lab["a"].run(["ip", "route", "get", local]).stdout, 20,
              what="a's tunnel up", abort=call.exit_reason)
     ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
     assert ping.returncode == 0, ping.stdout + call.log_tail(30)
@@ -78,7 +89,7 @@ def test_moved_host_is_reachable_again_and_its_tunnel_follows(moving_lab) -> Non
     daemon, call, local = start_tunnel(lab, site)
     try:
         old_port = vpn_session(site)["path"]["program"]["local_port"]
-        [before] = set(wireguard_pids(lab["b"]).values())
+        [before] = set(program_pids(lab["b"]).values())
 
         old_ip = lab["b"].ip
         moved = time.monotonic()
@@ -92,7 +103,7 @@ def test_moved_host_is_reachable_again_and_its_tunnel_follows(moving_lab) -> Non
         ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
         pinged = time.monotonic() - moved
         assert ping.returncode == 0, ping.stdout + call.log_tail(30) + daemon.log_tail(40)
-        after = wireguard_pids(lab["b"])
+        after = program_pids(lab["b"])
         assert set(after.values()) == {before}, (before, after)   # not restarted
         program = vpn_session(site)["path"]["program"]
         assert after == {program["local_port"]: before} and program["local_port"] != old_port
@@ -122,17 +133,45 @@ def test_a_moved_caller_keeps_its_tunnel(moving_lab) -> None:
     elsewhere = lab.add_router("home")
     daemon, call, local = start_tunnel(lab, site)
     try:
-        before = {host: set(wireguard_pids(lab[host]).values()) for host in ("a", "b")}
+        before = {host: set(program_pids(lab[host]).values()) for host in ("a", "b")}
         move_host(lab["a"], elsewhere)
-        wait_for(lambda: "follows the new path" in call.log_text(), 20,
-                 what="a's tunnel on a new path", abort=call.exit_reason)
-        wait_for(lambda: "follows the new path" in daemon.log_text(), 20,
-                 what="b's tunnel on a new path", abort=daemon.exit_reason)
+        wait_both_follow(daemon, call, "tunnel")
         ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
         assert ping.returncode == 0, ping.stdout + call.log_tail(30) + daemon.log_tail(30)
-        assert {host: set(wireguard_pids(lab[host]).values()) for host in ("a", "b")} == before
+        assert {host: set(program_pids(lab[host]).values()) for host in ("a", "b")} == before
         assert "we moved: " in call.log_text()   # (`sipmesh call --service` registers not)
         assert vpn_session(site)["path"]["program"]["remote"].startswith(elsewhere.wan_ip + ":")
+    finally:
+        call.stop(grace=10)
+    assert call.returncode == 0, call.log_tail(30)
+
+
+@pytest.mark.skipif(shutil.which("openvpn") is None, reason="needs openvpn")
+def test_a_moved_hosts_openvpn_follows_without_a_restart(moving_lab) -> None:
+    """The same move with an OpenVPN session: both OpenVPNs talk to their agent's local end
+    on 127.0.0.1 (agent/handover.py), whose far side the ICE restart moves; neither is
+    restarted nor told, and the tunnel pings again."""
+    lab, site = moving_lab
+    elsewhere = lab.add_router("home")
+    daemon, call, local = start_tunnel(lab, site, "ovpn")
+    try:
+        before = vpn_session(site)["path"]
+        assert before["program"]["proxied"], before
+        pids = {host: program_pids(lab[host], "openvpn") for host in ("a", "b")}
+        assert all(len(set(p.values())) == 1 for p in pids.values()), pids
+        moved = time.monotonic()
+        move_host(lab["b"], elsewhere)
+        wait_both_follow(daemon, call, "OpenVPN")
+        ping = lab["a"].run(["ping", "-c", "1", "-w", "20", local], check=False, timeout=30)
+        pinged = time.monotonic() - moved
+        assert ping.returncode == 0, ping.stdout + call.log_tail(30) + daemon.log_tail(40)
+        assert {host: program_pids(lab[host], "openvpn") for host in ("a", "b")} == pids
+        after = vpn_session(site)["path"]
+        assert after["program"] == before["program"]        # OpenVPN was not told anything
+        assert after["local"] != before["local"], (before, after)   # the path moved under it
+        assert "cannot follow a new path" not in daemon.log_text() + call.log_text()
+        assert call.alive, call.log_tail(30)
+        print(f"OpenVPN pinged again {pinged:.2f} s after the move")
     finally:
         call.stop(grace=10)
     assert call.returncode == 0, call.log_tail(30)

@@ -323,3 +323,22 @@ def test_broker_process_in_lo_only_namespace_answers_503_and_drops_without_trace
     finally:
         sock.close()
         broker.stop()
+
+
+def test_srv_servers_hold_for_the_shortest_ttl_left(lab):
+    """srv_servers: how long the found set holds is the least time to live left of the
+    records it came from (here SRV 30 s, the target's A 60 s): an agent looks again then."""
+    async def main():
+        clock = FakeClock()
+        r = lab.resolver(clock=clock)
+        expected = [("spindle.example.com", Flow("UDP", "127.0.0.1", lab.sink_port))]
+        assert await r.srv_servers("example.com") == (expected, 30.0)
+        clock.now += 10                                  # both cached: 20 s left of the SRV
+        assert await r.srv_servers("example.com") == (expected, 20.0)
+        assert r.queries == 2
+        clock.now += 25                                  # SRV asked again; 25 s left of the A
+        assert await r.srv_servers("example.com") == (expected, 25.0)
+        assert r.queries == 3
+        assert await r.srv_servers("nothing.example.com") == ([], r.negative_ttl)
+
+    asyncio.run(main())

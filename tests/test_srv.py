@@ -2,7 +2,8 @@
 `sipmesh serve --server example.test` registers at both SRV targets with one
 +sip.instance; with the first (priority 10) SIGKILLed a `sipmesh call --server
 example.test` reaches it through the second; the killed broker, started again, serves a
-call when the other one is killed in turn. Real DNS (dnsmasq, the namespace's
+call when the other one is killed in turn; records changed under a running agent are
+followed once their TTL has run out. Real DNS (dnsmasq, the namespace's
 resolv.conf), real `sipmesh broker` processes: tests/lab/srvlab.py."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+from sipmesh.agent.endpoint import SRV_RETRY
 from tests.lab import dnsmasq_unavailable_reason, free_port, spawn, wait_for
 from tests.lab.agents import SIPMESH, agent_argv, agents, app_argv, record, wait_ready  # noqa: F401
 from tests.peers.daemon import RECORDER, config_text
@@ -33,6 +35,20 @@ def srv_lab(netns_factory, tmp_path):
     lab = SrvLab(netns_factory, tmp_path / "srv")
     yield lab
     lab.close()
+
+
+@pytest.fixture
+def changing_srv_lab(netns_factory, tmp_path):
+    """The SRV records name b1 only, every record lives 2 s."""
+    reason = dnsmasq_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    lab = SrvLab(netns_factory, tmp_path / "srv", listed=("b1",), ttl=SHORT_TTL)
+    yield lab
+    lab.close()
+
+
+SHORT_TTL = 2   # s
 
 
 def call(agents, lab, tmp_path, caller: str, n: int, *options: str, target: str = "2500"):
@@ -172,3 +188,35 @@ def test_a_running_session_survives_the_broker_it_was_routed_through(srv_lab, ag
     caller.stop(grace=10)  # SIGTERM: BYE in the new dialog, through b2
     wait_for(lambda: "serve: session ended: the peer ended the session (remote BYE)" in
              serve.log_text(), 10, what="the BYE at the callee")
+
+
+def test_an_agent_follows_its_srv_records_when_they_change(changing_srv_lab, agents, tmp_path):
+    """The domain's SRV records move from b1 to b2 (both brokers run): once the records'
+    TTL has run out the running agent registers at b2 and leaves b1, without a restart;
+    a new call by the domain's name then reaches it through b2."""
+    lab = changing_srv_lab
+    serve = agents(agent_argv("serve", DOMAIN, "2500", "--state-dir", str(tmp_path / "state"),
+                              "--app-port", str(free_port()), program=app_argv(tmp_path, "run")),
+                   name="serve", netns=lab.ns)
+    wait_ready(serve)
+    assert lab.brokers["b1"].registered("2500") and not lab.brokers["b2"].registered("2500")
+    assert f"by DNS SRV: b1.{DOMAIN} ({lab.server('b1')})\n" in serve.log_text()
+
+    lab.list_in_dns("b2")
+    changed = time.monotonic()
+    # (a look-up that fell into dnsmasq's restart keeps the old set for SRV_RETRY s)
+    wait_for(lambda: lab.brokers["b2"].registered("2500"), SHORT_TTL + SRV_RETRY + 8,
+             what="2500 registered at b2, the new SRV target", abort=serve.exit_reason)
+    followed = time.monotonic() - changed
+    wait_for(lambda: not lab.brokers["b1"].registered("2500"), 8,
+             what="2500 gone from b1, no longer in DNS", abort=serve.exit_reason)
+    assert (f"our SIP servers changed in DNS: added {lab.server('b2')}; "
+            f"removed {lab.server('b1')}") in serve.log_text()
+    print(f"registered at the new SRV target {followed:.2f} s after the records changed "
+          f"(TTL {SHORT_TTL} s)")
+
+    first = call(agents, lab, tmp_path, "2501", 1, "--no-register", target=f"2500@{DOMAIN}")
+    wait_for(lambda: session_up(tmp_path), 20, what="a session through b2",
+             abort=first.exit_reason)
+    assert first.wait(10) == 0, first.log_tail(30)
+    assert serve.alive(), serve.log_tail(30)

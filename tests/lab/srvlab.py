@@ -6,7 +6,8 @@ at 127.0.0.3 priority 20, port 5060 each), and the namespace's /etc/netns/NAME/r
 names it, so a program started in the namespace (``ip netns exec`` mounts that file over
 /etc/resolv.conf) resolves through it as it would through a real DNS server. Each broker
 is `sipmesh broker --domain example.test` with a database of its own. ``kill(name)``
-SIGKILLs one, ``restart(name)`` starts it again on the same database.
+SIGKILLs one, ``restart(name)`` starts it again on the same database; ``list_in_dns``
+changes which of them the SRV records name.
 tests/test_srv.py and bench/failover.py use it; :meth:`close` removes everything.
 """
 
@@ -28,27 +29,39 @@ BROKERS = {"b1": ("127.0.0.2", 10), "b2": ("127.0.0.3", 20)}  # name -> (address
 class SrvLab:
     """On a NetnsFactory (`factory`), which deletes the namespace."""
 
-    def __init__(self, factory, run_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, factory, run_dir: Path, *,  # type: ignore[no-untyped-def]
+                 listed: tuple[str, ...] = tuple(BROKERS), ttl: int | None = None) -> None:
         self.run_dir = run_dir
         self.ns = factory.add("srv")
         self.brokers: dict[str, BrokerServer] = {}
         self.etc = Path("/etc/netns") / self.ns.name
         self.dns: Dnsmasq | None = None
+        self.ttl = ttl   # of every record (None: dnsmasq's 30 s for SRV, 60 s for A)
         try:
             self.etc.mkdir(parents=True, exist_ok=True)
             (self.etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-            records: list[tuple] = []
-            for name, (address, priority) in BROKERS.items():
-                records.append(("A", f"{name}.{DOMAIN}", address, 60))
-                for service in ("_sip._udp", "_sip._tcp"):
-                    records.append(("SRV", f"{service}.{DOMAIN}", f"{name}.{DOMAIN}", 5060,
-                                    priority, 10))
-            self.dns = Dnsmasq(run_dir, records, domains=(DOMAIN,), netns=self.ns, port=53)
+            self.list_in_dns(*listed)
             for name in BROKERS:
                 self.restart(name)
         except BaseException:
             self.close()
             raise
+
+    def list_in_dns(self, *names: str) -> None:
+        """The SRV records name these brokers (all are running): dnsmasq is started again
+        with them (it reads its records once)."""
+        if self.dns is not None:
+            self.dns.stop()
+            self.dns = None
+        records: list[tuple] = []
+        for name, (address, priority) in BROKERS.items():
+            records.append(("A", f"{name}.{DOMAIN}", address, self.ttl or 60))
+            if name in names:
+                for service in ("_sip._udp", "_sip._tcp"):
+                    records.append(("SRV", f"{service}.{DOMAIN}", f"{name}.{DOMAIN}", 5060,
+                                    priority, 10))
+        self.dns = Dnsmasq(self.run_dir, records, domains=(DOMAIN,), netns=self.ns, port=53,
+                           ttl=self.ttl or 30)
 
     def server(self, name: str) -> str:
         """host:port of a broker, as an agent's status shows the servers it found."""

@@ -34,7 +34,7 @@ from sipmesh.agent.profile import SessionInfo
 from sipmesh.agent.link import connection_error, server_flow, tls_name
 from sipmesh.agent.mobility import Mobility, Move, Snapshot
 from sipmesh.agent.params import IPAddress
-from sipmesh.agent.registration import Registration, register_everywhere
+from sipmesh.agent.registration import Registration, register_everywhere, register_in_background
 from sipmesh.sip.transport.base import RELIABLE, Flow, forget_routes, local_address_towards
 from sipmesh.sip.transport.resolve import resolve_uri
 from sipmesh.sip.headers import Address
@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from sipmesh.agent.session import Session
 
 log = logging.getLogger("sipmesh.agent")
+
+SRV_RECHECK_MIN = 1.0   # s: servers found by SRV are looked up again at most this often
+SRV_RETRY = 10.0        # s: and this long after a failed look-up (the old set is kept)
 
 
 async def advertised_address(advertise: str | None, domain: str) -> str:
@@ -103,6 +106,7 @@ class Endpoint:
         self._idle = asyncio.Event()
         self._idle.set()
         self.mobility: Mobility | None = None  # once listening, with follow_moves
+        self._following_srv: asyncio.Task[None] | None = None  # servers found by SRV
         self._server_flow: Flow | None = None
 
     async def listen(self) -> None:
@@ -128,6 +132,8 @@ class Endpoint:
         self.local_ip = await advertised_address(self.advertise, ua.servers[0])
         if self.ice.enabled:
             self.ice_config = await self._ice_config()
+        if ua.servers_ttl is not None:
+            self._following_srv = asyncio.ensure_future(self._follow_srv())
         if self.follow_moves:
             self.mobility = Mobility(self._where, self.moved, stun=self._seen_as)
             await self.mobility.start()
@@ -169,16 +175,79 @@ class Endpoint:
         one retried every MIN_RETRY s); it fails only when every one failed. A server that
         has not answered by then comes last for new requests until it does."""
         assert self.ua is not None, "listen() first"
-        reliable = self.config.transport.upper() in RELIABLE
         servers = self.ua.servers
-        self.registrations = [
-            Registration(self.ua, expires=expires, timeout=timeout,
-                         server=server if server != self.config.domain else None,
-                         connect=(lambda s=server: self.connect(s)) if reliable else None)
-            for server in servers]
+        self.registrations = [self._registration(server, expires, timeout)
+                              for server in servers]
         self.registration = self.registrations[0]
         await register_everywhere(self.ua, self.registrations, keep_trying=keep_trying,
                                   tasks=self._registering)
+
+    def _registration(self, server: str, expires: int, timeout: float) -> Registration:
+        assert self.ua is not None
+        reliable = self.config.transport.upper() in RELIABLE
+        return Registration(self.ua, expires=expires, timeout=timeout,
+                            server=server if server != self.config.domain else None,
+                            connect=(lambda s=server: self.connect(s)) if reliable else None)
+
+    # -- servers found by DNS SRV (RFC 3263): looked up again when their TTL runs out ------
+    async def _follow_srv(self) -> None:
+        assert self.ua is not None
+        wait = self.ua.servers_ttl or 0.0
+        while True:
+            await asyncio.sleep(max(wait, SRV_RECHECK_MIN))
+            before = self.ua.servers
+            try:
+                after = await self.ua.find_servers()
+            except OSError as exc:
+                log.warning("looking up our SIP servers again: %s; keeping %s", exc,
+                            ", ".join(before))
+                wait = SRV_RETRY
+                continue
+            wait = self.ua.servers_ttl or 0.0
+            # (the order alone may change at every look: targets of one priority are
+            # shuffled by weight, RFC 2782; the UA takes it, the registrations stay)
+            if set(after) != set(before):
+                await self._servers_changed(before, after)
+
+    async def _servers_changed(self, before: list[str], after: list[str]) -> None:
+        """DNS lists other servers now: register at the new ones, leave the removed ones
+        (Expires 0, not waited for long: they may be gone), STUN at the new set."""
+        assert self.ua is not None
+        added = [s for s in after if s not in before]
+        removed = [s for s in before if s not in after]
+        changes = [f"added {', '.join(added)}" if added else "",
+                   f"removed {', '.join(removed)}" if removed else ""]
+        log.info("our SIP servers changed in DNS: %s", "; ".join(c for c in changes if c))
+        self._server_flow = None
+        if self.ice_config is not None:
+            try:
+                self.ice_config = await self._ice_config()
+            except AgentError as exc:
+                log.warning("%s", exc)
+        if not self.registrations:
+            return                    # not registering (a `sipmesh call --no-register`)
+        first = self.registrations[0]
+        kept = {r.server: r for r in self.registrations if r.server in after}
+        leaving = [r for r in self.registrations if r.server not in after]
+        made = {s: self._registration(s, first.expires, first.timeout)
+                for s in after if s not in kept}
+        self.registrations = [kept.get(s) or made[s] for s in after]
+        self.registration = self.registrations[0]
+        for registration in made.values():
+            register_in_background(registration, self._registering)
+        for registration in leaving:
+            task = asyncio.ensure_future(self._leave(registration))
+            self._registering.add(task)
+            task.add_done_callback(self._registering.discard)
+
+    async def _leave(self, registration: Registration) -> None:
+        """A server DNS no longer lists: our binding there removed (if it answers), no
+        more keep-alives to it either way."""
+        assert self.ua is not None
+        try:
+            await registration.unregister()
+        finally:
+            self.ua.forget_server(registration.server)
 
     # -- moving (agent/mobility.py) -------------------------------------------------------
     async def _where(self) -> Snapshot:
@@ -314,6 +383,8 @@ class Endpoint:
             log.warning("%d sessions did not end in time", len(self.sessions))
         for task in list(self._registering):
             task.cancel()
+        if self._following_srv is not None:
+            self._following_srv.cancel()
         if self.mobility is not None:
             await self.mobility.close()
         await asyncio.gather(*(r.unregister() for r in self.registrations),

@@ -13,6 +13,13 @@ relayed where the relay is *ours* (our local candidate is the TURN allocation)
     back to the program's port; each wake-up of the event loop drains up to 64 datagrams
     per direction, no task (aioice's own TURN transport starts a task per datagram).
     When both sides relay, both run one.
+any path, for a program that must follow moves (``follow``: OpenVPN, whose peer cannot
+be changed while it runs)
+    the program binds a port of its own and sends to a `LocalEnd` on 127.0.0.1; the agent
+    keeps the path's port (a `DirectProxy` on it, or the relay proxy above) and forwards.
+    An ICE restart after a move (agent/mobility.py) gives the same local end the new
+    path's proxy: the program's port and remote do not change, its datagrams flow on the
+    new path. The price: every datagram passes through the agent (as on a relayed path).
 
 The program's contract (what `exec` documents, what tunnel adapters implement):
     bind UDP ``local_port`` (any address, or LOCAL_IP); send to ``remote``; accept what
@@ -68,7 +75,7 @@ from aioice.turn import TurnClientProtocol, TurnClientTcpProtocol
 from sipmesh.agent.ice import IceSession, PathReport, show_address
 from sipmesh.agent.stunport import attach_filter
 
-__all__ = ["CONSENT_TIMEOUT", "KEEPALIVE", "Handover", "UdpEndpoint"]
+__all__ = ["CONSENT_TIMEOUT", "KEEPALIVE", "Handover", "LocalEnd", "UdpEndpoint"]
 
 log = logging.getLogger("sipmesh.agent.handover")
 
@@ -105,46 +112,67 @@ class Handover:
         self.peer = peer                 # the peer's address on the selected pair
         self.report: PathReport = ice.path or PathReport("none", "not connected")
         self.consent_timeout = consent_timeout
-        self.proxy: RelayProxy | None = None
+        self.proxy: PathProxy | None = None
         self.watch: FlowWatch | None = None
         self._lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def take(cls, ice: IceSession, *, consent_timeout: float = CONSENT_TIMEOUT
-                   ) -> "Handover":
-        """Hand `ice`'s chosen path over (``ice.connect()`` has returned)."""
+    async def take(cls, ice: IceSession, *, consent_timeout: float = CONSENT_TIMEOUT,
+                   follow: bool = False, local: "LocalEnd | None" = None) -> "Handover":
+        """Hand `ice`'s chosen path over (``ice.connect()`` has returned). `follow`: the
+        program talks to a `LocalEnd` on 127.0.0.1 whatever the path, so that a later
+        ICE restart moves the path without telling the program; `local`: that end,
+        taken over from the session's previous path (its program keeps sending there)."""
         pair = ice.connection.selected
         assert pair is not None, "no path chosen"
         await ice.settle()
         peer = pair.remote_addr
         kind = ice.path.kind if ice.path else "direct"
         turn = await ice.hand_over()
-        if turn is None:
+        made = local is None and (follow or turn is not None)
+        if made:
+            # the program's port: our host port (the answer's a=PORT), free again now; a
+            # direct path's own port stays ours (the proxy's), the program binds another
+            local = LocalEnd((ice.host_port if turn is not None else None) or _free_udp_port())
+        if local is None:
             endpoint = UdpEndpoint(kind, pair.local_candidate.port, peer[0], peer[1])
             self = cls(ice, endpoint, peer, consent_timeout)
             self.watch = FlowWatch.open(peer, endpoint.local_port) if consent_timeout else None
         else:
-            # the program's port: our host port (the answer's a=PORT), free again now
-            local_port = ice.host_port or _free_udp_port()
-            proxy = RelayProxy(turn, peer, local_port)
-            port = await proxy.start()
-            # what the peer's program sent to our relay before the proxy took it (a mesh
-            # peer's first WireGuard handshake initiation, often): passed on, not lost
-            early = ice.early_datagrams()
-            for data, source in early:
-                proxy.from_peer(data, source)
-            if early:
-                log.info("passed on %d datagram(s) the peer sent through our relay before "
-                         "the hand-over", len(early))
-            endpoint = UdpEndpoint(kind, local_port, "127.0.0.1", port, proxied=True)
+            proxy: PathProxy = RelayProxy(turn, peer, local) if turn is not None \
+                else DirectProxy(peer, pair.local_candidate.port, local)
+            try:
+                await proxy.start()
+            except BaseException:
+                proxy.close()
+                if made:
+                    local.close()
+                await ice.close()
+                raise
+            if turn is not None:
+                # what the peer's program sent to our relay before the proxy took it (a
+                # mesh peer's first WireGuard handshake initiation, often): passed on
+                early = ice.early_datagrams()
+                for data, source in early:
+                    proxy.from_peer(data, source)
+                if early:
+                    log.info("passed on %d datagram(s) the peer sent through our relay "
+                             "before the hand-over", len(early))
+            endpoint = UdpEndpoint(kind, local.program[1], "127.0.0.1", local.port, proxied=True)
             self = cls(ice, endpoint, peer, consent_timeout)
             self.proxy = proxy
         self._task = asyncio.ensure_future(self._guard())
         log.info("path handed over: program binds %d, sends to %s:%d%s", endpoint.local_port,
                  endpoint.remote_ip, endpoint.remote_port,
-                 f" (our relay proxy towards {peer[0]}:{peer[1]})" if endpoint.proxied else "")
+                 f" (our {'relay' if turn is not None else 'path'} proxy towards "
+                 f"{peer[0]}:{peer[1]})" if endpoint.proxied else "")
         return self
+
+    @property
+    def local(self) -> "LocalEnd | None":
+        """Where the program sends (a proxied path), for the next path to take over."""
+        return self.proxy.local if self.proxy is not None else None
 
     async def lost(self) -> str:
         """Return why the path died; never returns while it lives."""
@@ -315,7 +343,144 @@ def drain(sock: socket.socket, handle: Any) -> None:
         handle(data, addr)
 
 
-class RelayProxy:
+class LocalEnd:
+    """127.0.0.1:PORT, where a proxied program sends its datagrams for the peer: the agent
+    forwards them on the session's current path (`far`, a proxy) and hands the peer's to
+    the program. An ICE restart (agent/mobility.py) gives the end a new `far` while the
+    program keeps its port and its remote: it follows a move without being told. The end
+    closes with the last proxy that used it."""
+
+    def __init__(self, program_port: int) -> None:
+        self.program: tuple[str, int] = ("127.0.0.1", program_port)   # until it first sends
+        self.far: PathProxy | None = None
+        self._loop = asyncio.get_running_loop()
+        sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        self.port = int(sock.getsockname()[1])
+        self._loop.add_reader(sock, drain, sock, self._from_program)
+        self.closed = False
+
+    def _from_program(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr[0] != "127.0.0.1" or self.far is None:
+            return
+        self.program = addr          # the program's socket, wherever it bound
+        self.far.to_peer(data)
+
+    def to_program(self, data: bytes) -> bool:
+        try:
+            self.sock.sendto(data, self.program)
+        except OSError:              # the program is not (yet) listening, or its buffer is full
+            return False
+        return True
+
+    def release(self, proxy: "PathProxy") -> None:
+        """`proxy` stops: the end closes unless a newer path's proxy took it over."""
+        if self.far is proxy:
+            self.close()
+
+    def close(self) -> None:
+        self.far = None
+        if not self.closed:
+            self.closed = True
+            self._loop.remove_reader(self.sock)
+            self.sock.close()
+
+
+class PathProxy:
+    """One path's far side of a `LocalEnd`: counts what passes (the consent watch reads
+    `last_seen`), says why it `failed`."""
+
+    kind = "path"    # what `sipmesh status` calls it
+
+    def __init__(self, peer: tuple[str, int], local: LocalEnd) -> None:
+        self.peer = peer
+        self.local = local
+        self.last_seen: float | None = None   # a datagram from the peer
+        self.last_sent = time.monotonic()      # anything towards the path
+        self.failed: str | None = None
+        self.rx = self.tx = self.rx_bytes = self.tx_bytes = 0
+
+    async def start(self) -> None:
+        """Take the path; from now on the local end's datagrams go this way."""
+        self.local.far = self
+
+    def to_peer(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def sent(self, data: bytes) -> None:
+        self.tx += 1
+        self.tx_bytes += len(data)
+        self.last_sent = time.monotonic()
+
+    def from_peer(self, data: bytes, addr: tuple[str, int]) -> None:
+        """peer -> program"""
+        if addr[:2] != self.peer or self.local.far is not self \
+                or not self.local.to_program(data):
+            return
+        self.rx += 1
+        self.rx_bytes += len(data)
+        self.last_seen = time.monotonic()
+
+    def poll(self, now: float) -> None:
+        """(The proxy counts as datagrams arrive: nothing to do.)"""
+
+    def counters(self) -> dict[str, Any]:
+        return {"port": self.local.port, "kind": self.kind,
+                "to_peer": {"packets": self.tx, "bytes": self.tx_bytes},
+                "from_peer": {"packets": self.rx, "bytes": self.rx_bytes}}
+
+    def close(self) -> None:
+        self.local.release(self)
+
+
+class DirectProxy(PathProxy):
+    """program <-> `LocalEnd` <-> a UDP socket on the checked path's own port <-> the peer
+    (its host or reflexive address, or its relay): what a program that must follow moves
+    (OpenVPN) gets on a path that does not start at our relay. The socket binds the port
+    aioice's host socket had, so the NAT mappings the checks opened are the proxy's."""
+
+    def __init__(self, peer: tuple[str, int], port: int, local: LocalEnd) -> None:
+        super().__init__(peer, local)
+        self.port = port
+        self.sock: socket.socket | None = None
+
+    async def start(self) -> None:
+        v6 = ":" in self.peer[0]
+        sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            sock.bind(("::" if v6 else "0.0.0.0", self.port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock, drain, sock, self.from_peer)
+        await super().start()
+
+    def to_peer(self, data: bytes) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendto(data, self.peer)
+        except OSError:              # a full buffer or an ICMP error: UDP, the datagram is lost
+            return
+        self.sent(data)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self._loop.remove_reader(self.sock)
+            self.sock.close()
+            self.sock = None
+        super().close()
+
+
+class RelayProxy(PathProxy):
     """program <-> 127.0.0.1:PORT <-> ChannelData on our TURN allocation <-> the peer.
 
     Both directions are read with `drain` from the event loop's reader callbacks. Over
@@ -324,23 +489,19 @@ class RelayProxy:
     (STUN responses to aioice's refreshes, data indications) to aioice as before. Over TCP
     aioice parses the stream and hands us the payloads (`from_peer`)."""
 
-    def __init__(self, turn: TurnClientProtocol, peer: tuple[str, int], program_port: int):
+    kind = "relay"
+
+    def __init__(self, turn: TurnClientProtocol, peer: tuple[str, int], local: LocalEnd):
+        super().__init__(peer, local)
         self.turn = turn
-        self.peer = peer
-        self.program: tuple[str, int] = ("127.0.0.1", program_port)
         self.tcp = isinstance(turn, TurnClientTcpProtocol)
         self.channel = 0
-        self.sock: socket.socket | None = None        # ours, towards the program
         self.relay_sock: socket.socket | None = None  # the allocation's socket (UDP), a dup
-        self.last_seen: float | None = None   # a datagram from the peer
-        self.last_sent = time.monotonic()      # anything towards the TURN server
-        self.failed: str | None = None
-        self.rx = self.tx = self.rx_bytes = self.tx_bytes = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._header = struct.Struct("!HH")
 
-    async def start(self) -> int:
-        """Take the allocation's traffic; return the proxy's port on 127.0.0.1."""
+    async def start(self) -> None:
+        """Take the allocation's traffic."""
         turn = self.turn
         channel = turn.peer_to_channel.get(self.peer)
         if channel is None:     # the checks bind one; a path learnt otherwise may lack it
@@ -352,12 +513,6 @@ class RelayProxy:
         self.channel = channel
         self._frame = self._header.pack(channel, 0)[:2]
         loop = self._loop = asyncio.get_running_loop()
-        sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        sock.bind(("127.0.0.1", 0))
-        sock.setblocking(False)
-        loop.add_reader(sock, drain, sock, self.from_program)
         turn.receiver = _FromRelay(self)   # aioice hands ChannelData payloads to its receiver
         if not self.tcp:
             transport = turn.transport
@@ -369,13 +524,12 @@ class RelayProxy:
             loop.add_reader(self.relay_sock, drain, self.relay_sock, self.from_relay)
         self._tasks = [asyncio.ensure_future(self._keepalive()),
                        asyncio.ensure_future(self._refresh_channel())]
-        return int(sock.getsockname()[1])
+        await super().start()
 
     # program -> peer
-    def from_program(self, data: bytes, addr: tuple[str, int]) -> None:
-        if addr[0] != "127.0.0.1" or self.failed is not None:
+    def to_peer(self, data: bytes) -> None:
+        if self.failed is not None:
             return
-        self.program = addr          # the program's socket, wherever it bound
         frame = self._header.pack(self.channel, len(data)) + data
         if self.relay_sock is not None:
             try:
@@ -385,9 +539,7 @@ class RelayProxy:
         else:
             pad = -len(frame) % 4
             self.turn.transport.write(frame + bytes(pad) if pad else frame)  # type: ignore[union-attr]
-        self.tx += 1
-        self.tx_bytes += len(data)
-        self.last_sent = time.monotonic()
+        self.sent(data)
 
     # the allocation's socket (UDP): our channel's data to the program, the rest to aioice
     def from_relay(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -397,21 +549,6 @@ class RelayProxy:
                 self.from_peer(data[4:4 + length], self.peer)
             return
         self.turn.datagram_received(data, addr)
-
-    # peer -> program
-    def from_peer(self, data: bytes, addr: tuple[str, int]) -> None:
-        if addr != self.peer or self.sock is None:
-            return
-        try:
-            self.sock.sendto(data, self.program)
-        except OSError:              # the program is not (yet) listening, or its buffer is full
-            return
-        self.rx += 1
-        self.rx_bytes += len(data)
-        self.last_seen = time.monotonic()
-
-    def poll(self, now: float) -> None:
-        """(The proxy counts as datagrams arrive: nothing to do.)"""
 
     def relay_lost(self, exc: Exception | None) -> None:
         self.failed = f"the relay allocation was lost ({exc or 'the TURN server closed it'})"
@@ -434,24 +571,18 @@ class RelayProxy:
                 self.failed = f"the relay refused to renew our channel to the peer ({exc})"
                 return
 
-    def counters(self) -> dict[str, Any]:
-        return {"port": self.sock.getsockname()[1] if self.sock else None,
-                "to_peer": {"packets": self.tx, "bytes": self.tx_bytes},
-                "from_peer": {"packets": self.rx, "bytes": self.rx_bytes}}
-
     def close(self) -> None:
         """Stop proxying; aioice reads the allocation's socket again (to delete it)."""
         for task in self._tasks:
             task.cancel()
-        for sock in (self.sock, self.relay_sock):
-            if sock is not None:
-                self._loop.remove_reader(sock)
-                sock.close()
         if self.relay_sock is not None:
+            self._loop.remove_reader(self.relay_sock)
+            self.relay_sock.close()
             transport = self.turn.transport
             if transport is not None and not transport.is_closing():
                 transport.resume_reading()   # type: ignore[attr-defined]
-        self.sock = self.relay_sock = None
+        self.relay_sock = None
+        super().close()
 
 
 class _FromRelay:

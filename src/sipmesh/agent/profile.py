@@ -121,6 +121,10 @@ class AppProfile(abc.ABC):
     # False: no program runs. The session is the path ICE checked, kept open (ICE answers the
     # peer's checks) while `on_path` runs in the agent (agent/probe.py: `sipmesh ping`).
     program: ClassVar[bool] = True
+    # "udp" programs that cannot be told of a new path (`repath`): True makes them talk to
+    # the agent's local end on 127.0.0.1 (agent/handover.py, LocalEnd) on every path, so
+    # that they follow an ICE restart after a move (agent/mobility.py) as they run.
+    through_agent: ClassVar[bool] = False
     max_streams: int = 64   # "tcp": TCP connections carried at once
     offer_params: tuple[Param, ...] = COMMON_OFFER
     answer_params: tuple[Param, ...] = IP_PARAMS + (PORT,)
@@ -175,7 +179,8 @@ class AppProfile(abc.ABC):
     async def repath(self, child: Child, path: Any) -> bool:
         """Move the running `child` onto a new UDP path (agent/handover.py's UdpEndpoint,
         after an ICE restart: agent/mobility.py) without restarting it; False when this
-        kind of program cannot follow (the default: it keeps its old path)."""
+        kind of program cannot follow (the default: it keeps its old path). Not asked
+        of a profile whose program talks ``through_agent``: its path moves under it."""
         return False
 
     @abc.abstractmethod

@@ -251,6 +251,30 @@ class Registration:
         self.granted = None
 
 
+def register_in_background(registration: Registration,
+                           tasks: set[asyncio.Task[None]] | None = None,
+                           errors: dict[Registration, AgentError] | None = None
+                           ) -> asyncio.Task[None]:
+    """The first REGISTER of `registration`, then its refresh loop, in a task (kept in
+    `tasks` until done); a refusal is logged (and put in `errors`) and tried again every
+    `min_retry` s by the refresh loop."""
+    async def one() -> None:
+        try:
+            await registration.register()
+        except AgentError as exc:
+            log.warning("%s", exc)
+            if errors is not None:
+                errors[registration] = exc
+            registration.interval = registration.min_retry
+        registration.start_refresh()
+
+    task = asyncio.ensure_future(one())
+    if tasks is not None:
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    return task
+
+
 async def register_everywhere(ua: UserAgent, registrations: list[Registration], *,
                               keep_trying: bool = False,
                               tasks: set[asyncio.Task[None]] | None = None) -> None:
@@ -267,21 +291,7 @@ async def register_everywhere(ua: UserAgent, registrations: list[Registration], 
         registrations[0].start_refresh()
         return
     errors: dict[Registration, AgentError] = {}
-
-    async def one(registration: Registration) -> None:
-        try:
-            await registration.register()
-        except AgentError as exc:
-            log.warning("%s", exc)
-            errors[registration] = exc
-            registration.interval = registration.min_retry
-        registration.start_refresh()
-
-    pending = {asyncio.ensure_future(one(r)) for r in registrations}
-    if tasks is not None:
-        tasks |= pending
-        for task in pending:
-            task.add_done_callback(tasks.discard)
+    pending = {register_in_background(r, tasks, errors) for r in registrations}
     while pending and not any(r.state == "registered" for r in registrations):
         _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
     if any(r.state == "registered" for r in registrations):

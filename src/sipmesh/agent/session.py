@@ -660,7 +660,8 @@ class Session:
                 return False
         else:
             timeout = self.endpoint.ice.consent_timeout
-            self.handover = await Handover.take(ice, consent_timeout=timeout)
+            self.handover = await Handover.take(ice, consent_timeout=timeout,
+                                                follow=profile.through_agent)
         self.info.path = self.handover.endpoint
         return True
 
@@ -757,8 +758,15 @@ class Session:
         """Hand `ice`'s new path to the running program; the old path is closed."""
         assert self.profile is not None and self.child is not None and self.info is not None
         old = self.handover
-        handover = await Handover.take(ice, consent_timeout=self.endpoint.ice.consent_timeout)
-        if not await self.profile.repath(self.child, handover.endpoint):
+        # a program talking through the agent keeps sending to the same local end
+        local = old.local if self.profile.through_agent and isinstance(old, Handover) else None
+        try:
+            handover = await Handover.take(ice, consent_timeout=self.endpoint.ice.consent_timeout,
+                                           local=local)
+        except OSError as exc:
+            log.warning("[%s] cannot take the new path: %s", self.call_id, exc)
+            return False
+        if local is None and not await self.profile.repath(self.child, handover.endpoint):
             log.warning("[%s] %s cannot follow a new path: it keeps the old one",
                         self.call_id, self.profile.label)
             await handover.close()

@@ -49,6 +49,7 @@ class OpenVPNProfile(AppProfile):
     media = "application/vpn"
     proto = "OpenVPN"
     transport = "udp"
+    through_agent = True   # its peer cannot change as it runs: via the agent it follows moves
     offer_params = COMMON_OFFER + (FINGERPRINT,)
     answer_params = IP_PARAMS + (PORT, VPN_LOCAL, VPN_REMOTE, FINGERPRINT)
 
@@ -128,7 +129,8 @@ class OpenVPNProfile(AppProfile):
         checked and the peer's end of it; without one the answering side's a=PORT."""
         if path is None:
             return [f"lport {port}"]
-        return [f"lport {path.local_port}", f"remote {path.remote_ip} {path.remote_port}"]
+        local = ["local 127.0.0.1"] if path.proxied else []   # the agent's end is there
+        return [*local, f"lport {path.local_port}", f"remote {path.remote_ip} {path.remote_port}"]
 
     def _child(self, info: SessionInfo, role: str, role_lines: list[str], peer_fingerprint: str,
                values: dict[str, str], *, remote_ip: str | None, port: str) -> ChildSpec:
@@ -175,6 +177,7 @@ class OpenVPNService(ServiceProfile):
     media = OpenVPNProfile.media
     proto = OpenVPNProfile.proto
     transport = OpenVPNProfile.transport
+    through_agent = OpenVPNProfile.through_agent
     offer_params = OpenVPNProfile.offer_params
     answer_params = OpenVPNProfile.answer_params
     options = ("port", "addresses", "openvpn", "extra_args")

@@ -111,7 +111,11 @@ def path_lines(session: dict[str, Any]) -> list[str]:
     lines = [head, f"  {path.get('reason')}"]
     program = path.get("program")
     if program:
-        via = " (our relay proxy)" if program.get("proxied") else ""
+        via = ""
+        if program.get("proxied"):   # the agent's end on 127.0.0.1: towards our relay, or
+            # the path's own port (a program that follows moves: agent/handover.py)
+            via = " (our relay proxy)" if (path.get("proxy") or {}).get("kind", "relay") \
+                == "relay" else " (the agent's end of the path: it follows moves)"
         lines.append(f"  program: binds UDP {program['local_port']}, sends to "
                      f"{program['remote']}{via}")
     for check in (path.get("checks") or [])[:6]:

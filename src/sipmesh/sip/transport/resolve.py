@@ -160,18 +160,31 @@ class Resolver:
         ResolveError when it has records but no target resolves. With `naptr`, the SRV
         names its NAPTR records give for `transport` come first (§4.1; an agent finding
         its servers, not every next hop: one query fewer there)."""
+        return (await self.srv_servers(domain, transport, naptr=naptr))[0]
+
+    async def srv_servers(self, domain: str, transport: str = "UDP", *, naptr: bool = False
+                          ) -> tuple[list[tuple[str, Flow]], float]:
+        """`srv_flows`, and for how many seconds the answer holds: the shortest time to
+        live left of the records it was made of (NAPTR, SRV, the targets' addresses; a
+        failed lookup's `negative_ttl`). An agent looks again once it has run out
+        (`UserAgent.find_servers`), so that a changed server set is followed."""
         service = _SRV_SERVICE.get(transport.upper())
         if service is None:
-            return []
+            return [], self.negative_ttl
+        keys: list[tuple[str, str]] = []
         records: list[Srv] = []
+        if naptr:
+            keys.append(("naptr", domain.lower()))
         named = await self.naptr(domain, transport) if naptr else []
         for name in [*named, f"{service}.{domain}"]:
+            keys.append(("srv", name.lower()))
             records = await self.srv(name)
             if records:
                 break
         found: list[tuple[str, Flow]] = []
         failures = []
         for record in records:
+            keys.append(("addr", record.target.lower()))
             try:
                 address = (await self.addresses(record.target))[0]
             except ResolveError as exc:
@@ -181,7 +194,9 @@ class Resolver:
         if records and not found:
             raise ResolveError(f"no target of the SRV records for {domain} resolves: "
                                + "; ".join(failures))
-        return found
+        now = self.clock()
+        left = [self._cache[key][0] - now for key in keys if key in self._cache]
+        return found, max(0.0, min(left, default=self.negative_ttl))
 
     async def flow(self, flow: Flow) -> Flow:
         """`flow` with its host name replaced by an address (§5: a response's Via)."""

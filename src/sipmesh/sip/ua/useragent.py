@@ -94,6 +94,8 @@ class UserAgent:
         self._keepalive: dict[str, tuple[Flow, asyncio.Task[object]]] = {}  # by server
         self._server_failed: dict[str, float] = {}  # server -> when a request to it last failed
         self._found: list[str] = []  # our servers by DNS SRV (find_servers), if any
+        # seconds the SRV answer behind `_found` holds (find_servers); None: not by SRV
+        self.servers_ttl: float | None = None
         self.server_names: dict[str, str] = {}  # a found server -> its SRV target name
         self._subscriptions: dict[tuple[str, str], Subscription] = {}  # by (Call-ID, our tag)
         # REGISTER's Call-ID and last CSeq per AOR we register (§10.2: one Call-ID per
@@ -391,23 +393,33 @@ class UserAgent:
         each target at its first address, in the order to try them (priority, then
         weight), become our `servers`, so that we register at each and fail over between
         them as with servers given one by one.
-        No SRV records: `domain` stays our one server (its A/AAAA). Returns `servers`."""
+        No SRV records: `domain` stays our one server (its A/AAAA). Returns `servers`.
+        Called again once `servers_ttl` has run out, it follows the records as they
+        change (agent/endpoint.py registers at new servers, leaves removed ones)."""
         domain = self.config.domain
         if self.config.servers or not names_a_domain(domain):
             return self.servers
         assert self.transactions is not None, "start() first"
-        found = await self.transactions.resolver.srv_flows(domain, self.config.transport,
-                                                             naptr=True)
+        found, ttl = await self.transactions.resolver.srv_servers(
+            domain, self.config.transport, naptr=True)
+        before = self.servers
         self._found, self.server_names = [], {}
         for target, flow in found:
             server = f"[{flow.host}]:{flow.port}" if ":" in flow.host else f"{flow.host}:{flow.port}"
             if server not in self._found:
                 self._found.append(server)
                 self.server_names[server] = target
-        if self._found:
+        self.servers_ttl = ttl if found or self.servers_ttl is not None else None
+        if self._found and self.servers != before:
             log.info("SIP servers of %s by DNS SRV: %s", domain, ", ".join(
                 f"{self.server_names[s]} ({s})" for s in self._found))
         return self.servers
+
+    def forget_server(self, server: str) -> None:
+        """`server` is no longer one of ours (DNS stopped listing it): no more keep-alives
+        on its flow, its failures forgotten."""
+        self._keep_alive(server, None)
+        self._server_failed.pop(server, None)
 
     def live_servers(self) -> list[str]:
         """`servers`, those a request failed at last in the end (the longest ago first)."""
