@@ -290,6 +290,25 @@ class RosterClient:
             await self._poll_once()
         self._task = self.ua.spawn(self._run())  # type: ignore[assignment]
 
+    async def move(self) -> None:
+        """We moved (agent/mobility.py): our binding names our new address now. It keeps
+        its `+sip.instance`, so the registrar replaces the old one (RFC 5626 §6; our broker
+        keeps one binding per member): the members' GRUU reaches us here at once. The
+        roster subscription is refreshed from here too, in the background (a target
+        refresh: NOTIFYs come to our new Contact)."""
+        if self.registration is None or self.mode == "stopped":
+            return
+        self.registration.contact = self.contact()
+        await self.registration.move(None)
+        if self.subscription is not None and not self.subscription.ended.done():
+            self.ua.spawn(self._refresh_moved(self.subscription))
+
+    async def _refresh_moved(self, subscription: Subscription) -> None:
+        try:
+            await subscription.refresh()
+        except (OSError, RuntimeError, CallFailed) as exc:
+            log.info("network %s: roster refresh after the move: %s", self.network, exc)
+
     async def stop(self) -> None:
         """Leave: unsubscribe, remove our binding (Expires 0)."""
         self.mode = "stopped"
