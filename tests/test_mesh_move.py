@@ -14,23 +14,20 @@ wireguard-go is the same process; p's and h1's interfaces show h2 at its new rou
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from sipmesh.broker.users import UsersFile
-from tests.lab import NatLab, spawn, wait_for, wait_udp_listening
+from tests.lab import NatLab, wait_for
 from tests.lab.moves import move_host
-from tests.test_mesh_up import CREATED, SIPMESH, Member, full_mesh
+from tests.test_mesh_up import CREATED, PORT, Member, full_mesh, mesh_broker
 from tests.test_mobility_nat import wireguard_pids
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
               pytest.mark.skipif(not all(shutil.which(p) for p in ("wireguard-go", "wg", "ping")),
                                  reason="needs wireguard-go, wg and ping")]
 
-PORT = 5060
 HOSTS = {"p": "public", "h1": "home", "h2": "home"}
 REACHABLE_BOUND = 5.0   # s from the new address to the roster binding registered from there
 MOVE_BOUND = 10.0       # s from the new address to pings both ways with every peer
@@ -40,21 +37,9 @@ MOVE_BOUND = 10.0       # s from the new address to pings both ways with every p
 def mesh3(nat_lab: NatLab, tmp_path: Path):
     hosts = nat_lab.add_hosts({"server": "public", **HOSTS})
     server = hosts["server"]
-    users = UsersFile(tmp_path / "users")
-    for name in HOSTS:
-        users.add("lab", name, f"{name}-pw")   # what Member writes into its credentials
-    users.save()
-    db = str(tmp_path / "broker.db")
-    for argv in (["network", "create", "lab", "--pool", "100.64.0.0/24", "--db", db],
-                 ["network", "members", "add", "lab", *HOSTS, "--db", db]):
-        subprocess.run([SIPMESH, "broker", *argv], check=True, capture_output=True, timeout=30)
-    broker = spawn([SIPMESH, "broker", "--listen", f"{server.ip}:{PORT}", "--db", db,
-                    "--workers", "1", "--users", str(tmp_path / "users"), "--rate-limit", "0",
-                    "-v"], netns=server.ns, log_path=tmp_path / "broker.log", name="broker",
-                   cwd=tmp_path)
+    broker = mesh_broker(server, list(HOSTS), tmp_path, "--rate-limit", "0")
     members: list[Member] = []
     try:
-        wait_udp_listening(server.ip, PORT, server.ns, 15, proc=broker)
         members += [Member(nat_lab, n, f"{server.ip}:{PORT}", tmp_path, expires=300)
                     for n in HOSTS]
         yield nat_lab, {m.name: m for m in members}
