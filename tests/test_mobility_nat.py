@@ -12,7 +12,6 @@ local end on 127.0.0.1, which the restart moves to the new path under them.
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from typing import Iterator
@@ -20,7 +19,7 @@ from typing import Iterator
 import pytest
 
 from tests.lab import NatLab, coturn_unavailable_reason, netns_unavailable_reason, wait_for
-from tests.lab.moves import move_host
+from tests.lab.moves import move_host, program_pids
 from tests.lab.natsite import NatSite, tunnel_services
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
@@ -43,13 +42,6 @@ def moving_lab(tmp_path) -> Iterator[tuple[NatLab, NatSite]]:
             yield lab, site
         finally:
             site.stop()
-
-
-def program_pids(host, program: str = "wireguard-go") -> dict[int, int]:
-    """{UDP port: pid} of the `program` processes bound in `host` (from ss)."""
-    out = host.run(["ss", "-uanpH"], check=False).stdout
-    return {int(port): int(pid) for port, pid in
-            re.findall(rf':(\d+)\s+\S+\s+users:\(\("{re.escape(program)}",pid=(\d+)', out)}
 
 
 def vpn_session(site: NatSite) -> dict | None:

@@ -14,6 +14,8 @@ from sipmesh.apps.mesh import parse_dump
 from sipmesh.broker.users import UsersFile
 from sipmesh.daemon.control import query
 from sipmesh.lab.natsite import SIPMESH
+from sipmesh.lab.procs import ManagedProcess
+from sipmesh.lab.topology import Host
 from tests.lab import NatLab, spawn, wait_for, wait_udp_listening
 
 PORT = 5060
@@ -76,23 +78,29 @@ class Member:
         return self.host.run([SIPMESH, *argv], check=False, env=self.env, timeout=60)
 
 
-def mesh_lab(nat_lab: NatLab, tmp_path: Path, broker_args: tuple[str, ...] = ()):
-    """The lab of `mesh`: a broker (with `broker_args`) and the members' hosts, all public."""
-    hosts = nat_lab.add_hosts({"server": "public", **{n: "public" for n in MEMBERS}})
-    server = hosts["server"]
+def mesh_broker(server: Host, names: list[str], tmp_path: Path, *broker_args: str) -> ManagedProcess:
+    """Our broker on `server` (port PORT) with network `lab` (100.64.0.0/24) whose members
+    are `names`, each with the password Member gives it."""
     users = UsersFile(tmp_path / "users")
-    for name in MEMBERS:
+    for name in names:
         users.add("lab", name, f"{name}-pw")
     users.save()
     db = str(tmp_path / "broker.db")
     for argv in (["network", "create", "lab", "--pool", "100.64.0.0/24", "--db", db],
-                 ["network", "members", "add", "lab", *MEMBERS, "--db", db]):
+                 ["network", "members", "add", "lab", *names, "--db", db]):
         subprocess.run([SIPMESH, "broker", *argv], check=True, capture_output=True, timeout=30)
     broker = spawn([SIPMESH, "broker", "--listen", f"{server.ip}:{PORT}", "--db", db,
-                    "--workers", "1", "--users", str(tmp_path / "users"), "--min-expires", "5",
-                    "-v", *broker_args], netns=server.ns, log_path=tmp_path / "broker.log", name="broker",
-                   cwd=tmp_path)
+                    "--workers", "1", "--users", str(tmp_path / "users"), "-v", *broker_args],
+                   netns=server.ns, log_path=tmp_path / "broker.log", name="broker", cwd=tmp_path)
     wait_udp_listening(server.ip, PORT, server.ns, 15, proc=broker)
+    return broker
+
+
+def mesh_lab(nat_lab: NatLab, tmp_path: Path, broker_args: tuple[str, ...] = ()):
+    """The lab of `mesh`: a broker (with `broker_args`) and the members' hosts, all public."""
+    hosts = nat_lab.add_hosts({"server": "public", **{n: "public" for n in MEMBERS}})
+    server = hosts["server"]
+    mesh_broker(server, MEMBERS, tmp_path, "--min-expires", "5", *broker_args)
     try:
         yield nat_lab, f"{server.ip}:{PORT}", tmp_path
     finally:

@@ -50,3 +50,10 @@ def move_host(host: Host, router: Router) -> str:
     router.hosts.append(host)
     host.router, host.ip = router, address
     return address
+
+
+def program_pids(host, program: str = "wireguard-go") -> dict[int, int]:
+    """{UDP port: pid} of the `program` processes bound in `host` (from ss)."""
+    out = host.run(["ss", "-uanpH"], check=False).stdout
+    return {int(port): int(pid) for port, pid in
+            re.findall(rf':(\d+)\s+\S+\s+users:\(\("{re.escape(program)}",pid=(\d+)', out)}

@@ -85,9 +85,11 @@ class Endpoint:
                  advertise: str | None = None, tls_server_name: str | None = None,
                  ice: IceOptions | None = None,
                  allow_probe: Callable[[object], bool] | None = None,
-                 mobility: bool = True) -> None:
+                 mobility: bool = True,
+                 after_move: Callable[[Move], Awaitable[None]] | None = None) -> None:
         self.config = config
         self.follow_moves = mobility  # notice our address changing, follow it
+        self.after_move = after_move  # what the agent adds to `moved` (a mesh: its pairs)
         self.on_invite = on_invite
         self.allow_probe = allow_probe  # who may ping us, by caller URI (None: anyone)
         self.advertise = advertise
@@ -275,7 +277,7 @@ class Endpoint:
     async def moved(self, move: Move) -> None:
         """Our address changed: advertise the new one, re-register at every server (the
         stale Contact removed), and restart each running session's path (ICE restart in a
-        re-INVITE, agent/session.py: restart_path)."""
+        re-INVITE, agent/session.py: restart_path); then `after_move`."""
         assert self.ua is not None
         stale: Address | None = None
         if move.local_changed and not self.config.advertised_host:
@@ -297,6 +299,8 @@ class Endpoint:
         if sessions:
             log.info("restarting the paths of %d sessions", len(sessions))
         await asyncio.gather(*(s.restart_path() for s in sessions), return_exceptions=True)
+        if self.after_move is not None:
+            await self.after_move(move)
 
     async def connect(self, server: str | None = None) -> None:
         """Over TCP or TLS: open the connection to the SIP server now, unless it is open,

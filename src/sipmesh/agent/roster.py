@@ -362,6 +362,28 @@ class RosterClient:
             if any(f.result() for f in done):
                 return
 
+    async def move(self) -> None:
+        """We moved (agent/mobility.py): our binding names our new address now. It keeps
+        its `+sip.instance`, so the registrar replaces the old one (RFC 5626 §6; our broker
+        keeps one binding per member), at every server: the members' GRUU reaches us here
+        at once. Each roster subscription is refreshed from here too, in the background (a target
+        refresh: NOTIFYs come to our new Contact)."""
+        if self.mode == "stopped":
+            return
+        contact = self.contact()
+        for view in self.views:   # at every server
+            view.registration.contact = contact
+        await asyncio.gather(*(view.registration.move(None) for view in self.views))
+        for view in self.views:
+            if view.subscription is not None and not view.subscription.ended.done():
+                self.ua.spawn(self._refresh_moved(view.subscription))
+
+    async def _refresh_moved(self, subscription: Subscription) -> None:
+        try:
+            await subscription.refresh()
+        except (OSError, RuntimeError, CallFailed) as exc:
+            log.info("network %s: roster refresh after the move: %s", self.network, exc)
+
     async def stop(self) -> None:
         """Leave: unsubscribe, remove our binding (Expires 0), at every server."""
         self._stopped = True

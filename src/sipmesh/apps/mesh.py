@@ -53,8 +53,13 @@ offer or answer (``a=mesh-relay``); a caller whose pair needs a relay takes the 
 member relay (``a=mesh-via``), the callee the same one, the network's TURN server only as
 a fallback; such a pair's path is ``via NAME``.
 
+A member that moves (agent/mobility.py, the Endpoint's: netlink and STUN; `_moved`):
+its roster binding names its new address, and every pair is set up again at once on it
+(BYE and a new INVITE, not an ICE restart in the dialog: see docs/mesh.md), the caller of
+each pair calling; wireguard-go and the interface stay.
+
 Not yet (later increments): several networks in one process, ICE restarts (a pair whose
-path died is called again from scratch).
+path died, or whose member moved, is called again from scratch).
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ from sipmesh.agent.endpoint import Endpoint
 from sipmesh.agent.errors import AgentError, Exit
 from sipmesh.agent.handover import KEEPALIVE as PATH_KEEPALIVE, Handover
 from sipmesh.agent.hostsfile import HostsFile
+from sipmesh.agent.mobility import Move
 from sipmesh.agent.memberrelay import (ATTRIBUTE as RELAY_ATTRIBUTE, RELAY_PORT, RELAY_WAIT,
                                        VIA_ATTRIBUTE, KnownRelay, MemberRelay, RelayPolicy,
                                        choose as choose_relay, measure as measure_relay,
@@ -118,6 +124,9 @@ ROSTER_WAIT = 5.0  # for our own address in the roster's first document
 RETRIGGER = 1.0
 HANDSHAKE_BOUND = 12.0
 HANDSHAKE_POLL = 0.05
+# The Reason cause of the BYE a member that moved sends the caller of a pair (RFC 3326; 302
+# Moved Temporarily): call me again, now (see MeshMember._moved)
+MOVED_CAUSE = 302
 
 
 def keepalive_for(consent_timeout: float) -> int:
@@ -463,7 +472,7 @@ class MeshMember:
         self.ifname = config.ifname or interface_for(config.network)
         self.interface = Interface(self.ifname, **config.tools)
         self.endpoint = Endpoint(config.ua, on_invite=self._on_invite, advertise=config.advertise,
-                                 ice=config.ice)
+                                 ice=config.ice, after_move=self._moved)
         self.ice_config: IceConfig | None = None  # None: no ICE (a=IP4/a=PORT only)
         self.shared: SharedPort | None = None     # STUN on our WireGuard port
         self.keepalive = keepalive_for(config.ice.consent_timeout)
@@ -611,6 +620,39 @@ class MeshMember:
                 await asyncio.wait_for(self.roster.stop(), 10)
             except (asyncio.TimeoutError, OSError) as exc:
                 log.warning("network %s: leaving the roster: %s", self.network, exc)
+
+    # -- moving (agent/mobility.py) ----------------------------------------------------------
+    async def _moved(self, move: Move) -> None:
+        """We moved (the Endpoint advertises our new address already): the roster binding
+        names it, ICE checks our WireGuard port from it, and every pair is set up again at
+        once, ahead of the consent timeout: each pair we call is called again, each other
+        pair's caller is asked to call us again (BYE, Reason cause MOVED_CAUSE). wireguard-go
+        keeps running with its key and port: the pairs' peers come back on it with their
+        new endpoints."""
+        if not self.ready.is_set() or self.endpoint.stopping.is_set() or self.roster is None:
+            return
+        ua = self.endpoint.ua
+        assert ua is not None
+        log.info("network %s: we moved (%s): setting up our %d pairs again", self.network,
+                 move, len(self.peers))
+        old, self.shared, self.ice_config = self.shared, None, None
+        self._open_path_checks()        # on our new address
+        await self.roster.move()        # our GRUU reaches us here before anyone calls it
+        for name, peer in list(self.peers.items()):
+            call = peer.call
+            if call is not None and not call.ended.done():
+                call.moved(str(ua.contact()))
+            if self.me < name:          # ours to call: BYE (in _drop), INVITE
+                await self._drop(name, "we moved")
+                member = self.roster.members.get(name)
+                if member is not None:
+                    self._joined(member, again=True)
+            elif call is not None and not call.ended.done():
+                peer.call = None   # our BYE says why (_drop's would not)
+                await self._drop(name, "we moved")
+                asyncio.ensure_future(_bye(call, MOVED_CAUSE, "moved: call again"))
+        if old is not None:
+            old.close()
 
     # -- the roster drives the pairs ---------------------------------------------------------
     async def _follow_roster(self) -> None:
@@ -1049,7 +1091,8 @@ class MeshMember:
             await self._drop(peer.name, reason)
         else:
             await self._drop(peer.name, f"session ended ({call.ended.result()})")
-        if silent or f"cause={CONSENT_CAUSE}" in (call.bye_reason or ""):
+        if silent or any(f"cause={cause}" in (call.bye_reason or "")
+                         for cause in (CONSENT_CAUSE, MOVED_CAUSE)):
             member = self.roster.members.get(peer.name) if self.roster else None
             if member is not None:  # still in the roster: perhaps only the path died
                 self._joined(member, again=True)
