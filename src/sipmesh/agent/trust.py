@@ -17,7 +17,7 @@ each member proves them:
 
 The certificate is a compact binary document (see `MemberCertificate`), not X.509: it
 has to fit one ``a=`` line (the agent reads at most `MAX_VALUE_LENGTH` characters of a
-value) and X.509 has no field for a WireGuard key. DESIGN.md says more.
+value) and X.509 has no field for a WireGuard key. docs/mesh-trust.md, "Formats", says more.
 
 No I/O here but the explicit load/save helpers at the end. Private keys never appear in
 a repr, an exception or a log line.

@@ -1,5 +1,6 @@
 """`sipmesh handover SESSION --to NAME`: a running daemon hands one of the clients it
-answered over to another agent (REFER, RFC 3515; see docs/DESIGN.md "Hand-over")."""
+answered over to another agent (REFER, RFC 3515; docs/sessions.md, "Handing a client over
+to another agent")."""
 
 from __future__ import annotations
 
