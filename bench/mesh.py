@@ -191,6 +191,8 @@ def run_sipmesh(lab: NatLab, site: NatSite, hosts: list[str], args) -> dict:
     out = {**result(started[-1], replies, n * (n - 1) // 2, usage), "failed": failed}
     if replies and None not in ready:   # from the last member's interface: startup left out
         out["ready"] = max(replies.values()) - max(ready)
+    if None not in ready:               # start-up: the slowest member's exec to its interface
+        out["start"] = max(r - s for r, s in zip(ready, started))
     return out
 
 
@@ -254,12 +256,14 @@ def report(rows: list, args, elapsed: float) -> None:
     def when(r: dict) -> str:
         return "-" if r["time"] is None else f"{r['time']:.2f} s"
 
-    header = ["N", "SIPMESH: PAIRS", "FULL MESH", "FROM LAST IFACE", "MIB", "CPU %",
+    header = ["N", "SIPMESH: PAIRS", "FULL MESH", "FROM LAST IFACE", "START", "MIB", "CPU %",
               "NEBULA: PAIRS", "FULL MESH", "MIB", "CPU %"]
     table = [header]
     for n, s, b in rows:
         ready = "-" if s.get("ready") is None else f"{s['ready']:.2f} s"
+        start = "-" if s.get("start") is None else f"{s['start']:.2f} s"
         table.append([str(n), s["connected"], when(s) if s["full"] else f"({when(s)})", ready,
+                      start,
                       f"{s['mib']:.0f}", f"{s['cpu']:.1f}", b["connected"],
                       when(b) if b["full"] else f"({when(b)})", f"{b['mib']:.0f}",
                       f"{b['cpu']:.1f}"])
@@ -274,6 +278,8 @@ def report(rows: list, args, elapsed: float) -> None:
           "connected, the mesh was not full)")
     print("FROM LAST IFACE: sipmesh, from the moment the last member's interface was up (its "
           "log; Python start, registration and roster left out) to the last pair's reply")
+    print("START: sipmesh, the slowest member's start-up, from its exec to its interface up "
+          "(Python start, registration, roster, wireguard-go)")
     print(f"MIB, CPU %: per member at idle (median; process group: sipmesh up + wireguard-go, "
           f"or nebula), CPU over {args.idle:.0f} s")
     for line in failed:
