@@ -93,7 +93,7 @@ from sipmesh.agent.stunport import SharedPort
 from sipmesh.agent.supervisor import dies_with_us
 from sipmesh.agent.trust import (MemberCertificate, TrustError, load_anchor, load_certificate,
                                  load_identity, load_revocations, sign_session, verify_session)
-from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, keypair
+from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, keypair, uapi_answers
 from sipmesh.ops.paths import Pair
 from sipmesh.sip.gruu import instance_of, member_instance
 from sipmesh.sip.sdp import SDPError
@@ -299,7 +299,7 @@ class Interface:
         self.process = await asyncio.create_subprocess_exec(
             *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)
         deadline = time.monotonic() + SOCKET_WAIT
-        while not sock.exists():
+        while not uapi_answers(sock):
             if self.process.returncode is not None:
                 raise AgentError(f"wireguard-go exited with status {self.process.returncode}",
                                  Exit.PROGRAM)
