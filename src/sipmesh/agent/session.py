@@ -71,7 +71,6 @@ from sipmesh.agent.ice import IceDescription, IceError, IceOptions, IceSession, 
 from sipmesh.agent.ice import parse as parse_ice
 from sipmesh.agent.params import Fingerprint, ParamError, validate
 from sipmesh.agent.profile import AppProfile, Plan, SessionInfo
-from sipmesh.agent.streams import StreamError, StreamPath
 from sipmesh.agent.supervisor import Child, ChildSpec
 from sipmesh.sip.errors import ParseError
 from sipmesh.sip.headers import parse_address, quote_string
@@ -645,6 +644,9 @@ class Session:
         if not profile.program:   # nothing to hand over: ICE keeps the path (agent/probe.py)
             return True
         if profile.transport == "tcp":
+            # imported here: aioquic (and the cryptography it loads) costs every start of
+            # an agent that carries no TCP program a tenth of a second (docs/mesh.md)
+            from sipmesh.agent.streams import StreamError, StreamPath
             assert self.peer_fingerprint is not None
             try:
                 self.handover = await StreamPath.take(

@@ -99,7 +99,7 @@ from sipmesh.agent.stunport import SharedPort
 from sipmesh.agent.supervisor import dies_with_us
 from sipmesh.agent.trust import (MemberCertificate, TrustError, load_anchor, load_certificate,
                                  load_identity, load_revocations, sign_session, verify_session)
-from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, keypair
+from sipmesh.apps.wireguard import PUBKEY, UAPI_DIR, keypair, uapi_answers
 from sipmesh.ops.paths import Pair
 from sipmesh.sip.gruu import instance_of, member_instance
 from sipmesh.sip.sdp import SDPError
@@ -290,11 +290,17 @@ class Interface:
         self.process: asyncio.subprocess.Process | None = None
         self._dumping: asyncio.Future[dict[str, dict[str, Any]]] | None = None
 
-    async def start(self, key_file: Path, port: int, address: str) -> None:
-        sock = UAPI_DIR / f"{self.name}.sock"
+    def check_free(self) -> None:
+        """AgentError if an interface of our name exists (not ours: stop() leaves it)."""
         if Path(f"/sys/class/net/{self.name}").exists():
             raise AgentError(f"interface {self.name} exists already (another `sipmesh up`? "
                              "choose another --ifname)", Exit.USAGE)
+
+    async def start(self, key_file: Path, port: int) -> None:
+        """wireguard-go with our key and port; the interface stays down, without an address,
+        until up(): it starts while we join the roster that gives us the address."""
+        sock = UAPI_DIR / f"{self.name}.sock"
+        self.check_free()
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
         # if we are killed outright, wireguard-go goes too (SIGTERM: it removes the
         # interface): the peers then see the path fall silent (consent) and drop us
@@ -302,7 +308,7 @@ class Interface:
         self.process = await asyncio.create_subprocess_exec(
             *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)
         deadline = time.monotonic() + SOCKET_WAIT
-        while not sock.exists():
+        while not uapi_answers(sock):
             if self.process.returncode is not None:
                 raise AgentError(f"wireguard-go exited with status {self.process.returncode}",
                                  Exit.PROGRAM)
@@ -312,6 +318,9 @@ class Interface:
             await asyncio.sleep(0.02)
         await self.run(["wg", "set", self.name, "private-key", str(key_file),
                         "listen-port", str(port)])
+
+    async def up(self, address: str) -> None:
+        """Our mesh address on the started interface, and the interface up."""
         await self.run(["ip", "address", "add", f"{address}/32", "dev", self.name])
         await self.run(["ip", "link", "set", "dev", self.name, "mtu", str(MTU), "up"])
 
@@ -374,7 +383,9 @@ class Interface:
             await asyncio.sleep(min(HANDSHAKE_POLL, max(0.0, deadline - time.monotonic())))
 
     async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
+        if self.process is None:
+            return  # never started: an interface of our name is another's
+        if self.process.returncode is None:
             self.process.terminate()
             try:
                 await asyncio.wait_for(self.process.wait(), 5)
@@ -506,6 +517,9 @@ class MeshMember:
                 trust.load(self.network, self.wg_pubkey)
             except TrustError as exc:
                 raise AgentError(f"network {self.network}: {exc.message}", Exit.USAGE) from None
+        self.interface.check_free()
+        # wireguard-go starts while we register and learn the roster (our address)
+        starting = asyncio.ensure_future(self.interface.start(key_file, self.port))
         try:
             await self.endpoint.listen()
             assert self.endpoint.ua is not None
@@ -523,7 +537,8 @@ class MeshMember:
             address = await self._own_address()
             self.pool = self.roster.pool or self.config.pool
             await self._check_pool()
-            await self.interface.start(key_file, self.port, address)
+            await starting
+            await self.interface.up(address)
             self.mesh_ip = address  # status shows it once the interface has it
             self._open_path_checks()
             log.info("network %s: %s up, %s, WireGuard port %d, key %s", self.network, self.ifname,
@@ -545,6 +560,9 @@ class MeshMember:
                 self.shared.close()
             if self.relay is not None:
                 await self.relay.stop()
+            # started or failed: bounded by SOCKET_WAIT; cancelled, it could leave its
+            # wireguard-go behind unnoticed
+            await asyncio.gather(starting, return_exceptions=True)
             await self.interface.stop()
             if self.endpoint.ua is not None:
                 await self.endpoint.ua.stop()

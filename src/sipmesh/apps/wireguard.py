@@ -28,6 +28,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,18 @@ UAPI_DIR = Path("/var/run/wireguard")
 IFNAME_PREFIX = "smwg"
 SOCKET_WAIT = 10.0
 READY_WAIT = 15.0
+
+
+def uapi_answers(sock: Path) -> bool:
+    """Whether wireguard-go's UAPI socket takes connections. The file appears before it
+    listens: a `wg` in between finds none, falls back to the kernel's netlink and fails
+    ("Unable to modify interface: Protocol not supported")."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(sock))
+        except OSError:
+            return False
+    return True
 
 
 def keypair() -> tuple[bytes, str]:
@@ -380,7 +393,7 @@ class _Tunnel:
         assert self.process is not None
         sock = UAPI_DIR / f"{self.args.ifname}.sock"
         deadline = time.monotonic() + SOCKET_WAIT
-        while not sock.exists():
+        while not uapi_answers(sock):
             if self.process.poll() is not None:
                 raise RuntimeError(f"wireguard-go exited with status {self.process.returncode}")
             if time.monotonic() > deadline:

@@ -17,6 +17,9 @@ raises ValueError for a name; asyncio's would block the event loop on a lookup.)
 Names are looked up in /etc/hosts first (like the system's "files dns"), then in
 DNS with dnspython's asynchronous resolver. Answers are cached for their TTL,
 failures for `negative_ttl`, and concurrent lookups of one name share one query.
+dnspython is imported on the first DNS query: its resolver pulls in aioquic and
+cryptography (DNS over QUIC), a tenth of a second at every start of a program that is
+given IP addresses only.
 A name that does not resolve raises `ResolveError`, an OSError: callers treat it
 like a network that cannot be reached (503 for a request, a dropped response).
 """
@@ -30,11 +33,6 @@ import random
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
-
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.resolver
 
 from sipmesh.sip.transport.base import Flow, uri_target
 from sipmesh.sip.uri import SipURI, is_ip
@@ -282,7 +280,7 @@ class Resolver:
         try:
             answer = await self._query(name, "SRV")
         except ResolveError as exc:
-            if isinstance(exc.__cause__, (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)):
+            if _no_records(exc):
                 return (), self.negative_ttl  # no SRV records: use A/AAAA (§4.2)
             raise
         records = tuple(Srv(r.priority, r.weight, r.port, r.target.to_text(omit_final_dot=True))
@@ -295,7 +293,7 @@ class Resolver:
         try:
             answer = await self._query(domain, "NAPTR")
         except ResolveError as exc:
-            if isinstance(exc.__cause__, (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)):
+            if _no_records(exc):
                 return (), self.negative_ttl  # no NAPTR records: SRV of our transport (§4.1)
             raise
         records = tuple((r.order, r.preference, r.service.decode("ascii", "replace").upper(),
@@ -304,6 +302,9 @@ class Resolver:
         return records, float(answer.rrset.ttl)
 
     async def _query(self, name: str, rdtype: str):
+        import dns.exception
+        import dns.resolver
+
         self.queries += 1
         try:
             return await self._dns_resolver().resolve(name, rdtype, search=True, lifetime=self.lifetime)
@@ -320,6 +321,10 @@ class Resolver:
 
     def _dns_resolver(self):
         if self._dns is None:
+            import dns.asyncresolver
+            import dns.nameserver
+            import dns.resolver
+
             if self.nameservers is None:
                 try:
                     self._dns = dns.asyncresolver.Resolver()
@@ -331,6 +336,13 @@ class Resolver:
                                          for host, port in self.nameservers]
             self._dns.cache = None  # ours keeps failures too, and is per name
         return self._dns
+
+
+def _no_records(exc: ResolveError) -> bool:
+    """Whether a lookup failed because the name has no such records (NXDOMAIN, no answer),
+    not because DNS could not be asked."""
+    import dns.resolver  # a ResolveError from a query: dnspython is loaded already
+    return isinstance(exc.__cause__, (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer))
 
 
 _default: Resolver | None = None
