@@ -63,9 +63,7 @@ def test_package_imports_only_the_layers_below(package: str) -> None:
 # asyncio.wait_for loses a cancellation that meets the awaited result in Python 3.11 (a
 # stopped agent's refresh loop ran on for ever: the CI hang of test_roster): src uses
 # `async with asyncio.timeout(...)`. Modules that still use it, and why.
-WAIT_FOR_LEFT = {
-    "apps/mesh.py": "being reworked by the session-5 mesh work; to convert after its merge",
-}
+WAIT_FOR_LEFT: dict[str, str] = {}
 
 
 def test_src_bounds_waits_with_asyncio_timeout() -> None:

@@ -331,7 +331,8 @@ class Interface:
             process = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE)
-            _, err = await asyncio.wait_for(process.communicate(), 20)
+            async with asyncio.timeout(20):
+                _, err = await process.communicate()
         except (OSError, asyncio.TimeoutError) as exc:
             raise AgentError(f"{' '.join(command)}: {exc or 'timed out'}", Exit.PROGRAM) from None
         if process.returncode != 0:
@@ -388,7 +389,8 @@ class Interface:
         if self.process.returncode is None:
             self.process.terminate()
             try:
-                await asyncio.wait_for(self.process.wait(), 5)
+                async with asyncio.timeout(5):
+                    await self.process.wait()
             except asyncio.TimeoutError:
                 self.process.kill()
                 await self.process.wait()
@@ -629,13 +631,13 @@ class MeshMember:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         calls = [p.call for p in self.peers.values() if p.call is not None]
         log.info("network %s: leaving: BYE to %d peers", self.network, len(calls))
-        await asyncio.gather(*(asyncio.wait_for(c.bye(), 5) for c in calls),
-                             return_exceptions=True)
+        await asyncio.gather(*(_within(5, c.bye()) for c in calls), return_exceptions=True)
         if self.reporter is not None:
             await self.reporter.stop()
         if self.roster is not None:
             try:
-                await asyncio.wait_for(self.roster.stop(), 10)
+                async with asyncio.timeout(10):
+                    await self.roster.stop()
             except (asyncio.TimeoutError, OSError) as exc:
                 log.warning("network %s: leaving the roster: %s", self.network, exc)
 
@@ -801,7 +803,8 @@ class MeshMember:
             if chosen is not None or left <= 0:
                 break
             try:
-                await asyncio.wait_for(self._relays_changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._relays_changed.wait()
             except asyncio.TimeoutError:
                 pass
         if chosen is None:
@@ -917,7 +920,8 @@ class MeshMember:
             incoming.reject(480)  # leaving
             return
         try:
-            await asyncio.wait_for(self.ready.wait(), ROSTER_WAIT)
+            async with asyncio.timeout(ROSTER_WAIT):
+                await self.ready.wait()
         except asyncio.TimeoutError:
             incoming.reject(480, "Not Ready", headers=[("Retry-After", "1")])
             return
@@ -1247,9 +1251,14 @@ async def _close(ice: IceSession | None) -> None:
         await ice.close()
 
 
+async def _within(seconds: float, awaitable: Awaitable[object]) -> None:
+    async with asyncio.timeout(seconds):
+        await awaitable
+
+
 async def _bye(call: Call, cause: int, text: str) -> None:
     """BYE with a Reason, not waiting long for its answer (the path may be dead)."""
     try:
-        await asyncio.wait_for(bye_with_reason(call, cause, text), 5)
+        await _within(5, bye_with_reason(call, cause, text))
     except (asyncio.TimeoutError, OSError, CallFailed):
         pass
