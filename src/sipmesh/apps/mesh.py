@@ -94,7 +94,8 @@ from sipmesh.agent.params import Choice, IPv4, ParamError, Param, validate
 from sipmesh.agent.pathreport import PathReporter
 from sipmesh.agent.profile import PORT
 from sipmesh.agent.roster import Member, RosterClient, RosterEvent
-from sipmesh.agent.session import CONSENT_CAUSE, NO_PATH_CAUSE, bye_with_reason, warning_value
+from sipmesh.agent.session import warning_value
+from sipmesh.agent.sessionpath import CONSENT_CAUSE, NO_PATH_CAUSE, bye_with_reason
 from sipmesh.agent.stunport import SharedPort
 from sipmesh.agent.supervisor import dies_with_us
 from sipmesh.agent.trust import (MemberCertificate, TrustError, load_anchor, load_certificate,
