@@ -21,6 +21,10 @@ Answering (`Session.answer`; the daemon runs the same steps, choosing a service)
 Calling (`Session.place`): offer -> INVITE -> read the answer (a bad one is ACKed and
 ended with BYE, nothing started) -> start the program -> supervise.
 
+Two concerns live in their own modules, as base classes of `Session`: its network path
+(ICE, the hand-over, an ICE restart on a move) in agent/sessionpath.py:SessionPath, and
+hand-overs to another agent (REFER) in agent/transfer.py:SessionTransfer.
+
 ICE (agent/ice.py), for profiles whose program talks UDP or TCP (``profile.transport``),
 when the endpoint has it on (the default; ``--no-ice``): the caller gathers candidates and
 puts them in its offer beside a=IP4; an answering side that finds ICE in the offer gathers on

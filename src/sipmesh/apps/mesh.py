@@ -16,7 +16,7 @@
    (the paper's endpoint), ``a=wg-pubkey``, ``a=mesh-ip`` and its ICE description
    (agent/ice.py, the attributes sessions use); the other checks the offer and answers
    with its own;
-4. the pair's path from ICE, as a session's (agent/session.py), on the WireGuard port
+4. the pair's path from ICE, as a session's (agent/sessionpath.py), on the WireGuard port
    itself: host candidates are that port, checked through raw sockets while wireguard-go
    keeps it (agent/stunport.py); srflx from the STUN server, relay from TURN. The chosen
    path is handed over (agent/handover.py): direct, WireGuard's endpoint is the checked
