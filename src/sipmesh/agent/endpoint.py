@@ -277,7 +277,7 @@ class Endpoint:
     async def moved(self, move: Move) -> None:
         """Our address changed: advertise the new one, re-register at every server (the
         stale Contact removed), and restart each running session's path (ICE restart in a
-        re-INVITE, agent/session.py: restart_path); then `after_move`."""
+        re-INVITE, agent/sessionpath.py: restart_path); then `after_move`."""
         assert self.ua is not None
         stale: Address | None = None
         if move.local_changed and not self.config.advertised_host:

@@ -44,7 +44,7 @@ once it was answered):
   sent nothing for ``KEEPALIVE`` s) and refreshes its channel binding every 5 minutes
   (aioice refreshes the allocation); losing the allocation ends the session too.
 
-The API, for the session (agent/session.py) and for tunnel adapters (wireguard, openvpn):
+The API, for the session (agent/sessionpath.py) and for tunnel adapters (wireguard, openvpn):
 
     handover = await Handover.take(ice, consent_timeout=30)   # after ice.connect()
     handover.endpoint      # UdpEndpoint: local_port, remote_ip, remote_port, kind, proxied

@@ -17,7 +17,7 @@ Two sources tell us:
 when to look and whether what it sees is a move. `Mobility` is the thin I/O around it,
 for an Endpoint (agent/endpoint.py): on a move it calls ``endpoint.moved()``, which
 re-registers at every server (the stale Contact removed), and then each running session's
-``restart_path()`` (agent/session.py): a re-INVITE with an ICE restart (new ufrag and pwd,
+``restart_path()`` (agent/sessionpath.py): a re-INVITE with an ICE restart (new ufrag and pwd,
 RFC 8445 §9) through the session's own path code, whose new path is handed to the running
 program (WireGuard: ``wg set``, wireguard-go keeps running; OpenVPN talks to the agent's
 local end on 127.0.0.1, agent/handover.py, whose far side moves to the new path).

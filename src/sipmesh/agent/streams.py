@@ -40,7 +40,7 @@ sipmesh adds to aioquic, and why:
   data streams in, and aioquic is asked for datagrams after a received one only when it
   may have some (handshake, our data in flight; its ACKs go by its timer).
 
-:class:`StreamPath` is the session's side (agent/session.py): what agent/handover.py's
+:class:`StreamPath` is the session's side (agent/sessionpath.py): what agent/handover.py's
 `Handover` is for a UDP program, for a TCP one.
 """
 

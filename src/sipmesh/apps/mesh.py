@@ -16,7 +16,7 @@
    (the paper's endpoint), ``a=wg-pubkey``, ``a=mesh-ip`` and its ICE description
    (agent/ice.py, the attributes sessions use); the other checks the offer and answers
    with its own;
-4. the pair's path from ICE, as a session's (agent/session.py), on the WireGuard port
+4. the pair's path from ICE, as a session's (agent/sessionpath.py), on the WireGuard port
    itself: host candidates are that port, checked through raw sockets while wireguard-go
    keeps it (agent/stunport.py); srflx from the STUN server, relay from TURN. The chosen
    path is handed over (agent/handover.py): direct, WireGuard's endpoint is the checked
@@ -94,7 +94,8 @@ from sipmesh.agent.params import Choice, IPv4, ParamError, Param, validate
 from sipmesh.agent.pathreport import PathReporter
 from sipmesh.agent.profile import PORT
 from sipmesh.agent.roster import Member, RosterClient, RosterEvent
-from sipmesh.agent.session import CONSENT_CAUSE, NO_PATH_CAUSE, bye_with_reason, warning_value
+from sipmesh.agent.session import warning_value
+from sipmesh.agent.sessionpath import CONSENT_CAUSE, NO_PATH_CAUSE, bye_with_reason
 from sipmesh.agent.stunport import SharedPort
 from sipmesh.agent.supervisor import dies_with_us
 from sipmesh.agent.trust import (MemberCertificate, TrustError, load_anchor, load_certificate,
