@@ -760,13 +760,17 @@ class Session:
         old = self.handover
         # a program talking through the agent keeps sending to the same local end
         local = old.local if self.profile.through_agent and isinstance(old, Handover) else None
-        try:
-            handover = await Handover.take(ice, consent_timeout=self.endpoint.ice.consent_timeout,
-                                           local=local)
-        except OSError as exc:
-            log.warning("[%s] cannot take the new path: %s", self.call_id, exc)
-            return False
-        if local is None and not await self.profile.repath(self.child, handover.endpoint):
+        if isinstance(old, StreamPath):   # TCP connections: their QUIC connection moves
+            handover: Handover = old.follow(ice)
+        else:
+            try:
+                handover = await Handover.take(
+                    ice, consent_timeout=self.endpoint.ice.consent_timeout, local=local)
+            except OSError as exc:
+                log.warning("[%s] cannot take the new path: %s", self.call_id, exc)
+                return False
+        if local is None and not isinstance(old, StreamPath) and \
+                not await self.profile.repath(self.child, handover.endpoint):
             log.warning("[%s] %s cannot follow a new path: it keeps the old one",
                         self.call_id, self.profile.label)
             await handover.close()
