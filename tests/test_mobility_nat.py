@@ -177,14 +177,17 @@ def test_a_moved_hosts_openvpn_follows_without_a_restart(moving_lab) -> None:
     assert call.returncode == 0, call.log_tail(30)
 
 
-@pytest.mark.parametrize("mover", ["b", "a"], ids=["answerer", "caller"])
-def test_a_forwards_tcp_connection_survives_a_move(moving_lab, tmp_path, mover: str) -> None:
+@pytest.mark.parametrize("mover, to", [("b", "home"), ("a", "home"), ("b", "symmetric")],
+                         ids=["answerer", "caller", "answerer-onto-a-relay"])
+def test_a_forwards_tcp_connection_survives_a_move(moving_lab, tmp_path, mover: str,
+                                                   to: str) -> None:
     """A forward session carrying a TCP connection (a line every 0.1 s, each echoed back by
-    a server on b) while b (the daemon) or a (`sipmesh call`) moves: the same connection
+    a server on b) while b (the daemon) or a (`sipmesh call`) moves to another home
+    router, or b behind a symmetric NAT (the new path through coturn): the same connection
     carries on, every line comes back as sent, and the longest wait for an echo (the
     move's pause) stays bounded."""
     lab, site = moving_lab
-    elsewhere = lab.add_router("home")
+    elsewhere = lab.add_router(to)
     services = FORWARD_SERVICE.format(sink=SINK, local=LOCAL)
     site.procs.append(trickle_echo(lab, "b", SINK, tmp_path))
     daemon = site.daemon("b", services)
@@ -201,9 +204,11 @@ def test_a_forwards_tcp_connection_survives_a_move(moving_lab, tmp_path, mover: 
                  abort=transfer.exit_reason)
         move_host(lab[mover], elsewhere)
         wait_both_follow(daemon, call, "forward")
+        kind = "relayed" if to == "symmetric" else "direct"
+        assert f"follows the new path {kind}: " in daemon.log_text(), daemon.log_tail(30)
         at_switch = echoed()
-        wait_for(lambda: echoed() >= at_switch + 20, 15, what="the transfer going on after the move",
-                 abort=transfer.exit_reason)
+        wait_for(lambda: echoed() >= at_switch + 20, 15,
+                 what="the transfer going on after the move", abort=transfer.exit_reason)
         ran = time.monotonic() - started
         code = transfer.stop(grace=15)
         result = json.loads(transfer.log_text().strip().splitlines()[-1])
@@ -212,8 +217,8 @@ def test_a_forwards_tcp_connection_survives_a_move(moving_lab, tmp_path, mover: 
         assert result["echoed"] == result["sent"] >= ran / 0.1 * 0.3, (ran, result)
         assert "cannot follow a new path" not in daemon.log_text() + call.log_text()
         assert call.alive, call.log_tail(30)
-        print(f"the forward's TCP connection held across {mover}'s move: {result['echoed']} lines "
-              f"echoed, longest pause {result['max_gap']:.2f} s")
+        print(f"the forward's TCP connection held across {mover}'s move ({kind}): "
+              f"{result['echoed']} lines echoed, longest pause {result['max_gap']:.2f} s")
         assert result["max_gap"] < PAUSE_BOUND, result
     finally:
         call.stop(grace=10)
