@@ -7,20 +7,26 @@ third home router (its veth moves, a new address as a new lease gives): b re-reg
 from there within MOVE_BOUND s, a new call by name reaches it, and the running tunnel
 pings again after an ICE restart, with the same wireguard-go process (never restarted).
 The same with an OpenVPN session (`--service ovpn`): both OpenVPNs talk to their agent's
-local end on 127.0.0.1, which the restart moves to the new path under them.
+local end on 127.0.0.1, which the restart moves to the new path under them. And with a
+forward (`--service fwd`): its QUIC connection goes on over the new pair, so a TCP
+connection through it carries on, every line echoed.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from typing import Iterator
 
 import pytest
 
-from tests.lab import NatLab, coturn_unavailable_reason, netns_unavailable_reason, wait_for
+from sipmesh.lab.natsite import FORWARD_SERVICE
+from tests.lab import (NatLab, coturn_unavailable_reason, netns_unavailable_reason, wait_for,
+                       wait_tcp_listening)
 from tests.lab.moves import move_host, program_pids
 from tests.lab.natsite import NatSite, tunnel_services
+from tests.lab.pair import trickle, trickle_echo
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns,
               pytest.mark.skipif(not all(shutil.which(p) for p in ("wireguard-go", "wg", "ping")),
@@ -28,6 +34,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns,
 
 MOVE_BOUND = 5.0   # s from the new address to being reachable by name (docs/sessions.md)
 POOLS = {"a": "10.97.0.0/24", "b": "10.98.0.0/24"}
+SINK, LOCAL = 9000, 9002   # the forward's echo server on b, its local port on a
+PAUSE_BOUND = 5.0   # s: longest wait for an echo across a move (docs/sessions.md)
 
 
 @pytest.fixture()
@@ -164,6 +172,54 @@ def test_a_moved_hosts_openvpn_follows_without_a_restart(moving_lab) -> None:
         assert "cannot follow a new path" not in daemon.log_text() + call.log_text()
         assert call.alive, call.log_tail(30)
         print(f"OpenVPN pinged again {pinged:.2f} s after the move")
+    finally:
+        call.stop(grace=10)
+    assert call.returncode == 0, call.log_tail(30)
+
+
+@pytest.mark.parametrize("mover, to", [("b", "home"), ("a", "home"), ("b", "symmetric")],
+                         ids=["answerer", "caller", "answerer-onto-a-relay"])
+def test_a_forwards_tcp_connection_survives_a_move(moving_lab, tmp_path, mover: str,
+                                                   to: str) -> None:
+    """A forward session carrying a TCP connection (a line every 0.1 s, each echoed back by
+    a server on b) while b (the daemon) or a (`sipmesh call`) moves to another home
+    router, or b behind a symmetric NAT (the new path through coturn): the same connection
+    carries on, every line comes back as sent, and the longest wait for an echo (the
+    move's pause) stays bounded."""
+    lab, site = moving_lab
+    elsewhere = lab.add_router(to)
+    services = FORWARD_SERVICE.format(sink=SINK, local=LOCAL)
+    site.procs.append(trickle_echo(lab, "b", SINK, tmp_path))
+    daemon = site.daemon("b", services)
+    call = site.call("a", "ac", "b", "--service", "fwd", services=services)
+    try:
+        wait_tcp_listening("127.0.0.1", LOCAL, lab["a"].ns, 30, proc=call)
+        transfer = trickle(lab, "a", LOCAL, tmp_path, seconds=60)
+        site.procs.append(transfer)
+        started = time.monotonic()
+
+        def echoed() -> int:
+            return transfer.log_text().count("echoed ")
+        wait_for(lambda: echoed() >= 10, 10, what="the transfer under way",
+                 abort=transfer.exit_reason)
+        move_host(lab[mover], elsewhere)
+        wait_both_follow(daemon, call, "forward")
+        kind = "relayed" if to == "symmetric" else "direct"
+        assert f"follows the new path {kind}: " in daemon.log_text(), daemon.log_tail(30)
+        at_switch = echoed()
+        wait_for(lambda: echoed() >= at_switch + 20, 15,
+                 what="the transfer going on after the move", abort=transfer.exit_reason)
+        ran = time.monotonic() - started
+        code = transfer.stop(grace=15)
+        result = json.loads(transfer.log_text().strip().splitlines()[-1])
+        assert code == 0 and result["error"] is None, (result, call.log_tail(30),
+                                                       daemon.log_tail(30))
+        assert result["echoed"] == result["sent"] >= ran / 0.1 * 0.3, (ran, result)
+        assert "cannot follow a new path" not in daemon.log_text() + call.log_text()
+        assert call.alive, call.log_tail(30)
+        print(f"the forward's TCP connection held across {mover}'s move ({kind}): "
+              f"{result['echoed']} lines echoed, longest pause {result['max_gap']:.2f} s")
+        assert result["max_gap"] < PAUSE_BOUND, result
     finally:
         call.stop(grace=10)
     assert call.returncode == 0, call.log_tail(30)

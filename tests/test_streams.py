@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import socket
@@ -24,7 +25,7 @@ import pytest
 from sipmesh.agent.certs import host_certificate
 from sipmesh.agent.ice import IceConfig, IceSession, render
 from sipmesh.agent.streams import STREAM_WINDOW, StreamError, StreamTransport
-from tests.lab import free_port, spawn, wait_for, wait_tcp_listening
+from tests.lab import free_port, spawn, wait_for, wait_for_async, wait_tcp_listening
 from tests.peers.broker import make_broker  # noqa: F401 (fixture)
 from tests.peers.tcp import Target, digest_then_reply, echo, read_digest
 from tests.lab.icepair import lab, session  # noqa: F401 (fixture)
@@ -53,8 +54,8 @@ class Cut:
                 return data
 
 
-@pytest.fixture
-async def ice_pair():
+@contextlib.asynccontextmanager
+async def connected_ice():
     """Two ICE sessions on 127.0.0.1, connected: (caller, answerer)."""
     config = IceConfig(host_addresses=("127.0.0.1",))
     caller, callee = IceSession(config, controlling=True), IceSession(config, controlling=False)
@@ -66,6 +67,12 @@ async def ice_pair():
     finally:
         await caller.close()
         await callee.close()
+
+
+@pytest.fixture
+async def ice_pair():
+    async with connected_ice() as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -301,6 +308,29 @@ async def test_keepalive_holds_an_idle_connection_and_a_silent_peer_ends_it(stre
     reason = await asyncio.wait_for(a.wait_closed(), 10)
     assert "the peer stopped answering" in reason
     assert 1.5 <= time.monotonic() - start <= 4
+
+
+async def test_the_connection_goes_on_over_a_new_pair_with_its_streams(streams, ice_pair):
+    """An ICE restart after a move (agent/session.py, StreamPath.follow): 20 MB crossing
+    while the old pair goes silent, each side moves to the new pair at its own time, the
+    old pair closes; the same TCP connection carries every byte (digest)."""
+    caller, callee = ice_pair
+    old = Cut(caller.connection), Cut(callee.connection)
+    with Target(digest_then_reply) as target:
+        a, b, port = await streams(("127.0.0.1", target.port), paths=old)
+        transfer = asyncio.ensure_future(send_and_digest(port, 20, os.urandom(MB)))
+        async with connected_ice() as (new_caller, new_callee):
+            await wait_for_async(lambda: any(p.written > 2 * MB for p in b.pipes.values()),
+                                 20, what="2 MB across before the move")
+            for path in old:
+                path.cut = True                 # the move: the old pair is dead
+            b.repath(new_callee.connection)     # the side that answers the re-INVITE first
+            await asyncio.sleep(0.3)
+            a.repath(new_caller.connection)
+            await asyncio.gather(caller.close(), callee.close())
+            sent, reply, _ = await asyncio.wait_for(transfer, 60)
+            assert reply == sent
+            assert target.connections == 1 and not a.closed and not b.closed
 
 
 # ----------------------------------------------------------------------- the NAT lab

@@ -20,7 +20,9 @@ re-registers at every server (the stale Contact removed), and then each running 
 ``restart_path()`` (agent/sessionpath.py): a re-INVITE with an ICE restart (new ufrag and pwd,
 RFC 8445 §9) through the session's own path code, whose new path is handed to the running
 program (WireGuard: ``wg set``, wireguard-go keeps running; OpenVPN talks to the agent's
-local end on 127.0.0.1, agent/handover.py, whose far side moves to the new path).
+local end on 127.0.0.1, agent/handover.py, whose far side moves to the new path; a
+forward's QUIC connection goes on over the new pair, agent/streams.py, its TCP connections
+with it).
 
 The bound (docs/sessions.md, "Mobility"): the kernel's message + DEBOUNCE + one REGISTER
 round trip until callers reach us by name again; + gathering and ICE checks (about a

@@ -180,7 +180,8 @@ class AppProfile(abc.ABC):
         """Move the running `child` onto a new UDP path (agent/handover.py's UdpEndpoint,
         after an ICE restart: agent/mobility.py) without restarting it; False when this
         kind of program cannot follow (the default: it keeps its old path). Not asked
-        of a profile whose program talks ``through_agent``: its path moves under it."""
+        of a profile whose program talks ``through_agent``, nor of a "tcp" one (its QUIC
+        connection moves to the new path, agent/streams.py): their path moves under them."""
         return False
 
     @abc.abstractmethod

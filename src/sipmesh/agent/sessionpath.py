@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING, cast
 
 from sipmesh.agent.attributes import build_sdp, read_attribute_list
 from sipmesh.agent.certs import HostCertificate, default_state_dir, host_certificate
@@ -24,6 +25,9 @@ from sipmesh.agent.ice import parse as parse_ice
 from sipmesh.agent.params import Fingerprint, ParamError
 from sipmesh.agent.profile import AppProfile, Plan
 from sipmesh.sip.ua import Call, CallFailed
+
+if TYPE_CHECKING:   # imported when a TCP program needs it (take_path)
+    from sipmesh.agent.streams import StreamPath
 
 log = logging.getLogger("sipmesh.agent")
 
@@ -231,13 +235,19 @@ class SessionPath:
         old = self.handover
         # a program talking through the agent keeps sending to the same local end
         local = old.local if self.profile.through_agent and isinstance(old, Handover) else None
-        try:
-            handover = await Handover.take(ice, consent_timeout=self.endpoint.ice.consent_timeout,
-                                           local=local)
-        except OSError as exc:
-            log.warning("[%s] cannot take the new path: %s", self.call_id, exc)
-            return False
-        if local is None and not await self.profile.repath(self.child, handover.endpoint):
+        streams = self.profile.transport == "tcp"   # old is a StreamPath (take_path)
+        if streams:   # TCP connections: their QUIC connection moves
+            assert old is not None
+            handover: Handover = cast("StreamPath", old).follow(ice)
+        else:
+            try:
+                handover = await Handover.take(
+                    ice, consent_timeout=self.endpoint.ice.consent_timeout, local=local)
+            except OSError as exc:
+                log.warning("[%s] cannot take the new path: %s", self.call_id, exc)
+                return False
+        if local is None and not streams and \
+                not await self.profile.repath(self.child, handover.endpoint):
             log.warning("[%s] %s cannot follow a new path: it keeps the old one",
                         self.call_id, self.profile.label)
             await handover.close()

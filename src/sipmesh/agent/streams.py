@@ -52,6 +52,7 @@ import logging
 import socket
 import ssl
 import struct
+from dataclasses import replace
 from typing import Protocol
 
 from aioquic.buffer import Buffer
@@ -390,13 +391,14 @@ class StreamTransport:
         self._pings = itertools.count()
         self._tasks: set[asyncio.Future] = set()
         self._keepalive: asyncio.TimerHandle | None = None
+        self._receiver: asyncio.Future | None = None
 
     # -- public
     async def start(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
         """Run the handshake; raise StreamError if it fails or the peer's certificate is
         not the one its SDP named."""
         _grow_socket_buffers(self.path)
-        self._spawn(self._receive_loop())
+        self._receiver = self._spawn(self._receive_loop())
         self._spawn(self._send_loop())
         if self.client:
             self.quic = _Connection(self, configuration=self.configuration)
@@ -420,6 +422,22 @@ class StreamTransport:
                                                 reuse_address=True)
         self._servers.append(server)
         return server.sockets[0].getsockname()[1]
+
+    def repath(self, path: DatagramPath) -> None:
+        """Go on over `path` (a session's new ICE pair after a restart, agent/session.py):
+        QUIC sees no address change (its peer is always ``_PEER``), its datagrams just
+        take the new pair; a PING at once gets what the move lost declared lost and sent
+        again without waiting for QUIC's backed-off probe timer."""
+        if self._closed.done():
+            return
+        self.path = path
+        _grow_socket_buffers(path)
+        if self._receiver is not None:
+            self._receiver.cancel()
+        self._receiver = self._spawn(self._receive_loop())
+        if self.quic is not None:
+            self.quic.send_ping(next(self._pings))
+            self._wake()
 
     @property
     def closed(self) -> bool:
@@ -449,11 +467,13 @@ class StreamTransport:
 
     # -- the QUIC connection
     async def _receive_loop(self) -> None:
+        path = self.path
         while True:
             try:
-                data, _ = await self.path.recvfrom()
+                data, _ = await path.recvfrom()
             except ConnectionError:
-                self._end("the ICE path closed")
+                if path is self.path:   # (not an old path, after a restart)
+                    self._end("the ICE path closed")
                 return
             if self.quic is None:
                 if self.client or not self._first_initial(data):
@@ -594,10 +614,11 @@ class StreamTransport:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine) -> asyncio.Future:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- streams
     def _accepted(self, pipe: _Pipe) -> bool:
@@ -678,7 +699,8 @@ class StreamPath(Handover):
     """A session's ICE path carrying its TCP program's connections: what `Handover` is for
     a UDP program, for the session the same (``endpoint``, ``lost()``, ``describe()``,
     ``close()``), except that the path is not handed over: aioice keeps it (its consent
-    checks go on) and the stream transport runs on it.
+    checks go on) and the stream transport runs on it; after an ICE restart the transport
+    goes on over the new pair (``follow``), its TCP connections with it.
 
     The program's side (``endpoint``, a `UdpEndpoint` whose remote end is on this host):
     the calling program connects to ``remote_ip:remote_port``, where we listen; the
@@ -734,6 +756,17 @@ class StreamPath(Handover):
                           "carried": self.transport.streams_carried}
         return out
 
+    def follow(self, ice: IceSession) -> "StreamPath":
+        """The session's new path after an ICE restart (a move, agent/mobility.py): the
+        same QUIC connection, so every TCP connection it carries, goes on over `ice`'s
+        pair. This one then holds only its old ICE session, which ``close()`` ends."""
+        self.transport.repath(ice.connection)
+        kind = ice.path.kind if ice.path else "direct"
+        moved = StreamPath(ice, self.transport, replace(self.endpoint, kind=kind))
+        self.transport = None
+        return moved
+
     async def close(self) -> None:
-        await self.transport.close()
+        if self.transport is not None:
+            await self.transport.close()
         await super().close()
