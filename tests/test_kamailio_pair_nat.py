@@ -6,19 +6,33 @@ ping across the tunnel goes on, and so does a transfer through a forward (daemon
 the bound, the session's dialog moves to the survivor (INVITE with Replaces, RFC 3891,
 routed by Kamailio) so that its BYE ends it on both sides (the forward's too); the killed instance started
 again learns every binding back from its peer (dmq_usrloc sync) and a call through it
-succeeds."""
+succeeds.
+
+The same with mesh networks on (the shipped config as it is, members behind home routers
+given both instances, `sipmesh up --server K1 --server K2`): two members up and pinging,
+SIGKILL of the first instance, their tunnel pings on, a third member joins through the
+survivor alone and pings both within the bound; the killed instance started again learns
+the network's bindings from its peer and its roster (fetched) lists every member, the one
+that joined while it was down too."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.lab import Kamailio, NatLab, kamailio_unavailable_reason, wait_for
+from sipmesh.broker.users import UsersFile
+from sipmesh.lab.procs import ManagedProcess
+from tests.lab import (Kamailio, LabTimeout, NatLab, kamailio_unavailable_reason,
+                       shipped_kamailio, spawn, wait_for)
 from tests.lab.agents import app_argv, no_orphans, record  # noqa: F401 (no_orphans: autouse)
+from tests.lab.mesh import CREATED, full_mesh
+from tests.lab.mesh import Member as MeshMember
 from tests.lab.natsite import KAMAILIO_CFG, SIP_PORT, password
 from tests.lab.pair import (FORWARD, ServerPair, assert_ping_unbroken, assert_trickle_unbroken,
                             new_call_within, pair_lab, server_called, trickle, trickle_echo,
@@ -159,3 +173,114 @@ def test_a_kamailio_killed_under_running_sessions_then_back(pair: KamailioPair, 
     last.stop(grace=10)
     assert last.returncode == 0, last.log_tail(30)
     assert survivor.alive() and restarted.alive()
+
+
+# ---- the mesh over the pair (shipped config with mesh networks on, -A WITH_DMQ) ----
+
+MEMBERS = ("ma", "mb", "mc")  # ma, mb up before the kill; mc joins through the survivor
+READER = "md"  # reads the restarted instance's roster
+MESH_JOIN_BOUND = 20.0  # s from `sipmesh up` while an instance is down to pinging the others
+ROSTER_BOUND = 15.0     # s from the restart to its roster listing the new member
+
+
+class KamailioMeshPair(KamailioPair):
+    """The pair with mesh networks on: network `lab`'s members are the users of realm lab
+    (moved over by users-to-dbtext.sh as a site does, on each instance), its AOR
+    sip:net-lab@SERVED_DOMAIN, the roster the reg event of presence + pua_reginfo."""
+
+    def instance(self, i: int) -> Kamailio:
+        users = UsersFile(self.run / "users")
+        for user in (*MEMBERS, READER):
+            users.add("lab", user, f"{user}-pw")  # the password tests/lab/mesh.py's Member gives
+        users.save()
+        peer = self.hosts[1 - i]
+        return shipped_kamailio(self.run / f"kamailio{i + 1}", self.run / "users",
+                                mesh_domain=self.domain, host=self.hosts[i], port=SIP_PORT,
+                                netns=self.lab[f"kam{i + 1}"].ns,
+                                defines=["WITH_DMQ", f'DMQ_PEER "sip:{peer}:{SIP_PORT}"',
+                                         f'SERVED_DOMAIN "{self.domain}"'])
+
+    def member(self, name: str) -> MeshMember:
+        """`sipmesh up lab --server K1 --server K2` on host `name`, its mesh address claimed."""
+        return MeshMember(self.lab, name, self.servers[0], self.run, "--server", self.servers[1],
+                          "--mesh-ip", f"100.64.0.{MEMBERS.index(name) + 1}", expires=60)
+
+
+@pytest.fixture
+def mesh_pair(tmp_path):
+    reason = kamailio_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+    def make(lab: NatLab) -> KamailioMeshPair:
+        lab.add_hosts({m: "home" for m in MEMBERS})
+        return KamailioMeshPair(lab, tmp_path)
+    with pair_lab(("kam1", "kam2"), make) as pair:
+        try:
+            yield pair
+        finally:
+            while CREATED:
+                Path(f"/var/run/wireguard/{CREATED.pop()}.sock").unlink(missing_ok=True)
+
+
+def roster_reader(pair: KamailioMeshPair, i: int, host: str, *argv: str) -> ManagedProcess:
+    """A member `READER` on public `host` at instance i+1 alone (tests/peers/roster_member.py),
+    printing `joined NAME` for each member that instance's roster lists (`--poll`: by
+    REGISTER-fetch, else by the reg event)."""
+    return spawn([sys.executable, "-m", "tests.peers.roster_member", pair.servers[i], READER, "lab",
+                  "--listen-host", pair.lab[host].ip, *argv],
+                 netns=pair.lab[host].ns, cwd=Path(__file__).resolve().parents[1],
+                 env=dict(os.environ, ROSTER_PASSWORD=f"{READER}-pw"), name="roster-reader",
+                 log_path=pair.run / "roster-reader.log")
+
+
+def test_a_mesh_across_a_kamailio_killed_then_back(mesh_pair: KamailioMeshPair) -> None:
+    pair = mesh_pair
+    members = [pair.member("ma"), pair.member("mb")]
+    for m in members:
+        wait_for(m.ready, 30, what=f"{m.name} up", abort=m.proc.exit_reason)
+    full_mesh(members, timeout=30)
+    ma, mb = members
+    ping = tunnel_ping(pair.lab, "ma", mb.status()["mesh_ip"], pair.run)
+    pair.procs.append(ping)
+    wait_for(lambda: "bytes from" in ping.log_text(), 10, what="the first ping over ma-mb")
+
+    # SIGKILL the first instance: the one whose address is the members' domain
+    dead = 0
+    survivor, victim = pair.kamailios[1 - dead], pair.kamailios[dead]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.stop()
+    killed = time.monotonic()
+
+    mc = pair.member("mc")
+    joining = time.monotonic()
+    wait_for(mc.ready, MESH_JOIN_BOUND, what="mc up through the survivor", abort=mc.proc.exit_reason)
+    full_mesh([mc, ma, mb], timeout=max(1.0, MESH_JOIN_BOUND - (time.monotonic() - joining)))
+    print(f"a new member pings the others {time.monotonic() - joining:.2f} s after it started, "
+          f"{time.monotonic() - killed:.2f} s after SIGKILL")
+    assert time.monotonic() - joining < MESH_JOIN_BOUND
+    shown = mc.sipmesh("status").stdout  # a member at the survivor only (the other is down)
+    assert f"{pair.servers[1 - dead]} registered (roster push)" in shown, shown
+    assert f"{pair.servers[dead]} registered" not in shown, shown
+
+    # the killed instance back: it learns every binding of the network AOR from its peer
+    # (mc's too, made while it was down), and a roster fetch there lists them at once. (Its
+    # reg-event roster does not, always: pua_reginfo PUBLISHes on the usrloc callbacks that
+    # dmq_usrloc's inserts run, but pua's initial PUBLISHes for one AOR race and presence
+    # NOTIFYs one of the several presentities they make; README.md, "Mesh networks on a pair")
+    victim.start()
+    back = time.monotonic()
+    wait_for(lambda: all(f"sip:{m}@" in victim.rpc("ul.dump") for m in MEMBERS), SYNC_BOUND,
+             what="the restarted instance re-learning the bindings (dmq_usrloc sync)")
+    print(f"re-learnt the bindings in {time.monotonic() - back:.2f} s")
+    reader = roster_reader(pair, dead, f"kam{2 - dead}", "--poll")
+    pair.procs.append(reader)
+    try:
+        wait_for(lambda: all(f"joined {m} " in reader.log_text() for m in MEMBERS), ROSTER_BOUND,
+                 what="the restarted instance's roster listing every member",
+                 abort=reader.exit_reason)
+    except LabTimeout as exc:
+        raise AssertionError(f"{exc}\n{reader.log_tail(20)}\n{victim.rpc('ul.dump')}") from exc
+    print(f"its roster lists every member {time.monotonic() - back:.2f} s after the restart")
+    assert_ping_unbroken(ping, killed)  # ma-mb's tunnel across the kill and the restart
+    assert survivor.alive() and victim.alive()
