@@ -34,7 +34,8 @@ What this module adds to aioice, and why:
   waits for the retransmission, 500 ms later). The wait ends early when no direct pair can
   work any more: every direct pair has failed; or both sides' NATs map per destination
   (symmetric: each side's ``a=x-nat-mapping``, from its two servers' views of one socket);
-  or the peer is checking (its checks reach us through a relay) while none reaches us
+  or the peer is checking (its checks reach us through a relay: the controlled side, which
+  nominates nothing, does not hold its relayed checks back) while none reaches us
   directly and none of ours is answered ``DIRECT_GRACE`` after every direct check went out
   and after the peer's first relayed check (a direct pair that works answers within a
   round trip of both sides' first checks: whichever came second passes the NAT the other
@@ -633,8 +634,9 @@ class _Connection(aioice.Connection):
     def _holding_relays(self, now: float) -> bool:
         """Do relayed pairs wait? While RELAY_HOLD is not over and a direct pair may still
         succeed (see the module doc for when none can)."""
-        if now >= self.relay_at:
-            return False
+        if now >= self.relay_at or not self.ice_controlling:
+            return False   # (the controlled side nominates nothing: its relayed checks
+                           # going out early only tell the controlling side we check)
         open_ = [p for p in self._check_list if not _relayed(p) and p.state not in
                  (CandidatePair.State.SUCCEEDED, CandidatePair.State.FAILED)]
         if not open_:
