@@ -441,6 +441,7 @@ class _Connection(aioice.Connection):
         self.direct_started_at = 0.0     # when our last direct check started
         self.peer_relayed_at: float | None = None   # the peer's first check through a relay
         self.peer_direct = False         # a check of the peer's reached us directly
+        self.hold_over = False           # relayed pairs may be checked (logged once)
         self.prflx_refused = False
         self.limited: set[str] = set()   # whose check limit held a check back (logged once)
         # Regular nomination (RFC 8445 §8.1.1; see check_start): aioice 0.13 takes this flag
@@ -612,6 +613,13 @@ class _Connection(aioice.Connection):
             startable = [p for p in waiting if not _relayed(p)]
         else:
             startable = waiting
+            if not self.hold_over:
+                self.hold_over = True
+                if self.ice_controlling and now < self.relay_at and not any(
+                        not _relayed(p) and p.state == CandidatePair.State.SUCCEEDED
+                        for p in self._check_list):
+                    log.info("relayed pairs checked %.0f ms after the first check: %s",
+                             (now - self.relay_at + RELAY_HOLD) * 1000, self._why_no_direct())
         if not startable:
             return bool(waiting) or self._remote_candidates_expected()
         if not (self.session_pacer.ready(now) and self.agent_pacer.ready(now)):
@@ -649,6 +657,15 @@ class _Connection(aioice.Connection):
                                               CandidatePair.State.FROZEN) for p in open_):
             return True   # a direct check still to send
         return now < max(self.direct_started_at, self.peer_relayed_at) + DIRECT_GRACE
+
+    def _why_no_direct(self) -> str:
+        """Why the relayed pairs stopped waiting before RELAY_HOLD was over (for the log)."""
+        if all(_relayed(p) or p.state == CandidatePair.State.FAILED for p in self._check_list):
+            return "every direct pair failed"
+        if self.mapping == self.remote_mapping == "per-destination":
+            return "both NATs map per destination"
+        return (f"the peer checks through a relay only and no direct check was answered "
+                f"within {DIRECT_GRACE * 1000:.0f} ms")
 
     def check_complete(self, pair: CandidatePair) -> None:
         """aioice lets the last nominated pair win: a relayed check that succeeds just after
