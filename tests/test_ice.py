@@ -55,6 +55,17 @@ def test_description_goes_through_an_sdp_body_and_back():
                                      "ice-options": "ice2", "end-of-candidates": ""}
 
 
+def test_the_nat_mapping_goes_along_as_a_hint():
+    mine = IceDescription("Ab3x", PWD, [candidate("10.1.0.2", kind="host")],
+                          mapping="per-destination")
+    assert ("x-nat-mapping", "per-destination") in render(mine)
+    assert parse(render(mine)).mapping == "per-destination"
+    assert parse(render(IceDescription("Ab3x", PWD))).mapping is None
+    # anything else the peer claims is no hint at all (and no error)
+    odd = [*render(IceDescription("Ab3x", PWD)), ("x-nat-mapping", "full-cone; drop")]
+    assert parse(odd).mapping is None
+
+
 def test_password_is_not_in_the_repr():
     assert PWD not in repr(IceDescription("Ab3x", PWD))
     assert "secret" not in repr(IceConfig(turn_username="a", turn_password="secret"))

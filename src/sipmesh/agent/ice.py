@@ -9,6 +9,7 @@ The offer and the answer carry each side's ICE description as SDP attributes (RF
     a=candidate:2 1 udp 1694498815 203.0.113.3 40000 typ srflx raddr 10.1.0.2 rport 40000
     a=candidate:3 1 udp 16777215 203.0.113.2 50000 typ relay raddr 203.0.113.3 rport 41000
     a=end-of-candidates
+    a=x-nat-mapping:per-destination
 
 Candidates are gathered on this host's addresses (host), from a STUN server (srflx: by
 default the SIP server, which answers STUN on its SIP port) and from a TURN server
@@ -28,9 +29,17 @@ What this module adds to aioice, and why:
   with USE-CANDIDATE on the first pair that succeeded (regular nomination, RFC 8445
   §8.1.1), not on every check as aioice does by default (see ``check_start``).
 - A direct path is preferred: we nominate the first pair that succeeds, so pairs
-  through a relay wait ``RELAY_HOLD`` unless every direct pair has failed, and a check that
-  arrives for a pair whose own check is in progress triggers a new one at once (RFC 8445
-  §7.3.1.4; aioice waits for the retransmission, 500 ms later).
+  through a relay wait ``RELAY_HOLD`` for a direct pair, and a check that arrives for a pair
+  whose own check is in progress triggers a new one at once (RFC 8445 §7.3.1.4; aioice
+  waits for the retransmission, 500 ms later). The wait ends early when no direct pair can
+  work any more: every direct pair has failed; or both sides' NATs map per destination
+  (symmetric: each side's ``a=x-nat-mapping``, from its two servers' views of one socket);
+  or the peer is checking (its checks reach us through a relay: the controlled side, which
+  nominates nothing, does not hold its relayed checks back) while none reaches us
+  directly and none of ours is answered ``DIRECT_GRACE`` after every direct check went out
+  and after the peer's first relayed check (a direct pair that works answers within a
+  round trip of both sides' first checks: whichever came second passes the NAT the other
+  opened).
 - The result says which path was chosen and why (:class:`PathReport`).
 
 Rendering and parsing the attributes, candidate checks, the pacer and the explanation are
@@ -65,7 +74,7 @@ from sipmesh.agent.stunport import SharedPort
 
 __all__ = [
     "AGENT_MAX_CHECKS", "AGENT_TA", "AGENT_WINDOW", "MAX_CANDIDATES", "MAX_CANDIDATE_LENGTH",
-    "MAX_CHECKS", "RELAY_HOLD", "SETTLE_TIMEOUT", "TA",
+    "MAX_CHECKS", "DIRECT_GRACE", "RELAY_HOLD", "SETTLE_TIMEOUT", "TA",
     "Candidate", "IceConfig", "IceDescription", "IceError", "IceOptions", "IceSession", "Pacer",
     "PathReport", "check_candidate", "explain", "parse", "parse_turn_uri",
     "render", "show_address",
@@ -80,7 +89,9 @@ AGENT_TA = 0.005             # s between two new checks of the whole process (ib
 MAX_CHECKS = 100             # checks one session starts (the pair limit of RFC 8445 §6.1.2.5)
 AGENT_MAX_CHECKS = 1000      # checks all sessions start ...
 AGENT_WINDOW = 10.0          # ... within this many seconds
-RELAY_HOLD = 0.5             # s the relayed pairs wait for a direct pair to succeed
+RELAY_HOLD = 0.5             # s the relayed pairs wait for a direct pair to succeed, at most
+DIRECT_GRACE = 0.2           # s a direct check may take once both sides check (see above)
+MAPPINGS = ("endpoint-independent", "per-destination")   # a=x-nat-mapping values
 SETTLE_TIMEOUT = 2.0         # s we keep answering checks after our path is chosen (see settle)
 # Marks the Binding request a side sends once its path is chosen (SOFTWARE, RFC 8489 §14.14):
 # the peer keeps answering checks until it has seen it (IceSession.settle).
@@ -113,6 +124,7 @@ class IceDescription:
     candidates: list[Candidate] = field(default_factory=list)
     complete: bool = True                               # a=end-of-candidates seen
     refused: list[str] = field(default_factory=list)    # why a candidate was not used
+    mapping: str | None = None      # a=x-nat-mapping: the side's NAT, one of MAPPINGS
 
 
 def render(description: IceDescription) -> list[tuple[str, str | None]]:
@@ -123,6 +135,8 @@ def render(description: IceDescription) -> list[tuple[str, str | None]]:
     lines += [("candidate", c.to_sdp()) for c in description.candidates]
     if description.complete:
         lines.append(("end-of-candidates", None))
+    if description.mapping is not None:
+        lines.append(("x-nat-mapping", description.mapping))
     return lines
 
 
@@ -132,7 +146,7 @@ def parse(attributes: Iterable[tuple[str, str | None]], *, allow_loopback: bool 
     ICE: the prototype, SIPp, an old agent). Candidates that fail :func:`check_candidate`,
     repeat an address or come after the first `limit` good ones are left out, each with a
     reason in ``refused``. Raises IceError if the credentials are missing or malformed."""
-    ufrags, pwds, values, complete = [], [], [], False
+    ufrags, pwds, values, complete, mapping = [], [], [], False, None
     for name, value in attributes:
         if name == "ice-ufrag":
             ufrags.append(value or "")
@@ -142,13 +156,15 @@ def parse(attributes: Iterable[tuple[str, str | None]], *, allow_loopback: bool 
             values.append(value or "")
         elif name == "end-of-candidates":
             complete = True
+        elif name == "x-nat-mapping":   # a hint: unknown values are ignored
+            mapping = value if value in MAPPINGS else None
     if not (ufrags or pwds or values):
         return None
     if len(set(ufrags)) != 1 or not _UFRAG.fullmatch(ufrags[0]):
         raise IceError("the peer's a=ice-ufrag is missing, repeated or not 4-256 ice-chars")
     if len(set(pwds)) != 1 or not _PWD.fullmatch(pwds[0]):
         raise IceError("the peer's a=ice-pwd is missing, repeated or not 22-256 ice-chars")
-    description = IceDescription(ufrags[0], pwds[0], complete=complete)
+    description = IceDescription(ufrags[0], pwds[0], complete=complete, mapping=mapping)
     seen: set[tuple[str, int]] = set()
     for value in values:
         shown = value if len(value) <= 60 else value[:60] + "..."
@@ -420,7 +436,12 @@ class _Connection(aioice.Connection):
         self.relay_server: tuple[str, int] | None = None   # whose allocation we hold
         self.relay_refusals: list[str] = []   # the TURN servers that gave us none, and why
         self.mapping: str | None = None
+        self.remote_mapping: str | None = None   # the peer's a=x-nat-mapping
         self.relay_at = float("inf")
+        self.direct_started_at = 0.0     # when our last direct check started
+        self.peer_relayed_at: float | None = None   # the peer's first check through a relay
+        self.peer_direct = False         # a check of the peer's reached us directly
+        self.hold_over = False           # relayed pairs may be checked (logged once)
         self.prflx_refused = False
         self.limited: set[str] = set()   # whose check limit held a check back (logged once)
         # Regular nomination (RFC 8445 §8.1.1; see check_start): aioice 0.13 takes this flag
@@ -592,6 +613,13 @@ class _Connection(aioice.Connection):
             startable = [p for p in waiting if not _relayed(p)]
         else:
             startable = waiting
+            if not self.hold_over:
+                self.hold_over = True
+                if self.ice_controlling and now < self.relay_at and not any(
+                        not _relayed(p) and p.state == CandidatePair.State.SUCCEEDED
+                        for p in self._check_list):
+                    log.info("relayed pairs checked %.0f ms after the first check: %s",
+                             (now - self.relay_at + RELAY_HOLD) * 1000, self._why_no_direct())
         if not startable:
             return bool(waiting) or self._remote_candidates_expected()
         if not (self.session_pacer.ready(now) and self.agent_pacer.ready(now)):
@@ -606,15 +634,38 @@ class _Connection(aioice.Connection):
                     startable[0])
         self.session_pacer.take(now)
         self.agent_pacer.take(now)
+        if not _relayed(pair):
+            self.direct_started_at = now
         self.check_start_task(pair)
         return True
 
     def _holding_relays(self, now: float) -> bool:
-        """Do relayed pairs wait (RELAY_HOLD not over, and some direct pair still open)?"""
-        return now < self.relay_at and any(
-            not _relayed(p) and p.state not in (CandidatePair.State.SUCCEEDED,
-                                                 CandidatePair.State.FAILED)
-            for p in self._check_list)
+        """Do relayed pairs wait? While RELAY_HOLD is not over and a direct pair may still
+        succeed (see the module doc for when none can)."""
+        if now >= self.relay_at or not self.ice_controlling:
+            return False   # (the controlled side nominates nothing: its relayed checks
+                           # going out early only tell the controlling side we check)
+        open_ = [p for p in self._check_list if not _relayed(p) and p.state not in
+                 (CandidatePair.State.SUCCEEDED, CandidatePair.State.FAILED)]
+        if not open_:
+            return False
+        if self.mapping == self.remote_mapping == "per-destination":
+            return False
+        if self.peer_relayed_at is None or self.peer_direct:
+            return True
+        if any(p.task is None and p.state in (CandidatePair.State.WAITING,
+                                              CandidatePair.State.FROZEN) for p in open_):
+            return True   # a direct check still to send
+        return now < max(self.direct_started_at, self.peer_relayed_at) + DIRECT_GRACE
+
+    def _why_no_direct(self) -> str:
+        """Why the relayed pairs stopped waiting before RELAY_HOLD was over (for the log)."""
+        if all(_relayed(p) or p.state == CandidatePair.State.FAILED for p in self._check_list):
+            return "every direct pair failed"
+        if self.mapping == self.remote_mapping == "per-destination":
+            return "both NATs map per destination"
+        return (f"the peer checks through a relay only and no direct check was answered "
+                f"within {DIRECT_GRACE * 1000:.0f} ms")
 
     def check_complete(self, pair: CandidatePair) -> None:
         """aioice lets the last nominated pair win: a relayed check that succeeds just after
@@ -671,6 +722,13 @@ class _Connection(aioice.Connection):
         at most MAX_CANDIDATES are learnt (the check was already answered, one for one)."""
         if message.attributes.get("SOFTWARE") == DONE_MARK:
             self.peer_done.set()
+        if isinstance(protocol, _RelayProtocol) or any(
+                c.type == "relay" and (c.host, c.port) == (addr[0], addr[1])
+                for c in self._remote_candidates):
+            if self.peer_relayed_at is None:
+                self.peer_relayed_at = time.monotonic()
+        else:
+            self.peer_direct = True
         # (our candidates are addresses, never names: `host` is what aioice resolved too)
         known = any(c.host == addr[0] and c.port == addr[1]
                     for c in self._remote_candidates)
@@ -821,7 +879,8 @@ class IceSession:
             candidate.foundation = candidate.foundation[:8]
         self.local = IceDescription(self.connection.local_username,
                                     self.connection.local_password,
-                                    self.connection.local_candidates)
+                                    self.connection.local_candidates,
+                                    mapping=self.connection.mapping)
         log.info("gathered %s", ", ".join(f"{c.type} {show_address((c.host, c.port))}"
                                           for c in self.local.candidates) or "no candidates")
         return self.local
@@ -847,6 +906,7 @@ class IceSession:
                         "; ".join(remote.refused[:5]) + ("; ..." if len(remote.refused) > 5 else ""))
         conn = self.connection
         conn.remote_username, conn.remote_password = remote.ufrag, remote.pwd
+        conn.remote_mapping = remote.mapping
         for candidate in remote.candidates:
             await conn.add_remote_candidate(candidate)
         await conn.add_remote_candidate(None)
