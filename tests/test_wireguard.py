@@ -85,6 +85,21 @@ async def test_the_answer_carries_public_keys_only_and_the_key_file_is_private(t
     lease.release()
 
 
+def test_on_a_path_only_the_caller_initiates_the_first_handshake(tmp_path: Path) -> None:
+    """Both ends pointing at each other at once send two initiations that cross, and
+    wireguard-go loses both until its 5 s retry: the answering end (--answer-first) sets
+    its endpoint only after the caller's handshake came."""
+    from sipmesh.agent.handover import UdpEndpoint
+    tunnel = wireguard.Tunnel(tmp_path / "k", "smwgtest", address="10.99.0.1",
+                              peer_address="10.99.0.2", peer_key="x" * 43 + "=", keepalive=25)
+    path = UdpEndpoint("direct", 51820, "192.0.2.7", 40000)
+    caller, answerer = tunnel.on(path).argv(), tunnel.on(path, initiate=False).argv()
+    for argv in (caller, answerer):
+        assert argv[argv.index("--endpoint") + 1] == "192.0.2.7:40000"
+    assert "--answer-first" in answerer and "--answer-first" not in caller
+    assert "--answer-first" not in tunnel.argv()   # no path: no endpoint to hold back
+
+
 def test_the_program_reads_and_deletes_the_key_file(tmp_path: Path) -> None:
     private, _ = wireguard.keypair()
     path = wireguard.write_private_key(tmp_path / "run", private)

@@ -55,6 +55,8 @@ UAPI_DIR = Path("/var/run/wireguard")
 IFNAME_PREFIX = "smwg"
 SOCKET_WAIT = 10.0
 READY_WAIT = 15.0
+ANSWER_WAIT = 0.5      # s: the answering side waits this long for the caller's handshake
+HANDSHAKE_POLL = 0.05  # s: how often it looks
 
 
 def uapi_answers(sock: Path) -> bool:
@@ -120,9 +122,12 @@ class WireGuardSessions:
     With a path (``info.path``, agent/handover.py) both sides bind ``path.local_port``
     (wireguard-go's listen-port: the port ICE checked) and point their peer at
     ``path.remote_ip:remote_port`` with a persistent keepalive of at most
-    ``handover.KEEPALIVE`` s, under conntrack's 30 s. Both sides knowing the endpoint also
-    settles which program starts first: each one initiates a handshake as its interface
-    comes up, and the later of the two finds the other listening (no 5 s retry).
+    ``handover.KEEPALIVE`` s, under conntrack's 30 s. The caller initiates the first
+    handshake; the answering side sets its endpoint and keepalive once that handshake came,
+    or after ANSWER_WAIT s without one (the caller's was lost: it came up first), and then
+    initiates itself. Two initiations that cross are both lost (wireguard-go drops the
+    response to its own once it answered the other's) and nothing moves until WireGuard's
+    5 s retry; see docs/daemon.md, kind `wireguard`.
 
     A class using it provides ``keepalive``, ``mtu``, ``programs``, ``prefix``,
     ``state_dir`` and `choose` (the answering side's port and address pair)."""
@@ -232,7 +237,7 @@ class WireGuardSessions:
     def _spec(self, info: SessionInfo, role: str, tunnel: "Tunnel", *, values: dict[str, str],
               remote_ip: str | None, port: str) -> ChildSpec:
         if info.path is not None:
-            tunnel = tunnel.on(info.path)
+            tunnel = tunnel.on(info.path, initiate=role == "client")
         argv = [sys.executable, "-m", "sipmesh.apps.wireguard", "up", *tunnel.argv(),
                 "--mtu", str(self.mtu),
                 "--wireguard-go", self.programs["wireguard_go"], "--wg", self.programs["wg"],
@@ -256,13 +261,14 @@ class Tunnel:
     listen_port: int | None = None
     endpoint: str | None = None
     keepalive: int = 0
+    initiate: bool = True   # False: the endpoint is set once the peer's handshake came
 
-    def on(self, path: UdpEndpoint) -> "Tunnel":
+    def on(self, path: UdpEndpoint, *, initiate: bool = True) -> "Tunnel":
         """This end on the path ICE chose: its port, the peer there, kept alive."""
         keepalive = min(self.keepalive, int(KEEPALIVE)) if self.keepalive else int(KEEPALIVE)
         return replace(self, listen_port=path.local_port,
                        endpoint=_hostport(path.remote_ip, str(path.remote_port)),
-                       keepalive=keepalive)
+                       keepalive=keepalive, initiate=initiate)
 
     def argv(self) -> list[str]:
         argv = ["--ifname", self.ifname, "--key-file", str(self.key_file),
@@ -272,6 +278,8 @@ class Tunnel:
             argv += ["--listen-port", str(self.listen_port)]
         if self.endpoint is not None:
             argv += ["--endpoint", self.endpoint, "--keepalive", str(self.keepalive)]
+            if not self.initiate:
+                argv.append("--answer-first")
         return argv
 
 
@@ -365,10 +373,8 @@ class _Tunnel:
             if args.listen_port:
                 command += ["listen-port", str(args.listen_port)]
             command += ["peer", args.peer_key, "allowed-ips", f"{args.peer_address}/32"]
-            if args.endpoint:
-                command += ["endpoint", args.endpoint]
-                if args.keepalive:
-                    command += ["persistent-keepalive", str(args.keepalive)]
+            if args.endpoint and not args.answer_first:
+                command += self._where()
             _run(command, input=key)
             del key
             _run([args.ip, "address", "add", args.address, "peer", args.peer_address,
@@ -378,6 +384,8 @@ class _Tunnel:
                   file=sys.stderr, flush=True)
             if args.ready_file:
                 Path(args.ready_file).touch(mode=0o600)
+            if args.endpoint and args.answer_first:
+                self._after_first_handshake()
             status = self.process.wait()
             if not self.stopping:
                 print(f"wireguard: wireguard-go exited with status {status}", file=sys.stderr)
@@ -388,6 +396,29 @@ class _Tunnel:
             return 1
         finally:
             self.down()
+
+    def _where(self) -> list[str]:
+        where = ["endpoint", self.args.endpoint]
+        if self.args.keepalive:
+            where += ["persistent-keepalive", str(self.args.keepalive)]
+        return where
+
+    def _after_first_handshake(self) -> None:
+        """The answering side: the peer's first handshake initiation is answered (the
+        peer is on the interface, WireGuard learns its endpoint from it); then our end
+        points at the path and keeps it alive. Without one within ANSWER_WAIT s we set it
+        all the same, and initiate ourselves."""
+        assert self.process is not None
+        args = self.args
+        deadline = time.monotonic() + ANSWER_WAIT
+        while time.monotonic() < deadline and self.process.poll() is None:
+            shown = subprocess.run([args.wg, "show", args.ifname, "latest-handshakes"],
+                                   capture_output=True, text=True, timeout=10).stdout.split()
+            if len(shown) == 2 and shown[1] != "0":
+                break
+            time.sleep(HANDSHAKE_POLL)
+        if self.process.poll() is None:
+            _run([args.wg, "set", args.ifname, "peer", args.peer_key, *self._where()])
 
     def _wait_socket(self) -> None:
         assert self.process is not None
@@ -451,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen-port", type=int)
     parser.add_argument("--endpoint")
     parser.add_argument("--keepalive", type=int, default=25)
+    parser.add_argument("--answer-first", action="store_true",
+                        help="set --endpoint once the peer's first handshake came")
     parser.add_argument("--mtu", type=int, default=1420)
     parser.add_argument("--wireguard-go", default="wireguard-go")
     parser.add_argument("--wg", default="wg")
